@@ -1,0 +1,100 @@
+from asap.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SamplingOptions(_message.Message):
+    __slots__ = ("temperature", "seed", "top_logprobs")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    seed: int
+    top_logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class PromptInput(_message.Message):
+    __slots__ = ("request_id", "token_ids", "sampling", "trace")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingOptions
+    trace: _common_pb2.TraceContext
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+
+class BatchAssignment(_message.Message):
+    __slots__ = ("batch_id", "prompts", "trace")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    prompts: _containers.RepeatedCompositeFieldContainer[PromptInput]
+    trace: _common_pb2.TraceContext
+    def __init__(self, batch_id: _Optional[int] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class PromptResult(_message.Message):
+    __slots__ = ("request_id", "first_token_id", "first_token_logprob", "top_logprobs", "prompt_tokens", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    first_token_id: int
+    first_token_logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_tokens: int
+    error: _common_pb2.Error
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("batch_id", "results", "error", "started_unix_nanos", "finished_unix_nanos", "expert_wait_nanos")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_WAIT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    results: _containers.RepeatedCompositeFieldContainer[PromptResult]
+    error: _common_pb2.Error
+    started_unix_nanos: int
+    finished_unix_nanos: int
+    expert_wait_nanos: int
+    def __init__(self, batch_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., started_unix_nanos: _Optional[int] = ..., finished_unix_nanos: _Optional[int] = ..., expert_wait_nanos: _Optional[int] = ...) -> None: ...
+
+class AttentionInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttentionInfo(_message.Message):
+    __slots__ = ("rank", "model_type", "vocab_size", "max_position_embeddings", "expert_targets", "device")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    model_type: str
+    vocab_size: int
+    max_position_embeddings: int
+    expert_targets: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., expert_targets: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
