@@ -1,0 +1,250 @@
+"""The attention part of a MoE decoder: everything except the routed experts.
+
+It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window), the routers,
+shared experts, the dense MLPs of non-MoE layers, the final norm and the LM head. At each MoE layer the
+forward pass stops and hands a ``MoERequest`` to whoever computes the routed experts — in this process
+(``InProcessExperts``) or on remote expert ranks — and resumes with their combined output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from asap.errors import InvalidArgument
+from asap.model import names
+from asap.model.config import ModelConfig
+from asap.model.layers import (
+    DecoderLayerWeights,
+    apply_rope,
+    causal_attention,
+    load_decoder_layer,
+    load_tensor,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from asap.model.weights import TensorSource
+
+
+@dataclass(slots=True)
+class MoERequest:
+    """The routed-expert work of one MoE layer for all tokens of a batch."""
+
+    layer: int
+    """Decoder layer index."""
+    hidden: torch.Tensor
+    """[T, H] post-attention-layernorm output of every token of the batch (model dtype)."""
+    topk_ids: torch.Tensor
+    """[T, K] int64 global expert ids chosen per token."""
+    topk_weights: torch.Tensor
+    """[T, K] float32 routing weights, normalised exactly as the architecture does."""
+
+
+Dispatch = Callable[[MoERequest], torch.Tensor]
+"""Computes the routed experts of a ``MoERequest``: returns [T, H] in the model dtype."""
+
+
+class AttentionPart:
+    """Embeddings, attention, routers, shared experts, dense MLPs, final norm and LM head of a MoE model.
+
+    Weights are plain tensors (no autograd state); the part holds no per-request state, so one instance
+    serves any number of concurrent forward passes.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        embed: torch.Tensor,
+        layers: Sequence[DecoderLayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.embed = embed  # [V, H]
+        self.layers = tuple(layers)
+        self.final_norm = final_norm  # [H]
+        self.lm_head = lm_head  # [V, H]
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device)  # [D/2]
+
+    @classmethod
+    def from_source(
+        cls,
+        source: TensorSource,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> AttentionPart:
+        """Read the non-expert tensors of every layer from ``source`` (never an expert tensor)."""
+        dev = torch.device(device)
+        vh = (config.vocab_size, config.hidden_size)
+        embed = load_tensor(source, names.EMBED, vh, dtype=dtype, device=dev)
+        if config.tie_word_embeddings and not source.has(names.LM_HEAD):
+            lm_head = embed
+        else:
+            lm_head = load_tensor(source, names.LM_HEAD, vh, dtype=dtype, device=dev)
+        layers = [
+            load_decoder_layer(source, config, i, dtype=dtype, device=dev) for i in range(config.num_layers)
+        ]
+        final_norm = load_tensor(source, names.FINAL_NORM, (config.hidden_size,), dtype=dtype, device=dev)
+        return cls(
+            config,
+            embed=embed,
+            layers=layers,
+            final_norm=final_norm,
+            lm_head=lm_head,
+            dtype=dtype,
+            device=dev,
+        )
+
+    def validate_prompt(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Check a prompt and return it as an int64 1-D CPU tensor.
+
+        Raises ``InvalidArgument`` for an empty prompt, a non-integer or non-1-D input, a token id outside
+        [0, vocab_size), or more tokens than ``max_position_embeddings``.
+        """
+        try:
+            ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise InvalidArgument(f"prompt is not a sequence of integer token ids: {exc}") from None
+        if ids.ndim != 1:
+            raise InvalidArgument(f"prompt must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise InvalidArgument("prompt is empty")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise InvalidArgument(f"prompt token ids must be integers, got dtype {ids.dtype}")
+        ids = ids.to(device="cpu", dtype=torch.int64)
+        limit = self.config.max_position_embeddings
+        if ids.numel() > limit:
+            raise InvalidArgument(
+                f"prompt has {ids.numel()} tokens, more than max_position_embeddings={limit}"
+            )
+        bad = ((ids < 0) | (ids >= self.config.vocab_size)).nonzero()
+        if bad.numel():
+            pos = int(bad[0, 0])
+            raise InvalidArgument(
+                f"token id {int(ids[pos])} at position {pos} is outside the vocabulary "
+                f"[0, {self.config.vocab_size})"
+            )
+        return ids
+
+    def forward_steps(
+        self, prompts: Sequence[Sequence[int] | torch.Tensor]
+    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        """Run a batch of prompts, pausing at every MoE layer.
+
+        The prompts are validated now (``InvalidArgument`` is raised by this call, not by the generator).
+        The generator yields one ``MoERequest`` per MoE layer, in layer order; the caller sends back the
+        routed-expert output [T, H] (model dtype, rows in request order) with ``gen.send(result)``. When
+        the last layer is done it returns (``StopIteration.value``) the logits of each prompt's last
+        position, [B, V] float32. All state lives in the generator frame, so it may be resumed from any
+        thread.
+        """
+        if len(prompts) == 0:
+            raise InvalidArgument("batch has no prompts")
+        ids = [self.validate_prompt(p) for p in prompts]
+        return self._steps(ids)
+
+    def forward(self, prompts: Sequence[Sequence[int] | torch.Tensor], dispatch: Dispatch) -> torch.Tensor:
+        """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
+        steps = self.forward_steps(prompts)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(dispatch(request))
+        except StopIteration as stop:
+            logits: torch.Tensor = stop.value
+            return logits
+
+    def _steps(self, ids: list[torch.Tensor]) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        lengths = [int(t.numel()) for t in ids]
+        tokens = torch.cat(ids).to(self.device)  # [T] packed
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)  # [T]
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, D] each
+        x = F.embedding(tokens, self.embed)  # [T, H]
+        for layer, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)  # [T, H]
+            x = x + self._attention(w, h, cos, sin, lengths)
+            h = rms_norm(x, w.post_attention_norm, cfg.rms_norm_eps)  # [T, H]
+            if w.dense_mlp is not None:
+                x = x + w.dense_mlp(h)
+                continue
+            topk_ids, topk_weights = self._route(w, h)  # [T, K] each
+            routed = yield MoERequest(layer=layer, hidden=h, topk_ids=topk_ids, topk_weights=topk_weights)
+            out = self._check_routed(layer, routed, h)  # [T, H]
+            if w.shared_expert is not None and w.shared_expert_gate is not None:
+                out = out + torch.sigmoid(F.linear(h, w.shared_expert_gate)) * w.shared_expert(h)
+            x = x + out
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each prompt
+        x = rms_norm(x[last], self.final_norm, cfg.rms_norm_eps)  # [B, H]
+        return F.linear(x, self.lm_head).float()  # [B, V]
+
+    def _attention(
+        self,
+        w: DecoderLayerWeights,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        lengths: Sequence[int],
+    ) -> torch.Tensor:
+        """Self-attention of every prompt of the packed batch h [T, H] -> [T, H]."""
+        cfg, a = self.config, w.attention
+        q = F.linear(h, a.q_proj, a.q_bias)  # [T, Hq*D]
+        k = F.linear(h, a.k_proj, a.k_bias)  # [T, Hkv*D]
+        v = F.linear(h, a.v_proj, a.v_bias)  # [T, Hkv*D]
+        if cfg.qk_norm == "full" and a.q_norm is not None and a.k_norm is not None:
+            q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        if cfg.qk_norm == "per_head" and a.q_norm is not None and a.k_norm is not None:
+            q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = cfg.head_dim**-0.5
+        outs = []  # per prompt [S, Hq, D]: attention never crosses prompt boundaries
+        start = 0
+        for n in lengths:
+            rows = slice(start, start + n)
+            outs.append(
+                causal_attention(q[rows], k[rows], v[rows], scale=scale, sliding_window=cfg.sliding_window)
+            )
+            start += n
+        o = torch.cat(outs).reshape(-1, cfg.q_size)  # [T, Hq*D]
+        return F.linear(o, a.o_proj, a.o_bias)  # [T, H]
+
+    def _route(self, w: DecoderLayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing of h [T, H]: ids [T, K] int64 and weights [T, K] float32."""
+        cfg = self.config
+        assert w.router is not None
+        logits = F.linear(h, w.router)  # [T, E] model dtype
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, K]
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if cfg.model_type != "mixtral":
+            # transformers casts these routers' weights to the model dtype before scaling expert outputs;
+            # keeping the rounded values (exact in float32) makes the expert side match it bit for bit.
+            weights = weights.to(logits.dtype).to(torch.float32)
+        return ids, weights
+
+    def _check_routed(self, layer: int, routed: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        if not isinstance(routed, torch.Tensor) or routed.shape != h.shape:
+            shape = tuple(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
+            raise InvalidArgument(
+                f"layer {layer}: routed-expert output {shape} does not match hidden {tuple(h.shape)}"
+            )
+        return routed.to(device=h.device, dtype=h.dtype)

@@ -1,0 +1,150 @@
+"""The routed experts hosted by one expert rank, for every MoE layer at once.
+
+Weights of all MoE layers are stacked (``gate_up`` [L_moe, E_local, 2I, H], ``down`` [L_moe, E_local, H, I])
+so a single routine serves any layer: the layer is an index into the stack, not a different module. This is
+the layer-agnostic execution of the design — the next layer's work can arrive in any order from any
+attention rank and runs through the same code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from asap.errors import InvalidArgument
+from asap.model import names
+from asap.model.config import ModelConfig
+from asap.model.layers import load_tensor
+from asap.model.weights import TensorSource
+
+
+class ExpertPart:
+    """Routed experts ``hosted`` (sorted global ids) of all MoE layers, weights stacked per layer."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        hosted: Sequence[int],
+        *,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+    ) -> None:
+        hosted_ids = _check_expert_ids(config, hosted)
+        n_moe, n_local = len(config.moe_layer_ids), len(hosted_ids)
+        h, i = config.hidden_size, config.expert_intermediate_size
+        if gate_up.shape != (n_moe, n_local, 2 * i, h) or down.shape != (n_moe, n_local, h, i):
+            raise InvalidArgument(
+                f"stacked expert weights have shapes {tuple(gate_up.shape)} and {tuple(down.shape)}, "
+                f"expected {(n_moe, n_local, 2 * i, h)} and {(n_moe, n_local, h, i)}"
+            )
+        self.config = config
+        self.hosted = hosted_ids
+        self.dtype = gate_up.dtype
+        self.device = gate_up.device
+        self.gate_up = gate_up  # [L_moe, E_local, 2I, H]
+        self.down = down  # [L_moe, E_local, H, I]
+        # decoder layer -> index into the stack (-1: dense layer)
+        self._slot_of_layer = [-1] * config.num_layers
+        for slot, layer in enumerate(config.moe_layer_ids):
+            self._slot_of_layer[layer] = slot
+        # global expert id -> local index (-1: hosted elsewhere); kept on CPU for validation
+        self._local_of_expert = torch.full((config.num_experts,), -1, dtype=torch.int64)
+        self._local_of_expert[list(hosted_ids)] = torch.arange(n_local)
+
+    @classmethod
+    def from_source(
+        cls,
+        source: TensorSource,
+        config: ModelConfig,
+        expert_ids: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> ExpertPart:
+        """Read only the tensors of ``expert_ids`` (every MoE layer) from ``source`` and stack them."""
+        hosted = _check_expert_ids(config, expert_ids)
+        dev = torch.device(device)
+        h, i = config.hidden_size, config.expert_intermediate_size
+        n_moe = len(config.moe_layer_ids)
+        gate_up = torch.empty((n_moe, len(hosted), 2 * i, h), dtype=dtype, device=dev)
+        down = torch.empty((n_moe, len(hosted), h, i), dtype=dtype, device=dev)
+        for slot, layer in enumerate(config.moe_layer_ids):
+            for local, expert_id in enumerate(hosted):
+                n = names.expert(config, layer, expert_id)
+                gate_up[slot, local, :i] = load_tensor(source, n.gate, (i, h), dtype=dtype, device=dev)
+                gate_up[slot, local, i:] = load_tensor(source, n.up, (i, h), dtype=dtype, device=dev)
+                down[slot, local] = load_tensor(source, n.down, (h, i), dtype=dtype, device=dev)
+        return cls(config, hosted, gate_up=gate_up, down=down)
+
+    def compute(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted sum of the hosted experts' outputs per token.
+
+        hidden [N, H]; expert_ids [N, K] global ids (-1: slot served by another part, skipped);
+        weights [N, K] float32 -> [N, H] in the model dtype: for each token, the sum over its valid slots
+        of ``weight * down(silu(gate x) * up x)``. Each expert output is scaled in float32 and cast to the
+        model dtype before being accumulated with ``index_add_`` in ascending expert order, as
+        ``transformers`` does. Raises ``InvalidArgument`` for a non-MoE layer, an id that is not hosted
+        here, or inconsistent shapes.
+        """
+        slot = self._slot(layer)
+        local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        weights = weights.to(device=self.device, dtype=torch.float32)
+        out = torch.zeros_like(hidden)  # [N, H]
+        present = torch.unique(local[local >= 0]).tolist()  # sorted local = ascending global ids
+        inter = self.config.expert_intermediate_size
+        for e in present:
+            k_pos, rows = torch.where(e == local.T)  # slot-major order, like transformers' expert mask
+            x = hidden[rows]  # [n, H]
+            gate_up = F.linear(x, self.gate_up[slot, e])  # [n, 2I]
+            y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.down[slot, e])  # [n, H]
+            y = y * weights[rows, k_pos, None]  # float32
+            out.index_add_(0, rows, y.to(self.dtype))
+        return out
+
+    def _slot(self, layer: int) -> int:
+        if not 0 <= layer < self.config.num_layers or self._slot_of_layer[layer] < 0:
+            raise InvalidArgument(
+                f"layer {layer} is not an MoE layer (MoE layers: {list(self.config.moe_layer_ids)})"
+            )
+        return self._slot_of_layer[layer]
+
+    def _local_ids(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.config.hidden_size
+        if hidden.ndim != 2 or hidden.shape[1] != h:
+            raise InvalidArgument(f"hidden has shape {tuple(hidden.shape)}, expected [N, {h}]")
+        n = hidden.shape[0]
+        if expert_ids.ndim != 2 or expert_ids.shape[0] != n or weights.shape != expert_ids.shape:
+            raise InvalidArgument(
+                f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} "
+                f"must both be [{n}, K]"
+            )
+        if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+            raise InvalidArgument(f"expert_ids must be integers, got dtype {expert_ids.dtype}")
+        ids = expert_ids.to(device="cpu", dtype=torch.int64)
+        bad = (ids < -1) | (ids >= self.config.num_experts)
+        valid = ids >= 0
+        local = torch.where(valid, self._local_of_expert[ids.clamp(0, self.config.num_experts - 1)], -1)
+        bad |= valid & (local < 0)
+        if bool(bad.any()):
+            wrong = sorted({int(x) for x in ids[bad].tolist()})
+            raise InvalidArgument(f"expert ids {wrong} are not hosted here (hosted: {list(self.hosted)})")
+        return local.to(self.device)
+
+
+def _check_expert_ids(config: ModelConfig, expert_ids: Sequence[int]) -> tuple[int, ...]:
+    ids = [int(e) for e in expert_ids]
+    if not ids:
+        raise InvalidArgument("an expert part needs at least one expert")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(f"duplicate expert ids in {ids}")
+    outside = [e for e in ids if not 0 <= e < config.num_experts]
+    if outside:
+        raise InvalidArgument(f"expert ids {outside} are outside [0, {config.num_experts})")
+    return tuple(sorted(ids))

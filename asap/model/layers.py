@@ -1,0 +1,217 @@
+"""Stateless building blocks shared by the attention and expert parts.
+
+Every function reproduces the numerics of the matching ``transformers`` module (RMSNorm in float32 then
+cast back, RoPE tables computed in float32 and cast to the model dtype, SiLU-gated MLPs), so a model
+assembled from them matches the reference implementation to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from asap.errors import CheckpointError
+from asap.model import names
+from asap.model.config import ModelConfig
+from asap.model.names import ExpertNames
+from asap.model.weights import TensorSource
+
+
+def load_tensor(
+    source: TensorSource,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Read ``name`` from ``source``, check its shape and convert it; ``CheckpointError`` on mismatch."""
+    tensor = source.get(name)
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"tensor {name!r} has non-floating dtype {tensor.dtype}")
+    return tensor.detach().to(device=device, dtype=dtype).contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in float32 and cast back before the weight (as HF)."""
+    input_dtype = x.dtype
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    x32 = x32 * torch.rsqrt(variance + eps)
+    return weight * x32.to(input_dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Default RoPE inverse frequencies [head_dim / 2], float32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+    return 1.0 / (theta ** (exponents / head_dim))
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [T, head_dim] for integer ``positions`` [T], in ``dtype``."""
+    freqs = positions[:, None].to(torch.float32) * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, D] by the tables [T, D] (the rotate-half convention of HF)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
+    return x * cos + _rotate_half(x) * sin
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal self-attention of one sequence.
+
+    q [S, Hq, D], k and v [S, Hkv, D] (GQA: query head h reads kv head h // (Hq / Hkv)) -> [S, Hq, D].
+    With ``sliding_window`` w, position i attends to positions j with i - w < j <= i.
+    """
+    seq_len, num_heads, _ = q.shape
+    groups = num_heads // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # [S, Hq, D]
+        v = v.repeat_interleave(groups, dim=1)
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, Hq, S, D]
+    if sliding_window is not None and sliding_window < seq_len:
+        idx = torch.arange(seq_len, device=q.device)
+        diff = idx[:, None] - idx[None, :]  # [S, S] query minus key position
+        mask = (diff >= 0) & (diff < sliding_window)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    return out.squeeze(0).transpose(0, 1)  # [S, Hq, D]
+
+
+@dataclass(frozen=True, slots=True)
+class GatedMLP:
+    """A SiLU-gated MLP: ``down(silu(gate x) * up x)``; gate/up [I, H], down [H, I]."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def load(
+        cls,
+        source: TensorSource,
+        names: ExpertNames,
+        hidden: int,
+        intermediate: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> GatedMLP:
+        """Read the three projections named by ``names``."""
+        return cls(
+            gate=load_tensor(source, names.gate, (intermediate, hidden), dtype=dtype, device=device),
+            up=load_tensor(source, names.up, (intermediate, hidden), dtype=dtype, device=device),
+            down=load_tensor(source, names.down, (hidden, intermediate), dtype=dtype, device=device),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> [N, H]."""
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionWeights:
+    """Attention of one decoder layer: projections [out, H] (o_proj [H, q_size]), optional biases and
+    q/k norms (per head [D] for qwen3_moe, over the whole projection for olmoe)."""
+
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    v_proj: torch.Tensor
+    o_proj: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLayerWeights:
+    """Everything of one decoder layer except its routed experts."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    attention: AttentionWeights
+    router: torch.Tensor | None = None
+    """[E, H] on MoE layers, None on dense layers."""
+    dense_mlp: GatedMLP | None = None
+    """The MLP of a dense (non-MoE) layer."""
+    shared_expert: GatedMLP | None = None
+    shared_expert_gate: torch.Tensor | None = None
+    """[1, H] sigmoid gate of the shared expert (qwen2_moe)."""
+
+
+def load_decoder_layer(
+    source: TensorSource, cfg: ModelConfig, layer: int, *, dtype: torch.dtype, device: torch.device
+) -> DecoderLayerWeights:
+    """Read the non-expert tensors of decoder ``layer``, checking every shape against ``cfg``."""
+    h = cfg.hidden_size
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return load_tensor(source, name, shape, dtype=dtype, device=device)
+
+    n = names.attention(cfg, layer)
+    shapes = {
+        "q_proj": (cfg.q_size, h),
+        "k_proj": (cfg.kv_size, h),
+        "v_proj": (cfg.kv_size, h),
+        "o_proj": (h, cfg.q_size),
+        "q_bias": (cfg.q_size,),
+        "k_bias": (cfg.kv_size,),
+        "v_bias": (cfg.kv_size,),
+    }
+    if cfg.qk_norm == "per_head":
+        shapes |= {"q_norm": (cfg.head_dim,), "k_norm": (cfg.head_dim,)}
+    elif cfg.qk_norm == "full":
+        shapes |= {"q_norm": (cfg.q_size,), "k_norm": (cfg.kv_size,)}
+    attn = {role: get(name, shapes[role]) for role, name in n.items() if role in shapes}
+    # qwen3_moe and olmoe put a bias on o_proj too when attention_bias is set; qwen2_moe never does.
+    o_bias_name = f"{names.layer_prefix(layer)}self_attn.o_proj.bias"
+    if cfg.attention_bias and source.has(o_bias_name):
+        attn["o_bias"] = get(o_bias_name, (h,))
+    weights = DecoderLayerWeights(
+        input_norm=get(n["input_norm"], (h,)),
+        post_attention_norm=get(n["post_attention_norm"], (h,)),
+        attention=AttentionWeights(**attn),
+    )
+    if not cfg.moe_layers[layer]:
+        dense = GatedMLP.load(
+            source, names.dense_mlp(cfg, layer), h, cfg.dense_intermediate_size, dtype=dtype, device=device
+        )
+        return replace(weights, dense_mlp=dense)
+    weights = replace(weights, router=get(names.router(cfg, layer), (cfg.num_experts, h)))
+    if cfg.shared_expert_intermediate_size > 0:
+        shared = GatedMLP.load(
+            source,
+            names.shared_expert(cfg, layer),
+            h,
+            cfg.shared_expert_intermediate_size,
+            dtype=dtype,
+            device=device,
+        )
+        gate = get(names.shared_expert_gate(cfg, layer), (1, h))
+        weights = replace(weights, shared_expert=shared, shared_expert_gate=gate)
+    return weights

@@ -1,0 +1,176 @@
+"""Which expert rank hosts which routed expert, and how one MoE layer's work is split and recombined.
+
+``split_by_rank`` turns a ``MoERequest`` into one ``RankDispatch`` per expert rank that is needed (only the
+token rows that chose at least one of its experts, other slots masked with -1); ``combine`` adds the
+partial results back into a [T, H] tensor. ``InProcessExperts`` wires both around a set of local
+``ExpertPart`` objects: the same data path as the distributed services, with the ranks simulated in
+process.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from asap.errors import InvalidArgument
+from asap.model.attention_part import MoERequest
+from asap.model.expert_part import ExpertPart
+
+
+class ExpertPlacement:
+    """An assignment of the routed experts to expert ranks (the same for every MoE layer for now)."""
+
+    def __init__(self, num_experts: int, num_ranks: int) -> None:
+        """Contiguous blocks: rank r gets the r-th run of experts; the first ``E % R`` ranks get one more."""
+        if num_experts <= 0 or num_ranks <= 0:
+            raise InvalidArgument(
+                f"need positive num_experts and num_ranks, got {num_experts} and {num_ranks}"
+            )
+        if num_ranks > num_experts:
+            raise InvalidArgument(
+                f"num_ranks={num_ranks} exceeds num_experts={num_experts}: a rank would be empty"
+            )
+        base, extra = divmod(num_experts, num_ranks)
+        blocks: list[tuple[int, ...]] = []
+        start = 0
+        for rank in range(num_ranks):
+            size = base + (1 if rank < extra else 0)
+            blocks.append(tuple(range(start, start + size)))
+            start += size
+        self._set(blocks)
+
+    @classmethod
+    def from_assignment(cls, experts_by_rank: Sequence[Sequence[int]]) -> ExpertPlacement:
+        """An explicit placement: ``experts_by_rank[r]`` are rank r's experts; together they must hold
+        each of 0..E-1 exactly once, and every rank at least one."""
+        blocks = [tuple(sorted(int(e) for e in experts)) for experts in experts_by_rank]
+        if not blocks:
+            raise InvalidArgument("a placement needs at least one rank")
+        empty = [r for r, b in enumerate(blocks) if not b]
+        if empty:
+            raise InvalidArgument(f"ranks {empty} host no experts")
+        flat = sorted(e for b in blocks for e in b)
+        if flat != list(range(len(flat))):
+            dup = sorted(e for e, n in Counter(flat).items() if n > 1)
+            missing = sorted(set(range(max(flat) + 1)) - set(flat))
+            raise InvalidArgument(
+                f"experts must be assigned exactly once and numbered 0..E-1: duplicated {dup}, "
+                f"missing {missing}, negative {[e for e in flat if e < 0]}"
+            )
+        placement = cls.__new__(cls)
+        placement._set(blocks)
+        return placement
+
+    def _set(self, blocks: list[tuple[int, ...]]) -> None:
+        self.num_ranks = len(blocks)
+        self.num_experts = sum(len(b) for b in blocks)
+        self._blocks = tuple(blocks)
+        table = torch.empty(self.num_experts, dtype=torch.int64)
+        for rank, block in enumerate(blocks):
+            table[list(block)] = rank
+        self._table = table  # [E] expert -> rank
+
+    def rank_of(self, expert_id: int, layer: int | None = None) -> int:
+        """The rank hosting ``expert_id`` (at ``layer``; placement is currently layer-independent)."""
+        if not 0 <= expert_id < self.num_experts:
+            raise InvalidArgument(f"expert id {expert_id} is outside [0, {self.num_experts})")
+        return int(self._table[expert_id])
+
+    def experts_of(self, rank: int) -> tuple[int, ...]:
+        """Sorted expert ids hosted by ``rank``."""
+        if not 0 <= rank < self.num_ranks:
+            raise InvalidArgument(f"rank {rank} is outside [0, {self.num_ranks})")
+        return self._blocks[rank]
+
+    def rank_table(self) -> torch.Tensor:
+        """[E] int64: the rank of every expert (a copy)."""
+        return self._table.clone()
+
+    def __repr__(self) -> str:
+        return f"ExpertPlacement({[list(b) for b in self._blocks]})"
+
+
+@dataclass(slots=True)
+class RankDispatch:
+    """The part of one MoE layer's work that goes to one expert rank."""
+
+    rank: int
+    rows: torch.Tensor
+    """[n] int64 token indices (into the batch's T tokens) routed to at least one expert of this rank."""
+    hidden: torch.Tensor
+    """[n, H] those tokens' hidden states."""
+    expert_ids: torch.Tensor
+    """[n, K] int32 global expert ids, -1 where the slot's expert lives on another rank."""
+    weights: torch.Tensor
+    """[n, K] float32 routing weights, 0 where masked."""
+
+
+def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
+    """Split ``request`` by expert rank: one ``RankDispatch`` per needed rank, in rank order."""
+    ids = request.topk_ids.to(torch.int64)  # [T, K]
+    table = placement.rank_table().to(ids.device)
+    ranks = table[ids]  # [T, K] rank of each slot
+    dispatches = []
+    for rank in torch.unique(ranks).tolist():  # sorted
+        mine = ranks == rank  # [T, K]
+        rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]
+        mine = mine[rows]
+        dispatches.append(
+            RankDispatch(
+                rank=int(rank),
+                rows=rows,
+                hidden=request.hidden[rows],
+                expert_ids=torch.where(mine, ids[rows], -1).to(torch.int32),
+                weights=torch.where(mine, request.topk_weights[rows].float(), 0.0),
+            )
+        )
+    return dispatches
+
+
+def combine(
+    num_tokens: int,
+    request_hidden: torch.Tensor,
+    dispatches: Sequence[RankDispatch],
+    partials: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Sum the partial results [n_r, H] of each dispatch back into [T, H] (dtype/device of the hidden)."""
+    if len(dispatches) != len(partials):
+        raise InvalidArgument(f"{len(dispatches)} dispatches but {len(partials)} partial results")
+    out = torch.zeros(
+        (num_tokens, request_hidden.shape[-1]), dtype=request_hidden.dtype, device=request_hidden.device
+    )
+    for dispatch, partial in zip(dispatches, partials, strict=True):
+        if partial.shape != (dispatch.rows.numel(), out.shape[1]):
+            raise InvalidArgument(
+                f"rank {dispatch.rank}: partial result {tuple(partial.shape)} does not match "
+                f"{dispatch.rows.numel()} rows of width {out.shape[1]}"
+            )
+        out.index_add_(0, dispatch.rows.to(out.device), partial.to(device=out.device, dtype=out.dtype))
+    return out
+
+
+class InProcessExperts:
+    """A dispatch callable over simulated expert ranks: ``parts[r]`` hosts ``placement.experts_of(r)``."""
+
+    def __init__(self, parts: Sequence[ExpertPart], placement: ExpertPlacement) -> None:
+        if len(parts) != placement.num_ranks:
+            raise InvalidArgument(f"{len(parts)} expert parts for {placement.num_ranks} ranks")
+        for rank, part in enumerate(parts):
+            expected = placement.experts_of(rank)
+            if part.hosted != expected:
+                raise InvalidArgument(
+                    f"part {rank} hosts {list(part.hosted)}, placement says {list(expected)}"
+                )
+        self.parts = tuple(parts)
+        self.placement = placement
+
+    def __call__(self, request: MoERequest) -> torch.Tensor:
+        """Compute the routed experts of ``request``: [T, H] in the dtype of ``request.hidden``."""
+        dispatches = split_by_rank(self.placement, request)
+        partials = [
+            self.parts[d.rank].compute(request.layer, d.hidden, d.expert_ids, d.weights) for d in dispatches
+        ]
+        return combine(request.hidden.shape[0], request.hidden, dispatches, partials)
