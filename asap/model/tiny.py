@@ -124,8 +124,11 @@ def make_tiny(
         tensors[name] = values + 1.0 if name.endswith("norm.weight") else values
 
     out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    # safetensors creates its file owner-only; give it the umask-derived mode the other files got.
+    (out / SINGLE_FILE).chmod(config_path.stat().st_mode & 0o777)
     tokenizer.save(str(out / TOKENIZER_FILE))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -235,6 +238,7 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         make_tiny(tmp, **TINY_DEFAULTS)
+        tmp.chmod(root.stat().st_mode & 0o777)  # mkdtemp makes it owner-only; the cache may be shared
         try:
             tmp.rename(final)
         except OSError:

@@ -97,6 +97,9 @@ def test_ensure_tiny_model_generates_once_and_reuses(tmp_path: Path, monkeypatch
     first = ensure_tiny_model(tmp_path)
     assert first.parent == tmp_path and first.name.startswith("tiny-qwen3_moe-")
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary directory left behind
+    assert first.stat().st_mode == tmp_path.stat().st_mode  # not mkdtemp's owner-only mode
+    files = ("config.json", "model.safetensors", "tokenizer.json")
+    assert len({(first / f).stat().st_mode for f in files}) == 1
     cfg = load_config(first)
     assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.top_k) == (
         "qwen3_moe",
