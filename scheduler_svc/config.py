@@ -1,0 +1,43 @@
+"""Configuration of the scheduler service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asap.errors import InvalidArgument
+from scheduler_svc.costmodel import AttentionCostModel
+
+MODES = ("async", "sync", "sync-chunked")
+IMPLEMENTED_MODES = ("async",)
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Batching, admission and placement settings of the scheduler core."""
+
+    max_batch_tokens: int = 8192
+    """Upper bound of the prompt tokens of one batch; a single longer prompt runs alone."""
+    max_batch_prompts: int = 64
+    """Upper bound of the prompts of one batch."""
+    max_queue_requests: int = 1024
+    """Admission bound: requests waiting to be placed; beyond it ``submit`` raises ``ResourceExhausted``."""
+    max_inflight_per_rank: int = 2
+    """Batches running concurrently on one attention rank (2 = dual-batch interleaving: while one batch
+    waits for the experts, the other computes attention)."""
+    cost: AttentionCostModel = field(default_factory=AttentionCostModel)
+    """Predicted attention time of a batch, used to place batches by predicted finish time."""
+    mode: str = "async"
+    """``async`` (no global barrier); ``sync`` and ``sync-chunked`` are the baselines, not implemented yet."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_prompts", "max_queue_requests", "max_inflight_per_rank"):
+            value = getattr(self, name)
+            if value < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {value}")
+        if self.mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in IMPLEMENTED_MODES:
+            raise InvalidArgument(
+                f"mode {self.mode!r} is not implemented by the scheduler yet; use one of "
+                f"{', '.join(IMPLEMENTED_MODES)}"
+            )
