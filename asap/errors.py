@@ -38,9 +38,7 @@ class UnsupportedArchitecture(InvalidArgument):
     """The checkpoint's ``model_type`` is not one ASAP implements."""
 
     def __init__(self, model_type: str, supported: tuple[str, ...]) -> None:
-        super().__init__(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(supported))}"
-        )
+        super().__init__(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(supported))}")
         self.model_type = model_type
 
 
@@ -80,5 +78,12 @@ class InternalError(AsapError):
 
 ERRORS_BY_CODE: dict[str, type[AsapError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, ResourceExhausted, Unavailable, DeadlineExceeded, RequestCancelled, InternalError)
+    for cls in (
+        InvalidArgument,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        RequestCancelled,
+        InternalError,
+    )
 }

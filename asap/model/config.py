@@ -133,9 +133,13 @@ def _require(raw: dict[str, Any], *keys: str) -> Any:
 
 def _rope_theta(raw: dict[str, Any]) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    rope_type = (
+        params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    )
     if rope_type not in ("default", None):
-        raise InvalidArgument(f"{raw.get('model_type')}: rope type {rope_type!r} is not supported (only default)")
+        raise InvalidArgument(
+            f"{raw.get('model_type')}: rope type {rope_type!r} is not supported (only default)"
+        )
     theta = raw.get("rope_theta")
     if theta is None and isinstance(params, dict):
         theta = params.get("rope_theta")
@@ -189,7 +193,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             if is_qwen2
             else 0,
             qk_norm="none" if is_qwen2 else "per_head",
-            attention_bias=bool(raw.get("qkv_bias", True)) if is_qwen2 else bool(raw.get("attention_bias", False)),
+            attention_bias=bool(raw.get("qkv_bias", True))
+            if is_qwen2
+            else bool(raw.get("attention_bias", False)),
             sliding_window=None,
         )
     if model_type == "mixtral":

@@ -1,0 +1,112 @@
+"""``asap serve attention|expert``: run one service in the foreground (what docker/k8s run)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--rank", type=int, default=0, help="this rank's index")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: $ASAP_TORCH_THREADS, else torch's default). Services sharing "
+        "a machine's cores should split them: oversubscribed OpenMP threads stall every rank.",
+    )
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    parser.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    serve = subparsers.add_parser("serve", help="run one service (scheduler, attention or expert)")
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+
+    attention = services.add_parser("attention", help="an attention rank")
+    _common(attention, 50061)
+    attention.add_argument(
+        "--experts", required=True, help="comma-separated HOST:PORT of every expert rank, in rank order"
+    )
+    attention.add_argument("--max-inflight", type=int, default=2, help="micro-batches in flight on this rank")
+    attention.add_argument("--max-chunk-bytes", type=int, default=2 * 1024 * 1024)
+    attention.set_defaults(func=_serve_attention)
+
+    expert = services.add_parser("expert", help="an expert rank")
+    _common(expert, 50071)
+    expert.add_argument("--num-ranks", type=int, default=1, help="how many expert ranks share the experts")
+    expert.add_argument("--queue-depth", type=int, default=256, help="chunks waiting for compute, at most")
+    expert.set_defaults(func=_serve_expert)
+
+
+def configure_torch_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (or $ASAP_TORCH_THREADS) before any torch work starts."""
+    import os
+
+    import torch
+
+    value = threads if threads is not None else int(os.environ.get("ASAP_TORCH_THREADS", "0") or 0)
+    if value > 0:
+        torch.set_num_threads(value)
+
+
+def attention_config(args: argparse.Namespace) -> Any:
+    from attention_svc.config import AttentionServiceConfig
+
+    return AttentionServiceConfig(
+        model=args.model,
+        rank=args.rank,
+        expert_targets=[t.strip() for t in args.experts.split(",") if t.strip()],
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        max_inflight_batches=args.max_inflight,
+        max_chunk_bytes=args.max_chunk_bytes,
+    )
+
+
+def expert_config(args: argparse.Namespace) -> Any:
+    from expert_svc.config import ExpertServiceConfig
+
+    return ExpertServiceConfig(
+        model=args.model,
+        rank=args.rank,
+        num_ranks=args.num_ranks,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        queue_depth=args.queue_depth,
+    )
+
+
+def _serve_attention(args: argparse.Namespace) -> int:
+    from asap.logs import setup_logging
+    from asap.rpc.server import run_async
+    from attention_svc.server import AttentionService
+
+    config = attention_config(args)
+    setup_logging(f"attention-{config.rank}", args.log_level)
+    configure_torch_threads(args.threads)
+    run_async(AttentionService(config).run_forever, use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _serve_expert(args: argparse.Namespace) -> int:
+    from asap.logs import setup_logging
+    from asap.rpc.server import run_async
+    from expert_svc.server import ExpertService
+
+    config = expert_config(args)
+    setup_logging(f"expert-{config.rank}", args.log_level)
+    configure_torch_threads(args.threads)
+    run_async(ExpertService(config).run_forever, use_uvloop=not args.no_uvloop)
+    return 0

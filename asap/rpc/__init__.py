@@ -1,0 +1,1 @@
+"""gRPC glue shared by the services and the client: status mapping, server scaffolding, channel options."""

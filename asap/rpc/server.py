@@ -1,0 +1,128 @@
+"""Server scaffolding every ASAP service shares: options, health, reflection, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Explicit limit for every channel and server; chunking keeps real messages at 1-4 MiB."""
+
+GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Detect a dead peer on a long-lived stream within seconds, not at the TCP timeout.
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+)
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    *GRPC_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.max_concurrent_streams", 1024),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass(slots=True)
+class ServiceHandle:
+    """A started gRPC server with its health servicer and bound port."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: tuple[str, ...]
+
+    async def set_serving(self) -> None:
+        for name in (*self.service_names, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_not_serving(self) -> None:
+        for name in (*self.service_names, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def create_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+) -> ServiceHandle:
+    """Create, bind and start a server; health starts NOT_SERVING until the caller is ready.
+
+    ``address`` may use port 0; the bound port is returned in the handle.
+    """
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    handle = ServiceHandle(server, health_servicer, port, tuple(service_names))
+    await handle.set_not_serving()
+    return handle
+
+
+def bound_address(address: str, port: int) -> str:
+    host = address.rsplit(":", 1)[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+async def serve_until_signalled(
+    handle: ServiceHandle,
+    *,
+    drain: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 10.0,
+) -> None:
+    """Run until SIGINT/SIGTERM, then drain: NOT_SERVING, finish in-flight work, stop the server."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutdown requested; draining (grace %.1fs)", grace_s)
+        await handle.health.enter_graceful_shutdown()
+        if drain is not None:
+            try:
+                await asyncio.wait_for(drain(), timeout=grace_s)
+            except TimeoutError:
+                logger.warning("drain did not finish within %.1fs; stopping anyway", grace_s)
+        await handle.server.stop(grace_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    logger.info("stopped")
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, None]], *, use_uvloop: bool = True) -> None:
+    """Run ``main`` on uvloop when available (the default), else the stdlib loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+
+            uvloop.run(main())
+            return
+        except ImportError:
+            logger.warning("uvloop not installed; using the default asyncio loop")
+    asyncio.run(main())

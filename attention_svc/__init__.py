@@ -1,0 +1,1 @@
+"""Attention rank service: runs attention for its batches and reaches routed experts asynchronously."""

@@ -1,0 +1,54 @@
+"""Configuration of one attention rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asap.errors import InvalidArgument
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class AttentionServiceConfig:
+    """Everything an attention rank needs to start; built from CLI flags or the cluster spec."""
+
+    model: str = "tiny"
+    """Checkpoint directory, or ``tiny`` for the built-in model."""
+    rank: int = 0
+    expert_targets: list[str] = field(default_factory=list)
+    """``host:port`` of every expert rank, in expert-rank order."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_inflight_batches: int = 2
+    """Micro-batches running concurrently on this rank (their coroutines interleave: while one waits for
+    the experts, another computes attention)."""
+    max_chunk_bytes: int = 2 * 1024 * 1024
+    """Upper bound of one DispatchChunk message; larger dispatches are split by rows."""
+    expert_connect_timeout_s: float = 60.0
+    """How long start-up waits for every expert rank to answer ``Info``."""
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.expert_targets:
+            raise InvalidArgument(
+                "an attention rank needs at least one expert target (--experts HOST:PORT,...)"
+            )
+        for target in self.expert_targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                raise InvalidArgument(f"expert target {target!r} is not HOST:PORT")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_inflight_batches < 1:
+            raise InvalidArgument(f"max_inflight_batches must be >= 1, got {self.max_inflight_batches}")
+        if self.max_chunk_bytes < 4096:
+            raise InvalidArgument(f"max_chunk_bytes must be >= 4096, got {self.max_chunk_bytes}")
+        if self.rank < 0:
+            raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

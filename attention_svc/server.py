@@ -1,0 +1,276 @@
+"""gRPC glue of an attention rank: the ``asap.v1.Attention`` servicer and the service lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from asap.errors import AsapError, CheckpointError, InternalError
+from asap.model.attention_part import AttentionPart
+from asap.model.checkpoint import CheckpointReader
+from asap.model.config import ModelConfig, load_config
+from asap.model.placement import ExpertPlacement
+from asap.model.tiny import resolve_model
+from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
+from asap.wire import codec
+from attention_svc.config import AttentionServiceConfig
+from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
+from attention_svc.transport import GrpcExpertTransport
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name
+
+
+def _error(exc: AsapError) -> common_pb2.Error:
+    return common_pb2.Error(code=exc.code, message=exc.message)
+
+
+class AttentionServicer(attention_pb2_grpc.AttentionServicer):
+    """Adapts the scheduler's ``Run`` stream to the executor: batches run concurrently, results stream
+    back in completion order."""
+
+    def __init__(self, executor: AttentionExecutor, config: AttentionServiceConfig) -> None:
+        self.executor = executor
+        self.config = config
+        self._active: set[asyncio.Task[None]] = set()
+
+    async def Info(
+        self, request: attention_pb2.AttentionInfoRequest, context: grpc.aio.ServicerContext
+    ) -> attention_pb2.AttentionInfo:
+        cfg = self.executor.part.config
+        return attention_pb2.AttentionInfo(
+            rank=self.config.rank,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            expert_targets=self.config.expert_targets,
+            device=self.config.device,
+        )
+
+    async def drain(self) -> None:
+        while self._active:
+            await asyncio.gather(*list(self._active), return_exceptions=True)
+
+    async def run_assignment(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
+        """Validate each prompt (a bad one fails alone), run the valid ones as one batch."""
+        valid: list[PromptSpec] = []
+        rejected: dict[str, PromptOutcome] = {}
+        for prompt in assignment.prompts:
+            try:
+                valid.append(
+                    self.executor.make_prompt(
+                        prompt.request_id,
+                        list(prompt.token_ids),
+                        temperature=prompt.sampling.temperature,
+                        seed=prompt.sampling.seed if prompt.sampling.seed else None,
+                        top_logprobs=prompt.sampling.top_logprobs,
+                    )
+                )
+            except AsapError as exc:
+                rejected[prompt.request_id] = PromptOutcome(
+                    prompt.request_id, len(prompt.token_ids), error=exc
+                )
+        try:
+            outcome = await self.executor.run_batch(valid)
+        except AsapError as exc:
+            logger.warning("batch %d failed: %s", assignment.batch_id, exc.message)
+            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(exc))
+        except Exception as exc:
+            logger.exception("batch %d failed", assignment.batch_id)
+            return attention_pb2.BatchResult(
+                batch_id=assignment.batch_id, error=_error(InternalError(str(exc)))
+            )
+        by_id = {r.request_id: r for r in outcome.results} | rejected
+        return _batch_result(assignment, outcome, by_id)
+
+    async def Run(
+        self,
+        request_iterator: AsyncIterator[attention_pb2.BatchAssignment],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[attention_pb2.BatchResult]:
+        outbound: asyncio.Queue[attention_pb2.BatchResult | None] = asyncio.Queue()
+        stream_tasks: set[asyncio.Task[None]] = set()
+
+        async def run_one(assignment: attention_pb2.BatchAssignment) -> None:
+            await outbound.put(await self.run_assignment(assignment))
+
+        async def read() -> None:
+            async for assignment in request_iterator:
+                task = asyncio.create_task(run_one(assignment), name=f"batch-{assignment.batch_id}")
+                for group in (stream_tasks, self._active):
+                    group.add(task)
+                    task.add_done_callback(group.discard)
+            if stream_tasks:
+                await asyncio.gather(*list(stream_tasks), return_exceptions=True)
+            await outbound.put(None)
+
+        reader = asyncio.create_task(read(), name="attention-stream-reader")
+        try:
+            while True:
+                getter = asyncio.ensure_future(outbound.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    exc = reader.exception()
+                    if exc is not None:
+                        raise exc
+                    continue
+                item = getter.result()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(stream_tasks):
+                task.cancel()
+
+
+def _batch_result(
+    assignment: attention_pb2.BatchAssignment, outcome: BatchOutcome, by_id: dict[str, PromptOutcome]
+) -> attention_pb2.BatchResult:
+    results = []
+    for prompt in assignment.prompts:
+        item = by_id[prompt.request_id]
+        if item.error is not None or item.first is None:
+            error = item.error or InternalError("no result")
+            results.append(
+                attention_pb2.PromptResult(
+                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, error=_error(error)
+                )
+            )
+            continue
+        results.append(
+            attention_pb2.PromptResult(
+                request_id=item.request_id,
+                first_token_id=item.first.token_id,
+                first_token_logprob=item.first.logprob,
+                top_logprobs=[
+                    attention_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in item.first.top_logprobs
+                ],
+                prompt_tokens=item.prompt_tokens,
+            )
+        )
+    return attention_pb2.BatchResult(
+        batch_id=assignment.batch_id,
+        results=results,
+        started_unix_nanos=outcome.started_ns,
+        finished_unix_nanos=outcome.finished_ns,
+        expert_wait_nanos=outcome.expert_wait_ns,
+    )
+
+
+def placement_from_infos(config: ModelConfig, infos: list[expert_pb2.ExpertInfo]) -> ExpertPlacement:
+    """Build the placement from what the expert ranks report hosting; fail fast on any mismatch."""
+    experts_by_rank: list[list[int]] = []
+    for rank, info in enumerate(infos):
+        if info.model_type != config.model_type or info.hidden_size != config.hidden_size:
+            raise CheckpointError(
+                f"expert rank {rank} serves {info.model_type} hidden {info.hidden_size}, "
+                f"this rank has {config.model_type} hidden {config.hidden_size}"
+            )
+        if info.rank != rank:
+            raise CheckpointError(
+                f"expert target #{rank} reports rank {info.rank}: targets must be in rank order"
+            )
+        layers = {entry.layer: tuple(entry.expert_ids) for entry in info.layers}
+        if set(layers) != set(config.moe_layer_ids) or len(set(layers.values())) != 1:
+            raise CheckpointError(f"expert rank {rank} must host the same experts on every MoE layer")
+        experts_by_rank.append(list(next(iter(layers.values()))))
+    return ExpertPlacement.from_assignment(experts_by_rank)
+
+
+class AttentionService:
+    """An attention rank's whole lifecycle: load, connect to the experts, warm up, serve, drain."""
+
+    def __init__(self, config: AttentionServiceConfig) -> None:
+        self.config = config
+        self.executor: AttentionExecutor | None = None
+        self.transport: GrpcExpertTransport | None = None
+        self.servicer: AttentionServicer | None = None
+        self.handle: ServiceHandle | None = None
+
+    @property
+    def address(self) -> str:
+        if self.handle is None:
+            raise InternalError("service not started")
+        return bound_address(self.config.address, self.handle.port)
+
+    async def start(self) -> str:
+        loop = asyncio.get_running_loop()
+        model_dir = resolve_model(self.config.model)
+        model_config = load_config(model_dir)
+        dtype = getattr(torch, self.config.dtype)
+
+        def load() -> AttentionPart:
+            with CheckpointReader(model_dir) as reader:
+                part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
+                logger.info(
+                    "attention rank %d loaded %d tensors (%.1f MiB)",
+                    self.config.rank,
+                    len(reader.tensors_read),
+                    reader.bytes_read / 2**20,
+                )
+                return part
+
+        part = await loop.run_in_executor(None, load)
+        self.transport = GrpcExpertTransport(
+            self.config.expert_targets,
+            attention_rank=self.config.rank,
+            hidden_size=model_config.hidden_size,
+            dtype=dtype,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+        )
+        infos = await self.transport.infos(self.config.expert_connect_timeout_s)
+        placement = placement_from_infos(model_config, infos)
+        self.executor = AttentionExecutor(
+            part, self.transport, placement, max_inflight=self.config.max_inflight_batches
+        )
+        self.servicer = AttentionServicer(self.executor, self.config)
+        servicer = self.servicer
+        self.handle = await create_server(
+            self.config.address,
+            lambda server: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+        )
+        # Warm-up: one real prompt through every layer and every expert rank it touches.
+        await self.executor.run_batch([self.executor.make_prompt("warm-up", [0, 1, 2, 3])])
+        await self.handle.set_serving()
+        return self.address
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        if self.handle is not None:
+            await self.handle.set_not_serving()
+            await self.handle.server.stop(grace)
+            self.handle = None
+        if self.transport is not None:
+            await self.transport.close()
+            self.transport = None
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+    async def run_forever(self) -> None:
+        address = await self.start()
+        print(f"serving attention rank {self.config.rank} at {address}", flush=True)
+        if self.handle is None or self.servicer is None:
+            raise InternalError("service did not start")
+        try:
+            await serve_until_signalled(
+                self.handle, drain=self.servicer.drain, grace_s=self.config.drain_timeout_s
+            )
+        finally:
+            await self.stop(grace_s=0)
+
+
+def token_ids_tensor(ids: list[int]) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+__all__ = ["AttentionService", "AttentionServicer", "codec", "placement_from_infos"]

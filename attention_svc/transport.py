@@ -1,0 +1,209 @@
+"""gRPC bytes transport from an attention rank to the expert ranks.
+
+One long-lived ``Expert.Exchange`` stream per expert rank. A receiver task routes each CombineChunk to the
+dispatch it answers. The send queue needs no bound of its own: every dispatch awaits its combine result,
+so what is queued is bounded by the micro-batches in flight, and grpc flow control holds the rest back
+when an expert rank is slow.
+When a stream breaks, every dispatch waiting on it fails with ``Unavailable`` at once, and the next
+exchange opens a fresh stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from asap.errors import AsapError, InternalError, Unavailable
+from asap.model.placement import RankDispatch
+from asap.rpc.server import GRPC_OPTIONS
+from asap.rpc.status import error_from_rpc
+from asap.v1 import expert_pb2, expert_pb2_grpc
+from asap.wire.chunks import CombineAssembler, dispatch_chunks
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[int, int]  # (micro_batch, layer)
+
+
+@dataclass(slots=True)
+class _Pending:
+    assembler: CombineAssembler
+    future: asyncio.Future[torch.Tensor]
+
+
+class ExpertLink:
+    """The stream to one expert rank."""
+
+    def __init__(
+        self,
+        target: str,
+        rank: int,
+        *,
+        attention_rank: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        max_chunk_bytes: int,
+        codec: ThreadPoolExecutor,
+    ) -> None:
+        self.target = target
+        self.rank = rank
+        self.attention_rank = attention_rank
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.max_chunk_bytes = max_chunk_bytes
+        self._codec = codec
+        self._channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
+        self._stub = expert_pb2_grpc.ExpertStub(self._channel)
+        self._pending: dict[_Key, _Pending] = {}
+        self._outbox: asyncio.Queue[expert_pb2.DispatchChunk | None] | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def info(self, timeout_s: float) -> expert_pb2.ExpertInfo:
+        try:
+            info: expert_pb2.ExpertInfo = await self._stub.Info(
+                expert_pb2.ExpertInfoRequest(), timeout=timeout_s, wait_for_ready=True
+            )
+            return info
+        except grpc.RpcError as exc:
+            raise Unavailable(
+                f"expert rank {self.rank} at {self.target}: {error_from_rpc(exc).message}"
+            ) from exc
+
+    async def _ensure_stream(self) -> asyncio.Queue[expert_pb2.DispatchChunk | None]:
+        async with self._lock:
+            if self._outbox is not None and self._receiver is not None and not self._receiver.done():
+                return self._outbox
+            outbox: asyncio.Queue[expert_pb2.DispatchChunk | None] = asyncio.Queue()
+
+            async def requests() -> AsyncIterator[expert_pb2.DispatchChunk]:
+                while (chunk := await outbox.get()) is not None:
+                    yield chunk
+
+            call = self._stub.Exchange(requests())
+            self._outbox = outbox
+            self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"combine-rx-{self.rank}")
+            return outbox
+
+    async def _receive(
+        self,
+        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+        outbox: asyncio.Queue[expert_pb2.DispatchChunk | None],
+    ) -> None:
+        reason = "stream closed by the expert rank"
+        try:
+            async for msg in call:
+                key = (msg.micro_batch, msg.layer)
+                pending = self._pending.get(key)
+                if pending is None:
+                    continue  # the dispatch was cancelled; drop its late results
+                try:
+                    complete = pending.assembler.add(msg)
+                except AsapError as exc:
+                    self._pending.pop(key, None)
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                    continue
+                if complete:
+                    self._pending.pop(key, None)
+                    if not pending.future.done():
+                        pending.future.set_result(pending.assembler.result())
+        except grpc.RpcError as exc:
+            reason = error_from_rpc(exc).message
+        except asyncio.CancelledError:
+            reason = "link closed"
+            raise
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            self._fail_all(Unavailable(f"expert rank {self.rank} at {self.target}: {reason}"))
+            call.cancel()
+
+    def _fail_all(self, error: AsapError) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        if pending:
+            logger.warning("%s; failed %d waiting dispatches", error.message, len(pending))
+
+    async def exchange(self, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
+        key = (micro_batch, layer)
+        if key in self._pending:
+            raise InternalError(f"dispatch {key} to expert rank {self.rank} is already in flight")
+        outbox = await self._ensure_stream()
+        loop = asyncio.get_running_loop()
+        rows = int(dispatch.hidden.shape[0])
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending[key] = _Pending(CombineAssembler(rows, self.hidden_size, self.dtype), future)
+        try:
+            chunks = await loop.run_in_executor(
+                self._codec,
+                lambda: dispatch_chunks(
+                    micro_batch=micro_batch,
+                    layer=layer,
+                    attention_rank=self.attention_rank,
+                    hidden=dispatch.hidden,
+                    expert_ids=dispatch.expert_ids,
+                    weights=dispatch.weights,
+                    max_chunk_bytes=self.max_chunk_bytes,
+                ),
+            )
+            for chunk in chunks:
+                outbox.put_nowait(chunk)
+            return await future
+        finally:
+            self._pending.pop(key, None)
+
+    async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receiver
+        await self._channel.close()
+
+
+class GrpcExpertTransport:
+    """``ExpertTransport`` over gRPC bytes: one ``ExpertLink`` per expert rank."""
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        attention_rank: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        max_chunk_bytes: int,
+    ) -> None:
+        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attention-codec")
+        self.links = [
+            ExpertLink(
+                target,
+                rank,
+                attention_rank=attention_rank,
+                hidden_size=hidden_size,
+                dtype=dtype,
+                max_chunk_bytes=max_chunk_bytes,
+                codec=self._codec,
+            )
+            for rank, target in enumerate(targets)
+        ]
+
+    async def infos(self, timeout_s: float) -> list[expert_pb2.ExpertInfo]:
+        return list(await asyncio.gather(*(link.info(timeout_s) for link in self.links)))
+
+    async def exchange(self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
+        return await self.links[rank].exchange(micro_batch, layer, dispatch)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self.links))
+        self._codec.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,50 @@
+"""Configuration of one expert rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asap.errors import InvalidArgument
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class ExpertServiceConfig:
+    """Everything an expert rank needs to start; built from CLI flags or the cluster spec."""
+
+    model: str = "tiny"
+    """Checkpoint directory, or ``tiny`` for the built-in model."""
+    rank: int = 0
+    """This rank's index among the expert ranks."""
+    num_ranks: int = 1
+    """How many expert ranks share the experts (contiguous blocks of expert ids)."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """Port to listen on; 0 picks a free one (printed at start-up)."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    queue_depth: int = 256
+    """Dispatch chunks that may wait for compute (all streams together); a full queue stops reading
+    from the streams, so grpc flow control backpressures the attention ranks. Nothing is dropped."""
+    max_merge_rows: int = 16384
+    """Upper bound on rows of same-layer chunks computed together in one expert call."""
+    drain_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.num_ranks < 1:
+            raise InvalidArgument(f"num_ranks must be >= 1, got {self.num_ranks}")
+        if not 0 <= self.rank < self.num_ranks:
+            raise InvalidArgument(f"rank {self.rank} is outside [0, {self.num_ranks})")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.queue_depth < 1:
+            raise InvalidArgument(f"queue_depth must be >= 1, got {self.queue_depth}")
+        if self.max_merge_rows < 1:
+            raise InvalidArgument(f"max_merge_rows must be >= 1, got {self.max_merge_rows}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

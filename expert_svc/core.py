@@ -1,0 +1,192 @@
+"""Expert-rank executor: a bounded work queue in front of one compute thread. No grpc here.
+
+Receiving, queueing, computing and sending proceed concurrently: the event loop receives and decodes
+chunks and submits them here; a worker task takes everything waiting, merges chunks of the same layer
+into one expert call (rows from several attention ranks computed together), and runs the torch work on a
+dedicated thread so the loop stays free to receive and send meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from asap.errors import InternalError, InvalidArgument, Unavailable
+from asap.model.expert_part import ExpertPart
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ExpertResult:
+    """Weighted expert output for the rows of one submitted chunk."""
+
+    hidden: torch.Tensor  # [n, H]
+    queue_ns: int
+    compute_ns: int
+
+
+@dataclass(slots=True)
+class _Work:
+    layer: int
+    hidden: torch.Tensor  # [n, H]
+    expert_ids: torch.Tensor  # [n, K]
+    weights: torch.Tensor  # [n, K]
+    future: asyncio.Future[ExpertResult]
+    enqueued_ns: int = field(default_factory=time.monotonic_ns)
+
+
+@dataclass(slots=True)
+class ExpertStats:
+    chunks: int = 0
+    rows: int = 0
+    calls: int = 0
+    busy_ns: int = 0
+
+
+class ExpertExecutor:
+    """Queue + compute thread of one expert rank. ``start()`` before use, ``stop()`` after."""
+
+    def __init__(self, part: ExpertPart, *, queue_depth: int = 256, max_merge_rows: int = 16384) -> None:
+        self.part = part
+        self.max_merge_rows = max_merge_rows
+        self.stats = ExpertStats()
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue(maxsize=queue_depth)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+        self._worker: asyncio.Task[None] | None = None
+        self._hosted = torch.zeros(part.config.num_experts + 1, dtype=torch.bool)
+        self._hosted[list(part.hosted)] = True
+        self._hosted[-1] = True  # index -1: a slot for another rank
+        self._moe_layers = set(part.config.moe_layer_ids)
+        self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._worker is not None:
+            raise InternalError("ExpertExecutor started twice")
+        self._worker = asyncio.create_task(self._run(), name="expert-worker")
+
+    async def stop(self) -> None:
+        """Stop accepting work, fail what is still queued, and release the compute thread."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        unanswered = self._taken
+        self._taken = []
+        while not self._queue.empty():
+            unanswered.append(self._queue.get_nowait())
+        for work in unanswered:
+            if not work.future.done():
+                work.future.set_exception(Unavailable("expert rank is shutting down"))
+        self._thread.shutdown(wait=True)
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far has been computed."""
+        await self._queue.join()
+
+    def validate(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Reject work this rank cannot do, before it is queued (so one bad chunk never spoils a merge)."""
+        if layer not in self._moe_layers:
+            raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
+        ids = expert_ids.to(torch.int64)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
+            raise InvalidArgument(
+                f"expert ids must be in [-1, {self.part.config.num_experts}), got "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+        if ids.numel() and not bool(self._hosted[ids].all()):
+            bad = sorted({int(i) for i in ids.flatten().tolist() if i >= 0 and not self._hosted[i]})
+            raise InvalidArgument(
+                f"experts {bad} are not hosted by this rank (hosts {list(self.part.hosted)})"
+            )
+
+    async def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> asyncio.Future[ExpertResult]:
+        """Queue one chunk; waits while the queue is full (backpressure). Returns the result's future."""
+        if self._closed:
+            raise Unavailable("expert rank is shutting down")
+        self.validate(layer, expert_ids)
+        future: asyncio.Future[ExpertResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Work(layer, hidden, expert_ids, weights, future))
+        return future
+
+    def _take_waiting(self, first: _Work) -> list[list[_Work]]:
+        """Everything waiting now, grouped by layer (first-arrival order), each group within max rows."""
+        groups: dict[int, list[list[_Work]]] = {}
+        order: deque[list[_Work]] = deque()
+
+        def place(work: _Work) -> None:
+            bucket = groups.setdefault(work.layer, [])
+            if (
+                bucket
+                and sum(w.hidden.shape[0] for w in bucket[-1]) + work.hidden.shape[0] <= self.max_merge_rows
+            ):
+                bucket[-1].append(work)
+                return
+            group = [work]
+            bucket.append(group)
+            order.append(group)
+
+        place(first)
+        while not self._queue.empty():
+            place(self._queue.get_nowait())
+        return list(order)
+
+    def _compute(self, group: list[_Work]) -> tuple[list[torch.Tensor], int]:
+        start = time.monotonic_ns()
+        if len(group) == 1:
+            w = group[0]
+            outs = [self.part.compute(w.layer, w.hidden, w.expert_ids, w.weights)]
+        else:
+            hidden = torch.cat([w.hidden for w in group])  # [sum n, H]
+            ids = torch.cat([w.expert_ids for w in group])
+            weights = torch.cat([w.weights for w in group])
+            merged = self.part.compute(group[0].layer, hidden, ids, weights)
+            outs = list(torch.split(merged, [w.hidden.shape[0] for w in group]))
+        return outs, time.monotonic_ns() - start
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            groups = self._take_waiting(first)
+            self._taken = [work for group in groups for work in group]
+            for group in groups:
+                started = time.monotonic_ns()
+                live = [w for w in group if not w.future.cancelled()]
+                try:
+                    if live:
+                        outs, compute_ns = await loop.run_in_executor(self._thread, self._compute, live)
+                        self.stats.calls += 1
+                        self.stats.busy_ns += compute_ns
+                        for work, out in zip(live, outs, strict=True):
+                            self.stats.chunks += 1
+                            self.stats.rows += out.shape[0]
+                            if not work.future.done():
+                                work.future.set_result(
+                                    ExpertResult(out, started - work.enqueued_ns, compute_ns)
+                                )
+                except Exception as exc:  # a failed computation fails its chunks, never the rank
+                    logger.exception("expert computation failed for layer %d", group[0].layer)
+                    error = (
+                        exc
+                        if isinstance(exc, InvalidArgument)
+                        else InternalError(f"expert compute failed: {exc}")
+                    )
+                    for work in live:
+                        if not work.future.done():
+                            work.future.set_exception(error)
+                finally:
+                    for _ in group:
+                        self._queue.task_done()

@@ -1,0 +1,231 @@
+"""gRPC glue of an expert rank: the ``asap.v1.Expert`` servicer and the service lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from asap.errors import AsapError, InternalError, InvalidArgument
+from asap.model.checkpoint import CheckpointReader
+from asap.model.config import load_config
+from asap.model.expert_part import ExpertPart
+from asap.model.placement import ExpertPlacement
+from asap.model.tiny import resolve_model
+from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from asap.wire import chunks, codec
+from expert_svc.config import ExpertServiceConfig
+from expert_svc.core import ExpertExecutor, ExpertResult
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServicer):
+    """Adapts ``Expert.Exchange`` streams to the executor; one stream per attention rank."""
+
+    def __init__(self, executor: ExpertExecutor, rank: int, device: str) -> None:
+        self.executor = executor
+        self.rank = rank
+        self.device = device
+        part = executor.part
+        self._cfg = part.config
+        self._dtype = part.dtype
+        # Encoding results (one bytes copy each) runs off the event loop and off the compute thread.
+        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-codec")
+
+    def close(self) -> None:
+        self._codec.shutdown(wait=False, cancel_futures=True)
+
+    async def Info(
+        self, request: expert_pb2.ExpertInfoRequest, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.ExpertInfo:
+        hosted = list(self.executor.part.hosted)
+        return expert_pb2.ExpertInfo(
+            rank=self.rank,
+            model_type=self._cfg.model_type,
+            hidden_size=self._cfg.hidden_size,
+            num_layers=self._cfg.num_layers,
+            num_experts=self._cfg.num_experts,
+            dtype=codec.dtype_to_proto(self._dtype),  # type: ignore[arg-type]
+            layers=[
+                expert_pb2.LayerExperts(layer=layer, expert_ids=hosted) for layer in self._cfg.moe_layer_ids
+            ],
+            device=self.device,
+        )
+
+    async def Exchange(
+        self, request_iterator: AsyncIterator[expert_pb2.DispatchChunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[expert_pb2.CombineChunk]:
+        outbound: asyncio.Queue[expert_pb2.CombineChunk | None] = asyncio.Queue()
+        replies: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        async def reply(dispatch: chunks.Dispatch, future: asyncio.Future[ExpertResult]) -> None:
+            try:
+                result = await future
+                msg = await loop.run_in_executor(
+                    self._codec,
+                    lambda: chunks.combine_chunk(
+                        dispatch, result.hidden, queue_nanos=result.queue_ns, compute_nanos=result.compute_ns
+                    ),
+                )
+            except AsapError as exc:
+                msg = _error_reply(
+                    dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
+                )
+            await outbound.put(msg)
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                try:
+                    dispatch = chunks.decode_dispatch(
+                        msg,
+                        hidden_size=self._cfg.hidden_size,
+                        dtype=self._dtype,
+                        num_layers=self._cfg.num_layers,
+                        num_experts=self._cfg.num_experts,
+                        top_k=self._cfg.top_k,
+                    )
+                    future = await self.executor.submit(
+                        dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                    )
+                except AsapError as exc:
+                    # A malformed chunk is answered with an error for that chunk; the stream goes on.
+                    logger.warning(
+                        "rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message
+                    )
+                    await outbound.put(
+                        _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
+                    )
+                    continue
+                task = asyncio.create_task(reply(dispatch, future))
+                replies.add(task)
+                task.add_done_callback(replies.discard)
+            if replies:
+                await asyncio.gather(*replies)
+            await outbound.put(None)
+
+        reader = asyncio.create_task(read(), name="expert-stream-reader")
+        try:
+            while True:
+                getter = asyncio.ensure_future(outbound.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    exc = reader.exception()
+                    if exc is not None:
+                        raise exc
+                    continue
+                item = getter.result()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(replies):
+                task.cancel()
+
+
+def _error_reply(
+    micro_batch: int, layer: int, row_offset: int, total_rows: int, exc: AsapError
+) -> expert_pb2.CombineChunk:
+    return chunks.error_combine(micro_batch, layer, row_offset, total_rows, exc.code, exc.message)
+
+
+def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
+    """Load this rank's experts (only their tensors are read) and wrap them in an executor."""
+    model_dir = resolve_model(config.model)
+    model_config = load_config(model_dir)
+    placement = ExpertPlacement(model_config.num_experts, config.num_ranks)
+    expert_ids = placement.experts_of(config.rank)
+    dtype = getattr(torch, config.dtype)
+    with CheckpointReader(model_dir) as reader:
+        part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
+        logger.info(
+            "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",
+            config.rank,
+            config.num_ranks,
+            list(expert_ids),
+            len(reader.tensors_read),
+            reader.bytes_read / 2**20,
+        )
+    return ExpertExecutor(part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows)
+
+
+async def warm_up(executor: ExpertExecutor) -> None:
+    """One computation per MoE layer so the first real chunk does not pay first-call costs."""
+    part = executor.part
+    hidden = torch.zeros(1, part.config.hidden_size, dtype=part.dtype, device=part.device)
+    ids = torch.full((1, part.config.top_k), -1, dtype=torch.int32)
+    ids[0, 0] = part.hosted[0]
+    weights = torch.zeros(1, part.config.top_k, dtype=torch.float32)
+    for layer in part.config.moe_layer_ids:
+        future = await executor.submit(layer, hidden, ids, weights)
+        await future
+
+
+class ExpertService:
+    """An expert rank's whole lifecycle: load, warm up, serve, drain."""
+
+    def __init__(self, config: ExpertServiceConfig) -> None:
+        self.config = config
+        self.executor: ExpertExecutor | None = None
+        self.servicer: ExpertServicer | None = None
+        self.handle: ServiceHandle | None = None
+
+    @property
+    def address(self) -> str:
+        if self.handle is None:
+            raise InternalError("service not started")
+        return bound_address(self.config.address, self.handle.port)
+
+    async def start(self) -> str:
+        """Load, bind, warm up, then report SERVING. Returns the bound address."""
+        loop = asyncio.get_running_loop()
+        self.executor = await loop.run_in_executor(None, build_executor, self.config)
+        await self.executor.start()
+        self.servicer = ExpertServicer(self.executor, self.config.rank, self.config.device)
+        servicer = self.servicer
+        self.handle = await create_server(
+            self.config.address,
+            lambda server: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+        )
+        await warm_up(self.executor)
+        await self.handle.set_serving()
+        return self.address
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        if self.handle is not None:
+            await self.handle.set_not_serving()
+            await self.handle.server.stop(grace)
+            self.handle = None
+        if self.executor is not None:
+            await self.executor.stop()
+            self.executor = None
+        if self.servicer is not None:
+            self.servicer.close()
+            self.servicer = None
+
+    async def run_forever(self) -> None:
+        address = await self.start()
+        print(f"serving expert rank {self.config.rank} at {address}", flush=True)
+        assert self.handle is not None and self.executor is not None
+        executor = self.executor
+        try:
+            await serve_until_signalled(
+                self.handle, drain=executor.drain, grace_s=self.config.drain_timeout_s
+            )
+        finally:
+            await self.stop(grace_s=0)
+
+
+__all__ = ["ExpertService", "ExpertServicer", "InvalidArgument", "build_executor", "common_pb2"]

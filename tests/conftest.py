@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny checkpoints written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asap.model.tiny import make_tiny
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """qwen3_moe: q/k norms, 8 experts top-2, 3 layers."""
+    return make_tiny(
+        tmp_path_factory.mktemp("qwen3") / "m", arch="qwen3_moe", layers=3, experts=8, top_k=2, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """qwen2_moe: shared expert with sigmoid gate, 6 experts top-4."""
+    return make_tiny(
+        tmp_path_factory.mktemp("qwen2") / "m", arch="qwen2_moe", layers=2, experts=6, top_k=4, seed=2
+    )
