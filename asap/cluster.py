@@ -1,0 +1,309 @@
+"""A local cluster: scheduler + N attention ranks + M expert ranks as child processes of one command.
+
+Start order follows the data flow: expert ranks first (attention ranks ask them what they host at
+start-up), then attention ranks, then the scheduler. Each child prints ``serving ... at HOST:PORT`` once it
+reports SERVING; the launcher then confirms with a grpc health check. Internal ranks bind port 0 unless the
+spec pins a port. Child logs are forwarded line by line with a ``[service]`` prefix. If a child exits
+during start-up, the launcher stops the others and raises with that child's last lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from asap.errors import InvalidArgument, Unavailable
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = re.compile(r"^serving (?P<what>.+) at (?P<address>\S+)$")
+MODES = ("async", "sync", "sync-chunked")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class RankSpec:
+    """Per-rank overrides from a cluster spec (None = cluster default)."""
+
+    port: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ClusterSpec:
+    """What ``asap up`` starts. Built from flags, a YAML file, or both (flags win)."""
+
+    model: str = "tiny"
+    attention: int = 2
+    experts: int = 2
+    mode: str = "async"
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """The scheduler's port (the cluster's public address)."""
+    scheduler_args: list[str] = field(default_factory=list)
+    attention_ranks: list[RankSpec] = field(default_factory=list)
+    expert_ranks: list[RankSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.attention < 1 or self.experts < 1:
+            raise InvalidArgument(
+                f"need >= 1 attention and expert rank, got {self.attention} and {self.experts}"
+            )
+        if self.mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if len(self.attention_ranks) > self.attention or len(self.expert_ranks) > self.experts:
+            raise InvalidArgument("the spec lists more per-rank entries than ranks")
+        self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]
+        self.expert_ranks += [RankSpec() for _ in range(self.experts - len(self.expert_ranks))]
+
+
+def _rank_specs(raw: Any, where: str) -> list[RankSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{where}.ranks must be a list")
+    specs = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"{where}.ranks[{i}] must be a mapping")
+        unknown = set(entry) - {"port", "device", "dtype", "args"}
+        if unknown:
+            raise InvalidArgument(f"{where}.ranks[{i}]: unknown keys {sorted(unknown)}")
+        specs.append(
+            RankSpec(
+                port=int(entry.get("port", 0)),
+                device=entry.get("device"),
+                dtype=entry.get("dtype"),
+                extra_args=[str(a) for a in entry.get("args", [])],
+            )
+        )
+    return specs
+
+
+def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterSpec:
+    """Read a YAML cluster spec; ``overrides`` (flags that were given) win over the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"cluster spec {path} must be a mapping")
+    known = {"model", "mode", "dtype", "device", "host", "scheduler", "attention", "experts"}
+    unknown = set(raw) - known
+    if unknown:
+        raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
+    scheduler = raw.get("scheduler") or {}
+    attention = raw.get("attention") or {}
+    experts = raw.get("experts") or {}
+    values: dict[str, Any] = {
+        key: raw[key] for key in ("model", "mode", "dtype", "device", "host") if raw.get(key) is not None
+    }
+    if "port" in scheduler:
+        values["port"] = int(scheduler["port"])
+    values["scheduler_args"] = [str(a) for a in scheduler.get("args", [])]
+    if "count" in attention:
+        values["attention"] = int(attention["count"])
+    if "count" in experts:
+        values["experts"] = int(experts["count"])
+    values["attention_ranks"] = _rank_specs(attention.get("ranks"), "attention")
+    values["expert_ranks"] = _rank_specs(experts.get("ranks"), "experts")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.setdefault("attention", len(values["attention_ranks"]) or 2)
+    values.setdefault("experts", len(values["expert_ranks"]) or 2)
+    return ClusterSpec(**values)
+
+
+@dataclass(slots=True)
+class ServiceCommand:
+    name: str
+    argv: list[str]
+
+
+def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
+    return [
+        ServiceCommand(
+            f"expert-{r}",
+            [
+                "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
+                "--rank", str(r), "--num-ranks", str(spec.experts),
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device, *rank.extra_args,
+            ],
+        )
+        for r, rank in enumerate(spec.expert_ranks)
+    ]  # fmt: skip
+
+
+def attention_commands(
+    spec: ClusterSpec, model_dir: str, expert_targets: Sequence[str]
+) -> list[ServiceCommand]:
+    return [
+        ServiceCommand(
+            f"attention-{r}",
+            [
+                "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
+                "--rank", str(r), "--experts", ",".join(expert_targets),
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device, *rank.extra_args,
+            ],
+        )
+        for r, rank in enumerate(spec.attention_ranks)
+    ]  # fmt: skip
+
+
+def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequence[str]) -> ServiceCommand:
+    return ServiceCommand(
+        "scheduler",
+        [
+            "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
+            "--attention", ",".join(attention_targets), "--mode", spec.mode, *spec.scheduler_args,
+        ],
+    )  # fmt: skip
+
+
+class ChildProcess:
+    """One service child: its output forwarded with a prefix, its ready address captured."""
+
+    def __init__(self, command: ServiceCommand, out: TextIO) -> None:
+        self.name = command.name
+        self.tail: deque[str] = deque(maxlen=40)
+        self.address: str | None = None
+        self._ready = threading.Event()
+        self._out = out
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asap.cli", *command.argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,  # our signals reach children only through stop()
+        )
+        self._forwarder = threading.Thread(target=self._forward, name=f"log-{self.name}", daemon=True)
+        self._forwarder.start()
+
+    def _forward(self) -> None:
+        if self.proc.stdout is None:
+            return
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            self.tail.append(line)
+            match = READY_LINE.match(line)
+            if match and self.address is None:
+                self.address = match.group("address")
+                self._ready.set()
+            print(f"[{self.name}] {line}", file=self._out, flush=True)
+        self._ready.set()
+
+    def wait_ready(self, deadline: float) -> str:
+        """Block until the ready line; raise ``Unavailable`` with the child's output if it exits first."""
+        self._ready.wait(max(0.0, deadline - time.monotonic()))
+        if self.address is None:
+            code = self.proc.poll()
+            state = f"exited with code {code}" if code is not None else "did not become ready in time"
+            raise Unavailable(f"{self.name} {state}; its last output:\n" + "\n".join(self.tail))
+        return self.address
+
+    def send(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+
+def wait_healthy(address: str, deadline: float) -> None:
+    """Poll grpc health of ``address`` until SERVING or the deadline."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{address} did not report SERVING in time")
+            time.sleep(0.1)
+
+
+class LocalCluster:
+    """Starts and stops the processes of a ``ClusterSpec``. Use ``start()``/``stop()`` or ``with``."""
+
+    def __init__(
+        self, spec: ClusterSpec, *, out: TextIO | None = None, start_timeout_s: float = 300.0
+    ) -> None:
+        self.spec = spec
+        self.children: list[ChildProcess] = []
+        self.address: str | None = None
+        self._out = out or sys.stdout
+        self._start_timeout_s = start_timeout_s
+
+    def _launch(self, commands: Sequence[ServiceCommand], deadline: float) -> list[str]:
+        batch = [ChildProcess(c, self._out) for c in commands]
+        self.children.extend(batch)
+        addresses = [child.wait_ready(deadline) for child in batch]
+        for address in addresses:
+            wait_healthy(address, deadline)
+        return addresses
+
+    def start(self) -> str:
+        """Start every service; returns the scheduler's address. On failure everything is stopped."""
+        from asap.model.tiny import resolve_model
+
+        deadline = time.monotonic() + self._start_timeout_s
+        model_dir = str(resolve_model(self.spec.model))  # once here, so children never race to create it
+        try:
+            experts = self._launch(expert_commands(self.spec, model_dir), deadline)
+            attention = self._launch(attention_commands(self.spec, model_dir, experts), deadline)
+            (self.address,) = self._launch([scheduler_command(self.spec, model_dir, attention)], deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.address
+
+    def failed_child(self) -> ChildProcess | None:
+        """A child that exited on its own, if any."""
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM in reverse start order (scheduler first, so it stops taking requests), then SIGKILL."""
+        for child in reversed(self.children):
+            child.send(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
+                child.send(signal.SIGKILL)
+                child.proc.wait()
+        self.children.clear()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,82 @@
+"""``asap up``: a whole cluster on this machine, one command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from asap.cluster import DTYPES, MODES, ClusterSpec, LocalCluster, load_cluster_yaml
+
+
+def add_parser(subparsers: Any) -> None:
+    up = subparsers.add_parser(
+        "up",
+        help="start scheduler + attention + expert services locally",
+        description="Start a local cluster; prints 'ready: scheduler at HOST:PORT' and runs until Ctrl-C/SIGTERM.",
+    )
+    up.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (default: tiny)")
+    up.add_argument("--attention", type=int, default=None, help="attention ranks (default 2)")
+    up.add_argument("--experts", type=int, default=None, help="expert ranks (default 2)")
+    up.add_argument("--mode", choices=MODES, default=None, help="scheduling mode (default async)")
+    up.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default float32)")
+    up.add_argument("--device", default=None, help="torch device for every rank (default cpu)")
+    up.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="scheduler port (default 50051)")
+    up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
+    up.set_defaults(func=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+    overrides = {
+        "model": args.model,
+        "attention": args.attention,
+        "experts": args.experts,
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "device": args.device,
+        "host": args.host,
+        "port": args.port,
+    }
+    if args.config:
+        return load_cluster_yaml(args.config, overrides)
+    return ClusterSpec(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    stop = threading.Event()
+    started = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not started.is_set():
+            raise KeyboardInterrupt  # abort start-up; the finally below stops what was started
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cluster = LocalCluster(spec)
+    try:
+        print(
+            f"starting {spec.attention} attention + {spec.experts} expert ranks ({spec.mode}, model {spec.model})",
+            flush=True,
+        )
+        address = cluster.start()
+        started.set()
+        print(f"ready: scheduler at {address}", flush=True)
+        while not stop.wait(0.5):
+            failed = cluster.failed_child()
+            if failed is not None:
+                print(
+                    f"asap: error: {failed.name} exited with code {failed.proc.returncode}; stopping the cluster",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+        print("stopping cluster", flush=True)
+        return 0
+    finally:
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
