@@ -86,17 +86,20 @@ def causal_attention(
     """
     seq_len, num_heads, _ = q.shape
     groups = num_heads // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)  # [S, Hq, D]
-        v = v.repeat_interleave(groups, dim=1)
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, Hq, S, D]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S, D]
     if sliding_window is not None and sliding_window < seq_len:
+        if groups > 1:
+            kh = kh.repeat_interleave(groups, dim=1)  # [1, Hq, S, D]
+            vh = vh.repeat_interleave(groups, dim=1)
         idx = torch.arange(seq_len, device=q.device)
         diff = idx[:, None] - idx[None, :]  # [S, S] query minus key position
         mask = (diff >= 0) & (diff < sliding_window)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        # SDPA's own GQA (kv head h // groups) and is_causal: the kernel path transformers' sdpa takes.
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=seq_len > 1, scale=scale, enable_gqa=groups > 1
+        )  # [1, Hq, S, D]
     return out.squeeze(0).transpose(0, 1)  # [S, Hq, D]
 
 
