@@ -1,0 +1,155 @@
+"""Plain value types of the client SDK: what goes in (``PrefillRequestSpec``) and what comes out.
+
+No grpc or protobuf here; ``_client`` converts to and from the wire messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from asap.errors import InvalidArgument
+
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+class ClientState(enum.Enum):
+    """Lifecycle of an ``AsapClient``: UNOPENED -> OPENED -> CLOSED, never back."""
+
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequestSpec:
+    """One prefill request, validated on construction (``InvalidArgument`` on bad input).
+
+    Exactly one of ``tokens`` / ``text`` must be given and non-empty. ``timeout_s`` is the per-request
+    deadline; on ``prefill_many`` it travels in the request (the stream has one deadline of its own).
+    ``request_id`` of ``None`` gets a fresh id from the client.
+    """
+
+    tokens: tuple[int, ...] | None = None
+    text: str | None = None
+    top_logprobs: int = 0
+    temperature: float = 0.0
+    seed: int | None = None
+    ttft_slo_ms: int | None = None
+    request_id: str | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.text is None):
+            raise InvalidArgument("give exactly one of tokens or text")
+        if self.tokens is not None:
+            # Accept any sequence from callers; store an immutable tuple.
+            object.__setattr__(self, "tokens", tuple(self.tokens))
+            if not self.tokens:
+                raise InvalidArgument("empty prompt: tokens is empty")
+            for token in self.tokens:
+                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= _INT32_MAX:
+                    raise InvalidArgument(f"token id {token!r} is not an int in [0, {_INT32_MAX}]")
+        if self.text is not None and not self.text:
+            raise InvalidArgument("empty prompt: text is empty")
+        if not 0 <= self.top_logprobs <= _UINT32_MAX:
+            raise InvalidArgument(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed <= _UINT64_MAX:
+            raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.ttft_slo_ms is not None and not 0 < self.ttft_slo_ms <= _UINT32_MAX:
+            raise InvalidArgument(f"ttft_slo_ms must be > 0, got {self.ttft_slo_ms}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise InvalidArgument(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.request_id is not None and not self.request_id:
+            raise InvalidArgument("request_id must be non-empty when given")
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        *,
+        tokens: Sequence[int] | None = None,
+        text: str | None = None,
+        top_logprobs: int = 0,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        ttft_slo_ms: int | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> PrefillRequestSpec:
+        """Build a spec from the keyword arguments ``AsapClient.prefill`` takes (any token sequence)."""
+        return cls(
+            tokens=None if tokens is None else tuple(tokens),
+            text=text,
+            top_logprobs=top_logprobs,
+            temperature=temperature,
+            seed=seed,
+            ttft_slo_ms=ttft_slo_ms,
+            request_id=request_id,
+            timeout_s=timeout_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """The outcome of one prefill: the first generated token and how long it took."""
+
+    request_id: str
+    first_token_id: int
+    first_token_logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+    """``(token_id, logprob)`` pairs, most likely first."""
+    prompt_tokens: int
+    ttft_ms: float
+    """Arrival at the scheduler -> first token known."""
+    queue_ms: float
+    """Arrival at the scheduler -> batch sent to an attention rank."""
+    attention_rank: int
+    trace_id: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The object ``asap prefill --json`` prints (DESIGN.md §5), exactly these keys."""
+        return {
+            "request_id": self.request_id,
+            "first_token_id": self.first_token_id,
+            "first_token_logprob": self.first_token_logprob,
+            "top_logprobs": [[token_id, logprob] for token_id, logprob in self.top_logprobs],
+            "prompt_tokens": self.prompt_tokens,
+            "ttft_ms": self.ttft_ms,
+            "trace_id": self.trace_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionRankState:
+    """The scheduler's view of one attention rank."""
+
+    rank: int
+    target: str
+    healthy: bool
+    queued_requests: int
+    queued_tokens: int
+    running_batches: int
+    predicted_load_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """A snapshot of the cluster as the scheduler sees it."""
+
+    mode: str
+    model_type: str
+    model: str
+    attention_ranks: tuple[AttentionRankState, ...] = field(default=())
+    expert_targets: tuple[str, ...] = field(default=())
+    pending_requests: int = 0
+    completed_requests: int = 0
+    failed_requests: int = 0
+    vocab_size: int = 0
+    max_prompt_tokens: int = 0
