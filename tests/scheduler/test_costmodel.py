@@ -9,9 +9,11 @@ from asap.errors import InvalidArgument
 from scheduler_svc.costmodel import AttentionCostModel
 
 
-def _synthetic(truth: AttentionCostModel, seed: int, count: int = 60, noise: float = 0.0):
+def _synthetic(
+    truth: AttentionCostModel, seed: int, count: int = 60, noise: float = 0.0
+) -> list[tuple[list[int], float]]:
     rng = np.random.default_rng(seed)
-    samples = []
+    samples: list[tuple[list[int], float]] = []
     for _ in range(count):
         lengths = [int(n) for n in np.clip(rng.lognormal(6.0, 1.0, size=rng.integers(1, 9)), 1, 16384)]
         ms = truth.batch_ms(lengths) * (1.0 + noise * rng.standard_normal())
