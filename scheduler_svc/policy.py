@@ -1,0 +1,85 @@
+"""Batch policies: which pending requests form the next batch, and which rank runs it.
+
+The core owns queues, tasks and failure handling; a policy only decides. Async mode is implemented here;
+sync global steps and min-size batching plug in as further ``BatchPolicy`` implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.placement import least_finish_time
+from scheduler_svc.requests import ScheduledRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RankView:
+    """What a policy sees of one attention rank."""
+
+    healthy: bool
+    free_slots: int
+    """In-flight batches the rank can still take."""
+    predicted_load_ms: float
+    """Predicted remaining work already on the rank (never negative)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecision:
+    """Send ``requests`` as one batch to ``rank``; ``predicted_ms`` is its predicted cost."""
+
+    rank: int
+    requests: list[ScheduledRequest]
+    predicted_ms: float
+
+
+class BatchPolicy(Protocol):
+    """Decides the next batch. Called by the dispatcher whenever something changed; ``None`` = wait."""
+
+    def next_batch(
+        self, pending: Iterable[ScheduledRequest], ranks: Sequence[RankView], now: float
+    ) -> BatchDecision | None: ...
+
+
+def take_fifo(
+    pending: Iterable[ScheduledRequest], max_tokens: int, max_prompts: int
+) -> list[ScheduledRequest]:
+    """The longest prefix of ``pending`` within both bounds; a first prompt over ``max_tokens`` goes alone.
+
+    Strict FIFO (no skipping ahead to fill the batch), so a long prompt is never starved by short ones.
+    """
+    batch: list[ScheduledRequest] = []
+    tokens = 0
+    for request in pending:
+        if len(batch) >= max_prompts:
+            break
+        if batch and tokens + request.prompt_tokens > max_tokens:
+            break
+        batch.append(request)
+        tokens += request.prompt_tokens
+        if tokens >= max_tokens:
+            break
+    return batch
+
+
+class AsyncBatchPolicy:
+    """Async mode: as soon as a healthy rank has a free slot, form a FIFO batch and send it to the free
+    rank with the least predicted finish time (its remaining work plus this batch's cost)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self._config = config
+
+    def next_batch(
+        self, pending: Iterable[ScheduledRequest], ranks: Sequence[RankView], now: float
+    ) -> BatchDecision | None:
+        available = [view.healthy and view.free_slots > 0 for view in ranks]
+        if not any(available):
+            return None
+        batch = take_fifo(pending, self._config.max_batch_tokens, self._config.max_batch_prompts)
+        if not batch:
+            return None
+        cost = self._config.cost.batch_ms([request.prompt_tokens for request in batch])
+        rank = least_finish_time([view.predicted_load_ms + cost for view in ranks], available)
+        return BatchDecision(rank=rank, requests=batch, predicted_ms=cost)

@@ -1,0 +1,127 @@
+"""Values the scheduler core takes and returns: requests, per-request results and cluster snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from asap.errors import AsapError
+
+
+@dataclass(slots=True, eq=False)
+class ScheduledRequest:
+    """One prefill request as the scheduler core sees it (already validated and tokenised).
+
+    Compared and hashed by identity: two requests with the same id are still two requests.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    temperature: float = 0.0
+    """0 = greedy."""
+    seed: int | None = None
+    top_logprobs: int = 0
+    """How many (token id, logprob) pairs to return."""
+    ttft_slo_ms: float | None = None
+    """The client's TTFT target, if any (informational for now; later policies order by it)."""
+    deadline: float | None = None
+    """Absolute deadline in event-loop time (``loop.time()``); ``None`` = none."""
+    arrival: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` at arrival; queue and TTFT times are measured from it."""
+    traceparent: str = ""
+    tracestate: str = ""
+    _future: asyncio.Future[RequestResult] | None = field(default=None, init=False, repr=False)
+    """Set by ``SchedulerCore.submit``; resolved with the result or the request's error."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def waiting(self) -> bool:
+        """Submitted and its caller still waits for the outcome."""
+        return self._future is not None and not self._future.done()
+
+    def settle(self, outcome: RequestResult | AsapError) -> None:
+        """Resolve the caller's wait, unless it already gave up (then the outcome is dropped)."""
+        if self._future is None or self._future.done():
+            return
+        if isinstance(outcome, AsapError):
+            self._future.set_exception(outcome)
+        else:
+            self._future.set_result(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class RankResultItem:
+    """What an attention rank returns for one prompt of a batch."""
+
+    first_token_id: int
+    first_token_logprob: float
+    top_logprobs: list[tuple[int, float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """The answer to one request: its first token and where the time went."""
+
+    request_id: str
+    first_token_id: int
+    first_token_logprob: float
+    top_logprobs: list[tuple[int, float]]
+    prompt_tokens: int
+    queue_ms: float
+    """Arrival -> batch sent to an attention rank."""
+    ttft_ms: float
+    """Arrival -> first token known."""
+    attention_rank: int
+
+    @classmethod
+    def of(
+        cls, request: ScheduledRequest, item: RankResultItem, rank: int, sent: float, done: float
+    ) -> RequestResult:
+        """The result of ``request`` answered by ``rank``; ``sent`` and ``done`` are ``time.monotonic()``."""
+        return cls(
+            request_id=request.request_id,
+            first_token_id=item.first_token_id,
+            first_token_logprob=item.first_token_logprob,
+            top_logprobs=item.top_logprobs,
+            prompt_tokens=item.prompt_tokens,
+            queue_ms=(sent - request.arrival) * 1e3,
+            ttft_ms=(done - request.arrival) * 1e3,
+            attention_rank=rank,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RankSnapshot:
+    """One attention rank in ``ClusterSnapshot``."""
+
+    rank: int
+    healthy: bool
+    down_reason: str
+    queued_requests: int
+    """Placed on this rank, not yet sent (async mode places only on a free slot, so this stays ~0)."""
+    queued_tokens: int
+    running_batches: int
+    running_requests: int
+    running_tokens: int
+    predicted_load_ms: float
+    """Cost-model estimate of the work placed on this rank and not finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """Point-in-time state of the scheduler core (``GetClusterState``)."""
+
+    mode: str
+    ranks: list[RankSnapshot]
+    pending_requests: int
+    """Waiting in the scheduler, not yet placed."""
+    completed: int
+    failed: int
+    """Requests that ended with an error (deadline, unavailable rank, per-request error...)."""
+    cancelled: int
+    """Requests whose caller went away."""
