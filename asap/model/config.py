@@ -154,6 +154,22 @@ def _qwen_moe_layers(raw: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
     return tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers))
 
 
+def _qwen_sliding_window(raw: dict[str, Any], model_type: str) -> int | None:
+    # transformers: qwen3_moe windows every layer when use_sliding_window is set; qwen2_moe windows only
+    # the layers its layer_types marks "sliding_attention", which one model-wide window cannot express.
+    if not raw.get("use_sliding_window"):
+        return None
+    window = raw.get("sliding_window")
+    if window is None or int(window) >= int(raw.get("max_position_embeddings") or 4096):
+        return None
+    if model_type == "qwen2_moe":
+        layer_types = raw.get("layer_types") or []
+        if "sliding_attention" in layer_types:
+            raise InvalidArgument(f"{model_type}: per-layer sliding-window attention is not supported")
+        return None
+    return int(window)
+
+
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """Build a ``ModelConfig`` from a parsed config.json dictionary."""
     model_type = raw.get("model_type")
@@ -196,7 +212,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             attention_bias=bool(raw.get("qkv_bias", True))
             if is_qwen2
             else bool(raw.get("attention_bias", False)),
-            sliding_window=None,
+            sliding_window=_qwen_sliding_window(raw, model_type),
         )
     if model_type == "mixtral":
         return ModelConfig(

@@ -59,10 +59,16 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
-    "qwen3-k4-nonorm": (
+    "qwen3-k4-nonorm-window": (
         "qwen3_moe",
         dict(
-            num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, moe_intermediate_size=20, head_dim=8
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            moe_intermediate_size=20,
+            head_dim=8,
+            use_sliding_window=True,
+            sliding_window=6,
         ),
     ),
     "qwen2-k4-shared-kv3": (

@@ -15,7 +15,7 @@ from tests.model.conftest import TinyModel
 
 @pytest.fixture(scope="module")
 def attention(tiny_model_factory: Callable[[str], TinyModel]) -> AttentionPart:
-    part, _ = load_model(tiny_model_factory("qwen3-k4-nonorm").path)
+    part, _ = load_model(tiny_model_factory("qwen3-k4-nonorm-window").path)
     return part
 
 

@@ -117,8 +117,9 @@ def test_generator_resumed_from_other_threads(tiny: TinyModel) -> None:
     assert torch.equal(logits, expected)
 
 
-def test_sliding_window_is_applied(tiny_model_factory: Callable[[str], TinyModel]) -> None:
-    tiny = tiny_model_factory("mixtral-k2-window")
+@pytest.mark.parametrize("name", ["mixtral-k2-window", "qwen3-k4-nonorm-window"])
+def test_sliding_window_is_applied(name: str, tiny_model_factory: Callable[[str], TinyModel]) -> None:
+    tiny = tiny_model_factory(name)
     window = tiny.config.sliding_window
     assert window is not None
     attention, experts = load_model(tiny.path)
@@ -137,7 +138,7 @@ def test_sliding_window_is_applied(tiny_model_factory: Callable[[str], TinyModel
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen3-k4-nonorm", "qwen2-k4-shared-kv3", "mixtral-k2-window", "olmoe-k4-clip"]
+    "name", ["qwen3-k4-nonorm-window", "qwen2-k4-shared-kv3", "mixtral-k2-window", "olmoe-k4-clip"]
 )
 def test_bfloat16_matches_transformers(name: str, tiny_model_factory: Callable[[str], TinyModel]) -> None:
     tiny = tiny_model_factory(name)
