@@ -95,16 +95,15 @@ class SchedulerCore:
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Refuse new requests, let queued and running work finish for up to ``drain_timeout_s``, then fail
         what is left with ``Unavailable`` and cancel and await every task. Safe to call twice."""
-        if self._stopped:
+        if self._stopped:  # set before draining, so a concurrent second call returns at once
             return
-        self._accepting = False
+        self._stopped, self._accepting = True, False
         if drain_timeout_s > 0 and not self._is_idle():
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
             except TimeoutError:
                 logger.warning("scheduler drain timed out after %.1f s", drain_timeout_s)
-        self._stopped = True
         error = Unavailable("the scheduler is shutting down")
         self._fail_pending(error)
         for state in self._ranks:
