@@ -58,6 +58,8 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 50051
     """The scheduler's port (the cluster's public address)."""
+    threads: int | None = None
+    """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -75,6 +77,14 @@ class ClusterSpec:
             raise InvalidArgument("the spec lists more per-rank entries than ranks")
         self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]
         self.expert_ranks += [RankSpec() for _ in range(self.experts - len(self.expert_ranks))]
+        if self.threads is not None and self.threads < 1:
+            raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+
+    def rank_threads(self) -> int:
+        """torch intra-op threads of each rank: oversubscribed OpenMP threads stall every rank on CPU."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // (self.attention + self.experts))
 
 
 def _rank_specs(raw: Any, where: str) -> list[RankSpec]:
@@ -108,7 +118,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidArgument(f"cluster spec {path} must be a mapping")
-    known = {"model", "mode", "dtype", "device", "host", "scheduler", "attention", "experts"}
+    known = {"model", "mode", "dtype", "device", "host", "threads", "scheduler", "attention", "experts"}
     unknown = set(raw) - known
     if unknown:
         raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
@@ -116,7 +126,9 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     attention = raw.get("attention") or {}
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {
-        key: raw[key] for key in ("model", "mode", "dtype", "device", "host") if raw.get(key) is not None
+        key: raw[key]
+        for key in ("model", "mode", "dtype", "device", "host", "threads")
+        if raw.get(key) is not None
     }
     if "port" in scheduler:
         values["port"] = int(scheduler["port"])
@@ -146,7 +158,8 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
             [
                 "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--num-ranks", str(spec.experts),
-                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device, *rank.extra_args,
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--threads", str(spec.rank_threads()), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -162,7 +175,8 @@ def attention_commands(
             [
                 "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--experts", ",".join(expert_targets),
-                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device, *rank.extra_args,
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--threads", str(spec.rank_threads()), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)
@@ -222,6 +236,12 @@ class ChildProcess:
             state = f"exited with code {code}" if code is not None else "did not become ready in time"
             raise Unavailable(f"{self.name} {state}; its last output:\n" + "\n".join(self.tail))
         return self.address
+
+    def close(self) -> None:
+        """Release the output pipe once the process has exited."""
+        self._forwarder.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def send(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -288,17 +308,25 @@ class LocalCluster:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM in reverse start order (scheduler first, so it stops taking requests), then SIGKILL."""
-        for child in reversed(self.children):
-            child.send(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
-                child.send(signal.SIGKILL)
-                child.proc.wait()
+        """Stop in reverse start order, one tier at a time, so each tier drains while its downstream is up:
+        the scheduler finishes its requests, then attention ranks their batches, then the expert ranks.
+        SIGTERM, then SIGKILL for a child still running after ``grace_s``."""
+        tiers: dict[str, list[ChildProcess]] = {}
+        for child in self.children:
+            tiers.setdefault(child.name.split("-")[0], []).append(child)
+        for tier in ("scheduler", "attention", "expert"):
+            members = tiers.get(tier, [])
+            for child in members:
+                child.send(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in members:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
+                    child.send(signal.SIGKILL)
+                    child.proc.wait()
+                child.close()
         self.children.clear()
 
     def __enter__(self) -> LocalCluster:

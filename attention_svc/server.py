@@ -257,7 +257,11 @@ class AttentionService:
             self.executor = None
 
     async def run_forever(self) -> None:
-        address = await self.start()
+        try:
+            address = await self.start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
         print(f"serving attention rank {self.config.rank} at {address}", flush=True)
         if self.handle is None or self.servicer is None:
             raise InternalError("service did not start")

@@ -216,7 +216,11 @@ class ExpertService:
             self.servicer = None
 
     async def run_forever(self) -> None:
-        address = await self.start()
+        try:
+            address = await self.start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
         print(f"serving expert rank {self.config.rank} at {address}", flush=True)
         assert self.handle is not None and self.executor is not None
         executor = self.executor

@@ -45,6 +45,39 @@ def add_parser(subparsers: Any) -> None:
     expert.add_argument("--queue-depth", type=int, default=256, help="chunks waiting for compute, at most")
     expert.set_defaults(func=_serve_expert)
 
+    scheduler = services.add_parser("scheduler", help="the scheduler (the cluster's public endpoint)")
+    _common_scheduler(scheduler)
+    scheduler.set_defaults(func=_serve_scheduler)
+
+
+def _common_scheduler(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    parser.add_argument(
+        "--attention", required=True, help="comma-separated HOST:PORT of every attention rank, in rank order"
+    )
+    parser.add_argument("--mode", default="async", choices=("async", "sync", "sync-chunked"))
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="prompt tokens per batch, at most")
+    parser.add_argument("--max-batch-prompts", type=int, default=64, help="prompts per batch, at most")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="requests waiting to be placed; beyond: RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument("--max-inflight", type=int, default=2, help="batches running per attention rank")
+    parser.add_argument(
+        "--cost",
+        default=None,
+        metavar="A,B,C",
+        help="attention cost model a,b,c in ms (a*n + b*n^2 per prompt + c per batch); default: calibrate",
+    )
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    parser.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
+    )
+
 
 def configure_torch_threads(threads: int | None) -> None:
     """Apply ``--threads`` (or $ASAP_TORCH_THREADS) before any torch work starts."""
@@ -86,6 +119,46 @@ def expert_config(args: argparse.Namespace) -> Any:
         device=args.device,
         queue_depth=args.queue_depth,
     )
+
+
+def scheduler_config(args: argparse.Namespace) -> Any:
+    from asap.errors import InvalidArgument
+    from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.costmodel import AttentionCostModel
+    from scheduler_svc.server import SchedulerServiceConfig
+
+    core = SchedulerConfig(
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_prompts=args.max_batch_prompts,
+        max_queue_requests=args.max_queue,
+        max_inflight_per_rank=args.max_inflight,
+        mode=args.mode,
+    )
+    if args.cost:
+        try:
+            a, b, c = (float(v) for v in args.cost.split(","))
+        except ValueError:
+            raise InvalidArgument(f"--cost takes three numbers A,B,C, got {args.cost!r}") from None
+        core.cost = AttentionCostModel(a_ms=a, b_ms=b, c_ms=c)
+    return SchedulerServiceConfig(
+        model=args.model,
+        attention_targets=[t.strip() for t in args.attention.split(",") if t.strip()],
+        host=args.host,
+        port=args.port,
+        core=core,
+        calibrate=not args.cost,
+    )
+
+
+def _serve_scheduler(args: argparse.Namespace) -> int:
+    from asap.logs import setup_logging
+    from asap.rpc.server import run_async
+    from scheduler_svc.server import SchedulerService
+
+    config = scheduler_config(args)
+    setup_logging("scheduler", args.log_level)
+    run_async(SchedulerService(config).run_forever, use_uvloop=not args.no_uvloop)
+    return 0
 
 
 def _serve_attention(args: argparse.Namespace) -> int:

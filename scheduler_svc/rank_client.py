@@ -1,0 +1,205 @@
+"""``RankClient`` over grpc: one long-lived ``Attention.Run`` stream per attention rank.
+
+A lost stream fails the batches waiting on it with ``Unavailable`` and reports the rank down; a monitor
+re-checks down ranks with grpc health and reports them up again once they answer SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from asap.errors import AsapError, InternalError, Unavailable
+from asap.rpc.server import GRPC_OPTIONS
+from asap.rpc.status import error_from_rpc, error_from_status
+from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from scheduler_svc.requests import RankResultItem, ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+
+
+class _RankLink:
+    """The Run stream to one attention rank."""
+
+    def __init__(self, rank: int, target: str, on_down: Callable[[int, str], None]) -> None:
+        self.rank = rank
+        self.target = target
+        self._on_down = on_down
+        self.channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
+        self._stub = attention_pb2_grpc.AttentionStub(self.channel)
+        self._waiting: dict[int, asyncio.Future[attention_pb2.BatchResult]] = {}
+        self._outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] | None = None
+        self._receiver: asyncio.Task[None] | None = None
+
+    def _ensure_stream(self) -> asyncio.Queue[attention_pb2.BatchAssignment | None]:
+        if self._outbox is not None and self._receiver is not None and not self._receiver.done():
+            return self._outbox
+        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] = asyncio.Queue()
+
+        async def assignments() -> AsyncIterator[attention_pb2.BatchAssignment]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        call = self._stub.Run(assignments())
+        self._outbox = outbox
+        self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"rank-rx-{self.rank}")
+        return outbox
+
+    async def _receive(
+        self,
+        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None],
+    ) -> None:
+        reason = "stream closed by the attention rank"
+        try:
+            async for result in call:
+                future = self._waiting.pop(result.batch_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+        except grpc.RpcError as exc:
+            reason = error_from_rpc(exc).message
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            waiting, self._waiting = self._waiting, {}
+            error = Unavailable(f"attention rank {self.rank} at {self.target}: {reason}")
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+            call.cancel()
+            if waiting:
+                self._on_down(self.rank, error.message)
+
+    async def run(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
+        outbox = self._ensure_stream()
+        future: asyncio.Future[attention_pb2.BatchResult] = asyncio.get_running_loop().create_future()
+        self._waiting[assignment.batch_id] = future
+        outbox.put_nowait(assignment)
+        try:
+            return await future
+        finally:
+            self._waiting.pop(assignment.batch_id, None)
+
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receiver
+        await self.channel.close()
+
+
+def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapError:
+    if prompt.HasField("error"):
+        return error_from_status(prompt.error.code, prompt.error.message)
+    return RankResultItem(
+        first_token_id=prompt.first_token_id,
+        first_token_logprob=prompt.first_token_logprob,
+        top_logprobs=[(t.token_id, t.logprob) for t in prompt.top_logprobs],
+        prompt_tokens=prompt.prompt_tokens,
+    )
+
+
+class GrpcRankClient:
+    """Runs scheduler batches on attention ranks. ``on_down``/``on_up`` report rank health changes."""
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        on_down: Callable[[int, str], None],
+        on_up: Callable[[int], None],
+    ) -> None:
+        self.targets = list(targets)
+        self._on_up = on_up
+        self._down: set[int] = set()
+
+        def down(rank: int, reason: str) -> None:
+            if rank not in self._down:
+                self._down.add(rank)
+                logger.warning("attention rank %d is down: %s", rank, reason)
+                on_down(rank, reason)
+
+        self._report_down = down
+        self.links = [_RankLink(rank, target, down) for rank, target in enumerate(targets)]
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until every attention rank answers SERVING; ``Unavailable`` names the ones that do not."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        pending = set(range(len(self.links)))
+        while pending:
+            ready = await asyncio.gather(*(self.links[r].healthy() for r in sorted(pending)))
+            pending -= {r for r, ok in zip(sorted(pending), ready, strict=True) if ok}
+            if pending and asyncio.get_running_loop().time() > deadline:
+                names = ", ".join(f"{r} ({self.targets[r]})" for r in sorted(pending))
+                raise Unavailable(f"attention ranks not SERVING after {timeout_s:.0f}s: {names}")
+            if pending:
+                await asyncio.sleep(0.2)
+
+    def start_monitor(self) -> None:
+        self._monitor = asyncio.create_task(self._watch(), name="rank-health-monitor")
+
+    async def _watch(self) -> None:
+        """Every second: a rank that stops answering SERVING goes down, one that answers again comes up."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            states = await asyncio.gather(*(link.healthy() for link in self.links))
+            for rank, healthy in enumerate(states):
+                if healthy and rank in self._down:
+                    self._down.discard(rank)
+                    logger.info("attention rank %d is back", rank)
+                    self._on_up(rank)
+                elif not healthy:
+                    self._report_down(rank, "health check failed")
+
+    async def run_batch(
+        self, rank: int, batch_id: int, requests: Sequence[ScheduledRequest]
+    ) -> Sequence[RankResultItem | AsapError]:
+        assignment = attention_pb2.BatchAssignment(
+            batch_id=batch_id,
+            prompts=[
+                attention_pb2.PromptInput(
+                    request_id=r.request_id,
+                    token_ids=r.token_ids,
+                    sampling=attention_pb2.SamplingOptions(
+                        temperature=r.temperature, seed=r.seed or 0, top_logprobs=r.top_logprobs
+                    ),
+                    trace=common_pb2.TraceContext(traceparent=r.traceparent, tracestate=r.tracestate),
+                )
+                for r in requests
+            ],
+        )
+        result = await self.links[rank].run(assignment)
+        if result.HasField("error"):
+            error = error_from_status(result.error.code, result.error.message)
+            return [error] * len(requests)
+        if len(result.results) != len(requests):
+            raise InternalError(
+                f"attention rank {rank} answered {len(result.results)} of {len(requests)} prompts"
+            )
+        return [_item_or_error(p) for p in result.results]
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await asyncio.gather(*(link.close() for link in self.links))
