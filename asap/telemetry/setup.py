@@ -125,17 +125,22 @@ def _exporter_names(env: Mapping[str, str]) -> list[str]:
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    ).strip()
+    # The endpoint is passed explicitly because ``env`` need not be os.environ; headers, TLS and
+    # timeouts are left to the exporters' own OTEL_* handling.
+    protocol = _protocol_label(env)
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-        return GrpcExporter()
+        return GrpcExporter(endpoint=traces_endpoint or base_endpoint)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-        return HttpExporter()
+        # As the spec says: the per-signal endpoint is used as is, the base one gets /v1/traces.
+        if not traces_endpoint and base_endpoint:
+            traces_endpoint = base_endpoint.rstrip("/") + "/v1/traces"
+        return HttpExporter(endpoint=traces_endpoint)
     raise ValueError(f"OTLP trace protocol {protocol!r} is not supported; use one of {PROTOCOLS}")
 
 
@@ -160,7 +165,8 @@ def build_exporters(env: Mapping[str, str]) -> list[tuple[str, SpanExporter]]:
 
 
 def _protocol_label(env: Mapping[str, str]) -> str:
-    return env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    return (protocol or "grpc").strip()
 
 
 def configure_tracing(service_name: str, env: Mapping[str, str] | None = None) -> TracingHandle:
