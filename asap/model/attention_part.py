@@ -3,7 +3,8 @@
 It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window), the routers,
 shared experts, the dense MLPs of non-MoE layers, the final norm and the LM head. At each MoE layer the
 forward pass stops and hands a ``MoERequest`` to whoever computes the routed experts — in this process
-(``InProcessExperts``) or on remote expert ranks — and resumes with their combined output.
+(``InProcessExperts``) or on remote expert ranks — and resumes with their combined output. A prompt may
+be prefilled in consecutive chunks, each attending to the earlier ones' K/V kept in a ``KVCache``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
+from asap.model.kvcache import KVCache
 from asap.model.layers import (
     DecoderLayerWeights,
-    apply_rope,
     causal_attention,
     load_decoder_layer,
     load_tensor,
+    project_qkv,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
+    route,
 )
 from asap.model.weights import TensorSource
 
@@ -138,7 +141,10 @@ class AttentionPart:
         return ids
 
     def forward_steps(
-        self, prompts: Sequence[Sequence[int] | torch.Tensor]
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        caches: Sequence[KVCache | None] | None = None,
     ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
         """Run a batch of prompts, pausing at every MoE layer.
 
@@ -148,15 +154,29 @@ class AttentionPart:
         the last layer is done it returns (``StopIteration.value``) the logits of each prompt's last
         position, [B, V] float32. All state lives in the generator frame, so it may be resumed from any
         thread.
+
+        Chunked prefill: with ``caches[i]`` given, prompt i holds the next chunk of a longer prompt; it
+        starts at position ``caches[i].length``, attends to the cached K/V as well as causally within
+        itself, and its own K/V are added to ``caches[i]`` when the generator finishes (a generator closed
+        early leaves the cache unchanged). ``caches[i]`` None (or no ``caches``) is a whole fresh prompt.
+        The logits are those of the chunk's last position.
         """
         if len(prompts) == 0:
             raise InvalidArgument("batch has no prompts")
         ids = [self.validate_prompt(p) for p in prompts]
-        return self._steps(ids)
+        slots: list[KVCache | None] = [None] * len(ids) if caches is None else list(caches)
+        self._check_caches(ids, slots)
+        return self._steps(ids, slots)
 
-    def forward(self, prompts: Sequence[Sequence[int] | torch.Tensor], dispatch: Dispatch) -> torch.Tensor:
+    def forward(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        dispatch: Dispatch,
+        *,
+        caches: Sequence[KVCache | None] | None = None,
+    ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
-        steps = self.forward_steps(prompts)
+        steps = self.forward_steps(prompts, caches=caches)
         try:
             request = next(steps)
             while True:
@@ -165,81 +185,90 @@ class AttentionPart:
             logits: torch.Tensor = stop.value
             return logits
 
-    def _steps(self, ids: list[torch.Tensor]) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+    def _check_caches(self, ids: Sequence[torch.Tensor], caches: Sequence[KVCache | None]) -> None:
+        cfg = self.config
+        if len(caches) != len(ids):
+            raise InvalidArgument(f"{len(caches)} KV caches given for {len(ids)} prompts")
+        present = [c for c in caches if c is not None]
+        if len({id(c) for c in present}) != len(present):
+            raise InvalidArgument("one KV cache is given for two prompts of the same batch")
+        for i, (chunk, cache) in enumerate(zip(ids, caches, strict=True)):
+            if cache is None:
+                continue
+            if cache.num_layers != cfg.num_layers:
+                raise InvalidArgument(
+                    f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
+                )
+            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+            end = cache.length + int(chunk.numel())
+            if end > cfg.max_position_embeddings:
+                raise InvalidArgument(
+                    f"prompt {i}: {cache.length} cached tokens + a chunk of {chunk.numel()} = {end} "
+                    f"positions, more than max_position_embeddings={cfg.max_position_embeddings}"
+                )
+
+    def _steps(
+        self, ids: list[torch.Tensor], caches: list[KVCache | None]
+    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
         cfg = self.config
         lengths = [int(t.numel()) for t in ids]
+        starts = [0 if c is None else c.length for c in caches]  # position of each prompt's first token
         tokens = torch.cat(ids).to(self.device)  # [T] packed
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)  # [T]
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, D] each
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        cos, sin = rope_cos_sin(positions.to(self.device), self.inv_freq, self.dtype)  # [T, D] each
         x = F.embedding(tokens, self.embed)  # [T, H]
         for layer, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)  # [T, H]
-            x = x + self._attention(w, h, cos, sin, lengths)
+            x = x + self._attention(layer, w, h, cos, sin, lengths, caches)
             h = rms_norm(x, w.post_attention_norm, cfg.rms_norm_eps)  # [T, H]
             if w.dense_mlp is not None:
                 x = x + w.dense_mlp(h)
                 continue
-            topk_ids, topk_weights = self._route(w, h)  # [T, K] each
+            assert w.router is not None
+            topk_ids, topk_weights = route(cfg, w.router, h)  # [T, K] each
             routed = yield MoERequest(layer=layer, hidden=h, topk_ids=topk_ids, topk_weights=topk_weights)
             out = self._check_routed(layer, routed, h)  # [T, H]
             if w.shared_expert is not None and w.shared_expert_gate is not None:
                 out = out + torch.sigmoid(F.linear(h, w.shared_expert_gate)) * w.shared_expert(h)
             x = x + out
+        for cache, n in zip(caches, lengths, strict=True):
+            if cache is not None:
+                cache.commit(n)
         last = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each prompt
         x = rms_norm(x[last], self.final_norm, cfg.rms_norm_eps)  # [B, H]
         return F.linear(x, self.lm_head).float()  # [B, V]
 
     def _attention(
         self,
+        layer: int,
         w: DecoderLayerWeights,
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         lengths: Sequence[int],
+        caches: Sequence[KVCache | None],
     ) -> torch.Tensor:
-        """Self-attention of every prompt of the packed batch h [T, H] -> [T, H]."""
-        cfg, a = self.config, w.attention
-        q = F.linear(h, a.q_proj, a.q_bias)  # [T, Hq*D]
-        k = F.linear(h, a.k_proj, a.k_bias)  # [T, Hkv*D]
-        v = F.linear(h, a.v_proj, a.v_bias)  # [T, Hkv*D]
-        if cfg.qk_norm == "full" and a.q_norm is not None and a.k_norm is not None:
-            q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        if cfg.qk_norm == "per_head" and a.q_norm is not None and a.k_norm is not None:
-            q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        """Self-attention of every prompt of the packed batch h [T, H] -> [T, H].
+
+        A prompt with a cache also attends to its cached K/V, and stages its own K/V in the cache.
+        """
+        cfg = self.config
+        q, k, v = project_qkv(cfg, w.attention, h, cos, sin)  # [T, Hq, D], [T, Hkv, D] x2
         scale = cfg.head_dim**-0.5
         outs = []  # per prompt [S, Hq, D]: attention never crosses prompt boundaries
         start = 0
-        for n in lengths:
+        for n, cache in zip(lengths, caches, strict=True):
             rows = slice(start, start + n)
+            keys, values = k[rows], v[rows]  # [S, Hkv, D]
+            if cache is not None:
+                cached_k, cached_v = cache.stage(layer, keys.transpose(0, 1), values.transpose(0, 1))
+                keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # [L, Hkv, D]
             outs.append(
-                causal_attention(q[rows], k[rows], v[rows], scale=scale, sliding_window=cfg.sliding_window)
+                causal_attention(q[rows], keys, values, scale=scale, sliding_window=cfg.sliding_window)
             )
             start += n
         o = torch.cat(outs).reshape(-1, cfg.q_size)  # [T, Hq*D]
-        return F.linear(o, a.o_proj, a.o_bias)  # [T, H]
-
-    def _route(self, w: DecoderLayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k routing of h [T, H]: ids [T, K] int64 and weights [T, K] float32."""
-        cfg = self.config
-        assert w.router is not None
-        logits = F.linear(h, w.router)  # [T, E] model dtype
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
-        weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, K]
-        if cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if cfg.model_type != "mixtral":
-            # transformers casts these routers' weights to the model dtype before scaling expert outputs;
-            # keeping the rounded values (exact in float32) makes the expert side match it bit for bit.
-            weights = weights.to(logits.dtype).to(torch.float32)
-        return ids, weights
+        return F.linear(o, w.attention.o_proj, w.attention.o_bias)  # [T, H]
 
     def _check_routed(self, layer: int, routed: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         if not isinstance(routed, torch.Tensor) or routed.shape != h.shape:

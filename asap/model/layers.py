@@ -79,27 +79,35 @@ def causal_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal self-attention of one sequence.
+    """Causal self-attention of the last S positions of one sequence of L >= S positions.
 
-    q [S, Hq, D], k and v [S, Hkv, D] (GQA: query head h reads kv head h // (Hq / Hkv)) -> [S, Hq, D].
-    With ``sliding_window`` w, position i attends to positions j with i - w < j <= i.
+    q [S, Hq, D] are the queries of positions L-S .. L-1; k and v [L, Hkv, D] are the keys and values of
+    every position (GQA: query head h reads kv head h // (Hq / Hkv)) -> [S, Hq, D]. Query position i
+    attends to key positions j <= i, and with ``sliding_window`` w only to those with i - w < j.
     """
     seq_len, num_heads, _ = q.shape
+    total = k.shape[0]
+    prefix = total - seq_len  # cached positions before the first query
     groups = num_heads // k.shape[1]
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S, D]
-    if sliding_window is not None and sliding_window < seq_len:
-        if groups > 1:
-            kh = kh.repeat_interleave(groups, dim=1)  # [1, Hq, S, D]
-            vh = vh.repeat_interleave(groups, dim=1)
-        idx = torch.arange(seq_len, device=q.device)
-        diff = idx[:, None] - idx[None, :]  # [S, S] query minus key position
-        mask = (diff >= 0) & (diff < sliding_window)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    else:
+    if prefix == 0 and (sliding_window is None or sliding_window >= seq_len):
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S, D]
         # SDPA's own GQA (kv head h // groups) and is_causal: the kernel path transformers' sdpa takes.
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=seq_len > 1, scale=scale, enable_gqa=groups > 1
         )  # [1, Hq, S, D]
+        return out.squeeze(0).transpose(0, 1)  # [S, Hq, D]
+    first = 0 if sliding_window is None else max(0, prefix - sliding_window + 1)  # oldest key any query sees
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k[first:], v[first:]))  # [1, heads, *, D]
+    if groups > 1:
+        kh = kh.repeat_interleave(groups, dim=1)  # [1, Hq, L', D]
+        vh = vh.repeat_interleave(groups, dim=1)
+    query_pos = torch.arange(prefix, total, device=q.device)  # [S]
+    key_pos = torch.arange(first, total, device=q.device)  # [L']
+    diff = query_pos[:, None] - key_pos[None, :]  # [S, L'] query minus key position
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # [1, Hq, S, D]
     return out.squeeze(0).transpose(0, 1)  # [S, Hq, D]
 
 
@@ -165,6 +173,42 @@ class DecoderLayerWeights:
     shared_expert: GatedMLP | None = None
     shared_expert_gate: torch.Tensor | None = None
     """[1, H] sigmoid gate of the shared expert (qwen2_moe)."""
+
+
+def project_qkv(
+    cfg: ModelConfig, a: AttentionWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries [T, Hq, D], keys and values [T, Hkv, D] of h [T, H]: biases, q/k norms, clip_qkv and
+    RoPE by the tables [T, D] of each token's position."""
+    q = F.linear(h, a.q_proj, a.q_bias)  # [T, Hq*D]
+    k = F.linear(h, a.k_proj, a.k_bias)  # [T, Hkv*D]
+    v = F.linear(h, a.v_proj, a.v_bias)  # [T, Hkv*D]
+    if cfg.qk_norm == "full" and a.q_norm is not None and a.k_norm is not None:
+        q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+    k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+    v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+    if cfg.qk_norm == "per_head" and a.q_norm is not None and a.k_norm is not None:
+        q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def route(cfg: ModelConfig, router: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of h [T, H] by router [E, H]: ids [T, K] int64 and weights [T, K] float32."""
+    logits = F.linear(h, router)  # [T, E] model dtype
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, K]
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cfg.model_type != "mixtral":
+        # transformers casts these routers' weights to the model dtype before scaling expert outputs;
+        # keeping the rounded values (exact in float32) makes the expert side match it bit for bit.
+        weights = weights.to(logits.dtype).to(torch.float32)
+    return ids, weights
 
 
 def load_decoder_layer(
