@@ -232,7 +232,10 @@ class ChildProcess:
         """Block until the ready line; raise ``Unavailable`` with the child's output if it exits first."""
         self._ready.wait(max(0.0, deadline - time.monotonic()))
         if self.address is None:
-            code = self.proc.poll()
+            try:  # the output ended: the child is exiting; give it a moment to be reaped
+                code: int | None = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
             state = f"exited with code {code}" if code is not None else "did not become ready in time"
             raise Unavailable(f"{self.name} {state}; its last output:\n" + "\n".join(self.tail))
         return self.address

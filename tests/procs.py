@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-_READY = re.compile(r"^serving \S+ rank \d+ at (\S+)$")
+_READY = re.compile(r"^serving .+ at (\S+)$")
 
 
 class ServiceProcess:
