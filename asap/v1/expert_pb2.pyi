@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DispatchChunk(_message.Message):
-    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos")
+    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos", "step", "sync_participants")
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class DispatchChunk(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_RANK_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SYNC_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     micro_batch: int
     layer: int
     row_offset: int
@@ -29,10 +31,12 @@ class DispatchChunk(_message.Message):
     trace: _common_pb2.TraceContext
     attention_rank: int
     sent_unix_nanos: int
-    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ...) -> None: ...
+    step: int
+    sync_participants: int
+    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ...) -> None: ...
 
 class CombineChunk(_message.Message):
-    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "error", "queue_nanos", "compute_nanos")
+    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "error", "queue_nanos", "compute_nanos", "barrier_nanos")
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +45,7 @@ class CombineChunk(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NANOS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    BARRIER_NANOS_FIELD_NUMBER: _ClassVar[int]
     micro_batch: int
     layer: int
     row_offset: int
@@ -49,7 +54,8 @@ class CombineChunk(_message.Message):
     error: _common_pb2.Error
     queue_nanos: int
     compute_nanos: int
-    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., queue_nanos: _Optional[int] = ..., compute_nanos: _Optional[int] = ...) -> None: ...
+    barrier_nanos: int
+    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., queue_nanos: _Optional[int] = ..., compute_nanos: _Optional[int] = ..., barrier_nanos: _Optional[int] = ...) -> None: ...
 
 class ExpertInfoRequest(_message.Message):
     __slots__ = ()

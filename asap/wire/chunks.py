@@ -54,6 +54,10 @@ class Dispatch:
     traceparent: str
     tracestate: str
     sent_unix_nanos: int
+    step: int = 0
+    """Sync mode: the global step (see ``sync_participants``)."""
+    sync_participants: int = 0
+    """Sync mode: attention ranks whose dispatches of (step, layer) are computed together; 0 = async."""
 
     @property
     def rows(self) -> int:
@@ -72,6 +76,8 @@ def dispatch_chunks(
     traceparent: str = "",
     tracestate: str = "",
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    step: int = 0,
+    sync_participants: int = 0,
 ) -> list[expert_pb2.DispatchChunk]:
     """Split one dispatch (``hidden`` [N, H], ``expert_ids`` / ``weights`` [N, K]) into chunks by rows.
 
@@ -84,10 +90,14 @@ def dispatch_chunks(
             f"expert_ids {list(expert_ids.shape)}, weights {list(weights.shape)}"
         )
     total = hidden.shape[0]
-    if total == 0 or expert_ids.shape[0] != total or weights.shape != expert_ids.shape:
+    if (
+        (total == 0 and not sync_participants)
+        or expert_ids.shape[0] != total
+        or weights.shape != expert_ids.shape
+    ):
         raise InvalidArgument(
-            f"dispatch needs n > 0 rows and matching shapes, got hidden {list(hidden.shape)}, "
-            f"expert_ids {list(expert_ids.shape)}, weights {list(weights.shape)}"
+            f"dispatch needs n > 0 rows (0 only in sync mode) and matching shapes, got hidden "
+            f"{list(hidden.shape)}, expert_ids {list(expert_ids.shape)}, weights {list(weights.shape)}"
         )
     expert_ids = expert_ids.to(torch.int32)
     weights = weights.to(torch.float32)
@@ -97,7 +107,7 @@ def dispatch_chunks(
     rows_per_chunk = max(1, budget // row_bytes)
     trace = common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate)
     chunks = []
-    for start in range(0, total, rows_per_chunk):
+    for start in range(0, max(total, 1), rows_per_chunk):  # an empty sync dispatch is one empty chunk
         end = min(start + rows_per_chunk, total)
         chunks.append(
             expert_pb2.DispatchChunk(
@@ -111,6 +121,8 @@ def dispatch_chunks(
                 trace=trace,
                 attention_rank=attention_rank,
                 sent_unix_nanos=time.time_ns(),
+                step=step,
+                sync_participants=sync_participants,
             )
         )
     return chunks
@@ -124,6 +136,7 @@ def decode_dispatch(
     num_layers: int,
     num_experts: int,
     top_k: int,
+    allow_shape_only: bool = False,
 ) -> Dispatch:
     """Decode and validate one DispatchChunk against the model; raise ``InvalidArgument`` if malformed.
 
@@ -137,22 +150,32 @@ def decode_dispatch(
     if len(hidden_shape) != 2 or len(ids_shape) != 2:
         raise InvalidArgument(f"{where}: hidden {hidden_shape} and expert_ids {ids_shape} must be 2-D")
     rows, k = hidden_shape[0], ids_shape[1]
-    if rows <= 0:
-        raise InvalidArgument(f"{where}: a chunk needs at least one row, got hidden {hidden_shape}")
+    if rows < 0 or (rows == 0 and (msg.total_rows != 0 or msg.sync_participants == 0)):
+        raise InvalidArgument(
+            f"{where}: a chunk needs at least one row (0 only for an empty sync-mode dispatch), "
+            f"got hidden {hidden_shape}"
+        )
     if msg.row_offset + rows > msg.total_rows:
         raise InvalidArgument(
             f"{where}: rows {msg.row_offset}..{msg.row_offset + rows} exceed total_rows {msg.total_rows}"
         )
     if not 1 <= k <= top_k:
         raise InvalidArgument(f"{where}: expert_ids {ids_shape} must have 1..{top_k} (top_k) columns")
-    hidden = decode_tensor(msg.hidden, dtype=dtype, shape=(rows, hidden_size), what=f"{where} hidden")
+    hidden = decode_tensor(
+        msg.hidden,
+        dtype=dtype,
+        shape=(rows, hidden_size),
+        what=f"{where} hidden",
+        allow_shape_only=allow_shape_only,
+    )
     expert_ids = decode_tensor(msg.expert_ids, dtype=torch.int32, shape=(rows, k), what=f"{where} expert_ids")
     weights = decode_tensor(msg.weights, dtype=torch.float32, shape=(rows, k), what=f"{where} weights")
-    low, high = torch.aminmax(expert_ids)
-    if int(low) < -1 or int(high) >= num_experts:
-        raise InvalidArgument(
-            f"{where}: expert ids span [{int(low)}, {int(high)}], allowed are -1 and 0..{num_experts - 1}"
-        )
+    if rows:
+        low, high = torch.aminmax(expert_ids)
+        if int(low) < -1 or int(high) >= num_experts:
+            raise InvalidArgument(
+                f"{where}: expert ids span [{int(low)}, {int(high)}], allowed are -1 and 0..{num_experts - 1}"
+            )
     return Dispatch(
         micro_batch=msg.micro_batch,
         layer=msg.layer,
@@ -165,11 +188,18 @@ def decode_dispatch(
         traceparent=msg.trace.traceparent,
         tracestate=msg.trace.tracestate,
         sent_unix_nanos=msg.sent_unix_nanos,
+        step=msg.step,
+        sync_participants=msg.sync_participants,
     )
 
 
 def combine_chunk(
-    dispatch: Dispatch, hidden: torch.Tensor, *, queue_nanos: int = 0, compute_nanos: int = 0
+    dispatch: Dispatch,
+    hidden: torch.Tensor,
+    *,
+    queue_nanos: int = 0,
+    compute_nanos: int = 0,
+    barrier_nanos: int = 0,
 ) -> expert_pb2.CombineChunk:
     """Answer ``dispatch`` with its partial results ``hidden`` [n, H] (same rows, model dtype)."""
     if hidden.dim() != 2 or hidden.shape[0] != dispatch.rows:
@@ -185,6 +215,7 @@ def combine_chunk(
         hidden=encode_tensor(hidden),
         queue_nanos=queue_nanos,
         compute_nanos=compute_nanos,
+        barrier_nanos=barrier_nanos,
     )
 
 
@@ -208,7 +239,10 @@ class CombineAssembler:
     waiting for the rest. Optional ``micro_batch``/``layer`` are checked against every part when given.
     """
 
-    __slots__ = ("_dtype", "_ends", "_hidden_size", "_out", "_received", "_starts", "layer", "micro_batch")
+    __slots__ = (
+        "_dtype", "_empty_answered", "_ends", "_hidden_size", "_out", "_received", "_starts", "layer",
+        "micro_batch",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -218,15 +252,18 @@ class CombineAssembler:
         *,
         micro_batch: int | None = None,
         layer: int | None = None,
+        shape_only: bool = False,
     ) -> None:
-        if total_rows <= 0 or hidden_size <= 0:
-            raise InvalidArgument(f"assembler needs positive sizes, got {total_rows} x {hidden_size}")
-        self._out = torch.empty(total_rows, hidden_size, dtype=dtype)  # [total_rows, H]
+        if total_rows < 0 or hidden_size <= 0:
+            raise InvalidArgument(f"assembler needs sizes >= 0, got {total_rows} x {hidden_size}")
+        # [total_rows, H]; with emulated compute (shape_only) parts carry no values and neither does this
+        self._out = torch.empty(total_rows, hidden_size, dtype=dtype, device="meta" if shape_only else "cpu")
         self._hidden_size = hidden_size
         self._dtype = dtype
         self._starts: list[int] = []  # sorted, disjoint row ranges received so far
         self._ends: list[int] = []
         self._received = 0
+        self._empty_answered = False  # an empty sync dispatch is answered by one empty chunk
         self.micro_batch = micro_batch
         self.layer = layer
 
@@ -238,6 +275,8 @@ class CombineAssembler:
     @property
     def complete(self) -> bool:
         """Whether every row has arrived."""
+        if self.total_rows == 0:
+            return self._empty_answered
         return self._received == self.total_rows
 
     def add(self, msg: expert_pb2.CombineChunk) -> bool:
@@ -258,15 +297,26 @@ class CombineAssembler:
         if msg.total_rows != self.total_rows:
             raise InvalidArgument(f"{where}: total_rows {msg.total_rows}, expected {self.total_rows}")
         shape = msg.hidden.shape
-        rows = shape[0] if len(shape) == 2 else 0
+        rows = shape[0] if len(shape) == 2 else -1
         end = start + rows
+        if self.total_rows == 0 and rows == 0 and start == 0:
+            self._empty_answered = True
+            return True
         if rows <= 0 or end > self.total_rows:
             raise InvalidArgument(f"{where}: shape {list(shape)} does not fit in {self.total_rows} rows")
         i = bisect.bisect_right(self._starts, start)
         if (i > 0 and self._ends[i - 1] > start) or (i < len(self._starts) and self._starts[i] < end):
             raise InvalidArgument(f"{where}: rows {start}..{end} overlap rows already received")
-        part = decode_tensor(msg.hidden, dtype=self._dtype, shape=(rows, self._hidden_size), what=where)
-        self._out[start:end].copy_(part)
+        shape_only = self._out.device.type == "meta"
+        part = decode_tensor(
+            msg.hidden,
+            dtype=self._dtype,
+            shape=(rows, self._hidden_size),
+            what=where,
+            allow_shape_only=shape_only,
+        )
+        if not shape_only:
+            self._out[start:end].copy_(part)
         self._starts.insert(i, start)
         self._ends.insert(i, end)
         self._received += rows

@@ -78,6 +78,8 @@ def encode_tensor(t: torch.Tensor) -> common_pb2.Tensor:
     to the CPU.
     """
     wire = dtype_to_proto(t.dtype)
+    if t.device.type == "meta":  # emulated compute: no values exist, only the shape travels
+        return common_pb2.Tensor(dtype=wire, shape=t.shape, shape_only=True)  # type: ignore[arg-type]
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -94,6 +96,7 @@ def decode_tensor(
     dtype: torch.dtype | None = None,
     shape: Sequence[int | None] | None = None,
     what: str = "tensor",
+    allow_shape_only: bool = False,
 ) -> torch.Tensor:
     """Decode ``msg`` without copying its payload; the result is read-only-backed (see module doc).
 
@@ -115,6 +118,15 @@ def decode_tensor(
                 raise InvalidArgument(f"{what}: shape {dims} does not match the expected {list(shape)}")
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"{what}: shape {dims} has a negative dimension")
+    if msg.shape_only:
+        if not allow_shape_only:
+            raise InvalidArgument(f"{what}: a shape-only tensor is accepted only with emulated compute")
+        if msg.data:
+            raise InvalidArgument(f"{what}: a shape-only tensor must carry no data")
+        try:
+            return torch.empty(dims, dtype=actual, device="meta")
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            raise InvalidArgument(f"{what}: cannot build a tensor of shape {dims}: {exc}") from None
     expected = math.prod(dims) * _ITEMSIZE[msg.dtype]
     data = msg.data  # the one read: each access copies
     if len(data) != expected:

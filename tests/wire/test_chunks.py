@@ -313,6 +313,33 @@ def test_combine_chunk_rejects_a_result_of_the_wrong_rows() -> None:
     assert not msg.HasField("error")
 
 
-def test_assembler_requires_positive_sizes() -> None:
+def test_assembler_rejects_negative_or_zero_width_sizes() -> None:
     with pytest.raises(InvalidArgument):
-        CombineAssembler(0, 4, torch.float32)
+        CombineAssembler(-1, 4, torch.float32)
+    with pytest.raises(InvalidArgument):
+        CombineAssembler(3, 0, torch.float32)
+
+
+def test_empty_sync_dispatch_round_trip() -> None:
+    """In sync mode a rank with nothing for an expert rank still sends one empty chunk (total_rows 0)."""
+    empty = torch.zeros(0, 8, dtype=torch.bfloat16)
+    ids = torch.zeros(0, 2, dtype=torch.int32)
+    with pytest.raises(InvalidArgument, match="sync"):
+        dispatch_chunks(
+            micro_batch=1, layer=0, attention_rank=0, hidden=empty, expert_ids=ids, weights=ids.float()
+        )
+    (chunk,) = dispatch_chunks(
+        micro_batch=1, layer=0, attention_rank=0, hidden=empty, expert_ids=ids, weights=ids.float(),
+        step=7, sync_participants=2,
+    )  # fmt: skip
+    (d,) = decode_all([chunk], **MODEL)
+    assert (d.rows, d.total_rows, d.step, d.sync_participants) == (0, 0, 7, 2)
+    async_chunk = expert_pb2.DispatchChunk()
+    async_chunk.CopyFrom(chunk)
+    async_chunk.sync_participants = 0
+    with pytest.raises(InvalidArgument, match="at least one row"):
+        decode_all([async_chunk], **MODEL)
+    assembler = CombineAssembler(0, 8, torch.bfloat16)
+    assert not assembler.complete
+    assert assembler.add(combine_chunk(d, torch.zeros(0, 8, dtype=torch.bfloat16), barrier_nanos=5))
+    assert assembler.result().shape == (0, 8)

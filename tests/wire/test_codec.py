@@ -153,6 +153,7 @@ class CountingTensorMessage:
     def __init__(self, msg: common_pb2.Tensor) -> None:
         self.dtype = msg.dtype
         self.shape = list(msg.shape)
+        self.shape_only = msg.shape_only
         self.payload = msg.data
         self.reads = 0
 
@@ -168,3 +169,16 @@ def test_decode_reads_data_once_and_does_not_copy_it() -> None:
     assert fake.reads == 1
     assert out.data_ptr() == np.frombuffer(fake.payload, dtype=np.uint8).ctypes.data
     assert torch.equal(out, torch.arange(1024).view(32, 32))
+
+
+def test_shape_only_tensors_travel_without_payload_and_only_when_allowed() -> None:
+    """Emulated compute sends meta tensors: the shape travels, no values."""
+    msg = encode_tensor(torch.empty(3, 5, dtype=torch.bfloat16, device="meta"))
+    assert msg.shape_only and msg.data == b"" and list(msg.shape) == [3, 5]
+    with pytest.raises(InvalidArgument, match="emulated"):
+        decode_tensor(msg)
+    out = decode_tensor(msg, dtype=torch.bfloat16, shape=(3, None), allow_shape_only=True)
+    assert out.device.type == "meta" and out.shape == (3, 5)
+    msg.data = b"xx"
+    with pytest.raises(InvalidArgument, match="no data"):
+        decode_tensor(msg, allow_shape_only=True)
