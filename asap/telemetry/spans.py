@@ -27,6 +27,7 @@ context-less value, and nothing is recorded.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ def link_from(traceparent: str, tracestate: str = "") -> Link | None:
     return _trace.Link(_trace.get_current_span(context).get_span_context())
 
 
-def links_from(carriers: list[TraceCarrier]) -> list[Link]:
+def links_from(carriers: Iterable[TraceCarrier]) -> list[Link]:
     """Links to every carrier that holds a context (e.g. ``[p.trace for p in batch.prompts]``)."""
     links = []
     for carrier in carriers:
