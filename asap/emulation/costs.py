@@ -1,0 +1,238 @@
+"""Roofline cost model: how long a named accelerator takes for each op of a MoE decoder.
+
+Every op is a ``Kernel`` (FLOPs, bytes moved, kind). One kernel takes
+``max(flops / (peak * efficiency[kind]), bytes / (hbm * memory_efficiency))`` on the device. Kernels of one
+call run as an eager framework runs them: the host issues one kernel every ``launch_us`` and the device
+executes them in order, so a call of many small kernels costs ``n * launch`` (the flat floor of the
+calibration curves) and a call of large ones costs the sum of their device times (``stream_s``). Each
+call starts from an idle device because every MoE layer ends in a host synchronisation (the dispatch).
+
+All times are seconds; ``dtype_bytes`` is the size of one model-dtype element (2 for bf16/fp16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from asap.emulation.profiles import DeviceProfile
+from asap.errors import InvalidArgument
+from asap.model.config import ModelConfig
+
+KernelKind = Literal["gemm", "attention", "grouped_gemm", "memory"]
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """One device kernel: work and traffic, and which efficiency factor of the profile applies."""
+
+    flops: float
+    """Floating-point operations (a multiply-add counts 2)."""
+    nbytes: float
+    """Bytes read plus written in device memory."""
+    kind: KernelKind
+
+
+def kernel_s(kernel: Kernel, profile: DeviceProfile) -> float:
+    """Device time of one kernel (s): the roofline maximum of compute and memory time."""
+    efficiency = {
+        "gemm": profile.gemm_efficiency,
+        "attention": profile.attention_efficiency,
+        "grouped_gemm": profile.grouped_gemm_efficiency,
+        "memory": 1.0,
+    }[kernel.kind]
+    compute = kernel.flops / (profile.peak_tflops * 1e12 * efficiency)
+    memory = kernel.nbytes / (profile.hbm_gbps * 1e9 * profile.memory_efficiency)
+    return max(compute, memory)
+
+
+def stream_s(kernels: Iterable[Kernel], profile: DeviceProfile) -> float:
+    """Time of one call (s): kernels issued every ``launch_us`` by the host, run in order by the device."""
+    launch = profile.launch_us * 1e-6
+    host = device = 0.0
+    for kernel in kernels:
+        host += launch
+        device = max(device, host) + kernel_s(kernel, profile)
+    return device
+
+
+def gemm(m: int, n: int, k: int, dtype_bytes: int) -> Kernel:
+    """[m, k] @ [k, n]: activations and the weight read once, output written."""
+    return Kernel(2.0 * m * n * k, float(m * k + k * n + m * n) * dtype_bytes, "gemm")
+
+
+def elementwise(read_elems: int, write_elems: int, dtype_bytes: int) -> Kernel:
+    """A memory-bound kernel (norm, RoPE, activation, residual add, gather/scatter)."""
+    return Kernel(0.0, float(read_elems + write_elems) * dtype_bytes, "memory")
+
+
+def causal_attention(
+    config: ModelConfig,
+    prompt_lengths: Sequence[int],
+    dtype_bytes: int,
+    prefix_lengths: Sequence[int] | None = None,
+) -> Kernel:
+    """One variable-length causal attention kernel over the packed prompts (flash-attention style).
+
+    The query at position p attends to ``min(p + 1, window)`` keys, where positions of a chunk start
+    after its ``prefix_lengths`` cached tokens (chunked prefill). Each (query, key) pair costs 2*D FLOPs
+    for QK^T and 2*D for PV per query head, so a full-causal prompt of n tokens costs ~2*n^2*D*Hq FLOPs
+    (half of the square). Traffic: q, k, v and the cached K/V read once, the output written.
+    """
+    prefixes = list(prefix_lengths) if prefix_lengths is not None else [0] * len(prompt_lengths)
+    if len(prefixes) != len(prompt_lengths) or any(p < 0 for p in prefixes):
+        raise InvalidArgument(f"prefix lengths {prefixes} do not match prompt lengths {list(prompt_lengths)}")
+    window = config.sliding_window
+    pairs = sum(_keys_attended(p + 1, p + n, window) for n, p in zip(prompt_lengths, prefixes, strict=True))
+    tokens, cached = sum(prompt_lengths), sum(prefixes)
+    flops = 4.0 * pairs * config.head_dim * config.num_heads
+    nbytes = (
+        float(tokens * (2 * config.q_size + 2 * config.kv_size) + cached * 2 * config.kv_size) * dtype_bytes
+    )
+    return Kernel(flops, nbytes, "attention")
+
+
+def _keys_attended(first: int, last: int, window: int | None) -> int:
+    """Sum of min(x, window) for x in [first, last]: keys seen by queries at positions first-1..last-1."""
+    cap = last if window is None else min(last, window)
+    below = max(0, cap - first + 1)  # x in [first, cap] counts x
+    total = below * (first + cap) // 2 if below else 0
+    return total + (last - max(cap, first - 1)) * (window or 0)
+
+
+def grouped_mlp(rows_per_expert: Sequence[int], hidden: int, inter: int, dtype_bytes: int) -> list[Kernel]:
+    """gate_up grouped GEMM, SiLU·up, down grouped GEMM over the experts with rows > 0.
+
+    Each touched expert's weights (gate_up [2I, H], down [H, I]) are read once per call, however many rows
+    it has; experts with no rows cost nothing.
+    """
+    used = [r for r in rows_per_expert if r > 0]
+    rows, n_used = sum(used), len(used)
+    gate_up = Kernel(
+        4.0 * rows * inter * hidden,
+        float(rows * hidden + n_used * 2 * inter * hidden + rows * 2 * inter) * dtype_bytes,
+        "grouped_gemm",
+    )
+    act = elementwise(rows * 2 * inter, rows * inter, dtype_bytes)
+    down = Kernel(
+        2.0 * rows * inter * hidden,
+        float(rows * inter + n_used * hidden * inter + rows * hidden) * dtype_bytes,
+        "grouped_gemm",
+    )
+    return [gate_up, act, down]
+
+
+def attention_layer_kernels(
+    config: ModelConfig,
+    layer: int,
+    prompt_lengths: Sequence[int],
+    dtype_bytes: int,
+    prefix_lengths: Sequence[int] | None = None,
+) -> list[Kernel]:
+    """Kernels of one decoder layer's attention part for a packed batch, in execution order.
+
+    Input norm, q/k/v projections, q/k norms (when the architecture has them), RoPE, causal attention,
+    o projection, residual add + post-attention norm, then the router GEMM and its softmax/top-k (MoE
+    layers) and the shared expert, or the dense MLP (non-MoE layers), and the final residual add.
+    """
+    if not 0 <= layer < config.num_layers:
+        raise InvalidArgument(f"layer {layer} is outside [0, {config.num_layers})")
+    _check_lengths(prompt_lengths)
+    t, h, b = sum(prompt_lengths), config.hidden_size, dtype_bytes
+    q, kv = config.q_size, config.kv_size
+    kernels = [
+        elementwise(t * h, t * h, b),
+        gemm(t, q, h, b),
+        gemm(t, kv, h, b),
+        gemm(t, kv, h, b),
+    ]
+    if config.qk_norm != "none":
+        kernels.append(elementwise(t * (q + kv), t * (q + kv), b))
+    kernels += [
+        elementwise(t * (q + kv), t * (q + kv), b),  # RoPE on q and k
+        causal_attention(config, prompt_lengths, b, prefix_lengths),
+        gemm(t, h, q, b),
+        elementwise(2 * t * h, 2 * t * h, b),  # residual add + post-attention norm
+    ]
+    if config.moe_layers[layer]:
+        kernels += [
+            gemm(t, config.num_experts, h, b),
+            elementwise(t * config.num_experts, 2 * t * config.top_k, 4),
+        ]
+        if config.shared_expert_intermediate_size:
+            kernels += _dense_mlp(t, h, config.shared_expert_intermediate_size, b)
+            kernels.append(gemm(t, 1, h, b))  # sigmoid gate of the shared expert
+    else:
+        kernels += _dense_mlp(t, h, config.dense_intermediate_size, b)
+    kernels.append(elementwise(2 * t * h, t * h, b))  # residual add
+    return kernels
+
+
+def attention_layer_s(
+    config: ModelConfig,
+    layer: int,
+    prompt_lengths: Sequence[int],
+    profile: DeviceProfile,
+    dtype_bytes: int,
+    prefix_lengths: Sequence[int] | None = None,
+) -> float:
+    """Time (s) of one decoder layer's attention part for a batch (see ``attention_layer_kernels``).
+
+    ``prefix_lengths``: tokens already cached before each prompt (chunked prefill); None for fresh prompts.
+    """
+    kernels = attention_layer_kernels(config, layer, prompt_lengths, dtype_bytes, prefix_lengths)
+    return stream_s(kernels, profile)
+
+
+def expert_call_s(
+    tokens_per_local_expert: Sequence[int], config: ModelConfig, profile: DeviceProfile, dtype_bytes: int
+) -> float:
+    """Time (s) of one expert rank's call for one layer.
+
+    ``tokens_per_local_expert``: rows routed to each hosted expert (0 allowed). The call gathers the rows
+    into expert order, runs the grouped MLP (``grouped_mlp``) and scatters the weighted outputs back; a
+    call with no rows costs nothing.
+    """
+    if any(r < 0 for r in tokens_per_local_expert):
+        raise InvalidArgument(f"negative row count in {list(tokens_per_local_expert)}")
+    rows = sum(tokens_per_local_expert)
+    if rows == 0:
+        return 0.0
+    h, b = config.hidden_size, dtype_bytes
+    kernels = [elementwise(rows * h, rows * h, b)]
+    kernels += grouped_mlp(tokens_per_local_expert, h, config.expert_intermediate_size, b)
+    kernels.append(elementwise(rows * h, rows * h, b))  # weighted scatter-add of the outputs
+    return stream_s(kernels, profile)
+
+
+def lm_head_s(batch: int, config: ModelConfig, profile: DeviceProfile, dtype_bytes: int) -> float:
+    """Time (s) of the final norm and LM head over the last position of ``batch`` prompts."""
+    if batch <= 0:
+        raise InvalidArgument(f"batch must be positive, got {batch}")
+    h = config.hidden_size
+    kernels = [elementwise(batch * h, batch * h, dtype_bytes), gemm(batch, config.vocab_size, h, dtype_bytes)]
+    return stream_s(kernels, profile)
+
+
+def transfer_s(nbytes: int, profile: DeviceProfile) -> float:
+    """Time (s) to move ``nbytes`` over one device-to-device link at the profile's ``link_gbps``."""
+    if nbytes < 0:
+        raise InvalidArgument(f"nbytes must be >= 0, got {nbytes}")
+    return nbytes / (profile.link_gbps * 1e9)
+
+
+def dispatch_bytes(rows: int, hidden: int, top_k: int, dtype_bytes: int) -> int:
+    """Bytes of one dispatch chunk: hidden rows [rows, hidden] plus int64 ids and float32 weights [rows, top_k]."""
+    return rows * hidden * dtype_bytes + rows * top_k * (8 + 4)
+
+
+def _dense_mlp(t: int, h: int, inter: int, b: int) -> list[Kernel]:
+    return [gemm(t, 2 * inter, h, b), elementwise(t * 2 * inter, t * inter, b), gemm(t, h, inter, b)]
+
+
+def _check_lengths(prompt_lengths: Sequence[int]) -> None:
+    if not prompt_lengths or any(n <= 0 for n in prompt_lengths):
+        raise InvalidArgument(
+            f"prompt lengths must be a non-empty list of positive ints, got {list(prompt_lengths)}"
+        )

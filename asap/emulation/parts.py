@@ -1,0 +1,268 @@
+"""Emulated attention and expert parts: the real parts' interfaces, no values, modelled time.
+
+``EmulatedAttentionPart`` and ``EmulatedExpertPart`` stand in for ``asap.model.AttentionPart`` and
+``ExpertPart`` under ``--compute emulated:DEVICE``. They need only a ``ModelConfig`` (config.json alone
+is enough): every op sleeps for the time ``costs`` gives for the device profile, hidden states are
+``meta`` tensors (shape and dtype, no storage), and routing is real but random: top-k expert ids drawn
+without replacement from a Zipf-like popularity over experts (``skew`` = 0: uniform), with a different
+hot set per layer. Logits are zeros, so the first token of every emulated prompt is 0. Results are
+labelled by ``emulated = True`` on both parts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Generator, Sequence
+from typing import Protocol, cast
+
+import torch
+
+from asap.emulation import costs
+from asap.emulation.clock import Sleeper
+from asap.emulation.profiles import DeviceProfile
+from asap.errors import InvalidArgument
+from asap.model.attention_part import AttentionPart, Dispatch, MoERequest
+from asap.model.config import ModelConfig
+from asap.model.expert_part import ExpertPart
+
+_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one element of a supported model dtype."""
+    if dtype not in _DTYPE_BYTES:
+        raise InvalidArgument(f"unsupported model dtype {dtype}; expected one of {list(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[dtype]
+
+
+class ChunkCache(Protocol):
+    """What the emulated part uses of ``asap.model.kvcache.KVCache`` (K/V staged as meta tensors)."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    def check_layout(
+        self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None: ...
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def commit(self, count: int) -> None: ...
+
+
+class RandomRouter:
+    """Random top-k routing, deterministic per (seed, call, layer).
+
+    Drawing K of E experts without replacement for every token is slow on a CPU (~50 ms per layer at 16k
+    tokens), so a pool of ``pool_rows`` routed rows (ids in popularity-rank space, weights normalised to
+    one) is drawn once; each token of a call takes a random pool row, mapped through the layer's own
+    permutation of expert ids. Popularity of rank r is proportional to (r + 1) ** -skew.
+    """
+
+    def __init__(self, config: ModelConfig, *, seed: int, skew: float, pool_rows: int = 4096) -> None:
+        if skew < 0:
+            raise InvalidArgument(f"routing skew must be >= 0, got {skew}")
+        if pool_rows <= 0:
+            raise InvalidArgument(f"pool_rows must be positive, got {pool_rows}")
+        self.seed, self.skew = seed, skew
+        e, k = config.num_experts, config.top_k
+        g = torch.Generator().manual_seed(seed)
+        popularity = torch.arange(1, e + 1, dtype=torch.float64).pow(-skew)  # [E] by rank
+        # Exponential race: the k smallest Exp(1) / p_e are a draw of k distinct experts weighted by p.
+        keys = torch.empty((pool_rows, e), dtype=torch.float64).exponential_(generator=g) / popularity
+        self._pool_ids = keys.topk(k, dim=1, largest=False).indices  # [P, K] ranks
+        w = torch.rand((pool_rows, k), generator=g, dtype=torch.float32) + 1e-3
+        self._pool_weights = w / w.sum(dim=1, keepdim=True)  # [P, K]
+        self._expert_of_rank = {
+            layer: torch.randperm(e, generator=g) for layer in config.moe_layer_ids
+        }  # layer -> [E] global id of each popularity rank
+
+    def route(self, layer: int, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [T, K] int64 (distinct per row) and weights [T, K] float32 for one layer of a call."""
+        rows = torch.randint(self._pool_ids.shape[0], (tokens,), generator=g)  # [T]
+        return self._expert_of_rank[layer][self._pool_ids[rows]], self._pool_weights[rows]
+
+
+class EmulatedAttentionPart:
+    """``AttentionPart`` interface with modelled time: sleeps per layer, yields meta hidden states."""
+
+    emulated = True
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        profile: DeviceProfile,
+        *,
+        seed: int = 0,
+        skew: float = 0.0,
+        dtype: torch.dtype = torch.bfloat16,
+        sleeper: Sleeper | None = None,
+        pool_rows: int = 4096,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.dtype = dtype
+        self.device = torch.device("meta")
+        self._bytes = dtype_bytes(dtype)
+        self.router = RandomRouter(config, seed=seed, skew=skew, pool_rows=pool_rows)
+        self.sleeper = sleeper if sleeper is not None else Sleeper()
+        self._calls = itertools.count()
+        self._calls_lock = threading.Lock()
+        self._zero_logits = torch.zeros((1, config.vocab_size), dtype=torch.float32)  # [1, V]
+
+    def validate_prompt(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The real part's check (it reads only ``config``): int64 1-D CPU tensor or ``InvalidArgument``."""
+        return AttentionPart.validate_prompt(cast(AttentionPart, self), token_ids)
+
+    def layer_s(
+        self, layer: int, prompt_lengths: Sequence[int], prefix_lengths: Sequence[int] | None = None
+    ) -> float:
+        """Modelled time (s) of one layer's attention part for prompts (chunks after ``prefix_lengths``)."""
+        return costs.attention_layer_s(
+            self.config, layer, prompt_lengths, self.profile, self._bytes, prefix_lengths
+        )
+
+    def modeled_s(self, prompt_lengths: Sequence[int]) -> float:
+        """Modelled time (s) this part sleeps for one forward pass (every layer plus the LM head)."""
+        layers = sum(self.layer_s(i, prompt_lengths) for i in range(self.config.num_layers))
+        return layers + costs.lm_head_s(len(prompt_lengths), self.config, self.profile, self._bytes)
+
+    def forward_steps(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        caches: Sequence[ChunkCache | None] | None = None,
+    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        """As ``AttentionPart.forward_steps``: validates now; the generator sleeps each layer's modelled time.
+
+        Yields one ``MoERequest`` per MoE layer with ``hidden`` a meta [T, H] tensor and real random
+        ``topk_ids`` [T, K] / ``topk_weights`` [T, K]; expects back any [T, H] tensor (meta is fine).
+        ``caches[i]`` (chunked prefill) makes prompt i a chunk after ``caches[i].length`` cached tokens: its
+        attention is charged for the prefix too, and meta K/V are staged and committed so the cache's
+        length advances as with the real part. Returns zero logits [B, V] float32: a read-only expanded
+        view of one shared zero row (clone before writing), so a large vocabulary costs nothing per call.
+        """
+        if len(prompts) == 0:
+            raise InvalidArgument("batch has no prompts")
+        lengths = [int(self.validate_prompt(p).numel()) for p in prompts]
+        slots: list[ChunkCache | None] = [None] * len(lengths) if caches is None else list(caches)
+        self._check_caches(lengths, slots)
+        with self._calls_lock:
+            call = next(self._calls)
+        return self._steps(lengths, slots, call)
+
+    def forward(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        dispatch: Dispatch,
+        *,
+        caches: Sequence[ChunkCache | None] | None = None,
+    ) -> torch.Tensor:
+        """Run ``forward_steps`` to completion, sending each ``MoERequest`` to ``dispatch``: [B, V] float32."""
+        steps = self.forward_steps(prompts, caches=caches)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(dispatch(request))
+        except StopIteration as stop:
+            logits: torch.Tensor = stop.value
+            return logits
+
+    def _check_caches(self, lengths: Sequence[int], caches: Sequence[ChunkCache | None]) -> None:
+        cfg = self.config
+        if len(caches) != len(lengths):
+            raise InvalidArgument(f"{len(caches)} KV caches given for {len(lengths)} prompts")
+        present = [c for c in caches if c is not None]
+        if len({id(c) for c in present}) != len(present):
+            raise InvalidArgument("one KV cache is given for two prompts of the same batch")
+        for i, (n, cache) in enumerate(zip(lengths, caches, strict=True)):
+            if cache is None:
+                continue
+            if cache.num_layers != cfg.num_layers:
+                raise InvalidArgument(
+                    f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
+                )
+            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+            if cache.length + n > cfg.max_position_embeddings:
+                raise InvalidArgument(
+                    f"prompt {i}: {cache.length} cached tokens + a chunk of {n} = {cache.length + n} "
+                    f"positions, more than max_position_embeddings={cfg.max_position_embeddings}"
+                )
+
+    def _steps(
+        self, lengths: list[int], caches: list[ChunkCache | None], call: int
+    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        cfg, tokens = self.config, sum(lengths)
+        prefixes = [0 if c is None else c.length for c in caches]
+        g = torch.Generator().manual_seed(hash((self.router.seed, call)) & 0x7FFF_FFFF_FFFF_FFFF)
+        cost: dict[bool, float] = {}  # is-MoE -> seconds: the cost depends only on the layer kind
+        for layer, is_moe in enumerate(cfg.moe_layers):
+            if is_moe not in cost:
+                cost[is_moe] = self.layer_s(layer, lengths, prefixes)
+            self.sleeper.sleep(cost[is_moe])
+            for n, cache in zip(lengths, caches, strict=True):
+                if cache is not None:
+                    kv = torch.empty((cfg.num_kv_heads, n, cfg.head_dim), dtype=self.dtype, device="meta")
+                    cache.stage(layer, kv, kv)
+            if not is_moe:
+                continue
+            ids, weights = self.router.route(layer, tokens, g)  # [T, K] each
+            hidden = torch.empty((tokens, cfg.hidden_size), dtype=self.dtype, device="meta")  # [T, H]
+            routed = yield MoERequest(layer=layer, hidden=hidden, topk_ids=ids, topk_weights=weights)
+            if not isinstance(routed, torch.Tensor) or routed.shape != hidden.shape:
+                shape = tuple(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
+                raise InvalidArgument(
+                    f"layer {layer}: routed-expert output {shape} does not match hidden {tuple(hidden.shape)}"
+                )
+        self.sleeper.sleep(costs.lm_head_s(len(lengths), cfg, self.profile, self._bytes))
+        for n, cache in zip(lengths, caches, strict=True):
+            if cache is not None:
+                cache.commit(n)
+        return self._zero_logits.expand(len(lengths), cfg.vocab_size)  # [B, V]
+
+
+class EmulatedExpertPart(ExpertPart):
+    """``ExpertPart`` with meta weight stacks (no storage): same validation, modelled time, meta output."""
+
+    emulated = True
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        hosted: Sequence[int],
+        profile: DeviceProfile,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        sleeper: Sleeper | None = None,
+    ) -> None:
+        n_moe, n_local = len(config.moe_layer_ids), len(set(hosted))
+        h, i = config.hidden_size, config.expert_intermediate_size
+        super().__init__(
+            config,
+            hosted,
+            gate_up=torch.empty((n_moe, n_local, 2 * i, h), dtype=dtype, device="meta"),
+            down=torch.empty((n_moe, n_local, h, i), dtype=dtype, device="meta"),
+        )
+        self.profile = profile
+        self._bytes = dtype_bytes(dtype)
+        self.sleeper = sleeper if sleeper is not None else Sleeper()
+        self._hosted_index = torch.tensor(self.hosted, dtype=torch.int64)
+
+    def rows_per_expert(self, expert_ids: torch.Tensor) -> list[int]:
+        """Rows routed to each hosted expert (in ``hosted`` order) by ids [N, K] (-1 slots skipped)."""
+        ids = expert_ids.to(device="cpu", dtype=torch.int64).flatten()
+        counts = torch.bincount(ids[ids >= 0], minlength=self.config.num_experts)  # [E]
+        return [int(c) for c in counts[self._hosted_index].tolist()]
+
+    def call_s(self, expert_ids: torch.Tensor) -> float:
+        """Modelled time (s) of ``compute`` for these ids."""
+        return costs.expert_call_s(self.rows_per_expert(expert_ids), self.config, self.profile, self._bytes)
+
+    def compute(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Validate as ``ExpertPart.compute``, sleep the modelled time, return a meta [N, H] tensor."""
+        self._slot(layer)
+        self._local_ids(hidden, expert_ids, weights)  # raises InvalidArgument like the real part
+        self.sleeper.sleep(self.call_s(expert_ids))
+        return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")

@@ -1,0 +1,159 @@
+"""Device profiles of the emulated compute backend, and parsing of ``--compute``.
+
+A profile holds public datasheet figures (peak dense 16-bit matrix throughput, HBM bandwidth, link
+bandwidth) plus the factors that turn them into achievable times: the fraction of peak that GEMMs,
+attention and grouped expert GEMMs reach, the fraction of HBM bandwidth that streaming kernels reach, and
+the host-side cost of issuing one kernel. ``costs`` turns a profile and a model shape into seconds.
+
+Profiles (``PROFILES``):
+
+``h200``
+    NVIDIA H200 SXM. Datasheet: 989 TFLOP/s dense BF16 (1,979 with sparsity), 4.8 TB/s HBM3e, NVLink 900
+    GB/s per GPU (bidirectional; 450 GB/s each way). ~790 TFLOP/s is what a large bf16 matmul reaches on
+    the device tool's H200, hence ``gemm_efficiency`` 0.8. The other factors and ``launch_us`` are fitted
+    to ``tests/data/h200_qwen3_30b_a3b_layer.json`` (one Qwen3-30B-A3B layer measured on an H200, torch
+    eager); ``tests/emulation/test_calibration.py`` holds every point within 20%.
+``ascend910``
+    Huawei Ascend 910 (the first-generation "910A", 2019). Huawei launch figures: 256 TFLOP/s FP16 (512
+    TOPS INT8, 32 Da Vinci cores, 310 W); four HBM2 stacks, 1.2 TB/s (Hot Chips 31, 2019); HCCS 30 GB/s
+    per chip-to-chip link (240 Gbit/s as quoted by Huawei) inside an 8-chip server, 100 Gbit/s RoCE
+    between servers. Efficiency factors and launch cost are NOT calibrated on the device: they reuse the
+    ``h200`` fit, so relative speed follows the datasheet ratios only.
+``ascend910b``
+    Huawei Ascend 910B. Huawei publishes no full datasheet; third-party reports vary by bin (about 280-376
+    TFLOP/s FP16; 64 GB HBM2e at ~1.6 TB/s; HCCS 56 GB/s per link, 392 GB/s over 7 links). Values below
+    are 320 TFLOP/s, 1.6 TB/s and 56 GB/s; efficiencies reuse the ``h200`` fit. Treat as approximate.
+
+Units: TFLOP/s = 1e12 FLOP/s, GB/s = 1e9 B/s, microseconds for ``launch_us``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from asap.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """Peak figures of one accelerator and the achievable fractions of them."""
+
+    name: str
+    peak_tflops: float
+    """Dense 16-bit (bf16/fp16) matrix throughput, TFLOP/s, from the datasheet."""
+    hbm_gbps: float
+    """Device memory bandwidth, GB/s, from the datasheet."""
+    link_gbps: float
+    """Device-to-device bandwidth of one transfer, GB/s in one direction."""
+    launch_us: float
+    """Host cost of issuing one kernel, microseconds (framework dispatch plus driver launch)."""
+    gemm_efficiency: float
+    """Fraction of ``peak_tflops`` a large dense GEMM reaches."""
+    attention_efficiency: float
+    """Fraction of ``peak_tflops`` causal flash attention reaches on long prompts."""
+    grouped_gemm_efficiency: float
+    """Fraction of ``peak_tflops`` the routed experts' grouped GEMMs reach when compute-bound."""
+    memory_efficiency: float
+    """Fraction of ``hbm_gbps`` streaming kernels (weight reads, elementwise ops) reach."""
+    source: str = ""
+    """Where the figures come from."""
+
+    def __post_init__(self) -> None:
+        for field in ("peak_tflops", "hbm_gbps", "link_gbps"):
+            if getattr(self, field) <= 0:
+                raise InvalidArgument(f"profile {self.name}: {field} must be positive")
+        if self.launch_us < 0:
+            raise InvalidArgument(f"profile {self.name}: launch_us must be >= 0, got {self.launch_us}")
+        for field in (
+            "gemm_efficiency",
+            "attention_efficiency",
+            "grouped_gemm_efficiency",
+            "memory_efficiency",
+        ):
+            value = getattr(self, field)
+            if not 0 < value <= 1:
+                raise InvalidArgument(f"profile {self.name}: {field} must be in (0, 1], got {value}")
+
+    def slowed(self, factor: float) -> DeviceProfile:
+        """The same device ``factor`` times slower in every respect (rates divided, launch cost multiplied)."""
+        if factor <= 0:
+            raise InvalidArgument(f"slow-down factor must be positive, got {factor}")
+        return replace(
+            self,
+            name=f"{self.name}/{factor:g}",
+            peak_tflops=self.peak_tflops / factor,
+            hbm_gbps=self.hbm_gbps / factor,
+            link_gbps=self.link_gbps / factor,
+            launch_us=self.launch_us * factor,
+        )
+
+
+# Fitted on the H200 calibration file (see the module docstring); reused, uncalibrated, for Ascend.
+_LAUNCH_US = 40.0
+_ATTENTION_EFFICIENCY = 0.55
+_GROUPED_GEMM_EFFICIENCY = 0.55
+_MEMORY_EFFICIENCY = 0.65
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile(
+            name="h200",
+            peak_tflops=989.0,
+            hbm_gbps=4800.0,
+            link_gbps=450.0,
+            launch_us=_LAUNCH_US,
+            gemm_efficiency=0.8,
+            attention_efficiency=_ATTENTION_EFFICIENCY,
+            grouped_gemm_efficiency=_GROUPED_GEMM_EFFICIENCY,
+            memory_efficiency=_MEMORY_EFFICIENCY,
+            source="NVIDIA H200 SXM datasheet; efficiencies fitted to a measured Qwen3-30B-A3B layer",
+        ),
+        DeviceProfile(
+            name="ascend910",
+            peak_tflops=256.0,
+            hbm_gbps=1200.0,
+            link_gbps=30.0,
+            launch_us=_LAUNCH_US,
+            gemm_efficiency=0.8,
+            attention_efficiency=_ATTENTION_EFFICIENCY,
+            grouped_gemm_efficiency=_GROUPED_GEMM_EFFICIENCY,
+            memory_efficiency=_MEMORY_EFFICIENCY,
+            source="Huawei Ascend 910 (910A) launch figures and Hot Chips 31; efficiencies not calibrated",
+        ),
+        DeviceProfile(
+            name="ascend910b",
+            peak_tflops=320.0,
+            hbm_gbps=1600.0,
+            link_gbps=56.0,
+            launch_us=_LAUNCH_US,
+            gemm_efficiency=0.8,
+            attention_efficiency=_ATTENTION_EFFICIENCY,
+            grouped_gemm_efficiency=_GROUPED_GEMM_EFFICIENCY,
+            memory_efficiency=_MEMORY_EFFICIENCY,
+            source="Ascend 910B third-party reported figures (approximate); efficiencies not calibrated",
+        ),
+    )
+}
+
+
+def load_profile(name: str) -> DeviceProfile:
+    """The profile called ``name`` (case-insensitive); ``InvalidArgument`` lists the known names."""
+    profile = PROFILES.get(name.strip().lower())
+    if profile is None:
+        raise InvalidArgument(f"unknown device profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+    return profile
+
+
+def parse_compute(spec: str) -> tuple[str, DeviceProfile | None]:
+    """Parse a ``--compute`` value: ``torch`` -> ("torch", None); ``emulated:DEVICE`` -> ("emulated", profile)."""
+    text = spec.strip()
+    if text == "torch":
+        return "torch", None
+    kind, sep, device = text.partition(":")
+    if kind == "emulated" and sep and device:
+        return "emulated", load_profile(device)
+    raise InvalidArgument(
+        f"bad --compute value {spec!r}: expected 'torch' or 'emulated:DEVICE' "
+        f"(devices: {', '.join(sorted(PROFILES))})"
+    )

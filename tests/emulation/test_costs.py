@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+
+from asap.emulation import costs
+from asap.emulation.profiles import load_profile
+from asap.errors import InvalidArgument
+from asap.model.config import ModelConfig, parse_config
+
+H200 = load_profile("h200")
+
+
+def qwen3(**over: object) -> ModelConfig:
+    raw: dict[str, object] = {
+        "model_type": "qwen3_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "intermediate_size": 6144,
+        "mlp_only_layers": [0],
+        "max_position_embeddings": 40960,
+    }
+    return parse_config(raw | over)
+
+
+def test_attention_grows_with_tokens_and_prompt_length() -> None:
+    cfg = qwen3()
+    by_len = [costs.attention_layer_s(cfg, 1, [n], H200, 2) for n in (64, 512, 4096, 16384, 32768)]
+    assert by_len == sorted(by_len) and by_len[-1] > 3 * by_len[-2]  # quadratic term dominates
+    # the same tokens as many short prompts cost less than one long one (no cross-prompt attention)
+    assert costs.attention_layer_s(cfg, 1, [1024] * 16, H200, 2) < costs.attention_layer_s(
+        cfg, 1, [16384], H200, 2
+    )
+
+
+def test_dense_layer_and_chunk_prefix_cost_more() -> None:
+    cfg = qwen3()
+    assert costs.attention_layer_s(cfg, 0, [4096], H200, 2) > costs.attention_layer_s(cfg, 1, [4096], H200, 2)
+    fresh = costs.attention_layer_s(cfg, 1, [4096], H200, 2)
+    assert costs.attention_layer_s(cfg, 1, [4096], H200, 2, prefix_lengths=[8192]) > fresh
+    with pytest.raises(InvalidArgument):
+        costs.attention_layer_s(cfg, 1, [4096], H200, 2, prefix_lengths=[1, 2])
+
+
+def test_sliding_window_caps_attention() -> None:
+    windowed = qwen3(use_sliding_window=True, sliding_window=1024)
+    assert windowed.sliding_window == 1024
+    full = costs.causal_attention(qwen3(), [8192], 2).flops
+    assert costs.causal_attention(windowed, [8192], 2).flops < full / 3
+
+
+def test_expert_call_monotonic_and_reads_touched_weights_once() -> None:
+    cfg = qwen3()
+    calls = [costs.expert_call_s([t] * 32, cfg, H200, 2) for t in (1, 16, 256, 1024, 4096)]
+    assert calls == sorted(calls) and calls[-1] > 2 * calls[0]
+    assert costs.expert_call_s([0] * 32, cfg, H200, 2) == 0.0
+
+    # weights are read once per touched expert: the same 64 rows on 1 expert move 1/32 of the weights
+    def device_s(rows: list[int]) -> float:
+        return sum(costs.kernel_s(k, H200) for k in costs.grouped_mlp(rows, 2048, 768, 2))
+
+    assert device_s([64] + [0] * 31) < device_s([2] * 32) / 10
+    with pytest.raises(InvalidArgument):
+        costs.expert_call_s([-1], cfg, H200, 2)
+
+
+def test_lm_head_transfer_and_dispatch_bytes() -> None:
+    cfg = qwen3()
+    assert 0 < costs.lm_head_s(1, cfg, H200, 2) < costs.lm_head_s(4096, cfg, H200, 2)
+    assert costs.dispatch_bytes(10, 2048, 8, 2) == 10 * 2048 * 2 + 10 * 8 * 12
+    assert costs.transfer_s(450_000_000, H200) == pytest.approx(1e-3)
+    assert costs.transfer_s(1 << 20, load_profile("ascend910")) > costs.transfer_s(1 << 20, H200)
+    with pytest.raises(InvalidArgument):
+        costs.lm_head_s(0, cfg, H200, 2)
+
+
+def test_floor_is_launch_bound() -> None:
+    kernels = [costs.elementwise(1, 1, 2)] * 5
+    assert costs.stream_s(kernels, H200) == pytest.approx(5 * H200.launch_us * 1e-6, rel=1e-3)

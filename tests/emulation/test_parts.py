@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Generator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from asap.emulation.clock import Sleeper
+from asap.emulation.parts import EmulatedAttentionPart, EmulatedExpertPart
+from asap.emulation.profiles import load_profile
+from asap.errors import InvalidArgument
+from asap.model.attention_part import AttentionPart, MoERequest
+from asap.model.checkpoint import CheckpointReader
+from asap.model.config import ModelConfig, load_config
+from asap.model.expert_part import ExpertPart
+
+H200 = load_profile("h200")
+
+
+class RecordingSleeper(Sleeper):
+    """Records requested sleeps instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(bias_s=0.0)
+        self.calls: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.requested_s += seconds
+
+
+@pytest.fixture()
+def config_only(qwen3_dir: Path, tmp_path: Path) -> ModelConfig:
+    shutil.copy(qwen3_dir / "config.json", tmp_path / "config.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    return load_config(tmp_path)
+
+
+def run(part: EmulatedAttentionPart, prompts: list[list[int]]) -> tuple[list[MoERequest], torch.Tensor]:
+    requests: list[MoERequest] = []
+
+    def dispatch(request: MoERequest) -> torch.Tensor:
+        requests.append(request)
+        return torch.empty_like(request.hidden)
+
+    return requests, part.forward(prompts, dispatch)
+
+
+def test_forward_steps_yields_meta_requests_per_moe_layer(config_only: ModelConfig) -> None:
+    sleeper = RecordingSleeper()
+    part = EmulatedAttentionPart(config_only, H200, seed=3, sleeper=sleeper)
+    requests, logits = run(part, [[1, 2, 3], [4] * 10])
+    cfg = config_only
+    assert [r.layer for r in requests] == list(cfg.moe_layer_ids)
+    for r in requests:
+        assert r.hidden.device.type == "meta" and r.hidden.shape == (13, cfg.hidden_size)
+        assert r.topk_ids.dtype == torch.int64 and r.topk_ids.shape == (13, cfg.top_k)
+        assert int(r.topk_ids.min()) >= 0 and int(r.topk_ids.max()) < cfg.num_experts
+        assert all(len(set(row)) == cfg.top_k for row in r.topk_ids.tolist())
+        assert r.topk_weights.dtype == torch.float32
+        torch.testing.assert_close(r.topk_weights.sum(1), torch.ones(13))
+    assert logits.shape == (2, cfg.vocab_size) and logits.dtype == torch.float32 and not logits.any()
+    assert sleeper.requested_s == pytest.approx(part.modeled_s([3, 10]))
+    assert len(sleeper.calls) == cfg.num_layers + 1
+
+
+def test_routing_is_deterministic_per_seed_and_call(config_only: ModelConfig) -> None:
+    def ids(seed: int, calls: int) -> list[torch.Tensor]:
+        part = EmulatedAttentionPart(config_only, H200, seed=seed, sleeper=RecordingSleeper())
+        out: list[torch.Tensor] = []
+        for _ in range(calls):
+            out = [r.topk_ids for r in run(part, [[1] * 64])[0]]
+        return out
+
+    first, again, other_seed = ids(1, 1), ids(1, 1), ids(2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_seed, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, ids(1, 2), strict=True))  # the next call differs
+    assert not torch.equal(first[0], first[1])  # and so do layers
+
+
+def test_skew_concentrates_load(config_only: ModelConfig) -> None:
+    def top_share(skew: float) -> float:
+        part = EmulatedAttentionPart(config_only, H200, seed=0, skew=skew, sleeper=RecordingSleeper())
+        request = run(part, [[1] * 2000])[0][0]
+        counts = torch.bincount(request.topk_ids.flatten(), minlength=config_only.num_experts)
+        return float(counts.max()) / float(counts.sum())
+
+    uniform, skewed = top_share(0.0), top_share(1.5)
+    assert uniform < 1.3 / config_only.num_experts
+    assert skewed > 1.5 * uniform
+    with pytest.raises(InvalidArgument):
+        EmulatedAttentionPart(config_only, H200, skew=-1)
+
+
+def test_sleeps_about_the_modelled_time(config_only: ModelConfig) -> None:
+    slow = H200.slowed(100.0)
+    part = EmulatedAttentionPart(config_only, slow, seed=0)
+    prompts = [[1] * 32, [2] * 16]
+    modelled = part.modeled_s([32, 16])
+    assert 0.05 < modelled < 0.2
+    start = time.perf_counter()
+    run(part, prompts)
+    elapsed = time.perf_counter() - start
+    assert 0.9 * modelled <= elapsed < modelled + 0.05
+
+
+def test_validation_matches_the_real_attention_part(qwen3_dir: Path, config_only: ModelConfig) -> None:
+    with CheckpointReader(qwen3_dir) as reader:
+        real = AttentionPart.from_source(reader, config_only)
+    fake = EmulatedAttentionPart(config_only, H200, sleeper=RecordingSleeper())
+    for bad in (
+        [],
+        [[1, 2]],
+        [-1],
+        [config_only.vocab_size],
+        [1.5],
+        [0] * (config_only.max_position_embeddings + 1),
+    ):
+        with pytest.raises(InvalidArgument) as real_err:
+            real.validate_prompt(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument) as fake_err:
+            fake.validate_prompt(bad)  # type: ignore[arg-type]
+        assert str(fake_err.value) == str(real_err.value)
+    with pytest.raises(InvalidArgument, match="no prompts"):
+        fake.forward_steps([])
+    steps: Generator[MoERequest, torch.Tensor, torch.Tensor] = fake.forward_steps([[1, 2]])
+    next(steps)
+    with pytest.raises(InvalidArgument, match="does not match hidden"):
+        steps.send(torch.empty(3, config_only.hidden_size, device="meta"))
+
+
+def test_expert_part_counts_rows_and_returns_meta(config_only: ModelConfig) -> None:
+    sleeper = RecordingSleeper()
+    part = EmulatedExpertPart(config_only, [1, 3], H200, sleeper=sleeper)
+    ids = torch.tensor([[1, 3], [1, -1], [0, 1]])  # 0 is hosted elsewhere: invalid
+    hidden = torch.empty((3, config_only.hidden_size), device="meta", dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgument, match="not hosted"):
+        part.compute(config_only.moe_layer_ids[0], hidden, ids, torch.ones(3, 2))
+    ids[2, 0] = -1
+    out = part.compute(config_only.moe_layer_ids[0], hidden, ids, torch.ones(3, 2))
+    assert out.device.type == "meta" and out.shape == (3, config_only.hidden_size)
+    assert part.rows_per_expert(ids) == [3, 1]
+    assert sleeper.calls == [part.call_s(ids)] and sleeper.calls[0] > 0
+    assert part.emulated and part.hosted == (1, 3)
+
+
+def test_expert_validation_matches_the_real_part(qwen3_dir: Path, config_only: ModelConfig) -> None:
+    with CheckpointReader(qwen3_dir) as reader:
+        real = ExpertPart.from_source(reader, config_only, [1, 3])
+    fake = EmulatedExpertPart(config_only, [3, 1], H200, sleeper=RecordingSleeper())
+    h = config_only.hidden_size
+    dense = [i for i in range(config_only.num_layers) if i not in config_only.moe_layer_ids]
+    cases = [
+        (config_only.num_layers, torch.zeros(1, h), torch.tensor([[1, 3]]), torch.ones(1, 2)),
+        (config_only.moe_layer_ids[0], torch.zeros(1, h + 1), torch.tensor([[1, 3]]), torch.ones(1, 2)),
+        (config_only.moe_layer_ids[0], torch.zeros(1, h), torch.tensor([[2, 3]]), torch.ones(1, 2)),
+        (config_only.moe_layer_ids[0], torch.zeros(2, h), torch.tensor([[1, 3]]), torch.ones(1, 2)),
+    ] + [(d, torch.zeros(1, h), torch.tensor([[1, 3]]), torch.ones(1, 2)) for d in dense]
+    for layer, hidden, ids, weights in cases:
+        with pytest.raises(InvalidArgument) as real_err:
+            real.compute(layer, hidden, ids, weights)
+        with pytest.raises(InvalidArgument) as fake_err:
+            fake.compute(layer, hidden, ids, weights)
+        assert str(fake_err.value) == str(real_err.value)
+
+
+def test_chunked_prefill_advances_the_cache(config_only: ModelConfig) -> None:
+    kvcache = pytest.importorskip("asap.model.kvcache")
+    sleeper = RecordingSleeper()
+    part = EmulatedAttentionPart(config_only, replace(H200, launch_us=0.0), sleeper=sleeper)
+    cache = kvcache.KVCache(config_only.num_layers)
+    part.forward([[1] * 40], lambda r: torch.empty_like(r.hidden), caches=[cache])
+    assert cache.length == 40
+    first = sleeper.requested_s
+    part.forward([[1] * 40], lambda r: torch.empty_like(r.hidden), caches=[cache])
+    assert cache.length == 80 and sleeper.requested_s - first > first  # the second chunk also attends to 40
+    with pytest.raises(InvalidArgument):
+        part.forward_steps([[1], [2]], caches=[cache, cache])
