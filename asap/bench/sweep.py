@@ -1,0 +1,161 @@
+"""One benchmark against one cluster: read its limits, then run the workload at each rate of the sweep.
+
+Rates run one after another; each waits for all its requests, so the next starts on a drained cluster.
+The client is built with ``retries=0``: a refused request is a failure the benchmark must count, not one
+to hide by sending it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+from asap.bench.progress import ProgressBar
+from asap.bench.runner import PrefillClient, RunOptions, run_requests
+from asap.bench.stats import RateResult, max_slo_rps, summarize
+from asap.bench.workload import WorkloadSpec, build_requests, sequence_digest
+from asap.client import AsapClient, ClusterState
+from asap.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+
+class BenchClient(PrefillClient, Protocol):
+    """A prefill client that can also describe its cluster (``AsapClient`` is one)."""
+
+    async def cluster_state(self, *, timeout_s: float | None = None) -> ClusterState: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """Everything about a benchmark except where it runs."""
+
+    workload: WorkloadSpec
+    rates: Sequence[float | None]
+    """Target rates in order; None only for a trace replayed at its own speed."""
+    slo_ttft_ms: float = 5000.0
+    timeout_s: float = 60.0
+    """Per-request deadline."""
+    max_in_flight: int = 4096
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.rates:
+            raise InvalidArgument("need at least one rate")
+        if not self.slo_ttft_ms > 0:
+            raise InvalidArgument(f"the TTFT SLO must be > 0 ms, got {self.slo_ttft_ms}")
+        if not self.timeout_s > 0:
+            raise InvalidArgument(f"timeout must be > 0 s, got {self.timeout_s}")
+        if self.max_in_flight < 1:
+            raise InvalidArgument(f"max in flight must be >= 1, got {self.max_in_flight}")
+
+    def describe(self) -> dict[str, Any]:
+        """The run's settings, for the JSON report."""
+        return {
+            "rates_rps": list(self.rates),
+            "slo_ttft_ms": self.slo_ttft_ms,
+            "slo_attainment_target": 0.9,
+            "timeout_s": self.timeout_s,
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """The results of one cluster (one mode of a ``--compare``), or why it has none."""
+
+    label: str
+    compute: str | None = None
+    """``torch``, ``emulated:DEVICE``, or None when the cluster does not say."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    results: list[RateResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def emulated(self) -> bool:
+        return (self.compute or "").startswith("emulated")
+
+    @property
+    def max_slo_rps(self) -> float | None:
+        return max_slo_rps(self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"max_slo_rps", "results", "compute", "emulated", "cluster", "error"}``."""
+        return {
+            "max_slo_rps": self.max_slo_rps,
+            "results": [result.to_json() for result in self.results],
+            "compute": self.compute,
+            "emulated": self.emulated,
+            "cluster": dict(self.cluster),
+            "error": self.error,
+        }
+
+
+def _cluster_summary(state: ClusterState) -> dict[str, Any]:
+    return {
+        "mode": state.mode,
+        "model": state.model,
+        "model_type": state.model_type,
+        "attention_ranks": len(state.attention_ranks) or None,
+        "expert_ranks": len(state.expert_targets) or None,  # None: not reported
+        "vocab_size": state.vocab_size,
+        "max_prompt_tokens": state.max_prompt_tokens,
+    }
+
+
+async def bench_client(
+    client: BenchClient,
+    config: BenchConfig,
+    label: str | None = None,
+    *,
+    compute: str | None = None,
+    progress_stream: TextIO | None = None,
+) -> SweepResult:
+    """Run the sweep through ``client``. ``label`` names the results (default: the cluster's mode);
+    ``compute`` overrides what the cluster reports about itself."""
+    state = await client.cluster_state()
+    if state.vocab_size < 1 or state.max_prompt_tokens < 1:
+        raise InvalidArgument(
+            f"the cluster reports vocab_size={state.vocab_size}, max_prompt_tokens={state.max_prompt_tokens}"
+        )
+    sweep = SweepResult(
+        label=label or state.mode,
+        compute=compute or getattr(state, "compute", None) or None,
+        cluster=_cluster_summary(state),
+    )
+    options = RunOptions(
+        seed=config.workload.seed,
+        vocab_size=state.vocab_size,
+        slo_ttft_ms=round(config.slo_ttft_ms),
+        timeout_s=config.timeout_s,
+        max_in_flight=config.max_in_flight,
+    )
+    for rate in config.rates:
+        requests = build_requests(config.workload, rate, max_prompt_tokens=state.max_prompt_tokens)
+        rate_text = "trace speed" if rate is None else f"{rate:g} rps"
+        bar = None
+        if config.progress:
+            stream = progress_stream if progress_stream is not None else sys.stderr
+            bar = ProgressBar(len(requests), f"{sweep.label} @ {rate_text}", stream=stream)
+        try:
+            records = await run_requests(client, requests, options, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        sweep.results.append(
+            summarize(
+                rate, records, config.slo_ttft_ms, sequence=sequence_digest(requests, config.workload.seed)
+            )
+        )
+    return sweep
+
+
+async def bench_target(
+    target: str, config: BenchConfig, label: str | None = None, *, compute: str | None = None
+) -> SweepResult:
+    """Run the sweep against the scheduler at ``target``."""
+    async with AsapClient(target, timeout_s=config.timeout_s, retries=0) as client:
+        return await bench_client(client, config, label, compute=compute)
