@@ -32,6 +32,27 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
 
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _InertSpan:
+    """Stands in for a span when OpenTelemetry is not installed: every method accepts and ignores."""
+
+    def is_recording(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return _ignore
+
+    def __enter__(self) -> _InertSpan:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
 try:
     from opentelemetry import trace as _trace
 
@@ -39,7 +60,7 @@ try:
     _TracerBase: Any = _trace.NoOpTracer
 except ImportError:  # pragma: no cover - the GPU image has no OpenTelemetry
     _trace = None  # type: ignore[assignment]
-    _INVALID_SPAN = None
+    _INVALID_SPAN = _InertSpan()
     _TracerBase = object
 
 logger = logging.getLogger(__name__)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +131,29 @@ def test_file_exporter_appends_from_several_writers(tmp_path: Path) -> None:
         pass
     assert len(load_spans(path)) == 10
     exporters[1].shutdown()
+
+
+WITHOUT_OTEL = """
+import sys
+sys.modules["opentelemetry"] = None  # as on an image without OpenTelemetry
+from asap.telemetry import configure_tracing, get_tracer, spans, tracing_enabled
+handle = configure_tracing("asap-expert-0", {"ASAP_TRACE_FILE": sys.argv[1]})
+with get_tracer().start_as_current_span(spans.EXPERT_COMPUTE) as span:
+    span.set_attribute(spans.LAYER, 1)
+    assert not span.is_recording()
+with get_tracer().start_span(spans.EXPERT_QUEUE) as span:
+    span.end()
+handle.shutdown()
+assert not handle.enabled and not tracing_enabled()
+assert spans.inject() == ("", "") and spans.link_from("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") is None
+print("ok")
+"""
+
+
+def test_everything_is_inert_without_opentelemetry(tmp_path: Path) -> None:
+    path = tmp_path / "never.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OTEL, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    assert not path.exists()
