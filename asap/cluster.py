@@ -58,6 +58,8 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 50051
     """The scheduler's port (the cluster's public address)."""
+    compute: str = "torch"
+    """``torch`` or ``emulated:DEVICE`` for every attention and expert rank."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     scheduler_args: list[str] = field(default_factory=list)
@@ -118,7 +120,18 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidArgument(f"cluster spec {path} must be a mapping")
-    known = {"model", "mode", "dtype", "device", "host", "threads", "scheduler", "attention", "experts"}
+    known = {
+        "model",
+        "mode",
+        "dtype",
+        "device",
+        "host",
+        "threads",
+        "compute",
+        "scheduler",
+        "attention",
+        "experts",
+    }
     unknown = set(raw) - known
     if unknown:
         raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
@@ -159,7 +172,7 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--num-ranks", str(spec.experts),
                 "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
-                "--threads", str(spec.rank_threads()), *rank.extra_args,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute, *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -176,7 +189,7 @@ def attention_commands(
                 "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--experts", ",".join(expert_targets),
                 "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
-                "--threads", str(spec.rank_threads()), *rank.extra_args,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute, *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)

@@ -30,6 +30,10 @@ class AttentionServiceConfig:
     expert_connect_timeout_s: float = 60.0
     """How long start-up waits for every expert rank to answer ``Info``."""
     drain_timeout_s: float = 30.0
+    compute: str = "torch"
+    """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
+    route_skew: float = 0.0
+    """Emulated compute: popularity skew of the random top-k routing (0 = uniform)."""
 
     def __post_init__(self) -> None:
         if not self.expert_targets:
@@ -46,6 +50,10 @@ class AttentionServiceConfig:
             raise InvalidArgument(f"max_inflight_batches must be >= 1, got {self.max_inflight_batches}")
         if self.max_chunk_bytes < 4096:
             raise InvalidArgument(f"max_chunk_bytes must be >= 4096, got {self.max_chunk_bytes}")
+        if not (self.compute == "torch" or self.compute.startswith("emulated:")):
+            raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
+        if self.route_skew < 0:
+            raise InvalidArgument(f"route_skew must be >= 0, got {self.route_skew}")
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
 

@@ -20,6 +20,7 @@ import torch
 
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest
+from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
 from asap.model.sampling import FirstToken, first_token
 
@@ -31,8 +32,21 @@ MAX_TOP_LOGPROBS = 20
 class ExpertTransport(Protocol):
     """How an attention rank reaches expert ranks (gRPC bytes today; shared memory / CUDA IPC later)."""
 
-    async def exchange(self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
-        """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H]."""
+    async def exchange(
+        self,
+        rank: int,
+        micro_batch: int,
+        layer: int,
+        dispatch: RankDispatch,
+        *,
+        step: int = 0,
+        participants: int = 0,
+    ) -> torch.Tensor:
+        """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
+
+        ``participants`` > 0 marks a sync-mode step: the expert rank waits for the dispatches of that many
+        attention ranks for (``step``, ``layer``) before computing, and ``dispatch`` may have 0 rows.
+        """
         ...
 
 
@@ -45,6 +59,10 @@ class PromptSpec:
     temperature: float = 0.0
     seed: int | None = None
     top_logprobs: int = 0
+    cache: KVCache | None = None
+    """Chunked prefill: K/V of the prompt's earlier chunks (extended by this chunk); None = whole prompt."""
+    more_chunks: bool = False
+    """More chunks of this prompt follow: keep the cache, sample nothing."""
 
 
 @dataclass(slots=True)
@@ -52,7 +70,9 @@ class PromptOutcome:
     request_id: str
     prompt_tokens: int
     first: FirstToken | None = None
+    """None for a chunk with more to come (``partial``)."""
     error: AsapError | None = None
+    partial: bool = False
 
 
 @dataclass(slots=True)
@@ -99,60 +119,119 @@ class AttentionExecutor:
         temperature: float = 0.0,
         seed: int | None = None,
         top_logprobs: int = 0,
+        cache: KVCache | None = None,
+        more_chunks: bool = False,
     ) -> PromptSpec:
-        """Validate one prompt and its sampling options; raises ``InvalidArgument``."""
+        """Validate one prompt (or chunk) and its sampling options; raises ``InvalidArgument``."""
         if temperature < 0 or temperature != temperature:
             raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         tokens = self.part.validate_prompt(token_ids)
-        return PromptSpec(request_id, tokens, temperature, seed, top_logprobs)
+        return PromptSpec(request_id, tokens, temperature, seed, top_logprobs, cache, more_chunks)
 
-    async def run_batch(self, prompts: Sequence[PromptSpec]) -> BatchOutcome:
-        """Prefill a batch; returns each prompt's first token. Transport errors propagate (typed)."""
+    async def run_batch(
+        self, prompts: Sequence[PromptSpec], *, step: int = 0, participants: int = 0
+    ) -> BatchOutcome:
+        """Prefill a batch; returns each prompt's first token. Transport errors propagate (typed).
+
+        ``participants`` > 0 runs it as part of sync step ``step``: every MoE layer exchanges with every
+        expert rank (empty where nothing routes there), and an empty batch still takes part.
+        """
         async with self._slots:
             self.inflight += 1
             try:
-                return await self._run(prompts)
+                return await self._run(prompts, step, participants)
             finally:
                 self.inflight -= 1
 
-    async def _run(self, prompts: Sequence[PromptSpec]) -> BatchOutcome:
+    async def _exchange_all(
+        self, micro_batch: int, layer: int, dispatches: list[RankDispatch], step: int, participants: int
+    ) -> list[torch.Tensor]:
+        return await _all_or_cancel(
+            [
+                self.transport.exchange(d.rank, micro_batch, layer, d, step=step, participants=participants)
+                for d in dispatches
+            ]
+        )
+
+    async def _run(self, prompts: Sequence[PromptSpec], step_id: int, participants: int) -> BatchOutcome:
         micro_batch = next(self._micro_batch_ids)
         outcome = BatchOutcome(results=[], micro_batch=micro_batch, started_ns=time.time_ns())
         if not prompts:
+            if participants:
+                await self._run_empty(micro_batch, step_id, participants, outcome)
             outcome.finished_ns = time.time_ns()
             return outcome
         loop = asyncio.get_running_loop()
-        gen = self.part.forward_steps([p.token_ids for p in prompts])
+        caches = [p.cache for p in prompts]
+        tokens = [p.token_ids for p in prompts]
+        gen = (
+            self.part.forward_steps(tokens, caches=caches)
+            if any(c is not None for c in caches)
+            else self.part.forward_steps(tokens)
+        )
+        sync = participants > 0
         try:
-            step: _Step | torch.Tensor = await loop.run_in_executor(self._thread, self._advance, gen, None)
+            step: _Step | torch.Tensor = await loop.run_in_executor(
+                self._thread, self._advance, gen, None, sync
+            )
             while isinstance(step, tuple):
                 request, dispatches = step
                 waited = time.monotonic_ns()
-                partials = await _all_or_cancel(
-                    [self.transport.exchange(d.rank, micro_batch, request.layer, d) for d in dispatches]
+                partials = await self._exchange_all(
+                    micro_batch, request.layer, dispatches, step_id, participants
                 )
                 outcome.expert_wait_ns += time.monotonic_ns() - waited
                 outcome.layer_done_ns.append(time.time_ns())
                 step = await loop.run_in_executor(
-                    self._thread, self._advance, gen, (request, dispatches, partials)
+                    self._thread, self._advance, gen, (request, dispatches, partials), sync
                 )
             logits = step  # [B, V] float32
         finally:
             await loop.run_in_executor(self._thread, gen.close)
         firsts = await loop.run_in_executor(self._thread, _sample_all, logits, prompts)
         outcome.results = [
-            PromptOutcome(p.request_id, int(p.token_ids.numel()), first)
+            PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
             for p, first in zip(prompts, firsts, strict=True)
         ]
         outcome.finished_ns = time.time_ns()
         return outcome
 
+    async def _run_empty(
+        self, micro_batch: int, step_id: int, participants: int, outcome: BatchOutcome
+    ) -> None:
+        """An idle rank in a sync step: empty dispatches to every expert rank at every MoE layer."""
+        for layer in self.part.config.moe_layer_ids:
+            waited = time.monotonic_ns()
+            await self._exchange_all(
+                micro_batch, layer, self._with_empty_dispatches([]), step_id, participants
+            )
+            outcome.expert_wait_ns += time.monotonic_ns() - waited
+            outcome.layer_done_ns.append(time.time_ns())
+
+    def _with_empty_dispatches(self, present: list[RankDispatch]) -> list[RankDispatch]:
+        """``present`` plus an empty dispatch for every other expert rank (sync mode talks to all of them)."""
+        cfg = self.part.config
+        have = {d.rank for d in present}
+        empty = [
+            RankDispatch(
+                rank=rank,
+                rows=torch.zeros(0, dtype=torch.int64),
+                hidden=torch.zeros(0, cfg.hidden_size, dtype=self.part.dtype),
+                expert_ids=torch.zeros(0, cfg.top_k, dtype=torch.int32),
+                weights=torch.zeros(0, cfg.top_k, dtype=torch.float32),
+            )
+            for rank in range(self.placement.num_ranks)
+            if rank not in have
+        ]
+        return sorted([*present, *empty], key=lambda d: d.rank)
+
     def _advance(
         self,
         gen: Generator[MoERequest, torch.Tensor, torch.Tensor],
         previous: tuple[MoERequest, list[RankDispatch], list[torch.Tensor]] | None,
+        all_ranks: bool = False,
     ) -> _Step | torch.Tensor:
         """On the compute thread: combine the last layer's partials, run to the next MoE layer, split it."""
         try:
@@ -165,12 +244,15 @@ class AttentionExecutor:
         except StopIteration as stop:
             logits: torch.Tensor = stop.value
             return logits
-        return request, split_by_rank(self.placement, request)
+        dispatches = split_by_rank(self.placement, request)
+        return request, self._with_empty_dispatches(dispatches) if all_ranks else dispatches
 
 
-def _sample_all(logits: torch.Tensor, prompts: Sequence[PromptSpec]) -> list[FirstToken]:
+def _sample_all(logits: torch.Tensor, prompts: Sequence[PromptSpec]) -> list[FirstToken | None]:
     return [
-        first_token(logits[i], temperature=p.temperature, seed=p.seed, top_logprobs=p.top_logprobs)
+        None
+        if p.more_chunks
+        else first_token(logits[i], temperature=p.temperature, seed=p.seed, top_logprobs=p.top_logprobs)
         for i, p in enumerate(prompts)
     ]
 

@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from asap.errors import AsapError, CheckpointError, InternalError
+from asap.emulation import EmulatedAttentionPart, parse_compute
+from asap.emulation.costs import transfer_s
+from asap.errors import AsapError, CheckpointError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import ModelConfig, load_config
+from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
@@ -39,6 +42,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         self.executor = executor
         self.config = config
         self._active: set[asyncio.Task[None]] = set()
+        self.caches: dict[str, KVCache] = {}
+        """Chunked prefill: K/V of prompts whose later chunks are still to come, by request id."""
 
     async def Info(
         self, request: attention_pb2.AttentionInfoRequest, context: grpc.aio.ServicerContext
@@ -57,8 +62,28 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         while self._active:
             await asyncio.gather(*list(self._active), return_exceptions=True)
 
+    def _cache_for(self, prompt: attention_pb2.PromptInput) -> KVCache | None:
+        """The chunk cache a prompt continues (or starts); ``InvalidArgument`` if it does not line up."""
+        if prompt.cached_tokens == 0 and not prompt.more_chunks:
+            return None  # a whole prompt
+        if prompt.cached_tokens == 0:
+            self.caches.pop(prompt.request_id, None)
+            cache = KVCache(self.executor.part.config.num_layers)
+            self.caches[prompt.request_id] = cache
+            return cache
+        held = self.caches.get(prompt.request_id)
+        if held is None or held.length != prompt.cached_tokens:
+            have = "none" if held is None else f"{held.length} tokens"
+            raise InvalidArgument(
+                f"request {prompt.request_id!r} continues after {prompt.cached_tokens} cached tokens, "
+                f"this rank holds {have}"
+            )
+        return held
+
     async def run_assignment(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
         """Validate each prompt (a bad one fails alone), run the valid ones as one batch."""
+        for request_id in assignment.drop_caches:
+            self.caches.pop(request_id, None)
         valid: list[PromptSpec] = []
         rejected: dict[str, PromptOutcome] = {}
         for prompt in assignment.prompts:
@@ -70,22 +95,31 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                         temperature=prompt.sampling.temperature,
                         seed=prompt.sampling.seed if prompt.sampling.seed else None,
                         top_logprobs=prompt.sampling.top_logprobs,
+                        cache=self._cache_for(prompt),
+                        more_chunks=prompt.more_chunks,
                     )
                 )
             except AsapError as exc:
+                self.caches.pop(prompt.request_id, None)
                 rejected[prompt.request_id] = PromptOutcome(
                     prompt.request_id, len(prompt.token_ids), error=exc
                 )
         try:
-            outcome = await self.executor.run_batch(valid)
-        except AsapError as exc:
-            logger.warning("batch %d failed: %s", assignment.batch_id, exc.message)
-            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(exc))
-        except Exception as exc:
-            logger.exception("batch %d failed", assignment.batch_id)
-            return attention_pb2.BatchResult(
-                batch_id=assignment.batch_id, error=_error(InternalError(str(exc)))
+            outcome = await self.executor.run_batch(
+                valid, step=assignment.step, participants=assignment.sync_participants
             )
+        except Exception as exc:
+            for spec in valid:
+                self.caches.pop(spec.request_id, None)
+            error = exc if isinstance(exc, AsapError) else InternalError(str(exc))
+            if isinstance(exc, AsapError):
+                logger.warning("batch %d failed: %s", assignment.batch_id, error.message)
+            else:
+                logger.exception("batch %d failed", assignment.batch_id)
+            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(error))
+        for spec in valid:
+            if not spec.more_chunks:
+                self.caches.pop(spec.request_id, None)
         by_id = {r.request_id: r for r in outcome.results} | rejected
         return _batch_result(assignment, outcome, by_id)
 
@@ -137,6 +171,13 @@ def _batch_result(
     results = []
     for prompt in assignment.prompts:
         item = by_id[prompt.request_id]
+        if item.partial and item.error is None:
+            results.append(
+                attention_pb2.PromptResult(
+                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, partial=True
+                )
+            )
+            continue
         if item.error is not None or item.first is None:
             error = item.error or InternalError("no result")
             results.append(
@@ -207,7 +248,15 @@ class AttentionService:
         model_config = load_config(model_dir)
         dtype = getattr(torch, self.config.dtype)
 
+        profile = parse_compute(self.config.compute)[1]
+
         def load() -> AttentionPart:
+            if profile is not None:
+                logger.info("attention rank %d emulates %s", self.config.rank, profile.name)
+                emulated = EmulatedAttentionPart(
+                    model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
+                )
+                return emulated  # type: ignore[return-value]  # same interface, no weights
             with CheckpointReader(model_dir) as reader:
                 part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
                 logger.info(
@@ -225,6 +274,7 @@ class AttentionService:
             hidden_size=model_config.hidden_size,
             dtype=dtype,
             max_chunk_bytes=self.config.max_chunk_bytes,
+            link_s=(lambda nbytes: transfer_s(nbytes, profile)) if profile is not None else None,
         )
         infos = await self.transport.infos(self.config.expert_connect_timeout_s)
         placement = placement_from_infos(model_config, infos)

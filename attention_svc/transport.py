@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,8 +51,13 @@ class ExpertLink:
         dtype: torch.dtype,
         max_chunk_bytes: int,
         codec: ThreadPoolExecutor,
+        link_s: Callable[[int], float] | None = None,
     ) -> None:
         self.target = target
+        self.link_s = link_s
+        """Emulated compute: activations travel as shapes only, and each dispatch is charged this link
+        time (seconds for a payload of that many bytes) before it is sent."""
+        self.shape_only = link_s is not None
         self.rank = rank
         self.attention_rank = attention_rank
         self.hidden_size = hidden_size
@@ -134,7 +139,9 @@ class ExpertLink:
         if pending:
             logger.warning("%s; failed %d waiting dispatches", error.message, len(pending))
 
-    async def exchange(self, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
+    async def exchange(
+        self, micro_batch: int, layer: int, dispatch: RankDispatch, *, step: int = 0, participants: int = 0
+    ) -> torch.Tensor:
         key = (micro_batch, layer)
         if key in self._pending:
             raise InternalError(f"dispatch {key} to expert rank {self.rank} is already in flight")
@@ -142,7 +149,8 @@ class ExpertLink:
         loop = asyncio.get_running_loop()
         rows = int(dispatch.hidden.shape[0])
         future: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._pending[key] = _Pending(CombineAssembler(rows, self.hidden_size, self.dtype), future)
+        assembler = CombineAssembler(rows, self.hidden_size, self.dtype, shape_only=self.shape_only)
+        self._pending[key] = _Pending(assembler, future)
         try:
             chunks = await loop.run_in_executor(
                 self._codec,
@@ -154,8 +162,13 @@ class ExpertLink:
                     expert_ids=dispatch.expert_ids,
                     weights=dispatch.weights,
                     max_chunk_bytes=self.max_chunk_bytes,
+                    step=step,
+                    sync_participants=participants,
                 ),
             )
+            if self.link_s is not None and rows:
+                nbytes = rows * (self.hidden_size * self.dtype.itemsize + dispatch.expert_ids.shape[1] * 8)
+                await asyncio.sleep(self.link_s(nbytes))
             for chunk in chunks:
                 outbox.put_nowait(chunk)
             return await future
@@ -183,6 +196,7 @@ class GrpcExpertTransport:
         hidden_size: int,
         dtype: torch.dtype,
         max_chunk_bytes: int,
+        link_s: Callable[[int], float] | None = None,
     ) -> None:
         self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attention-codec")
         self.links = [
@@ -194,6 +208,7 @@ class GrpcExpertTransport:
                 dtype=dtype,
                 max_chunk_bytes=max_chunk_bytes,
                 codec=self._codec,
+                link_s=link_s,
             )
             for rank, target in enumerate(targets)
         ]
@@ -201,8 +216,19 @@ class GrpcExpertTransport:
     async def infos(self, timeout_s: float) -> list[expert_pb2.ExpertInfo]:
         return list(await asyncio.gather(*(link.info(timeout_s) for link in self.links)))
 
-    async def exchange(self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
-        return await self.links[rank].exchange(micro_batch, layer, dispatch)
+    async def exchange(
+        self,
+        rank: int,
+        micro_batch: int,
+        layer: int,
+        dispatch: RankDispatch,
+        *,
+        step: int = 0,
+        participants: int = 0,
+    ) -> torch.Tensor:
+        return await self.links[rank].exchange(
+            micro_batch, layer, dispatch, step=step, participants=participants
+        )
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

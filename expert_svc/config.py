@@ -30,6 +30,10 @@ class ExpertServiceConfig:
     max_merge_rows: int = 16384
     """Upper bound on rows of same-layer chunks computed together in one expert call."""
     drain_timeout_s: float = 10.0
+    compute: str = "torch"
+    """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
+    sync_timeout_s: float = 120.0
+    """Sync mode: how long a (step, layer) waits for missing attention ranks before failing."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -42,6 +46,8 @@ class ExpertServiceConfig:
             raise InvalidArgument(f"queue_depth must be >= 1, got {self.queue_depth}")
         if self.max_merge_rows < 1:
             raise InvalidArgument(f"max_merge_rows must be >= 1, got {self.max_merge_rows}")
+        if not (self.compute == "torch" or self.compute.startswith("emulated:")):
+            raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
 

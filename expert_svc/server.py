@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from asap.emulation import DeviceProfile, EmulatedExpertPart, parse_compute
+from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
@@ -19,6 +21,7 @@ from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire import chunks, codec
+from expert_svc.barrier import StepBarrier
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor, ExpertResult
 
@@ -30,8 +33,14 @@ SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     """Adapts ``Expert.Exchange`` streams to the executor; one stream per attention rank."""
 
-    def __init__(self, executor: ExpertExecutor, rank: int, device: str) -> None:
+    def __init__(
+        self, executor: ExpertExecutor, rank: int, device: str, *, profile: DeviceProfile | None = None
+    ) -> None:
         self.executor = executor
+        self.barrier = StepBarrier()
+        self.profile = profile
+        """Emulated compute: chunks carry shapes only, and sending a result is charged at the link speed."""
+        self.shape_only = profile is not None
         self.rank = rank
         self.device = device
         part = executor.part
@@ -42,6 +51,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def close(self) -> None:
         self._codec.shutdown(wait=False, cancel_futures=True)
+
+    def _transfer_s(self, rows: int) -> float:
+        """Emulated link time of a combine result of ``rows`` rows."""
+        if self.profile is None:
+            return 0.0
+        nbytes = rows * self._cfg.hidden_size * self._dtype.itemsize
+        return transfer_s(nbytes, self.profile)
 
     async def Info(
         self, request: expert_pb2.ExpertInfoRequest, context: grpc.aio.ServicerContext
@@ -67,13 +83,34 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         replies: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
-        async def reply(dispatch: chunks.Dispatch, future: asyncio.Future[ExpertResult]) -> None:
+        async def reply(dispatch: chunks.Dispatch, future: asyncio.Future[ExpertResult] | None) -> None:
             try:
+                barrier_ns = 0
+                if future is None:  # sync mode: wait for the other attention ranks, then compute together
+                    barrier_ns = await self.barrier.wait(
+                        step=dispatch.step,
+                        layer=dispatch.layer,
+                        participants=dispatch.sync_participants,
+                        attention_rank=dispatch.attention_rank,
+                        rows=dispatch.rows,
+                        total_rows=dispatch.total_rows,
+                    )
+                    if dispatch.rows == 0:
+                        future = loop.create_future()
+                        future.set_result(ExpertResult(dispatch.hidden, 0, 0))
+                    else:
+                        future = await self.executor.submit(
+                            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                        )
                 result = await future
                 msg = await loop.run_in_executor(
                     self._codec,
                     lambda: chunks.combine_chunk(
-                        dispatch, result.hidden, queue_nanos=result.queue_ns, compute_nanos=result.compute_ns
+                        dispatch,
+                        result.hidden,
+                        queue_nanos=result.queue_ns,
+                        compute_nanos=result.compute_ns,
+                        barrier_nanos=barrier_ns,
                     ),
                 )
             except AsapError as exc:
@@ -92,10 +129,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                         num_layers=self._cfg.num_layers,
                         num_experts=self._cfg.num_experts,
                         top_k=self._cfg.top_k,
+                        allow_shape_only=self.shape_only,
                     )
-                    future = await self.executor.submit(
-                        dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
-                    )
+                    if dispatch.sync_participants:
+                        self.executor.validate(dispatch.layer, dispatch.expert_ids)
+                        future = None  # queued after the step barrier
+                    else:
+                        future = await self.executor.submit(
+                            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                        )
                 except AsapError as exc:
                     # A malformed chunk is answered with an error for that chunk; the stream goes on.
                     logger.warning(
@@ -140,29 +182,38 @@ def _error_reply(
 
 
 def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
-    """Load this rank's experts (only their tensors are read) and wrap them in an executor."""
+    """Load this rank's experts (only their tensors are read) and wrap them in an executor.
+
+    With emulated compute nothing is read but config.json: the part sleeps for the modeled time.
+    """
     model_dir = resolve_model(config.model)
     model_config = load_config(model_dir)
     placement = ExpertPlacement(model_config.num_experts, config.num_ranks)
     expert_ids = placement.experts_of(config.rank)
     dtype = getattr(torch, config.dtype)
-    with CheckpointReader(model_dir) as reader:
-        part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
-        logger.info(
-            "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",
-            config.rank,
-            config.num_ranks,
-            list(expert_ids),
-            len(reader.tensors_read),
-            reader.bytes_read / 2**20,
-        )
+    profile = parse_compute(config.compute)[1]
+    part: ExpertPart
+    if profile is not None:
+        part = EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype)
+        logger.info("expert rank %d emulates experts %s on %s", config.rank, list(expert_ids), profile.name)
+    else:
+        with CheckpointReader(model_dir) as reader:
+            part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
+            logger.info(
+                "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",
+                config.rank,
+                config.num_ranks,
+                list(expert_ids),
+                len(reader.tensors_read),
+                reader.bytes_read / 2**20,
+            )
     return ExpertExecutor(part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows)
 
 
 async def warm_up(executor: ExpertExecutor) -> None:
     """One computation per MoE layer so the first real chunk does not pay first-call costs."""
     part = executor.part
-    hidden = torch.zeros(1, part.config.hidden_size, dtype=part.dtype, device=part.device)
+    hidden = torch.zeros(1, part.config.hidden_size, dtype=part.dtype, device=part.device)  # [1, H]
     ids = torch.full((1, part.config.top_k), -1, dtype=torch.int32)
     ids[0, 0] = part.hosted[0]
     weights = torch.zeros(1, part.config.top_k, dtype=torch.float32)
@@ -179,6 +230,7 @@ class ExpertService:
         self.executor: ExpertExecutor | None = None
         self.servicer: ExpertServicer | None = None
         self.handle: ServiceHandle | None = None
+        self.profile: DeviceProfile | None = None
 
     @property
     def address(self) -> str:
@@ -191,7 +243,11 @@ class ExpertService:
         loop = asyncio.get_running_loop()
         self.executor = await loop.run_in_executor(None, build_executor, self.config)
         await self.executor.start()
-        self.servicer = ExpertServicer(self.executor, self.config.rank, self.config.device)
+        self.profile = parse_compute(self.config.compute)[1]
+        self.servicer = ExpertServicer(
+            self.executor, self.config.rank, self.config.device, profile=self.profile
+        )
+        self.servicer.barrier.timeout_s = self.config.sync_timeout_s
         servicer = self.servicer
         self.handle = await create_server(
             self.config.address,

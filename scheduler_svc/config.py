@@ -8,7 +8,6 @@ from asap.errors import InvalidArgument
 from scheduler_svc.costmodel import AttentionCostModel
 
 MODES = ("async", "sync", "sync-chunked")
-IMPLEMENTED_MODES = ("async",)
 
 
 @dataclass(slots=True)
@@ -27,17 +26,18 @@ class SchedulerConfig:
     cost: AttentionCostModel = field(default_factory=AttentionCostModel)
     """Predicted attention time of a batch, used to place batches by predicted finish time."""
     mode: str = "async"
-    """``async`` (no global barrier); ``sync`` and ``sync-chunked`` are the baselines, not implemented yet."""
+    """``async`` (no global barrier), or a synchronous baseline: ``sync`` (global steps, every rank runs a
+    batch per step and the experts wait for all ranks at every layer) or ``sync-chunked`` (the same with
+    chunked prefill)."""
+    chunk_tokens: int = 8192
+    """``sync-chunked``: prompt tokens one rank processes per step; longer prompts are split into chunks."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_prompts", "max_queue_requests", "max_inflight_per_rank"):
+        for name in (
+            "max_batch_tokens", "max_batch_prompts", "max_queue_requests", "max_inflight_per_rank", "chunk_tokens",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")
         if self.mode not in MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.mode not in IMPLEMENTED_MODES:
-            raise InvalidArgument(
-                f"mode {self.mode!r} is not implemented by the scheduler yet; use one of "
-                f"{', '.join(IMPLEMENTED_MODES)}"
-            )

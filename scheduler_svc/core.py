@@ -37,6 +37,7 @@ from scheduler_svc.requests import (
     RequestResult,
     ScheduledRequest,
 )
+from scheduler_svc.sync import SyncDispatcher
 
 __all__ = [
     "ClusterSnapshot",
@@ -75,6 +76,8 @@ class SchedulerCore:
         self._accepting = False
         self._stopped = False
         self._completed = self._failed = self._cancelled = 0
+        self._sync: SyncDispatcher | None = None
+        """The global-step dispatcher in the sync modes."""
 
     async def __aenter__(self) -> SchedulerCore:
         await self.start()
@@ -89,7 +92,13 @@ class SchedulerCore:
             raise Unavailable("the scheduler core was stopped and cannot be restarted")
         if self._dispatcher is None:
             self._accepting = True
-            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="asap-scheduler-dispatch")
+            if self._config.mode == "async":
+                loop_coro = self._dispatch_loop()
+            else:
+                chunk = self._config.chunk_tokens if self._config.mode == "sync-chunked" else None
+                self._sync = SyncDispatcher(self, chunk)
+                loop_coro = self._sync.run()
+            self._dispatcher = asyncio.create_task(loop_coro, name="asap-scheduler-dispatch")
             logger.info("scheduler core started: mode=%s ranks=%d", self._config.mode, len(self._ranks))
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
@@ -252,7 +261,7 @@ class SchedulerCore:
             state.batches.pop(batch.batch_id, None)
             self._progress()
 
-    def _deliver(self, batch: RankBatch, outcomes: Sequence[RankResultItem | AsapError]) -> None:
+    def _deliver(self, batch: RankBatch, outcomes: Sequence[RankResultItem | AsapError | None]) -> None:
         if len(outcomes) != len(batch.requests):
             message = f"rank {batch.rank} returned {len(outcomes)} results for {len(batch.requests)} prompts"
             self._settle_all(batch, InternalError(message))
@@ -260,7 +269,11 @@ class SchedulerCore:
         done = time.monotonic()
         sent = batch.sent if batch.sent is not None else done
         for request, outcome in zip(batch.requests, outcomes, strict=True):
-            if isinstance(outcome, AsapError):
+            if outcome is None:  # only chunked (sync) batches report partial progress
+                request.settle(
+                    InternalError(f"rank {batch.rank} reported a partial result for a whole prompt")
+                )
+            elif isinstance(outcome, AsapError):
                 request.settle(outcome)
             else:
                 request.settle(RequestResult.of(request, outcome, batch.rank, sent, done))
@@ -280,6 +293,8 @@ class SchedulerCore:
         for request in list(self._pending):
             request.settle(error)
         self._pending.clear()
+        if self._sync is not None:
+            self._sync.fail_in_progress(error)
 
     def _withdraw(self, request: ScheduledRequest) -> None:
         self._pending.pop(request, None)
@@ -294,4 +309,5 @@ class SchedulerCore:
             self._idle.set()
 
     def _is_idle(self) -> bool:
-        return not self._pending and not any(state.batches for state in self._ranks)
+        chunked = self._sync is not None and bool(self._sync.in_progress)
+        return not self._pending and not chunked and not any(state.batches for state in self._ranks)

@@ -171,20 +171,34 @@ class GrpcRankClient:
                     self._report_down(rank, "health check failed")
 
     async def run_batch(
-        self, rank: int, batch_id: int, requests: Sequence[ScheduledRequest]
-    ) -> Sequence[RankResultItem | AsapError]:
+        self,
+        rank: int,
+        batch_id: int,
+        requests: Sequence[ScheduledRequest],
+        *,
+        step: int = 0,
+        participants: int = 0,
+        chunks: Sequence[tuple[int, int]] | None = None,
+        drop: Sequence[str] = (),
+    ) -> Sequence[RankResultItem | AsapError | None]:
+        spans = chunks if chunks is not None else [(0, r.prompt_tokens) for r in requests]
         assignment = attention_pb2.BatchAssignment(
             batch_id=batch_id,
+            step=step,
+            sync_participants=participants,
+            drop_caches=list(drop),
             prompts=[
                 attention_pb2.PromptInput(
                     request_id=r.request_id,
-                    token_ids=r.token_ids,
+                    token_ids=r.token_ids[start:end],
+                    cached_tokens=start,
+                    more_chunks=end < r.prompt_tokens,
                     sampling=attention_pb2.SamplingOptions(
                         temperature=r.temperature, seed=r.seed or 0, top_logprobs=r.top_logprobs
                     ),
                     trace=common_pb2.TraceContext(traceparent=r.traceparent, tracestate=r.tracestate),
                 )
-                for r in requests
+                for r, (start, end) in zip(requests, spans, strict=True)
             ],
         )
         result = await self.links[rank].run(assignment)
@@ -195,7 +209,7 @@ class GrpcRankClient:
             raise InternalError(
                 f"attention rank {rank} answered {len(result.results)} of {len(requests)} prompts"
             )
-        return [_item_or_error(p) for p in result.results]
+        return [None if p.partial and not p.HasField("error") else _item_or_error(p) for p in result.results]
 
     async def close(self) -> None:
         if self._monitor is not None:

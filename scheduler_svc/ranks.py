@@ -16,9 +16,22 @@ class RankClient(Protocol):
     """Runs batches on attention ranks (implemented by the grpc glue over ``Attention.Run``)."""
 
     async def run_batch(
-        self, rank: int, batch_id: int, requests: Sequence[ScheduledRequest]
-    ) -> Sequence[RankResultItem | AsapError]:
+        self,
+        rank: int,
+        batch_id: int,
+        requests: Sequence[ScheduledRequest],
+        *,
+        step: int = 0,
+        participants: int = 0,
+        chunks: Sequence[tuple[int, int]] | None = None,
+        drop: Sequence[str] = (),
+    ) -> Sequence[RankResultItem | AsapError | None]:
         """One result or error per request, in request order. Raises ``Unavailable`` if the rank is down.
+
+        Sync modes: ``step``/``participants`` make it one rank's batch of a global step (it may be empty);
+        ``chunks`` gives the token range of each request in this batch (chunked prefill; ``None`` in the
+        result marks a chunk with more to come); ``drop`` names abandoned chunked requests whose cached
+        K/V the rank should free.
 
         Cancelled when the scheduler gives up on the batch (rank marked down, shutdown)."""
         ...

@@ -14,6 +14,11 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--rank", type=int, default=0, help="this rank's index")
     parser.add_argument(
+        "--compute",
+        default="torch",
+        help="torch (real math) or emulated:DEVICE (sleep for the modeled time of DEVICE, e.g. emulated:h200)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -37,6 +42,12 @@ def add_parser(subparsers: Any) -> None:
     )
     attention.add_argument("--max-inflight", type=int, default=2, help="micro-batches in flight on this rank")
     attention.add_argument("--max-chunk-bytes", type=int, default=2 * 1024 * 1024)
+    attention.add_argument(
+        "--route-skew",
+        type=float,
+        default=0.0,
+        help="emulated compute: skew of random top-k routing (0 = uniform)",
+    )
     attention.set_defaults(func=_serve_attention)
 
     expert = services.add_parser("expert", help="an expert rank")
@@ -67,6 +78,9 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         help="requests waiting to be placed; beyond: RESOURCE_EXHAUSTED",
     )
     parser.add_argument("--max-inflight", type=int, default=2, help="batches running per attention rank")
+    parser.add_argument(
+        "--chunk-tokens", type=int, default=8192, help="sync-chunked: prompt tokens per rank per step"
+    )
     parser.add_argument(
         "--cost",
         default=None,
@@ -103,6 +117,8 @@ def attention_config(args: argparse.Namespace) -> Any:
         device=args.device,
         max_inflight_batches=args.max_inflight,
         max_chunk_bytes=args.max_chunk_bytes,
+        compute=args.compute,
+        route_skew=args.route_skew,
     )
 
 
@@ -118,6 +134,7 @@ def expert_config(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         device=args.device,
         queue_depth=args.queue_depth,
+        compute=args.compute,
     )
 
 
@@ -133,6 +150,7 @@ def scheduler_config(args: argparse.Namespace) -> Any:
         max_queue_requests=args.max_queue,
         max_inflight_per_rank=args.max_inflight,
         mode=args.mode,
+        chunk_tokens=args.chunk_tokens,
     )
     if args.cost:
         try:

@@ -23,6 +23,11 @@ def add_parser(subparsers: Any) -> None:
     up.add_argument("--mode", choices=MODES, default=None, help="scheduling mode (default async)")
     up.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default float32)")
     up.add_argument("--device", default=None, help="torch device for every rank (default cpu)")
+    up.add_argument(
+        "--compute",
+        default=None,
+        help="torch (default) or emulated:DEVICE, e.g. emulated:h200 (no real math)",
+    )
     up.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="scheduler port (default 50051)")
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
@@ -37,6 +42,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "mode": args.mode,
         "dtype": args.dtype,
         "device": args.device,
+        "compute": args.compute,
         "host": args.host,
         "port": args.port,
     }

@@ -373,7 +373,7 @@ async def test_submit_validates_its_request() -> None:
         ({"max_batch_tokens": 0}, "max_batch_tokens"),
         ({"max_inflight_per_rank": 0}, "max_inflight_per_rank"),
         ({"mode": "lockstep"}, "lockstep"),
-        ({"mode": "sync"}, "not implemented"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:

@@ -24,7 +24,9 @@ class LocalTransport:
         self.fail_rank: int | None = None
         self.calls: list[tuple[int, int, int]] = []
 
-    async def exchange(self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch) -> torch.Tensor:
+    async def exchange(
+        self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: int
+    ) -> torch.Tensor:
         self.calls.append((rank, micro_batch, layer))
         await asyncio.sleep(self.delay_s)
         if rank == self.fail_rank:

@@ -1,0 +1,127 @@
+"""Planning of one global step for the synchronous baselines (``sync``, ``sync-chunked``). Pure functions.
+
+In a global step every healthy attention rank gets one batch (possibly empty), and the step ends when
+the slowest rank finishes: DP attention + EP experts with an all-to-all per layer. The planner makes that
+baseline as good as it honestly can be: new requests are placed longest-predicted-first on the rank with
+the least predicted work (LPT), which balances attention cost (a·n + b·n², so a long prompt counts for
+more than its tokens), within a per-rank token budget.
+
+``sync-chunked`` adds chunked prefill: a rank processes at most ``chunk_tokens`` prompt tokens per step;
+a prompt longer than what is left of that budget is split, its later chunks continue on the same rank
+in the following steps (the rank keeps their K/V), ahead of new work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from scheduler_svc.costmodel import AttentionCostModel
+from scheduler_svc.requests import ScheduledRequest
+
+
+@dataclass(slots=True, eq=False)
+class ChunkItem:
+    """Tokens ``start:end`` of ``request`` in this step's batch of one rank."""
+
+    request: ScheduledRequest
+    start: int
+    end: int
+
+    @property
+    def final(self) -> bool:
+        return self.end >= self.request.prompt_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class InProgress:
+    """A chunked prompt part-way through, pinned to the rank that holds its K/V."""
+
+    request: ScheduledRequest
+    rank: int
+    done: int  # tokens processed so far
+
+
+@dataclass(slots=True)
+class StepPlan:
+    batches: dict[int, list[ChunkItem]] = field(default_factory=dict)
+    """Per healthy rank, its items this step (empty list: the rank still takes part)."""
+    started: list[ScheduledRequest] = field(default_factory=list)
+    """Requests taken off the pending queue by this step."""
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.batches.values())
+
+
+def plan_step(
+    pending: Iterable[ScheduledRequest],
+    in_progress: Sequence[InProgress],
+    healthy_ranks: Sequence[int],
+    *,
+    max_batch_tokens: int,
+    max_batch_prompts: int,
+    cost: AttentionCostModel,
+    chunk_tokens: int | None = None,
+) -> StepPlan:
+    """Decide every healthy rank's batch for the next step.
+
+    Without ``chunk_tokens`` (``sync``): whole prompts, each rank at most ``max_batch_tokens`` (a single
+    longer prompt runs alone on a rank). With it (``sync-chunked``): each rank processes at most
+    ``chunk_tokens`` tokens, continuing its in-progress prompts first.
+    """
+    plan = StepPlan(batches={rank: [] for rank in healthy_ranks})
+    if not healthy_ranks:
+        return plan
+    budget = chunk_tokens if chunk_tokens is not None else max_batch_tokens
+    used = dict.fromkeys(healthy_ranks, 0)
+    load = dict.fromkeys(healthy_ranks, 0.0)
+    for item in in_progress:
+        if item.rank not in plan.batches:
+            continue
+        take = min(item.request.prompt_tokens - item.done, budget - used[item.rank])
+        if take > 0:
+            plan.batches[item.rank].append(ChunkItem(item.request, item.done, item.done + take))
+            used[item.rank] += take
+            load[item.rank] += cost.prompt_ms(item.done + take) - cost.prompt_ms(item.done)
+
+    # Candidates: a FIFO prefix that could fit in the step's total budget (no skipping ahead).
+    room = sum(budget - used[r] for r in healthy_ranks)
+    prompts_room = max_batch_prompts * len(healthy_ranks) - sum(len(b) for b in plan.batches.values())
+    candidates: list[ScheduledRequest] = []
+    tokens = 0
+    for request in pending:
+        if len(candidates) >= prompts_room or (candidates and tokens + request.prompt_tokens > room):
+            break
+        candidates.append(request)
+        tokens += request.prompt_tokens
+    # LPT: longest predicted first, each to the rank with the least predicted load that has room.
+    for request in sorted(candidates, key=lambda r: cost.prompt_ms(r.prompt_tokens), reverse=True):
+        open_ranks = [
+            r
+            for r in healthy_ranks
+            if len(plan.batches[r]) < max_batch_prompts
+            and (
+                used[r] + request.prompt_tokens <= budget
+                or (chunk_tokens is not None and used[r] < budget)
+                or (chunk_tokens is None and used[r] == 0)
+            )
+        ]
+        if not open_ranks:
+            continue
+        rank = min(open_ranks, key=lambda r: (load[r], r))
+        take = (
+            request.prompt_tokens if chunk_tokens is None else min(request.prompt_tokens, budget - used[rank])
+        )
+        plan.batches[rank].append(ChunkItem(request, 0, take))
+        plan.started.append(request)
+        used[rank] += take
+        load[rank] += cost.prompt_ms(take)
+    # Keep FIFO order of the started requests (sorted above only to place them).
+    order = {id(r): i for i, r in enumerate(candidates)}
+    plan.started.sort(key=lambda r: order[id(r)])
+    return plan
