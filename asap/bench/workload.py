@@ -8,8 +8,8 @@ Arrivals (open loop; request 0 is sent at t=0, the others after a gap each):
     poisson   exponential gaps with mean 1/rate
     gamma     gamma gaps with mean 1/rate and coefficient of variation ``burstiness``
               (shape 1/CV², so CV=1 is Poisson; CV>1 is burstier)
-    trace     the trace's own timestamps, relative to its first row, time-scaled so the trace's mean rate
-              (rows-1 over its span) equals the target rate (unscaled when no rate is given)
+    trace     the trace's own timestamps, relative to its first row, time-scaled so the mean rate of the
+              replayed rows (rows-1 over their span) equals the target rate (unscaled when no rate is given)
 
 Length specs (prompt tokens, clipped to [1, max_prompt_tokens] of the cluster):
     fixed:N           every prompt N tokens
@@ -224,8 +224,13 @@ def build_requests(
     gap_rng, length_rng = np.random.default_rng([spec.seed, 0]), np.random.default_rng([spec.seed, 2])
     if spec.arrival == "trace":
         assert spec.trace is not None  # checked in WorkloadSpec
-        scale = 1.0 if rate_rps is None else spec.trace.mean_rate_rps / rate_rps
-        send_at = _trace_rows(spec.trace, count)[0] * scale
+        times = _trace_rows(spec.trace, count)[0]
+        # Scale the replayed window itself to the target rate: a trace's local rate varies, so scaling by
+        # the whole trace's mean would offer the first rows at a different rate than asked.
+        span = float(times[-1] - times[0]) if count > 1 else 0.0
+        window_rate = (count - 1) / span if span > 0 else spec.trace.mean_rate_rps
+        scale = 1.0 if rate_rps is None else window_rate / rate_rps
+        send_at = (times - times[0]) * scale
     else:
         assert rate_rps is not None  # checked above
         send_at = np.concatenate([[0.0], np.cumsum(_unit_gaps(spec, gap_rng, count - 1) / rate_rps)])

@@ -146,13 +146,27 @@ def load_profile(name: str) -> DeviceProfile:
 
 
 def parse_compute(spec: str) -> tuple[str, DeviceProfile | None]:
-    """Parse a ``--compute`` value: ``torch`` -> ("torch", None); ``emulated:DEVICE`` -> ("emulated", profile)."""
+    """Parse a ``--compute`` value: ``torch`` -> ("torch", None); ``emulated:DEVICE`` -> ("emulated", profile).
+
+    ``emulated:DEVICE/F`` dilates time by F: the device runs F times slower in every respect. Used when the
+    host's CPU cannot keep up with the real device's pace (many ranks on few cores): every modeled time,
+    hence every latency, is F times longer and every rate F times lower than on the real device.
+    """
     text = spec.strip()
     if text == "torch":
         return "torch", None
     kind, sep, device = text.partition(":")
     if kind == "emulated" and sep and device:
-        return "emulated", load_profile(device)
+        name, slash, factor = device.partition("/")
+        if not slash:
+            return "emulated", load_profile(name)
+        try:
+            dilation = float(factor)
+        except ValueError:
+            raise InvalidArgument(
+                f"bad --compute value {spec!r}: time dilation {factor!r} is not a number"
+            ) from None
+        return "emulated", load_profile(name).slowed(dilation)
     raise InvalidArgument(
         f"bad --compute value {spec!r}: expected 'torch' or 'emulated:DEVICE' "
         f"(devices: {', '.join(sorted(PROFILES))})"
