@@ -27,12 +27,13 @@ context-less value, and nothing is recorded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.trace import Link
+    from opentelemetry.trace import Link, Span
+    from opentelemetry.util.types import AttributeValue
 
 try:
     from opentelemetry import trace as _trace
@@ -62,8 +63,8 @@ ATTENTION_LAYER = "attention.layer"
 # Attention rank: encoding + send of one layer's chunk(s) to one expert rank.
 # Attributes: asap.layer, asap.expert_rank, asap.tokens, asap.micro_batch.
 ATTENTION_DISPATCH = "attention.dispatch"
-# Attention rank: awaiting all combine results of one layer (dispatch done -> last partial received).
-# Attributes: asap.layer, asap.micro_batch.
+# Attention rank: awaiting all combine results of one layer (exchange start -> last partial received;
+# the dispatch sends of the layer overlap its start). Attributes: asap.layer, asap.micro_batch.
 ATTENTION_COMBINE_WAIT = "attention.combine_wait"
 # Attention rank: final norm, lm_head and sampling of the batch's first tokens.
 ATTENTION_SAMPLE = "attention.sample"
@@ -130,15 +131,55 @@ class TraceCarrier(Protocol):
     tracestate: str
 
 
-def inject() -> tuple[str, str]:
-    """``(traceparent, tracestate)`` of the current span; ``("", "")`` when none is recording."""
+def inject(context: Context | None = None) -> tuple[str, str]:
+    """``(traceparent, tracestate)`` of the current span, or of ``context``'s span when given;
+    ``("", "")`` when there is none."""
     if _PROPAGATOR is None:
         return "", ""
-    if not _trace.get_current_span().get_span_context().is_valid:
+    if not _trace.get_current_span(context).get_span_context().is_valid:
         return "", ""
     carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
+    _PROPAGATOR.inject(carrier, context=context)
     return carrier.get("traceparent", ""), carrier.get("tracestate", "")
+
+
+def context_of(span: Span) -> Context | None:
+    """A context whose current span is ``span``: the explicit parent for spans started elsewhere (another
+    task, the compute thread) and what :func:`inject` takes. ``None`` without OpenTelemetry."""
+    if _trace is None:
+        return None
+    return _trace.set_span_in_context(span)
+
+
+def trace_id_of(span: Span) -> str:
+    """``span``'s trace id as 32 lowercase hex digits."""
+    return f"{span.get_span_context().trace_id:032x}"
+
+
+def set_error(span: Span, message: str) -> None:
+    """Mark ``span`` failed with ``message`` (status ERROR)."""
+    if _trace is not None:
+        span.set_status(_trace.Status(_trace.StatusCode.ERROR, message))
+
+
+def record(
+    name: str,
+    parent: Context | None,
+    start_ns: int,
+    end_ns: int,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> None:
+    """Record a finished span ``name`` under ``parent`` from times measured elsewhere (``time.time_ns``).
+
+    For work timed where no span can be kept open (the compute thread, an executor's queue). ``parent``
+    ``None`` records nothing: a span without an explicit parent would attach to whatever is current.
+    """
+    if parent is None:
+        return
+    from asap.telemetry import setup
+
+    span = setup.get_tracer().start_span(name, context=parent, start_time=start_ns, attributes=attributes)
+    span.end(end_time=max(start_ns, end_ns))
 
 
 def inject_into(carrier: TraceCarrier) -> None:

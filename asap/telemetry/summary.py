@@ -84,6 +84,14 @@ class TraceSummary:
         }
 
 
+def requests_with_spans(records: Iterable[SpanRecord]) -> list[tuple[SpanRecord, list[SpanRecord]]]:
+    """Each ``scheduler.request`` span (by start time) with the spans that belong to its request."""
+    records = list(records)
+    index = _Index.build(records)
+    roots = sorted((s for s in records if s.name == names.SCHEDULER_REQUEST), key=lambda s: s.start_ns)
+    return [(root, _request_spans(root, index)) for root in roots]
+
+
 def _request_spans(root: SpanRecord, index: _Index) -> list[SpanRecord]:
     found: dict[str, SpanRecord] = {s.span_id: s for s in index.by_trace.get(root.trace_id, [])}
     # Children share their parent's trace, so only spans outside the root trace need walking.
@@ -165,11 +173,8 @@ def _ms(ns: float) -> float:
 def summarize(records: Iterable[SpanRecord]) -> TraceSummary:
     """Break down every request found in ``records`` and aggregate per mode and per service."""
     records = list(records)
-    index = _Index.build(records)
     summary = TraceSummary()
-    roots = sorted((s for s in records if s.name == names.SCHEDULER_REQUEST), key=lambda s: s.start_ns)
-    for root in roots:
-        spans_of_request = _request_spans(root, index)
+    for root, spans_of_request in requests_with_spans(records):
         parts = breakdown(root, spans_of_request)
         expert_wait = parts.pop("expert_wait")
         summary.requests.append(
