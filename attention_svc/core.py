@@ -11,10 +11,10 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -23,6 +23,10 @@ from asap.model.attention_part import AttentionPart, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
 from asap.model.sampling import FirstToken, first_token
+from asap.telemetry import setup, spans
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +45,14 @@ class ExpertTransport(Protocol):
         *,
         step: int = 0,
         participants: int = 0,
+        trace: Context | None = None,
     ) -> torch.Tensor:
         """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
 
         ``participants`` > 0 marks a sync-mode step: the expert rank waits for the dispatches of that many
         attention ranks for (``step``, ``layer``) before computing, and ``dispatch`` may have 0 rows.
+        ``trace`` (tracing on): the batch's context, parent of the ``attention.dispatch`` span whose
+        context travels in the chunks.
         """
         ...
 
@@ -87,6 +94,7 @@ class BatchOutcome:
 
 
 _Step = tuple[MoERequest, list[RankDispatch]]
+_T = TypeVar("_T")
 
 
 class AttentionExecutor:
@@ -131,39 +139,69 @@ class AttentionExecutor:
         return PromptSpec(request_id, tokens, temperature, seed, top_logprobs, cache, more_chunks)
 
     async def run_batch(
-        self, prompts: Sequence[PromptSpec], *, step: int = 0, participants: int = 0
+        self,
+        prompts: Sequence[PromptSpec],
+        *,
+        step: int = 0,
+        participants: int = 0,
+        trace: Context | None = None,
     ) -> BatchOutcome:
         """Prefill a batch; returns each prompt's first token. Transport errors propagate (typed).
 
         ``participants`` > 0 runs it as part of sync step ``step``: every MoE layer exchanges with every
         expert rank (empty where nothing routes there), and an empty batch still takes part.
+        ``trace``: the ``attention.batch`` span's context; with tracing on, per-layer spans go under it.
         """
         async with self._slots:
             self.inflight += 1
             try:
-                return await self._run(prompts, step, participants)
+                return await self._run(prompts, step, participants, trace if setup.TRACING_ENABLED else None)
             finally:
                 self.inflight -= 1
 
     async def _exchange_all(
-        self, micro_batch: int, layer: int, dispatches: list[RankDispatch], step: int, participants: int
+        self,
+        micro_batch: int,
+        layer: int,
+        dispatches: list[RankDispatch],
+        step: int,
+        participants: int,
+        trace: Context | None,
     ) -> list[torch.Tensor]:
-        return await _all_or_cancel(
+        started_ns = time.time_ns() if trace is not None else 0
+        partials = await _all_or_cancel(
             [
-                self.transport.exchange(d.rank, micro_batch, layer, d, step=step, participants=participants)
+                self.transport.exchange(
+                    d.rank, micro_batch, layer, d, step=step, participants=participants, trace=trace
+                )
                 for d in dispatches
             ]
         )
+        if trace is not None:
+            attributes = {spans.LAYER: layer, spans.MICRO_BATCH: micro_batch}
+            spans.record(spans.ATTENTION_COMBINE_WAIT, trace, started_ns, time.time_ns(), attributes)
+        return partials
 
-    async def _run(self, prompts: Sequence[PromptSpec], step_id: int, participants: int) -> BatchOutcome:
+    async def _on_thread(self, timed: bool, fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:
+        """``fn(*args)`` on the compute thread; ``timed``: also its start and end (``time.time_ns``),
+        taken on the thread, so time spent queued behind the other micro-batch is not counted."""
+        loop = asyncio.get_running_loop()
+        if not timed:
+            return await loop.run_in_executor(self._thread, fn, *args), 0, 0
+        return await loop.run_in_executor(self._thread, _timed, fn, *args)
+
+    async def _run(
+        self, prompts: Sequence[PromptSpec], step_id: int, participants: int, trace: Context | None
+    ) -> BatchOutcome:
         micro_batch = next(self._micro_batch_ids)
         outcome = BatchOutcome(results=[], micro_batch=micro_batch, started_ns=time.time_ns())
         if not prompts:
             if participants:
-                await self._run_empty(micro_batch, step_id, participants, outcome)
+                await self._run_empty(micro_batch, step_id, participants, outcome, trace)
             outcome.finished_ns = time.time_ns()
             return outcome
         loop = asyncio.get_running_loop()
+        timed = trace is not None
         caches = [p.cache for p in prompts]
         tokens = [p.token_ids for p in prompts]
         gen = (
@@ -173,24 +211,34 @@ class AttentionExecutor:
         )
         sync = participants > 0
         try:
-            step: _Step | torch.Tensor = await loop.run_in_executor(
-                self._thread, self._advance, gen, None, sync
-            )
+            step: _Step | torch.Tensor
+            step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, None, sync)
             while isinstance(step, tuple):
                 request, dispatches = step
+                if trace is not None:
+                    attributes = {
+                        spans.LAYER: request.layer,
+                        spans.MICRO_BATCH: micro_batch,
+                        spans.TOKENS: int(request.hidden.shape[0]),
+                    }
+                    spans.record(spans.ATTENTION_LAYER, trace, start_ns, end_ns, attributes)
                 waited = time.monotonic_ns()
                 partials = await self._exchange_all(
-                    micro_batch, request.layer, dispatches, step_id, participants
+                    micro_batch, request.layer, dispatches, step_id, participants, trace
                 )
                 outcome.expert_wait_ns += time.monotonic_ns() - waited
                 outcome.layer_done_ns.append(time.time_ns())
-                step = await loop.run_in_executor(
-                    self._thread, self._advance, gen, (request, dispatches, partials), sync
-                )
+                previous = (request, dispatches, partials)
+                step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, previous, sync)
             logits = step  # [B, V] float32
         finally:
             await loop.run_in_executor(self._thread, gen.close)
-        firsts = await loop.run_in_executor(self._thread, _sample_all, logits, prompts)
+        # The last advance (combine, final norm, lm_head) and sampling make up ``attention.sample``.
+        firsts, _, sampled_ns = await self._on_thread(timed, _sample_all, logits, prompts)
+        if trace is not None:
+            spans.record(
+                spans.ATTENTION_SAMPLE, trace, start_ns, sampled_ns, {spans.MICRO_BATCH: micro_batch}
+            )
         outcome.results = [
             PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
             for p, first in zip(prompts, firsts, strict=True)
@@ -199,13 +247,18 @@ class AttentionExecutor:
         return outcome
 
     async def _run_empty(
-        self, micro_batch: int, step_id: int, participants: int, outcome: BatchOutcome
+        self,
+        micro_batch: int,
+        step_id: int,
+        participants: int,
+        outcome: BatchOutcome,
+        trace: Context | None,
     ) -> None:
         """An idle rank in a sync step: empty dispatches to every expert rank at every MoE layer."""
         for layer in self.part.config.moe_layer_ids:
             waited = time.monotonic_ns()
             await self._exchange_all(
-                micro_batch, layer, self._with_empty_dispatches([]), step_id, participants
+                micro_batch, layer, self._with_empty_dispatches([]), step_id, participants, trace
             )
             outcome.expert_wait_ns += time.monotonic_ns() - waited
             outcome.layer_done_ns.append(time.time_ns())
@@ -246,6 +299,12 @@ class AttentionExecutor:
             return logits
         dispatches = split_by_rank(self.placement, request)
         return request, self._with_empty_dispatches(dispatches) if all_ranks else dispatches
+
+
+def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:
+    start = time.time_ns()
+    result = fn(*args)
+    return result, start, time.time_ns()
 
 
 def _sample_all(logits: torch.Tensor, prompts: Sequence[PromptSpec]) -> list[FirstToken | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -19,11 +20,15 @@ from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
 from asap.wire import codec
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.transport import GrpcExpertTransport
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +109,16 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                 rejected[prompt.request_id] = PromptOutcome(
                     prompt.request_id, len(prompt.token_ids), error=exc
                 )
+        span = _start_batch_span(assignment, self.config.rank) if setup.TRACING_ENABLED else None
         try:
             outcome = await self.executor.run_batch(
-                valid, step=assignment.step, participants=assignment.sync_participants
+                valid,
+                step=assignment.step,
+                participants=assignment.sync_participants,
+                trace=spans.context_of(span) if span is not None else None,
             )
+            if span is not None:
+                span.set_attribute(spans.MICRO_BATCH, outcome.micro_batch)
         except Exception as exc:
             for spec in valid:
                 self.caches.pop(spec.request_id, None)
@@ -116,7 +127,12 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                 logger.warning("batch %d failed: %s", assignment.batch_id, error.message)
             else:
                 logger.exception("batch %d failed", assignment.batch_id)
+            if span is not None:
+                spans.set_error(span, error.message)
             return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(error))
+        finally:
+            if span is not None:
+                span.end()
         for spec in valid:
             if not spec.more_chunks:
                 self.caches.pop(spec.request_id, None)
@@ -163,6 +179,27 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             reader.cancel()
             for task in list(stream_tasks):
                 task.cancel()
+
+
+def _start_batch_span(assignment: attention_pb2.BatchAssignment, rank: int) -> Span | None:
+    """``attention.batch``: a child of the scheduler's ``scheduler.batch`` (context in the assignment),
+    linked to each request's span. Batches without a context (cost-model probes) are not traced."""
+    from opentelemetry.trace import SpanKind
+
+    parent = spans.extract_from(assignment.trace)
+    if parent is None:
+        return None
+    return setup.get_tracer().start_span(
+        spans.ATTENTION_BATCH,
+        context=parent,
+        kind=SpanKind.SERVER,
+        links=spans.links_from(p.trace for p in assignment.prompts),
+        attributes={
+            spans.REQUEST_IDS: [p.request_id for p in assignment.prompts],
+            spans.RANK: rank,
+            spans.TOKENS: sum(len(p.token_ids) for p in assignment.prompts),
+        },
+    )
 
 
 def _batch_result(
@@ -307,20 +344,24 @@ class AttentionService:
             self.executor = None
 
     async def run_forever(self) -> None:
+        tracing = configure_tracing(spans.attention_service(self.config.rank))
         try:
-            address = await self.start()
-        except BaseException:
-            await self.stop(grace_s=0)
-            raise
-        print(f"serving attention rank {self.config.rank} at {address}", flush=True)
-        if self.handle is None or self.servicer is None:
-            raise InternalError("service did not start")
-        try:
-            await serve_until_signalled(
-                self.handle, drain=self.servicer.drain, grace_s=self.config.drain_timeout_s
-            )
+            try:
+                address = await self.start()
+            except BaseException:
+                await self.stop(grace_s=0)
+                raise
+            print(f"serving attention rank {self.config.rank} at {address}", flush=True)
+            if self.handle is None or self.servicer is None:
+                raise InternalError("service did not start")
+            try:
+                await serve_until_signalled(
+                    self.handle, drain=self.servicer.drain, grace_s=self.config.drain_timeout_s
+                )
+            finally:
+                await self.stop(grace_s=0)
         finally:
-            await self.stop(grace_s=0)
+            tracing.shutdown()  # exports the spans still buffered
 
 
 def token_ids_tensor(ids: list[int]) -> torch.Tensor:

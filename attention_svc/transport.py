@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -24,8 +25,12 @@ from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.placement import RankDispatch
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc
+from asap.telemetry import setup, spans
 from asap.v1 import expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +145,14 @@ class ExpertLink:
             logger.warning("%s; failed %d waiting dispatches", error.message, len(pending))
 
     async def exchange(
-        self, micro_batch: int, layer: int, dispatch: RankDispatch, *, step: int = 0, participants: int = 0
+        self,
+        micro_batch: int,
+        layer: int,
+        dispatch: RankDispatch,
+        *,
+        step: int = 0,
+        participants: int = 0,
+        trace: Context | None = None,
     ) -> torch.Tensor:
         key = (micro_batch, layer)
         if key in self._pending:
@@ -151,6 +163,22 @@ class ExpertLink:
         future: asyncio.Future[torch.Tensor] = loop.create_future()
         assembler = CombineAssembler(rows, self.hidden_size, self.dtype, shape_only=self.shape_only)
         self._pending[key] = _Pending(assembler, future)
+        span = None
+        traceparent = tracestate = ""
+        if trace is not None:
+            # Encoding and sending are the dispatch span; its context rides in every chunk, so the
+            # expert rank's spans of these rows join this trace although the stream is shared.
+            span = setup.get_tracer().start_span(
+                spans.ATTENTION_DISPATCH,
+                context=trace,
+                attributes={
+                    spans.LAYER: layer,
+                    spans.EXPERT_RANK: self.rank,
+                    spans.TOKENS: rows,
+                    spans.MICRO_BATCH: micro_batch,
+                },
+            )
+            traceparent, tracestate = spans.inject(spans.context_of(span))
         try:
             chunks = await loop.run_in_executor(
                 self._codec,
@@ -164,6 +192,8 @@ class ExpertLink:
                     max_chunk_bytes=self.max_chunk_bytes,
                     step=step,
                     sync_participants=participants,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
                 ),
             )
             if self.link_s is not None and rows:
@@ -171,8 +201,13 @@ class ExpertLink:
                 await asyncio.sleep(self.link_s(nbytes))
             for chunk in chunks:
                 outbox.put_nowait(chunk)
+            if span is not None:
+                span.end()
+                span = None
             return await future
         finally:
+            if span is not None:  # failed or cancelled before everything was sent
+                span.end()
             self._pending.pop(key, None)
 
     async def close(self) -> None:
@@ -225,9 +260,10 @@ class GrpcExpertTransport:
         *,
         step: int = 0,
         participants: int = 0,
+        trace: Context | None = None,
     ) -> torch.Tensor:
         return await self.links[rank].exchange(
-            micro_batch, layer, dispatch, step=step, participants=participants
+            micro_batch, layer, dispatch, step=step, participants=participants, trace=trace
         )
 
     async def close(self) -> None:

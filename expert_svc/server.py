@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -19,11 +21,15 @@ from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire import chunks, codec
 from expert_svc.barrier import StepBarrier
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor, ExpertResult
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,11 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         replies: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
-        async def reply(dispatch: chunks.Dispatch, future: asyncio.Future[ExpertResult] | None) -> None:
+        async def reply(
+            dispatch: chunks.Dispatch,
+            future: asyncio.Future[ExpertResult] | None,
+            trace: _ChunkTrace | None,
+        ) -> None:
             try:
                 barrier_ns = 0
                 if future is None:  # sync mode: wait for the other attention ranks, then compute together
@@ -95,6 +105,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                         rows=dispatch.rows,
                         total_rows=dispatch.total_rows,
                     )
+                    if trace is not None:
+                        trace.barrier_done()
                     if dispatch.rows == 0:
                         future = loop.create_future()
                         future.set_result(ExpertResult(dispatch.hidden, 0, 0))
@@ -103,6 +115,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                             dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
                         )
                 result = await future
+                if trace is not None:
+                    trace.computed(result)
                 msg = await loop.run_in_executor(
                     self._codec,
                     lambda: chunks.combine_chunk(
@@ -117,7 +131,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 msg = _error_reply(
                     dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
                 )
+                trace = None
             await outbound.put(msg)
+            if trace is not None:
+                trace.sent()
 
         async def read() -> None:
             async for msg in request_iterator:
@@ -131,6 +148,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                         top_k=self._cfg.top_k,
                         allow_shape_only=self.shape_only,
                     )
+                    trace = _ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                     if dispatch.sync_participants:
                         self.executor.validate(dispatch.layer, dispatch.expert_ids)
                         future = None  # queued after the step barrier
@@ -147,7 +165,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                         _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
                     )
                     continue
-                task = asyncio.create_task(reply(dispatch, future))
+                task = asyncio.create_task(reply(dispatch, future, trace))
                 replies.add(task)
                 task.add_done_callback(replies.discard)
             if replies:
@@ -173,6 +191,59 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             reader.cancel()
             for task in list(replies):
                 task.cancel()
+
+
+class _ChunkTrace:
+    """The expert-side spans of one chunk, children of the ``attention.dispatch`` context it carries.
+
+    Times are taken as the chunk moves (``time.time_ns``) and the executor's own queue/compute figures;
+    the spans are recorded once its combine chunk is sent, so nothing is held open across the executor.
+    """
+
+    __slots__ = ("arrived_ns", "barrier_ns", "compute", "dispatch", "parent", "queued_ns", "result_ns")
+
+    def __init__(self, parent: Context, dispatch: chunks.Dispatch) -> None:
+        self.parent = parent
+        self.dispatch = dispatch
+        self.arrived_ns = self.queued_ns = time.time_ns()
+        self.barrier_ns: tuple[int, int] | None = None
+        self.compute: tuple[int, int] | None = None  # queue wait, compute time (ns)
+        self.result_ns = 0
+
+    @classmethod
+    def start(cls, dispatch: chunks.Dispatch) -> _ChunkTrace | None:
+        parent = spans.extract(dispatch.traceparent, dispatch.tracestate)
+        return None if parent is None else cls(parent, dispatch)
+
+    def barrier_done(self) -> None:
+        self.queued_ns = time.time_ns()
+        self.barrier_ns = (self.arrived_ns, self.queued_ns)
+
+    def computed(self, result: ExpertResult) -> None:
+        self.result_ns = time.time_ns()
+        if self.dispatch.rows:
+            self.compute = (result.queue_ns, result.compute_ns)
+
+    def sent(self) -> None:
+        d = self.dispatch
+        base = {spans.LAYER: d.layer, spans.MICRO_BATCH: d.micro_batch, spans.TOKENS: d.rows}
+        transfer = {
+            spans.ATTENTION_RANK: d.attention_rank,
+            spans.TRANSFER_NS: self.arrived_ns - d.sent_unix_nanos,
+        }
+        if self.barrier_ns is not None:
+            spans.record(
+                spans.SYNC_BARRIER_WAIT,
+                self.parent,
+                *self.barrier_ns,
+                {**base, **transfer, spans.STEP: d.step},
+            )
+        if self.compute is not None:
+            queue_ns, compute_ns = self.compute
+            started = self.queued_ns + queue_ns
+            spans.record(spans.EXPERT_QUEUE, self.parent, self.queued_ns, started, {**base, **transfer})
+            spans.record(spans.EXPERT_COMPUTE, self.parent, started, started + compute_ns, base)
+        spans.record(spans.EXPERT_COMBINE_SEND, self.parent, self.result_ns, time.time_ns(), base)
 
 
 def _error_reply(
@@ -272,20 +343,24 @@ class ExpertService:
             self.servicer = None
 
     async def run_forever(self) -> None:
+        tracing = configure_tracing(spans.expert_service(self.config.rank))
         try:
-            address = await self.start()
-        except BaseException:
-            await self.stop(grace_s=0)
-            raise
-        print(f"serving expert rank {self.config.rank} at {address}", flush=True)
-        assert self.handle is not None and self.executor is not None
-        executor = self.executor
-        try:
-            await serve_until_signalled(
-                self.handle, drain=executor.drain, grace_s=self.config.drain_timeout_s
-            )
+            try:
+                address = await self.start()
+            except BaseException:
+                await self.stop(grace_s=0)
+                raise
+            print(f"serving expert rank {self.config.rank} at {address}", flush=True)
+            assert self.handle is not None and self.executor is not None
+            executor = self.executor
+            try:
+                await serve_until_signalled(
+                    self.handle, drain=executor.drain, grace_s=self.config.drain_timeout_s
+                )
+            finally:
+                await self.stop(grace_s=0)
         finally:
-            await self.stop(grace_s=0)
+            tracing.shutdown()  # exports the spans still buffered
 
 
 __all__ = ["ExpertService", "ExpertServicer", "InvalidArgument", "build_executor", "common_pb2"]

@@ -244,6 +244,8 @@ class SchedulerCore:
                 return
             batch.predicted_ms = self._config.cost.batch_ms([r.prompt_tokens for r in batch.requests])
             batch.sent = time.monotonic()
+            for request in batch.requests:
+                request.end_queue_span()
             try:
                 outcomes = await self._client.run_batch(batch.rank, batch.batch_id, batch.requests)
             except Unavailable as exc:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc, error_from_status
+from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from scheduler_svc.requests import RankResultItem, ScheduledRequest
 
@@ -126,8 +128,11 @@ class GrpcRankClient:
         *,
         on_down: Callable[[int, str], None],
         on_up: Callable[[int], None],
+        mode: str = "async",
     ) -> None:
         self.targets = list(targets)
+        self.mode = mode
+        """Scheduling mode, recorded on ``scheduler.batch`` spans."""
         self._on_up = on_up
         self._down: set[int] = set()
 
@@ -201,7 +206,11 @@ class GrpcRankClient:
                 for r, (start, end) in zip(requests, spans, strict=True)
             ],
         )
-        result = await self.links[rank].run(assignment)
+        # Calibration probes carry no request context and are not traced.
+        if setup.TRACING_ENABLED and (not requests or any(r.traceparent for r in requests)):
+            result = await self._run_traced(rank, assignment, requests, step)
+        else:
+            result = await self.links[rank].run(assignment)
         if result.HasField("error"):
             error = error_from_status(result.error.code, result.error.message)
             return [error] * len(requests)
@@ -210,6 +219,46 @@ class GrpcRankClient:
                 f"attention rank {rank} answered {len(result.results)} of {len(requests)} prompts"
             )
         return [None if p.partial and not p.HasField("error") else _item_or_error(p) for p in result.results]
+
+    async def _run_traced(
+        self,
+        rank: int,
+        assignment: attention_pb2.BatchAssignment,
+        requests: Sequence[ScheduledRequest],
+        step: int,
+    ) -> attention_pb2.BatchResult:
+        """Run ``assignment`` inside a ``scheduler.batch`` span: a trace of its own, linked to every
+        request's ``scheduler.request`` span, its context sent along in ``assignment.trace``."""
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind
+
+        attributes: dict[str, Any] = {
+            spans.REQUEST_IDS: [r.request_id for r in requests],
+            spans.RANK: rank,
+            spans.TOKENS: sum(len(p.token_ids) for p in assignment.prompts),
+            spans.MODE: self.mode,
+        }
+        if step:
+            attributes[spans.STEP] = step
+        span = setup.get_tracer().start_span(
+            spans.SCHEDULER_BATCH,
+            context=Context(),
+            kind=SpanKind.CLIENT,
+            links=spans.links_from(p.trace for p in assignment.prompts),
+            attributes=attributes,
+        )
+        traceparent, tracestate = spans.inject(spans.context_of(span))
+        assignment.trace.traceparent, assignment.trace.tracestate = traceparent, tracestate
+        try:
+            result = await self.links[rank].run(assignment)
+            if result.HasField("error"):
+                spans.set_error(span, result.error.message)
+            return result
+        except BaseException as exc:
+            spans.set_error(span, getattr(exc, "message", type(exc).__name__))
+            raise
+        finally:
+            span.end()
 
     async def close(self) -> None:
         if self._monitor is not None:

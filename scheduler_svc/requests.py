@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from asap.errors import AsapError
 
@@ -31,6 +32,8 @@ class ScheduledRequest:
     """``time.monotonic()`` at arrival; queue and TTFT times are measured from it."""
     traceparent: str = ""
     tracestate: str = ""
+    queue_span: Any = field(default=None, repr=False)
+    """Tracing: the open ``scheduler.queue`` span, ended by :meth:`end_queue_span` (``None`` when off)."""
     _future: asyncio.Future[RequestResult] | None = field(default=None, init=False, repr=False)
     """Set by ``SchedulerCore.submit``; resolved with the result or the request's error."""
 
@@ -42,6 +45,12 @@ class ScheduledRequest:
     def waiting(self) -> bool:
         """Submitted and its caller still waits for the outcome."""
         return self._future is not None and not self._future.done()
+
+    def end_queue_span(self) -> None:
+        """Its (first) batch went to an attention rank, or it left: its queueing is over. Idempotent."""
+        span, self.queue_span = self.queue_span, None
+        if span is not None:
+            span.end()
 
     def settle(self, outcome: RequestResult | AsapError) -> None:
         """Resolve the caller's wait, unless it already gave up (then the outcome is dropped)."""

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,12 +19,16 @@ from asap.model.tiny import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
 from asap.rpc.status import abort_with
+from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.rank_client import GrpcRankClient
 from scheduler_svc.requests import RequestResult, ScheduledRequest
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,36 @@ def _trace_context(request: scheduler_pb2.PrefillRequest) -> tuple[str, str]:
     if len(parts) == 4 and len(parts[1]) == 32:
         return request.trace.traceparent, request.trace.tracestate
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01", ""
+
+
+def _start_request_spans(
+    request: scheduler_pb2.PrefillRequest, scheduled: ScheduledRequest, mode: str, arrival_ns: int
+) -> Span:
+    """Open ``scheduler.request`` (under the client's span when it sent one, else a new trace) and its
+    ``scheduler.queue`` child; the request then carries the request span's context to its rank."""
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanKind
+
+    tracer = setup.get_tracer()
+    span = tracer.start_span(
+        spans.SCHEDULER_REQUEST,
+        context=spans.extract_from(request.trace) or Context(),
+        kind=SpanKind.SERVER,
+        start_time=arrival_ns,
+        attributes={
+            spans.REQUEST_ID: scheduled.request_id,
+            spans.MODE: mode,
+            spans.TOKENS: scheduled.prompt_tokens,
+        },
+    )
+    context = spans.context_of(span)
+    scheduled.queue_span = tracer.start_span(spans.SCHEDULER_QUEUE, context=context, start_time=arrival_ns)
+    scheduled.traceparent, scheduled.tracestate = spans.inject(context)
+    return span
+
+
+def _mark_failed(span: Span, exc: BaseException) -> None:
+    spans.set_error(span, exc.message if isinstance(exc, AsapError) else type(exc).__name__)
 
 
 class PromptValidator:
@@ -126,16 +161,33 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             tracestate=tracestate,
         )
 
+    async def _prefill(
+        self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
+    ) -> scheduler_pb2.PrefillResponse:
+        """Validate, schedule and answer one request; ``AsapError`` propagates."""
+        if not setup.TRACING_ENABLED:
+            scheduled = self._scheduled(request, timeout_s)
+            return _response(await self.core.submit(scheduled), scheduled)
+        arrival_ns = time.time_ns()
+        scheduled = self._scheduled(request, timeout_s)
+        span = _start_request_spans(request, scheduled, self.config.core.mode, arrival_ns)
+        try:
+            return _response(await self.core.submit(scheduled), scheduled)
+        except BaseException as exc:
+            _mark_failed(span, exc)
+            raise
+        finally:
+            scheduled.end_queue_span()
+            span.end()
+
     async def Prefill(
         self, request: scheduler_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.PrefillResponse:
         try:
-            scheduled = self._scheduled(request, context.time_remaining())
-            result = await self.core.submit(scheduled)
+            return await self._prefill(request, context.time_remaining())
         except AsapError as exc:
             await abort_with(context, exc)
             raise InternalError("unreachable: abort returned") from exc
-        return _response(result, scheduled)
 
     async def PrefillStream(
         self, request_iterator: AsyncIterator[scheduler_pb2.PrefillRequest], context: grpc.aio.ServicerContext
@@ -146,8 +198,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         async def one(request: scheduler_pb2.PrefillRequest) -> None:
             timeout = request.timeout_ms / 1e3 if request.timeout_ms else None
             try:
-                scheduled = self._scheduled(request, timeout)
-                response = _response(await self.core.submit(scheduled), scheduled)
+                response = await self._prefill(request, timeout)
             except AsapError as exc:
                 response = scheduler_pb2.PrefillResponse(
                     request_id=request.request_id, error=common_pb2.Error(code=exc.code, message=exc.message)
@@ -287,6 +338,7 @@ class SchedulerService:
         core_ref: list[SchedulerCore] = []
         self.ranks = GrpcRankClient(
             self.config.attention_targets,
+            mode=self.config.core.mode,
             on_down=lambda rank, reason: core_ref[0].mark_rank_down(rank, reason),
             on_up=lambda rank: core_ref[0].mark_rank_up(rank),
         )
@@ -326,15 +378,21 @@ class SchedulerService:
             self.ranks = None
 
     async def run_forever(self) -> None:
+        tracing = configure_tracing(spans.SCHEDULER_SERVICE)
         try:
-            address = await self.start()
-        except BaseException:
-            await self.stop(grace_s=0)
-            raise
-        print(f"serving scheduler at {address}", flush=True)
-        if self.handle is None:
-            raise InternalError("service did not start")
-        try:
-            await serve_until_signalled(self.handle, drain=self.drain, grace_s=self.config.drain_timeout_s)
+            try:
+                address = await self.start()
+            except BaseException:
+                await self.stop(grace_s=0)
+                raise
+            print(f"serving scheduler at {address}", flush=True)
+            if self.handle is None:
+                raise InternalError("service did not start")
+            try:
+                await serve_until_signalled(
+                    self.handle, drain=self.drain, grace_s=self.config.drain_timeout_s
+                )
+            finally:
+                await self.stop(grace_s=0)
         finally:
-            await self.stop(grace_s=0)
+            tracing.shutdown()  # exports the spans still buffered

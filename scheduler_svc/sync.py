@@ -80,6 +80,7 @@ class SyncDispatcher:
             for request in plan.started:
                 core._pending.pop(request, None)
                 self._first_sent[request] = sent
+                request.end_queue_span()
             await self._run_step(next(self.steps), plan.batches, sent)
             core._progress()
 

@@ -25,6 +25,7 @@ from asap.client._types import (
 from asap.errors import AsapError, InternalError, InvalidArgument, ResourceExhausted, Unavailable
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc, error_from_status
+from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 if TYPE_CHECKING:
@@ -297,7 +298,20 @@ class AsapClient:
                 raise error_from_status(response.error.code, response.error.message)
             return _result_from_proto(response, sent_id)
 
-        return await self._with_retries(attempt, _Deadline(spec.timeout_s or self.timeout_s))
+        deadline = _Deadline(spec.timeout_s or self.timeout_s)
+        if not setup.TRACING_ENABLED:
+            spans.inject_into(request.trace)  # the caller's own span, if its process traces
+            return await self._with_retries(attempt, deadline)
+        from opentelemetry.trace import SpanKind
+
+        attributes: dict[str, str | int] = {spans.REQUEST_ID: sent_id}
+        if spec.tokens is not None:
+            attributes[spans.TOKENS] = len(spec.tokens)
+        with setup.get_tracer().start_as_current_span(
+            spans.CLIENT_PREFILL, kind=SpanKind.CLIENT, attributes=attributes
+        ):
+            spans.inject_into(request.trace)
+            return await self._with_retries(attempt, deadline)
 
     async def cluster_state(self, *, timeout_s: float | None = None) -> ClusterState:
         """The scheduler's view of the cluster (ranks, queues, model, vocabulary size)."""
