@@ -282,15 +282,17 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
 
 
 async def warm_up(executor: ExpertExecutor) -> None:
-    """One computation per MoE layer so the first real chunk does not pay first-call costs."""
+    """Two chunks per MoE layer, queued together so they are merged into one computation: the first
+    real chunks then pay no first-call costs, of the single or of the merged path (on meta tensors the
+    first ``torch.cat`` costs about a second)."""
     part = executor.part
     hidden = torch.zeros(1, part.config.hidden_size, dtype=part.dtype, device=part.device)  # [1, H]
     ids = torch.full((1, part.config.top_k), -1, dtype=torch.int32)
     ids[0, 0] = part.hosted[0]
     weights = torch.zeros(1, part.config.top_k, dtype=torch.float32)
     for layer in part.config.moe_layer_ids:
-        future = await executor.submit(layer, hidden, ids, weights)
-        await future
+        futures = [await executor.submit(layer, hidden, ids, weights) for _ in range(2)]
+        await asyncio.gather(*futures)
 
 
 class ExpertService:
