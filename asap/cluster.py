@@ -22,11 +22,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
 from asap.errors import InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from asap.telemetry.collector import CollectorHandle
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class ClusterSpec:
     """``torch`` or ``emulated:DEVICE`` for every attention and expert rank."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
+    trace: str | None = None
+    """Trace every service into this JSON-lines file through an in-process OTLP collector."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -128,6 +133,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         "host",
         "threads",
         "compute",
+        "trace",
         "scheduler",
         "attention",
         "experts",
@@ -140,7 +146,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {
         key: raw[key]
-        for key in ("model", "mode", "dtype", "device", "host", "threads")
+        for key in ("model", "mode", "dtype", "device", "host", "threads", "compute", "trace")
         if raw.get(key) is not None
     }
     if "port" in scheduler:
@@ -209,13 +215,13 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
 class ChildProcess:
     """One service child: its output forwarded with a prefix, its ready address captured."""
 
-    def __init__(self, command: ServiceCommand, out: TextIO) -> None:
+    def __init__(self, command: ServiceCommand, out: TextIO, env: dict[str, str] | None = None) -> None:
         self.name = command.name
         self.tail: deque[str] = deque(maxlen=40)
         self.address: str | None = None
         self._ready = threading.Event()
         self._out = out
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "asap.cli", *command.argv],
             stdout=subprocess.PIPE,
@@ -295,9 +301,11 @@ class LocalCluster:
         self.address: str | None = None
         self._out = out or sys.stdout
         self._start_timeout_s = start_timeout_s
+        self._collector: CollectorHandle | None = None
+        self._child_env: dict[str, str] = {}
 
     def _launch(self, commands: Sequence[ServiceCommand], deadline: float) -> list[str]:
-        batch = [ChildProcess(c, self._out) for c in commands]
+        batch = [ChildProcess(c, self._out, self._child_env) for c in commands]
         self.children.extend(batch)
         addresses = [child.wait_ready(deadline) for child in batch]
         for address in addresses:
@@ -311,6 +319,8 @@ class LocalCluster:
         deadline = time.monotonic() + self._start_timeout_s
         model_dir = str(resolve_model(self.spec.model))  # once here, so children never race to create it
         try:
+            if self.spec.trace:
+                self._start_collector(self.spec.trace)
             experts = self._launch(expert_commands(self.spec, model_dir), deadline)
             attention = self._launch(attention_commands(self.spec, model_dir, experts), deadline)
             (self.address,) = self._launch([scheduler_command(self.spec, model_dir, attention)], deadline)
@@ -318,6 +328,27 @@ class LocalCluster:
             self.stop()
             raise
         return self.address
+
+    @property
+    def trace_endpoint(self) -> str | None:
+        """``OTEL_EXPORTER_OTLP_ENDPOINT`` of the cluster's collector while tracing, else ``None``: other
+        processes (a traced client) can send their spans to the same file through it."""
+        return self._collector.endpoint if self._collector is not None else None
+
+    def _start_collector(self, path: str) -> None:
+        """Receive every child's spans here and append them to ``path``; the children export over OTLP."""
+        from asap.telemetry.collector import start_collector
+
+        try:
+            self._collector = start_collector("127.0.0.1:0", path)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot trace to {path}: {exc}") from exc
+        self._child_env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self._collector.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        }
+        logger.info("tracing to %s (collector at %s)", path, self._collector.address)
 
     def failed_child(self) -> ChildProcess | None:
         """A child that exited on its own, if any."""
@@ -344,6 +375,10 @@ class LocalCluster:
                     child.proc.wait()
                 child.close()
         self.children.clear()
+        # After the children: they export what they still hold while shutting down.
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            collector.stop()
 
     def __enter__(self) -> LocalCluster:
         self.start()

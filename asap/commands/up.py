@@ -30,6 +30,12 @@ def add_parser(subparsers: Any) -> None:
     )
     up.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="scheduler port (default 50051)")
+    up.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE.jsonl",
+        help="trace every service into FILE (OTLP JSON lines) through a collector run by this command",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -45,6 +51,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "compute": args.compute,
         "host": args.host,
         "port": args.port,
+        "trace": args.trace,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         address = cluster.start()
         started.set()
         print(f"ready: scheduler at {address}", flush=True)
+        if spec.trace:
+            print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):
             failed = cluster.failed_child()
             if failed is not None:
