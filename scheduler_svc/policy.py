@@ -1,7 +1,12 @@
 """Batch policies: which pending requests form the next batch, and which rank runs it.
 
 The core owns queues, tasks and failure handling; a policy only decides. Async mode is implemented here;
-sync global steps and min-size batching plug in as further ``BatchPolicy`` implementations.
+sync global steps and min-size batching (``scheduler_svc.minbatch``) plug in as further ``BatchPolicy``
+implementations.
+
+A policy that holds requests until a time passes (min-size batching's wait bound) also implements
+``wake_at``; the dispatcher asks ``next_wake`` after a ``None`` decision and re-evaluates at that loop
+time even if no event arrives. Policies without ``wake_at`` are only re-evaluated on events.
 """
 
 from __future__ import annotations
@@ -43,6 +48,38 @@ class BatchPolicy(Protocol):
     ) -> BatchDecision | None: ...
 
 
+class WakingBatchPolicy(BatchPolicy, Protocol):
+    """A policy that may wait for a time to pass, not only for an event."""
+
+    def wake_at(self, pending: Sequence[ScheduledRequest], now: float) -> float | None:
+        """Loop time at which the dispatcher must call ``next_batch`` again although nothing happened;
+        ``None`` = only on events (arrival, finished batch, rank up). Asked after ``next_batch`` returned
+        ``None`` for the same ``pending`` and ``now``; never returns a time ``<= now``."""
+        ...
+
+
+def next_wake(policy: BatchPolicy, pending: Sequence[ScheduledRequest], now: float) -> float | None:
+    """``policy.wake_at(pending, now)`` for a policy that has one, else ``None`` (re-evaluate on events)."""
+    wake_at = getattr(policy, "wake_at", None)
+    if wake_at is None:
+        return None
+    when: float | None = wake_at(pending, now)
+    return when
+
+
+def place_batch(
+    config: SchedulerConfig, batch: list[ScheduledRequest], ranks: Sequence[RankView]
+) -> BatchDecision | None:
+    """Send ``batch`` to the free healthy rank with the least predicted finish time (its remaining work
+    plus this batch's cost); ``None`` when no rank is free or the batch is empty."""
+    available = [view.healthy and view.free_slots > 0 for view in ranks]
+    if not batch or not any(available):
+        return None
+    cost = config.cost.batch_ms([request.prompt_tokens for request in batch])
+    rank = least_finish_time([view.predicted_load_ms + cost for view in ranks], available)
+    return BatchDecision(rank=rank, requests=batch, predicted_ms=cost)
+
+
 def take_fifo(
     pending: Iterable[ScheduledRequest], max_tokens: int, max_prompts: int
 ) -> list[ScheduledRequest]:
@@ -74,12 +111,7 @@ class AsyncBatchPolicy:
     def next_batch(
         self, pending: Iterable[ScheduledRequest], ranks: Sequence[RankView], now: float
     ) -> BatchDecision | None:
-        available = [view.healthy and view.free_slots > 0 for view in ranks]
-        if not any(available):
+        if not any(view.healthy and view.free_slots > 0 for view in ranks):
             return None
         batch = take_fifo(pending, self._config.max_batch_tokens, self._config.max_batch_prompts)
-        if not batch:
-            return None
-        cost = self._config.cost.batch_ms([request.prompt_tokens for request in batch])
-        rank = least_finish_time([view.predicted_load_ms + cost for view in ranks], available)
-        return BatchDecision(rank=rank, requests=batch, predicted_ms=cost)
+        return place_batch(self._config, batch, ranks)
