@@ -11,7 +11,7 @@ from asap.errors import AsapError
 
 # Subcommand name -> module under asap.commands providing ``add_parser(subparsers)``; each parser sets
 # ``func`` (args -> exit code) as its default.
-COMMANDS: tuple[str, ...] = ("up", "serve", "prefill", "model", "bench", "trace")
+COMMANDS: tuple[str, ...] = ("up", "serve", "prefill", "model", "bench", "trace", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
