@@ -89,22 +89,52 @@ def plan_step(
             used[item.rank] += take
             load[item.rank] += cost.prompt_ms(item.done + take) - cost.prompt_ms(item.done)
 
-    # Candidates: a FIFO prefix that could fit in the step's total budget (no skipping ahead).
+    # Candidates: a FIFO prefix that could fit in the step's total budget (no skipping ahead). A prompt
+    # counts for at most one rank's budget (a longer one runs alone on its rank); with chunking, the last
+    # candidate may fit only in part (its first chunk takes what is left).
     room = sum(budget - used[r] for r in healthy_ranks)
     prompts_room = max_batch_prompts * len(healthy_ranks) - sum(len(b) for b in plan.batches.values())
     candidates: list[ScheduledRequest] = []
     tokens = 0
     for request in pending:
-        if len(candidates) >= prompts_room or (candidates and tokens + request.prompt_tokens > room):
+        need = min(request.prompt_tokens, budget) if chunk_tokens is None else 1
+        if len(candidates) >= prompts_room or (candidates and tokens + need > room):
             break
         candidates.append(request)
-        tokens += request.prompt_tokens
-    # LPT: longest predicted first, each to the rank with the least predicted load that has room.
+        tokens += min(request.prompt_tokens, budget)
+    # If packing leaves a candidate out, the longest prefix that packs goes (the rest wait, in order).
+    while True:
+        batches = {rank: list(items) for rank, items in plan.batches.items()}
+        if not _place_lpt(
+            candidates, batches, dict(used), dict(load), budget, max_batch_prompts, chunk_tokens, cost
+        ):
+            break
+        candidates.pop()
+    plan.batches = batches
+    plan.started = candidates
+    return plan
+
+
+def _place_lpt(
+    candidates: Sequence[ScheduledRequest],
+    batches: dict[int, list[ChunkItem]],
+    used: dict[int, int],
+    load: dict[int, float],
+    budget: int,
+    max_batch_prompts: int,
+    chunk_tokens: int | None,
+    cost: AttentionCostModel,
+) -> list[ScheduledRequest]:
+    """LPT: longest predicted first, each to the rank with the least predicted load that has room.
+
+    Adds to ``batches`` (updating ``used`` and ``load``); returns the candidates that found no rank.
+    """
+    left_out: list[ScheduledRequest] = []
     for request in sorted(candidates, key=lambda r: cost.prompt_ms(r.prompt_tokens), reverse=True):
         open_ranks = [
             r
-            for r in healthy_ranks
-            if len(plan.batches[r]) < max_batch_prompts
+            for r in batches
+            if len(batches[r]) < max_batch_prompts
             and (
                 used[r] + request.prompt_tokens <= budget
                 or (chunk_tokens is not None and used[r] < budget)
@@ -112,16 +142,13 @@ def plan_step(
             )
         ]
         if not open_ranks:
+            left_out.append(request)
             continue
         rank = min(open_ranks, key=lambda r: (load[r], r))
         take = (
             request.prompt_tokens if chunk_tokens is None else min(request.prompt_tokens, budget - used[rank])
         )
-        plan.batches[rank].append(ChunkItem(request, 0, take))
-        plan.started.append(request)
+        batches[rank].append(ChunkItem(request, 0, take))
         used[rank] += take
         load[rank] += cost.prompt_ms(take)
-    # Keep FIFO order of the started requests (sorted above only to place them).
-    order = {id(r): i for i, r in enumerate(candidates)}
-    plan.started.sort(key=lambda r: order[id(r)])
-    return plan
+    return left_out
