@@ -9,6 +9,7 @@ still runs an empty batch, so it takes part in every layer's exchange, exactly a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -146,6 +147,8 @@ class SyncDispatcher:
             return
         else:
             sent = self._first_sent.get(request, done)
+            # The rank counts the tokens it was sent, the last chunk's only: report the whole prompt's.
+            result = dataclasses.replace(result, prompt_tokens=request.prompt_tokens)
             request.settle(RequestResult.of(request, result, rank, sent, done))
         if progress is not None:
             self.in_progress.remove(progress)
