@@ -60,19 +60,24 @@ class SyncDispatcher:
         config = core._config
         loop = asyncio.get_running_loop()
         while True:
-            self._forget_withdrawn()
-            healthy = [rank for rank, state in enumerate(core._ranks) if state.healthy]
-            now = loop.time()
-            live = [r for r in core._pending if r.deadline is None or r.deadline > now]
-            plan = plan_step(
-                live,
-                self.in_progress,
-                healthy,
-                max_batch_tokens=config.max_batch_tokens,
-                max_batch_prompts=config.max_batch_prompts,
-                cost=config.cost,
-                chunk_tokens=self.chunk_tokens,
-            )
+            try:
+                self._forget_withdrawn()
+                healthy = [rank for rank, state in enumerate(core._ranks) if state.healthy]
+                now = loop.time()
+                live = [r for r in core._pending if r.deadline is None or r.deadline > now]
+                plan = plan_step(
+                    live,
+                    self.in_progress,
+                    healthy,
+                    max_batch_tokens=config.max_batch_tokens,
+                    max_batch_prompts=config.max_batch_prompts,
+                    cost=config.cost,
+                    chunk_tokens=self.chunk_tokens,
+                )
+            except Exception as exc:  # a planner bug must not silently wedge every queued request
+                logger.exception("sync step planning failed")
+                core._fail_pending(InternalError(f"sync step planning failed: {exc!r}"))
+                continue
             if plan.empty:
                 core._wake.clear()
                 await core._wake.wait()
@@ -123,6 +128,8 @@ class SyncDispatcher:
                 self._deliver(rank, item, result, done)
 
     def _fail_rank_items(self, rank: int, items: list[ChunkItem], exc: BaseException) -> None:
+        for item in items:
+            self._first_sent.pop(item.request, None)
         error = exc if isinstance(exc, AsapError) else InternalError(f"step failed on rank {rank}: {exc!r}")
         if not isinstance(exc, AsapError):
             logger.error("sync step on rank %d failed: %r", rank, exc)
