@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from asap.errors import InvalidArgument, Unavailable
+from asap.optimizations import format_optimizations, parse_optimizations
 
 if TYPE_CHECKING:
     from asap.telemetry.collector import CollectorHandle
@@ -63,6 +64,10 @@ class ClusterSpec:
     """The scheduler's port (the cluster's public address)."""
     compute: str = "torch"
     """``torch`` or ``emulated:DEVICE`` for every attention and expert rank."""
+    optimizations: str = "all"
+    """``all``, ``none`` or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic."""
+    min_batch_tokens: int | None = None
+    """min-batch threshold; None: the expert knee, calibrated on this backend (cached per backend)."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
@@ -84,6 +89,7 @@ class ClusterSpec:
             raise InvalidArgument("the spec lists more per-rank entries than ranks")
         self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]
         self.expert_ranks += [RankSpec() for _ in range(self.experts - len(self.expert_ranks))]
+        self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
 
@@ -146,7 +152,18 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {
         key: raw[key]
-        for key in ("model", "mode", "dtype", "device", "host", "threads", "compute", "trace")
+        for key in (
+            "model",
+            "mode",
+            "dtype",
+            "device",
+            "host",
+            "threads",
+            "compute",
+            "trace",
+            "optimizations",
+            "min_batch_tokens",
+        )
         if raw.get(key) is not None
     }
     if "port" in scheduler:
@@ -178,7 +195,8 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--num-ranks", str(spec.experts),
                 "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
-                "--threads", str(spec.rank_threads()), "--compute", spec.compute, *rank.extra_args,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute,
+                "--optimizations", spec.optimizations, *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -195,7 +213,8 @@ def attention_commands(
                 "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--experts", ",".join(expert_targets),
                 "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
-                "--threads", str(spec.rank_threads()), "--compute", spec.compute, *rank.extra_args,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute,
+                "--optimizations", spec.optimizations, *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)
@@ -207,7 +226,9 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
         "scheduler",
         [
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
-            "--attention", ",".join(attention_targets), "--mode", spec.mode, *spec.scheduler_args,
+            "--attention", ",".join(attention_targets), "--mode", spec.mode,
+            "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
+            *spec.scheduler_args,
         ],
     )  # fmt: skip
 
@@ -318,6 +339,13 @@ class LocalCluster:
 
         deadline = time.monotonic() + self._start_timeout_s
         model_dir = str(resolve_model(self.spec.model))  # once here, so children never race to create it
+        if "min-batch" in parse_optimizations(self.spec.optimizations) and self.spec.min_batch_tokens is None:
+            self.spec.min_batch_tokens = calibrated_knee(self.spec, model_dir)
+            print(
+                f"min-batch threshold: {self.spec.min_batch_tokens} tokens (expert knee)",
+                file=self._out,
+                flush=True,
+            )
         try:
             if self.spec.trace:
                 self._start_collector(self.spec.trace)
@@ -386,3 +414,37 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
+    """The expert knee for ``spec``'s backend: modeled for emulated compute, else measured once and cached
+    under the cache directory (``asap calibrate`` measures and prints the same curve)."""
+    import hashlib
+    import json
+
+    from asap.calibrate import calibrate
+    from asap.model.tiny import tiny_cache_root
+
+    key = json.dumps([str(Path(model_dir).resolve()), spec.compute, spec.experts, spec.device, spec.dtype])
+    cache = tiny_cache_root().parent / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if cache.is_file():
+        return int(json.loads(cache.read_text())["knee_tokens"])
+    import torch
+
+    counts = (
+        (128, 256, 512, 1024, 2048, 4096)
+        if spec.compute == "torch"
+        else (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+    )
+    result = calibrate(
+        model_dir,
+        spec.compute,
+        spec.experts,
+        counts,
+        device=spec.device,
+        dtype=getattr(torch, spec.dtype),
+        repeats=2,
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"knee_tokens": result.knee_tokens, "backend": result.backend, "key": key}))
+    return result.knee_tokens

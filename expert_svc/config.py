@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from asap.errors import InvalidArgument
+from asap.optimizations import OPTIMIZATIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,6 +31,10 @@ class ExpertServiceConfig:
     max_merge_rows: int = 16384
     """Upper bound on rows of same-layer chunks computed together in one expert call."""
     drain_timeout_s: float = 10.0
+    optimizations: frozenset[str] = field(default_factory=lambda: frozenset(OPTIMIZATIONS))
+    """Enabled optimizations; expert ranks act on ``expert-overlap`` (receive, compute and send of
+    different chunks proceed concurrently; off: one chunk at a time, end to end) and ``layer-agnostic``
+    (one routine over weights stacked for all layers; off: a per-layer module per call)."""
     compute: str = "torch"
     """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
     sync_timeout_s: float = 120.0

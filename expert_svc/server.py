@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.profile = profile
         """Emulated compute: chunks carry shapes only, and sending a result is charged at the link speed."""
         self.shape_only = profile is not None
+        self.overlap = True
+        """expert-overlap: receive, compute and send of different chunks proceed concurrently."""
+        self._serial = asyncio.Lock()
         self.rank = rank
         self.device = device
         part = executor.part
@@ -94,77 +98,93 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             future: asyncio.Future[ExpertResult] | None,
             trace: _ChunkTrace | None,
         ) -> None:
+            locked = False
             try:
-                barrier_ns = 0
-                if future is None:  # sync mode: wait for the other attention ranks, then compute together
-                    barrier_ns = await self.barrier.wait(
-                        step=dispatch.step,
-                        layer=dispatch.layer,
-                        participants=dispatch.sync_participants,
-                        attention_rank=dispatch.attention_rank,
-                        rows=dispatch.rows,
-                        total_rows=dispatch.total_rows,
-                    )
-                    if trace is not None:
-                        trace.barrier_done()
-                    if dispatch.rows == 0:
-                        future = loop.create_future()
-                        future.set_result(ExpertResult(dispatch.hidden, 0, 0))
-                    else:
-                        future = await self.executor.submit(
-                            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                try:
+                    barrier_ns = 0
+                    if future is None:  # sync mode: wait for the other attention ranks, then compute together
+                        barrier_ns = await self.barrier.wait(
+                            step=dispatch.step,
+                            layer=dispatch.layer,
+                            participants=dispatch.sync_participants,
+                            attention_rank=dispatch.attention_rank,
+                            rows=dispatch.rows,
+                            total_rows=dispatch.total_rows,
                         )
-                result = await future
-                if trace is not None:
-                    trace.computed(result)
-                msg = await loop.run_in_executor(
-                    self._codec,
-                    lambda: chunks.combine_chunk(
-                        dispatch,
-                        result.hidden,
-                        queue_nanos=result.queue_ns,
-                        compute_nanos=result.compute_ns,
-                        barrier_nanos=barrier_ns,
-                    ),
-                )
-            except AsapError as exc:
-                msg = _error_reply(
-                    dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
-                )
-                trace = None
-            await outbound.put(msg)
+                        if trace is not None:
+                            trace.barrier_done()
+                        if not self.overlap:
+                            await self._serial.acquire()
+                            locked = True
+                        if dispatch.rows == 0:
+                            future = loop.create_future()
+                            future.set_result(ExpertResult(dispatch.hidden, 0, 0))
+                        else:
+                            future = await self.executor.submit(
+                                dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                            )
+                    result = await future
+                    if trace is not None:
+                        trace.computed(result)
+                    msg = await loop.run_in_executor(
+                        self._codec,
+                        lambda: chunks.combine_chunk(
+                            dispatch,
+                            result.hidden,
+                            queue_nanos=result.queue_ns,
+                            compute_nanos=result.compute_ns,
+                            barrier_nanos=barrier_ns,
+                        ),
+                    )
+                except AsapError as exc:
+                    msg = _error_reply(
+                        dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
+                    )
+                    trace = None
+                if self.profile is not None and dispatch.rows:
+                    await asyncio.sleep(self._transfer_s(dispatch.rows))
+                await outbound.put(msg)
+            finally:
+                if locked:
+                    self._serial.release()
             if trace is not None:
                 trace.sent()
 
         async def read() -> None:
             async for msg in request_iterator:
-                try:
-                    dispatch = chunks.decode_dispatch(
-                        msg,
-                        hidden_size=self._cfg.hidden_size,
-                        dtype=self._dtype,
-                        num_layers=self._cfg.num_layers,
-                        num_experts=self._cfg.num_experts,
-                        top_k=self._cfg.top_k,
-                        allow_shape_only=self.shape_only,
-                    )
-                    trace = _ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
-                    if dispatch.sync_participants:
-                        self.executor.validate(dispatch.layer, dispatch.expert_ids)
-                        future = None  # queued after the step barrier
-                    else:
-                        future = await self.executor.submit(
-                            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                # expert-overlap off: one chunk at a time across all streams, received, computed and sent
+                # before the next is read (sync chunks take the lock after their barrier).
+                async with self._serial if not self.overlap else contextlib.nullcontext():
+                    try:
+                        dispatch = chunks.decode_dispatch(
+                            msg,
+                            hidden_size=self._cfg.hidden_size,
+                            dtype=self._dtype,
+                            num_layers=self._cfg.num_layers,
+                            num_experts=self._cfg.num_experts,
+                            top_k=self._cfg.top_k,
+                            allow_shape_only=self.shape_only,
                         )
-                except AsapError as exc:
-                    # A malformed chunk is answered with an error for that chunk; the stream goes on.
-                    logger.warning(
-                        "rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message
-                    )
-                    await outbound.put(
-                        _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
-                    )
-                    continue
+                        trace = _ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
+                        if dispatch.sync_participants:
+                            self.executor.validate(dispatch.layer, dispatch.expert_ids)
+                            future = None  # queued after the step barrier
+                        else:
+                            future = await self.executor.submit(
+                                dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+                            )
+                    except AsapError as exc:
+                        # A malformed chunk is answered with an error for that chunk; the stream goes on.
+                        logger.warning(
+                            "rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message
+                        )
+                        await outbound.put(
+                            _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
+                        )
+                        continue
+                    if not self.overlap and future is not None:
+                        await reply(dispatch, future, trace)
+                        continue
                 task = asyncio.create_task(reply(dispatch, future, trace))
                 replies.add(task)
                 task.add_done_callback(replies.discard)
@@ -278,6 +298,7 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
                 len(reader.tensors_read),
                 reader.bytes_read / 2**20,
             )
+    part.layer_agnostic = "layer-agnostic" in config.optimizations
     return ExpertExecutor(part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows)
 
 
@@ -304,6 +325,7 @@ class ExpertService:
         self.servicer: ExpertServicer | None = None
         self.handle: ServiceHandle | None = None
         self.profile: DeviceProfile | None = None
+        self._started_ns = 0
 
     @property
     def address(self) -> str:
@@ -321,6 +343,8 @@ class ExpertService:
             self.executor, self.config.rank, self.config.device, profile=self.profile
         )
         self.servicer.barrier.timeout_s = self.config.sync_timeout_s
+        self.servicer.overlap = "expert-overlap" in self.config.optimizations
+        self._started_ns = time.monotonic_ns()
         servicer = self.servicer
         self.handle = await create_server(
             self.config.address,
@@ -333,6 +357,17 @@ class ExpertService:
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        if self.executor is not None and self._started_ns:
+            stats = self.executor.stats
+            wall = max(1, time.monotonic_ns() - self._started_ns)
+            logger.info(
+                "expert rank %d: %d chunks in %d calls; compute thread busy %.1f%% of %.1fs wall",
+                self.config.rank,
+                stats.chunks,
+                stats.calls,
+                100 * stats.busy_ns / wall,
+                wall / 1e9,
+            )
         if self.handle is not None:
             await self.handle.set_not_serving()
             await self.handle.server.stop(grace)

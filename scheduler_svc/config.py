@@ -29,6 +29,14 @@ class SchedulerConfig:
     """``async`` (no global barrier), or a synchronous baseline: ``sync`` (global steps, every rank runs a
     batch per step and the experts wait for all ranks at every layer) or ``sync-chunked`` (the same with
     chunked prefill)."""
+    min_batch_tokens: int = 0
+    """Min-size batching (async mode): hold a batch until it has this many prompt tokens (the expert knee,
+    from ``asap calibrate``) or its wait bound passed; 0 turns it off."""
+    max_wait_ms: float = 50.0
+    """Min-size batching: the longest a request is held (a tighter bound comes from its TTFT SLO)."""
+    dual_batch_max_tokens: int = 16384
+    """Dual-batch interleaving is off for a batch above this many tokens: it runs alone on its rank
+    (attention dominates there, and a second batch would only slow it down)."""
     chunk_tokens: int = 8192
     """``sync-chunked``: prompt tokens one rank processes per step; longer prompts are split into chunks."""
 

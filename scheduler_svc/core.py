@@ -28,7 +28,8 @@ from asap.errors import (
     Unavailable,
 )
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.policy import AsyncBatchPolicy, BatchDecision, BatchPolicy, RankView
+from scheduler_svc.minbatch import MinBatchPolicy
+from scheduler_svc.policy import AsyncBatchPolicy, BatchDecision, BatchPolicy, RankView, next_wake
 from scheduler_svc.ranks import RankBatch, RankClient, RankState
 from scheduler_svc.requests import (
     ClusterSnapshot,
@@ -65,7 +66,13 @@ class SchedulerCore:
             raise InvalidArgument(f"num_ranks must be >= 1, got {num_ranks}")
         self._config = config
         self._client = client
-        self._policy: BatchPolicy = policy or AsyncBatchPolicy(config)
+        if policy is None:
+            policy = (
+                MinBatchPolicy(config, config.min_batch_tokens, max_wait_ms=config.max_wait_ms)
+                if config.min_batch_tokens > 0
+                else AsyncBatchPolicy(config)
+            )
+        self._policy: BatchPolicy = policy
         self._ranks = [RankState() for _ in range(num_ranks)]
         self._pending: dict[ScheduledRequest, None] = {}  # insertion-ordered set: the FIFO queue
         self._wake = asyncio.Event()
@@ -205,7 +212,8 @@ class SchedulerCore:
 
     def _views(self) -> list[RankView]:
         now = time.monotonic()
-        return [state.view(self._config.max_inflight_per_rank, now) for state in self._ranks]
+        solo = self._config.dual_batch_max_tokens
+        return [state.view(self._config.max_inflight_per_rank, now, solo) for state in self._ranks]
 
     async def _dispatch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,15 +221,22 @@ class SchedulerCore:
             try:
                 now = loop.time()
                 # Expired requests are skipped here; their own ``submit`` withdraws and fails them.
-                live = (r for r in self._pending if r.deadline is None or r.deadline > now)
+                live = [r for r in self._pending if r.deadline is None or r.deadline > now]
                 decision = self._policy.next_batch(live, self._views(), now)
+                # A policy holding a batch (min-size batching) names when to look again.
+                wake = next_wake(self._policy, live, now) if decision is None else None
             except Exception as exc:  # a policy bug must not wedge every queued request
                 logger.exception("batch policy failed")
                 self._fail_pending(InternalError(f"batch policy failed: {exc!r}"))
-                decision = None
+                decision, wake = None, None
             if decision is None:
                 self._wake.clear()
-                await self._wake.wait()
+                timer = loop.call_at(wake, self._wake.set) if wake is not None else None
+                try:
+                    await self._wake.wait()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
             else:
                 self._launch(decision)
 

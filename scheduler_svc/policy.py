@@ -29,6 +29,8 @@ class RankView:
     """In-flight batches the rank can still take."""
     predicted_load_ms: float
     """Predicted remaining work already on the rank (never negative)."""
+    idle: bool = True
+    """No batch is running on the rank."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,9 @@ def place_batch(
 ) -> BatchDecision | None:
     """Send ``batch`` to the free healthy rank with the least predicted finish time (its remaining work
     plus this batch's cost); ``None`` when no rank is free or the batch is empty."""
-    available = [view.healthy and view.free_slots > 0 for view in ranks]
+    solo = sum(request.prompt_tokens for request in batch) > config.dual_batch_max_tokens
+    # Dual-batch interleaving is off above the threshold: such a batch only goes to an idle rank.
+    available = [view.healthy and view.free_slots > 0 and (view.idle or not solo) for view in ranks]
     if not batch or not any(available):
         return None
     cost = config.cost.batch_ms([request.prompt_tokens for request in batch])

@@ -49,6 +49,10 @@ class RankBatch:
     """``time.monotonic()`` when it went to the rank."""
     task: asyncio.Task[None] | None = None
 
+    @property
+    def tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
 
 @dataclass(slots=True)
 class RankState:
@@ -69,9 +73,12 @@ class RankState:
             for b in self.batches.values()
         )
 
-    def view(self, max_inflight: int, now: float) -> RankView:
+    def view(self, max_inflight: int, now: float, solo_tokens: int | None = None) -> RankView:
         """The rank as a batch policy sees it."""
-        return RankView(self.healthy, max_inflight - len(self.batches), self.remaining_ms(now))
+        free = max_inflight - len(self.batches)
+        if solo_tokens is not None and any(b.tokens > solo_tokens for b in self.batches.values()):
+            free = 0  # a batch too long to interleave runs alone
+        return RankView(self.healthy, free, self.remaining_ms(now), idle=not self.batches)
 
     def snapshot(self, rank: int, now: float) -> RankSnapshot:
         """The rank as ``SchedulerCore.state`` reports it."""

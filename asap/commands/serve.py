@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from asap.optimizations import parse_optimizations
+
 
 def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument(
+        "--optimizations",
+        default="all",
+        help="all (default), none, or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic",
+    )
     parser.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
@@ -82,6 +89,23 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         "--chunk-tokens", type=int, default=8192, help="sync-chunked: prompt tokens per rank per step"
     )
     parser.add_argument(
+        "--optimizations",
+        default="all",
+        help="all (default), none, or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic",
+    )
+    parser.add_argument(
+        "--min-batch-tokens",
+        type=int,
+        default=0,
+        help="min-batch: hold batches until this many tokens (the expert knee; see asap calibrate); 0 = off",
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=50.0, help="min-batch: longest hold of a request"
+    )
+    parser.add_argument(
+        "--dual-batch-max-tokens", type=int, default=16384, help="a batch above this runs alone on its rank"
+    )
+    parser.add_argument(
         "--cost",
         default=None,
         metavar="A,B,C",
@@ -115,7 +139,9 @@ def attention_config(args: argparse.Namespace) -> Any:
         port=args.port,
         dtype=args.dtype,
         device=args.device,
-        max_inflight_batches=args.max_inflight,
+        max_inflight_batches=args.max_inflight
+        if "dual-batch" in parse_optimizations(args.optimizations)
+        else 1,
         max_chunk_bytes=args.max_chunk_bytes,
         compute=args.compute,
         route_skew=args.route_skew,
@@ -134,6 +160,7 @@ def expert_config(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         device=args.device,
         queue_depth=args.queue_depth,
+        optimizations=parse_optimizations(args.optimizations),
         compute=args.compute,
     )
 
@@ -144,11 +171,15 @@ def scheduler_config(args: argparse.Namespace) -> Any:
     from scheduler_svc.costmodel import AttentionCostModel
     from scheduler_svc.server import SchedulerServiceConfig
 
+    optimizations = parse_optimizations(args.optimizations)
     core = SchedulerConfig(
         max_batch_tokens=args.max_batch_tokens,
         max_batch_prompts=args.max_batch_prompts,
         max_queue_requests=args.max_queue,
-        max_inflight_per_rank=args.max_inflight,
+        max_inflight_per_rank=args.max_inflight if "dual-batch" in optimizations else 1,
+        min_batch_tokens=args.min_batch_tokens if "min-batch" in optimizations else 0,
+        max_wait_ms=args.max_wait_ms,
+        dual_batch_max_tokens=args.dual_batch_max_tokens,
         mode=args.mode,
         chunk_tokens=args.chunk_tokens,
     )

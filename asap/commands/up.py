@@ -28,6 +28,17 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="torch (default) or emulated:DEVICE, e.g. emulated:h200 (no real math)",
     )
+    up.add_argument(
+        "--optimizations",
+        default=None,
+        help="all (default), none, or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic",
+    )
+    up.add_argument(
+        "--min-batch-tokens",
+        type=int,
+        default=None,
+        help="min-batch threshold (default: the calibrated knee)",
+    )
     up.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="scheduler port (default 50051)")
     up.add_argument(
@@ -49,6 +60,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "dtype": args.dtype,
         "device": args.device,
         "compute": args.compute,
+        "optimizations": args.optimizations,
+        "min_batch_tokens": args.min_batch_tokens,
         "host": args.host,
         "port": args.port,
         "trace": args.trace,

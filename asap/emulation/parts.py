@@ -221,6 +221,13 @@ class EmulatedAttentionPart:
         return self._zero_logits.expand(len(lengths), cfg.vocab_size)  # [B, V]
 
 
+PER_LAYER_CALL_OVERHEAD_S = 150e-6
+"""Extra time of an expert call through a per-layer module instead of the layer-agnostic graph replay:
+measured on an H200 (benchmarks/results/gpu_experts_h200.json, 32-expert shard, 64-256 tokens: ~400 us
+per-layer eager vs ~250 us graph replay), scaled with the profile's launch cost."""
+H200_LAUNCH_US = 40.0
+
+
 class EmulatedExpertPart(ExpertPart):
     """``ExpertPart`` with meta weight stacks (no storage): same validation, modelled time, meta output."""
 
@@ -264,5 +271,10 @@ class EmulatedExpertPart(ExpertPart):
         """Validate as ``ExpertPart.compute``, sleep the modelled time, return a meta [N, H] tensor."""
         self._slot(layer)
         self._local_ids(hidden, expert_ids, weights)  # raises InvalidArgument like the real part
-        self.sleeper.sleep(self.call_s(expert_ids))
+        extra = (
+            0.0
+            if self.layer_agnostic
+            else PER_LAYER_CALL_OVERHEAD_S * self.profile.launch_us / H200_LAUNCH_US
+        )
+        self.sleeper.sleep(self.call_s(expert_ids) + extra)
         return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")

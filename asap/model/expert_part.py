@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
+from asap.model.grouped import GraphedExperts, LayerAgnosticExperts, grouped_mm_available
 from asap.model.layers import load_tensor
 from asap.model.weights import TensorSource
 
@@ -45,6 +46,12 @@ class ExpertPart:
         self.device = gate_up.device
         self.gate_up = gate_up  # [L_moe, E_local, 2I, H]
         self.down = down  # [L_moe, E_local, H, I]
+        self.layer_agnostic = True
+        """One routine over the stacked weights serves any layer (the layer index is data; on CUDA a
+        graph per token bucket is replayed). Off: each call goes through that layer's own module."""
+        self._per_layer: list[_LayerExperts] | None = None
+        self._grouped: LayerAgnosticExperts | None = None
+        self._graphed: GraphedExperts | None = None
         # decoder layer -> index into the stack (-1: dense layer)
         self._slot_of_layer = [-1] * config.num_layers
         for slot, layer in enumerate(config.moe_layer_ids):
@@ -94,17 +101,27 @@ class ExpertPart:
         local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         weights = weights.to(device=self.device, dtype=torch.float32)
-        out = torch.zeros_like(hidden)  # [N, H]
-        present = torch.unique(local[local >= 0]).tolist()  # sorted local = ascending global ids
-        inter = self.config.expert_intermediate_size
-        for e in present:
-            k_pos, rows = torch.where(e == local.T)  # slot-major order, like transformers' expert mask
-            x = hidden[rows]  # [n, H]
-            gate_up = F.linear(x, self.gate_up[slot, e])  # [n, 2I]
-            y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.down[slot, e])  # [n, H]
-            y = y * weights[rows, k_pos, None]  # float32
-            out.index_add_(0, rows, y.to(self.dtype))
-        return out
+        if grouped_mm_available(self.device):
+            return self._compute_grouped(slot, hidden, local, weights)
+        if not self.layer_agnostic:
+            if self._per_layer is None:
+                self._per_layer = [
+                    _LayerExperts(self.gate_up[i], self.down[i]) for i in range(self.gate_up.shape[0])
+                ]
+            return self._per_layer[slot](hidden, local, weights)
+        return _experts_loop(self.gate_up[slot], self.down[slot], hidden, local, weights)
+
+    def _compute_grouped(
+        self, slot: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """CUDA: the grouped-GEMM routine, graphed per token bucket when layer-agnostic, else per layer."""
+        if self.layer_agnostic:
+            if self._graphed is None:
+                self._grouped = LayerAgnosticExperts(self.gate_up, self.down)
+                self._graphed = GraphedExperts(self._grouped, self.config.top_k, self.dtype)
+            return self._graphed(slot, hidden, local, weights).clone()
+        per_layer = LayerAgnosticExperts(self.gate_up[slot : slot + 1], self.down[slot : slot + 1])
+        return per_layer(0, hidden, local, weights)
 
     def _slot(self, layer: int) -> int:
         if not 0 <= layer < self.config.num_layers or self._slot_of_layer[layer] < 0:
@@ -148,3 +165,35 @@ def _check_expert_ids(config: ModelConfig, expert_ids: Sequence[int]) -> tuple[i
     if outside:
         raise InvalidArgument(f"expert ids {outside} are outside [0, {config.num_experts})")
     return tuple(sorted(ids))
+
+
+def _experts_loop(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    hidden: torch.Tensor,
+    local: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """One layer's experts, looping over the experts present: gate_up [E, 2I, H], down [E, H, I]."""
+    out = torch.zeros_like(hidden)  # [N, H]
+    present = torch.unique(local[local >= 0]).tolist()  # sorted local = ascending global ids
+    inter = down.shape[-1]
+    for e in present:
+        k_pos, rows = torch.where(e == local.T)  # slot-major order, like transformers' expert mask
+        x = hidden[rows]  # [n, H]
+        gate_up_out = F.linear(x, gate_up[e])  # [n, 2I]
+        y = F.linear(F.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:], down[e])  # [n, H]
+        y = y * weights[rows, k_pos, None]  # float32
+        out.index_add_(0, rows, y.to(hidden.dtype))
+    return out
+
+
+class _LayerExperts:
+    """The experts of one layer as their own module (what ``layer_agnostic = False`` calls per layer)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate_up = gate_up  # [E, 2I, H], a view of the stack (no copy)
+        self.down = down  # [E, H, I]
+
+    def __call__(self, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _experts_loop(self.gate_up, self.down, hidden, local, weights)
