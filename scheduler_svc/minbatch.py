@@ -15,8 +15,11 @@ Release rules, checked in order whenever a healthy rank has a free slot (otherwi
    ``max_wait_ms`` without one. The minimum over the batch is taken, so a young request with a tight
    SLO is not held for the sake of an old one with a loose SLO.
 
-There is no separate "cluster idle" rule: at light load a request waits at most its wait bound (a small
-fraction of its SLO), which bounds the latency cost; under load the batch fills before that.
+0. **an idle rank**: a healthy rank with no batch running takes the batch at once. Holding only pays when
+   the batch would share a busy rank anyway; at light load nothing is delayed.
+
+Under load (no idle rank) a request waits at most its wait bound (a small fraction of its SLO) while
+the batch fills towards the knee.
 
 Times: ``now`` is event-loop time and ``ScheduledRequest.arrival`` is ``time.monotonic()``; both are the
 same clock under asyncio's default loop (``loop.time()`` is ``time.monotonic()``).
@@ -85,7 +88,8 @@ class MinBatchPolicy:
         batch = self._fifo(queue)
         if not batch:
             return None
-        if not self._ready(batch, queue) and now < self.release_time(batch):
+        idle = any(view.healthy and view.idle for view in ranks)
+        if not idle and not self._ready(batch, queue) and now < self.release_time(batch):
             return None
         return place_batch(self._config, batch, ranks)
 

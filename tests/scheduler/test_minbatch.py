@@ -11,7 +11,8 @@ from scheduler_svc.policy import AsyncBatchPolicy, RankView, next_wake
 from scheduler_svc.requests import ScheduledRequest
 
 T0 = 1000.0
-FREE = [RankView(healthy=True, free_slots=2, predicted_load_ms=0.0)]
+FREE = [RankView(healthy=True, free_slots=1, predicted_load_ms=5.0, idle=False)]
+"""A rank with a free slot that is already running a batch: the only case where holding pays."""
 
 
 def _req(tokens: int, arrival: float = T0, slo_ms: float | None = None, name: str = "r") -> ScheduledRequest:
@@ -145,3 +146,13 @@ def test_zero_wait_degenerates_to_the_async_policy() -> None:
 def test_bad_settings_are_rejected(min_tokens: int, max_wait_ms: float, slo_fraction: float) -> None:
     with pytest.raises(InvalidArgument):
         _policy(min_tokens, max_wait_ms, slo_fraction)
+
+
+def test_an_idle_rank_takes_a_small_batch_at_once() -> None:
+    """Light load is not delayed: with an idle rank, even a batch far below the threshold goes now."""
+    policy = MinBatchPolicy(SchedulerConfig(), min_batch_tokens=4096, max_wait_ms=1000.0)
+    request = ScheduledRequest("r", [1] * 10, arrival=100.0)
+    idle = [RankView(healthy=True, free_slots=2, predicted_load_ms=0.0, idle=True)]
+    decision = policy.next_batch([request], idle, now=100.0)
+    assert decision is not None and decision.requests == [request]
+    assert policy.next_batch([request], FREE, now=100.0) is None  # busy ranks only: it is held
