@@ -105,6 +105,10 @@ def dispatch_chunks(
     row_bytes = hidden.shape[1] * hidden.element_size() + top_k * 8
     budget = max_chunk_bytes - HEADER_ALLOWANCE - len(traceparent.encode()) - len(tracestate.encode())
     rows_per_chunk = max(1, budget // row_bytes)
+    if hidden.device.type == "meta":
+        # Emulated compute: no payload travels, so nothing to split; splitting would only turn one expert
+        # call into several (each paying the call's launch floor).
+        rows_per_chunk = max(total, 1)
     trace = common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate)
     chunks = []
     for start in range(0, max(total, 1), rows_per_chunk):  # an empty sync dispatch is one empty chunk
