@@ -115,9 +115,13 @@ def format_table(sweeps: Mapping[str, SweepResult], slo_ttft_ms: float) -> str:
     """The human-readable table: one row per (mode, rate), then max SLO RPS and ratios."""
     header = (
         f"{'mode':<13} {'rate':>7} {'done':>5} {'fail':>5} {'rps':>7} {'tok/s':>9} "
-        f"{'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8} {'in SLO':>7} {'goodput':>8}"
+        f"{'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8} {'in SLO':>7} {'goodput':>8} {'cpu':>5}"
     )
-    lines = [title(sweeps, slo_ttft_ms), "TTFT in ms (client-side); rates in requests/s", header]
+    lines = [
+        title(sweeps, slo_ttft_ms),
+        "TTFT in ms (client-side); rates in requests/s; cpu = host CPU busy while the rate ran",
+        header,
+    ]
     for mode, sweep in sweeps.items():
         if sweep.error is not None:
             lines.append(f"{mode:<13} error: {sweep.error.splitlines()[0]}")
@@ -128,7 +132,8 @@ def format_table(sweeps: Mapping[str, SweepResult], slo_ttft_ms: float) -> str:
                 f"{mode:<13} {_cell(r.rate_rps, '7.2f')} {r.completed:>5} {r.failed:>5} "
                 f"{r.throughput_rps:>7.2f} {r.throughput_tok_s:>9.0f} {_cell(ttft['mean'], '8.1f')} "
                 f"{_cell(ttft['p50'], '8.1f')} {_cell(ttft['p90'], '8.1f')} {_cell(ttft['p99'], '8.1f')} "
-                f"{r.slo_attainment:>7.1%} {r.goodput_rps:>8.2f}"
+                f"{r.slo_attainment:>7.1%} {r.goodput_rps:>8.2f} "
+                f"{'-' if r.host_cpu_busy is None else format(r.host_cpu_busy, '.0%'):>5}"
             )
             if r.client_lag_ms.get("max", 0.0) > 50.0:
                 lines.append(f"{'':<13} note: the client sent up to {r.client_lag_ms['max']:.0f} ms late")

@@ -61,6 +61,9 @@ class RateResult:
     warmup: int = 0
     sequence: str = ""
     """Fingerprint of the request sequence (equal across modes of a --compare)."""
+    host_cpu_busy: float | None = None
+    """Busy fraction of this host's CPUs (all processes) while this rate ran: near 1.0 means the host,
+    not the (emulated) devices, may have limited the run."""
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dump``."""
@@ -81,6 +84,7 @@ class RateResult:
             "client_lag_ms": dict(self.client_lag_ms),
             "warmup": self.warmup,
             "sequence": self.sequence,
+            "host_cpu_busy": self.host_cpu_busy,
         }
 
 

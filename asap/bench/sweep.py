@@ -140,16 +140,17 @@ async def bench_client(
         if config.progress:
             stream = progress_stream if progress_stream is not None else sys.stderr
             bar = ProgressBar(len(requests), f"{sweep.label} @ {rate_text}", stream=stream)
+        cpu_before = _cpu_times()
         try:
             records = await run_requests(client, requests, options, bar)
         finally:
             if bar is not None:
                 bar.close()
-        sweep.results.append(
-            summarize(
-                rate, records, config.slo_ttft_ms, sequence=sequence_digest(requests, config.workload.seed)
-            )
+        result = summarize(
+            rate, records, config.slo_ttft_ms, sequence=sequence_digest(requests, config.workload.seed)
         )
+        result.host_cpu_busy = _busy_since(cpu_before)
+        sweep.results.append(result)
     return sweep
 
 
@@ -159,3 +160,20 @@ async def bench_target(
     """Run the sweep against the scheduler at ``target``."""
     async with AsapClient(target, timeout_s=config.timeout_s, retries=0) as client:
         return await bench_client(client, config, label, compute=compute)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle) jiffies of all CPUs from /proc/stat; None where there is no /proc."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)
+
+
+def _busy_since(before: tuple[int, int] | None) -> float | None:
+    after = _cpu_times()
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return 1.0 - (after[1] - before[1]) / (after[0] - before[0])
