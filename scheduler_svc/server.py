@@ -277,7 +277,8 @@ def _response(result: RequestResult, scheduled: ScheduledRequest) -> scheduler_p
     )
 
 
-CALIBRATION_LENGTHS = (8, 64, 256, 512, 1024)
+CALIBRATION_LENGTHS = (8, 256, 1024, 2048, 4096, 8192, 16384)
+"""Probe prompt lengths (clipped to the model maximum): long enough to see the quadratic attention term."""
 CALIBRATION_BATCH_IDS = 1 << 48  # far above the core's batch ids
 
 
@@ -293,7 +294,7 @@ async def calibrate_cost_model(
     samples: list[tuple[list[int], float]] = []
     try:
         for i in range(repeats + 1):
-            for n in lengths:
+            for n in lengths if i > 0 else [n for n in lengths if n <= 1024]:  # warm-up: short ones
                 probe = ScheduledRequest(
                     request_id=f"calibrate-{i}-{n}",
                     token_ids=[t % min(256, config.vocab_size) for t in range(n)],
