@@ -20,6 +20,7 @@ from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
 from asap.wire import codec
@@ -144,41 +145,27 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         request_iterator: AsyncIterator[attention_pb2.BatchAssignment],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[attention_pb2.BatchResult]:
-        outbound: asyncio.Queue[attention_pb2.BatchResult | None] = asyncio.Queue()
-        stream_tasks: set[asyncio.Task[None]] = set()
+        async def produce(outbound: asyncio.Queue[attention_pb2.BatchResult | None]) -> None:
+            stream_tasks: set[asyncio.Task[None]] = set()
 
-        async def run_one(assignment: attention_pb2.BatchAssignment) -> None:
-            await outbound.put(await self.run_assignment(assignment))
+            async def run_one(assignment: attention_pb2.BatchAssignment) -> None:
+                await outbound.put(await self.run_assignment(assignment))
 
-        async def read() -> None:
-            async for assignment in request_iterator:
-                task = asyncio.create_task(run_one(assignment), name=f"batch-{assignment.batch_id}")
-                for group in (stream_tasks, self._active):
-                    group.add(task)
-                    task.add_done_callback(group.discard)
-            if stream_tasks:
-                await asyncio.gather(*list(stream_tasks), return_exceptions=True)
-            await outbound.put(None)
+            try:
+                async for assignment in request_iterator:
+                    task = asyncio.create_task(run_one(assignment), name=f"batch-{assignment.batch_id}")
+                    for group in (stream_tasks, self._active):
+                        group.add(task)
+                        task.add_done_callback(group.discard)
+                if stream_tasks:
+                    await asyncio.gather(*list(stream_tasks), return_exceptions=True)
+                await outbound.put(None)
+            except asyncio.CancelledError:
+                await cancel_all(stream_tasks)  # the scheduler went away: its batches are abandoned
+                raise
 
-        reader = asyncio.create_task(read(), name="attention-stream-reader")
-        try:
-            while True:
-                getter = asyncio.ensure_future(outbound.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    exc = reader.exception()
-                    if exc is not None:
-                        raise exc
-                    continue
-                item = getter.result()
-                if item is None:
-                    break
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(stream_tasks):
-                task.cancel()
+        async for result in relay(produce, name="attention-stream-reader"):
+            yield result
 
 
 def _start_batch_span(assignment: attention_pb2.BatchAssignment, rank: int) -> Span | None:

@@ -22,6 +22,7 @@ from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire import chunks, codec
@@ -151,6 +152,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 trace.sent()
 
         async def read() -> None:
+            try:
+                await read_all()
+            except asyncio.CancelledError:
+                await cancel_all(replies)  # the attention rank went away: its chunks are abandoned
+                raise
+
+        async def read_all() -> None:
             async for msg in request_iterator:
                 # expert-overlap off: one chunk at a time across all streams, received, computed and sent
                 # before the next is read (sync chunks take the lock after their barrier).
@@ -192,25 +200,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 await asyncio.gather(*replies)
             await outbound.put(None)
 
-        reader = asyncio.create_task(read(), name="expert-stream-reader")
-        try:
-            while True:
-                getter = asyncio.ensure_future(outbound.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    exc = reader.exception()
-                    if exc is not None:
-                        raise exc
-                    continue
-                item = getter.result()
-                if item is None:
-                    break
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(replies):
-                task.cancel()
+        async for item in relay(lambda _: read(), name="expert-stream-reader", outbound=outbound):
+            yield item
 
 
 class _ChunkTrace:

@@ -19,6 +19,7 @@ from asap.model.tiny import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
 from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
 from asap.rpc.status import abort_with
+from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import configure_tracing, setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
@@ -192,47 +193,34 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def PrefillStream(
         self, request_iterator: AsyncIterator[scheduler_pb2.PrefillRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.PrefillResponse]:
-        outbound: asyncio.Queue[scheduler_pb2.PrefillResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
+        async def produce(outbound: asyncio.Queue[scheduler_pb2.PrefillResponse | None]) -> None:
+            tasks: set[asyncio.Task[None]] = set()
 
-        async def one(request: scheduler_pb2.PrefillRequest) -> None:
-            timeout = request.timeout_ms / 1e3 if request.timeout_ms else None
+            async def one(request: scheduler_pb2.PrefillRequest) -> None:
+                timeout = request.timeout_ms / 1e3 if request.timeout_ms else None
+                try:
+                    response = await self._prefill(request, timeout)
+                except AsapError as exc:
+                    response = scheduler_pb2.PrefillResponse(
+                        request_id=request.request_id,
+                        error=common_pb2.Error(code=exc.code, message=exc.message),
+                    )
+                await outbound.put(response)
+
             try:
-                response = await self._prefill(request, timeout)
-            except AsapError as exc:
-                response = scheduler_pb2.PrefillResponse(
-                    request_id=request.request_id, error=common_pb2.Error(code=exc.code, message=exc.message)
-                )
-            await outbound.put(response)
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                await outbound.put(None)
+            except asyncio.CancelledError:
+                await cancel_all(tasks)  # the client went away: its requests leave the queues
+                raise
 
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await outbound.put(None)
-
-        reader = asyncio.create_task(read(), name="prefill-stream-reader")
-        try:
-            while True:
-                getter = asyncio.ensure_future(outbound.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    exc = reader.exception()
-                    if exc is not None:
-                        raise exc
-                    continue
-                item = getter.result()
-                if item is None:
-                    break
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()  # the client went away: its requests leave the queues
+        async for response in relay(produce, name="prefill-stream-reader"):
+            yield response
 
     async def GetClusterState(
         self, request: scheduler_pb2.ClusterStateRequest, context: grpc.aio.ServicerContext
