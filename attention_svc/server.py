@@ -19,11 +19,10 @@ from asap.model.config import ModelConfig, load_config
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
-from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
-from asap.telemetry import configure_tracing, setup, spans
+from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
-from asap.wire import codec
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.transport import GrpcExpertTransport
@@ -330,29 +329,14 @@ class AttentionService:
             self.executor.close()
             self.executor = None
 
+    async def drain(self) -> None:
+        if self.servicer is not None:
+            await self.servicer.drain()
+
     async def run_forever(self) -> None:
-        tracing = configure_tracing(spans.attention_service(self.config.rank))
-        try:
-            try:
-                address = await self.start()
-            except BaseException:
-                await self.stop(grace_s=0)
-                raise
-            print(f"serving attention rank {self.config.rank} at {address}", flush=True)
-            if self.handle is None or self.servicer is None:
-                raise InternalError("service did not start")
-            try:
-                await serve_until_signalled(
-                    self.handle, drain=self.servicer.drain, grace_s=self.config.drain_timeout_s
-                )
-            finally:
-                await self.stop(grace_s=0)
-        finally:
-            tracing.shutdown()  # exports the spans still buffered
-
-
-def token_ids_tensor(ids: list[int]) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.int64)
-
-
-__all__ = ["AttentionService", "AttentionServicer", "codec", "placement_from_infos"]
+        await run_service(
+            self,
+            describe=f"attention rank {self.config.rank}",
+            tracing_name=spans.attention_service(self.config.rank),
+            grace_s=self.config.drain_timeout_s,
+        )

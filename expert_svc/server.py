@@ -15,16 +15,16 @@ import torch
 
 from asap.emulation import DeviceProfile, EmulatedExpertPart, parse_compute
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError, InternalError, InvalidArgument
+from asap.errors import AsapError, InternalError
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
 from asap.model.tiny import resolve_model
-from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
-from asap.telemetry import configure_tracing, setup, spans
-from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from asap.telemetry import setup, spans
+from asap.v1 import expert_pb2, expert_pb2_grpc
 from asap.wire import chunks, codec
 from expert_svc.barrier import StepBarrier
 from expert_svc.config import ExpertServiceConfig
@@ -370,25 +370,14 @@ class ExpertService:
             self.servicer.close()
             self.servicer = None
 
+    async def drain(self) -> None:
+        if self.executor is not None:
+            await self.executor.drain()
+
     async def run_forever(self) -> None:
-        tracing = configure_tracing(spans.expert_service(self.config.rank))
-        try:
-            try:
-                address = await self.start()
-            except BaseException:
-                await self.stop(grace_s=0)
-                raise
-            print(f"serving expert rank {self.config.rank} at {address}", flush=True)
-            assert self.handle is not None and self.executor is not None
-            executor = self.executor
-            try:
-                await serve_until_signalled(
-                    self.handle, drain=executor.drain, grace_s=self.config.drain_timeout_s
-                )
-            finally:
-                await self.stop(grace_s=0)
-        finally:
-            tracing.shutdown()  # exports the spans still buffered
-
-
-__all__ = ["ExpertService", "ExpertServicer", "InvalidArgument", "build_executor", "common_pb2"]
+        await run_service(
+            self,
+            describe=f"expert rank {self.config.rank}",
+            tracing_name=spans.expert_service(self.config.rank),
+            grace_s=self.config.drain_timeout_s,
+        )

@@ -17,10 +17,10 @@ from asap.model.config import ModelConfig, load_config
 from asap.model.sampling import MAX_TOP_LOGPROBS
 from asap.model.tiny import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
-from asap.rpc.server import ServiceHandle, bound_address, create_server, serve_until_signalled
+from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.status import abort_with
 from asap.rpc.streams import cancel_all, relay
-from asap.telemetry import configure_tracing, setup, spans
+from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
@@ -367,21 +367,9 @@ class SchedulerService:
             self.ranks = None
 
     async def run_forever(self) -> None:
-        tracing = configure_tracing(spans.SCHEDULER_SERVICE)
-        try:
-            try:
-                address = await self.start()
-            except BaseException:
-                await self.stop(grace_s=0)
-                raise
-            print(f"serving scheduler at {address}", flush=True)
-            if self.handle is None:
-                raise InternalError("service did not start")
-            try:
-                await serve_until_signalled(
-                    self.handle, drain=self.drain, grace_s=self.config.drain_timeout_s
-                )
-            finally:
-                await self.stop(grace_s=0)
-        finally:
-            tracing.shutdown()  # exports the spans still buffered
+        await run_service(
+            self,
+            describe="scheduler",
+            tracing_name=spans.SCHEDULER_SERVICE,
+            grace_s=self.config.drain_timeout_s,
+        )

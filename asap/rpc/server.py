@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -126,3 +126,45 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]], *, use_uvloop: bool
         except ImportError:
             logger.warning("uvloop not installed; using the default asyncio loop")
     asyncio.run(main())
+
+
+class Service(Protocol):
+    """What ``run_service`` drives: a service with an explicit start/stop lifecycle."""
+
+    handle: ServiceHandle | None
+
+    async def start(self) -> str:
+        """Load, bind, warm up, report SERVING; return the bound address."""
+        ...
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving and release everything; safe to call on a partly started service."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until the work in flight is finished (called on SIGTERM before the server stops)."""
+        ...
+
+
+async def run_service(service: Service, *, describe: str, tracing_name: str, grace_s: float) -> None:
+    """The life of a service process: tracing, start (a failed start stops what did start), the ready
+    line ``serving DESCRIBE at ADDRESS`` that launchers wait for, serve until SIGINT/SIGTERM, drain, stop,
+    and flush the spans still buffered."""
+    from asap.telemetry import configure_tracing
+
+    tracing = configure_tracing(tracing_name)
+    try:
+        try:
+            address = await service.start()
+        except BaseException:
+            await service.stop(grace_s=0)
+            raise
+        print(f"serving {describe} at {address}", flush=True)
+        if service.handle is None:
+            raise RuntimeError(f"{describe} did not start")
+        try:
+            await serve_until_signalled(service.handle, drain=service.drain, grace_s=grace_s)
+        finally:
+            await service.stop(grace_s=0)
+    finally:
+        tracing.shutdown()
