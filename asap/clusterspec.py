@@ -1,0 +1,215 @@
+"""What a local cluster is: the cluster spec (flags and YAML) and the service commands it starts.
+
+``asap up``, the docker/k8s manifests' checks and ``asap bench --compare`` build on these; the process
+management lives in ``asap.cluster``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asap.errors import InvalidArgument
+from asap.optimizations import format_optimizations, parse_optimizations
+
+MODES = ("async", "sync", "sync-chunked")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class RankSpec:
+    """Per-rank overrides from a cluster spec (None = cluster default)."""
+
+    port: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ClusterSpec:
+    """What ``asap up`` starts. Built from flags, a YAML file, or both (flags win)."""
+
+    model: str = "tiny"
+    attention: int = 2
+    experts: int = 2
+    mode: str = "async"
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """The scheduler's port (the cluster's public address)."""
+    compute: str = "torch"
+    """``torch`` or ``emulated:DEVICE`` for every attention and expert rank."""
+    optimizations: str = "all"
+    """``all``, ``none`` or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic."""
+    min_batch_tokens: int | None = None
+    """min-batch threshold; None: the expert knee, calibrated on this backend (cached per backend)."""
+    threads: int | None = None
+    """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
+    trace: str | None = None
+    """Trace every service into this JSON-lines file through an in-process OTLP collector."""
+    scheduler_args: list[str] = field(default_factory=list)
+    attention_ranks: list[RankSpec] = field(default_factory=list)
+    expert_ranks: list[RankSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.attention < 1 or self.experts < 1:
+            raise InvalidArgument(
+                f"need >= 1 attention and expert rank, got {self.attention} and {self.experts}"
+            )
+        if self.mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if len(self.attention_ranks) > self.attention or len(self.expert_ranks) > self.experts:
+            raise InvalidArgument("the spec lists more per-rank entries than ranks")
+        self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]
+        self.expert_ranks += [RankSpec() for _ in range(self.experts - len(self.expert_ranks))]
+        self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
+        if self.threads is not None and self.threads < 1:
+            raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+
+    def rank_threads(self) -> int:
+        """torch intra-op threads of each rank: oversubscribed OpenMP threads stall every rank on CPU."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // (self.attention + self.experts))
+
+
+def _rank_specs(raw: Any, where: str) -> list[RankSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{where}.ranks must be a list")
+    specs = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"{where}.ranks[{i}] must be a mapping")
+        unknown = set(entry) - {"port", "device", "dtype", "args"}
+        if unknown:
+            raise InvalidArgument(f"{where}.ranks[{i}]: unknown keys {sorted(unknown)}")
+        specs.append(
+            RankSpec(
+                port=int(entry.get("port", 0)),
+                device=entry.get("device"),
+                dtype=entry.get("dtype"),
+                extra_args=[str(a) for a in entry.get("args", [])],
+            )
+        )
+    return specs
+
+
+def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterSpec:
+    """Read a YAML cluster spec; ``overrides`` (flags that were given) win over the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"cluster spec {path} must be a mapping")
+    known = {
+        "model",
+        "mode",
+        "dtype",
+        "device",
+        "host",
+        "threads",
+        "compute",
+        "trace",
+        "scheduler",
+        "attention",
+        "experts",
+    }
+    unknown = set(raw) - known
+    if unknown:
+        raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
+    scheduler = raw.get("scheduler") or {}
+    attention = raw.get("attention") or {}
+    experts = raw.get("experts") or {}
+    values: dict[str, Any] = {
+        key: raw[key]
+        for key in (
+            "model",
+            "mode",
+            "dtype",
+            "device",
+            "host",
+            "threads",
+            "compute",
+            "trace",
+            "optimizations",
+            "min_batch_tokens",
+        )
+        if raw.get(key) is not None
+    }
+    if "port" in scheduler:
+        values["port"] = int(scheduler["port"])
+    values["scheduler_args"] = [str(a) for a in scheduler.get("args", [])]
+    if "count" in attention:
+        values["attention"] = int(attention["count"])
+    if "count" in experts:
+        values["experts"] = int(experts["count"])
+    values["attention_ranks"] = _rank_specs(attention.get("ranks"), "attention")
+    values["expert_ranks"] = _rank_specs(experts.get("ranks"), "experts")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.setdefault("attention", len(values["attention_ranks"]) or 2)
+    values.setdefault("experts", len(values["expert_ranks"]) or 2)
+    return ClusterSpec(**values)
+
+
+@dataclass(slots=True)
+class ServiceCommand:
+    name: str
+    argv: list[str]
+
+
+def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
+    return [
+        ServiceCommand(
+            f"expert-{r}",
+            [
+                "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
+                "--rank", str(r), "--num-ranks", str(spec.experts),
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute,
+                "--optimizations", spec.optimizations, *rank.extra_args,
+            ],
+        )
+        for r, rank in enumerate(spec.expert_ranks)
+    ]  # fmt: skip
+
+
+def attention_commands(
+    spec: ClusterSpec, model_dir: str, expert_targets: Sequence[str]
+) -> list[ServiceCommand]:
+    return [
+        ServiceCommand(
+            f"attention-{r}",
+            [
+                "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
+                "--rank", str(r), "--experts", ",".join(expert_targets),
+                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--threads", str(spec.rank_threads()), "--compute", spec.compute,
+                "--optimizations", spec.optimizations, *rank.extra_args,
+            ],
+        )
+        for r, rank in enumerate(spec.attention_ranks)
+    ]  # fmt: skip
+
+
+def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequence[str]) -> ServiceCommand:
+    return ServiceCommand(
+        "scheduler",
+        [
+            "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
+            "--attention", ",".join(attention_targets), "--mode", spec.mode,
+            "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
+            *spec.scheduler_args,
+        ],
+    )  # fmt: skip
