@@ -28,12 +28,12 @@ from asap.cli import main as asap_main
 DEFAULTS = {
     "modes": "async,sync-chunked,sync",
     "model": str(ROOT / "benchmarks" / "models" / "qwen3-30b-a3b-8l"),
-    "compute": "emulated:h200/10",
-    "attention": "4",
+    "compute": "emulated:h200/50",
+    "attention": "8",
     "experts": "4",
     "trace": str(ROOT.parent / "shared" / "workloads" / "azure_llm_conv_2023.csv"),
-    "slo_ttft_ms": "1500",
-    "sweep": "4,8,12,16,20,24,28",
+    "slo_ttft_ms": "3000",
+    "sweep": "8,16,24,32,40,48",
     "requests": "150",
 }
 
