@@ -34,6 +34,9 @@ class AttentionServiceConfig:
     """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
     route_skew: float = 0.0
     """Emulated compute: popularity skew of the random top-k routing (0 = uniform)."""
+    data_plane: str = "auto"
+    """How activations reach the expert ranks: ``grpc`` (inline bytes), ``shm`` (same-host shared memory,
+    CPU only; fails if not possible) or ``auto`` (shm where possible, per expert rank, else grpc)."""
 
     def __post_init__(self) -> None:
         if not self.expert_targets:
@@ -54,6 +57,8 @@ class AttentionServiceConfig:
             raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
         if self.route_skew < 0:
             raise InvalidArgument(f"route_skew must be >= 0, got {self.route_skew}")
+        if self.data_plane not in ("auto", "grpc", "shm"):
+            raise InvalidArgument(f"data_plane must be auto, grpc or shm, got {self.data_plane!r}")
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
 

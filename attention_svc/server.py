@@ -298,6 +298,8 @@ class AttentionService:
             dtype=dtype,
             max_chunk_bytes=self.config.max_chunk_bytes,
             link_s=(lambda nbytes: transfer_s(nbytes, profile)) if profile is not None else None,
+            data_plane=self.config.data_plane,
+            device=self.config.device,
         )
         infos = await self.transport.infos(self.config.expert_connect_timeout_s)
         placement = placement_from_infos(model_config, infos)

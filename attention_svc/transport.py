@@ -1,4 +1,4 @@
-"""gRPC bytes transport from an attention rank to the expert ranks.
+"""Transport from an attention rank to the expert ranks: gRPC streams, activations inline or in shm.
 
 One long-lived ``Expert.Exchange`` stream per expert rank. A receiver task routes each CombineChunk to the
 dispatch it answers. The send queue needs no bound of its own: every dispatch awaits its combine result,
@@ -6,6 +6,11 @@ so what is queued is bounded by the micro-batches in flight, and grpc flow contr
 when an expert rank is slow.
 When a stream breaks, every dispatch waiting on it fails with ``Unavailable`` at once, and the next
 exchange opens a fresh stream.
+
+Data plane per link (``select_data_plane``): ``grpc`` sends the hidden rows inline as bytes; ``shm``
+(same-host CPU ranks) writes them into a POSIX shared-memory region of the link and the chunk carries
+only a reference, while expert ids, weights, control and combine results stay on the stream (see
+``asap.dataplane.shm``). A chunk whose rows do not fit in the region's free space goes inline.
 """
 
 from __future__ import annotations
@@ -21,12 +26,20 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from asap.errors import AsapError, InternalError, Unavailable
+from asap.dataplane.shm import (
+    DEFAULT_REGION_BYTES,
+    ShmRegion,
+    SlotAllocator,
+    region_name,
+    select_data_plane,
+    shm_tensor,
+)
+from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
 from asap.model.placement import RankDispatch
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
-from asap.v1 import expert_pb2, expert_pb2_grpc
+from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
 
 if TYPE_CHECKING:
@@ -57,8 +70,25 @@ class ExpertLink:
         max_chunk_bytes: int,
         codec: ThreadPoolExecutor,
         link_s: Callable[[int], float] | None = None,
+        data_plane: str = "grpc",
+        device: str = "cpu",
+        region_bytes: int = DEFAULT_REGION_BYTES,
     ) -> None:
         self.target = target
+        self.requested_plane = data_plane
+        self.data_plane = select_data_plane(data_plane, target, device, emulated=link_s is not None)
+        """``grpc`` or ``shm``; ``auto`` may still fall back to grpc if the expert rank lacks shm."""
+        self.region_bytes = region_bytes
+        self._region: ShmRegion | None = None
+        self._slots: SlotAllocator | None = None
+        self._retired: set[ShmRegion] = set()
+        """Regions of earlier streams, unmapped once no dispatch uses them any more."""
+        self._users: dict[ShmRegion, int] = {}
+        """Dispatches currently placing rows into each region (their chunks may still be written)."""
+        self.shm_bytes = 0
+        """Hidden-row payload bytes sent through shared memory."""
+        self.inline_hidden_bytes = 0
+        """Hidden-row payload bytes sent inline on the stream."""
         self.link_s = link_s
         """Emulated compute: activations travel as shapes only, and each dispatch is charged this link
         time (seconds for a payload of that many bytes) before it is sent."""
@@ -81,11 +111,46 @@ class ExpertLink:
             info: expert_pb2.ExpertInfo = await self._stub.Info(
                 expert_pb2.ExpertInfoRequest(), timeout=timeout_s, wait_for_ready=True
             )
-            return info
         except grpc.RpcError as exc:
             raise Unavailable(
                 f"expert rank {self.rank} at {self.target}: {error_from_rpc(exc).message}"
             ) from exc
+        if self.data_plane == "shm" and not info.shm_data_plane:
+            if self.requested_plane == "shm":
+                raise InvalidArgument(
+                    f"--data-plane shm is not possible: expert rank {self.rank} at {self.target} "
+                    "does not accept shared memory (started with --data-plane grpc or non-cpu device?)"
+                )
+            self.data_plane = "grpc"
+        return info
+
+    def _place(
+        self, offsets: list[int]
+    ) -> tuple[Callable[[torch.Tensor], common_pb2.Tensor | None], ShmRegion, SlotAllocator]:
+        """The ``place_hidden`` hook of one dispatch (rows into a free slot, offsets recorded, or None when
+        they do not fit), with the region and allocator it uses (the dispatch frees into those)."""
+        if self._region is None or self._slots is None:
+            name = region_name(self.attention_rank, self.rank)
+            self._region = ShmRegion.create(name, self.region_bytes)
+            self._slots = SlotAllocator(self.region_bytes)
+        region, slots = self._region, self._slots
+        self._users[region] = self._users.get(region, 0) + 1  # released in exchange's finally
+
+        def place(rows: torch.Tensor) -> common_pb2.Tensor | None:
+            offset = slots.alloc(rows.numel() * rows.element_size())
+            if offset is None:
+                return None  # does not fit now: inline bytes
+            offsets.append(offset)
+            return shm_tensor(rows, region, offset)
+
+        return place, region, slots
+
+    def _release_retired(self) -> None:
+        for region in list(self._retired):
+            if not self._users.get(region):
+                region.close()
+                self._retired.discard(region)
+                self._users.pop(region, None)
 
     async def _ensure_stream(self) -> asyncio.Queue[expert_pb2.DispatchChunk | None]:
         async with self._lock:
@@ -97,6 +162,13 @@ class ExpertLink:
                 while (chunk := await outbox.get()) is not None:
                     yield chunk
 
+            if self._region is not None and self._slots is not None:
+                # A new stream may reach a new expert process: give it a new region. The old one is
+                # retired: its name goes now, its mapping once no dispatch still writes into it.
+                self._region.unlink()
+                self._retired.add(self._region)
+                self._release_retired()
+                self._region, self._slots = None, None
             call = self._stub.Exchange(requests())
             self._outbox = outbox
             self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"combine-rx-{self.rank}")
@@ -179,6 +251,8 @@ class ExpertLink:
                 },
             )
             traceparent, tracestate = spans.inject(spans.context_of(span))
+        offsets: list[int] = []  # shm slots of this dispatch, freed once it is answered or abandoned
+        place, region, slots = self._place(offsets) if self.data_plane == "shm" else (None, None, None)
         try:
             chunks = await loop.run_in_executor(
                 self._codec,
@@ -194,8 +268,16 @@ class ExpertLink:
                     sync_participants=participants,
                     traceparent=traceparent,
                     tracestate=tracestate,
+                    place_hidden=place,
                 ),
             )
+            if not self.shape_only:
+                for chunk in chunks:
+                    nbytes = int(chunk.hidden.shape[0]) * self.hidden_size * self.dtype.itemsize
+                    if chunk.hidden.HasField("shm"):
+                        self.shm_bytes += nbytes
+                    else:
+                        self.inline_hidden_bytes += nbytes
             if self.link_s is not None and rows:
                 nbytes = rows * (self.hidden_size * self.dtype.itemsize + dispatch.expert_ids.shape[1] * 8)
                 await asyncio.sleep(self.link_s(nbytes))
@@ -204,11 +286,21 @@ class ExpertLink:
             if span is not None:
                 span.end()
                 span = None
-            return await future
+            result = await future
+            if offsets and region is not None:
+                # The expert rank has attached the region (it answered rows it read from it): remove the
+                # name now, so the memory goes away with the two processes even if one is killed.
+                region.unlink()
+            return result
         finally:
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
             self._pending.pop(key, None)
+            if slots is not None and region is not None:
+                for offset in offsets:
+                    slots.free(offset)
+                self._users[region] -= 1
+                self._release_retired()
 
     async def close(self) -> None:
         if self._outbox is not None:
@@ -218,10 +310,16 @@ class ExpertLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._receiver
         await self._channel.close()
+        if self._region is not None:
+            self._region.destroy()
+        for region in self._retired:
+            region.destroy()
+        self._retired.clear()
+        self._users.clear()
 
 
 class GrpcExpertTransport:
-    """``ExpertTransport`` over gRPC bytes: one ``ExpertLink`` per expert rank."""
+    """``ExpertTransport`` over gRPC: one ``ExpertLink`` per expert rank, each with its data plane."""
 
     def __init__(
         self,
@@ -232,6 +330,9 @@ class GrpcExpertTransport:
         dtype: torch.dtype,
         max_chunk_bytes: int,
         link_s: Callable[[int], float] | None = None,
+        data_plane: str = "grpc",
+        device: str = "cpu",
+        region_bytes: int = DEFAULT_REGION_BYTES,
     ) -> None:
         self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attention-codec")
         self.links = [
@@ -244,6 +345,9 @@ class GrpcExpertTransport:
                 max_chunk_bytes=max_chunk_bytes,
                 codec=self._codec,
                 link_s=link_s,
+                data_plane=data_plane,
+                device=device,
+                region_bytes=region_bytes,
             )
             for rank, target in enumerate(targets)
         ]

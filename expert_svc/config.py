@@ -39,6 +39,9 @@ class ExpertServiceConfig:
     """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
     sync_timeout_s: float = 120.0
     """Sync mode: how long a (step, layer) waits for missing attention ranks before failing."""
+    data_plane: str = "auto"
+    """``auto``/``shm``: accept hidden rows by reference into same-host shared memory (CPU torch compute
+    only; ``shm`` fails otherwise); ``grpc``: inline bytes only (references are INVALID_ARGUMENT)."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -53,6 +56,8 @@ class ExpertServiceConfig:
             raise InvalidArgument(f"max_merge_rows must be >= 1, got {self.max_merge_rows}")
         if not (self.compute == "torch" or self.compute.startswith("emulated:")):
             raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
+        if self.data_plane not in ("auto", "grpc", "shm"):
+            raise InvalidArgument(f"data_plane must be auto, grpc or shm, got {self.data_plane!r}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
 

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile, EmulatedExpertPart, parse_compute
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError, InternalError
+from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
@@ -42,7 +43,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     """Adapts ``Expert.Exchange`` streams to the executor; one stream per attention rank."""
 
     def __init__(
-        self, executor: ExpertExecutor, rank: int, device: str, *, profile: DeviceProfile | None = None
+        self,
+        executor: ExpertExecutor,
+        rank: int,
+        device: str,
+        *,
+        profile: DeviceProfile | None = None,
+        shm: bool = False,
     ) -> None:
         self.executor = executor
         self.barrier = StepBarrier()
@@ -59,9 +66,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self._dtype = part.dtype
         # Encoding results (one bytes copy each) runs off the event loop and off the compute thread.
         self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-codec")
+        self.shm = ShmAttachments() if shm else None
+        """Shared-memory data plane: regions of the attention ranks, attached on first reference
+        (hidden rows are copied out once on decode); combine results stay inline bytes."""
 
     def close(self) -> None:
         self._codec.shutdown(wait=False, cancel_futures=True)
+        if self.shm is not None:
+            self.shm.close()
 
     def _transfer_s(self, rows: int) -> float:
         """Emulated link time of a combine result of ``rows`` rows."""
@@ -85,6 +97,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 expert_pb2.LayerExperts(layer=layer, expert_ids=hosted) for layer in self._cfg.moe_layer_ids
             ],
             device=self.device,
+            shm_data_plane=self.shm is not None,
         )
 
     async def Exchange(
@@ -172,6 +185,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                             num_experts=self._cfg.num_experts,
                             top_k=self._cfg.top_k,
                             allow_shape_only=self.shape_only,
+                            shm=self.shm.decode if self.shm is not None else None,
                         )
                         trace = _ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                         if dispatch.sync_participants:
@@ -307,6 +321,20 @@ async def warm_up(executor: ExpertExecutor) -> None:
         await asyncio.gather(*futures)
 
 
+def select_expert_shm(data_plane: str, device: str, *, emulated: bool) -> bool:
+    """Whether an expert rank accepts shared-memory references; ``shm`` forced fails if it cannot."""
+    if data_plane == "grpc":
+        return False
+    reasons = []
+    if torch.device(device).type != "cpu":
+        reasons.append(f"device {device} is not cpu")
+    if emulated:
+        reasons.append("emulated compute moves no activations")
+    if reasons and data_plane == "shm":
+        raise InvalidArgument(f"--data-plane shm is not possible: {'; '.join(reasons)}")
+    return not reasons
+
+
 class ExpertService:
     """An expert rank's whole lifecycle: load, warm up, serve, drain."""
 
@@ -330,8 +358,9 @@ class ExpertService:
         self.executor = await loop.run_in_executor(None, build_executor, self.config)
         await self.executor.start()
         self.profile = parse_compute(self.config.compute)[1]
+        shm = select_expert_shm(self.config.data_plane, self.config.device, emulated=self.profile is not None)
         self.servicer = ExpertServicer(
-            self.executor, self.config.rank, self.config.device, profile=self.profile
+            self.executor, self.config.rank, self.config.device, profile=self.profile, shm=shm
         )
         self.servicer.barrier.timeout_s = self.config.sync_timeout_s
         self.servicer.overlap = "expert-overlap" in self.config.optimizations

@@ -32,6 +32,13 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         help="torch intra-op threads (default: $ASAP_TORCH_THREADS, else torch's default). Services sharing "
         "a machine's cores should split them: oversubscribed OpenMP threads stall every rank.",
     )
+    parser.add_argument(
+        "--data-plane",
+        default="auto",
+        choices=("auto", "grpc", "shm"),
+        help="activations between same-host CPU ranks: auto (shared memory where possible, else gRPC bytes), "
+        "grpc, or shm (forced; fails if not possible)",
+    )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
@@ -145,6 +152,7 @@ def attention_config(args: argparse.Namespace) -> Any:
         max_chunk_bytes=args.max_chunk_bytes,
         compute=args.compute,
         route_skew=args.route_skew,
+        data_plane=getattr(args, "data_plane", "auto"),
     )
 
 
@@ -162,6 +170,7 @@ def expert_config(args: argparse.Namespace) -> Any:
         queue_depth=args.queue_depth,
         optimizations=parse_optimizations(args.optimizations),
         compute=args.compute,
+        data_plane=getattr(args, "data_plane", "auto"),
     )
 
 

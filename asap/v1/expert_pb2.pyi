@@ -70,7 +70,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device")
+    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device", "shm_data_plane")
     RANK_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ExpertInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SHM_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     model_type: str
     hidden_size: int
@@ -87,4 +88,5 @@ class ExpertInfo(_message.Message):
     dtype: _common_pb2.DType
     layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     device: str
-    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ...) -> None: ...
+    shm_data_plane: bool
+    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ..., shm_data_plane: _Optional[bool] = ...) -> None: ...

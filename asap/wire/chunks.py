@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from asap.errors import ERRORS_BY_CODE, InternalError, InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
-from asap.wire.codec import decode_tensor, encode_tensor
+from asap.wire.codec import ShmDecoder, decode_tensor, encode_tensor
 
 __all__ = [
     "HEADER_ALLOWANCE",
@@ -78,11 +79,14 @@ def dispatch_chunks(
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
     step: int = 0,
     sync_participants: int = 0,
+    place_hidden: Callable[[torch.Tensor], common_pb2.Tensor | None] | None = None,
 ) -> list[expert_pb2.DispatchChunk]:
     """Split one dispatch (``hidden`` [N, H], ``expert_ids`` / ``weights`` [N, K]) into chunks by rows.
 
     Every chunk serializes to at most ``max_chunk_bytes`` unless a single row is larger, in which case it
     holds one row. ``expert_ids`` are sent as int32 and ``weights`` as float32 (converted if needed).
+    ``place_hidden`` (shared-memory data plane) may put a chunk's hidden rows out of band and return the
+    referencing tensor message; None from it (or no hook) sends the rows inline.
     """
     if hidden.dim() != 2 or expert_ids.dim() != 2 or weights.dim() != 2:
         raise InvalidArgument(
@@ -113,13 +117,15 @@ def dispatch_chunks(
     chunks = []
     for start in range(0, max(total, 1), rows_per_chunk):  # an empty sync dispatch is one empty chunk
         end = min(start + rows_per_chunk, total)
+        rows = hidden[start:end]
+        placed = place_hidden(rows) if place_hidden is not None and end > start else None
         chunks.append(
             expert_pb2.DispatchChunk(
                 micro_batch=micro_batch,
                 layer=layer,
                 row_offset=start,
                 total_rows=total,
-                hidden=encode_tensor(hidden[start:end]),
+                hidden=placed if placed is not None else encode_tensor(rows),
                 expert_ids=encode_tensor(expert_ids[start:end]),
                 weights=encode_tensor(weights[start:end]),
                 trace=trace,
@@ -141,10 +147,12 @@ def decode_dispatch(
     num_experts: int,
     top_k: int,
     allow_shape_only: bool = False,
+    shm: ShmDecoder | None = None,
 ) -> Dispatch:
     """Decode and validate one DispatchChunk against the model; raise ``InvalidArgument`` if malformed.
 
-    Header checks run before any payload is read, so a bad header costs no copy.
+    Header checks run before any payload is read, so a bad header costs no copy. ``shm`` (the shared-memory
+    data plane is enabled) lets the hidden rows be a shared-memory reference; no other tensor may be.
     """
     where = f"dispatch chunk (micro_batch {msg.micro_batch}, layer {msg.layer}, rows from {msg.row_offset})"
     if msg.layer >= num_layers:
@@ -171,6 +179,7 @@ def decode_dispatch(
         shape=(rows, hidden_size),
         what=f"{where} hidden",
         allow_shape_only=allow_shape_only,
+        shm=shm,
     )
     expert_ids = decode_tensor(msg.expert_ids, dtype=torch.int32, shape=(rows, k), what=f"{where} expert_ids")
     weights = decode_tensor(msg.weights, dtype=torch.float32, shape=(rows, k), what=f"{where} weights")

@@ -162,6 +162,9 @@ class CountingTensorMessage:
         self.reads += 1
         return self.payload
 
+    def HasField(self, name: str) -> bool:  # protobuf API
+        return False  # never a shared-memory reference
+
 
 def test_decode_reads_data_once_and_does_not_copy_it() -> None:
     fake = CountingTensorMessage(encode_tensor(torch.arange(1024, dtype=torch.int64).view(32, 32)))

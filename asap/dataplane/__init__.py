@@ -1,0 +1,1 @@
+"""Same-host data planes behind the expert transport (POSIX shared memory for CPU ranks)."""

@@ -1,0 +1,97 @@
+"""In-process cluster (expert + attention services on port 0): the shm data plane is really used and
+gives outputs identical to the gRPC bytes plane; forcing shm where it cannot work fails clearly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from asap.errors import InvalidArgument
+from asap.optimizations import OPTIMIZATIONS
+from attention_svc.config import AttentionServiceConfig
+from attention_svc.server import AttentionService
+from expert_svc.config import ExpertServiceConfig
+from expert_svc.server import ExpertService
+
+
+def _segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("asap_")}
+
+
+async def _run(
+    model: str, plane: str, prompts: list[list[int]]
+) -> tuple[list[object], list[tuple[int, int]]]:
+    experts = [
+        ExpertService(
+            ExpertServiceConfig(model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS))
+        )
+        for r in range(2)
+    ]
+    attention = None
+    try:
+        targets = [await e.start() for e in experts]
+        attention = AttentionService(
+            AttentionServiceConfig(model=model, expert_targets=targets, data_plane=plane)
+        )
+        await attention.start()
+        assert attention.executor is not None and attention.transport is not None
+        outcomes = await attention.executor.run_batch(
+            [attention.executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
+        )
+        counters = [(link.shm_bytes, link.inline_hidden_bytes) for link in attention.transport.links]
+        assert {link.data_plane for link in attention.transport.links} == {
+            "shm" if plane == "auto" else plane
+        }
+        return [(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcomes.results], counters  # type: ignore[union-attr]
+    finally:
+        if attention is not None:
+            await attention.stop(grace_s=0)
+        for e in experts:
+            await e.stop(grace_s=0)
+
+
+async def test_shm_plane_is_used_and_outputs_match_grpc(qwen3_dir: Path) -> None:
+    before = _segments()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 60, 130)]
+    via_grpc, grpc_counters = await _run(str(qwen3_dir), "grpc", prompts)
+    via_shm, shm_counters = await _run(str(qwen3_dir), "shm", prompts)
+    assert via_shm == via_grpc
+    assert all(shm == 0 and inline > 0 for shm, inline in grpc_counters)
+    assert all(shm > 0 and inline == 0 for shm, inline in shm_counters)
+    auto, auto_counters = await _run(str(qwen3_dir), "auto", prompts[:1])
+    assert auto == via_grpc[:1] and all(shm > 0 for shm, _ in auto_counters)
+    assert _segments() == before  # every region was unlinked
+
+
+async def test_forced_shm_fails_clearly_when_the_expert_rank_refuses(qwen3_dir: Path) -> None:
+    expert = ExpertService(ExpertServiceConfig(model=str(qwen3_dir), data_plane="grpc"))
+    try:
+        target = await expert.start()
+        attention = AttentionService(
+            AttentionServiceConfig(model=str(qwen3_dir), expert_targets=[target], data_plane="shm")
+        )
+        with pytest.raises(InvalidArgument, match="does not accept shared memory"):
+            await attention.start()
+        await attention.stop(grace_s=0)
+        # auto falls back to grpc bytes
+        attention = AttentionService(AttentionServiceConfig(model=str(qwen3_dir), expert_targets=[target]))
+        await attention.start()
+        assert attention.transport is not None
+        assert [link.data_plane for link in attention.transport.links] == ["grpc"]
+        await attention.stop(grace_s=0)
+    finally:
+        await expert.stop(grace_s=0)
+
+
+def test_forced_shm_to_a_remote_host_fails_at_construction() -> None:
+    from attention_svc.transport import GrpcExpertTransport
+
+    with pytest.raises(InvalidArgument, match="not on this host"):
+        GrpcExpertTransport(
+            ["10.9.8.7:5000"], attention_rank=0, hidden_size=8, dtype=torch.float32, max_chunk_bytes=4096,
+            data_plane="shm",
+        )  # fmt: skip
