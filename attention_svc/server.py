@@ -321,8 +321,7 @@ class AttentionService:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.drain_timeout_s if grace_s is None else grace_s
         if self.handle is not None:
-            await self.handle.set_not_serving()
-            await self.handle.server.stop(grace)
+            await self.handle.shutdown(grace)
             self.handle = None
         if self.transport is not None:
             await self.transport.close()

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -30,9 +29,7 @@ from asap.wire import chunks, codec
 from expert_svc.barrier import StepBarrier
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor, ExpertResult
-
-if TYPE_CHECKING:
-    from opentelemetry.context import Context
+from expert_svc.tracing import ChunkTrace
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +107,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         async def reply(
             dispatch: chunks.Dispatch,
             future: asyncio.Future[ExpertResult] | None,
-            trace: _ChunkTrace | None,
+            trace: ChunkTrace | None,
         ) -> None:
             locked = False
             try:
@@ -187,7 +184,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                             allow_shape_only=self.shape_only,
                             shm=self.shm.decode if self.shm is not None else None,
                         )
-                        trace = _ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
+                        trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                         if dispatch.sync_participants:
                             self.executor.validate(dispatch.layer, dispatch.expert_ids)
                             future = None  # queued after the step barrier
@@ -216,59 +213,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
         async for item in relay(lambda _: read(), name="expert-stream-reader", outbound=outbound):
             yield item
-
-
-class _ChunkTrace:
-    """The expert-side spans of one chunk, children of the ``attention.dispatch`` context it carries.
-
-    Times are taken as the chunk moves (``time.time_ns``) and the executor's own queue/compute figures;
-    the spans are recorded once its combine chunk is sent, so nothing is held open across the executor.
-    """
-
-    __slots__ = ("arrived_ns", "barrier_ns", "compute", "dispatch", "parent", "queued_ns", "result_ns")
-
-    def __init__(self, parent: Context, dispatch: chunks.Dispatch) -> None:
-        self.parent = parent
-        self.dispatch = dispatch
-        self.arrived_ns = self.queued_ns = time.time_ns()
-        self.barrier_ns: tuple[int, int] | None = None
-        self.compute: tuple[int, int] | None = None  # queue wait, compute time (ns)
-        self.result_ns = 0
-
-    @classmethod
-    def start(cls, dispatch: chunks.Dispatch) -> _ChunkTrace | None:
-        parent = spans.extract(dispatch.traceparent, dispatch.tracestate)
-        return None if parent is None else cls(parent, dispatch)
-
-    def barrier_done(self) -> None:
-        self.queued_ns = time.time_ns()
-        self.barrier_ns = (self.arrived_ns, self.queued_ns)
-
-    def computed(self, result: ExpertResult) -> None:
-        self.result_ns = time.time_ns()
-        if self.dispatch.rows:
-            self.compute = (result.queue_ns, result.compute_ns)
-
-    def sent(self) -> None:
-        d = self.dispatch
-        base = {spans.LAYER: d.layer, spans.MICRO_BATCH: d.micro_batch, spans.TOKENS: d.rows}
-        transfer = {
-            spans.ATTENTION_RANK: d.attention_rank,
-            spans.TRANSFER_NS: self.arrived_ns - d.sent_unix_nanos,
-        }
-        if self.barrier_ns is not None:
-            spans.record(
-                spans.SYNC_BARRIER_WAIT,
-                self.parent,
-                *self.barrier_ns,
-                {**base, **transfer, spans.STEP: d.step},
-            )
-        if self.compute is not None:
-            queue_ns, compute_ns = self.compute
-            started = self.queued_ns + queue_ns
-            spans.record(spans.EXPERT_QUEUE, self.parent, self.queued_ns, started, {**base, **transfer})
-            spans.record(spans.EXPERT_COMPUTE, self.parent, started, started + compute_ns, base)
-        spans.record(spans.EXPERT_COMBINE_SEND, self.parent, self.result_ns, time.time_ns(), base)
 
 
 def _error_reply(
@@ -389,8 +333,7 @@ class ExpertService:
                 wall / 1e9,
             )
         if self.handle is not None:
-            await self.handle.set_not_serving()
-            await self.handle.server.stop(grace)
+            await self.handle.shutdown(grace)
             self.handle = None
         if self.executor is not None:
             await self.executor.stop()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -131,12 +130,3 @@ def start_cluster_services(
             p.stop()
         raise
     return attention_procs, expert_procs
-
-
-def wait_until(predicate: object, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(interval_s)
-    return False

@@ -22,7 +22,7 @@ from asap.emulation import costs
 from asap.emulation.clock import Sleeper
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, Dispatch, MoERequest
+from asap.model.attention_part import AttentionPart, Dispatch, MoERequest, drive_steps
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
 
@@ -159,14 +159,7 @@ class EmulatedAttentionPart:
         caches: Sequence[ChunkCache | None] | None = None,
     ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, sending each ``MoERequest`` to ``dispatch``: [B, V] float32."""
-        steps = self.forward_steps(prompts, caches=caches)
-        try:
-            request = next(steps)
-            while True:
-                request = steps.send(dispatch(request))
-        except StopIteration as stop:
-            logits: torch.Tensor = stop.value
-            return logits
+        return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
 
     def _check_caches(self, lengths: Sequence[int], caches: Sequence[ChunkCache | None]) -> None:
         cfg = self.config

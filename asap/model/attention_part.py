@@ -176,14 +176,7 @@ class AttentionPart:
         caches: Sequence[KVCache | None] | None = None,
     ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
-        steps = self.forward_steps(prompts, caches=caches)
-        try:
-            request = next(steps)
-            while True:
-                request = steps.send(dispatch(request))
-        except StopIteration as stop:
-            logits: torch.Tensor = stop.value
-            return logits
+        return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
 
     def _check_caches(self, ids: Sequence[torch.Tensor], caches: Sequence[KVCache | None]) -> None:
         cfg = self.config
@@ -277,3 +270,14 @@ class AttentionPart:
                 f"layer {layer}: routed-expert output {shape} does not match hidden {tuple(h.shape)}"
             )
         return routed.to(device=h.device, dtype=h.dtype)
+
+
+def drive_steps(steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: Dispatch) -> torch.Tensor:
+    """Run a ``forward_steps`` generator to completion, computing each MoE layer with ``dispatch``."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(dispatch(request))
+    except StopIteration as stop:
+        logits: torch.Tensor = stop.value
+        return logits

@@ -50,6 +50,11 @@ class ServiceHandle:
         for name in (*self.service_names, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def shutdown(self, grace_s: float) -> None:
+        """NOT_SERVING for every service, then stop the server, letting RPCs finish for ``grace_s``."""
+        await self.set_not_serving()
+        await self.server.stop(grace_s)
+
     async def set_not_serving(self) -> None:
         for name in (*self.service_names, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -4,9 +4,11 @@ really overlap (and really do not when it is off). Services run in-process on po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -89,6 +91,20 @@ async def test_expert_overlap_receives_while_computing_only_when_on(qwen3_dir: P
         return real_compute(*args)  # type: ignore[arg-type]
 
     executor.part.compute = gated  # type: ignore[method-assign]
+    second_submitted = asyncio.Event()
+    real_submit = executor.submit
+
+    submits = 0
+
+    async def counting_submit(*args: Any) -> Any:
+        nonlocal submits
+        future = await real_submit(*args)
+        submits += 1
+        if submits == 2:
+            second_submitted.set()
+        return future
+
+    executor.submit = counting_submit  # type: ignore[method-assign]
     chunks = [
         dispatch_chunks(
             micro_batch=mb, layer=1, attention_rank=0, hidden=torch.randn(4, 64),
@@ -105,7 +121,10 @@ async def test_expert_overlap_receives_while_computing_only_when_on(qwen3_dir: P
         async with grpc.aio.insecure_channel(address) as channel:
             call = expert_pb2_grpc.ExpertStub(channel).Exchange(requests())
             await asyncio.to_thread(entered.wait, 10)  # chunk 1 is being computed
-            await asyncio.sleep(0.3)  # time for chunk 2 to be received, if the stream is read
+            # With overlap, chunk 2 is received and queued meanwhile; without, the stream is not read, so
+            # its absence can only be shown by a bounded wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(second_submitted.wait(), 5.0 if overlap else 0.3)
             received_while_computing = executor._queue.qsize()
             gate.set()
             replies = [msg async for msg in call]
