@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from asap.clusterspec import (
@@ -147,10 +146,12 @@ class LocalCluster:
 
     def start(self) -> str:
         """Start every service; returns the scheduler's address. On failure everything is stopped."""
-        from asap.model.tiny import resolve_model
+        from asap.model.tiny import model_argument
 
         deadline = time.monotonic() + self._start_timeout_s
-        model_dir = str(resolve_model(self.spec.model))  # once here, so children never race to create it
+        # Resolved once here, so children never race to create the built-in model; random:DIR stays a
+        # random-weights spec (with DIR made absolute).
+        model_dir = model_argument(self.spec.model)
         if "min-batch" in parse_optimizations(self.spec.optimizations) and self.spec.min_batch_tokens is None:
             self.spec.min_batch_tokens = calibrated_knee(self.spec, model_dir)
             print(
@@ -235,9 +236,11 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     import json
 
     from asap.calibrate import calibrate
-    from asap.model.tiny import tiny_cache_root
+    from asap.model.tiny import resolve_model, tiny_cache_root
 
-    key = json.dumps([str(Path(model_dir).resolve()), spec.compute, spec.experts, spec.device, spec.dtype])
+    # The knee depends on shapes only (calibration uses random weights), so random:DIR shares DIR's entry.
+    config_dir = str(resolve_model(model_dir).resolve())
+    key = json.dumps([config_dir, spec.compute, spec.experts, spec.device, spec.dtype])
     cache = tiny_cache_root().parent / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         return int(json.loads(cache.read_text())["knee_tokens"])

@@ -14,10 +14,10 @@ from asap.emulation import EmulatedAttentionPart, parse_compute
 from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, CheckpointError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart
-from asap.model.checkpoint import CheckpointReader
 from asap.model.config import ModelConfig, load_config
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
+from asap.model.random_weights import open_weights
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
@@ -280,7 +280,9 @@ class AttentionService:
                     model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
                 )
                 return emulated  # type: ignore[return-value]  # same interface, no weights
-            with CheckpointReader(model_dir) as reader:
+            with open_weights(
+                self.config.model, model_dir, device=self.config.device, config=model_config
+            ) as reader:
                 part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
                 logger.info(
                     "attention rank %d loaded %d tensors (%.1f MiB)",

@@ -16,10 +16,10 @@ from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile, EmulatedExpertPart, parse_compute
 from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, InternalError, InvalidArgument
-from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
+from asap.model.random_weights import open_weights
 from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
@@ -237,7 +237,7 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
         part = EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype)
         logger.info("expert rank %d emulates experts %s on %s", config.rank, list(expert_ids), profile.name)
     else:
-        with CheckpointReader(model_dir) as reader:
+        with open_weights(config.model, model_dir, device=config.device, config=model_config) as reader:
             part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
             logger.info(
                 "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",

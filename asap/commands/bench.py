@@ -89,7 +89,7 @@ def add_parser(subparsers: Any) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--cluster-log", metavar="FILE", help="--compare: child logs (default: a temp file)")
     cluster = parser.add_argument_group("cluster (with --compare; as for asap up)")
-    cluster.add_argument("--model", help="checkpoint directory, config.json (emulated) or 'tiny'")
+    cluster.add_argument("--model", help="checkpoint directory, config.json (emulated), 'tiny' or random:DIR")
     cluster.add_argument("--attention", type=int, metavar="N")
     cluster.add_argument("--experts", type=int, metavar="M")
     cluster.add_argument("--compute", metavar="torch|emulated:DEVICE")

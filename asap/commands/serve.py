@@ -14,7 +14,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         default="all",
         help="all (default), none, or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic",
     )
-    parser.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in model)")
+    parser.add_argument("--model", default="tiny", help="checkpoint dir, 'tiny' (built-in) or random:DIR")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _common_scheduler(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in model)")
+    parser.add_argument("--model", default="tiny", help="checkpoint dir, 'tiny' (built-in) or random:DIR")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
     parser.add_argument(

@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
         help="start scheduler + attention + expert services locally",
         description="Start a local cluster; prints 'ready: scheduler at HOST:PORT' and runs until Ctrl-C/SIGTERM.",
     )
-    up.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (default: tiny)")
+    up.add_argument("--model", default=None, help="checkpoint dir, 'tiny' (default) or random:DIR")
     up.add_argument("--attention", type=int, default=None, help="attention ranks (default 2)")
     up.add_argument("--experts", type=int, default=None, help="expert ranks (default 2)")
     up.add_argument("--mode", choices=MODES, default=None, help="scheduling mode (default async)")

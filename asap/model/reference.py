@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from asap.model.attention_part import AttentionPart
-from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement, InProcessExperts
+from asap.model.random_weights import open_weights
+from asap.model.tiny import resolve_model
 
 
 def load_model(
@@ -24,12 +25,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     expert_ranks: int = 1,
+    seed: int = 0,
 ) -> tuple[AttentionPart, InProcessExperts]:
-    """Load a checkpoint directory as an ``AttentionPart`` and ``expert_ranks`` simulated expert ranks
-    (contiguous ``ExpertPlacement``), each part reading only its own tensors."""
-    config = load_config(model_dir)
+    """Load a model as an ``AttentionPart`` and ``expert_ranks`` simulated expert ranks (contiguous
+    ``ExpertPlacement``), each part reading only its own tensors.
+
+    ``model_dir`` is a checkpoint directory, ``tiny``, or ``random:DIR`` (random weights of
+    ``seed``, the same the services generate; see ``asap.model.random_weights``)."""
+    path = resolve_model(model_dir)
+    config = load_config(path)
     placement = ExpertPlacement(config.num_experts, expert_ranks)
-    with CheckpointReader(model_dir) as source:
+    with open_weights(model_dir, path, device=device, seed=seed, config=config) as source:
         attention = AttentionPart.from_source(source, config, dtype=dtype, device=device)
         parts = [
             ExpertPart.from_source(source, config, placement.experts_of(rank), dtype=dtype, device=device)
