@@ -75,11 +75,26 @@ class ClusterSpec:
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
 
+    def rank_devices(self, ranks: Sequence[RankSpec]) -> list[str]:
+        """The torch device of each of ``ranks`` (``attention_ranks`` or ``expert_ranks``): a rank's own
+        ``device``, else the cluster's. A cluster device of plain ``cuda`` spreads the ranks over the visible
+        GPUs: rank r gets ``cuda:{r % n}`` (so attention rank r and expert rank r share GPU r); with no
+        GPU visible it stays ``cuda`` and the service reports the error itself."""
+        gpus = visible_gpus() if self.device == "cuda" else 0
+        return [rank.device or (f"cuda:{r % gpus}" if gpus else self.device) for r, rank in enumerate(ranks)]
+
     def rank_threads(self) -> int:
         """torch intra-op threads of each rank: oversubscribed OpenMP threads stall every rank on CPU."""
         if self.threads is not None:
             return self.threads
         return max(1, (os.cpu_count() or 1) // (self.attention + self.experts))
+
+
+def visible_gpus() -> int:
+    """CUDA devices torch sees here (0 without CUDA); torch is imported only when asked."""
+    import torch
+
+    return int(torch.cuda.device_count())
 
 
 def _rank_specs(raw: Any, where: str) -> list[RankSpec]:
@@ -170,13 +185,14 @@ class ServiceCommand:
 
 
 def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
+    devices = spec.rank_devices(spec.expert_ranks)
     return [
         ServiceCommand(
             f"expert-{r}",
             [
                 "serve", "expert", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--num-ranks", str(spec.experts),
-                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *rank.extra_args,
             ],
@@ -188,13 +204,14 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
 def attention_commands(
     spec: ClusterSpec, model_dir: str, expert_targets: Sequence[str]
 ) -> list[ServiceCommand]:
+    devices = spec.rank_devices(spec.attention_ranks)
     return [
         ServiceCommand(
             f"attention-{r}",
             [
                 "serve", "attention", "--model", model_dir, "--host", spec.host, "--port", str(rank.port),
                 "--rank", str(r), "--experts", ",".join(expert_targets),
-                "--dtype", rank.dtype or spec.dtype, "--device", rank.device or spec.device,
+                "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *rank.extra_args,
             ],

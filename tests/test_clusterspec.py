@@ -1,0 +1,89 @@
+"""Per-rank devices of a cluster spec (plain ``cuda`` spreads ranks over the visible GPUs), and the
+cluster flags ``asap bench --compare`` hands to each mode's spec and service commands."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from asap import clusterspec
+from asap.bench.compare import CLUSTER_FIELDS, cluster_spec
+from asap.cli import build_parser
+from asap.clusterspec import ClusterSpec, RankSpec, attention_commands, expert_commands
+from asap.model.tiny import model_argument
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _devices(spec: ClusterSpec) -> tuple[list[str], list[str]]:
+    attention = [_flag(c.argv, "--device") for c in attention_commands(spec, "m", ["e0", "e1"])]
+    experts = [_flag(c.argv, "--device") for c in expert_commands(spec, "m")]
+    return attention, experts
+
+
+@pytest.mark.parametrize(
+    ("gpus", "attention", "experts"),
+    [
+        (2, ["cuda:0", "cuda:1", "cuda:0"], ["cuda:0", "cuda:1"]),
+        (4, ["cuda:0", "cuda:1", "cuda:2"], ["cuda:0", "cuda:1"]),
+        (1, ["cuda:0"] * 3, ["cuda:0"] * 2),
+        (0, ["cuda"] * 3, ["cuda"] * 2),  # no GPU: the service fails with its own error
+    ],
+)
+def test_plain_cuda_spreads_rank_r_over_gpu_r_mod_n(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, attention: list[str], experts: list[str]
+) -> None:
+    monkeypatch.setattr(clusterspec, "visible_gpus", lambda: gpus)
+    assert _devices(ClusterSpec(attention=3, experts=2, device="cuda")) == (attention, experts)
+
+
+def test_explicit_devices_win_and_other_devices_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_query() -> int:
+        raise AssertionError("GPUs are counted only for a plain cuda device")
+
+    monkeypatch.setattr(clusterspec, "visible_gpus", no_query)
+    assert _devices(ClusterSpec(attention=2, experts=2, device="cpu")) == (["cpu"] * 2, ["cpu"] * 2)
+    assert _devices(ClusterSpec(attention=2, experts=1, device="cuda:1")) == (["cuda:1"] * 2, ["cuda:1"])
+    monkeypatch.setattr(clusterspec, "visible_gpus", lambda: 2)
+    spec = ClusterSpec(
+        attention=2,
+        experts=2,
+        device="cuda",
+        attention_ranks=[RankSpec(device="cuda:1")],
+        expert_ranks=[RankSpec(), RankSpec(device="cpu")],
+    )
+    assert _devices(spec) == (["cuda:1", "cuda:1"], ["cuda:0", "cpu"])
+
+
+def test_bench_compare_passes_random_model_cuda_and_bf16_to_every_rank(
+    monkeypatch: pytest.MonkeyPatch, qwen3_dir: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(clusterspec, "visible_gpus", lambda: 2)
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    shutil.copy(qwen3_dir / "config.json", arch / "config.json")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        ["bench", "--compare", "async,sync", "--model", "random:arch", "--attention", "2", "--experts", "2",
+         "--device", "cuda", "--dtype", "bfloat16", "--lengths", "fixed:8"]
+    )  # fmt: skip
+    fields = {name: getattr(args, name) for name in CLUSTER_FIELDS}
+    spec = cluster_spec("sync", fields)
+    assert (spec.mode, spec.model, spec.device, spec.dtype, spec.port) == (
+        "sync", "random:arch", "cuda", "bfloat16", 0,
+    )  # fmt: skip
+    model = model_argument(spec.model)
+    assert model == f"random:{arch.resolve()}"
+    commands = [*expert_commands(spec, model), *attention_commands(spec, model, ["e0", "e1"])]
+    assert [
+        (_flag(c.argv, "--model"), _flag(c.argv, "--device"), _flag(c.argv, "--dtype")) for c in commands
+    ] == [
+        (model, "cuda:0", "bfloat16"),
+        (model, "cuda:1", "bfloat16"),
+        (model, "cuda:0", "bfloat16"),
+        (model, "cuda:1", "bfloat16"),
+    ]
