@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asap.dataplane.select import DATA_PLANES
 from asap.errors import InvalidArgument
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,8 +58,10 @@ class AttentionServiceConfig:
             raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
         if self.route_skew < 0:
             raise InvalidArgument(f"route_skew must be >= 0, got {self.route_skew}")
-        if self.data_plane not in ("auto", "grpc", "shm"):
-            raise InvalidArgument(f"data_plane must be auto, grpc or shm, got {self.data_plane!r}")
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
 

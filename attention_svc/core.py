@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest
 from asap.model.kvcache import KVCache
@@ -112,7 +113,12 @@ class AttentionExecutor:
         self.transport = transport
         self.placement = placement
         self._slots = asyncio.Semaphore(max_inflight)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attention-compute")
+        self._thread = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="attention-compute",
+            initializer=use_own_stream,
+            initargs=(part.device,),
+        )
         self._micro_batch_ids = itertools.count(1)
         self.inflight = 0
 
@@ -293,12 +299,20 @@ class AttentionExecutor:
             else:
                 last, dispatches, partials = previous
                 routed = combine(last.hidden.shape[0], last.hidden, dispatches, partials)  # [T, H]
+                for partial in partials:
+                    if partial.is_cuda:  # made on the transport's streams, read on this one
+                        partial.record_stream(torch.cuda.current_stream(partial.device))
                 request = gen.send(routed)
         except StopIteration as stop:
             logits: torch.Tensor = stop.value
             return logits
         dispatches = split_by_rank(self.placement, request)
-        return request, self._with_empty_dispatches(dispatches) if all_ranks else dispatches
+        if all_ranks:
+            dispatches = self._with_empty_dispatches(dispatches)
+        ready = ready_event(self.part.device)
+        for dispatch in dispatches:
+            dispatch.ready = ready
+        return request, dispatches
 
 
 def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:

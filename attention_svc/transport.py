@@ -7,10 +7,17 @@ when an expert rank is slow.
 When a stream breaks, every dispatch waiting on it fails with ``Unavailable`` at once, and the next
 exchange opens a fresh stream.
 
-Data plane per link (``select_data_plane``): ``grpc`` sends the hidden rows inline as bytes; ``shm``
-(same-host CPU ranks) writes them into a POSIX shared-memory region of the link and the chunk carries
-only a reference, while expert ids, weights, control and combine results stay on the stream (see
-``asap.dataplane.shm``). A chunk whose rows do not fit in the region's free space goes inline.
+Data plane per link (``asap.dataplane.select``): ``grpc`` sends the hidden rows inline as bytes; ``shm``
+(same-host CPU ranks) and ``cuda-ipc`` (same-host GPU ranks) write them into a region of the link (POSIX
+shared memory, or GPU memory shared by CUDA IPC) and the chunk carries only a reference; the expert rank
+writes the results back over the same rows and answers with a reference. Expert ids, weights and control
+stay on the stream (see ``asap.dataplane.shm`` and ``asap.dataplane.cuda_ipc``). A chunk whose rows do not
+fit in the region's free space goes inline, and so do its results.
+
+On CUDA, hidden rows are produced on the attention rank's compute stream; the codec thread waits for the
+dispatch's ``ready`` event on its own stream, copies the rows (into the region, or to the host for gRPC)
+and synchronises that stream only. Results are copied out of the region on a receive stream and
+synchronised before the dispatch completes, so the compute thread never waits on a transfer.
 """
 
 from __future__ import annotations
@@ -18,29 +25,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
 
-from asap.dataplane.shm import (
-    DEFAULT_REGION_BYTES,
-    ShmRegion,
-    SlotAllocator,
-    region_name,
-    select_data_plane,
-    shm_tensor,
-)
+from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion, gpu_uuid
+from asap.dataplane.select import confirm_data_plane, select_data_plane
+from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion, SlotAllocator, region_name
+from asap.devices import use_own_stream
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
 from asap.model.placement import RankDispatch
-from asap.rpc.server import GRPC_OPTIONS
+from asap.rpc.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
+from asap.wire.codec import dtype_from_proto
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -50,10 +55,26 @@ logger = logging.getLogger(__name__)
 _Key = tuple[int, int]  # (micro_batch, layer)
 
 
+_Region = ShmRegion | CudaRegion
+
+
 @dataclass(slots=True)
 class _Pending:
     assembler: CombineAssembler
     future: asyncio.Future[torch.Tensor]
+    answered: int = 0
+    """Chunks the expert rank has answered so far."""
+
+
+@dataclass(slots=True)
+class _Slots:
+    """Region slots of one dispatch, kept until every chunk sent has been answered."""
+
+    region: _Region
+    allocator: SlotAllocator
+    offsets: list[int]
+    outstanding: int = 0
+    """Chunks sent but not yet answered (the expert rank may still write results into their slots)."""
 
 
 class ExpertLink:
@@ -72,23 +93,38 @@ class ExpertLink:
         link_s: Callable[[int], float] | None = None,
         data_plane: str = "grpc",
         device: str = "cpu",
-        region_bytes: int = DEFAULT_REGION_BYTES,
+        region_bytes: int | None = None,
     ) -> None:
         self.target = target
         self.requested_plane = data_plane
+        self.device = torch.device(device)
         self.data_plane = select_data_plane(data_plane, target, device, emulated=link_s is not None)
-        """``grpc`` or ``shm``; ``auto`` may still fall back to grpc if the expert rank lacks shm."""
+        """``grpc``, ``shm`` or ``cuda-ipc``; ``auto`` may still fall back to grpc after ``info``."""
+        if region_bytes is None:
+            region_bytes = (
+                DEFAULT_CUDA_REGION_BYTES if self.data_plane == "cuda-ipc" else DEFAULT_REGION_BYTES
+            )
         self.region_bytes = region_bytes
-        self._region: ShmRegion | None = None
+        self._region: _Region | None = None
         self._slots: SlotAllocator | None = None
-        self._retired: set[ShmRegion] = set()
+        self._regions: dict[str, _Region] = {}
+        """Regions of this link by name (current and retired), to resolve result references."""
+        self._retired: set[_Region] = set()
         """Regions of earlier streams, unmapped once no dispatch uses them any more."""
-        self._users: dict[ShmRegion, int] = {}
-        """Dispatches currently placing rows into each region (their chunks may still be written)."""
+        self._users: dict[_Region, int] = {}
+        """Dispatches still holding slots of each region."""
+        self._quarantine: dict[_Key, _Slots] = {}
+        """Slots of failed or cancelled dispatches, freed as their late answers arrive."""
+        self.quarantined = 0
+        """Dispatches abandoned with chunks still unanswered (their slots were quarantined)."""
+        self._rx: torch.cuda.Stream | None = None
+        """cuda-ipc: the stream results are copied out of the region on."""
         self.shm_bytes = 0
-        """Hidden-row payload bytes sent through shared memory."""
+        """Hidden-row payload bytes sent through a region (shared memory or CUDA IPC)."""
         self.inline_hidden_bytes = 0
         """Hidden-row payload bytes sent inline on the stream."""
+        self.result_ref_bytes = 0
+        """Result bytes the expert rank wrote back into this link's regions (not inline)."""
         self.link_s = link_s
         """Emulated compute: activations travel as shapes only, and each dispatch is charged this link
         time (seconds for a payload of that many bytes) before it is sent."""
@@ -115,35 +151,54 @@ class ExpertLink:
             raise Unavailable(
                 f"expert rank {self.rank} at {self.target}: {error_from_rpc(exc).message}"
             ) from exc
-        if self.data_plane == "shm" and not info.shm_data_plane:
-            if self.requested_plane == "shm":
-                raise InvalidArgument(
-                    f"--data-plane shm is not possible: expert rank {self.rank} at {self.target} "
-                    "does not accept shared memory (started with --data-plane grpc or non-cpu device?)"
-                )
-            self.data_plane = "grpc"
+        uuid = gpu_uuid(self.device) if self.data_plane == "cuda-ipc" else ""
+        self.data_plane = confirm_data_plane(
+            self.requested_plane, self.data_plane, info, gpu_uuid=uuid, where=f"{self.rank} at {self.target}"
+        )
+        if self.data_plane == "cuda-ipc" and self._rx is None:
+            self._rx = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         return info
 
-    def _place(
-        self, offsets: list[int]
-    ) -> tuple[Callable[[torch.Tensor], common_pb2.Tensor | None], ShmRegion, SlotAllocator]:
-        """The ``place_hidden`` hook of one dispatch (rows into a free slot, offsets recorded, or None when
-        they do not fit), with the region and allocator it uses (the dispatch frees into those)."""
-        if self._region is None or self._slots is None:
-            name = region_name(self.attention_rank, self.rank)
-            self._region = ShmRegion.create(name, self.region_bytes)
-            self._slots = SlotAllocator(self.region_bytes)
-        region, slots = self._region, self._slots
-        self._users[region] = self._users.get(region, 0) + 1  # released in exchange's finally
+    @property
+    def by_reference(self) -> bool:
+        """Whether hidden rows travel through a region of the link (shm or cuda-ipc)."""
+        return self.data_plane in ("shm", "cuda-ipc")
+
+    def _new_region(self) -> _Region:
+        if self.data_plane == "cuda-ipc":
+            return CudaRegion.create(
+                self.device, self.region_bytes, label=f"a{self.attention_rank}_e{self.rank}_"
+            )
+        return ShmRegion.create(region_name(self.attention_rank, self.rank), self.region_bytes)
+
+    def _place(self, slots: _Slots) -> Callable[[torch.Tensor], common_pb2.Tensor | None]:
+        """The ``place_hidden`` hook of one dispatch: rows into a free slot of its region (offsets recorded
+        in ``slots``), or None when they do not fit."""
+        region, allocator = slots.region, slots.allocator
 
         def place(rows: torch.Tensor) -> common_pb2.Tensor | None:
-            offset = slots.alloc(rows.numel() * rows.element_size())
+            offset = allocator.alloc(rows.numel() * rows.element_size())
             if offset is None:
                 return None  # does not fit now: inline bytes
-            offsets.append(offset)
-            return shm_tensor(rows, region, offset)
+            slots.offsets.append(offset)
+            return region.tensor(rows, offset)
 
-        return place, region, slots
+        return place
+
+    def _take_slots(self) -> _Slots:
+        if self._region is None or self._slots is None:
+            self._region = self._new_region()
+            self._slots = SlotAllocator(self.region_bytes)
+            self._regions[self._region.name] = self._region
+        self._users[self._region] = self._users.get(self._region, 0) + 1
+        return _Slots(self._region, self._slots, [])
+
+    def _release(self, slots: _Slots) -> None:
+        for offset in slots.offsets:
+            slots.allocator.free(offset)
+        slots.offsets.clear()
+        self._users[slots.region] -= 1
+        self._release_retired()
 
     def _release_retired(self) -> None:
         for region in list(self._retired):
@@ -151,6 +206,19 @@ class ExpertLink:
                 region.close()
                 self._retired.discard(region)
                 self._users.pop(region, None)
+                self._regions.pop(region.name, None)
+
+    def _resolve(self, msg: common_pb2.Tensor, dims: list[int], what: str) -> torch.Tensor:
+        """A view of results the expert rank wrote into one of this link's regions."""
+        ref = msg.cuda_ipc if msg.HasField("cuda_ipc") else msg.shm
+        region = self._regions.get(ref.region)
+        if region is None:
+            raise InvalidArgument(f"{what}: results in region {ref.region!r}, which is not this link's")
+        dtype = dtype_from_proto(msg.dtype)
+        if ref.nbytes != math.prod(dims) * dtype.itemsize or ref.offset + ref.nbytes > region.size:
+            raise InvalidArgument(f"{what}: result reference {ref.offset}+{ref.nbytes} does not fit {dims}")
+        self.result_ref_bytes += ref.nbytes
+        return region.view(ref.offset, dtype, dims)
 
     async def _ensure_stream(self) -> asyncio.Queue[expert_pb2.DispatchChunk | None]:
         async with self._lock:
@@ -164,7 +232,7 @@ class ExpertLink:
 
             if self._region is not None and self._slots is not None:
                 # A new stream may reach a new expert process: give it a new region. The old one is
-                # retired: its name goes now, its mapping once no dispatch still writes into it.
+                # retired: its name goes now, its mapping once no dispatch still holds slots of it.
                 self._region.unlink()
                 self._retired.add(self._region)
                 self._release_retired()
@@ -173,6 +241,15 @@ class ExpertLink:
             self._outbox = outbox
             self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"combine-rx-{self.rank}")
             return outbox
+
+    def _add(self, pending: _Pending, msg: expert_pb2.CombineChunk) -> bool:
+        if self._rx is None:
+            return pending.assembler.add(msg)
+        with torch.cuda.stream(self._rx):
+            complete = pending.assembler.add(msg)
+            if complete:
+                self._rx.synchronize()  # results out of the region before the slots can be reused
+        return complete
 
     async def _receive(
         self,
@@ -185,9 +262,11 @@ class ExpertLink:
                 key = (msg.micro_batch, msg.layer)
                 pending = self._pending.get(key)
                 if pending is None:
-                    continue  # the dispatch was cancelled; drop its late results
+                    self._late_answer(key)  # the dispatch was cancelled or failed; drop its results
+                    continue
+                pending.answered += 1
                 try:
-                    complete = pending.assembler.add(msg)
+                    complete = self._add(pending, msg)
                 except AsapError as exc:
                     self._pending.pop(key, None)
                     if not pending.future.done():
@@ -207,6 +286,18 @@ class ExpertLink:
                 self._outbox = None
             self._fail_all(Unavailable(f"expert rank {self.rank} at {self.target}: {reason}"))
             call.cancel()
+            # The stream is gone: nothing more will be written into the slots of abandoned dispatches.
+            quarantined, self._quarantine = self._quarantine, {}
+            for slots in quarantined.values():
+                self._release(slots)
+
+    def _late_answer(self, key: _Key) -> None:
+        slots = self._quarantine.get(key)
+        if slots is not None:
+            slots.outstanding -= 1
+            if slots.outstanding <= 0:
+                del self._quarantine[key]
+                self._release(slots)
 
     def _fail_all(self, error: AsapError) -> None:
         pending, self._pending = self._pending, {}
@@ -215,6 +306,33 @@ class ExpertLink:
                 entry.future.set_exception(error)
         if pending:
             logger.warning("%s; failed %d waiting dispatches", error.message, len(pending))
+
+    def _encode(
+        self,
+        dispatch: RankDispatch,
+        place: Callable[[torch.Tensor], common_pb2.Tensor | None] | None,
+        **fields: Any,
+    ) -> list[expert_pb2.DispatchChunk]:
+        """On the codec thread: the dispatch's chunks, hidden rows placed in the region where possible."""
+        if dispatch.ready is not None:  # produced on the compute stream: wait for it on this thread's stream
+            torch.cuda.current_stream(self.device).wait_event(dispatch.ready)
+        max_chunk_bytes = self.max_chunk_bytes
+        if self.data_plane == "cuda-ipc":
+            # Rows move through GPU memory: chunks carry only ids and weights, so one chunk per dispatch
+            # (up to the message bound) spares the expert rank calls.
+            max_chunk_bytes = MAX_MESSAGE_BYTES // 2
+        chunks = dispatch_chunks(
+            attention_rank=self.attention_rank,
+            hidden=dispatch.hidden,
+            expert_ids=dispatch.expert_ids,
+            weights=dispatch.weights,
+            max_chunk_bytes=max_chunk_bytes,
+            place_hidden=place,
+            **fields,
+        )
+        if self.data_plane == "cuda-ipc":
+            torch.cuda.current_stream(self.device).synchronize()  # rows in the region before the signal
+        return chunks
 
     async def exchange(
         self,
@@ -233,8 +351,16 @@ class ExpertLink:
         loop = asyncio.get_running_loop()
         rows = int(dispatch.hidden.shape[0])
         future: asyncio.Future[torch.Tensor] = loop.create_future()
-        assembler = CombineAssembler(rows, self.hidden_size, self.dtype, shape_only=self.shape_only)
-        self._pending[key] = _Pending(assembler, future)
+        assembler = CombineAssembler(
+            rows,
+            self.hidden_size,
+            self.dtype,
+            shape_only=self.shape_only,
+            refs=self._resolve if self.by_reference else None,
+            device=self.device if self.data_plane == "cuda-ipc" else "cpu",
+        )
+        pending = _Pending(assembler, future)
+        self._pending[key] = pending
         span = None
         traceparent = tracestate = ""
         if trace is not None:
@@ -251,43 +377,47 @@ class ExpertLink:
                 },
             )
             traceparent, tracestate = spans.inject(spans.context_of(span))
-        offsets: list[int] = []  # shm slots of this dispatch, freed once it is answered or abandoned
-        place, region, slots = self._place(offsets) if self.data_plane == "shm" else (None, None, None)
+        slots = self._take_slots() if self.by_reference else None
+        place = self._place(slots) if slots is not None else None
+        sent = 0
+        completed = False
         try:
             chunks = await loop.run_in_executor(
                 self._codec,
-                lambda: dispatch_chunks(
+                lambda: self._encode(
+                    dispatch,
+                    place,
                     micro_batch=micro_batch,
                     layer=layer,
-                    attention_rank=self.attention_rank,
-                    hidden=dispatch.hidden,
-                    expert_ids=dispatch.expert_ids,
-                    weights=dispatch.weights,
-                    max_chunk_bytes=self.max_chunk_bytes,
                     step=step,
                     sync_participants=participants,
                     traceparent=traceparent,
                     tracestate=tracestate,
-                    place_hidden=place,
                 ),
             )
             if not self.shape_only:
                 for chunk in chunks:
                     nbytes = int(chunk.hidden.shape[0]) * self.hidden_size * self.dtype.itemsize
-                    if chunk.hidden.HasField("shm"):
+                    if chunk.hidden.HasField("shm") or chunk.hidden.HasField("cuda_ipc"):
                         self.shm_bytes += nbytes
                     else:
                         self.inline_hidden_bytes += nbytes
             if self.link_s is not None and rows:
                 nbytes = rows * (self.hidden_size * self.dtype.itemsize + dispatch.expert_ids.shape[1] * 8)
                 await asyncio.sleep(self.link_s(nbytes))
+            region = slots.region if slots is not None else None
+            if isinstance(region, CudaRegion) and not region.announced and chunks:
+                chunks[0].cuda_region.CopyFrom(region.announcement())  # once per stream, on its first chunk
+                region.announced = True
             for chunk in chunks:
                 outbox.put_nowait(chunk)
+            sent = len(chunks)
             if span is not None:
                 span.end()
                 span = None
             result = await future
-            if offsets and region is not None:
+            completed = True
+            if slots is not None and slots.offsets and isinstance(region, ShmRegion):
                 # The expert rank has attached the region (it answered rows it read from it): remove the
                 # name now, so the memory goes away with the two processes even if one is killed.
                 region.unlink()
@@ -296,11 +426,13 @@ class ExpertLink:
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
             self._pending.pop(key, None)
-            if slots is not None and region is not None:
-                for offset in offsets:
-                    slots.free(offset)
-                self._users[region] -= 1
-                self._release_retired()
+            if slots is not None:
+                slots.outstanding = 0 if completed else sent - pending.answered
+                if slots.outstanding > 0 and slots.offsets and self._outbox is outbox:
+                    self._quarantine[key] = slots  # the expert rank may still write results there
+                    self.quarantined += 1
+                else:
+                    self._release(slots)
 
     async def close(self) -> None:
         if self._outbox is not None:
@@ -316,6 +448,7 @@ class ExpertLink:
             region.destroy()
         self._retired.clear()
         self._users.clear()
+        self._regions.clear()
 
 
 class GrpcExpertTransport:
@@ -332,9 +465,14 @@ class GrpcExpertTransport:
         link_s: Callable[[int], float] | None = None,
         data_plane: str = "grpc",
         device: str = "cpu",
-        region_bytes: int = DEFAULT_REGION_BYTES,
+        region_bytes: int | None = None,
     ) -> None:
-        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attention-codec")
+        self._codec = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="attention-codec",
+            initializer=use_own_stream,
+            initargs=(device,),
+        )
         self.links = [
             ExpertLink(
                 target,

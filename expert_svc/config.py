@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asap.dataplane.select import DATA_PLANES
 from asap.errors import InvalidArgument
 from asap.optimizations import OPTIMIZATIONS
 
@@ -56,8 +57,10 @@ class ExpertServiceConfig:
             raise InvalidArgument(f"max_merge_rows must be >= 1, got {self.max_merge_rows}")
         if not (self.compute == "torch" or self.compute.startswith("emulated:")):
             raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
-        if self.data_plane not in ("auto", "grpc", "shm"):
-            raise InvalidArgument(f"data_plane must be auto, grpc or shm, got {self.data_plane!r}")
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
 

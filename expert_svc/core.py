@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
 
@@ -31,6 +32,19 @@ class ExpertResult:
     hidden: torch.Tensor  # [n, H]
     queue_ns: int
     compute_ns: int
+    ready: torch.cuda.Event | None = None
+    """CUDA: recorded on the compute stream after ``hidden`` was computed (wait for it before reading)."""
+    started: torch.cuda.Event | None = None
+    """CUDA: recorded before the computation; ``device_compute_ns`` measures from it to ``ready``."""
+
+    def device_compute_ns(self) -> int:
+        """Compute time on the device (CUDA: between the events, once ``ready`` has passed), else host."""
+        if self.started is None or self.ready is None:
+            return self.compute_ns
+        return int(self.started.elapsed_time(self.ready) * 1e6)
+
+
+_Events = tuple[torch.cuda.Event | None, torch.cuda.Event | None]
 
 
 @dataclass(slots=True)
@@ -59,7 +73,12 @@ class ExpertExecutor:
         self.max_merge_rows = max_merge_rows
         self.stats = ExpertStats()
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(maxsize=queue_depth)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+        self._thread = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="expert-compute",
+            initializer=use_own_stream,
+            initargs=(part.device,),
+        )
         self._worker: asyncio.Task[None] | None = None
         self._hosted = torch.zeros(part.config.num_experts + 1, dtype=torch.bool)
         self._hosted[list(part.hosted)] = True
@@ -143,8 +162,9 @@ class ExpertExecutor:
             place(self._queue.get_nowait())
         return list(order)
 
-    def _compute(self, group: list[_Work]) -> tuple[list[torch.Tensor], int]:
+    def _compute(self, group: list[_Work]) -> tuple[list[torch.Tensor], int, _Events]:
         start = time.monotonic_ns()
+        started = ready_event(self.part.device, timing=True)
         if len(group) == 1:
             w = group[0]
             outs = [self.part.compute(w.layer, w.hidden, w.expert_ids, w.weights)]
@@ -154,7 +174,8 @@ class ExpertExecutor:
             weights = torch.cat([w.weights for w in group])
             merged = self.part.compute(group[0].layer, hidden, ids, weights)
             outs = list(torch.split(merged, [w.hidden.shape[0] for w in group]))
-        return outs, time.monotonic_ns() - start
+        # Compute time is host time: on CUDA the kernels may still run; ``ready`` marks their end.
+        return outs, time.monotonic_ns() - start, (started, ready_event(self.part.device, timing=True))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,7 +188,9 @@ class ExpertExecutor:
                 live = [w for w in group if not w.future.cancelled()]
                 try:
                     if live:
-                        outs, compute_ns = await loop.run_in_executor(self._thread, self._compute, live)
+                        outs, compute_ns, (started_ev, ready) = await loop.run_in_executor(
+                            self._thread, self._compute, live
+                        )
                         self.stats.calls += 1
                         self.stats.busy_ns += compute_ns
                         for work, out in zip(live, outs, strict=True):
@@ -175,7 +198,9 @@ class ExpertExecutor:
                             self.stats.rows += out.shape[0]
                             if not work.future.done():
                                 work.future.set_result(
-                                    ExpertResult(out, started - work.enqueued_ns, compute_ns)
+                                    ExpertResult(
+                                        out, started - work.enqueued_ns, compute_ns, ready, started_ev
+                                    )
                                 )
                 except Exception as exc:  # a failed computation fails its chunks, never the rank
                     logger.exception("expert computation failed for layer %d", group[0].layer)

@@ -12,7 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from asap.dataplane.cuda_ipc import CudaAttachments, visible_gpu_uuids
+from asap.dataplane.select import expert_planes
 from asap.dataplane.shm import ShmAttachments
+from asap.devices import use_own_stream
 from asap.emulation import DeviceProfile, EmulatedExpertPart, parse_compute
 from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, InternalError, InvalidArgument
@@ -24,7 +27,7 @@ from asap.model.tiny import resolve_model
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
-from asap.v1 import expert_pb2, expert_pb2_grpc
+from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire import chunks, codec
 from expert_svc.barrier import StepBarrier
 from expert_svc.config import ExpertServiceConfig
@@ -47,6 +50,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         *,
         profile: DeviceProfile | None = None,
         shm: bool = False,
+        cuda_ipc: bool = False,
     ) -> None:
         self.executor = executor
         self.barrier = StepBarrier()
@@ -61,11 +65,17 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         part = executor.part
         self._cfg = part.config
         self._dtype = part.dtype
-        # Encoding results (one bytes copy each) runs off the event loop and off the compute thread.
-        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-codec")
+        # Encoding results (one bytes copy each, or the write into a region) runs off the event loop and
+        # off the compute thread, on its own CUDA stream.
+        self._codec = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="expert-codec", initializer=use_own_stream, initargs=(device,)
+        )
         self.shm = ShmAttachments() if shm else None
-        """Shared-memory data plane: regions of the attention ranks, attached on first reference
-        (hidden rows are copied out once on decode); combine results stay inline bytes."""
+        """Shared-memory data plane: regions of the attention ranks, attached on first reference (hidden
+        rows are copied out once on decode); results are written back over the rows."""
+        self.cuda_ipc = cuda_ipc
+        """CUDA IPC data plane: each stream maps the regions its attention rank announces."""
+        self.gpu_uuids = visible_gpu_uuids() if cuda_ipc else []
 
     def close(self) -> None:
         self._codec.shutdown(wait=False, cancel_futures=True)
@@ -95,6 +105,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             ],
             device=self.device,
             shm_data_plane=self.shm is not None,
+            cuda_ipc_data_plane=self.cuda_ipc,
+            gpu_uuids=self.gpu_uuids,
         )
 
     async def Exchange(
@@ -103,6 +115,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         outbound: asyncio.Queue[expert_pb2.CombineChunk | None] = asyncio.Queue()
         replies: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
+        regions = _StreamRegions(self.shm, CudaAttachments() if self.cuda_ipc else None)
 
         async def reply(
             dispatch: chunks.Dispatch,
@@ -138,14 +151,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                     if trace is not None:
                         trace.computed(result)
                     msg = await loop.run_in_executor(
-                        self._codec,
-                        lambda: chunks.combine_chunk(
-                            dispatch,
-                            result.hidden,
-                            queue_nanos=result.queue_ns,
-                            compute_nanos=result.compute_ns,
-                            barrier_nanos=barrier_ns,
-                        ),
+                        self._codec, regions.answer, dispatch, result, barrier_ns
                     )
                 except AsapError as exc:
                     msg = _error_reply(
@@ -174,6 +180,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 # before the next is read (sync chunks take the lock after their barrier).
                 async with self._serial if not self.overlap else contextlib.nullcontext():
                     try:
+                        if msg.HasField("cuda_region"):
+                            regions.announce(msg.cuda_region)
                         dispatch = chunks.decode_dispatch(
                             msg,
                             hidden_size=self._cfg.hidden_size,
@@ -182,7 +190,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                             num_experts=self._cfg.num_experts,
                             top_k=self._cfg.top_k,
                             allow_shape_only=self.shape_only,
-                            shm=self.shm.decode if self.shm is not None else None,
+                            refs=regions.decode if regions.enabled else None,
                         )
                         trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                         if dispatch.sync_participants:
@@ -211,8 +219,63 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 await asyncio.gather(*replies)
             await outbound.put(None)
 
-        async for item in relay(lambda _: read(), name="expert-stream-reader", outbound=outbound):
-            yield item
+        try:
+            async for item in relay(lambda _: read(), name="expert-stream-reader", outbound=outbound):
+                yield item
+        finally:
+            regions.close()
+
+
+class _StreamRegions:
+    """The same-host regions one ``Exchange`` stream uses: decode references, write results back."""
+
+    def __init__(self, shm: ShmAttachments | None, cuda: CudaAttachments | None) -> None:
+        self.shm = shm
+        self.cuda = cuda
+        self.enabled = shm is not None or cuda is not None
+
+    def announce(self, region: common_pb2.CudaRegion) -> None:
+        if self.cuda is None:
+            raise InvalidArgument("a CUDA IPC region was announced, but this rank has no cuda-ipc data plane")
+        self.cuda.announce(region)
+
+    def decode(self, msg: common_pb2.Tensor, dims: list[int], what: str) -> torch.Tensor:
+        if msg.HasField("cuda_ipc"):
+            if self.cuda is None:
+                raise InvalidArgument(f"{what}: CUDA IPC references need the cuda-ipc data plane")
+            return self.cuda.decode(msg, dims, what)
+        if self.shm is None:
+            raise InvalidArgument(f"{what}: shared-memory references need the shm data plane")
+        return self.shm.decode(msg, dims, what)
+
+    def answer(
+        self, dispatch: chunks.Dispatch, result: ExpertResult, barrier_ns: int
+    ) -> expert_pb2.CombineChunk:
+        """On the codec thread: the chunk's answer, its results written back into the region the rows
+        came from (then referenced) or encoded inline; returns once any device copy is done."""
+        ref = dispatch.hidden_ref
+        hidden_msg = None
+        if ref is not None and dispatch.rows:
+            plane = self.cuda if ref.HasField("cuda_ipc") else self.shm
+            if plane is None:
+                raise InternalError("a region reference was decoded without its data plane")
+            hidden_msg = plane.write_back(ref, result.hidden, result.ready)
+        elif result.ready is not None:  # computed on the compute stream: wait for it before the copy out
+            torch.cuda.current_stream(result.hidden.device).wait_event(result.ready)
+        msg = chunks.combine_chunk(
+            dispatch,
+            result.hidden,
+            queue_nanos=result.queue_ns,
+            compute_nanos=0,
+            barrier_nanos=barrier_ns,
+            hidden_msg=hidden_msg,
+        )
+        msg.compute_nanos = result.device_compute_ns()  # the copy above waited for the computation
+        return msg
+
+    def close(self) -> None:
+        if self.cuda is not None:
+            self.cuda.close()
 
 
 def _error_reply(
@@ -265,20 +328,6 @@ async def warm_up(executor: ExpertExecutor) -> None:
         await asyncio.gather(*futures)
 
 
-def select_expert_shm(data_plane: str, device: str, *, emulated: bool) -> bool:
-    """Whether an expert rank accepts shared-memory references; ``shm`` forced fails if it cannot."""
-    if data_plane == "grpc":
-        return False
-    reasons = []
-    if torch.device(device).type != "cpu":
-        reasons.append(f"device {device} is not cpu")
-    if emulated:
-        reasons.append("emulated compute moves no activations")
-    if reasons and data_plane == "shm":
-        raise InvalidArgument(f"--data-plane shm is not possible: {'; '.join(reasons)}")
-    return not reasons
-
-
 class ExpertService:
     """An expert rank's whole lifecycle: load, warm up, serve, drain."""
 
@@ -302,9 +351,16 @@ class ExpertService:
         self.executor = await loop.run_in_executor(None, build_executor, self.config)
         await self.executor.start()
         self.profile = parse_compute(self.config.compute)[1]
-        shm = select_expert_shm(self.config.data_plane, self.config.device, emulated=self.profile is not None)
+        shm, cuda_ipc = expert_planes(
+            self.config.data_plane, self.config.device, emulated=self.profile is not None
+        )
         self.servicer = ExpertServicer(
-            self.executor, self.config.rank, self.config.device, profile=self.profile, shm=shm
+            self.executor,
+            self.config.rank,
+            self.config.device,
+            profile=self.profile,
+            shm=shm,
+            cuda_ipc=cuda_ipc,
         )
         self.servicer.barrier.timeout_s = self.config.sync_timeout_s
         self.servicer.overlap = "expert-overlap" in self.config.optimizations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from asap.dataplane.select import DATA_PLANES
 from asap.optimizations import parse_optimizations
 
 
@@ -35,9 +36,10 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--data-plane",
         default="auto",
-        choices=("auto", "grpc", "shm"),
-        help="activations between same-host CPU ranks: auto (shared memory where possible, else gRPC bytes), "
-        "grpc, or shm (forced; fails if not possible)",
+        choices=DATA_PLANES,
+        help="how activations move between same-host ranks: auto (POSIX shared memory between CPU ranks, "
+        "CUDA IPC between GPU ranks, where possible; else gRPC bytes), grpc, or shm / cuda-ipc (forced; "
+        "fails if not possible)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     parser.add_argument(

@@ -1,19 +1,17 @@
 """POSIX shared-memory data plane for CPU ranks on the same host.
 
-An attention rank creates one ``ShmRegion`` per expert link (direction attention -> expert) and writes
-the ``hidden`` rows of every dispatch chunk into a slot of it; the chunk then carries only an
-``asap.v1.ShmRef`` (region, offset, nbytes) instead of inline bytes. The expert rank attaches the region
-by name on the first reference and copies the rows out once (``ShmAttachments.decode``), so its compute
-never depends on the slot's lifetime.
+An attention rank creates one ``ShmRegion`` per expert link (and stream) and writes the ``hidden`` rows of
+every dispatch chunk into a slot of it; the chunk then carries only an ``asap.v1.RegionRef`` (region,
+offset, nbytes) instead of inline bytes. The expert rank attaches the region by name on the first
+reference and copies the rows out once (``ShmAttachments.decode``), so its compute never depends on the
+slot. It writes the chunk's results back over the same rows (``write_back``) and answers with a reference
+to them; the attention rank copies them out of its region before the slot is reused.
 
 Slots come from a first-fit ``SlotAllocator`` over the region. A slot is freed when the chunk's combine
-answer arrives (the expert has copied the rows by then) or when its dispatch fails or is cancelled
-(the expert may then read overwritten rows, but the results of such a dispatch are dropped anyway).
-A payload that does not fit in the free space travels as inline bytes (the gRPC fallback).
-
-Combine results go back as inline bytes on the stream: results are written by the expert rank while
-the attention rank may already reuse or cancel the slot, and keeping one writer per region keeps the
-lifecycle trivially correct. Only dispatch activations move through shared memory.
+answer has been read. A dispatch that fails or is cancelled keeps its slots until the expert rank has
+answered each of its chunks (or the stream ends), because the expert rank may still write results there.
+A payload that does not fit in the free space travels as inline bytes (the gRPC fallback), and so do its
+results.
 
 Lifecycle: the creator ``unlink``s (removes the name) and ``close``s (unmaps) its regions; attachers only
 ``close``. Both are idempotent. Attachers do not register the region with Python's resource tracker,
@@ -28,7 +26,6 @@ import math
 import os
 import re
 import secrets
-import socket
 import threading
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -41,18 +38,12 @@ from asap.wire.codec import dtype_from_proto, dtype_to_proto
 
 __all__ = [
     "ALIGN",
-    "DATA_PLANES",
     "DEFAULT_REGION_BYTES",
     "ShmAttachments",
     "ShmRegion",
     "SlotAllocator",
-    "is_local_target",
     "region_name",
-    "select_data_plane",
 ]
-
-DATA_PLANES = ("auto", "grpc", "shm")
-"""Values of ``--data-plane``: ``auto`` picks shm for same-host CPU targets, else grpc."""
 
 DEFAULT_REGION_BYTES = 64 * 1024 * 1024
 """Size of the region of one attention -> expert link."""
@@ -149,6 +140,10 @@ class ShmRegion:
         """A private copy of the tensor at ``offset`` (one copy)."""
         return self.view(offset, dtype, shape).clone()
 
+    def tensor(self, t: torch.Tensor, offset: int) -> common_pb2.Tensor:
+        """Write ``t`` at ``offset`` and return the ``asap.v1.Tensor`` referencing it."""
+        return shm_tensor(t, self, offset)
+
     def close(self) -> None:
         """Unmap the region (idempotent). Zero-copy views must be gone by then."""
         shm, self._shm = self._shm, None
@@ -225,12 +220,12 @@ def shm_tensor(t: torch.Tensor, region: ShmRegion, offset: int) -> common_pb2.Te
     return common_pb2.Tensor(
         dtype=dtype_to_proto(t.dtype),  # type: ignore[arg-type]
         shape=t.shape,
-        shm=common_pb2.ShmRef(region=region.name, offset=offset, nbytes=nbytes),
+        shm=common_pb2.RegionRef(region=region.name, offset=offset, nbytes=nbytes),
     )
 
 
 class ShmAttachments:
-    """The regions a receiving service has attached, by name; resolves and validates ``ShmRef``s."""
+    """The regions a receiving service has attached, by name; resolves and validates ``RegionRef``s."""
 
     def __init__(self, max_regions: int = 1024) -> None:
         self._regions: dict[str, ShmRegion] = {}
@@ -251,6 +246,8 @@ class ShmAttachments:
 
     def decode(self, msg: common_pb2.Tensor, dims: list[int], what: str) -> torch.Tensor:
         """Validate ``msg.shm`` against ``msg``'s dtype and ``dims`` and return a private copy of it."""
+        if not msg.HasField("shm"):
+            raise InvalidArgument(f"{what}: a CUDA IPC reference on the shared-memory data plane")
         ref = msg.shm
         dtype = dtype_from_proto(msg.dtype)
         expected = math.prod(dims) * dtype.itemsize
@@ -271,46 +268,25 @@ class ShmAttachments:
         self.bytes_read += expected
         return out
 
+    def write_back(
+        self, ref_msg: common_pb2.Tensor, result: torch.Tensor, ready: object = None
+    ) -> common_pb2.Tensor:
+        """Write ``result`` over the rows ``ref_msg`` (a decoded chunk's hidden) references; return the
+        ``asap.v1.Tensor`` referencing the results. ``ready`` is unused (CPU work is done on return)."""
+        ref = ref_msg.shm
+        nbytes = result.numel() * result.element_size()
+        if nbytes != ref.nbytes:
+            raise InvalidArgument(f"combine result of {nbytes} bytes for a reference of {ref.nbytes} bytes")
+        region = self.region(ref.region)
+        region.write(ref.offset, result)
+        return common_pb2.Tensor(
+            dtype=dtype_to_proto(result.dtype),  # type: ignore[arg-type]
+            shape=list(result.shape),
+            shm=common_pb2.RegionRef(region=ref.region, offset=ref.offset, nbytes=nbytes),
+        )
+
     def close(self) -> None:
         with self._lock:
             regions, self._regions = self._regions, {}
         for region in regions.values():
             region.close()
-
-
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-
-
-def is_local_target(target: str) -> bool:
-    """Whether ``target`` (``host:port``, ``[v6]:port`` or ``unix:PATH``) names this host."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = target.rpartition(":")[0] if ":" in target else target
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES or host == "::1" or host.startswith("127."):
-        return True
-    return host == socket.gethostname().lower()  # no DNS lookups here
-
-
-def select_data_plane(mode: str, target: str, device: str, *, emulated: bool = False) -> str:
-    """The data plane (``grpc`` or ``shm``) for a link to ``target`` from a rank on ``device``.
-
-    ``auto``: shm for a same-host target with CPU compute, else grpc. ``shm`` forced raises
-    ``InvalidArgument`` when shared memory cannot be used.
-    """
-    if mode not in DATA_PLANES:
-        raise InvalidArgument(f"data plane must be one of {', '.join(DATA_PLANES)}, got {mode!r}")
-    if mode == "grpc":
-        return "grpc"
-    reasons = []
-    if not is_local_target(target):
-        reasons.append(f"expert target {target} is not on this host")
-    if torch.device(device).type != "cpu":
-        reasons.append(f"device {device} is not cpu (shared memory serves CPU ranks)")
-    if emulated:
-        reasons.append("emulated compute moves no activations")
-    if not reasons:
-        return "shm"
-    if mode == "shm":
-        raise InvalidArgument(f"--data-plane shm is not possible: {'; '.join(reasons)}")
-    return "grpc"

@@ -106,6 +106,8 @@ class RankDispatch:
     """[n, K] int32 global expert ids, -1 where the slot's expert lives on another rank."""
     weights: torch.Tensor
     """[n, K] float32 routing weights, 0 where masked."""
+    ready: torch.cuda.Event | None = None
+    """CUDA: recorded on the producing stream once the tensors above are computed (see asap.devices)."""
 
 
 def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:

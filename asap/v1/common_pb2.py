@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61sap/v1/common.proto\x12\x07\x61sap.v1\"v\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.asap.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nshape_only\x18\x04 \x01(\x08\x12\x1c\n\x03shm\x18\x05 \x01(\x0b\x32\x0f.asap.v1.ShmRef\"8\n\x06ShmRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61sap/v1/common.proto\x12\x07\x61sap.v1\"\x9f\x01\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.asap.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nshape_only\x18\x04 \x01(\x08\x12\x1f\n\x03shm\x18\x05 \x01(\x0b\x32\x12.asap.v1.RegionRef\x12$\n\x08\x63uda_ipc\x18\x06 \x01(\x0b\x32\x12.asap.v1.RegionRef\";\n\tRegionRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\xd9\x01\n\nCudaRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\x0c\x12\x15\n\rstorage_bytes\x18\x04 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x05 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x07 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x08 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\t \x01(\x08\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asap.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=308
-  _globals['_DTYPE']._serialized_end=400
-  _globals['_TENSOR']._serialized_start=33
-  _globals['_TENSOR']._serialized_end=151
-  _globals['_SHMREF']._serialized_start=153
-  _globals['_SHMREF']._serialized_end=209
-  _globals['_TRACECONTEXT']._serialized_start=211
-  _globals['_TRACECONTEXT']._serialized_end=266
-  _globals['_ERROR']._serialized_start=268
-  _globals['_ERROR']._serialized_end=306
+  _globals['_DTYPE']._serialized_start=573
+  _globals['_DTYPE']._serialized_end=665
+  _globals['_TENSOR']._serialized_start=34
+  _globals['_TENSOR']._serialized_end=193
+  _globals['_REGIONREF']._serialized_start=195
+  _globals['_REGIONREF']._serialized_end=254
+  _globals['_CUDAREGION']._serialized_start=257
+  _globals['_CUDAREGION']._serialized_end=474
+  _globals['_TRACECONTEXT']._serialized_start=476
+  _globals['_TRACECONTEXT']._serialized_end=531
+  _globals['_ERROR']._serialized_start=533
+  _globals['_ERROR']._serialized_end=571
 # @@protoc_insertion_point(module_scope)

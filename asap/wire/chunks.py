@@ -20,7 +20,7 @@ import torch
 
 from asap.errors import ERRORS_BY_CODE, InternalError, InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
-from asap.wire.codec import ShmDecoder, decode_tensor, encode_tensor
+from asap.wire.codec import RefDecoder, decode_tensor, encode_tensor
 
 __all__ = [
     "HEADER_ALLOWANCE",
@@ -59,6 +59,8 @@ class Dispatch:
     """Sync mode: the global step (see ``sync_participants``)."""
     sync_participants: int = 0
     """Sync mode: attention ranks whose dispatches of (step, layer) are computed together; 0 = async."""
+    hidden_ref: common_pb2.Tensor | None = None
+    """Same-host data planes: the region reference the rows came by; results are written back there."""
 
     @property
     def rows(self) -> int:
@@ -85,7 +87,7 @@ def dispatch_chunks(
 
     Every chunk serializes to at most ``max_chunk_bytes`` unless a single row is larger, in which case it
     holds one row. ``expert_ids`` are sent as int32 and ``weights`` as float32 (converted if needed).
-    ``place_hidden`` (shared-memory data plane) may put a chunk's hidden rows out of band and return the
+    ``place_hidden`` (same-host data planes) may put a chunk's hidden rows into a region and return the
     referencing tensor message; None from it (or no hook) sends the rows inline.
     """
     if hidden.dim() != 2 or expert_ids.dim() != 2 or weights.dim() != 2:
@@ -147,12 +149,12 @@ def decode_dispatch(
     num_experts: int,
     top_k: int,
     allow_shape_only: bool = False,
-    shm: ShmDecoder | None = None,
+    refs: RefDecoder | None = None,
 ) -> Dispatch:
     """Decode and validate one DispatchChunk against the model; raise ``InvalidArgument`` if malformed.
 
-    Header checks run before any payload is read, so a bad header costs no copy. ``shm`` (the shared-memory
-    data plane is enabled) lets the hidden rows be a shared-memory reference; no other tensor may be.
+    Header checks run before any payload is read, so a bad header costs no copy. ``refs`` (a same-host data
+    plane is enabled) lets the hidden rows be a region reference; no other tensor may be.
     """
     where = f"dispatch chunk (micro_batch {msg.micro_batch}, layer {msg.layer}, rows from {msg.row_offset})"
     if msg.layer >= num_layers:
@@ -179,7 +181,7 @@ def decode_dispatch(
         shape=(rows, hidden_size),
         what=f"{where} hidden",
         allow_shape_only=allow_shape_only,
-        shm=shm,
+        refs=refs,
     )
     expert_ids = decode_tensor(msg.expert_ids, dtype=torch.int32, shape=(rows, k), what=f"{where} expert_ids")
     weights = decode_tensor(msg.weights, dtype=torch.float32, shape=(rows, k), what=f"{where} weights")
@@ -203,6 +205,7 @@ def decode_dispatch(
         sent_unix_nanos=msg.sent_unix_nanos,
         step=msg.step,
         sync_participants=msg.sync_participants,
+        hidden_ref=msg.hidden if msg.hidden.HasField("shm") or msg.hidden.HasField("cuda_ipc") else None,
     )
 
 
@@ -213,8 +216,10 @@ def combine_chunk(
     queue_nanos: int = 0,
     compute_nanos: int = 0,
     barrier_nanos: int = 0,
+    hidden_msg: common_pb2.Tensor | None = None,
 ) -> expert_pb2.CombineChunk:
-    """Answer ``dispatch`` with its partial results ``hidden`` [n, H] (same rows, model dtype)."""
+    """Answer ``dispatch`` with its partial results ``hidden`` [n, H] (same rows, model dtype), inline or,
+    given ``hidden_msg``, as that region reference to where they were written."""
     if hidden.dim() != 2 or hidden.shape[0] != dispatch.rows:
         raise InternalError(
             f"combine for micro_batch {dispatch.micro_batch} layer {dispatch.layer}: result shape "
@@ -225,7 +230,7 @@ def combine_chunk(
         layer=dispatch.layer,
         row_offset=dispatch.row_offset,
         total_rows=dispatch.total_rows,
-        hidden=encode_tensor(hidden),
+        hidden=hidden_msg if hidden_msg is not None else encode_tensor(hidden),
         queue_nanos=queue_nanos,
         compute_nanos=compute_nanos,
         barrier_nanos=barrier_nanos,
@@ -250,10 +255,12 @@ class CombineAssembler:
 
     Parts may arrive in any order; each is copied into place on arrival, so the copy work overlaps with
     waiting for the rest. Optional ``micro_batch``/``layer`` are checked against every part when given.
+    ``refs`` resolves parts written into the receiver's own regions (same-host data planes); ``device`` is
+    where the assembled tensor lives (the copy out of a CUDA region is asynchronous on the current stream).
     """
 
     __slots__ = (
-        "_dtype", "_empty_answered", "_ends", "_hidden_size", "_out", "_received", "_starts", "layer",
+        "_dtype", "_empty_answered", "_ends", "_hidden_size", "_out", "_received", "_refs", "_starts", "layer",
         "micro_batch",
     )  # fmt: skip
 
@@ -266,11 +273,14 @@ class CombineAssembler:
         micro_batch: int | None = None,
         layer: int | None = None,
         shape_only: bool = False,
+        refs: RefDecoder | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if total_rows < 0 or hidden_size <= 0:
             raise InvalidArgument(f"assembler needs sizes >= 0, got {total_rows} x {hidden_size}")
         # [total_rows, H]; with emulated compute (shape_only) parts carry no values and neither does this
-        self._out = torch.empty(total_rows, hidden_size, dtype=dtype, device="meta" if shape_only else "cpu")
+        self._out = torch.empty(total_rows, hidden_size, dtype=dtype, device="meta" if shape_only else device)
+        self._refs = refs
         self._hidden_size = hidden_size
         self._dtype = dtype
         self._starts: list[int] = []  # sorted, disjoint row ranges received so far
@@ -327,9 +337,10 @@ class CombineAssembler:
             shape=(rows, self._hidden_size),
             what=where,
             allow_shape_only=shape_only,
+            refs=self._refs,
         )
         if not shape_only:
-            self._out[start:end].copy_(part)
+            self._out[start:end].copy_(part, non_blocking=part.device.type == "cuda")
         self._starts.insert(i, start)
         self._ends.insert(i, end)
         self._received += rows

@@ -28,7 +28,7 @@ from asap.v1 import common_pb2
 
 __all__ = [
     "SUPPORTED_DTYPES",
-    "ShmDecoder",
+    "RefDecoder",
     "decode_tensor",
     "dtype_from_proto",
     "dtype_to_proto",
@@ -45,7 +45,7 @@ _TO_WIRE: dict[torch.dtype, int] = {
 _FROM_WIRE: dict[int, torch.dtype] = {wire: dtype for dtype, wire in _TO_WIRE.items()}
 _ITEMSIZE: dict[int, int] = {wire: dtype.itemsize for dtype, wire in _TO_WIRE.items()}
 
-ShmDecoder = Callable[[common_pb2.Tensor, list[int], str], torch.Tensor]
+RefDecoder = Callable[[common_pb2.Tensor, list[int], str], torch.Tensor]
 """Resolves a tensor held in shared memory: (message, validated shape, what) -> tensor."""
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_TO_WIRE)
@@ -107,14 +107,15 @@ def decode_tensor(
     shape: Sequence[int | None] | None = None,
     what: str = "tensor",
     allow_shape_only: bool = False,
-    shm: ShmDecoder | None = None,
+    refs: RefDecoder | None = None,
 ) -> torch.Tensor:
     """Decode ``msg`` without copying its payload; the result is read-only-backed (see module doc).
 
     ``dtype`` and ``shape`` (``None`` entries match any size) state what the caller expects. Any
     mismatch or inconsistency raises ``InvalidArgument`` naming ``what``; nothing else escapes, whatever
-    the message holds. A tensor held in shared memory (``msg.shm``) is accepted only when ``shm`` (the
-    receiver's shared-memory data plane, see ``asap.dataplane.shm``) is given; it validates the reference.
+    the message holds. A tensor held in a same-host region (``msg.shm`` or ``msg.cuda_ipc``) is accepted
+    only when ``refs`` (the receiver's data plane, see ``asap.dataplane``) is given; it validates the
+    reference and resolves it.
     """
     actual = _FROM_WIRE.get(msg.dtype)
     if actual is None:
@@ -130,12 +131,11 @@ def decode_tensor(
                 raise InvalidArgument(f"{what}: shape {dims} does not match the expected {list(shape)}")
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"{what}: shape {dims} has a negative dimension")
-    if msg.HasField("shm"):
-        if shm is None:
-            raise InvalidArgument(
-                f"{what}: shared-memory references are accepted only with the shm data plane"
-            )
-        return shm(msg, dims, what)
+    if msg.HasField("shm") or msg.HasField("cuda_ipc"):
+        if refs is None:
+            plane = "shm" if msg.HasField("shm") else "cuda-ipc"
+            raise InvalidArgument(f"{what}: region references are accepted only with the {plane} data plane")
+        return refs(msg, dims, what)
     if msg.shape_only:
         if not allow_shape_only:
             raise InvalidArgument(f"{what}: a shape-only tensor is accepted only with emulated compute")

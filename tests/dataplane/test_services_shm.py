@@ -3,6 +3,7 @@ gives outputs identical to the gRPC bytes plane; forcing shm where it cannot wor
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -42,6 +43,11 @@ async def _run(
             [attention.executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
         )
         counters = [(link.shm_bytes, link.inline_hidden_bytes) for link in attention.transport.links]
+        # results come back the way the rows went: written over them in the region, or inline
+        assert all(
+            (link.result_ref_bytes > 0) == (link.data_plane == "shm") for link in attention.transport.links
+        )
+        assert all(link.result_ref_bytes <= link.shm_bytes for link in attention.transport.links)
         assert {link.data_plane for link in attention.transport.links} == {
             "shm" if plane == "auto" else plane
         }
@@ -95,3 +101,51 @@ def test_forced_shm_to_a_remote_host_fails_at_construction() -> None:
             ["10.9.8.7:5000"], attention_rank=0, hidden_size=8, dtype=torch.float32, max_chunk_bytes=4096,
             data_plane="shm",
         )  # fmt: skip
+
+
+async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path) -> None:
+    """A batch cancelled mid-layer leaves its slots quarantined until the expert rank has answered (it may
+    still write results there); then every slot is free again and later batches are unaffected."""
+    model = str(qwen3_dir)
+    experts = [
+        ExpertService(
+            ExpertServiceConfig(model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS))
+        )
+        for r in range(2)
+    ]
+    attention = None
+    try:
+        targets = [await e.start() for e in experts]
+        attention = AttentionService(
+            AttentionServiceConfig(model=model, expert_targets=targets, data_plane="shm")
+        )
+        await attention.start()
+        executor, transport = attention.executor, attention.transport
+        assert executor is not None and transport is not None
+        g = torch.Generator().manual_seed(5)
+        prompt = torch.randint(0, 256, (300,), generator=g).tolist()
+        expected = (await executor.run_batch([executor.make_prompt("ref", prompt)])).results[0].first
+        for attempt in range(10):  # cancel right after chunks went out, before they are answered
+            sent = sum(link.shm_bytes for link in transport.links)
+            task = asyncio.create_task(executor.run_batch([executor.make_prompt(f"x{attempt}", prompt)]))
+            while sum(link.shm_bytes for link in transport.links) == sent:
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            if sum(link.quarantined for link in transport.links):
+                break
+        assert sum(link.quarantined for link in transport.links) >= 1
+        for _ in range(2000):  # the late answers arrive and free the slots
+            if all(not link._quarantine for link in transport.links):
+                break
+            await asyncio.sleep(0.005)
+        assert all(not link._quarantine for link in transport.links)
+        assert all(link._slots is None or link._slots.in_use == 0 for link in transport.links)
+        again = (await executor.run_batch([executor.make_prompt("again", prompt)])).results[0].first
+        assert again == expected
+    finally:
+        if attention is not None:
+            await attention.stop(grace_s=0)
+        for e in experts:
+            await e.stop(grace_s=0)

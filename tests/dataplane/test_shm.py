@@ -1,4 +1,4 @@
-"""Shared-memory data plane: region lifecycle, tensor round trips, reference validation, selection."""
+"""Shared-memory data plane: region lifecycle, tensor round trips, reference validation, write-back."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import socket
 import pytest
 import torch
 
-from asap.dataplane.shm import (
-    ShmAttachments,
-    ShmRegion,
-    SlotAllocator,
-    is_local_target,
-    region_name,
-    select_data_plane,
-    shm_tensor,
-)
+from asap.dataplane.shm import ShmAttachments, ShmRegion, SlotAllocator, region_name, shm_tensor
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.chunks import decode_dispatch, dispatch_chunks
@@ -72,7 +64,7 @@ def test_round_trip_every_dtype(region: ShmRegion, dtype: torch.dtype) -> None:
     assert not msg.data and msg.shm.nbytes == view.numel() * dtype.itemsize
     attachments = ShmAttachments()
     try:
-        out = decode_tensor(msg, dtype=dtype, shape=(7, 3), shm=attachments.decode)
+        out = decode_tensor(msg, dtype=dtype, shape=(7, 3), refs=attachments.decode)
         assert out.dtype == dtype and torch.equal(out, view)
         assert torch.equal(region.view(128, dtype, [7, 3]), view)
         assert attachments.bytes_read == view.numel() * dtype.itemsize
@@ -84,7 +76,7 @@ def _ref(region: str, offset: int, nbytes: int, shape: list[int]) -> common_pb2.
     return common_pb2.Tensor(
         dtype=common_pb2.FLOAT32,
         shape=shape,
-        shm=common_pb2.ShmRef(region=region, offset=offset, nbytes=nbytes),
+        shm=common_pb2.RegionRef(region=region, offset=offset, nbytes=nbytes),
     )
 
 
@@ -92,7 +84,7 @@ def test_bad_references_are_invalid_argument(region: ShmRegion) -> None:
     attachments = ShmAttachments()
     try:
         good = _ref(region.name, 0, 2 * 4 * 4, [2, 4])
-        assert decode_tensor(good, shm=attachments.decode).shape == (2, 4)
+        assert decode_tensor(good, refs=attachments.decode).shape == (2, 4)
         bad = [
             _ref(region.name, 0, 31, [2, 4]),  # nbytes != prod(shape) * itemsize
             _ref(region.name, region.size - 16, 32, [2, 4]),  # out of bounds
@@ -106,7 +98,7 @@ def test_bad_references_are_invalid_argument(region: ShmRegion) -> None:
         bad.append(inline)
         for msg in bad:
             with pytest.raises(InvalidArgument):
-                decode_tensor(msg, shm=attachments.decode)
+                decode_tensor(msg, refs=attachments.decode)
         with pytest.raises(InvalidArgument, match="only with the shm data plane"):
             decode_tensor(good)  # the receiver did not enable shared memory
     finally:
@@ -132,7 +124,7 @@ def test_dispatch_through_shm_and_only_hidden_accepted(region: ShmRegion) -> Non
         kw = {"hidden_size": 8, "dtype": torch.float32, "num_layers": 1, "num_experts": 4, "top_k": 2}
         for chunk in chunks:
             assert chunk.hidden.HasField("shm") and not chunk.hidden.data
-            d = decode_dispatch(chunk, shm=attachments.decode, **kw)  # type: ignore[arg-type]
+            d = decode_dispatch(chunk, refs=attachments.decode, **kw)  # type: ignore[arg-type]
             assert torch.equal(d.hidden, hidden[d.row_offset : d.row_offset + d.rows])
             with pytest.raises(InvalidArgument):
                 decode_dispatch(chunk, **kw)  # type: ignore[arg-type]
@@ -141,7 +133,7 @@ def test_dispatch_through_shm_and_only_hidden_accepted(region: ShmRegion) -> Non
         bad.CopyFrom(chunks[0])
         bad.weights.CopyFrom(shm_tensor(weights[: chunks[0].hidden.shape[0]], region, 8192))
         with pytest.raises(InvalidArgument):
-            decode_dispatch(bad, shm=attachments.decode, **kw)  # type: ignore[arg-type]
+            decode_dispatch(bad, refs=attachments.decode, **kw)  # type: ignore[arg-type]
     finally:
         attachments.close()
 
@@ -165,19 +157,17 @@ def test_inline_bytes_still_decode_without_shm() -> None:
     assert torch.equal(decode_tensor(encode_tensor(t)), t)
 
 
-def test_selection() -> None:
-    assert is_local_target("127.0.0.1:5000") and is_local_target("localhost:1") and is_local_target("[::1]:5")
-    assert is_local_target(f"{socket.gethostname()}:7")
-    assert not is_local_target("10.1.2.3:5000") and not is_local_target("expert-7.example:5000")
-    assert select_data_plane("auto", "127.0.0.1:1", "cpu") == "shm"
-    assert select_data_plane("auto", "10.1.2.3:1", "cpu") == "grpc"
-    assert select_data_plane("auto", "127.0.0.1:1", "cuda:0") == "grpc"
-    assert select_data_plane("auto", "127.0.0.1:1", "cpu", emulated=True) == "grpc"
-    assert select_data_plane("grpc", "127.0.0.1:1", "cpu") == "grpc"
-    assert select_data_plane("shm", "localhost:1", "cpu") == "shm"
-    with pytest.raises(InvalidArgument, match="not on this host"):
-        select_data_plane("shm", "10.1.2.3:1", "cpu")
-    with pytest.raises(InvalidArgument, match="not cpu"):
-        select_data_plane("shm", "127.0.0.1:1", "cuda")
-    with pytest.raises(InvalidArgument):
-        select_data_plane("rdma", "127.0.0.1:1", "cpu")
+def test_results_are_written_back_over_the_rows(region: ShmRegion) -> None:
+    rows = torch.randn(5, 4)
+    msg = shm_tensor(rows, region, 128)
+    attachments = ShmAttachments()
+    try:
+        got = attachments.decode(msg, [5, 4], "rows")
+        assert torch.equal(got, rows)
+        answer = attachments.write_back(msg, got * 2)
+        assert answer.shm.offset == 128 and answer.shm.region == region.name and not answer.data
+        assert torch.equal(region.view(128, torch.float32, [5, 4]), rows * 2)
+        with pytest.raises(InvalidArgument, match="bytes"):
+            attachments.write_back(msg, torch.zeros(6, 4))
+    finally:
+        attachments.close()

@@ -1,0 +1,34 @@
+"""CUDA stream discipline of the services' threads.
+
+Each service thread that issues GPU work (an attention rank's compute thread, an expert rank's compute
+thread, the codec threads that move activations) runs on its own CUDA stream, so copies for one
+micro-batch never queue behind the other micro-batch's kernels. Work handed from one thread to another
+carries a ``ready`` event recorded on the producer's stream; the consumer waits for that event on its own
+stream (never a device-wide synchronisation). On CPU all of this is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ready_event", "use_own_stream"]
+
+
+def use_own_stream(device: str | torch.device) -> None:
+    """Thread initializer: make a new stream of ``device`` this thread's current stream (CUDA only)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
+        torch.cuda.set_stream(torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
+
+
+def ready_event(device: str | torch.device, *, timing: bool = False) -> torch.cuda.Event | None:
+    """An event recorded on this thread's current stream of ``device`` (CUDA), else None; ``timing``:
+    one that ``elapsed_time`` can measure from."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=timing)  # type: ignore[no-untyped-call]
+    event.record(torch.cuda.current_stream(dev))
+    return event

@@ -1,0 +1,186 @@
+"""Per-layer dispatch + combine on GPUs: the CUDA IPC data plane against gRPC bytes, in one run.
+
+An expert service runs in its own process (the real ``expert_svc``, bf16 on a GPU) with a model whose
+experts are almost free to compute (hidden 2048, 8 experts of intermediate width 16, one layer), so the
+round trip is the data path: the attention side (this process, cuda:0, the real ``GrpcExpertTransport``)
+sends one layer's dispatch of N token rows (hidden 2048 bf16, top-8 ids and weights) and waits for the
+combined result on its GPU. Timed per plane, per N, with the expert rank on the same GPU and (with two
+GPUs) on the other one. The expert compute time of the same call is measured in-process and reported
+beside, so the data-path share is visible. ``--cpu`` runs the same comparison for CPU ranks (gRPC bytes
+against POSIX shared memory).
+
+    python3 benchmarks/gpu_dataplane.py --json $OUT/gpu_dataplane.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from asap.model.checkpoint import CheckpointReader
+from asap.model.config import load_config
+from asap.model.expert_part import ExpertPart
+from asap.model.placement import RankDispatch
+from asap.model.tiny import make_tiny
+from attention_svc.transport import GrpcExpertTransport
+from tests.procs import ServiceProcess
+
+HIDDEN, EXPERTS, TOP_K = 2048, 8, 8
+
+
+def _dispatch(rows: int, device: str) -> RankDispatch:
+    g = torch.Generator(device=device).manual_seed(rows)
+    return RankDispatch(
+        rank=0,
+        rows=torch.arange(rows, device=device),
+        hidden=torch.randn(rows, HIDDEN, device=device, generator=g).to(torch.bfloat16),
+        expert_ids=torch.arange(TOP_K, device=device, dtype=torch.int32).repeat(rows, 1),
+        weights=torch.full((rows, TOP_K), 1.0 / TOP_K, device=device),
+    )
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+async def _time_plane(
+    target: str, plane: str, tokens: list[int], iters: int, device: str
+) -> dict[str, dict[str, float]]:
+    transport = GrpcExpertTransport(
+        [target],
+        attention_rank=0,
+        hidden_size=HIDDEN,
+        dtype=torch.bfloat16,
+        max_chunk_bytes=2 * 1024 * 1024,
+        data_plane=plane,
+        device=device,
+    )
+    try:
+        await transport.infos(60)
+        link = transport.links[0]
+        assert link.data_plane == plane, (link.data_plane, plane)
+        out: dict[str, dict[str, float]] = {}
+        mb = 0
+        for n in tokens:
+            dispatch = _dispatch(n, device)
+            _sync(device)
+            times = []
+            for i in range(iters + 3):  # 3 warm-up round trips (CUDA graph capture on the expert side)
+                mb += 1
+                start = time.perf_counter()
+                result = await transport.exchange(0, mb, 0, dispatch)
+                elapsed = time.perf_counter() - start
+                if i >= 3:
+                    times.append(elapsed)
+            assert result.shape == (n, HIDDEN)
+            payload = 2 * n * HIDDEN * 2  # hidden rows out and results back, bf16
+            ms = statistics.median(times) * 1e3
+            out[str(n)] = {
+                "ms": ms,
+                "p10_ms": sorted(times)[len(times) // 10] * 1e3,
+                "GB_s": payload / ms / 1e6,
+            }
+            print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median", flush=True)
+        return out
+    finally:
+        await transport.close()
+
+
+def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:
+    """The expert computation alone (same part, same rows), for reference."""
+    config = load_config(model)
+    with CheckpointReader(model) as reader:
+        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=torch.bfloat16, device=device)
+    out = {}
+    for n in tokens:
+        d = _dispatch(n, device)
+        for _ in range(3):
+            part.compute(0, d.hidden, d.expert_ids, d.weights)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            part.compute(0, d.hidden, d.expert_ids, d.weights)
+        _sync(device)
+        out[str(n)] = (time.perf_counter() - start) / 10 * 1e3
+    return out
+
+
+async def run() -> dict[str, object]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", default="1024,8192")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", help="write results here")
+    parser.add_argument("--cpu", action="store_true", help="CPU ranks: gRPC bytes against shared memory")
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    gpus = torch.cuda.device_count()
+    if gpus == 0 and not args.cpu:
+        raise SystemExit("needs a CUDA GPU (or --cpu)")
+    local = "cpu" if args.cpu else "cuda:0"
+    fast_plane = "shm" if args.cpu else "cuda-ipc"
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny(
+            Path(tmp) / "m",
+            layers=1,
+            hidden=HIDDEN,
+            experts=EXPERTS,
+            top_k=TOP_K,
+            expert_intermediate=16,
+            heads=16,
+        )
+        results: dict[str, object] = {
+            "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
+            "gpus": gpus,
+            "torch": torch.__version__,
+            "hidden": HIDDEN,
+            "dtype": "bfloat16",
+            "top_k": TOP_K,
+            "iters": args.iters,
+            "expert_compute_ms": _compute_ms(model, tokens, local),
+        }
+        placements = {"same_device": local, **({"other_gpu": "cuda:1"} if gpus > 1 and not args.cpu else {})}
+        for where, device in placements.items():
+            print(f"expert rank on {device} ({where})", flush=True)
+            proc = ServiceProcess(
+                "expert",
+                ["-m", "expert_svc", "--model", str(model), "--port", "0", "--device", device,
+                 "--dtype", "bfloat16"],
+            )  # fmt: skip
+            try:
+                target = proc.wait_ready()
+                planes = {
+                    plane: await _time_plane(target, plane, tokens, args.iters, local)
+                    for plane in ("grpc", fast_plane)
+                }
+            finally:
+                proc.stop()
+            ratios = {n: planes["grpc"][n]["ms"] / planes[fast_plane][n]["ms"] for n in planes["grpc"]}
+            results[where] = {"planes": planes, f"grpc_over_{fast_plane}": ratios}
+            print(f"  grpc / {fast_plane} time: {ratios}", flush=True)
+    results["json"] = args.json
+    return results
+
+
+def main() -> None:
+    results = asyncio.run(run())
+    out = results.pop("json")
+    print(json.dumps(results, indent=1))
+    if isinstance(out, str):
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

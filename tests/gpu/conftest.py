@@ -1,0 +1,30 @@
+"""GPU tests: run on a machine with CUDA (see benchmarks/README.md, "GPU runs"); skipped elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from asap.model.tiny import make_tiny
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qwen3_moe checkpoint with GEMM-friendly sizes (multiples of 64) for bf16 grouped GEMMs."""
+    return make_tiny(
+        tmp_path_factory.mktemp("gpu") / "m",
+        arch="qwen3_moe",
+        layers=4,
+        hidden=256,
+        experts=16,
+        top_k=4,
+        heads=4,
+        kv_heads=2,
+        expert_intermediate=128,
+        seed=7,
+    )
