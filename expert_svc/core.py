@@ -169,7 +169,9 @@ class ExpertExecutor:
             w = group[0]
             outs = [self.part.compute(w.layer, w.hidden, w.expert_ids, w.weights)]
         else:
-            hidden = torch.cat([w.hidden for w in group])  # [sum n, H]
+            # Rows may lie in regions of different GPUs (CUDA IPC from several attention ranks): bring them
+            # to this rank's device first.
+            hidden = torch.cat([w.hidden.to(self.part.device) for w in group])  # [sum n, H]
             ids = torch.cat([w.expert_ids for w in group])
             weights = torch.cat([w.weights for w in group])
             merged = self.part.compute(group[0].layer, hidden, ids, weights)
