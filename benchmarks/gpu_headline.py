@@ -224,7 +224,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True, help="directory for the results (created)")
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT"), help="directory for the results (created; default $OUT)"
+    )
     parser.add_argument("--name", help=f"file name stem (default {FULL.name}, {PROBE.name} with --probe)")
     parser.add_argument("--probe", action="store_true", help="async only, two rates, few requests")
     parser.add_argument("--layers", type=int, choices=sorted(LAYER_CONFIGS), default=16)
@@ -245,6 +247,8 @@ def main() -> int:
         "--budget-s", type=float, default=540.0, help="skip a mode that would end past this (default 540)"
     )
     args, extra = parser.parse_known_args()
+    if not args.out:
+        parser.error("--out (or $OUT) is required")
     extra = [a for a in extra if a != "--"]
     preset = PROBE if args.probe else FULL
     modes = (args.modes or preset.modes).split(",")
@@ -292,6 +296,7 @@ def main() -> int:
             )
             continue
         part = out / f"{name}.{mode}.json"
+        part.unlink(missing_ok=True)  # never merge a stale result of an earlier run
         argv = [
             "bench", "--compare", mode, "--model", model, "--attention", str(args.attention),
             "--experts", str(args.experts), "--compute", "torch", "--device", args.device,

@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmarks on a machine that has only this repository (no install): installs the carried wheels
-# from .whl/ (if any) into /tmp/site, keeps NVLink multicast off, and runs from the repository root.
+# The GPU headline benchmarks on the device machine (only this repository there, nothing installed):
+# benchmarks/gpu_env.sh installs the carried wheels from .whl/ into /tmp/site, sets PYTHONPATH to the
+# checkout and /tmp/site and keeps NVLink multicast off; then, from the repository root:
 #
-#   bash benchmarks/gpu_headline.sh [ARGS]              benchmarks/gpu_headline.py ARGS (e.g. --probe --out $OUT)
-#   bash benchmarks/gpu_headline.sh monolithic [ARGS]   benchmarks/gpu_monolithic.py ARGS
+#   bash benchmarks/gpu_headline.sh [ARGS]              python3 benchmarks/gpu_headline.py ARGS
+#   bash benchmarks/gpu_headline.sh monolithic [ARGS]   python3 benchmarks/gpu_monolithic.py ARGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-site=""
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    site=":/tmp/site"
-fi
-export PYTHONPATH="$PWD$site${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 script=benchmarks/gpu_headline.py
 if [[ "${1:-}" == "monolithic" ]]; then
     script=benchmarks/gpu_monolithic.py

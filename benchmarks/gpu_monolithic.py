@@ -118,7 +118,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True, help="directory for the results (created)")
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT"), help="directory for the results (created; default $OUT)"
+    )
     parser.add_argument("--name", default="gpu_monolithic")
     parser.add_argument("--bench-json", help="a gpu_headline.py result: workload, model, cluster tokens/s")
     parser.add_argument("--layers", type=int, choices=sorted(LAYER_CONFIGS), default=16)
@@ -136,6 +138,8 @@ def main() -> int:
         "--gpus", type=int, help="GPUs of the cluster (default: those the bench's ranks used, else 2)"
     )
     args = parser.parse_args()
+    if not args.out:
+        parser.error("--out (or $OUT) is required")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     bench: dict[str, Any] = json.loads(Path(args.bench_json).read_text()) if args.bench_json else {}
