@@ -113,6 +113,12 @@ class ExpertExecutor:
         """Wait until everything queued so far has been computed."""
         await self._queue.join()
 
+    async def prepare(self) -> int:
+        """Capture the part's CUDA graphs for every batch size up to ``max_merge_rows`` now, on the compute
+        thread (its stream replays them later); returns how many were captured (0 without graphs)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self.part.prepare, self.max_merge_rows)
+
     def validate(self, layer: int, expert_ids: torch.Tensor) -> None:
         """Reject work this rank cannot do, before it is queued (so one bad chunk never spoils a merge)."""
         if layer not in self._moe_layers:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
-from asap.model.grouped import GraphedExperts, LayerAgnosticExperts, grouped_mm_available
+from asap.model.grouped import BUCKETS, GraphedExperts, LayerAgnosticExperts, bucket_for, grouped_mm_available
 from asap.model.layers import load_tensor
 from asap.model.weights import TensorSource
 
@@ -111,17 +111,40 @@ class ExpertPart:
             return self._per_layer[slot](hidden, local, weights)
         return _experts_loop(self.gate_up[slot], self.down[slot], hidden, local, weights)
 
+    def prepare(self, max_rows: int) -> int:
+        """Capture now the CUDA graph of every token bucket up to ``max_rows`` for every window of layers,
+        so the first large batches after start-up pay no capture; returns the graphs captured. Call it on
+        the thread (stream) that will compute. A no-op without graphs (CPU, or not layer-agnostic)."""
+        if not (grouped_mm_available(self.device) and self.layer_agnostic):
+            return 0
+        h, k = self.config.hidden_size, self.config.top_k
+        largest = bucket_for(max_rows)
+        per_window = self._graphed_routine().routine.layers_per_window
+        for slot in range(0, len(self.config.moe_layer_ids), per_window):
+            layer = self.config.moe_layer_ids[slot]
+            for bucket in (b for b in BUCKETS if b <= largest):
+                ids = torch.full((bucket, k), -1, dtype=torch.int32)
+                ids[:, 0] = self.hosted[0]
+                weights = torch.zeros(bucket, k, dtype=torch.float32)
+                self.compute(
+                    layer, torch.zeros(bucket, h, dtype=self.dtype, device=self.device), ids, weights
+                )
+        return self._graphed.captured if self._graphed is not None else 0
+
     def _compute_grouped(
         self, slot: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """CUDA: the grouped-GEMM routine, graphed per token bucket when layer-agnostic, else per layer."""
         if self.layer_agnostic:
-            if self._graphed is None:
-                self._grouped = LayerAgnosticExperts(self.gate_up, self.down)
-                self._graphed = GraphedExperts(self._grouped, self.config.top_k, self.dtype)
-            return self._graphed(slot, hidden, local, weights).clone()
+            return self._graphed_routine()(slot, hidden, local, weights).clone()
         per_layer = LayerAgnosticExperts(self.gate_up[slot : slot + 1], self.down[slot : slot + 1])
         return per_layer(0, hidden, local, weights)
+
+    def _graphed_routine(self) -> GraphedExperts:
+        if self._graphed is None:
+            self._grouped = LayerAgnosticExperts(self.gate_up, self.down)
+            self._graphed = GraphedExperts(self._grouped, self.config.top_k, self.dtype)
+        return self._graphed
 
     def _slot(self, layer: int) -> int:
         if not 0 <= layer < self.config.num_layers or self._slot_of_layer[layer] < 0:
