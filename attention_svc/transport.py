@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,17 +34,17 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion, gpu_uuid
+from asap.dataplane.link import LinkRegions
 from asap.dataplane.select import confirm_data_plane, select_data_plane
-from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion, SlotAllocator, region_name
+from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion
 from asap.devices import use_own_stream
-from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
+from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.placement import RankDispatch
 from asap.rpc.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
-from asap.wire.codec import dtype_from_proto
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -55,26 +54,12 @@ logger = logging.getLogger(__name__)
 _Key = tuple[int, int]  # (micro_batch, layer)
 
 
-_Region = ShmRegion | CudaRegion
-
-
 @dataclass(slots=True)
 class _Pending:
     assembler: CombineAssembler
     future: asyncio.Future[torch.Tensor]
     answered: int = 0
     """Chunks the expert rank has answered so far."""
-
-
-@dataclass(slots=True)
-class _Slots:
-    """Region slots of one dispatch, kept until every chunk sent has been answered."""
-
-    region: _Region
-    allocator: SlotAllocator
-    offsets: list[int]
-    outstanding: int = 0
-    """Chunks sent but not yet answered (the expert rank may still write results into their slots)."""
 
 
 class ExpertLink:
@@ -105,26 +90,14 @@ class ExpertLink:
                 DEFAULT_CUDA_REGION_BYTES if self.data_plane == "cuda-ipc" else DEFAULT_REGION_BYTES
             )
         self.region_bytes = region_bytes
-        self._region: _Region | None = None
-        self._slots: SlotAllocator | None = None
-        self._regions: dict[str, _Region] = {}
-        """Regions of this link by name (current and retired), to resolve result references."""
-        self._retired: set[_Region] = set()
-        """Regions of earlier streams, unmapped once no dispatch uses them any more."""
-        self._users: dict[_Region, int] = {}
-        """Dispatches still holding slots of each region."""
-        self._quarantine: dict[_Key, _Slots] = {}
-        """Slots of failed or cancelled dispatches, freed as their late answers arrive."""
-        self.quarantined = 0
-        """Dispatches abandoned with chunks still unanswered (their slots were quarantined)."""
+        self.regions: LinkRegions | None = None
+        """Same-host planes: the link's regions, slots and quarantine (set once the plane is settled)."""
         self._rx: torch.cuda.Stream | None = None
         """cuda-ipc: the stream results are copied out of the region on."""
         self.shm_bytes = 0
         """Hidden-row payload bytes sent through a region (shared memory or CUDA IPC)."""
         self.inline_hidden_bytes = 0
         """Hidden-row payload bytes sent inline on the stream."""
-        self.result_ref_bytes = 0
-        """Result bytes the expert rank wrote back into this link's regions (not inline)."""
         self.link_s = link_s
         """Emulated compute: activations travel as shapes only, and each dispatch is charged this link
         time (seconds for a payload of that many bytes) before it is sent."""
@@ -157,68 +130,30 @@ class ExpertLink:
         )
         if self.data_plane == "cuda-ipc" and self._rx is None:
             self._rx = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        if self.by_reference and self.regions is None:
+            self.regions = LinkRegions(
+                self.data_plane,
+                size=self.region_bytes,
+                attention_rank=self.attention_rank,
+                expert_rank=self.rank,
+                device=self.device,
+            )
         return info
+
+    @property
+    def result_ref_bytes(self) -> int:
+        """Result bytes the expert rank wrote back into this link's regions (not inline)."""
+        return self.regions.result_ref_bytes if self.regions is not None else 0
+
+    @property
+    def quarantined(self) -> int:
+        """Dispatches abandoned with chunks unanswered, whose slots waited for the late answers."""
+        return self.regions.quarantined if self.regions is not None else 0
 
     @property
     def by_reference(self) -> bool:
         """Whether hidden rows travel through a region of the link (shm or cuda-ipc)."""
         return self.data_plane in ("shm", "cuda-ipc")
-
-    def _new_region(self) -> _Region:
-        if self.data_plane == "cuda-ipc":
-            return CudaRegion.create(
-                self.device, self.region_bytes, label=f"a{self.attention_rank}_e{self.rank}_"
-            )
-        return ShmRegion.create(region_name(self.attention_rank, self.rank), self.region_bytes)
-
-    def _place(self, slots: _Slots) -> Callable[[torch.Tensor], common_pb2.Tensor | None]:
-        """The ``place_hidden`` hook of one dispatch: rows into a free slot of its region (offsets recorded
-        in ``slots``), or None when they do not fit."""
-        region, allocator = slots.region, slots.allocator
-
-        def place(rows: torch.Tensor) -> common_pb2.Tensor | None:
-            offset = allocator.alloc(rows.numel() * rows.element_size())
-            if offset is None:
-                return None  # does not fit now: inline bytes
-            slots.offsets.append(offset)
-            return region.tensor(rows, offset)
-
-        return place
-
-    def _take_slots(self) -> _Slots:
-        if self._region is None or self._slots is None:
-            self._region = self._new_region()
-            self._slots = SlotAllocator(self.region_bytes)
-            self._regions[self._region.name] = self._region
-        self._users[self._region] = self._users.get(self._region, 0) + 1
-        return _Slots(self._region, self._slots, [])
-
-    def _release(self, slots: _Slots) -> None:
-        for offset in slots.offsets:
-            slots.allocator.free(offset)
-        slots.offsets.clear()
-        self._users[slots.region] -= 1
-        self._release_retired()
-
-    def _release_retired(self) -> None:
-        for region in list(self._retired):
-            if not self._users.get(region):
-                region.close()
-                self._retired.discard(region)
-                self._users.pop(region, None)
-                self._regions.pop(region.name, None)
-
-    def _resolve(self, msg: common_pb2.Tensor, dims: list[int], what: str) -> torch.Tensor:
-        """A view of results the expert rank wrote into one of this link's regions."""
-        ref = msg.cuda_ipc if msg.HasField("cuda_ipc") else msg.shm
-        region = self._regions.get(ref.region)
-        if region is None:
-            raise InvalidArgument(f"{what}: results in region {ref.region!r}, which is not this link's")
-        dtype = dtype_from_proto(msg.dtype)
-        if ref.nbytes != math.prod(dims) * dtype.itemsize or ref.offset + ref.nbytes > region.size:
-            raise InvalidArgument(f"{what}: result reference {ref.offset}+{ref.nbytes} does not fit {dims}")
-        self.result_ref_bytes += ref.nbytes
-        return region.view(ref.offset, dtype, dims)
 
     async def _ensure_stream(self) -> asyncio.Queue[expert_pb2.DispatchChunk | None]:
         async with self._lock:
@@ -230,13 +165,8 @@ class ExpertLink:
                 while (chunk := await outbox.get()) is not None:
                     yield chunk
 
-            if self._region is not None and self._slots is not None:
-                # A new stream may reach a new expert process: give it a new region. The old one is
-                # retired: its name goes now, its mapping once no dispatch still holds slots of it.
-                self._region.unlink()
-                self._retired.add(self._region)
-                self._release_retired()
-                self._region, self._slots = None, None
+            if self.regions is not None:
+                self.regions.new_stream()  # a new stream may reach a new expert process: a new region
             call = self._stub.Exchange(requests())
             self._outbox = outbox
             self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"combine-rx-{self.rank}")
@@ -261,8 +191,9 @@ class ExpertLink:
             async for msg in call:
                 key = (msg.micro_batch, msg.layer)
                 pending = self._pending.get(key)
-                if pending is None:
-                    self._late_answer(key)  # the dispatch was cancelled or failed; drop its results
+                if pending is None:  # the dispatch was cancelled or failed; drop its results
+                    if self.regions is not None:
+                        self.regions.late_answer(key)
                     continue
                 pending.answered += 1
                 try:
@@ -286,18 +217,8 @@ class ExpertLink:
                 self._outbox = None
             self._fail_all(Unavailable(f"expert rank {self.rank} at {self.target}: {reason}"))
             call.cancel()
-            # The stream is gone: nothing more will be written into the slots of abandoned dispatches.
-            quarantined, self._quarantine = self._quarantine, {}
-            for slots in quarantined.values():
-                self._release(slots)
-
-    def _late_answer(self, key: _Key) -> None:
-        slots = self._quarantine.get(key)
-        if slots is not None:
-            slots.outstanding -= 1
-            if slots.outstanding <= 0:
-                del self._quarantine[key]
-                self._release(slots)
+            if self.regions is not None:
+                self.regions.stream_ended()
 
     def _fail_all(self, error: AsapError) -> None:
         pending, self._pending = self._pending, {}
@@ -356,7 +277,7 @@ class ExpertLink:
             self.hidden_size,
             self.dtype,
             shape_only=self.shape_only,
-            refs=self._resolve if self.by_reference else None,
+            refs=self.regions.resolve if self.regions is not None else None,
             device=self.device if self.data_plane == "cuda-ipc" else "cpu",
         )
         pending = _Pending(assembler, future)
@@ -377,8 +298,8 @@ class ExpertLink:
                 },
             )
             traceparent, tracestate = spans.inject(spans.context_of(span))
-        slots = self._take_slots() if self.by_reference else None
-        place = self._place(slots) if slots is not None else None
+        slots = self.regions.take() if self.regions is not None else None
+        place = slots.placer() if slots is not None else None
         sent = 0
         completed = False
         try:
@@ -426,13 +347,9 @@ class ExpertLink:
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
             self._pending.pop(key, None)
-            if slots is not None:
-                slots.outstanding = 0 if completed else sent - pending.answered
-                if slots.outstanding > 0 and slots.offsets and self._outbox is outbox:
-                    self._quarantine[key] = slots  # the expert rank may still write results there
-                    self.quarantined += 1
-                else:
-                    self._release(slots)
+            if slots is not None and self.regions is not None:
+                outstanding = 0 if completed else sent - pending.answered
+                self.regions.finish(key, slots, outstanding=outstanding, stream_alive=self._outbox is outbox)
 
     async def close(self) -> None:
         if self._outbox is not None:
@@ -442,13 +359,8 @@ class ExpertLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._receiver
         await self._channel.close()
-        if self._region is not None:
-            self._region.destroy()
-        for region in self._retired:
-            region.destroy()
-        self._retired.clear()
-        self._users.clear()
-        self._regions.clear()
+        if self.regions is not None:
+            self.regions.close()
 
 
 class GrpcExpertTransport:

@@ -137,11 +137,11 @@ async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path
                 break
         assert sum(link.quarantined for link in transport.links) >= 1
         for _ in range(2000):  # the late answers arrive and free the slots
-            if all(not link._quarantine for link in transport.links):
+            if all(link.regions is not None and not link.regions.in_quarantine for link in transport.links):
                 break
             await asyncio.sleep(0.005)
-        assert all(not link._quarantine for link in transport.links)
-        assert all(link._slots is None or link._slots.in_use == 0 for link in transport.links)
+        regions = [link.regions for link in transport.links]
+        assert all(r is not None and r.in_quarantine == 0 and r.bytes_in_use == 0 for r in regions)
         again = (await executor.run_batch([executor.make_prompt("again", prompt)])).results[0].first
         assert again == expected
     finally:
