@@ -51,11 +51,27 @@ def _malformed() -> dict[str, expert_pb2.DispatchChunk]:
             data=torch.full((3, 2), 7, dtype=torch.int32).numpy().tobytes(),
         )
     )
+    # same-host data-plane references this rank cannot honour
+    unknown_region = _valid_chunk(micro_batch=14)
+    unknown_region.hidden.ClearField("data")
+    unknown_region.hidden.shm.CopyFrom(
+        common_pb2.RegionRef(region="asap_no_such_region", offset=0, nbytes=768)
+    )
+    cuda_ref = _valid_chunk(micro_batch=15)
+    cuda_ref.hidden.ClearField("data")
+    cuda_ref.hidden.cuda_ipc.CopyFrom(common_pb2.RegionRef(region="cuda_x", offset=0, nbytes=768))
+    cuda_announcement = _valid_chunk(micro_batch=16)
+    cuda_announcement.cuda_region.CopyFrom(
+        common_pb2.CudaRegion(name="cuda_x", device_uuid="GPU-0", handle=b"x")
+    )
     return {
         "wrong byte length": wrong_bytes,
         "unknown dtype": unknown_dtype,
         "layer out of range": layer_out_of_range,
         "expert not hosted": unhosted_expert,
+        "unknown shared-memory region": unknown_region,
+        "CUDA IPC reference on a CPU rank": cuda_ref,
+        "CUDA IPC region announced to a CPU rank": cuda_announcement,
     }
 
 
@@ -79,13 +95,16 @@ async def test_malformed_chunks_get_invalid_argument_and_the_stream_keeps_servin
 
     async with grpc.aio.insecure_channel(expert) as channel:
         replies = {m.micro_batch: m async for m in expert_pb2_grpc.ExpertStub(channel).Exchange(requests())}
-        assert set(replies) == {10, 11, 12, 13, 20}
-        for micro_batch in (10, 11, 12, 13):
+        assert set(replies) == {10, 11, 12, 13, 14, 15, 16, 20}
+        for micro_batch in (10, 11, 12, 13, 14, 15, 16):
             assert replies[micro_batch].error.code == "INVALID_ARGUMENT", replies[micro_batch]
         assert "bytes" in replies[10].error.message
         assert "dtype" in replies[11].error.message
         assert "99" in replies[12].error.message
         assert "not hosted" in replies[13].error.message
+        assert "asap_no_such_region" in replies[14].error.message
+        assert "CUDA IPC references need the cuda-ipc data plane" in replies[15].error.message
+        assert "no cuda-ipc data plane" in replies[16].error.message
         assert not replies[20].HasField("error")
         out = decode_tensor(replies[20].hidden, dtype=torch.float32, shape=(3, 64))
         assert out.shape == (3, 64) and torch.isfinite(out).all()
