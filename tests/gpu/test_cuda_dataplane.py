@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from asap.model.attention_part import AttentionPart
@@ -15,6 +16,8 @@ from asap.model.placement import ExpertPlacement, InProcessExperts
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.server import AttentionService
 from tests.procs import ServiceProcess
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 EXPERT_RANKS = 2
 
