@@ -34,6 +34,16 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 
 
+@dataclass(slots=True)
+class ExchangeResult:
+    """One expert rank's answer to a dispatch."""
+
+    hidden: torch.Tensor
+    """[n, H] the combined partial result of the dispatch's rows."""
+    barrier_ns: int = 0
+    """Sync mode: how long the expert rank held the dispatch at its barrier (the longest of its chunks)."""
+
+
 class ExpertTransport(Protocol):
     """How an attention rank reaches expert ranks (gRPC bytes today; shared memory / CUDA IPC later)."""
 
@@ -47,7 +57,7 @@ class ExpertTransport(Protocol):
         step: int = 0,
         participants: int = 0,
         trace: Context | None = None,
-    ) -> torch.Tensor:
+    ) -> ExchangeResult:
         """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
 
         ``participants`` > 0 marks a sync-mode step: the expert rank waits for the dispatches of that many
@@ -90,6 +100,9 @@ class BatchOutcome:
     started_ns: int = 0
     finished_ns: int = 0
     expert_wait_ns: int = 0
+    barrier_wait_ns: int = 0
+    """Sync mode: part of ``expert_wait_ns`` the dispatches spent at the expert ranks' barriers (per layer
+    the longest over the expert ranks, summed over layers)."""
     layer_done_ns: list[int] = field(default_factory=list)
     """Wall-clock time (``time.time_ns``) at which each MoE layer's combine completed."""
 
@@ -167,15 +180,18 @@ class AttentionExecutor:
 
     async def _exchange_all(
         self,
-        micro_batch: int,
+        outcome: BatchOutcome,
         layer: int,
         dispatches: list[RankDispatch],
         step: int,
         participants: int,
         trace: Context | None,
     ) -> list[torch.Tensor]:
+        """One layer's exchanges with every expert rank it needs; the waits are added to ``outcome``."""
+        micro_batch = outcome.micro_batch
         started_ns = time.time_ns() if trace is not None else 0
-        partials = await _all_or_cancel(
+        waited = time.monotonic_ns()
+        results = await _all_or_cancel(
             [
                 self.transport.exchange(
                     d.rank, micro_batch, layer, d, step=step, participants=participants, trace=trace
@@ -183,10 +199,13 @@ class AttentionExecutor:
                 for d in dispatches
             ]
         )
+        outcome.expert_wait_ns += time.monotonic_ns() - waited
+        outcome.barrier_wait_ns += max((r.barrier_ns for r in results), default=0)
+        outcome.layer_done_ns.append(time.time_ns())
         if trace is not None:
             attributes = {spans.LAYER: layer, spans.MICRO_BATCH: micro_batch}
             spans.record(spans.ATTENTION_COMBINE_WAIT, trace, started_ns, time.time_ns(), attributes)
-        return partials
+        return [r.hidden for r in results]
 
     async def _on_thread(self, timed: bool, fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:
         """``fn(*args)`` on the compute thread; ``timed``: also its start and end (``time.time_ns``),
@@ -203,7 +222,7 @@ class AttentionExecutor:
         outcome = BatchOutcome(results=[], micro_batch=micro_batch, started_ns=time.time_ns())
         if not prompts:
             if participants:
-                await self._run_empty(micro_batch, step_id, participants, outcome, trace)
+                await self._run_empty(step_id, participants, outcome, trace)
             outcome.finished_ns = time.time_ns()
             return outcome
         loop = asyncio.get_running_loop()
@@ -228,12 +247,9 @@ class AttentionExecutor:
                         spans.TOKENS: int(request.hidden.shape[0]),
                     }
                     spans.record(spans.ATTENTION_LAYER, trace, start_ns, end_ns, attributes)
-                waited = time.monotonic_ns()
                 partials = await self._exchange_all(
-                    micro_batch, request.layer, dispatches, step_id, participants, trace
+                    outcome, request.layer, dispatches, step_id, participants, trace
                 )
-                outcome.expert_wait_ns += time.monotonic_ns() - waited
-                outcome.layer_done_ns.append(time.time_ns())
                 previous = (request, dispatches, partials)
                 step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, previous, sync)
             logits = step  # [B, V] float32
@@ -254,7 +270,6 @@ class AttentionExecutor:
 
     async def _run_empty(
         self,
-        micro_batch: int,
         step_id: int,
         participants: int,
         outcome: BatchOutcome,
@@ -262,12 +277,9 @@ class AttentionExecutor:
     ) -> None:
         """An idle rank in a sync step: empty dispatches to every expert rank at every MoE layer."""
         for layer in self.part.config.moe_layer_ids:
-            waited = time.monotonic_ns()
             await self._exchange_all(
-                micro_batch, layer, self._with_empty_dispatches([]), step_id, participants, trace
+                outcome, layer, self._with_empty_dispatches([]), step_id, participants, trace
             )
-            outcome.expert_wait_ns += time.monotonic_ns() - waited
-            outcome.layer_done_ns.append(time.time_ns())
 
     def _with_empty_dispatches(self, present: list[RankDispatch]) -> list[RankDispatch]:
         """``present`` plus an empty dispatch for every other expert rank (sync mode talks to all of them)."""
@@ -330,7 +342,7 @@ def _sample_all(logits: torch.Tensor, prompts: Sequence[PromptSpec]) -> list[Fir
     ]
 
 
-async def _all_or_cancel(calls: Sequence[Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
+async def _all_or_cancel(calls: Sequence[Awaitable[ExchangeResult]]) -> list[ExchangeResult]:
     """Await all calls; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(c) for c in calls]
     try:

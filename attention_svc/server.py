@@ -226,6 +226,7 @@ def _batch_result(
         started_unix_nanos=outcome.started_ns,
         finished_unix_nanos=outcome.finished_ns,
         expert_wait_nanos=outcome.expert_wait_ns,
+        barrier_wait_nanos=outcome.barrier_wait_ns,
     )
 
 

@@ -45,6 +45,7 @@ from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
+from attention_svc.core import ExchangeResult
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -264,7 +265,7 @@ class ExpertLink:
         step: int = 0,
         participants: int = 0,
         trace: Context | None = None,
-    ) -> torch.Tensor:
+    ) -> ExchangeResult:
         key = (micro_batch, layer)
         if key in self._pending:
             raise InternalError(f"dispatch {key} to expert rank {self.rank} is already in flight")
@@ -336,13 +337,13 @@ class ExpertLink:
             if span is not None:
                 span.end()
                 span = None
-            result = await future
+            hidden = await future
             completed = True
             if slots is not None and slots.offsets and isinstance(region, ShmRegion):
                 # The expert rank has attached the region (it answered rows it read from it): remove the
                 # name now, so the memory goes away with the two processes even if one is killed.
                 region.unlink()
-            return result
+            return ExchangeResult(hidden, assembler.barrier_ns)
         finally:
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
@@ -415,7 +416,7 @@ class GrpcExpertTransport:
         step: int = 0,
         participants: int = 0,
         trace: Context | None = None,
-    ) -> torch.Tensor:
+    ) -> ExchangeResult:
         return await self.links[rank].exchange(
             micro_batch, layer, dispatch, step=step, participants=participants, trace=trace
         )

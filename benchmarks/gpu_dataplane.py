@@ -83,7 +83,7 @@ async def _time_plane(
                 elapsed = time.perf_counter() - start
                 if i >= 3:
                     times.append(elapsed)
-            assert result.shape == (n, HIDDEN)
+            assert result.hidden.shape == (n, HIDDEN)
             payload = 2 * n * HIDDEN * 2  # hidden rows out and results back, bf16
             ms = statistics.median(times) * 1e3
             out[str(n)] = {

@@ -260,8 +260,8 @@ class CombineAssembler:
     """
 
     __slots__ = (
-        "_dtype", "_empty_answered", "_ends", "_hidden_size", "_out", "_received", "_refs", "_starts", "layer",
-        "micro_batch",
+        "_dtype", "_empty_answered", "_ends", "_hidden_size", "_out", "_received", "_refs", "_starts",
+        "barrier_ns", "layer", "micro_batch",
     )  # fmt: skip
 
     def __init__(
@@ -281,6 +281,8 @@ class CombineAssembler:
         # [total_rows, H]; with emulated compute (shape_only) parts carry no values and neither does this
         self._out = torch.empty(total_rows, hidden_size, dtype=dtype, device="meta" if shape_only else device)
         self._refs = refs
+        self.barrier_ns = 0
+        """Sync mode: the longest time any part waited at the expert rank's barrier."""
         self._hidden_size = hidden_size
         self._dtype = dtype
         self._starts: list[int] = []  # sorted, disjoint row ranges received so far
@@ -319,6 +321,7 @@ class CombineAssembler:
             raise InvalidArgument(f"{where}: expected micro_batch {self.micro_batch} layer {self.layer}")
         if msg.total_rows != self.total_rows:
             raise InvalidArgument(f"{where}: total_rows {msg.total_rows}, expected {self.total_rows}")
+        self.barrier_ns = max(self.barrier_ns, msg.barrier_nanos)
         shape = msg.hidden.shape
         rows = shape[0] if len(shape) == 2 else -1
         end = start + rows

@@ -12,7 +12,7 @@ from asap.errors import InvalidArgument, Unavailable
 from asap.model.placement import InProcessExperts, RankDispatch
 from asap.model.reference import load_model
 from asap.model.sampling import first_token
-from attention_svc.core import AttentionExecutor
+from attention_svc.core import AttentionExecutor, ExchangeResult
 
 
 class LocalTransport:
@@ -26,12 +26,15 @@ class LocalTransport:
 
     async def exchange(
         self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: int
-    ) -> torch.Tensor:
+    ) -> ExchangeResult:
         self.calls.append((rank, micro_batch, layer))
         await asyncio.sleep(self.delay_s)
         if rank == self.fail_rank:
             raise Unavailable(f"expert rank {rank} is gone")
-        return self.experts.parts[rank].compute(layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights)
+        hidden = self.experts.parts[rank].compute(
+            layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+        )
+        return ExchangeResult(hidden)
 
 
 @pytest.fixture

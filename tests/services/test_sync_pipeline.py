@@ -174,6 +174,9 @@ async def test_in_sync_mode_short_prompts_finish_only_after_the_long_prompts_lay
     assert short_sync.finished_unix_nanos >= _last_dispatch_bound(long_sync), _timeline(long_sync, short_sync)
     long_ns = long_sync.finished_unix_nanos - long_sync.started_unix_nanos
     assert short_sync.expert_wait_nanos >= 0.5 * long_ns, _timeline(long_sync, short_sync)
+    # ... and report that wait as barrier time: most of the short batch's expert wait, within it.
+    assert 0.25 * long_ns <= short_sync.barrier_wait_nanos <= short_sync.expert_wait_nanos
+    assert long_sync.barrier_wait_nanos <= long_sync.expert_wait_nanos
 
     # Unlike async: without the barrier the short batch is done well before the long one (its expert
     # rounds may still queue behind the long one's at the shared expert ranks).
@@ -182,6 +185,7 @@ async def test_in_sync_mode_short_prompts_finish_only_after_the_long_prompts_lay
     assert short_async.finished_unix_nanos < long_async.finished_unix_nanos - 0.25 * long_async_ns, _timeline(
         long_async, short_async
     )
+    assert long_async.barrier_wait_nanos == 0 and short_async.barrier_wait_nanos == 0  # no barrier in async
 
     # The barrier changes timing only.
     for a, b in ((long_async, long_sync), (short_async, short_sync)):
@@ -199,3 +203,4 @@ async def test_an_idle_rank_in_a_sync_step_runs_an_empty_batch_that_waits_for_th
     busy, idle = await _long_and_short(attention, step=2_000_001, participants=2, short=[])
     assert idle.finished_unix_nanos >= _last_dispatch_bound(busy), _timeline(busy, idle)
     assert idle.expert_wait_nanos >= 0.5 * (busy.finished_unix_nanos - busy.started_unix_nanos)
+    assert idle.barrier_wait_nanos >= 0.25 * (busy.finished_unix_nanos - busy.started_unix_nanos)
