@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from asap.dataplane.refs import checked_ref, ref_tensor
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2
-from asap.wire.codec import dtype_from_proto, dtype_to_proto
 
 __all__ = [
     "DEFAULT_CUDA_REGION_BYTES",
@@ -59,22 +59,6 @@ def visible_gpu_uuids() -> list[str]:
     if not torch.cuda.is_available():
         return []
     return [gpu_uuid(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
-
-
-def _check_ref(ref: common_pb2.RegionRef, size: int, dtype: torch.dtype, dims: list[int], what: str) -> None:
-    expected = math.prod(dims) * dtype.itemsize
-    if ref.nbytes != expected:
-        raise InvalidArgument(
-            f"{what}: region reference of {ref.nbytes} bytes, but shape {dims} of {dtype} needs "
-            f"{expected} bytes"
-        )
-    if ref.offset + ref.nbytes > size:
-        raise InvalidArgument(
-            f"{what}: region range {ref.offset}..{ref.offset + ref.nbytes} is outside region "
-            f"{ref.region!r} of {size} bytes"
-        )
-    if ref.offset % dtype.itemsize:
-        raise InvalidArgument(f"{what}: offset {ref.offset} is not aligned to {dtype}")
 
 
 def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, dims: list[int]) -> torch.Tensor:
@@ -159,11 +143,7 @@ class CudaRegion:
     def tensor(self, t: torch.Tensor, offset: int) -> common_pb2.Tensor:
         """Write ``t`` at ``offset`` and return the ``asap.v1.Tensor`` referencing it."""
         nbytes = self.write(offset, t)
-        return common_pb2.Tensor(
-            dtype=dtype_to_proto(t.dtype),  # type: ignore[arg-type]
-            shape=t.shape,
-            cuda_ipc=common_pb2.RegionRef(region=self.name, offset=offset, nbytes=nbytes),
-        )
+        return ref_tensor("cuda_ipc", t.dtype, t.shape, self.name, offset, nbytes)
 
 
 @dataclass(slots=True)
@@ -237,12 +217,8 @@ class CudaAttachments:
         """A validated zero-copy view of the rows ``msg.cuda_ipc`` references."""
         if not msg.HasField("cuda_ipc"):
             raise InvalidArgument(f"{what}: a shared-memory reference on the CUDA IPC data plane")
-        if msg.data or msg.shape_only:
-            raise InvalidArgument(f"{what}: a CUDA IPC tensor must carry no inline data")
-        ref = msg.cuda_ipc
-        dtype = dtype_from_proto(msg.dtype)
-        buf = self._region(ref.region, what)
-        _check_ref(ref, int(buf.numel()), dtype, dims, what)
+        buf = self._region(msg.cuda_ipc.region, what)
+        ref, dtype = checked_ref(msg, "cuda_ipc", int(buf.numel()), dims, what)
         self.bytes_read += ref.nbytes
         return _view(buf, ref.offset, dtype, dims)
 
@@ -251,21 +227,16 @@ class CudaAttachments:
     ) -> common_pb2.Tensor:
         """Copy ``result`` over the rows ``ref_msg`` references, once ``ready`` (the computation) has
         happened; return when the copy is done, with the ``asap.v1.Tensor`` referencing the results."""
-        ref = ref_msg.cuda_ipc
         dims = list(result.shape)
-        buf = self._region(ref.region, "combine result")
-        _check_ref(ref, int(buf.numel()), result.dtype, dims, "combine result")
+        buf = self._region(ref_msg.cuda_ipc.region, "combine result")
+        ref, _ = checked_ref(ref_msg, "cuda_ipc", int(buf.numel()), dims, "combine result")
         stream = torch.cuda.current_stream(buf.device)
         if ready is not None:
             stream.wait_event(ready)
         _view(buf, ref.offset, result.dtype, dims).copy_(result, non_blocking=True)
         stream.synchronize()
         self.bytes_written += ref.nbytes
-        return common_pb2.Tensor(
-            dtype=dtype_to_proto(result.dtype),  # type: ignore[arg-type]
-            shape=dims,
-            cuda_ipc=common_pb2.RegionRef(region=ref.region, offset=ref.offset, nbytes=ref.nbytes),
-        )
+        return ref_tensor("cuda_ipc", result.dtype, dims, ref.region, ref.offset, ref.nbytes)
 
     def close(self) -> None:
         with self._lock:

@@ -10,17 +10,16 @@ results there, and a slot reused too early would have another dispatch's rows ov
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from asap.dataplane.cuda_ipc import CudaRegion
+from asap.dataplane.refs import checked_ref
 from asap.dataplane.shm import ShmRegion, SlotAllocator, region_name
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2
-from asap.wire.codec import dtype_from_proto
 
 __all__ = ["LinkRegions", "Region", "Slots"]
 
@@ -153,13 +152,12 @@ class LinkRegions:
     def resolve(self, msg: common_pb2.Tensor, dims: list[int], what: str) -> torch.Tensor:
         """A view of results the expert rank wrote into one of these regions (the ``refs`` of the
         combine assembler)."""
-        ref = msg.cuda_ipc if msg.HasField("cuda_ipc") else msg.shm
-        region = self._by_name.get(ref.region)
+        field = "cuda_ipc" if msg.HasField("cuda_ipc") else "shm"
+        name = getattr(msg, field).region
+        region = self._by_name.get(name)
         if region is None:
-            raise InvalidArgument(f"{what}: results in region {ref.region!r}, which is not this link's")
-        dtype = dtype_from_proto(msg.dtype)
-        if ref.nbytes != math.prod(dims) * dtype.itemsize or ref.offset + ref.nbytes > region.size:
-            raise InvalidArgument(f"{what}: result reference {ref.offset}+{ref.nbytes} does not fit {dims}")
+            raise InvalidArgument(f"{what}: results in region {name!r}, which is not this link's")
+        ref, dtype = checked_ref(msg, field, region.size, dims, what)
         self.result_ref_bytes += ref.nbytes
         return region.view(ref.offset, dtype, dims)
 

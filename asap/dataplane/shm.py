@@ -32,9 +32,9 @@ from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
+from asap.dataplane.refs import checked_ref, ref_tensor
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2
-from asap.wire.codec import dtype_from_proto, dtype_to_proto
 
 __all__ = [
     "ALIGN",
@@ -217,11 +217,7 @@ class SlotAllocator:
 def shm_tensor(t: torch.Tensor, region: ShmRegion, offset: int) -> common_pb2.Tensor:
     """Write ``t`` into ``region`` at ``offset`` and return the ``asap.v1.Tensor`` referencing it."""
     nbytes = region.write(offset, t)
-    return common_pb2.Tensor(
-        dtype=dtype_to_proto(t.dtype),  # type: ignore[arg-type]
-        shape=t.shape,
-        shm=common_pb2.RegionRef(region=region.name, offset=offset, nbytes=nbytes),
-    )
+    return ref_tensor("shm", t.dtype, t.shape, region.name, offset, nbytes)
 
 
 class ShmAttachments:
@@ -248,24 +244,10 @@ class ShmAttachments:
         """Validate ``msg.shm`` against ``msg``'s dtype and ``dims`` and return a private copy of it."""
         if not msg.HasField("shm"):
             raise InvalidArgument(f"{what}: a CUDA IPC reference on the shared-memory data plane")
-        ref = msg.shm
-        dtype = dtype_from_proto(msg.dtype)
-        expected = math.prod(dims) * dtype.itemsize
-        if msg.data or msg.shape_only:
-            raise InvalidArgument(f"{what}: a shared-memory tensor must carry no inline data")
-        if ref.nbytes != expected:
-            raise InvalidArgument(
-                f"{what}: shared-memory reference of {ref.nbytes} bytes, but shape {dims} of {dtype} "
-                f"needs {expected} bytes"
-            )
-        region = self.region(ref.region)
-        if ref.offset + ref.nbytes > region.size:
-            raise InvalidArgument(
-                f"{what}: shared-memory range {ref.offset}..{ref.offset + ref.nbytes} is outside region "
-                f"{ref.region!r} of {region.size} bytes"
-            )
+        region = self.region(msg.shm.region)
+        ref, dtype = checked_ref(msg, "shm", region.size, dims, what)
         out = region.read(ref.offset, dtype, dims)
-        self.bytes_read += expected
+        self.bytes_read += ref.nbytes
         return out
 
     def write_back(
@@ -279,11 +261,7 @@ class ShmAttachments:
             raise InvalidArgument(f"combine result of {nbytes} bytes for a reference of {ref.nbytes} bytes")
         region = self.region(ref.region)
         region.write(ref.offset, result)
-        return common_pb2.Tensor(
-            dtype=dtype_to_proto(result.dtype),  # type: ignore[arg-type]
-            shape=list(result.shape),
-            shm=common_pb2.RegionRef(region=ref.region, offset=ref.offset, nbytes=nbytes),
-        )
+        return ref_tensor("shm", result.dtype, result.shape, ref.region, ref.offset, nbytes)
 
     def close(self) -> None:
         with self._lock:

@@ -4,7 +4,9 @@ gives outputs identical to the gRPC bytes plane; forcing shm where it cannot wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,9 @@ def _segments() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("asap_")}
 
 
-async def _run(
-    model: str, plane: str, prompts: list[list[int]]
-) -> tuple[list[object], list[tuple[int, int]]]:
+@contextlib.asynccontextmanager
+async def _cluster(model: str, plane: str) -> AsyncIterator[AttentionService]:
+    """Two expert ranks and an attention rank on ``plane``, in process, on port 0."""
     experts = [
         ExpertService(
             ExpertServiceConfig(model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS))
@@ -39,24 +41,29 @@ async def _run(
         )
         await attention.start()
         assert attention.executor is not None and attention.transport is not None
-        outcomes = await attention.executor.run_batch(
-            [attention.executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
-        )
-        counters = [(link.shm_bytes, link.inline_hidden_bytes) for link in attention.transport.links]
-        # results come back the way the rows went: written over them in the region, or inline
-        assert all(
-            (link.result_ref_bytes > 0) == (link.data_plane == "shm") for link in attention.transport.links
-        )
-        assert all(link.result_ref_bytes <= link.shm_bytes for link in attention.transport.links)
-        assert {link.data_plane for link in attention.transport.links} == {
-            "shm" if plane == "auto" else plane
-        }
-        return [(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcomes.results], counters  # type: ignore[union-attr]
+        yield attention
     finally:
         if attention is not None:
             await attention.stop(grace_s=0)
         for e in experts:
             await e.stop(grace_s=0)
+
+
+async def _run(
+    model: str, plane: str, prompts: list[list[int]]
+) -> tuple[list[object], list[tuple[int, int]]]:
+    async with _cluster(model, plane) as attention:
+        assert attention.executor is not None and attention.transport is not None
+        outcomes = await attention.executor.run_batch(
+            [attention.executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
+        )
+        links = attention.transport.links
+        counters = [(link.shm_bytes, link.inline_hidden_bytes) for link in links]
+        # results come back the way the rows went: written over them in the region, or inline
+        assert all((link.result_ref_bytes > 0) == (link.data_plane == "shm") for link in links)
+        assert all(link.result_ref_bytes <= link.shm_bytes for link in links)
+        assert {link.data_plane for link in links} == {"shm" if plane == "auto" else plane}
+        return [(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcomes.results], counters  # type: ignore[union-attr]
 
 
 async def test_shm_plane_is_used_and_outputs_match_grpc(qwen3_dir: Path) -> None:
@@ -103,49 +110,52 @@ def test_forced_shm_to_a_remote_host_fails_at_construction() -> None:
         )  # fmt: skip
 
 
+def _signal_after(obj: object, method: str, done: Callable[[], bool]) -> asyncio.Event:
+    """An event set once ``done()`` holds after a call of ``obj.method`` (wrapped on the instance)."""
+    event = asyncio.Event()
+    original = getattr(obj, method)
+
+    def wrapped(*args: object) -> object:
+        result = original(*args)
+        if done():
+            event.set()
+        return result
+
+    setattr(obj, method, wrapped)
+    return event
+
+
 async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path) -> None:
     """A batch cancelled mid-layer leaves its slots quarantined until the expert rank has answered (it may
     still write results there); then every slot is free again and later batches are unaffected."""
-    model = str(qwen3_dir)
-    experts = [
-        ExpertService(
-            ExpertServiceConfig(model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS))
-        )
-        for r in range(2)
-    ]
-    attention = None
-    try:
-        targets = [await e.start() for e in experts]
-        attention = AttentionService(
-            AttentionServiceConfig(model=model, expert_targets=targets, data_plane="shm")
-        )
-        await attention.start()
+    async with _cluster(str(qwen3_dir), "shm") as attention:
         executor, transport = attention.executor, attention.transport
         assert executor is not None and transport is not None
         g = torch.Generator().manual_seed(5)
         prompt = torch.randint(0, 256, (300,), generator=g).tolist()
         expected = (await executor.run_batch([executor.make_prompt("ref", prompt)])).results[0].first
+        regions = [link.regions for link in transport.links]
+        assert all(r is not None for r in regions)
+        freed = [
+            _signal_after(r, "late_answer", lambda r=r: r.in_quarantine == 0)
+            for r in regions
+            if r is not None
+        ]
         for attempt in range(10):  # cancel right after chunks went out, before they are answered
-            sent = sum(link.shm_bytes for link in transport.links)
+            outbox = transport.links[0]._outbox  # the stream of the reference batch
+            assert outbox is not None
+            sent = _signal_after(outbox, "put_nowait", lambda: True)
             task = asyncio.create_task(executor.run_batch([executor.make_prompt(f"x{attempt}", prompt)]))
-            while sum(link.shm_bytes for link in transport.links) == sent:  # noqa: ASYNC110 (a counter, no event)
-                await asyncio.sleep(0)
+            await asyncio.wait_for(sent.wait(), 30)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             if sum(link.quarantined for link in transport.links):
                 break
         assert sum(link.quarantined for link in transport.links) >= 1
-        for _ in range(2000):  # the late answers arrive and free the slots
-            if all(link.regions is not None and not link.regions.in_quarantine for link in transport.links):
-                break
-            await asyncio.sleep(0.005)
-        regions = [link.regions for link in transport.links]
+        for r, event in zip((r for r in regions if r is not None), freed, strict=True):
+            if r.in_quarantine:  # the late answers arrive and free the slots
+                await asyncio.wait_for(event.wait(), 30)
         assert all(r is not None and r.in_quarantine == 0 and r.bytes_in_use == 0 for r in regions)
         again = (await executor.run_batch([executor.make_prompt("again", prompt)])).results[0].first
         assert again == expected
-    finally:
-        if attention is not None:
-            await attention.stop(grace_s=0)
-        for e in experts:
-            await e.stop(grace_s=0)
