@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
-import random
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import grpc
 
+from asap.client._messages import (
+    as_spec,
+    cluster_state_from_proto,
+    new_request_id,
+    request_proto,
+    result_from_proto,
+)
+from asap.client._retry import RETRYABLE, Deadline, backoff_s, translate_errors
 from asap.client._types import (
-    AttentionRankState,
     ClientState,
     ClusterState,
     PrefillRequestSpec,
     PrefillResult,
 )
-from asap.errors import AsapError, InternalError, InvalidArgument, ResourceExhausted, Unavailable
+from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_rpc, error_from_status
+from asap.rpc.status import error_from_status
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
+from asap.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 if TYPE_CHECKING:
     from asap.client._sync import SyncAsapClient
@@ -37,12 +39,6 @@ T = TypeVar("T")
 
 DEFAULT_TARGET = "localhost:50051"
 
-# Prefill has no side effects, so a request refused at admission or not delivered can be sent again.
-# INVALID_ARGUMENT fails again unchanged; DEADLINE_EXCEEDED/CANCELLED mean the caller's budget is gone.
-_RETRYABLE: tuple[type[AsapError], ...] = (ResourceExhausted, Unavailable)
-_BACKOFF_BASE_S = 0.05
-_BACKOFF_MAX_S = 2.0
-_UINT32_MAX = 2**32 - 1
 
 # grpc's default reconnect backoff (1 s, growing) would make an UNAVAILABLE retry fail fast without even
 # trying to reach a scheduler that came back; reconnect sooner.
@@ -52,115 +48,6 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
-
-
-@contextlib.contextmanager
-def translate_errors() -> Iterator[None]:
-    """The one boundary where grpc errors become ``asap.errors`` classes; no ``RpcError`` escapes."""
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from exc
-
-
-def backoff_s(retry: int) -> float:
-    """Exponential backoff with equal jitter before retry number ``retry`` (0-based)."""
-    ceiling = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2.0**retry)
-    return ceiling / 2 + random.uniform(0.0, ceiling / 2)
-
-
-class _Deadline:
-    """One overall time budget shared by every attempt of a call."""
-
-    def __init__(self, timeout_s: float | None) -> None:
-        self._at = None if timeout_s is None else time.monotonic() + timeout_s
-        self._timeout_s = timeout_s
-
-    def remaining_s(self) -> float | None:
-        """Seconds left (the gRPC ``timeout=`` of the next attempt); ``DeadlineExceeded`` when none."""
-        if self._at is None:
-            return None
-        left = self._at - time.monotonic()
-        if left <= 0:
-            raise error_from_status("DEADLINE_EXCEEDED", f"deadline of {self._timeout_s}s exceeded")
-        return left
-
-    def allows(self, delay_s: float) -> bool:
-        """Whether waiting ``delay_s`` still leaves time for another attempt."""
-        return self._at is None or time.monotonic() + delay_s < self._at
-
-
-def _new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _request_proto(spec: PrefillRequestSpec, request_id: str, *, on_stream: bool) -> Any:
-    request = scheduler_pb2.PrefillRequest(
-        request_id=request_id,
-        sampling=attention_pb2.SamplingOptions(
-            temperature=spec.temperature,
-            seed=spec.seed or 0,
-            top_logprobs=spec.top_logprobs,
-        ),
-        ttft_slo_ms=spec.ttft_slo_ms or 0,
-    )
-    if spec.tokens is not None:
-        request.tokens.ids.extend(spec.tokens)
-    elif spec.text is not None:
-        request.text = spec.text
-    # Unary calls carry their deadline as the gRPC deadline; stream items need it in the message.
-    if on_stream and spec.timeout_s is not None:
-        request.timeout_ms = min(_UINT32_MAX, max(1, math.ceil(spec.timeout_s * 1000)))
-    return request
-
-
-def _result_from_proto(response: Any, sent_request_id: str) -> PrefillResult:
-    return PrefillResult(
-        request_id=response.request_id or sent_request_id,
-        first_token_id=response.first_token_id,
-        first_token_logprob=response.first_token_logprob,
-        top_logprobs=tuple((entry.token_id, entry.logprob) for entry in response.top_logprobs),
-        prompt_tokens=response.prompt_tokens,
-        ttft_ms=response.ttft_ms,
-        queue_ms=response.queue_ms,
-        attention_rank=response.attention_rank,
-        trace_id=response.trace_id,
-    )
-
-
-def _cluster_state_from_proto(state: Any) -> ClusterState:
-    return ClusterState(
-        mode=state.mode,
-        model_type=state.model_type,
-        model=state.model,
-        attention_ranks=tuple(
-            AttentionRankState(
-                rank=rank.rank,
-                target=rank.target,
-                healthy=rank.healthy,
-                queued_requests=rank.queued_requests,
-                queued_tokens=rank.queued_tokens,
-                running_batches=rank.running_batches,
-                predicted_load_ms=rank.predicted_load_ms,
-            )
-            for rank in state.attention_ranks
-        ),
-        expert_targets=tuple(state.expert_targets),
-        pending_requests=state.pending_requests,
-        completed_requests=state.completed_requests,
-        failed_requests=state.failed_requests,
-        vocab_size=state.vocab_size,
-        max_prompt_tokens=state.max_prompt_tokens,
-    )
-
-
-def _as_spec(item: PrefillRequestSpec | Mapping[str, Any]) -> PrefillRequestSpec:
-    if isinstance(item, PrefillRequestSpec):
-        return item
-    try:
-        return PrefillRequestSpec.from_kwargs(**item)
-    except TypeError as exc:
-        raise InvalidArgument(f"bad prefill request {dict(item)!r}: {exc}") from None
 
 
 class _StreamItem:
@@ -244,13 +131,13 @@ class AsapClient:
         if channel is not None:
             await channel.close()
 
-    async def _with_retries(self, attempt: Callable[[float | None], Awaitable[T]], deadline: _Deadline) -> T:
+    async def _with_retries(self, attempt: Callable[[float | None], Awaitable[T]], deadline: Deadline) -> T:
         retry = 0
         while True:
             try:
                 with translate_errors():
                     return await attempt(deadline.remaining_s())
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 delay = backoff_s(retry)
                 if retry >= self.retries or not deadline.allows(delay):
                     raise
@@ -289,16 +176,16 @@ class AsapClient:
             timeout_s=timeout_s,
         )
         stub = self._ready_stub()
-        sent_id = spec.request_id or _new_request_id()
-        request = _request_proto(spec, sent_id, on_stream=False)
+        sent_id = spec.request_id or new_request_id()
+        request = request_proto(spec, sent_id, on_stream=False)
 
         async def attempt(grpc_timeout_s: float | None) -> PrefillResult:
             response = await stub.Prefill(request, timeout=grpc_timeout_s)
             if response.HasField("error"):
                 raise error_from_status(response.error.code, response.error.message)
-            return _result_from_proto(response, sent_id)
+            return result_from_proto(response, sent_id)
 
-        deadline = _Deadline(spec.timeout_s or self.timeout_s)
+        deadline = Deadline(spec.timeout_s or self.timeout_s)
         if not setup.TRACING_ENABLED:
             spans.inject_into(request.trace)  # the caller's own span, if its process traces
             return await self._with_retries(attempt, deadline)
@@ -319,9 +206,9 @@ class AsapClient:
 
         async def attempt(grpc_timeout_s: float | None) -> ClusterState:
             state = await stub.GetClusterState(scheduler_pb2.ClusterStateRequest(), timeout=grpc_timeout_s)
-            return _cluster_state_from_proto(state)
+            return cluster_state_from_proto(state)
 
-        return await self._with_retries(attempt, _Deadline(timeout_s or self.timeout_s))
+        return await self._with_retries(attempt, Deadline(timeout_s or self.timeout_s))
 
     @overload
     async def prefill_many(
@@ -360,16 +247,16 @@ class AsapClient:
         is cancelled, so the other results are lost); with ``True`` a failed item's place in the list
         holds its ``AsapError``.
         """
-        specs = [_as_spec(item) for item in requests]
+        specs = [as_spec(item) for item in requests]
         pending: dict[str, _StreamItem] = {}
         for index, spec in enumerate(specs):
-            request_id = spec.request_id or _new_request_id()
+            request_id = spec.request_id or new_request_id()
             if request_id in pending:
                 raise InvalidArgument(f"duplicate request_id {request_id!r} in prefill_many")
-            pending[request_id] = _StreamItem(index, _request_proto(spec, request_id, on_stream=True))
+            pending[request_id] = _StreamItem(index, request_proto(spec, request_id, on_stream=True))
         stub = self._ready_stub()
         outcomes: list[PrefillResult | AsapError | None] = [None] * len(specs)
-        deadline = _Deadline(timeout_s or self.timeout_s)
+        deadline = Deadline(timeout_s or self.timeout_s)
         stream_retry = 0
         while pending:
             try:
@@ -377,7 +264,7 @@ class AsapClient:
                     await self._stream_round(
                         stub, pending, outcomes, deadline, stop_on_error=not return_exceptions
                     )
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 delay = backoff_s(stream_retry)
                 if stream_retry < self.retries and deadline.allows(delay):
                     stream_retry += 1
@@ -408,7 +295,7 @@ class AsapClient:
         stub: Any,
         pending: dict[str, _StreamItem],
         outcomes: list[PrefillResult | AsapError | None],
-        deadline: _Deadline,
+        deadline: Deadline,
         *,
         stop_on_error: bool,
     ) -> None:
@@ -440,7 +327,7 @@ class AsapClient:
                     outcome = error_from_status(response.error.code, response.error.message)
                     delay = backoff_s(item.retries_used)
                     if (
-                        isinstance(outcome, _RETRYABLE)
+                        isinstance(outcome, RETRYABLE)
                         and item.retries_used < self.retries
                         and deadline.allows(delay)
                     ):
@@ -450,7 +337,7 @@ class AsapClient:
                         task.add_done_callback(resends.discard)
                         continue
                 else:
-                    outcome = _result_from_proto(response, response.request_id)
+                    outcome = result_from_proto(response, response.request_id)
                 del pending[response.request_id]
                 outcomes[item.index] = outcome
                 if stop_on_error and isinstance(outcome, AsapError):
