@@ -30,9 +30,7 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -44,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import gpu_common
+from gpu_common import LAYER_CONFIGS, MODELS, TRACE, GpuSampler, model_layers
 from headline import cpu_busy_sampler
 
 from asap.bench.report import compare_document, format_table, write_json, write_plot
@@ -51,9 +51,6 @@ from asap.bench.stats import SLO_ATTAINMENT_TARGET, RateResult
 from asap.bench.sweep import SweepResult
 from asap.cli import main as asap_main
 
-MODELS = ROOT / "benchmarks" / "models"
-LAYER_CONFIGS = {8: "qwen3-30b-a3b-8l", 16: "qwen3-30b-a3b-16l", 48: "qwen3-30b-a3b"}
-TRACE = ROOT / "benchmarks" / "workloads" / "azure_llm_conv_2023.csv"
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 MAX_LOG_BYTES = 12 * 2**20
 
@@ -71,58 +68,7 @@ FULL = Preset(modes="async,sync-chunked,sync", sweep="2,4,8,16", requests=60, na
 
 
 def say(message: str) -> None:
-    print(f"[gpu_headline {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-class GpuSampler:
-    """Per-GPU utilisation (%) and memory used (MiB) from nvidia-smi once a second, grouped by phase."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.samples: dict[str, list[list[tuple[float, float]]]] = {}
-        self.phase = "idle"
-        self.available = shutil.which("nvidia-smi") is not None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
-
-    def start(self) -> None:
-        if self.available:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
-        while not self._stop.wait(self.interval_s):
-            try:
-                out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-                rows = [tuple(float(v) for v in line.split(",")) for line in out.strip().splitlines()]
-            except (OSError, subprocess.SubprocessError, ValueError):
-                continue
-            self.samples.setdefault(self.phase, []).append([(row[0], row[1]) for row in rows])
-
-    def summary(self, phase: str) -> list[dict[str, float]] | None:
-        """Per GPU: mean and p90 utilisation, max memory used, over the samples of ``phase``."""
-        samples = self.samples.get(phase)
-        if not samples:
-            return None
-        gpus = min(len(s) for s in samples)
-        result = []
-        for gpu in range(gpus):
-            util = [s[gpu][0] for s in samples]
-            result.append(
-                {
-                    "gpu": gpu,
-                    "util_mean_pct": statistics.fmean(util),
-                    "util_p90_pct": statistics.quantiles(util, n=10)[-1] if len(util) >= 10 else max(util),
-                    "memory_max_mib": max(s[gpu][1] for s in samples),
-                    "samples": len(util),
-                }
-            )
-        return result
+    gpu_common.say("gpu_headline", message)
 
 
 def sweep_from_json(mode: str, body: dict[str, Any]) -> SweepResult:
@@ -336,7 +282,7 @@ def main() -> int:
         "name": name,
         "probe": args.probe,
         "model": model,
-        "layers": _layers(model),
+        "layers": model_layers(model),
         "attention": args.attention,
         "experts": args.experts,
         "device": args.device,
@@ -388,16 +334,6 @@ def _gpu_count() -> int:
         return int(torch.cuda.device_count())
     except Exception:
         return 0
-
-
-def _layers(model: str) -> int | None:
-    from asap.model.config import load_config
-    from asap.model.tiny import resolve_model
-
-    try:
-        return load_config(resolve_model(model)).num_layers
-    except Exception:
-        return None
 
 
 def _trim_log(path: Path) -> None:

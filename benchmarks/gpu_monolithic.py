@@ -37,6 +37,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_common
+from gpu_common import LAYER_CONFIGS, MODELS, TRACE
 
 from asap.bench.workload import Trace, WorkloadSpec, build_requests, default_warmup
 from asap.model.attention_part import MoERequest
@@ -44,13 +48,9 @@ from asap.model.config import load_config
 from asap.model.reference import load_model
 from asap.model.tiny import resolve_model
 
-MODELS = ROOT / "benchmarks" / "models"
-LAYER_CONFIGS = {8: "qwen3-30b-a3b-8l", 16: "qwen3-30b-a3b-16l", 48: "qwen3-30b-a3b"}
-TRACE = ROOT / "benchmarks" / "workloads" / "azure_llm_conv_2023.csv"
-
 
 def say(message: str) -> None:
-    print(f"[gpu_monolithic {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    gpu_common.say("gpu_monolithic", message)
 
 
 def greedy_batches(prompts: Sequence[list[int]], max_tokens: int, max_prompts: int) -> list[list[list[int]]]:
