@@ -257,8 +257,10 @@ class GraphedExperts:
 
     Inputs are copied into static buffers (padded rows carry id -1 and weight 0), the layer's index within
     its window into a 0-d device tensor, and the graph replays. Capture happens on first use. All graphs
-    share one memory pool (they replay one at a time on one stream, and each keeps its output alive), so
-    the intermediates of the largest bucket are allocated once, not once per graph.
+    share one memory pool, so the intermediates of the largest bucket are allocated once, not once per
+    graph. They replay one at a time on one stream, and a later capture may place its tensors where an
+    earlier graph's intermediates were: the returned output is valid only until the next call, so callers
+    copy it first (``ExpertPart`` clones it on the same stream).
     """
 
     def __init__(self, routine: LayerAgnosticExperts, top_k: int, dtype: torch.dtype) -> None:
