@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest
@@ -34,18 +35,9 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 
 
-@dataclass(slots=True)
-class ExchangeResult:
-    """One expert rank's answer to a dispatch."""
-
-    hidden: torch.Tensor
-    """[n, H] the combined partial result of the dispatch's rows."""
-    barrier_ns: int = 0
-    """Sync mode: how long the expert rank held the dispatch at its barrier (the longest of its chunks)."""
-
-
 class ExpertTransport(Protocol):
-    """How an attention rank reaches expert ranks (gRPC bytes today; shared memory / CUDA IPC later)."""
+    """How an attention rank reaches expert ranks (one link per expert rank, each over its data plane,
+    ``asap.dataplane.plane.DataPlane``)."""
 
     async def exchange(
         self,

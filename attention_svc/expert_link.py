@@ -34,6 +34,7 @@ import torch
 
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion, gpu_uuid
 from asap.dataplane.link import LinkRegions
+from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.select import confirm_data_plane, select_data_plane
 from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion
 from asap.errors import AsapError, InternalError, Unavailable
@@ -43,7 +44,6 @@ from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
-from attention_svc.core import ExchangeResult
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
-from attention_svc.core import ExchangeResult
 from attention_svc.expert_link import ExpertLink
 
 if TYPE_CHECKING:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.errors import InvalidArgument, Unavailable
 from asap.model.placement import InProcessExperts, RankDispatch
 from asap.model.reference import load_model
 from asap.model.sampling import first_token
-from attention_svc.core import AttentionExecutor, ExchangeResult
+from attention_svc.core import AttentionExecutor
 
 
 class LocalTransport:
