@@ -146,7 +146,11 @@ class DataPlane(Protocol):
 
     name: str
     """The plane's name as ``--data-plane`` spells it: ``grpc``, ``shm``, ``cuda-ipc``."""
-    stats: PlaneStats
+
+    @property
+    def stats(self) -> PlaneStats:
+        """The plane's counters so far."""
+        ...
 
     async def exchange(self, request: PlaneRequest) -> ExchangeResult: ...
 

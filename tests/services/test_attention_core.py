@@ -26,7 +26,7 @@ class LocalTransport:
         self.calls: list[tuple[int, int, int]] = []
 
     async def exchange(
-        self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: int
+        self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: object
     ) -> ExchangeResult:
         self.calls.append((rank, micro_batch, layer))
         await asyncio.sleep(self.delay_s)
