@@ -27,7 +27,7 @@ import torch
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
 from asap.dataplane.link import LinkRegions, Slots
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
-from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion
+from asap.dataplane.shm import DEFAULT_REGION_BYTES
 from asap.errors import InvalidArgument
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import MAX_MESSAGE_BYTES
@@ -224,11 +224,10 @@ class ShmPlane(StreamPlane):
         )
 
     def _answered(self, slots: Slots | None) -> None:
-        region = slots.region if slots is not None else None
-        if slots is not None and slots.offsets and isinstance(region, ShmRegion):
+        if slots is not None and slots.offsets:
             # The expert rank has attached the region (it answered rows it read from it): remove the
             # name now, so the memory goes away with the two processes even if one is killed.
-            region.unlink()
+            slots.region.unlink()
 
 
 class CudaIpcPlane(StreamPlane):
@@ -260,7 +259,7 @@ class CudaIpcPlane(StreamPlane):
 
     def _announce(self, chunks: list[expert_pb2.DispatchChunk], slots: Slots | None) -> None:
         region = slots.region if slots is not None else None
-        if isinstance(region, CudaRegion) and not region.announced and chunks:
+        if isinstance(region, CudaRegion) and not region.announced and chunks:  # (narrows the type)
             chunks[0].cuda_region.CopyFrom(region.announcement())  # once per stream, on its first chunk
             region.announced = True
 
