@@ -179,12 +179,13 @@ class StreamPlane:
         session = self.stream.open()
         loop = asyncio.get_running_loop()
         answers = _Answers(self._assembler(request.rows), self._rx)
-        future = self.stream.expect(key, answers)
-        slots = self._take()
-        place = slots.placer() if slots is not None else None
+        slots: Slots | None = None
         sent = 0
         completed = False
         try:
+            slots = self._take()
+            future = self.stream.expect(key, answers)
+            place = slots.placer() if slots is not None else None
             chunks = await loop.run_in_executor(self._codec, self._encode, request, place)
             self._account(chunks)
             link_s = self.spec.link_s
