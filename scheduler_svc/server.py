@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING
 import grpc
 
 from asap.errors import AsapError, InternalError, InvalidArgument
-from asap.model.config import ModelConfig, load_config
-from asap.model.sampling import MAX_TOP_LOGPROBS
+from asap.model.config import load_config
 from asap.model.tiny import resolve_model
-from asap.model.tokenizer import PromptTokenizer, load_tokenizer
+from asap.model.tokenizer import load_tokenizer
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.status import abort_with
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.attention_client import AttentionClient
+from scheduler_svc.calibration import calibrate_cost_model
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
-from scheduler_svc.costmodel import AttentionCostModel
-from scheduler_svc.rank_client import GrpcRankClient
 from scheduler_svc.requests import RequestResult, ScheduledRequest
+from scheduler_svc.validation import PromptValidator
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -98,42 +98,6 @@ def _start_request_spans(
 
 def _mark_failed(span: Span, exc: BaseException) -> None:
     spans.set_error(span, exc.message if isinstance(exc, AsapError) else type(exc).__name__)
-
-
-class PromptValidator:
-    """Turns a PrefillRequest into token ids, or raises ``InvalidArgument`` saying what is wrong."""
-
-    def __init__(self, config: ModelConfig, tokenizer: PromptTokenizer | None) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-
-    def token_ids(self, request: scheduler_pb2.PrefillRequest) -> list[int]:
-        which = request.WhichOneof("prompt")
-        if which == "text":
-            if self.tokenizer is None:
-                raise InvalidArgument("this model has no tokenizer.json: send token ids instead of text")
-            if not request.text:
-                raise InvalidArgument("empty prompt")
-            ids = self.tokenizer.encode(request.text)
-        elif which == "tokens":
-            ids = list(request.tokens.ids)
-        else:
-            raise InvalidArgument("a request needs a prompt: tokens or text")
-        if not ids:
-            raise InvalidArgument("empty prompt")
-        vocab = self.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {vocab})")
-        limit = self.config.max_position_embeddings
-        if len(ids) > limit:
-            raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model's maximum of {limit}")
-        sampling = request.sampling
-        if not sampling.temperature >= 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {sampling.temperature}")
-        if sampling.top_logprobs > MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
-        return ids
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -265,54 +229,13 @@ def _response(result: RequestResult, scheduled: ScheduledRequest) -> scheduler_p
     )
 
 
-CALIBRATION_LENGTHS = (8, 256, 1024, 2048, 4096, 8192, 16384)
-"""Probe prompt lengths (clipped to the model maximum): long enough to see the quadratic attention term."""
-CALIBRATION_BATCH_IDS = 1 << 48  # far above the core's batch ids
-
-
-async def calibrate_cost_model(
-    ranks: GrpcRankClient, config: ModelConfig, repeats: int = 2
-) -> AttentionCostModel:
-    """Time probe batches of one prompt of several lengths on attention rank 0 and fit ``a·n + b·n² + c``.
-
-    The measured time is the whole batch (attention, expert round trips, sampling), which is what
-    placement needs to predict. Falls back to the default model if the probes fail.
-    """
-    lengths = sorted({min(n, config.max_position_embeddings) for n in CALIBRATION_LENGTHS})
-    samples: list[tuple[list[int], float]] = []
-    try:
-        for i in range(repeats + 1):
-            for n in lengths if i > 0 else [n for n in lengths if n <= 1024]:  # warm-up: short ones
-                probe = ScheduledRequest(
-                    request_id=f"calibrate-{i}-{n}",
-                    token_ids=[t % min(256, config.vocab_size) for t in range(n)],
-                )
-                started = time.perf_counter()
-                outcome = await ranks.run_batch(0, CALIBRATION_BATCH_IDS + i * 10_000 + n, [probe])
-                if isinstance(outcome[0], AsapError):
-                    raise outcome[0]
-                if i > 0:  # the first round warms caches up
-                    samples.append(([n], (time.perf_counter() - started) * 1e3))
-        cost = AttentionCostModel.fit(samples)
-    except AsapError as exc:
-        logger.warning("cost model calibration failed (%s); using defaults", exc.message)
-        return AttentionCostModel()
-    logger.info(
-        "calibrated attention cost: a=%.4g ms/token b=%.4g ms/token^2 c=%.3g ms",
-        cost.a_ms,
-        cost.b_ms,
-        cost.c_ms,
-    )
-    return cost
-
-
 class SchedulerService:
     """The scheduler's lifecycle: wait for the attention ranks, serve, drain on SIGTERM."""
 
     def __init__(self, config: SchedulerServiceConfig) -> None:
         self.config = config
         self.core: SchedulerCore | None = None
-        self.ranks: GrpcRankClient | None = None
+        self.ranks: AttentionClient | None = None
         self.handle: ServiceHandle | None = None
 
     @property
@@ -324,15 +247,8 @@ class SchedulerService:
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
         validator = PromptValidator(load_config(model_dir), load_tokenizer(model_dir))
-        core_ref: list[SchedulerCore] = []
-        self.ranks = GrpcRankClient(
-            self.config.attention_targets,
-            mode=self.config.core.mode,
-            on_down=lambda rank, reason: core_ref[0].mark_rank_down(rank, reason),
-            on_up=lambda rank: core_ref[0].mark_rank_up(rank),
-        )
+        self.ranks = AttentionClient(self.config.attention_targets, mode=self.config.core.mode)
         self.core = SchedulerCore(self.config.core, len(self.config.attention_targets), self.ranks)
-        core_ref.append(self.core)
         servicer = SchedulerServicer(self.core, validator, self.config)
         self.handle = await create_server(
             self.config.address,
@@ -341,10 +257,12 @@ class SchedulerService:
         )
         await self.ranks.wait_ready(self.config.ready_timeout_s)
         if self.config.calibrate:
-            cost = await calibrate_cost_model(self.ranks, validator.config)
-            self.config.core.cost = cost
+            cost = await calibrate_cost_model(
+                self.ranks, validator.config, on_rank_down=self.core.mark_rank_down
+            )
+            self.core.set_cost_model(cost)
         await self.core.start()
-        self.ranks.start_monitor()
+        self.ranks.start_monitor(self.core)
         await self.handle.set_serving()
         return self.address
 

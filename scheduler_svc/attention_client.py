@@ -1,7 +1,9 @@
-"""``RankClient`` over grpc: one long-lived ``Attention.Run`` stream per attention rank.
+"""The scheduler's client of the attention ranks (a ``RankClient`` over grpc): one long-lived
+``Attention.Run`` stream per attention rank.
 
-A lost stream fails the batches waiting on it with ``Unavailable`` and reports the rank down; a monitor
-re-checks down ranks with grpc health and reports them up again once they answer SERVING.
+A lost stream fails the batches waiting on it with ``Unavailable`` (the core then marks the rank down);
+the health monitor (``scheduler_svc.health``) probes every rank with grpc health and tells the core when
+one stops or starts answering SERVING. Rank health itself is recorded in the core only.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -18,22 +20,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc, error_from_status
+from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from scheduler_svc.health import RankHealth, watch_ranks
 from scheduler_svc.requests import RankResultItem, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 1.0
 
-
-class _RankLink:
+class _AttentionLink:
     """The Run stream to one attention rank."""
 
-    def __init__(self, rank: int, target: str, on_down: Callable[[int, str], None]) -> None:
+    def __init__(self, rank: int, target: str) -> None:
         self.rank = rank
         self.target = target
-        self._on_down = on_down
         self.channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
         self._stub = attention_pb2_grpc.AttentionStub(self.channel)
         self._waiting: dict[int, asyncio.Future[attention_pb2.BatchResult]] = {}
@@ -76,8 +77,6 @@ class _RankLink:
                 if not future.done():
                     future.set_exception(error)
             call.cancel()
-            if waiting:
-                self._on_down(self.rank, error.message)
 
     async def run(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
         outbox = self._ensure_stream()
@@ -119,32 +118,19 @@ def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapE
     )
 
 
-class GrpcRankClient:
-    """Runs scheduler batches on attention ranks. ``on_down``/``on_up`` report rank health changes."""
+class AttentionClient:
+    """Runs scheduler batches on the attention ranks, and probes their health for the monitor."""
 
-    def __init__(
-        self,
-        targets: Sequence[str],
-        *,
-        on_down: Callable[[int, str], None],
-        on_up: Callable[[int], None],
-        mode: str = "async",
-    ) -> None:
+    def __init__(self, targets: Sequence[str], *, mode: str = "async") -> None:
         self.targets = list(targets)
         self.mode = mode
         """Scheduling mode, recorded on ``scheduler.batch`` spans."""
-        self._on_up = on_up
-        self._down: set[int] = set()
-
-        def down(rank: int, reason: str) -> None:
-            if rank not in self._down:
-                self._down.add(rank)
-                logger.warning("attention rank %d is down: %s", rank, reason)
-                on_down(rank, reason)
-
-        self._report_down = down
-        self.links = [_RankLink(rank, target, down) for rank, target in enumerate(targets)]
+        self.links = [_AttentionLink(rank, target) for rank, target in enumerate(targets)]
         self._monitor: asyncio.Task[None] | None = None
+
+    async def probe(self, rank: int) -> bool:
+        """Whether ``rank`` answers SERVING to a grpc health check."""
+        return await self.links[rank].healthy()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until every attention rank answers SERVING; ``Unavailable`` names the ones that do not."""
@@ -159,21 +145,11 @@ class GrpcRankClient:
             if pending:
                 await asyncio.sleep(0.2)
 
-    def start_monitor(self) -> None:
-        self._monitor = asyncio.create_task(self._watch(), name="rank-health-monitor")
-
-    async def _watch(self) -> None:
-        """Every second: a rank that stops answering SERVING goes down, one that answers again comes up."""
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            states = await asyncio.gather(*(link.healthy() for link in self.links))
-            for rank, healthy in enumerate(states):
-                if healthy and rank in self._down:
-                    self._down.discard(rank)
-                    logger.info("attention rank %d is back", rank)
-                    self._on_up(rank)
-                elif not healthy:
-                    self._report_down(rank, "health check failed")
+    def start_monitor(self, health: RankHealth) -> None:
+        """Probe every rank each second and record changes in ``health`` until ``close``."""
+        self._monitor = asyncio.create_task(
+            watch_ranks(self.probe, len(self.links), health), name="rank-health-monitor"
+        )
 
     async def run_batch(
         self,
@@ -181,12 +157,12 @@ class GrpcRankClient:
         batch_id: int,
         requests: Sequence[ScheduledRequest],
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         chunks: Sequence[tuple[int, int]] | None = None,
         drop: Sequence[str] = (),
     ) -> Sequence[RankResultItem | AsapError | None]:
         spans = chunks if chunks is not None else [(0, r.prompt_tokens) for r in requests]
+        step, participants = SyncStep.to_wire(sync)
         assignment = attention_pb2.BatchAssignment(
             batch_id=batch_id,
             step=step,
@@ -208,7 +184,7 @@ class GrpcRankClient:
         )
         # Calibration probes carry no request context and are not traced.
         if setup.TRACING_ENABLED and (not requests or any(r.traceparent for r in requests)):
-            result = await self._run_traced(rank, assignment, requests, step)
+            result = await self._run_traced(rank, assignment, requests, sync)
         else:
             result = await self.links[rank].run(assignment)
         if result.HasField("error"):
@@ -225,7 +201,7 @@ class GrpcRankClient:
         rank: int,
         assignment: attention_pb2.BatchAssignment,
         requests: Sequence[ScheduledRequest],
-        step: int,
+        sync: SyncStep | None,
     ) -> attention_pb2.BatchResult:
         """Run ``assignment`` inside a ``scheduler.batch`` span: a trace of its own, linked to every
         request's ``scheduler.request`` span, its context sent along in ``assignment.trace``."""
@@ -238,8 +214,8 @@ class GrpcRankClient:
             spans.TOKENS: sum(len(p.token_ids) for p in assignment.prompts),
             spans.MODE: self.mode,
         }
-        if step:
-            attributes[spans.STEP] = step
+        if sync is not None:
+            attributes[spans.STEP] = sync.step
         span = setup.get_tracer().start_span(
             spans.SCHEDULER_BATCH,
             context=Context(),
