@@ -1,5 +1,6 @@
 """The scheduler's client of the attention ranks (a ``RankClient`` over grpc): one long-lived
-``Attention.Run`` stream per attention rank.
+``Attention.Run`` stream per attention rank (``asap.rpc.duplex.DuplexStream``: opened on demand, results
+routed to their batch by batch id).
 
 A lost stream fails the batches waiting on it with ``Unavailable`` (the core then marks the rank down);
 the health monitor (``scheduler_svc.health``) probes every rank with grpc health and tells the core when
@@ -11,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_rpc, error_from_status
+from asap.rpc.status import error_from_status
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
@@ -30,63 +32,25 @@ logger = logging.getLogger(__name__)
 
 
 class _AttentionLink:
-    """The Run stream to one attention rank."""
+    """The channel to one attention rank: its ``Run`` stream, results matched to batches by batch id."""
 
     def __init__(self, rank: int, target: str) -> None:
         self.rank = rank
         self.target = target
         self.channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
-        self._stub = attention_pb2_grpc.AttentionStub(self.channel)
-        self._waiting: dict[int, asyncio.Future[attention_pb2.BatchResult]] = {}
-        self._outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] | None = None
-        self._receiver: asyncio.Task[None] | None = None
-
-    def _ensure_stream(self) -> asyncio.Queue[attention_pb2.BatchAssignment | None]:
-        if self._outbox is not None and self._receiver is not None and not self._receiver.done():
-            return self._outbox
-        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] = asyncio.Queue()
-
-        async def assignments() -> AsyncIterator[attention_pb2.BatchAssignment]:
-            while (item := await outbox.get()) is not None:
-                yield item
-
-        call = self._stub.Run(assignments())
-        self._outbox = outbox
-        self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"rank-rx-{self.rank}")
-        return outbox
-
-    async def _receive(
-        self,
-        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
-        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None],
-    ) -> None:
-        reason = "stream closed by the attention rank"
-        try:
-            async for result in call:
-                future = self._waiting.pop(result.batch_id, None)
-                if future is not None and not future.done():
-                    future.set_result(result)
-        except grpc.RpcError as exc:
-            reason = error_from_rpc(exc).message
-        finally:
-            if self._outbox is outbox:
-                self._outbox = None
-            waiting, self._waiting = self._waiting, {}
-            error = Unavailable(f"attention rank {self.rank} at {self.target}: {reason}")
-            for future in waiting.values():
-                if not future.done():
-                    future.set_exception(error)
-            call.cancel()
+        stub = attention_pb2_grpc.AttentionStub(self.channel)
+        self.stream: DuplexStream[attention_pb2.BatchAssignment, attention_pb2.BatchResult, int] = (
+            DuplexStream(
+                stub.Run,
+                key_of=lambda result: int(result.batch_id),
+                peer=f"attention rank {rank} at {target}",
+                name=f"rank-rx-{rank}",
+            )
+        )
 
     async def run(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
-        outbox = self._ensure_stream()
-        future: asyncio.Future[attention_pb2.BatchResult] = asyncio.get_running_loop().create_future()
-        self._waiting[assignment.batch_id] = future
-        outbox.put_nowait(assignment)
-        try:
-            return await future
-        finally:
-            self._waiting.pop(assignment.batch_id, None)
+        """Send ``assignment`` and await its result; ``Unavailable`` if the stream breaks meanwhile."""
+        return await self.stream.request(assignment.batch_id, assignment)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -98,12 +62,7 @@ class _AttentionLink:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._receiver
+        await self.stream.close()
         await self.channel.close()
 
 
