@@ -8,7 +8,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,10 +25,8 @@ from scheduler_svc.calibration import calibrate_cost_model
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import RequestResult, ScheduledRequest
+from scheduler_svc.tracing import request_spans, trace_context
 from scheduler_svc.validation import PromptValidator
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
 
 logger = logging.getLogger(__name__)
 
@@ -62,44 +59,6 @@ class SchedulerServiceConfig:
         return f"{self.host}:{self.port}"
 
 
-def _trace_context(request: scheduler_pb2.PrefillRequest) -> tuple[str, str]:
-    """(traceparent, tracestate): the caller's W3C context if it sent one, else a new trace."""
-    parts = request.trace.traceparent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32:
-        return request.trace.traceparent, request.trace.tracestate
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01", ""
-
-
-def _start_request_spans(
-    request: scheduler_pb2.PrefillRequest, scheduled: ScheduledRequest, mode: str, arrival_ns: int
-) -> Span:
-    """Open ``scheduler.request`` (under the client's span when it sent one, else a new trace) and its
-    ``scheduler.queue`` child; the request then carries the request span's context to its rank."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace import SpanKind
-
-    tracer = setup.get_tracer()
-    span = tracer.start_span(
-        spans.SCHEDULER_REQUEST,
-        context=spans.extract_from(request.trace) or Context(),
-        kind=SpanKind.SERVER,
-        start_time=arrival_ns,
-        attributes={
-            spans.REQUEST_ID: scheduled.request_id,
-            spans.MODE: mode,
-            spans.TOKENS: scheduled.prompt_tokens,
-        },
-    )
-    context = spans.context_of(span)
-    scheduled.queue_span = tracer.start_span(spans.SCHEDULER_QUEUE, context=context, start_time=arrival_ns)
-    scheduled.traceparent, scheduled.tracestate = spans.inject(context)
-    return span
-
-
-def _mark_failed(span: Span, exc: BaseException) -> None:
-    spans.set_error(span, exc.message if isinstance(exc, AsapError) else type(exc).__name__)
-
-
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self, core: SchedulerCore, validator: PromptValidator, config: SchedulerServiceConfig
@@ -111,7 +70,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def _scheduled(self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None) -> ScheduledRequest:
         arrival = time.monotonic()
         ids = self.validator.token_ids(request)
-        traceparent, tracestate = _trace_context(request)
+        traceparent, tracestate = trace_context(request)
         loop = asyncio.get_running_loop()
         return ScheduledRequest(
             request_id=request.request_id or f"req-{secrets.token_hex(8)}",
@@ -135,15 +94,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return _response(await self.core.submit(scheduled), scheduled)
         arrival_ns = time.time_ns()
         scheduled = self._scheduled(request, timeout_s)
-        span = _start_request_spans(request, scheduled, self.config.core.mode, arrival_ns)
-        try:
+        with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
             return _response(await self.core.submit(scheduled), scheduled)
-        except BaseException as exc:
-            _mark_failed(span, exc)
-            raise
-        finally:
-            scheduled.end_queue_span()
-            span.end()
 
     async def Prefill(
         self, request: scheduler_pb2.PrefillRequest, context: grpc.aio.ServicerContext
