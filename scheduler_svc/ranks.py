@@ -21,7 +21,7 @@ from scheduler_svc.requests import RankResultItem, RankSnapshot, ScheduledReques
 
 
 class RankClient(Protocol):
-    """Runs batches on attention ranks (implemented by the grpc glue over ``Attention.Run``)."""
+    """Runs batches on attention ranks (``attention_client.AttentionClient``, over ``Attention.Run``)."""
 
     async def run_batch(
         self,
