@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -96,8 +96,6 @@ class BatchOutcome:
     barrier_wait_ns: int = 0
     """Sync mode: part of ``expert_wait_ns`` the dispatches spent at the expert ranks' barriers (per layer
     the longest over the expert ranks, summed over layers)."""
-    layer_done_ns: list[int] = field(default_factory=list)
-    """Wall-clock time (``time.time_ns``) at which each MoE layer's combine completed."""
 
 
 _Step = tuple[MoERequest, list[RankDispatch]]
@@ -190,7 +188,6 @@ class AttentionExecutor:
         )
         outcome.expert_wait_ns += time.monotonic_ns() - waited
         outcome.barrier_wait_ns += max((r.barrier_ns for r in results), default=0)
-        outcome.layer_done_ns.append(time.time_ns())
         if trace is not None:
             attributes = {spans.LAYER: layer, spans.MICRO_BATCH: micro_batch}
             spans.record(spans.ATTENTION_COMBINE_WAIT, trace, started_ns, time.time_ns(), attributes)

@@ -31,7 +31,8 @@ from collections.abc import Iterable, Sequence
 
 from asap.errors import InvalidArgument
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.policy import BatchDecision, RankView, place_batch, take_fifo
+from scheduler_svc.placement import BatchDecision, RankView, place_batch
+from scheduler_svc.policy import take_fifo
 from scheduler_svc.requests import ScheduledRequest
 
 DEFAULT_MAX_WAIT_MS = 50.0

@@ -1,15 +1,57 @@
-"""Placement of work on attention ranks by predicted finish time: pure functions.
+"""Placement of batches on attention ranks by predicted finish time: the one place placement is decided.
 
 Balancing request counts (round robin) ignores that attention grows with the square of the prompt length:
-one long prompt can outweigh hundreds of short ones. These functions balance predicted milliseconds.
+one long prompt can outweigh hundreds of short ones. Placement therefore balances predicted milliseconds,
+by one rule (``least_loaded``: the least predicted load, the lowest rank on ties) used both by the async
+modes (``place_batch``: one batch to the best free rank) and by the sync planner (``place_longest_first``:
+a step's new prompts packed over every rank, longest first). Pure functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from asap.errors import InvalidArgument, Unavailable
+from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
+from scheduler_svc.requests import ScheduledRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RankView:
+    """What placement sees of one attention rank."""
+
+    healthy: bool
+    free_slots: int
+    """In-flight batches the rank can still take."""
+    predicted_load_ms: float
+    """Predicted remaining work already on the rank (never negative)."""
+    idle: bool = True
+    """No batch is running on the rank."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecision:
+    """Send ``requests`` as one batch to ``rank``; ``predicted_ms`` is its predicted cost."""
+
+    rank: int
+    requests: list[ScheduledRequest]
+    predicted_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The first ``tokens`` tokens of ``request`` go to ``rank`` in this step."""
+
+    request: ScheduledRequest
+    rank: int
+    tokens: int
+
+
+def least_loaded(candidates: Iterable[int], load_ms: Mapping[int, float] | Sequence[float]) -> int:
+    """The candidate rank with the least predicted load, the lowest rank on ties (``ValueError`` if none)."""
+    return min(candidates, key=lambda rank: (load_ms[rank], rank))
 
 
 def least_finish_time(loads_ms: Sequence[float], healthy: Sequence[bool]) -> int:
@@ -22,46 +64,64 @@ def least_finish_time(loads_ms: Sequence[float], healthy: Sequence[bool]) -> int
     candidates = [rank for rank, ok in enumerate(healthy) if ok]
     if not candidates:
         raise Unavailable(f"no healthy attention rank among {len(healthy)}")
-    return min(candidates, key=lambda rank: (loads_ms[rank], rank))
+    return least_loaded(candidates, loads_ms)
 
 
-def rank_loads(
-    lengths: Sequence[int], assignment: Sequence[int], num_ranks: int, cost: AttentionCostModel
-) -> list[float]:
-    """Predicted time of each rank when it runs the prompts assigned to it as one batch (0 when idle)."""
-    _check_ranks(num_ranks)
-    if len(lengths) != len(assignment):
-        raise InvalidArgument(f"{len(lengths)} lengths but {len(assignment)} assignments")
-    per_rank: list[list[int]] = [[] for _ in range(num_ranks)]
-    for n, rank in zip(lengths, assignment, strict=True):
-        if not 0 <= rank < num_ranks:
-            raise InvalidArgument(f"assignment to rank {rank} outside 0..{num_ranks - 1}")
-        per_rank[rank].append(n)
-    return [cost.batch_ms(group) if group else 0.0 for group in per_rank]
+def place_batch(
+    config: SchedulerConfig, batch: list[ScheduledRequest], ranks: Sequence[RankView]
+) -> BatchDecision | None:
+    """Send ``batch`` to the free healthy rank with the least predicted finish time (its remaining work
+    plus this batch's cost); ``None`` when no rank is free or the batch is empty."""
+    solo = sum(request.prompt_tokens for request in batch) > config.dual_batch_max_tokens
+    # Dual-batch interleaving is off above the threshold: such a batch only goes to an idle rank.
+    available = [view.healthy and view.free_slots > 0 and (view.idle or not solo) for view in ranks]
+    if not batch or not any(available):
+        return None
+    cost = config.cost.batch_ms([request.prompt_tokens for request in batch])
+    rank = least_finish_time([view.predicted_load_ms + cost for view in ranks], available)
+    return BatchDecision(rank=rank, requests=batch, predicted_ms=cost)
 
 
-def place_predicted(lengths: Sequence[int], num_ranks: int, cost: AttentionCostModel) -> list[int]:
-    """Greedy placement: each prompt, in arrival order, to the rank whose predicted finish time after
-    taking it is least. Consistent with ``rank_loads`` (a rank pays the batch overhead once)."""
-    _check_ranks(num_ranks)
-    loads = [0.0] * num_ranks
-    used = [False] * num_ranks
-    assignment: list[int] = []
-    for n in lengths:
-        work = cost.prompt_ms(n)
-        finish = [load + work + (0.0 if busy else cost.c_ms) for load, busy in zip(loads, used, strict=True)]
-        rank = min(range(num_ranks), key=lambda r: (finish[r], r))
-        loads[rank], used[rank] = finish[rank], True
-        assignment.append(rank)
-    return assignment
+def place_longest_first(
+    candidates: Sequence[ScheduledRequest],
+    prompts: dict[int, int],
+    used: dict[int, int],
+    load: dict[int, float],
+    *,
+    budget: int,
+    max_batch_prompts: int,
+    chunk_tokens: int | None,
+    cost: AttentionCostModel,
+) -> tuple[list[Placement], list[ScheduledRequest]]:
+    """LPT: longest predicted first, each to the rank with the least predicted load that has room.
 
-
-def place_round_robin(lengths: Sequence[int], num_ranks: int) -> list[int]:
-    """The count-balancing baseline: prompt ``i`` to rank ``i mod num_ranks``."""
-    _check_ranks(num_ranks)
-    return [i % num_ranks for i in range(len(lengths))]
-
-
-def _check_ranks(num_ranks: int) -> None:
-    if num_ranks < 1:
-        raise InvalidArgument(f"num_ranks must be >= 1, got {num_ranks}")
+    ``prompts``, ``used`` and ``load`` hold, per rank of the step, the prompts, tokens and predicted
+    milliseconds it already has; they are updated. Without ``chunk_tokens`` a prompt goes whole (a prompt
+    over ``budget`` only to an empty rank); with it, the first chunk takes what is left of a rank's budget.
+    Returns the placements in placing order and the candidates that found no rank.
+    """
+    placed: list[Placement] = []
+    left_out: list[ScheduledRequest] = []
+    for request in sorted(candidates, key=lambda r: cost.prompt_ms(r.prompt_tokens), reverse=True):
+        open_ranks = [
+            r
+            for r in prompts
+            if prompts[r] < max_batch_prompts
+            and (
+                used[r] + request.prompt_tokens <= budget
+                or (chunk_tokens is not None and used[r] < budget)
+                or (chunk_tokens is None and used[r] == 0)
+            )
+        ]
+        if not open_ranks:
+            left_out.append(request)
+            continue
+        rank = least_loaded(open_ranks, load)
+        take = (
+            request.prompt_tokens if chunk_tokens is None else min(request.prompt_tokens, budget - used[rank])
+        )
+        placed.append(Placement(request, rank, take))
+        prompts[rank] += 1
+        used[rank] += take
+        load[rank] += cost.prompt_ms(take)
+    return placed, left_out

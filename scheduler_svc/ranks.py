@@ -1,19 +1,27 @@
-"""Per-rank bookkeeping of the scheduler core and the ``RankClient`` it runs batches through."""
+"""The scheduler's record of the attention ranks (``RankTable``) and the ``RankClient`` it runs batches
+through.
+
+``RankTable`` is the one place rank health lives: the core marks a rank down there (its stream broke, its
+health check failed) and up again (the health monitor saw it answer), and placement, the sync planner
+and the monitor all read it. The client that talks to the ranks keeps no health state of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from asap.errors import AsapError
-from scheduler_svc.policy import RankView
+from asap.errors import AsapError, InvalidArgument
+from asap.syncstep import SyncStep
+from scheduler_svc.placement import RankView
 from scheduler_svc.requests import RankResultItem, RankSnapshot, ScheduledRequest
 
 
 class RankClient(Protocol):
-    """Runs batches on attention ranks (implemented by the grpc glue over ``Attention.Run``)."""
+    """Runs batches on attention ranks (``attention_client.AttentionClient``, over ``Attention.Run``)."""
 
     async def run_batch(
         self,
@@ -21,14 +29,13 @@ class RankClient(Protocol):
         batch_id: int,
         requests: Sequence[ScheduledRequest],
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         chunks: Sequence[tuple[int, int]] | None = None,
         drop: Sequence[str] = (),
     ) -> Sequence[RankResultItem | AsapError | None]:
         """One result or error per request, in request order. Raises ``Unavailable`` if the rank is down.
 
-        Sync modes: ``step``/``participants`` make it one rank's batch of a global step (it may be empty);
+        Sync modes: ``sync`` makes it one rank's batch of a global step (it may be empty; ``None``: async);
         ``chunks`` gives the token range of each request in this batch (chunked prefill; ``None`` in the
         result marks a chunk with more to come); ``drop`` names abandoned chunked requests whose cached
         K/V the rank should free.
@@ -52,6 +59,11 @@ class RankBatch:
     @property
     def tokens(self) -> int:
         return sum(r.prompt_tokens for r in self.requests)
+
+    def settle_all(self, error: AsapError) -> None:
+        """Fail every request of the batch with ``error`` (those whose caller gave up are skipped)."""
+        for request in self.requests:
+            request.settle(error)
 
 
 @dataclass(slots=True)
@@ -95,3 +107,78 @@ class RankState:
             running_tokens=sum(r.prompt_tokens for r in running),
             predicted_load_ms=self.remaining_ms(now),
         )
+
+
+class RankTable:
+    """Every attention rank's health and the batches placed on it, and the ids of new batches."""
+
+    def __init__(self, num_ranks: int) -> None:
+        if num_ranks < 1:
+            raise InvalidArgument(f"num_ranks must be >= 1, got {num_ranks}")
+        self._states = [RankState() for _ in range(num_ranks)]
+        self._batch_ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __iter__(self) -> Iterator[RankState]:
+        return iter(self._states)
+
+    def __getitem__(self, rank: int) -> RankState:
+        if not 0 <= rank < len(self._states):
+            raise InvalidArgument(f"attention rank {rank} outside 0..{len(self._states) - 1}")
+        return self._states[rank]
+
+    def is_healthy(self, rank: int) -> bool:
+        return self[rank].healthy
+
+    def healthy_ranks(self) -> list[int]:
+        return [rank for rank, state in enumerate(self._states) if state.healthy]
+
+    def any_healthy(self) -> bool:
+        return any(state.healthy for state in self._states)
+
+    def set_down(self, rank: int, reason: str) -> bool:
+        """Record ``rank`` as down; ``True`` if it was healthy until now."""
+        state = self[rank]
+        was_healthy = state.healthy
+        state.healthy, state.down_reason = False, reason
+        return was_healthy
+
+    def set_up(self, rank: int) -> bool:
+        """Record ``rank`` as healthy; ``True`` if it was down until now."""
+        state = self[rank]
+        was_down = not state.healthy
+        state.healthy, state.down_reason = True, ""
+        return was_down
+
+    @property
+    def busy(self) -> bool:
+        """Some batch is placed on a rank and not finished."""
+        return any(state.batches for state in self._states)
+
+    def open_batch(self, rank: int, requests: list[ScheduledRequest], predicted_ms: float) -> RankBatch:
+        """A new batch with the next batch id, recorded on ``rank`` until ``close_batch``."""
+        batch = RankBatch(next(self._batch_ids), rank, requests, predicted_ms)
+        self[rank].batches[batch.batch_id] = batch
+        return batch
+
+    def close_batch(self, batch: RankBatch) -> None:
+        """The batch finished or was given up: it no longer counts on its rank. Idempotent."""
+        self[batch.rank].batches.pop(batch.batch_id, None)
+
+    def abort(self, rank: int, error: AsapError) -> None:
+        """Fail the requests of every batch on ``rank`` with ``error`` and cancel the batches' tasks."""
+        state = self[rank]
+        for batch in list(state.batches.values()):
+            batch.settle_all(error)
+            if batch.task is not None:
+                batch.task.cancel()
+        state.batches.clear()
+
+    def views(self, max_inflight: int, now: float, solo_tokens: int | None = None) -> list[RankView]:
+        """Every rank as placement sees it."""
+        return [state.view(max_inflight, now, solo_tokens) for state in self._states]
+
+    def snapshots(self, now: float) -> list[RankSnapshot]:
+        return [state.snapshot(rank, now) for rank, state in enumerate(self._states)]

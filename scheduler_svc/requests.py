@@ -1,9 +1,11 @@
-"""Values the scheduler core takes and returns: requests, per-request results and cluster snapshots."""
+"""Values the scheduler core takes and returns: requests, the queue of pending ones, per-request results
+and cluster snapshots."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,41 @@ class ScheduledRequest:
             self._future.set_exception(outcome)
         else:
             self._future.set_result(outcome)
+
+
+class RequestQueue:
+    """The requests waiting to be placed, in arrival order (FIFO); each at most once."""
+
+    def __init__(self) -> None:
+        self._requests: dict[ScheduledRequest, None] = {}  # an insertion-ordered set
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __bool__(self) -> bool:
+        return bool(self._requests)
+
+    def __iter__(self) -> Iterator[ScheduledRequest]:
+        return iter(self._requests)
+
+    def push(self, request: ScheduledRequest) -> None:
+        self._requests[request] = None
+
+    def live(self, now: float) -> list[ScheduledRequest]:
+        """The queue without the requests whose deadline (loop time) passed: their own ``submit``
+        withdraws and fails them."""
+        return [r for r in self._requests if r.deadline is None or r.deadline > now]
+
+    def remove(self, requests: Iterable[ScheduledRequest]) -> None:
+        """Take ``requests`` off the queue (placed, or withdrawn); those not queued are ignored."""
+        for request in requests:
+            self._requests.pop(request, None)
+
+    def fail_all(self, error: AsapError) -> None:
+        """Fail every queued request with ``error`` and empty the queue."""
+        for request in list(self._requests):
+            request.settle(error)
+        self._requests.clear()
 
 
 @dataclass(frozen=True, slots=True)

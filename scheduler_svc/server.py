@@ -8,29 +8,26 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
 from asap.errors import AsapError, InternalError, InvalidArgument
-from asap.model.config import ModelConfig, load_config
-from asap.model.sampling import MAX_TOP_LOGPROBS
+from asap.model.config import load_config
 from asap.model.tiny import resolve_model
-from asap.model.tokenizer import PromptTokenizer, load_tokenizer
+from asap.model.tokenizer import load_tokenizer
 from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.attention_client import AttentionClient
+from scheduler_svc.calibration import calibrate_cost_model
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
-from scheduler_svc.costmodel import AttentionCostModel
-from scheduler_svc.rank_client import GrpcRankClient
 from scheduler_svc.requests import RequestResult, ScheduledRequest
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+from scheduler_svc.tracing import request_spans, trace_context
+from scheduler_svc.validation import PromptValidator
 
 logger = logging.getLogger(__name__)
 
@@ -63,80 +60,6 @@ class SchedulerServiceConfig:
         return f"{self.host}:{self.port}"
 
 
-def _trace_context(request: scheduler_pb2.PrefillRequest) -> tuple[str, str]:
-    """(traceparent, tracestate): the caller's W3C context if it sent one, else a new trace."""
-    parts = request.trace.traceparent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32:
-        return request.trace.traceparent, request.trace.tracestate
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01", ""
-
-
-def _start_request_spans(
-    request: scheduler_pb2.PrefillRequest, scheduled: ScheduledRequest, mode: str, arrival_ns: int
-) -> Span:
-    """Open ``scheduler.request`` (under the client's span when it sent one, else a new trace) and its
-    ``scheduler.queue`` child; the request then carries the request span's context to its rank."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace import SpanKind
-
-    tracer = setup.get_tracer()
-    span = tracer.start_span(
-        spans.SCHEDULER_REQUEST,
-        context=spans.extract_from(request.trace) or Context(),
-        kind=SpanKind.SERVER,
-        start_time=arrival_ns,
-        attributes={
-            spans.REQUEST_ID: scheduled.request_id,
-            spans.MODE: mode,
-            spans.TOKENS: scheduled.prompt_tokens,
-        },
-    )
-    context = spans.context_of(span)
-    scheduled.queue_span = tracer.start_span(spans.SCHEDULER_QUEUE, context=context, start_time=arrival_ns)
-    scheduled.traceparent, scheduled.tracestate = spans.inject(context)
-    return span
-
-
-def _mark_failed(span: Span, exc: BaseException) -> None:
-    spans.set_error(span, exc.message if isinstance(exc, AsapError) else type(exc).__name__)
-
-
-class PromptValidator:
-    """Turns a PrefillRequest into token ids, or raises ``InvalidArgument`` saying what is wrong."""
-
-    def __init__(self, config: ModelConfig, tokenizer: PromptTokenizer | None) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-
-    def token_ids(self, request: scheduler_pb2.PrefillRequest) -> list[int]:
-        which = request.WhichOneof("prompt")
-        if which == "text":
-            if self.tokenizer is None:
-                raise InvalidArgument("this model has no tokenizer.json: send token ids instead of text")
-            if not request.text:
-                raise InvalidArgument("empty prompt")
-            ids = self.tokenizer.encode(request.text)
-        elif which == "tokens":
-            ids = list(request.tokens.ids)
-        else:
-            raise InvalidArgument("a request needs a prompt: tokens or text")
-        if not ids:
-            raise InvalidArgument("empty prompt")
-        vocab = self.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {vocab})")
-        limit = self.config.max_position_embeddings
-        if len(ids) > limit:
-            raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model's maximum of {limit}")
-        sampling = request.sampling
-        if not sampling.temperature >= 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {sampling.temperature}")
-        if sampling.top_logprobs > MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
-        return ids
-
-
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self, core: SchedulerCore, validator: PromptValidator, config: SchedulerServiceConfig
@@ -148,7 +71,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def _scheduled(self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None) -> ScheduledRequest:
         arrival = time.monotonic()
         ids = self.validator.token_ids(request)
-        traceparent, tracestate = _trace_context(request)
+        traceparent, tracestate = trace_context(request)
         loop = asyncio.get_running_loop()
         return ScheduledRequest(
             request_id=request.request_id or f"req-{secrets.token_hex(8)}",
@@ -172,15 +95,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return _response(await self.core.submit(scheduled), scheduled)
         arrival_ns = time.time_ns()
         scheduled = self._scheduled(request, timeout_s)
-        span = _start_request_spans(request, scheduled, self.config.core.mode, arrival_ns)
-        try:
+        with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
             return _response(await self.core.submit(scheduled), scheduled)
-        except BaseException as exc:
-            _mark_failed(span, exc)
-            raise
-        finally:
-            scheduled.end_queue_span()
-            span.end()
 
     async def Prefill(
         self, request: scheduler_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -266,47 +182,6 @@ def _response(result: RequestResult, scheduled: ScheduledRequest) -> scheduler_p
     )
 
 
-CALIBRATION_LENGTHS = (8, 256, 1024, 2048, 4096, 8192, 16384)
-"""Probe prompt lengths (clipped to the model maximum): long enough to see the quadratic attention term."""
-CALIBRATION_BATCH_IDS = 1 << 48  # far above the core's batch ids
-
-
-async def calibrate_cost_model(
-    ranks: GrpcRankClient, config: ModelConfig, repeats: int = 2
-) -> AttentionCostModel:
-    """Time probe batches of one prompt of several lengths on attention rank 0 and fit ``a·n + b·n² + c``.
-
-    The measured time is the whole batch (attention, expert round trips, sampling), which is what
-    placement needs to predict. Falls back to the default model if the probes fail.
-    """
-    lengths = sorted({min(n, config.max_position_embeddings) for n in CALIBRATION_LENGTHS})
-    samples: list[tuple[list[int], float]] = []
-    try:
-        for i in range(repeats + 1):
-            for n in lengths if i > 0 else [n for n in lengths if n <= 1024]:  # warm-up: short ones
-                probe = ScheduledRequest(
-                    request_id=f"calibrate-{i}-{n}",
-                    token_ids=[t % min(256, config.vocab_size) for t in range(n)],
-                )
-                started = time.perf_counter()
-                outcome = await ranks.run_batch(0, CALIBRATION_BATCH_IDS + i * 10_000 + n, [probe])
-                if isinstance(outcome[0], AsapError):
-                    raise outcome[0]
-                if i > 0:  # the first round warms caches up
-                    samples.append(([n], (time.perf_counter() - started) * 1e3))
-        cost = AttentionCostModel.fit(samples)
-    except AsapError as exc:
-        logger.warning("cost model calibration failed (%s); using defaults", exc.message)
-        return AttentionCostModel()
-    logger.info(
-        "calibrated attention cost: a=%.4g ms/token b=%.4g ms/token^2 c=%.3g ms",
-        cost.a_ms,
-        cost.b_ms,
-        cost.c_ms,
-    )
-    return cost
-
-
 class SchedulerService(GrpcService):
     """The scheduler's lifecycle: wait for the attention ranks, serve, drain on SIGTERM."""
 
@@ -314,20 +189,13 @@ class SchedulerService(GrpcService):
         super().__init__(config, describe="scheduler", tracing_name=spans.SCHEDULER_SERVICE)
         self.config = config
         self.core: SchedulerCore | None = None
-        self.ranks: GrpcRankClient | None = None
+        self.ranks: AttentionClient | None = None
 
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
         validator = PromptValidator(load_config(model_dir), load_tokenizer(model_dir))
-        core_ref: list[SchedulerCore] = []
-        self.ranks = GrpcRankClient(
-            self.config.attention_targets,
-            mode=self.config.core.mode,
-            on_down=lambda rank, reason: core_ref[0].mark_rank_down(rank, reason),
-            on_up=lambda rank: core_ref[0].mark_rank_up(rank),
-        )
+        self.ranks = AttentionClient(self.config.attention_targets, mode=self.config.core.mode)
         self.core = SchedulerCore(self.config.core, len(self.config.attention_targets), self.ranks)
-        core_ref.append(self.core)
         servicer = SchedulerServicer(self.core, validator, self.config)
         self.handle = await create_server(
             self.config.address,
@@ -336,10 +204,12 @@ class SchedulerService(GrpcService):
         )
         await self.ranks.wait_ready(self.config.ready_timeout_s)
         if self.config.calibrate:
-            cost = await calibrate_cost_model(self.ranks, validator.config)
-            self.config.core.cost = cost
+            cost = await calibrate_cost_model(
+                self.ranks, validator.config, on_rank_down=self.core.mark_rank_down
+            )
+            self.core.set_cost_model(cost)
         await self.core.start()
-        self.ranks.start_monitor()
+        self.ranks.start_monitor(self.core)
         await self.handle.set_serving()
         return self.address
 

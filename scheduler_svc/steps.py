@@ -3,8 +3,8 @@
 In a global step every healthy attention rank gets one batch (possibly empty), and the step ends when
 the slowest rank finishes: DP attention + EP experts with an all-to-all per layer. The planner makes that
 baseline as good as it honestly can be: new requests are placed longest-predicted-first on the rank with
-the least predicted work (LPT), which balances attention cost (a·n + b·n², so a long prompt counts for
-more than its tokens), within a per-rank token budget.
+the least predicted work (LPT, ``placement.place_longest_first``), which balances attention cost
+(a·n + b·n², so a long prompt counts for more than its tokens), within a per-rank token budget.
 
 ``sync-chunked`` adds chunked prefill: a rank processes at most ``chunk_tokens`` prompt tokens per step;
 a prompt longer than what is left of that budget is split, its later chunks continue on the same rank
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from scheduler_svc.costmodel import AttentionCostModel
+from scheduler_svc.placement import place_longest_first
 from scheduler_svc.requests import ScheduledRequest
 
 
@@ -104,51 +105,20 @@ def plan_step(
         tokens += min(request.prompt_tokens, budget)
     # If packing leaves a candidate out, the longest prefix that packs goes (the rest wait, in order).
     while True:
-        batches = {rank: list(items) for rank, items in plan.batches.items()}
-        if not _place_lpt(
-            candidates, batches, dict(used), dict(load), budget, max_batch_prompts, chunk_tokens, cost
-        ):
+        placed, left_out = place_longest_first(
+            candidates,
+            {rank: len(items) for rank, items in plan.batches.items()},
+            dict(used),
+            dict(load),
+            budget=budget,
+            max_batch_prompts=max_batch_prompts,
+            chunk_tokens=chunk_tokens,
+            cost=cost,
+        )
+        if not left_out:
             break
         candidates.pop()
-    plan.batches = batches
+    for placement in placed:
+        plan.batches[placement.rank].append(ChunkItem(placement.request, 0, placement.tokens))
     plan.started = candidates
     return plan
-
-
-def _place_lpt(
-    candidates: Sequence[ScheduledRequest],
-    batches: dict[int, list[ChunkItem]],
-    used: dict[int, int],
-    load: dict[int, float],
-    budget: int,
-    max_batch_prompts: int,
-    chunk_tokens: int | None,
-    cost: AttentionCostModel,
-) -> list[ScheduledRequest]:
-    """LPT: longest predicted first, each to the rank with the least predicted load that has room.
-
-    Adds to ``batches`` (updating ``used`` and ``load``); returns the candidates that found no rank.
-    """
-    left_out: list[ScheduledRequest] = []
-    for request in sorted(candidates, key=lambda r: cost.prompt_ms(r.prompt_tokens), reverse=True):
-        open_ranks = [
-            r
-            for r in batches
-            if len(batches[r]) < max_batch_prompts
-            and (
-                used[r] + request.prompt_tokens <= budget
-                or (chunk_tokens is not None and used[r] < budget)
-                or (chunk_tokens is None and used[r] == 0)
-            )
-        ]
-        if not open_ranks:
-            left_out.append(request)
-            continue
-        rank = min(open_ranks, key=lambda r: (load[r], r))
-        take = (
-            request.prompt_tokens if chunk_tokens is None else min(request.prompt_tokens, budget - used[rank])
-        )
-        batches[rank].append(ChunkItem(request, 0, take))
-        used[rank] += take
-        load[rank] += cost.prompt_ms(take)
-    return left_out

@@ -1,8 +1,8 @@
 """The global-step dispatcher of the synchronous baselines (``sync`` and ``sync-chunked``).
 
-Each step: plan every healthy rank's batch (``steps.plan_step``), send them all with the same step id
-and participant count (the expert ranks then hold each layer until every rank's dispatch is in, the
-barrier of DP+EP with all-to-all), wait for the slowest rank, deliver, repeat. A rank with nothing to do
+Each step: plan every healthy rank's batch (``steps.plan_step``), send them all with the same
+``SyncStep`` (step id and participant count; the expert ranks then hold each layer until every rank's
+dispatch is in, the barrier of DP+EP with all-to-all), wait for the slowest rank, deliver, repeat. A rank with nothing to do
 still runs an empty batch, so it takes part in every layer's exchange, exactly as an idle DP rank does.
 """
 
@@ -13,31 +13,35 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.syncstep import SyncStep
+from scheduler_svc.dispatch import CoreHandle
 from scheduler_svc.ranks import RankBatch
 from scheduler_svc.requests import RankResultItem, RequestResult, ScheduledRequest
 from scheduler_svc.steps import ChunkItem, InProgress, plan_step
-
-if TYPE_CHECKING:
-    from scheduler_svc.core import SchedulerCore
 
 logger = logging.getLogger(__name__)
 
 
 class SyncDispatcher:
-    """Runs global steps for a ``SchedulerCore`` in a sync mode. ``run()`` is the dispatcher task."""
+    """Runs global steps for a scheduler core in a sync mode (a ``Dispatcher``). ``run()`` is its task."""
 
-    def __init__(self, core: SchedulerCore, chunk_tokens: int | None) -> None:
-        self.core = core
+    def __init__(self, core: CoreHandle, chunk_tokens: int | None) -> None:
+        self._core = core
         self.chunk_tokens = chunk_tokens
+        """``sync-chunked``: prompt tokens per rank and step; ``None`` in ``sync`` (whole prompts)."""
         self.in_progress: list[InProgress] = []
-        self.steps = itertools.count(1)
+        """Chunked prompts part-way through, between steps: neither queued nor in a batch."""
+        self._step_ids = itertools.count(1)
         self._first_sent: dict[ScheduledRequest, float] = {}
         self._drops: dict[int, list[str]] = {}
 
-    def fail_in_progress(self, error: AsapError) -> None:
+    @property
+    def holding(self) -> bool:
+        return bool(self.in_progress)
+
+    def fail_held(self, error: AsapError) -> None:
         for item in self.in_progress:
             item.request.settle(error)
         self.in_progress.clear()
@@ -45,7 +49,7 @@ class SyncDispatcher:
     def _forget_withdrawn(self) -> None:
         """Chunked prompts whose caller gave up: stop scheduling them and free their caches on the rank."""
         for item in list(self.in_progress):
-            rank_up = self.core._ranks[item.rank].healthy
+            rank_up = self._core.ranks.is_healthy(item.rank)
             if item.request.waiting and rank_up:
                 continue
             self.in_progress.remove(item)
@@ -56,19 +60,16 @@ class SyncDispatcher:
                 item.request.settle(Unavailable(f"attention rank {item.rank} holding its chunks is down"))
 
     async def run(self) -> None:
-        core = self.core
-        config = core._config
+        core = self._core
         loop = asyncio.get_running_loop()
         while True:
             try:
                 self._forget_withdrawn()
-                healthy = [rank for rank, state in enumerate(core._ranks) if state.healthy]
-                now = loop.time()
-                live = [r for r in core._pending if r.deadline is None or r.deadline > now]
+                config = core.config
                 plan = plan_step(
-                    live,
+                    core.queue.live(loop.time()),
                     self.in_progress,
-                    healthy,
+                    core.ranks.healthy_ranks(),
                     max_batch_tokens=config.max_batch_tokens,
                     max_batch_prompts=config.max_batch_prompts,
                     cost=config.cost,
@@ -76,46 +77,42 @@ class SyncDispatcher:
                 )
             except Exception as exc:  # a planner bug must not silently wedge every queued request
                 logger.exception("sync step planning failed")
-                core._fail_pending(InternalError(f"sync step planning failed: {exc!r}"))
+                core.fail_pending(InternalError(f"sync step planning failed: {exc!r}"))
                 continue
             if plan.empty:
-                core._wake.clear()
-                await core._wake.wait()
+                await core.wait_for_change()
                 continue
             sent = time.monotonic()
+            core.queue.remove(plan.started)
             for request in plan.started:
-                core._pending.pop(request, None)
                 self._first_sent[request] = sent
                 request.end_queue_span()
-            await self._run_step(next(self.steps), plan.batches, sent)
-            core._progress()
+            await self._run_step(SyncStep(next(self._step_ids), len(plan.batches)), plan.batches, sent)
+            core.progress()
 
-    async def _run_step(self, step: int, batches: dict[int, list[ChunkItem]], sent: float) -> None:
-        core = self.core
-        participants = len(batches)
+    async def _run_step(self, step: SyncStep, batches: dict[int, list[ChunkItem]], sent: float) -> None:
+        core = self._core
         registered: dict[int, RankBatch] = {}
         calls = {}
         for rank, items in batches.items():
             requests = [item.request for item in items]
-            batch = RankBatch(
-                next(core._batch_ids), rank, requests, core._config.cost.batch_ms([i.tokens for i in items])
+            batch = core.ranks.open_batch(
+                rank, requests, core.config.cost.batch_ms([i.tokens for i in items])
             )
             batch.sent = sent
-            core._ranks[rank].batches[batch.batch_id] = batch
             registered[rank] = batch
-            calls[rank] = core._client.run_batch(
+            calls[rank] = core.client.run_batch(
                 rank,
                 batch.batch_id,
                 requests,
-                step=step,
-                participants=participants,
+                sync=step,
                 chunks=[(item.start, item.end) for item in items] if self.chunk_tokens is not None else None,
                 drop=self._drops.pop(rank, []),
             )
         outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
         done = time.monotonic()
         for (rank, items), outcome in zip(batches.items(), outcomes, strict=True):
-            core._ranks[rank].batches.pop(registered[rank].batch_id, None)
+            core.ranks.close_batch(registered[rank])
             if isinstance(outcome, BaseException):
                 self._fail_rank_items(rank, items, outcome)
                 continue
@@ -137,7 +134,7 @@ class SyncDispatcher:
             item.request.settle(error)
             self.in_progress = [p for p in self.in_progress if p.request is not item.request]
         if isinstance(error, Unavailable):
-            self.core.mark_rank_down(rank, error.message)
+            self._core.mark_rank_down(rank, error.message)
 
     def _deliver(
         self, rank: int, item: ChunkItem, result: RankResultItem | AsapError | None, done: float

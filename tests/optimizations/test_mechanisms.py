@@ -10,7 +10,7 @@ from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.policy import RankView, place_batch
+from scheduler_svc.placement import RankView, place_batch
 from scheduler_svc.ranks import RankBatch, RankState
 from scheduler_svc.requests import ScheduledRequest
 

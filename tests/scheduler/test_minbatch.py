@@ -7,7 +7,8 @@ import pytest
 from asap.errors import InvalidArgument
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.minbatch import MinBatchPolicy
-from scheduler_svc.policy import AsyncBatchPolicy, RankView, next_wake
+from scheduler_svc.placement import RankView
+from scheduler_svc.policy import AsyncBatchPolicy, next_wake
 from scheduler_svc.requests import ScheduledRequest
 
 T0 = 1000.0

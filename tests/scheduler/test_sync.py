@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from asap.errors import AsapError, DeadlineExceeded, Unavailable
+from asap.syncstep import SyncStep
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import RankResultItem, ScheduledRequest, SchedulerCore
 from scheduler_svc.costmodel import AttentionCostModel
+from scheduler_svc.sync import SyncDispatcher
 
 
 @dataclass
@@ -51,11 +53,11 @@ class FakeStepClient:
         batch_id: int,
         requests: Sequence[ScheduledRequest],
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         chunks: Sequence[tuple[int, int]] | None = None,
         drop: Sequence[str] = (),
     ) -> list[RankResultItem | AsapError | None]:
+        step, participants = SyncStep.to_wire(sync)
         call = StepCall(
             rank,
             batch_id,
@@ -190,7 +192,7 @@ async def test_chunked_prompt_runs_in_contiguous_chunks_on_one_rank_and_answers_
         idle = [c for c in client.calls if c.rank != result.attention_rank]
         assert [(c.step, c.request_ids, c.participants) for c in idle] == [(s, [], 2) for s in (1, 2, 3)]
         assert core.state().completed == 1
-        assert core._sync is not None and core._sync.in_progress == []
+        assert isinstance(core.dispatcher, SyncDispatcher) and core.dispatcher.in_progress == []
 
 
 async def test_chunked_prompts_keep_their_rank_while_new_work_fills_the_rest() -> None:
@@ -308,7 +310,7 @@ async def test_rank_down_while_holding_chunks_fails_that_request_only() -> None:
             await long
         assert (await short).attention_rank == 1 - long_rank
         assert not core.state().ranks[long_rank].healthy
-        assert core._sync is not None and core._sync.in_progress == []
+        assert isinstance(core.dispatcher, SyncDispatcher) and core.dispatcher.in_progress == []
 
 
 async def test_stop_fails_in_progress_chunked_requests_with_unavailable() -> None:
@@ -328,6 +330,6 @@ async def test_stop_fails_in_progress_chunked_requests_with_unavailable() -> Non
         with pytest.raises(Unavailable, match="shutting down"):
             await task
     assert all(c.cancelled for c in client.of_step(2)), "the running step must be given up"
-    assert core._sync is not None and core._sync.in_progress == []
-    assert core._dispatcher is not None and core._dispatcher.done()
+    assert isinstance(core.dispatcher, SyncDispatcher) and core.dispatcher.in_progress == []
+    assert core._task is not None and core._task.done()
     await core.stop()  # idempotent

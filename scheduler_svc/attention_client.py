@@ -1,7 +1,10 @@
-"""``RankClient`` over grpc: one long-lived ``Attention.Run`` stream per attention rank.
+"""The scheduler's client of the attention ranks (a ``RankClient`` over grpc): one long-lived
+``Attention.Run`` stream per attention rank (``asap.rpc.duplex.DuplexStream``: opened on demand, results
+routed to their batch by batch id).
 
-A lost stream fails the batches waiting on it with ``Unavailable`` and reports the rank down; a monitor
-re-checks down ranks with grpc health and reports them up again once they answer SERVING.
+A lost stream fails the batches waiting on it with ``Unavailable`` (the core then marks the rank down);
+the health monitor (``scheduler_svc.health``) probes every rank with grpc health and tells the core when
+one stops or starts answering SERVING. Rank health itself is recorded in the core only.
 """
 
 from __future__ import annotations
@@ -9,85 +12,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_rpc, error_from_status
+from asap.rpc.status import error_from_status
+from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from scheduler_svc.health import RankHealth, watch_ranks
 from scheduler_svc.requests import RankResultItem, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 1.0
 
+class _AttentionLink:
+    """The channel to one attention rank: its ``Run`` stream, results matched to batches by batch id."""
 
-class _RankLink:
-    """The Run stream to one attention rank."""
-
-    def __init__(self, rank: int, target: str, on_down: Callable[[int, str], None]) -> None:
+    def __init__(self, rank: int, target: str) -> None:
         self.rank = rank
         self.target = target
-        self._on_down = on_down
         self.channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
-        self._stub = attention_pb2_grpc.AttentionStub(self.channel)
-        self._waiting: dict[int, asyncio.Future[attention_pb2.BatchResult]] = {}
-        self._outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] | None = None
-        self._receiver: asyncio.Task[None] | None = None
-
-    def _ensure_stream(self) -> asyncio.Queue[attention_pb2.BatchAssignment | None]:
-        if self._outbox is not None and self._receiver is not None and not self._receiver.done():
-            return self._outbox
-        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None] = asyncio.Queue()
-
-        async def assignments() -> AsyncIterator[attention_pb2.BatchAssignment]:
-            while (item := await outbox.get()) is not None:
-                yield item
-
-        call = self._stub.Run(assignments())
-        self._outbox = outbox
-        self._receiver = asyncio.create_task(self._receive(call, outbox), name=f"rank-rx-{self.rank}")
-        return outbox
-
-    async def _receive(
-        self,
-        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
-        outbox: asyncio.Queue[attention_pb2.BatchAssignment | None],
-    ) -> None:
-        reason = "stream closed by the attention rank"
-        try:
-            async for result in call:
-                future = self._waiting.pop(result.batch_id, None)
-                if future is not None and not future.done():
-                    future.set_result(result)
-        except grpc.RpcError as exc:
-            reason = error_from_rpc(exc).message
-        finally:
-            if self._outbox is outbox:
-                self._outbox = None
-            waiting, self._waiting = self._waiting, {}
-            error = Unavailable(f"attention rank {self.rank} at {self.target}: {reason}")
-            for future in waiting.values():
-                if not future.done():
-                    future.set_exception(error)
-            call.cancel()
-            if waiting:
-                self._on_down(self.rank, error.message)
+        stub = attention_pb2_grpc.AttentionStub(self.channel)
+        self.stream: DuplexStream[attention_pb2.BatchAssignment, attention_pb2.BatchResult, int] = (
+            DuplexStream(
+                stub.Run,
+                key_of=lambda result: int(result.batch_id),
+                peer=f"attention rank {rank} at {target}",
+                name=f"rank-rx-{rank}",
+            )
+        )
 
     async def run(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
-        outbox = self._ensure_stream()
-        future: asyncio.Future[attention_pb2.BatchResult] = asyncio.get_running_loop().create_future()
-        self._waiting[assignment.batch_id] = future
-        outbox.put_nowait(assignment)
-        try:
-            return await future
-        finally:
-            self._waiting.pop(assignment.batch_id, None)
+        """Send ``assignment`` and await its result; ``Unavailable`` if the stream breaks meanwhile."""
+        return await self.stream.request(assignment.batch_id, assignment)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -99,12 +62,7 @@ class _RankLink:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._receiver
+        await self.stream.close()
         await self.channel.close()
 
 
@@ -119,32 +77,19 @@ def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapE
     )
 
 
-class GrpcRankClient:
-    """Runs scheduler batches on attention ranks. ``on_down``/``on_up`` report rank health changes."""
+class AttentionClient:
+    """Runs scheduler batches on the attention ranks, and probes their health for the monitor."""
 
-    def __init__(
-        self,
-        targets: Sequence[str],
-        *,
-        on_down: Callable[[int, str], None],
-        on_up: Callable[[int], None],
-        mode: str = "async",
-    ) -> None:
+    def __init__(self, targets: Sequence[str], *, mode: str = "async") -> None:
         self.targets = list(targets)
         self.mode = mode
         """Scheduling mode, recorded on ``scheduler.batch`` spans."""
-        self._on_up = on_up
-        self._down: set[int] = set()
-
-        def down(rank: int, reason: str) -> None:
-            if rank not in self._down:
-                self._down.add(rank)
-                logger.warning("attention rank %d is down: %s", rank, reason)
-                on_down(rank, reason)
-
-        self._report_down = down
-        self.links = [_RankLink(rank, target, down) for rank, target in enumerate(targets)]
+        self.links = [_AttentionLink(rank, target) for rank, target in enumerate(targets)]
         self._monitor: asyncio.Task[None] | None = None
+
+    async def probe(self, rank: int) -> bool:
+        """Whether ``rank`` answers SERVING to a grpc health check."""
+        return await self.links[rank].healthy()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until every attention rank answers SERVING; ``Unavailable`` names the ones that do not."""
@@ -159,21 +104,11 @@ class GrpcRankClient:
             if pending:
                 await asyncio.sleep(0.2)
 
-    def start_monitor(self) -> None:
-        self._monitor = asyncio.create_task(self._watch(), name="rank-health-monitor")
-
-    async def _watch(self) -> None:
-        """Every second: a rank that stops answering SERVING goes down, one that answers again comes up."""
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            states = await asyncio.gather(*(link.healthy() for link in self.links))
-            for rank, healthy in enumerate(states):
-                if healthy and rank in self._down:
-                    self._down.discard(rank)
-                    logger.info("attention rank %d is back", rank)
-                    self._on_up(rank)
-                elif not healthy:
-                    self._report_down(rank, "health check failed")
+    def start_monitor(self, health: RankHealth) -> None:
+        """Probe every rank each second and record changes in ``health`` until ``close``."""
+        self._monitor = asyncio.create_task(
+            watch_ranks(self.probe, len(self.links), health), name="rank-health-monitor"
+        )
 
     async def run_batch(
         self,
@@ -181,12 +116,12 @@ class GrpcRankClient:
         batch_id: int,
         requests: Sequence[ScheduledRequest],
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         chunks: Sequence[tuple[int, int]] | None = None,
         drop: Sequence[str] = (),
     ) -> Sequence[RankResultItem | AsapError | None]:
         spans = chunks if chunks is not None else [(0, r.prompt_tokens) for r in requests]
+        step, participants = SyncStep.to_wire(sync)
         assignment = attention_pb2.BatchAssignment(
             batch_id=batch_id,
             step=step,
@@ -208,7 +143,7 @@ class GrpcRankClient:
         )
         # Calibration probes carry no request context and are not traced.
         if setup.TRACING_ENABLED and (not requests or any(r.traceparent for r in requests)):
-            result = await self._run_traced(rank, assignment, requests, step)
+            result = await self._run_traced(rank, assignment, requests, sync)
         else:
             result = await self.links[rank].run(assignment)
         if result.HasField("error"):
@@ -225,7 +160,7 @@ class GrpcRankClient:
         rank: int,
         assignment: attention_pb2.BatchAssignment,
         requests: Sequence[ScheduledRequest],
-        step: int,
+        sync: SyncStep | None,
     ) -> attention_pb2.BatchResult:
         """Run ``assignment`` inside a ``scheduler.batch`` span: a trace of its own, linked to every
         request's ``scheduler.request`` span, its context sent along in ``assignment.trace``."""
@@ -238,8 +173,8 @@ class GrpcRankClient:
             spans.TOKENS: sum(len(p.token_ids) for p in assignment.prompts),
             spans.MODE: self.mode,
         }
-        if step:
-            attributes[spans.STEP] = step
+        if sync is not None:
+            attributes[spans.STEP] = sync.step
         span = setup.get_tracer().start_span(
             spans.SCHEDULER_BATCH,
             context=Context(),

@@ -1,0 +1,48 @@
+"""Validation at the scheduler's boundary: a ``PrefillRequest`` becomes token ids or ``InvalidArgument``.
+
+Everything behind the boundary (the core, the attention ranks) trusts what passed here.
+"""
+
+from __future__ import annotations
+
+from asap.errors import InvalidArgument
+from asap.model.config import ModelConfig
+from asap.model.sampling import MAX_TOP_LOGPROBS
+from asap.model.tokenizer import PromptTokenizer
+from asap.v1 import scheduler_pb2
+
+
+class PromptValidator:
+    """Turns a PrefillRequest into token ids, or raises ``InvalidArgument`` saying what is wrong."""
+
+    def __init__(self, config: ModelConfig, tokenizer: PromptTokenizer | None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def token_ids(self, request: scheduler_pb2.PrefillRequest) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if self.tokenizer is None:
+                raise InvalidArgument("this model has no tokenizer.json: send token ids instead of text")
+            if not request.text:
+                raise InvalidArgument("empty prompt")
+            ids = self.tokenizer.encode(request.text)
+        elif which == "tokens":
+            ids = list(request.tokens.ids)
+        else:
+            raise InvalidArgument("a request needs a prompt: tokens or text")
+        if not ids:
+            raise InvalidArgument("empty prompt")
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {vocab})")
+        limit = self.config.max_position_embeddings
+        if len(ids) > limit:
+            raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model's maximum of {limit}")
+        sampling = request.sampling
+        if not sampling.temperature >= 0:
+            raise InvalidArgument(f"temperature must be >= 0, got {sampling.temperature}")
+        if sampling.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
+        return ids
