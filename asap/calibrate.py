@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from asap.dtypes import dtype_bytes
 from asap.emulation import costs
-from asap.emulation.parts import dtype_bytes
 from asap.emulation.profiles import DeviceProfile, parse_compute
 from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig, load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
-from asap.model.tiny import resolve_model
+from asap.model.resolve import resolve_model
 
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 """Batch sizes of a device calibration (the range of the H200 calibration file)."""

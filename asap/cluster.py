@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from asap.clusterspec import (
-    DTYPES,
-    MODES,
     ClusterSpec,
     RankSpec,
     ServiceCommand,
@@ -146,7 +144,7 @@ class LocalCluster:
 
     def start(self) -> str:
         """Start every service; returns the scheduler's address. On failure everything is stopped."""
-        from asap.model.tiny import model_argument
+        from asap.model.resolve import model_argument
 
         deadline = time.monotonic() + self._start_timeout_s
         # Resolved once here, so children never race to create the built-in model; random:DIR stays a
@@ -236,7 +234,8 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     import json
 
     from asap.calibrate import calibrate
-    from asap.model.tiny import resolve_model, tiny_cache_root
+    from asap.model.resolve import resolve_model
+    from asap.model.tiny import tiny_cache_root
 
     # The knee depends on shapes only (calibration uses random weights), so random:DIR shares DIR's entry.
     config_dir = str(resolve_model(model_dir).resolve())
@@ -244,7 +243,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     cache = tiny_cache_root().parent / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         return int(json.loads(cache.read_text())["knee_tokens"])
-    import torch
+    from asap.dtypes import torch_dtype
 
     counts = (
         (128, 256, 512, 1024, 2048, 4096)
@@ -257,7 +256,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
         spec.experts,
         counts,
         device=spec.device,
-        dtype=getattr(torch, spec.dtype),
+        dtype=torch_dtype(spec.dtype),
         repeats=2,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -266,8 +265,6 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
 
 
 __all__ = [
-    "DTYPES",
-    "MODES",
     "READY_LINE",
     "ChildProcess",
     "ClusterSpec",

@@ -8,17 +8,16 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
-from asap.emulation import EmulatedAttentionPart, parse_compute
+from asap.emulation import DeviceProfile, EmulatedAttentionPart
 from asap.emulation.costs import transfer_s
+from asap.emulation.loading import PartSource
 from asap.errors import AsapError, CheckpointError, InternalError, InvalidArgument
-from asap.model.attention_part import AttentionPart
-from asap.model.config import ModelConfig, load_config
+from asap.model.attention_part import AttentionModel, AttentionPart
+from asap.model.config import ModelConfig
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
-from asap.model.random_weights import open_weights
-from asap.model.tiny import resolve_model
+from asap.model.resolve import WeightSource
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
@@ -268,32 +267,28 @@ class AttentionService:
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
-        model_dir = resolve_model(self.config.model)
-        model_config = load_config(model_dir)
-        dtype = getattr(torch, self.config.dtype)
+        source = PartSource.of(self.config.model, self.config.dtype, self.config.compute)
+        model_config, dtype, profile = source.config, source.dtype, source.profile
 
-        profile = parse_compute(self.config.compute)[1]
+        def emulated(profile: DeviceProfile) -> AttentionModel:
+            logger.info("attention rank %d emulates %s", self.config.rank, profile.name)
+            return EmulatedAttentionPart(
+                model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
+            )
 
-        def load() -> AttentionPart:
-            if profile is not None:
-                logger.info("attention rank %d emulates %s", self.config.rank, profile.name)
-                emulated = EmulatedAttentionPart(
-                    model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
-                )
-                return emulated  # type: ignore[return-value]  # same interface, no weights
-            with open_weights(
-                self.config.model, model_dir, device=self.config.device, config=model_config
-            ) as reader:
-                part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
-                logger.info(
-                    "attention rank %d loaded %d tensors (%.1f MiB)",
-                    self.config.rank,
-                    len(reader.tensors_read),
-                    reader.bytes_read / 2**20,
-                )
-                return part
+        def real(reader: WeightSource) -> AttentionModel:
+            part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
+            logger.info(
+                "attention rank %d loaded %d tensors (%.1f MiB)",
+                self.config.rank,
+                len(reader.tensors_read),
+                reader.bytes_read / 2**20,
+            )
+            return part
 
-        part = await loop.run_in_executor(None, load)
+        part = await loop.run_in_executor(
+            None, lambda: source.load(device=self.config.device, emulated=emulated, real=real)
+        )
         self.transport = GrpcExpertTransport(
             self.config.expert_targets,
             attention_rank=self.config.rank,

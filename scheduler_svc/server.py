@@ -14,12 +14,12 @@ import grpc
 
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import ModelConfig, load_config
-from asap.model.sampling import MAX_TOP_LOGPROBS
-from asap.model.tiny import resolve_model
+from asap.model.resolve import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
 from asap.rpc.status import abort_with
 from asap.rpc.streams import cancel_all, relay
+from asap.sampling_options import check_sampling
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
@@ -128,11 +128,7 @@ class PromptValidator:
         limit = self.config.max_position_embeddings
         if len(ids) > limit:
             raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model's maximum of {limit}")
-        sampling = request.sampling
-        if not sampling.temperature >= 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {sampling.temperature}")
-        if sampling.top_logprobs > MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
+        check_sampling(request.sampling.temperature, request.sampling.top_logprobs)
         return ids
 
 

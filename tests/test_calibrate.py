@@ -157,6 +157,6 @@ def test_cli_rejects_bad_token_lists(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def _tiny() -> Path:
-    from asap.model.tiny import resolve_model
+    from asap.model.resolve import resolve_model
 
     return resolve_model("tiny")

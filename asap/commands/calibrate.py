@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from asap.calibrate import (
     CPU_TOKEN_COUNTS,
     DEFAULT_PLATEAU_FRACTION,
@@ -16,10 +14,9 @@ from asap.calibrate import (
     CalibrationResult,
     calibrate,
 )
+from asap.dtypes import DTYPES, torch_dtype
 from asap.errors import InvalidArgument
 from asap.model.tiny import TINY_SPEC
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--compute", default="torch", metavar="torch|emulated:DEVICE")
     parser.add_argument("--experts", type=int, default=1, metavar="M", help="expert ranks (rank 0 is timed)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on cpu, bfloat16 otherwise")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 otherwise")
     parser.add_argument("--tokens", metavar="N,N,...", help="batch sizes (default depends on the backend)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per size; the fastest is kept")
     parser.add_argument("--plateau", type=float, default=DEFAULT_PLATEAU_FRACTION, metavar="FRACTION")
@@ -47,7 +44,7 @@ def add_parser(subparsers: Any) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     """Calibrate, print the curve table, the knee and the flag to use; optionally write JSON."""
     on_cpu = args.compute.strip() == "torch" and args.device == "cpu"
-    dtype = DTYPES[args.dtype or ("float32" if on_cpu else "bfloat16")]
+    dtype = torch_dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
     counts = (
         _parse_counts(args.tokens) if args.tokens else (CPU_TOKEN_COUNTS if on_cpu else DEFAULT_TOKEN_COUNTS)
     )

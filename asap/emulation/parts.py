@@ -18,22 +18,14 @@ from typing import Protocol, cast
 
 import torch
 
+from asap.dtypes import dtype_bytes
 from asap.emulation import costs
 from asap.emulation.clock import Sleeper
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, Dispatch, MoERequest, drive_steps
+from asap.model.attention_part import AttentionPart, ExpertCompute, MoERequest, drive_steps
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
-
-_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    """Bytes of one element of a supported model dtype."""
-    if dtype not in _DTYPE_BYTES:
-        raise InvalidArgument(f"unsupported model dtype {dtype}; expected one of {list(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[dtype]
 
 
 class ChunkCache(Protocol):
@@ -84,7 +76,8 @@ class RandomRouter:
 
 
 class EmulatedAttentionPart:
-    """``AttentionPart`` interface with modelled time: sleeps per layer, yields meta hidden states."""
+    """An ``AttentionModel`` (the ``AttentionPart`` interface) with modelled time: sleeps per layer, yields
+    meta hidden states."""
 
     emulated = True
 
@@ -154,7 +147,7 @@ class EmulatedAttentionPart:
     def forward(
         self,
         prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: Dispatch,
+        dispatch: ExpertCompute,
         *,
         caches: Sequence[ChunkCache | None] | None = None,
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,41 @@ class MoERequest:
     """[T, K] float32 routing weights, normalised exactly as the architecture does."""
 
 
-Dispatch = Callable[[MoERequest], torch.Tensor]
-"""Computes the routed experts of a ``MoERequest``: returns [T, H] in the model dtype."""
+ExpertCompute = Callable[[MoERequest], torch.Tensor]
+"""Computes the routed experts of a ``MoERequest``: returns [T, H] in the model dtype. (Not to be
+confused with ``asap.wire.chunks.Dispatch``, a decoded dispatch message.)"""
+
+
+class AttentionModel(Protocol):
+    """What a service needs of an attention part: the real ``AttentionPart`` and the emulated
+    ``asap.emulation.EmulatedAttentionPart`` both implement it, so an attention rank holds either."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+
+    def validate_prompt(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The prompt as a 1-D int64 tensor; ``InvalidArgument`` when it is empty or out of range."""
+        ...
+
+    def forward_steps(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        caches: Sequence[KVCache | None] | None = None,
+    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        """Run a batch, pausing at every MoE layer (see ``AttentionPart.forward_steps``)."""
+        ...
+
+    def forward(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        dispatch: ExpertCompute,
+        *,
+        caches: Sequence[KVCache | None] | None = None,
+    ) -> torch.Tensor:
+        """Run ``forward_steps`` to completion with ``dispatch`` computing the experts: [B, V] float32."""
+        ...
 
 
 class AttentionPart:
@@ -171,7 +205,7 @@ class AttentionPart:
     def forward(
         self,
         prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: Dispatch,
+        dispatch: ExpertCompute,
         *,
         caches: Sequence[KVCache | None] | None = None,
     ) -> torch.Tensor:
@@ -272,7 +306,7 @@ class AttentionPart:
         return routed.to(device=h.device, dtype=h.dtype)
 
 
-def drive_steps(steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: Dispatch) -> torch.Tensor:
+def drive_steps(steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: ExpertCompute) -> torch.Tensor:
     """Run a ``forward_steps`` generator to completion, computing each MoE layer with ``dispatch``."""
     try:
         request = next(steps)

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, Dispatch
+from asap.model.attention_part import AttentionPart, ExpertCompute
 from asap.model.kvcache import KVCache
 
 
 def prefill_chunked(
     attention: AttentionPart,
-    dispatch: Dispatch,
+    dispatch: ExpertCompute,
     tokens: Sequence[int] | torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
