@@ -306,7 +306,9 @@ class AttentionPart:
         return routed.to(device=h.device, dtype=h.dtype)
 
 
-def drive_steps(steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: ExpertCompute) -> torch.Tensor:
+def drive_steps(
+    steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: ExpertCompute
+) -> torch.Tensor:
     """Run a ``forward_steps`` generator to completion, computing each MoE layer with ``dispatch``."""
     try:
         request = next(steps)
