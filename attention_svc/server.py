@@ -19,9 +19,10 @@ from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.resolve import WeightSource
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
+from asap.rpc.status import error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
+from asap.v1 import attention_pb2, attention_pb2_grpc, expert_pb2
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.transport import GrpcExpertTransport
@@ -32,10 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name
-
-
-def _error(exc: AsapError) -> common_pb2.Error:
-    return common_pb2.Error(code=exc.code, message=exc.message)
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
@@ -128,7 +125,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                 logger.exception("batch %d failed", assignment.batch_id)
             if span is not None:
                 spans.set_error(span, error.message)
-            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(error))
+            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=error_to_wire(error))
         finally:
             if span is not None:
                 span.end()
@@ -204,7 +201,7 @@ def _batch_result(
             error = item.error or InternalError("no result")
             results.append(
                 attention_pb2.PromptResult(
-                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, error=_error(error)
+                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, error=error_to_wire(error)
                 )
             )
             continue

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_rpc, error_from_status
+from asap.rpc.status import error_from_rpc, error_from_wire
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from scheduler_svc.requests import RankResultItem, ScheduledRequest
@@ -110,7 +110,7 @@ class _RankLink:
 
 def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapError:
     if prompt.HasField("error"):
-        return error_from_status(prompt.error.code, prompt.error.message)
+        return error_from_wire(prompt.error)
     return RankResultItem(
         first_token_id=prompt.first_token_id,
         first_token_logprob=prompt.first_token_logprob,
@@ -212,7 +212,7 @@ class GrpcRankClient:
         else:
             result = await self.links[rank].run(assignment)
         if result.HasField("error"):
-            error = error_from_status(result.error.code, result.error.message)
+            error = error_from_wire(result.error)
             return [error] * len(requests)
         if len(result.results) != len(requests):
             raise InternalError(

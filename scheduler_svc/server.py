@@ -17,11 +17,11 @@ from asap.model.config import ModelConfig, load_config
 from asap.model.resolve import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
 from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
-from asap.rpc.status import abort_with
+from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.sampling_options import check_sampling
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from asap.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.costmodel import AttentionCostModel
@@ -199,7 +199,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 except AsapError as exc:
                     response = scheduler_pb2.PrefillResponse(
                         request_id=request.request_id,
-                        error=common_pb2.Error(code=exc.code, message=exc.message),
+                        error=error_to_wire(exc),
                     )
                 await outbound.put(response)
 

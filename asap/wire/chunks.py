@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from asap.errors import ERRORS_BY_CODE, InternalError, InvalidArgument
+from asap.errors import InternalError, InvalidArgument
+from asap.rpc.status import error_from_wire, wire_error
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.codec import RefDecoder, decode_tensor, encode_tensor
 
@@ -246,7 +247,7 @@ def error_combine(
         layer=layer,
         row_offset=row_offset,
         total_rows=total_rows,
-        error=common_pb2.Error(code=code, message=message),
+        error=wire_error(code, message),
     )
 
 
@@ -313,8 +314,7 @@ class CombineAssembler:
         start = msg.row_offset
         where = f"combine chunk (micro_batch {msg.micro_batch}, layer {msg.layer}, rows from {start})"
         if msg.HasField("error"):
-            error_class = ERRORS_BY_CODE.get(msg.error.code, InternalError)
-            raise error_class(f"{where} failed on the expert rank: {msg.error.code}: {msg.error.message}")
+            raise error_from_wire(msg.error, f"{where} failed on the expert rank")
         if (self.micro_batch is not None and msg.micro_batch != self.micro_batch) or (
             self.layer is not None and msg.layer != self.layer
         ):
