@@ -42,7 +42,7 @@ from asap.rpc.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from asap.rpc.status import error_from_rpc
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2, expert_pb2_grpc
-from asap.wire.chunks import CombineAssembler, dispatch_chunks
+from asap.wire.chunks import CombineAssembler, dispatch_bytes, dispatch_chunks
 from attention_svc.core import ExchangeResult
 
 if TYPE_CHECKING:
@@ -323,7 +323,9 @@ class ExpertLink:
                     else:
                         self.inline_hidden_bytes += nbytes
             if self.link_s is not None and rows:
-                nbytes = rows * (self.hidden_size * self.dtype.itemsize + dispatch.expert_ids.shape[1] * 8)
+                nbytes = dispatch_bytes(
+                    rows, self.hidden_size, dispatch.expert_ids.shape[1], self.dtype.itemsize
+                )
                 await asyncio.sleep(self.link_s(nbytes))
             region = slots.region if slots is not None else None
             if isinstance(region, CudaRegion) and not region.announced and chunks:

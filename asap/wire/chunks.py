@@ -30,6 +30,7 @@ __all__ = [
     "Dispatch",
     "combine_chunk",
     "decode_dispatch",
+    "dispatch_bytes",
     "dispatch_chunks",
     "error_combine",
 ]
@@ -39,6 +40,13 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 
 HEADER_ALLOWANCE = 256
 """Bytes reserved per chunk for everything but tensor payloads and trace strings (worst case ~190)."""
+
+
+def dispatch_bytes(rows: int, hidden: int, top_k: int, dtype_bytes: int) -> int:
+    """Payload bytes of ``rows`` dispatched rows: hidden [rows, hidden] in the model dtype plus int32
+    ``expert_ids`` and float32 ``weights`` [rows, top_k], as ``dispatch_chunks`` sends them. Sizes the
+    chunks and the emulated link's transfer time alike."""
+    return rows * (hidden * dtype_bytes + top_k * (4 + 4))
 
 
 @dataclass(slots=True)
@@ -109,7 +117,7 @@ def dispatch_chunks(
     expert_ids = expert_ids.to(torch.int32)
     weights = weights.to(torch.float32)
     top_k = expert_ids.shape[1]
-    row_bytes = hidden.shape[1] * hidden.element_size() + top_k * 8
+    row_bytes = dispatch_bytes(1, hidden.shape[1], top_k, hidden.element_size())
     budget = max_chunk_bytes - HEADER_ALLOWANCE - len(traceparent.encode()) - len(tracestate.encode())
     rows_per_chunk = max(1, budget // row_bytes)
     if hidden.device.type == "meta":
