@@ -104,17 +104,13 @@ class ChildProcess:
 def wait_healthy(address: str, deadline: float) -> None:
     """Poll grpc health of ``address`` until SERVING or the deadline."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from asap.rpc.health import check_health
 
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
+            if check_health(channel, timeout_s=2.0)[0]:
+                return
             if time.monotonic() > deadline:
                 raise Unavailable(f"{address} did not report SERVING in time")
             time.sleep(0.1)

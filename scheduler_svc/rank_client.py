@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.rpc.health import check_health_async
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc, error_from_wire
 from asap.telemetry import setup, spans
@@ -90,13 +90,7 @@ class _RankLink:
             self._waiting.pop(assignment.batch_id, None)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
-        try:
-            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        return (await check_health_async(self.channel, timeout_s=timeout_s))[0]
 
     async def close(self) -> None:
         if self._outbox is not None:
