@@ -22,7 +22,7 @@ from asap.rpc.server import ServiceHandle, bound_address, create_server, run_ser
 from asap.rpc.status import error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, attention_pb2_grpc, expert_pb2
+from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.transport import GrpcExpertTransport
@@ -45,19 +45,6 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         self._active: set[asyncio.Task[None]] = set()
         self.caches: dict[str, KVCache] = {}
         """Chunked prefill: K/V of prompts whose later chunks are still to come, by request id."""
-
-    async def Info(
-        self, request: attention_pb2.AttentionInfoRequest, context: grpc.aio.ServicerContext
-    ) -> attention_pb2.AttentionInfo:
-        cfg = self.executor.part.config
-        return attention_pb2.AttentionInfo(
-            rank=self.config.rank,
-            model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size,
-            max_position_embeddings=cfg.max_position_embeddings,
-            expert_targets=self.config.expert_targets,
-            device=self.config.device,
-        )
 
     async def drain(self) -> None:
         while self._active:
@@ -211,7 +198,7 @@ def _batch_result(
                 first_token_id=item.first.token_id,
                 first_token_logprob=item.first.logprob,
                 top_logprobs=[
-                    attention_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in item.first.top_logprobs
+                    common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in item.first.top_logprobs
                 ],
                 prompt_tokens=item.prompt_tokens,
             )

@@ -192,7 +192,7 @@ class GrpcRankClient:
                     token_ids=r.token_ids[start:end],
                     cached_tokens=start,
                     more_chunks=end < r.prompt_tokens,
-                    sampling=attention_pb2.SamplingOptions(
+                    sampling=common_pb2.SamplingOptions(
                         temperature=r.temperature, seed=r.seed or 0, top_logprobs=r.top_logprobs
                     ),
                     trace=common_pb2.TraceContext(traceparent=r.traceparent, tracestate=r.tracestate),

@@ -21,7 +21,7 @@ from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.sampling_options import check_sampling
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
+from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.costmodel import AttentionCostModel
@@ -252,7 +252,7 @@ def _response(result: RequestResult, scheduled: ScheduledRequest) -> scheduler_p
         request_id=result.request_id,
         first_token_id=result.first_token_id,
         first_token_logprob=result.first_token_logprob,
-        top_logprobs=[attention_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in result.top_logprobs],
+        top_logprobs=[common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in result.top_logprobs],
         prompt_tokens=result.prompt_tokens,
         queue_ms=result.queue_ms,
         ttft_ms=result.ttft_ms,
