@@ -229,7 +229,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     import hashlib
     import json
 
-    from asap.calibrate import calibrate
+    from asap.knee import measure_knee
     from asap.model.resolve import resolve_model
     from asap.model.tiny import tiny_cache_root
 
@@ -246,7 +246,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
         if spec.compute == "torch"
         else (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     )
-    result = calibrate(
+    result = measure_knee(
         model_dir,
         spec.compute,
         spec.experts,

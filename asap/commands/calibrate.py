@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from asap.calibrate import (
+from asap.dtypes import DTYPES, torch_dtype
+from asap.errors import InvalidArgument
+from asap.knee import (
     CPU_TOKEN_COUNTS,
     DEFAULT_PLATEAU_FRACTION,
     DEFAULT_TOKEN_COUNTS,
-    CalibrationResult,
-    calibrate,
+    KneeResult,
+    measure_knee,
 )
-from asap.dtypes import DTYPES, torch_dtype
-from asap.errors import InvalidArgument
 from asap.model.tiny import TINY_SPEC
 
 
@@ -48,7 +48,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     counts = (
         _parse_counts(args.tokens) if args.tokens else (CPU_TOKEN_COUNTS if on_cpu else DEFAULT_TOKEN_COUNTS)
     )
-    result = calibrate(
+    result = measure_knee(
         args.model,
         args.compute,
         args.experts,
@@ -64,7 +64,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(result: CalibrationResult) -> str:
+def format_table(result: KneeResult) -> str:
     """The curve (tokens, ms, TFLOP/s, share of the best) and the knee line."""
     label = " (emulated)" if result.backend.startswith("emulated") else ""
     tflops = result.tflops()
@@ -85,7 +85,7 @@ def format_table(result: CalibrationResult) -> str:
     return "\n".join(lines)
 
 
-def to_json(result: CalibrationResult, dtype: str) -> dict[str, object]:
+def to_json(result: KneeResult, dtype: str) -> dict[str, object]:
     """A JSON-ready record of the calibration."""
     return {
         "backend": result.backend,
