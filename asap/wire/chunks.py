@@ -5,6 +5,9 @@ rows so no message exceeds ``max_chunk_bytes`` (grpc loopback throughput peaks a
 chunk is self-contained and answered by one ``CombineChunk`` covering the same rows; the attention rank
 puts the answers back together with a ``CombineAssembler``.
 
+"Chunk" here always means such a size-bounded piece of one layer's dispatch (or its answer). A prompt
+prefilled in parts (``--mode sync-chunked``) is a different thing: see ``asap.model.chunked_prefill``.
+
 All validation is per tensor (shape/dtype checks and one min/max reduction), never per row, because this
 runs for every chunk of every layer.
 """

@@ -1,4 +1,7 @@
-"""Chunked prefill of one prompt end to end: the reference the chunked serving modes are checked against."""
+"""Chunked prefill of one prompt end to end: the reference the chunked serving modes are checked against.
+
+A prefill chunk is a run of a prompt's tokens; not to be confused with the wire's dispatch chunks
+(``asap.wire.chunks``), size-bounded pieces of one MoE layer's exchange."""
 
 from __future__ import annotations
 
