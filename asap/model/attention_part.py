@@ -53,6 +53,14 @@ ExpertCompute = Callable[[MoERequest], torch.Tensor]
 confused with ``asap.wire.chunks.Dispatch``, a decoded dispatch message.)"""
 
 
+Prompts = Sequence[Sequence[int] | torch.Tensor]
+"""A batch of prompts, each a token id list or a 1-D tensor of ids."""
+MoESteps = Generator[MoERequest, torch.Tensor, torch.Tensor]
+"""A forward pass paused at every MoE layer: yields ``MoERequest``s, is sent [T, H], returns [B, V]."""
+Caches = Sequence[KVCache | None] | None
+"""Chunked prefill: per prompt, the K/V cache of its earlier chunks (None: a whole fresh prompt)."""
+
+
 class AttentionModel(Protocol):
     """What a service needs of an attention part: the real ``AttentionPart`` and the emulated
     ``asap.emulation.EmulatedAttentionPart`` both implement it, so an attention rank holds either."""
@@ -65,22 +73,11 @@ class AttentionModel(Protocol):
         """The prompt as a 1-D int64 tensor; ``InvalidArgument`` when it is empty or out of range."""
         ...
 
-    def forward_steps(
-        self,
-        prompts: Sequence[Sequence[int] | torch.Tensor],
-        *,
-        caches: Sequence[KVCache | None] | None = None,
-    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+    def forward_steps(self, prompts: Prompts, *, caches: Caches = None) -> MoESteps:
         """Run a batch, pausing at every MoE layer (see ``AttentionPart.forward_steps``)."""
         ...
 
-    def forward(
-        self,
-        prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: ExpertCompute,
-        *,
-        caches: Sequence[KVCache | None] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, prompts: Prompts, dispatch: ExpertCompute, *, caches: Caches = None) -> torch.Tensor:
         """Run ``forward_steps`` to completion with ``dispatch`` computing the experts: [B, V] float32."""
         ...
 
