@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
-from asap.model.kvcache import KVCache
+from asap.model.kvcache import KVCache, check_caches
 from asap.model.layers import (
     DecoderLayerWeights,
     causal_attention,
@@ -196,7 +196,7 @@ class AttentionPart:
             raise InvalidArgument("batch has no prompts")
         ids = [self.validate_prompt(p) for p in prompts]
         slots: list[KVCache | None] = [None] * len(ids) if caches is None else list(caches)
-        self._check_caches(ids, slots)
+        check_caches(self.config, [int(i.numel()) for i in ids], slots, self.dtype, self.device)
         return self._steps(ids, slots)
 
     def forward(
@@ -208,28 +208,6 @@ class AttentionPart:
     ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
         return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
-
-    def _check_caches(self, ids: Sequence[torch.Tensor], caches: Sequence[KVCache | None]) -> None:
-        cfg = self.config
-        if len(caches) != len(ids):
-            raise InvalidArgument(f"{len(caches)} KV caches given for {len(ids)} prompts")
-        present = [c for c in caches if c is not None]
-        if len({id(c) for c in present}) != len(present):
-            raise InvalidArgument("one KV cache is given for two prompts of the same batch")
-        for i, (chunk, cache) in enumerate(zip(ids, caches, strict=True)):
-            if cache is None:
-                continue
-            if cache.num_layers != cfg.num_layers:
-                raise InvalidArgument(
-                    f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
-                )
-            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
-            end = cache.length + int(chunk.numel())
-            if end > cfg.max_position_embeddings:
-                raise InvalidArgument(
-                    f"prompt {i}: {cache.length} cached tokens + a chunk of {chunk.numel()} = {end} "
-                    f"positions, more than max_position_embeddings={cfg.max_position_embeddings}"
-                )
 
     def _steps(
         self, ids: list[torch.Tensor], caches: list[KVCache | None]
