@@ -27,7 +27,6 @@ from asap.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from asap.modes import CHUNKED_MODE
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.minbatch import MinBatchPolicy
 from scheduler_svc.policy import AsyncBatchPolicy, BatchDecision, BatchPolicy, RankView, next_wake
@@ -103,7 +102,7 @@ class SchedulerCore:
             if self._config.mode == "async":
                 loop_coro = self._dispatch_loop()
             else:
-                chunk = self._config.chunk_tokens if self._config.mode == CHUNKED_MODE else None
+                chunk = self._config.chunk_tokens if self._config.mode == "sync-chunked" else None
                 self._sync = SyncDispatcher(self, chunk)
                 loop_coro = self._sync.run()
             self._dispatcher = asyncio.create_task(loop_coro, name="asap-scheduler-dispatch")
