@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from asap.clusterspec import (
-    DTYPES,
-    MODES,
     ClusterSpec,
     RankSpec,
     ServiceCommand,
@@ -106,17 +104,13 @@ class ChildProcess:
 def wait_healthy(address: str, deadline: float) -> None:
     """Poll grpc health of ``address`` until SERVING or the deadline."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from asap.rpc.health import check_health
 
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
+            if check_health(channel, timeout_s=2.0)[0]:
+                return
             if time.monotonic() > deadline:
                 raise Unavailable(f"{address} did not report SERVING in time")
             time.sleep(0.1)
@@ -146,7 +140,7 @@ class LocalCluster:
 
     def start(self) -> str:
         """Start every service; returns the scheduler's address. On failure everything is stopped."""
-        from asap.model.tiny import model_argument
+        from asap.model.resolve import model_argument
 
         deadline = time.monotonic() + self._start_timeout_s
         # Resolved once here, so children never race to create the built-in model; random:DIR stays a
@@ -235,8 +229,9 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     import hashlib
     import json
 
-    from asap.calibrate import calibrate
-    from asap.model.tiny import resolve_model, tiny_cache_root
+    from asap.knee import measure_knee
+    from asap.model.resolve import resolve_model
+    from asap.model.tiny import tiny_cache_root
 
     # The knee depends on shapes only (calibration uses random weights), so random:DIR shares DIR's entry.
     config_dir = str(resolve_model(model_dir).resolve())
@@ -244,20 +239,20 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
     cache = tiny_cache_root().parent / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         return int(json.loads(cache.read_text())["knee_tokens"])
-    import torch
+    from asap.dtypes import torch_dtype
 
     counts = (
         (128, 256, 512, 1024, 2048, 4096)
         if spec.compute == "torch"
         else (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     )
-    result = calibrate(
+    result = measure_knee(
         model_dir,
         spec.compute,
         spec.experts,
         counts,
         device=spec.device,
-        dtype=getattr(torch, spec.dtype),
+        dtype=torch_dtype(spec.dtype),
         repeats=2,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -266,8 +261,6 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
 
 
 __all__ = [
-    "DTYPES",
-    "MODES",
     "READY_LINE",
     "ChildProcess",
     "ClusterSpec",

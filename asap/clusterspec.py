@@ -14,11 +14,10 @@ from typing import Any
 
 import yaml
 
+from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
+from asap.modes import check_mode
 from asap.optimizations import format_optimizations, parse_optimizations
-
-MODES = ("async", "sync", "sync-chunked")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -63,10 +62,8 @@ class ClusterSpec:
             raise InvalidArgument(
                 f"need >= 1 attention and expert rank, got {self.attention} and {self.experts}"
             )
-        if self.mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_mode(self.mode)
+        check_dtype_name(self.dtype)
         if len(self.attention_ranks) > self.attention or len(self.expert_ranks) > self.experts:
             raise InvalidArgument("the spec lists more per-rank entries than ranks")
         self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]

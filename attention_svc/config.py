@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asap.dataplane.select import DATA_PLANES
+from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -48,8 +47,7 @@ class AttentionServiceConfig:
             host, _, port = target.rpartition(":")
             if not host or not port.isdigit():
                 raise InvalidArgument(f"expert target {target!r} is not HOST:PORT")
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype_name(self.dtype)
         if self.max_inflight_batches < 1:
             raise InvalidArgument(f"max_inflight_batches must be >= 1, got {self.max_inflight_batches}")
         if self.max_chunk_bytes < 4096:

@@ -20,11 +20,12 @@ import torch
 
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
-from asap.errors import AsapError, InternalError, InvalidArgument
-from asap.model.attention_part import AttentionPart, MoERequest
+from asap.errors import AsapError, InternalError
+from asap.model.attention_part import AttentionModel, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
 from asap.model.sampling import FirstToken, first_token
+from asap.sampling_options import check_sampling
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 logger = logging.getLogger(__name__)
-
-MAX_TOP_LOGPROBS = 20
 
 
 class ExpertTransport(Protocol):
@@ -107,7 +106,7 @@ class AttentionExecutor:
 
     def __init__(
         self,
-        part: AttentionPart,
+        part: AttentionModel,
         transport: ExpertTransport,
         placement: ExpertPlacement,
         *,
@@ -141,10 +140,7 @@ class AttentionExecutor:
         more_chunks: bool = False,
     ) -> PromptSpec:
         """Validate one prompt (or chunk) and its sampling options; raises ``InvalidArgument``."""
-        if temperature < 0 or temperature != temperature:
-            raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        check_sampling(temperature, top_logprobs)
         tokens = self.part.validate_prompt(token_ids)
         return PromptSpec(request_id, tokens, temperature, seed, top_logprobs, cache, more_chunks)
 

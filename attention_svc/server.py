@@ -8,18 +8,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
-from asap.emulation import EmulatedAttentionPart, parse_compute
+from asap.emulation import DeviceProfile, EmulatedAttentionPart
 from asap.emulation.costs import transfer_s
+from asap.emulation.loading import PartSource
 from asap.errors import AsapError, CheckpointError, InternalError
-from asap.model.attention_part import AttentionPart
-from asap.model.config import ModelConfig, load_config
+from asap.model.attention_part import AttentionModel, AttentionPart
+from asap.model.config import ModelConfig
 from asap.model.placement import ExpertPlacement
-from asap.model.random_weights import open_weights
-from asap.model.tiny import resolve_model
+from asap.model.resolve import WeightSource
 from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
+from asap.rpc.status import error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
@@ -37,10 +37,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name
 
 
-def _error(exc: AsapError) -> common_pb2.Error:
-    return common_pb2.Error(code=exc.code, message=exc.message)
-
-
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     """Adapts the scheduler's ``Run`` stream to the executor: batches run concurrently, results stream
     back in completion order."""
@@ -50,19 +46,6 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         self.config = config
         self._active: set[asyncio.Task[None]] = set()
         self.caches = ChunkCaches(executor.part.config.num_layers)
-
-    async def Info(
-        self, request: attention_pb2.AttentionInfoRequest, context: grpc.aio.ServicerContext
-    ) -> attention_pb2.AttentionInfo:
-        cfg = self.executor.part.config
-        return attention_pb2.AttentionInfo(
-            rank=self.config.rank,
-            model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size,
-            max_position_embeddings=cfg.max_position_embeddings,
-            expert_targets=self.config.expert_targets,
-            device=self.config.device,
-        )
 
     async def drain(self) -> None:
         while self._active:
@@ -111,7 +94,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                 logger.exception("batch %d failed", assignment.batch_id)
             if span is not None:
                 spans.set_error(span, error.message)
-            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=_error(error))
+            return attention_pb2.BatchResult(batch_id=assignment.batch_id, error=error_to_wire(error))
         finally:
             if span is not None:
                 span.end()
@@ -185,7 +168,7 @@ def _batch_result(
             error = item.error or InternalError("no result")
             results.append(
                 attention_pb2.PromptResult(
-                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, error=_error(error)
+                    request_id=item.request_id, prompt_tokens=item.prompt_tokens, error=error_to_wire(error)
                 )
             )
             continue
@@ -195,7 +178,7 @@ def _batch_result(
                 first_token_id=item.first.token_id,
                 first_token_logprob=item.first.logprob,
                 top_logprobs=[
-                    attention_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in item.first.top_logprobs
+                    common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in item.first.top_logprobs
                 ],
                 prompt_tokens=item.prompt_tokens,
             )
@@ -246,32 +229,28 @@ class AttentionService(GrpcService):
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
-        model_dir = resolve_model(self.config.model)
-        model_config = load_config(model_dir)
-        dtype = getattr(torch, self.config.dtype)
+        source = PartSource.of(self.config.model, self.config.dtype, self.config.compute)
+        model_config, dtype, profile = source.config, source.dtype, source.profile
 
-        profile = parse_compute(self.config.compute)[1]
+        def emulated(profile: DeviceProfile) -> AttentionModel:
+            logger.info("attention rank %d emulates %s", self.config.rank, profile.name)
+            return EmulatedAttentionPart(
+                model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
+            )
 
-        def load() -> AttentionPart:
-            if profile is not None:
-                logger.info("attention rank %d emulates %s", self.config.rank, profile.name)
-                emulated = EmulatedAttentionPart(
-                    model_config, profile, seed=self.config.rank, skew=self.config.route_skew, dtype=dtype
-                )
-                return emulated  # type: ignore[return-value]  # same interface, no weights
-            with open_weights(
-                self.config.model, model_dir, device=self.config.device, config=model_config
-            ) as reader:
-                part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
-                logger.info(
-                    "attention rank %d loaded %d tensors (%.1f MiB)",
-                    self.config.rank,
-                    len(reader.tensors_read),
-                    reader.bytes_read / 2**20,
-                )
-                return part
+        def real(reader: WeightSource) -> AttentionModel:
+            part = AttentionPart.from_source(reader, model_config, dtype=dtype, device=self.config.device)
+            logger.info(
+                "attention rank %d loaded %d tensors (%.1f MiB)",
+                self.config.rank,
+                len(reader.tensors_read),
+                reader.bytes_read / 2**20,
+            )
+            return part
 
-        part = await loop.run_in_executor(None, load)
+        part = await loop.run_in_executor(
+            None, lambda: source.load(device=self.config.device, emulated=emulated, real=real)
+        )
         self.transport = GrpcExpertTransport(
             self.config.expert_targets,
             attention_rank=self.config.rank,

@@ -24,7 +24,7 @@ def say(script: str, message: str) -> None:
 def model_layers(model: str) -> int | None:
     """Decoder layers of model spec ``model`` (None when its config cannot be read)."""
     from asap.model.config import load_config
-    from asap.model.tiny import resolve_model
+    from asap.model.resolve import resolve_model
 
     try:
         return load_config(resolve_model(model)).num_layers

@@ -46,7 +46,7 @@ from asap.bench.workload import Trace, WorkloadSpec, build_requests, default_war
 from asap.model.attention_part import MoERequest
 from asap.model.config import load_config
 from asap.model.reference import load_model
-from asap.model.tiny import resolve_model
+from asap.model.resolve import resolve_model
 
 
 def say(message: str) -> None:

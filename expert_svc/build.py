@@ -8,12 +8,11 @@ import time
 
 import torch
 
-from asap.emulation import EmulatedExpertPart, parse_compute
-from asap.model.config import load_config
+from asap.emulation import DeviceProfile, EmulatedExpertPart
+from asap.emulation.loading import PartSource
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
-from asap.model.random_weights import open_weights
-from asap.model.tiny import resolve_model
+from asap.model.resolve import WeightSource
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 
@@ -27,27 +26,28 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
 
     With emulated compute nothing is read but config.json: the part sleeps for the modeled time.
     """
-    model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
+    source = PartSource.of(config.model, config.dtype, config.compute)
+    model_config, dtype = source.config, source.dtype
     placement = ExpertPlacement(model_config.num_experts, config.num_ranks)
     expert_ids = placement.experts_of(config.rank)
-    dtype = getattr(torch, config.dtype)
-    profile = parse_compute(config.compute)[1]
-    part: ExpertPart
-    if profile is not None:
-        part = EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype)
+
+    def emulated(profile: DeviceProfile) -> ExpertPart:
         logger.info("expert rank %d emulates experts %s on %s", config.rank, list(expert_ids), profile.name)
-    else:
-        with open_weights(config.model, model_dir, device=config.device, config=model_config) as reader:
-            part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
-            logger.info(
-                "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",
-                config.rank,
-                config.num_ranks,
-                list(expert_ids),
-                len(reader.tensors_read),
-                reader.bytes_read / 2**20,
-            )
+        return EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype)
+
+    def real(reader: WeightSource) -> ExpertPart:
+        part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
+        logger.info(
+            "expert rank %d/%d loaded experts %s (%d tensors, %.1f MiB read)",
+            config.rank,
+            config.num_ranks,
+            list(expert_ids),
+            len(reader.tensors_read),
+            reader.bytes_read / 2**20,
+        )
+        return part
+
+    part = source.load(device=config.device, emulated=emulated, real=real)
     part.layer_agnostic = "layer-agnostic" in config.optimizations
     return ExpertExecutor(part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asap.dataplane.select import DATA_PLANES
+from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.optimizations import OPTIMIZATIONS
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -49,8 +48,7 @@ class ExpertServiceConfig:
             raise InvalidArgument(f"num_ranks must be >= 1, got {self.num_ranks}")
         if not 0 <= self.rank < self.num_ranks:
             raise InvalidArgument(f"rank {self.rank} is outside [0, {self.num_ranks})")
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype_name(self.dtype)
         if self.queue_depth < 1:
             raise InvalidArgument(f"queue_depth must be >= 1, got {self.queue_depth}")
         if self.max_merge_rows < 1:

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.rpc.duplex import DuplexStream
+from asap.rpc.health import check_health_async
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_status
+from asap.rpc.status import error_from_wire
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
@@ -53,13 +53,7 @@ class _AttentionLink:
         return await self.stream.request(assignment.batch_id, assignment)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
-        try:
-            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        return (await check_health_async(self.channel, timeout_s=timeout_s))[0]
 
     async def close(self) -> None:
         await self.stream.close()
@@ -68,7 +62,7 @@ class _AttentionLink:
 
 def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapError:
     if prompt.HasField("error"):
-        return error_from_status(prompt.error.code, prompt.error.message)
+        return error_from_wire(prompt.error)
     return RankResultItem(
         first_token_id=prompt.first_token_id,
         first_token_logprob=prompt.first_token_logprob,
@@ -133,7 +127,7 @@ class AttentionClient:
                     token_ids=r.token_ids[start:end],
                     cached_tokens=start,
                     more_chunks=end < r.prompt_tokens,
-                    sampling=attention_pb2.SamplingOptions(
+                    sampling=common_pb2.SamplingOptions(
                         temperature=r.temperature, seed=r.seed or 0, top_logprobs=r.top_logprobs
                     ),
                     trace=common_pb2.TraceContext(traceparent=r.traceparent, tracestate=r.tracestate),
@@ -147,7 +141,7 @@ class AttentionClient:
         else:
             result = await self.links[rank].run(assignment)
         if result.HasField("error"):
-            error = error_from_status(result.error.code, result.error.message)
+            error = error_from_wire(result.error)
             return [error] * len(requests)
         if len(result.results) != len(requests):
             raise InternalError(

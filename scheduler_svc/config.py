@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asap.errors import InvalidArgument
+from asap.modes import check_mode
 from scheduler_svc.costmodel import AttentionCostModel
-
-MODES = ("async", "sync", "sync-chunked")
 
 
 @dataclass(slots=True)
@@ -47,5 +46,4 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")
-        if self.mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_mode(self.mode)

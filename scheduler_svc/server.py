@@ -13,14 +13,14 @@ import grpc
 
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import load_config
-from asap.model.tiny import resolve_model
+from asap.model.resolve import resolve_model
 from asap.model.tokenizer import load_tokenizer
 from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
-from asap.rpc.status import abort_with
+from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
-from asap.v1 import attention_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.attention_client import AttentionClient
 from scheduler_svc.calibration import calibrate_cost_model
 from scheduler_svc.config import SchedulerConfig
@@ -120,7 +120,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 except AsapError as exc:
                     response = scheduler_pb2.PrefillResponse(
                         request_id=request.request_id,
-                        error=common_pb2.Error(code=exc.code, message=exc.message),
+                        error=error_to_wire(exc),
                     )
                 await outbound.put(response)
 
@@ -173,7 +173,7 @@ def _response(result: RequestResult, scheduled: ScheduledRequest) -> scheduler_p
         request_id=result.request_id,
         first_token_id=result.first_token_id,
         first_token_logprob=result.first_token_logprob,
-        top_logprobs=[attention_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in result.top_logprobs],
+        top_logprobs=[common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in result.top_logprobs],
         prompt_tokens=result.prompt_tokens,
         queue_ms=result.queue_ms,
         ttft_ms=result.ttft_ms,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig
-from asap.model.sampling import MAX_TOP_LOGPROBS
 from asap.model.tokenizer import PromptTokenizer
+from asap.sampling_options import check_sampling
 from asap.v1 import scheduler_pb2
 
 
@@ -40,9 +40,5 @@ class PromptValidator:
         limit = self.config.max_position_embeddings
         if len(ids) > limit:
             raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model's maximum of {limit}")
-        sampling = request.sampling
-        if not sampling.temperature >= 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {sampling.temperature}")
-        if sampling.top_logprobs > MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
+        check_sampling(request.sampling.temperature, request.sampling.top_logprobs)
         return ids

@@ -12,7 +12,7 @@ from asap import clusterspec
 from asap.bench.compare import CLUSTER_FIELDS, cluster_spec
 from asap.cli import build_parser
 from asap.clusterspec import ClusterSpec, RankSpec, attention_commands, expert_commands
-from asap.model.tiny import model_argument
+from asap.model.resolve import model_argument
 
 
 def _flag(argv: list[str], name: str) -> str:

@@ -28,7 +28,7 @@ from asap.client._types import (
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.rpc.duplex import Outbox
 from asap.rpc.server import GRPC_OPTIONS
-from asap.rpc.status import error_from_status
+from asap.rpc.status import error_from_wire
 from asap.telemetry import setup, spans
 from asap.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -179,7 +179,7 @@ class AsapClient:
         async def attempt(grpc_timeout_s: float | None) -> PrefillResult:
             response = await stub.Prefill(request, timeout=grpc_timeout_s)
             if response.HasField("error"):
-                raise error_from_status(response.error.code, response.error.message)
+                raise error_from_wire(response.error)
             return result_from_proto(response, sent_id)
 
         deadline = Deadline(spec.timeout_s or self.timeout_s)
@@ -317,7 +317,7 @@ class AsapClient:
                     continue
                 outcome: PrefillResult | AsapError
                 if response.HasField("error"):
-                    outcome = error_from_status(response.error.code, response.error.message)
+                    outcome = error_from_wire(response.error)
                     delay = backoff_s(item.retries_used)
                     if (
                         isinstance(outcome, RETRYABLE)

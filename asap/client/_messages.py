@@ -9,7 +9,7 @@ from typing import Any
 
 from asap.client._types import AttentionRankState, ClusterState, PrefillRequestSpec, PrefillResult
 from asap.errors import InvalidArgument
-from asap.v1 import attention_pb2, scheduler_pb2
+from asap.v1 import common_pb2, scheduler_pb2
 
 _UINT32_MAX = 2**32 - 1
 
@@ -21,7 +21,7 @@ def new_request_id() -> str:
 def request_proto(spec: PrefillRequestSpec, request_id: str, *, on_stream: bool) -> Any:
     request = scheduler_pb2.PrefillRequest(
         request_id=request_id,
-        sampling=attention_pb2.SamplingOptions(
+        sampling=common_pb2.SamplingOptions(
             temperature=spec.temperature,
             seed=spec.seed or 0,
             top_logprobs=spec.top_logprobs,

@@ -6,12 +6,12 @@ No grpc or protobuf here; ``_client`` converts to and from the wire messages.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from asap.errors import InvalidArgument
+from asap.sampling_options import check_sampling
 
 _INT32_MAX = 2**31 - 1
 _UINT32_MAX = 2**32 - 1
@@ -57,10 +57,7 @@ class PrefillRequestSpec:
                     raise InvalidArgument(f"token id {token!r} is not an int in [0, {_INT32_MAX}]")
         if self.text is not None and not self.text:
             raise InvalidArgument("empty prompt: text is empty")
-        if not 0 <= self.top_logprobs <= _UINT32_MAX:
-            raise InvalidArgument(f"top_logprobs must be >= 0, got {self.top_logprobs}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}")
+        check_sampling(self.temperature, self.top_logprobs)
         if self.seed is not None and not 0 <= self.seed <= _UINT64_MAX:
             raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
         if self.ttft_slo_ms is not None and not 0 < self.ttft_slo_ms <= _UINT32_MAX:

@@ -20,8 +20,9 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
-from asap.cluster import DTYPES, MODES
+from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
+from asap.modes import MODES
 
 TARGET_ENV = "ASAP_TARGET"
 

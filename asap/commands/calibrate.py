@@ -7,19 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from asap.calibrate import (
+from asap.dtypes import DTYPES, torch_dtype
+from asap.errors import InvalidArgument
+from asap.knee import (
     CPU_TOKEN_COUNTS,
     DEFAULT_PLATEAU_FRACTION,
     DEFAULT_TOKEN_COUNTS,
-    CalibrationResult,
-    calibrate,
+    KneeResult,
+    measure_knee,
 )
-from asap.errors import InvalidArgument
 from asap.model.tiny import TINY_SPEC
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--compute", default="torch", metavar="torch|emulated:DEVICE")
     parser.add_argument("--experts", type=int, default=1, metavar="M", help="expert ranks (rank 0 is timed)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on cpu, bfloat16 otherwise")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 otherwise")
     parser.add_argument("--tokens", metavar="N,N,...", help="batch sizes (default depends on the backend)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per size; the fastest is kept")
     parser.add_argument("--plateau", type=float, default=DEFAULT_PLATEAU_FRACTION, metavar="FRACTION")
@@ -47,11 +44,11 @@ def add_parser(subparsers: Any) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     """Calibrate, print the curve table, the knee and the flag to use; optionally write JSON."""
     on_cpu = args.compute.strip() == "torch" and args.device == "cpu"
-    dtype = DTYPES[args.dtype or ("float32" if on_cpu else "bfloat16")]
+    dtype = torch_dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
     counts = (
         _parse_counts(args.tokens) if args.tokens else (CPU_TOKEN_COUNTS if on_cpu else DEFAULT_TOKEN_COUNTS)
     )
-    result = calibrate(
+    result = measure_knee(
         args.model,
         args.compute,
         args.experts,
@@ -67,7 +64,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(result: CalibrationResult) -> str:
+def format_table(result: KneeResult) -> str:
     """The curve (tokens, ms, TFLOP/s, share of the best) and the knee line."""
     label = " (emulated)" if result.backend.startswith("emulated") else ""
     tflops = result.tflops()
@@ -88,7 +85,7 @@ def format_table(result: CalibrationResult) -> str:
     return "\n".join(lines)
 
 
-def to_json(result: CalibrationResult, dtype: str) -> dict[str, object]:
+def to_json(result: KneeResult, dtype: str) -> dict[str, object]:
     """A JSON-ready record of the calibration."""
     return {
         "backend": result.backend,

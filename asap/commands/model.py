@@ -8,7 +8,8 @@ from typing import Any
 
 from asap.model.checkpoint import CheckpointReader, expected_shapes
 from asap.model.config import SUPPORTED_MODEL_TYPES, load_config
-from asap.model.tiny import TINY_DEFAULTS, TINY_SPEC, make_tiny, resolve_model
+from asap.model.resolve import resolve_model
+from asap.model.tiny import TINY_DEFAULTS, TINY_SPEC, make_tiny
 from asap.model.tokenizer import load_tokenizer
 
 

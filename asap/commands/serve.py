@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from asap.dataplane.select import DATA_PLANES
+from asap.dtypes import DTYPES
+from asap.modes import MODES
 from asap.optimizations import parse_optimizations
 
 
@@ -18,7 +20,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--model", default="tiny", help="checkpoint dir, 'tiny' (built-in) or random:DIR")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--rank", type=int, default=0, help="this rank's index")
     parser.add_argument(
@@ -84,7 +86,7 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention", required=True, help="comma-separated HOST:PORT of every attention rank, in rank order"
     )
-    parser.add_argument("--mode", default="async", choices=("async", "sync", "sync-chunked"))
+    parser.add_argument("--mode", default=MODES[0], choices=MODES)
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="prompt tokens per batch, at most")
     parser.add_argument("--max-batch-prompts", type=int, default=64, help="prompts per batch, at most")
     parser.add_argument(

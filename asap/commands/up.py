@@ -8,7 +8,9 @@ import sys
 import threading
 from typing import Any
 
-from asap.cluster import DTYPES, MODES, ClusterSpec, LocalCluster, load_cluster_yaml
+from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
+from asap.dtypes import DTYPES
+from asap.modes import MODES
 
 
 def add_parser(subparsers: Any) -> None:

@@ -32,7 +32,7 @@ from asap.errors import InvalidArgument
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import MAX_MESSAGE_BYTES
 from asap.v1 import common_pb2, expert_pb2
-from asap.wire.chunks import CombineAssembler, dispatch_chunks
+from asap.wire.chunks import CombineAssembler, dispatch_bytes, dispatch_chunks
 
 __all__ = ["CudaIpcPlane", "ExchangeStream", "ShmPlane", "StreamPlane", "make_plane"]
 
@@ -191,7 +191,7 @@ class StreamPlane:
             link_s = self.spec.link_s
             if link_s is not None and request.rows:
                 top_k = int(request.dispatch.expert_ids.shape[1])
-                nbytes = request.rows * (self.spec.hidden_size * self.spec.dtype.itemsize + top_k * 8)
+                nbytes = dispatch_bytes(request.rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
                 await asyncio.sleep(link_s(nbytes))
             self._announce(chunks, slots)
             for chunk in chunks:

@@ -222,11 +222,6 @@ def transfer_s(nbytes: int, profile: DeviceProfile) -> float:
     return nbytes / (profile.link_gbps * 1e9)
 
 
-def dispatch_bytes(rows: int, hidden: int, top_k: int, dtype_bytes: int) -> int:
-    """Bytes of one dispatch chunk: hidden rows [rows, hidden] plus int64 ids and float32 weights [rows, top_k]."""
-    return rows * hidden * dtype_bytes + rows * top_k * (8 + 4)
-
-
 def _dense_mlp(t: int, h: int, inter: int, b: int) -> list[Kernel]:
     return [gemm(t, 2 * inter, h, b), elementwise(t * 2 * inter, t * inter, b), gemm(t, h, inter, b)]
 

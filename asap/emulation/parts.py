@@ -14,40 +14,19 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Generator, Sequence
-from typing import Protocol, cast
+from typing import cast
 
 import torch
 
+from asap.dtypes import dtype_bytes
 from asap.emulation import costs
 from asap.emulation.clock import Sleeper
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, Dispatch, MoERequest, drive_steps
+from asap.model.attention_part import AttentionPart, ExpertCompute, MoERequest, drive_steps
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
-
-_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    """Bytes of one element of a supported model dtype."""
-    if dtype not in _DTYPE_BYTES:
-        raise InvalidArgument(f"unsupported model dtype {dtype}; expected one of {list(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[dtype]
-
-
-class ChunkCache(Protocol):
-    """What the emulated part uses of ``asap.model.kvcache.KVCache`` (K/V staged as meta tensors)."""
-
-    @property
-    def num_layers(self) -> int: ...
-    @property
-    def length(self) -> int: ...
-    def check_layout(
-        self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
-    ) -> None: ...
-    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def commit(self, count: int) -> None: ...
+from asap.model.kvcache import ChunkCache, check_caches
 
 
 class RandomRouter:
@@ -84,7 +63,8 @@ class RandomRouter:
 
 
 class EmulatedAttentionPart:
-    """``AttentionPart`` interface with modelled time: sleeps per layer, yields meta hidden states."""
+    """An ``AttentionModel`` (the ``AttentionPart`` interface) with modelled time: sleeps per layer, yields
+    meta hidden states."""
 
     emulated = True
 
@@ -146,7 +126,7 @@ class EmulatedAttentionPart:
             raise InvalidArgument("batch has no prompts")
         lengths = [int(self.validate_prompt(p).numel()) for p in prompts]
         slots: list[ChunkCache | None] = [None] * len(lengths) if caches is None else list(caches)
-        self._check_caches(lengths, slots)
+        check_caches(self.config, lengths, slots, self.dtype, self.device)
         with self._calls_lock:
             call = next(self._calls)
         return self._steps(lengths, slots, call)
@@ -154,33 +134,12 @@ class EmulatedAttentionPart:
     def forward(
         self,
         prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: Dispatch,
+        dispatch: ExpertCompute,
         *,
         caches: Sequence[ChunkCache | None] | None = None,
     ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, sending each ``MoERequest`` to ``dispatch``: [B, V] float32."""
         return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
-
-    def _check_caches(self, lengths: Sequence[int], caches: Sequence[ChunkCache | None]) -> None:
-        cfg = self.config
-        if len(caches) != len(lengths):
-            raise InvalidArgument(f"{len(caches)} KV caches given for {len(lengths)} prompts")
-        present = [c for c in caches if c is not None]
-        if len({id(c) for c in present}) != len(present):
-            raise InvalidArgument("one KV cache is given for two prompts of the same batch")
-        for i, (n, cache) in enumerate(zip(lengths, caches, strict=True)):
-            if cache is None:
-                continue
-            if cache.num_layers != cfg.num_layers:
-                raise InvalidArgument(
-                    f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
-                )
-            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
-            if cache.length + n > cfg.max_position_embeddings:
-                raise InvalidArgument(
-                    f"prompt {i}: {cache.length} cached tokens + a chunk of {n} = {cache.length + n} "
-                    f"positions, more than max_position_embeddings={cfg.max_position_embeddings}"
-                )
 
     def _steps(
         self, lengths: list[int], caches: list[ChunkCache | None], call: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
-from asap.model.kvcache import KVCache
+from asap.model.kvcache import KVCache, check_caches
 from asap.model.layers import (
     DecoderLayerWeights,
     causal_attention,
@@ -47,8 +48,38 @@ class MoERequest:
     """[T, K] float32 routing weights, normalised exactly as the architecture does."""
 
 
-Dispatch = Callable[[MoERequest], torch.Tensor]
-"""Computes the routed experts of a ``MoERequest``: returns [T, H] in the model dtype."""
+ExpertCompute = Callable[[MoERequest], torch.Tensor]
+"""Computes the routed experts of a ``MoERequest``: returns [T, H] in the model dtype. (Not to be
+confused with ``asap.wire.chunks.Dispatch``, a decoded dispatch message.)"""
+
+
+Prompts = Sequence[Sequence[int] | torch.Tensor]
+"""A batch of prompts, each a token id list or a 1-D tensor of ids."""
+MoESteps = Generator[MoERequest, torch.Tensor, torch.Tensor]
+"""A forward pass paused at every MoE layer: yields ``MoERequest``s, is sent [T, H], returns [B, V]."""
+Caches = Sequence[KVCache | None] | None
+"""Chunked prefill: per prompt, the K/V cache of its earlier chunks (None: a whole fresh prompt)."""
+
+
+class AttentionModel(Protocol):
+    """What a service needs of an attention part: the real ``AttentionPart`` and the emulated
+    ``asap.emulation.EmulatedAttentionPart`` both implement it, so an attention rank holds either."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+
+    def validate_prompt(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The prompt as a 1-D int64 tensor; ``InvalidArgument`` when it is empty or out of range."""
+        ...
+
+    def forward_steps(self, prompts: Prompts, *, caches: Caches = None) -> MoESteps:
+        """Run a batch, pausing at every MoE layer (see ``AttentionPart.forward_steps``)."""
+        ...
+
+    def forward(self, prompts: Prompts, dispatch: ExpertCompute, *, caches: Caches = None) -> torch.Tensor:
+        """Run ``forward_steps`` to completion with ``dispatch`` computing the experts: [B, V] float32."""
+        ...
 
 
 class AttentionPart:
@@ -165,40 +196,18 @@ class AttentionPart:
             raise InvalidArgument("batch has no prompts")
         ids = [self.validate_prompt(p) for p in prompts]
         slots: list[KVCache | None] = [None] * len(ids) if caches is None else list(caches)
-        self._check_caches(ids, slots)
+        check_caches(self.config, [int(i.numel()) for i in ids], slots, self.dtype, self.device)
         return self._steps(ids, slots)
 
     def forward(
         self,
         prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: Dispatch,
+        dispatch: ExpertCompute,
         *,
         caches: Sequence[KVCache | None] | None = None,
     ) -> torch.Tensor:
         """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
         return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
-
-    def _check_caches(self, ids: Sequence[torch.Tensor], caches: Sequence[KVCache | None]) -> None:
-        cfg = self.config
-        if len(caches) != len(ids):
-            raise InvalidArgument(f"{len(caches)} KV caches given for {len(ids)} prompts")
-        present = [c for c in caches if c is not None]
-        if len({id(c) for c in present}) != len(present):
-            raise InvalidArgument("one KV cache is given for two prompts of the same batch")
-        for i, (chunk, cache) in enumerate(zip(ids, caches, strict=True)):
-            if cache is None:
-                continue
-            if cache.num_layers != cfg.num_layers:
-                raise InvalidArgument(
-                    f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
-                )
-            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
-            end = cache.length + int(chunk.numel())
-            if end > cfg.max_position_embeddings:
-                raise InvalidArgument(
-                    f"prompt {i}: {cache.length} cached tokens + a chunk of {chunk.numel()} = {end} "
-                    f"positions, more than max_position_embeddings={cfg.max_position_embeddings}"
-                )
 
     def _steps(
         self, ids: list[torch.Tensor], caches: list[KVCache | None]
@@ -272,7 +281,9 @@ class AttentionPart:
         return routed.to(device=h.device, dtype=h.dtype)
 
 
-def drive_steps(steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: Dispatch) -> torch.Tensor:
+def drive_steps(
+    steps: Generator[MoERequest, torch.Tensor, torch.Tensor], dispatch: ExpertCompute
+) -> torch.Tensor:
     """Run a ``forward_steps`` generator to completion, computing each MoE layer with ``dispatch``."""
     try:
         request = next(steps)

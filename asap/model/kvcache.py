@@ -13,9 +13,13 @@ Sliding-window models keep every position too (the window is applied by the atte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
 from asap.errors import InvalidArgument
+from asap.model.config import ModelConfig
 
 
 class KVCache:
@@ -112,3 +116,47 @@ class KVCache:
         if buffer is None:
             return torch.empty(0, 0, 0)
         return buffer[:, :length]
+
+
+class ChunkCache(Protocol):
+    """What a forward pass uses of a ``KVCache``; the emulated attention part stages meta K/V in one."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    def check_layout(
+        self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None: ...
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def commit(self, count: int) -> None: ...
+
+
+def check_caches(
+    config: ModelConfig,
+    lengths: Sequence[int],
+    caches: Sequence[ChunkCache | None],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Check the caches of a batch of chunks of ``lengths`` tokens before a forward pass (the real and
+    the emulated attention part alike): one per prompt, none shared, each of the model's layout, and
+    no chunk running past ``max_position_embeddings``. Raises ``InvalidArgument``."""
+    if len(caches) != len(lengths):
+        raise InvalidArgument(f"{len(caches)} KV caches given for {len(lengths)} prompts")
+    present = [c for c in caches if c is not None]
+    if len({id(c) for c in present}) != len(present):
+        raise InvalidArgument("one KV cache is given for two prompts of the same batch")
+    for i, (n, cache) in enumerate(zip(lengths, caches, strict=True)):
+        if cache is None:
+            continue
+        if cache.num_layers != config.num_layers:
+            raise InvalidArgument(
+                f"prompt {i}: KV cache has {cache.num_layers} layers, the model {config.num_layers}"
+            )
+        cache.check_layout(config.num_kv_heads, config.head_dim, dtype, device)
+        if cache.length + n > config.max_position_embeddings:
+            raise InvalidArgument(
+                f"prompt {i}: {cache.length} cached tokens + a chunk of {n} = {cache.length + n} "
+                f"positions, more than max_position_embeddings={config.max_position_embeddings}"
+            )

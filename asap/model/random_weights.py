@@ -19,17 +19,14 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from asap.errors import CheckpointError
-from asap.model.checkpoint import CheckpointReader, expected_shapes
-from asap.model.config import ModelConfig, load_config
-from asap.model.tiny import RANDOM_PREFIX, is_random_spec
+from asap.model.checkpoint import expected_shapes
+from asap.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +35,8 @@ DEFAULT_INIT_STD = 0.02
 
 __all__ = [
     "DEFAULT_INIT_STD",
-    "RANDOM_PREFIX",
     "RandomTensorSource",
-    "WeightSource",
     "init_std_of",
-    "is_random_spec",
-    "open_weights",
     "tensor_seed",
 ]
 
@@ -128,10 +121,6 @@ class RandomTensorSource:
         return tensor
 
 
-WeightSource = CheckpointReader | RandomTensorSource
-"""What ``open_weights`` yields: both count ``tensors_read`` and ``bytes_read``."""
-
-
 def init_std_of(model_dir: str | Path) -> float:
     """``initializer_range`` of ``model_dir``'s config.json, else ``DEFAULT_INIT_STD``."""
     path = Path(model_dir)
@@ -142,34 +131,3 @@ def init_std_of(model_dir: str | Path) -> float:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
     value = raw.get("initializer_range") if isinstance(raw, dict) else None
     return float(value) if isinstance(value, int | float) and value > 0 else DEFAULT_INIT_STD
-
-
-@contextmanager
-def open_weights(
-    spec: str | Path,
-    model_dir: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    config: ModelConfig | None = None,
-) -> Iterator[WeightSource]:
-    """The tensors of model ``spec`` (resolved to ``model_dir`` by ``asap.model.tiny.resolve_model``):
-    a ``RandomTensorSource`` generating on ``device`` for ``random:DIR``, else a ``CheckpointReader``
-    over ``model_dir``. ``config`` saves re-reading config.json when the caller has it."""
-    if is_random_spec(spec):
-        model_config = config if config is not None else load_config(model_dir)
-        std = init_std_of(model_dir)
-        source = RandomTensorSource(model_config, seed=seed, std=std, device=device)
-        logger.info(
-            "random weights for %s (%s, seed %d, std %g), generated on %s",
-            model_dir,
-            model_config.model_type,
-            seed,
-            std,
-            source.device,
-        )
-        with source:
-            yield source
-    else:
-        with CheckpointReader(model_dir) as reader:
-            yield reader

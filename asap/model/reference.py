@@ -15,8 +15,7 @@ from asap.model.attention_part import AttentionPart
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement, InProcessExperts
-from asap.model.random_weights import open_weights
-from asap.model.tiny import resolve_model
+from asap.model.resolve import open_weights, resolve_model
 
 
 def load_model(

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from asap.errors import InvalidArgument
-
-MAX_TOP_LOGPROBS = 20
-"""The most alternatives ``first_token`` reports (the OpenAI API's limit)."""
+from asap.sampling_options import MAX_TOP_LOGPROBS, check_sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +35,9 @@ def first_token(
     if logits.ndim != 1 or logits.numel() == 0:
         raise InvalidArgument(f"logits must be a non-empty 1-D tensor [V], got shape {tuple(logits.shape)}")
     vocab = logits.numel()
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+    check_sampling(temperature, top_logprobs)
     limit = min(vocab, MAX_TOP_LOGPROBS)
-    if not 0 <= top_logprobs <= limit:
+    if top_logprobs > limit:
         raise InvalidArgument(
             f"top_logprobs must be in [0, {limit}] (vocabulary {vocab}), got {top_logprobs}"
         )

@@ -19,16 +19,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from asap.errors import CheckpointError, InvalidArgument, UnsupportedArchitecture
+from asap.errors import InvalidArgument, UnsupportedArchitecture
 from asap.model.checkpoint import SINGLE_FILE, expected_shapes
 from asap.model.config import SUPPORTED_MODEL_TYPES, parse_config
 from asap.model.tokenizer import BYTE_SPECIAL_TOKENS, TOKENIZER_FILE, build_byte_level_tokenizer
 
 TINY_SPEC = "tiny"
 """The ``--model`` value naming the built-in model."""
-RANDOM_PREFIX = "random:"
-"""``--model random:DIR``: the architecture of ``DIR/config.json`` with seeded random weights
-(``asap.model.random_weights``); nothing but config.json is read."""
 TINY_DEFAULTS: dict[str, Any] = {
     "arch": "qwen3_moe",
     "layers": 4,
@@ -250,36 +247,3 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """``"tiny"`` -> the built-in model (generated if needed); ``"random:DIR"`` -> ``DIR`` (which must hold
-    config.json); anything else must be an existing path."""
-    if str(spec) == TINY_SPEC:
-        return ensure_tiny_model()
-    if is_random_spec(spec):
-        directory = Path(str(spec)[len(RANDOM_PREFIX) :]).expanduser()
-        if not (directory / "config.json").is_file():
-            raise CheckpointError(
-                f"model {str(spec)!r}: random weights need a directory holding config.json, "
-                f"and {str(directory)!r} has none"
-            )
-        return directory
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"model {str(spec)!r} is neither {TINY_SPEC!r} nor an existing path")
-    return path
-
-
-def is_random_spec(spec: str | Path) -> bool:
-    """Whether ``spec`` names random weights (``random:DIR``) rather than a checkpoint."""
-    return isinstance(spec, str) and spec.startswith(RANDOM_PREFIX)
-
-
-def model_argument(spec: str | Path) -> str:
-    """The ``--model`` value to hand to child processes for ``spec``: the built-in model's directory for
-    ``tiny`` (generated now, so children never race to create it), ``random:`` + the absolute directory
-    for random weights, else the absolute checkpoint path. Raises ``CheckpointError`` like
-    ``resolve_model``."""
-    path = resolve_model(spec).resolve()
-    return f"{RANDOM_PREFIX}{path}" if is_random_spec(spec) else str(path)

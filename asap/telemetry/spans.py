@@ -151,11 +151,6 @@ def context_of(span: Span) -> Context | None:
     return _trace.set_span_in_context(span)
 
 
-def trace_id_of(span: Span) -> str:
-    """``span``'s trace id as 32 lowercase hex digits."""
-    return f"{span.get_span_context().trace_id:032x}"
-
-
 def set_error(span: Span, message: str) -> None:
     """Mark ``span`` failed with ``message`` (status ERROR)."""
     if _trace is not None:

@@ -60,16 +60,11 @@ def own_command(pid: int = 1) -> list[str]:
 def check(target: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
     """Ask ``target``'s grpc health for ``service``; returns (serving, status or error text)."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from asap.rpc.health import check_health
 
     with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            return False, f"{exc.code().name}: {exc.details()}"
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return reply.status == health_pb2.HealthCheckResponse.SERVING, status
+        return check_health(channel, service, timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

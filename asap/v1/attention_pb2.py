@@ -25,29 +25,21 @@ _sym_db = _symbol_database.Default()
 from asap.v1 import common_pb2 as asap_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61sap/v1/attention.proto\x12\x07\x61sap.v1\x1a\x14\x61sap/v1/common.proto\"J\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\"\xb2\x01\n\x0bPromptInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.asap.v1.SamplingOptions\x12$\n\x05trace\x18\x04 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x13\n\x0bmore_chunks\x18\x06 \x01(\x08\"\xae\x01\n\x0f\x42\x61tchAssignment\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12%\n\x07prompts\x18\x02 \x03(\x0b\x32\x14.asap.v1.PromptInput\x12$\n\x05trace\x18\x03 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x19\n\x11sync_participants\x18\x05 \x01(\r\x12\x13\n\x0b\x64rop_caches\x18\x06 \x03(\t\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xcb\x01\n\x0cPromptResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.asap.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x0f\n\x07partial\x18\x07 \x01(\x08\"\xd6\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.asap.v1.PromptResult\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x1a\n\x12started_unix_nanos\x18\x04 \x01(\x04\x12\x1b\n\x13\x66inished_unix_nanos\x18\x05 \x01(\x04\x12\x19\n\x11\x65xpert_wait_nanos\x18\x06 \x01(\x04\x12\x1a\n\x12\x62\x61rrier_wait_nanos\x18\x07 \x01(\x04\"\x16\n\x14\x41ttentionInfoRequest\"\x8e\x01\n\rAttentionInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x04 \x01(\r\x12\x16\n\x0e\x65xpert_targets\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t2\x85\x01\n\tAttention\x12\x39\n\x03Run\x12\x18.asap.v1.BatchAssignment\x1a\x14.asap.v1.BatchResult(\x01\x30\x01\x12=\n\x04Info\x12\x1d.asap.v1.AttentionInfoRequest\x1a\x16.asap.v1.AttentionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61sap/v1/attention.proto\x12\x07\x61sap.v1\x1a\x14\x61sap/v1/common.proto\"\xb2\x01\n\x0bPromptInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.asap.v1.SamplingOptions\x12$\n\x05trace\x18\x04 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x13\n\x0bmore_chunks\x18\x06 \x01(\x08\"\xae\x01\n\x0f\x42\x61tchAssignment\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12%\n\x07prompts\x18\x02 \x03(\x0b\x32\x14.asap.v1.PromptInput\x12$\n\x05trace\x18\x03 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x19\n\x11sync_participants\x18\x05 \x01(\r\x12\x13\n\x0b\x64rop_caches\x18\x06 \x03(\t\"\xcb\x01\n\x0cPromptResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.asap.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x0f\n\x07partial\x18\x07 \x01(\x08\"\xd6\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.asap.v1.PromptResult\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x1a\n\x12started_unix_nanos\x18\x04 \x01(\x04\x12\x1b\n\x13\x66inished_unix_nanos\x18\x05 \x01(\x04\x12\x19\n\x11\x65xpert_wait_nanos\x18\x06 \x01(\x04\x12\x1a\n\x12\x62\x61rrier_wait_nanos\x18\x07 \x01(\x04\x32\x46\n\tAttention\x12\x39\n\x03Run\x12\x18.asap.v1.BatchAssignment\x1a\x14.asap.v1.BatchResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asap.v1.attention_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGOPTIONS']._serialized_start=58
-  _globals['_SAMPLINGOPTIONS']._serialized_end=132
-  _globals['_PROMPTINPUT']._serialized_start=135
-  _globals['_PROMPTINPUT']._serialized_end=313
-  _globals['_BATCHASSIGNMENT']._serialized_start=316
-  _globals['_BATCHASSIGNMENT']._serialized_end=490
-  _globals['_TOKENLOGPROB']._serialized_start=492
-  _globals['_TOKENLOGPROB']._serialized_end=541
-  _globals['_PROMPTRESULT']._serialized_start=544
-  _globals['_PROMPTRESULT']._serialized_end=747
-  _globals['_BATCHRESULT']._serialized_start=750
-  _globals['_BATCHRESULT']._serialized_end=964
-  _globals['_ATTENTIONINFOREQUEST']._serialized_start=966
-  _globals['_ATTENTIONINFOREQUEST']._serialized_end=988
-  _globals['_ATTENTIONINFO']._serialized_start=991
-  _globals['_ATTENTIONINFO']._serialized_end=1133
-  _globals['_ATTENTION']._serialized_start=1136
-  _globals['_ATTENTION']._serialized_end=1269
+  _globals['_PROMPTINPUT']._serialized_start=59
+  _globals['_PROMPTINPUT']._serialized_end=237
+  _globals['_BATCHASSIGNMENT']._serialized_start=240
+  _globals['_BATCHASSIGNMENT']._serialized_end=414
+  _globals['_PROMPTRESULT']._serialized_start=417
+  _globals['_PROMPTRESULT']._serialized_end=620
+  _globals['_BATCHRESULT']._serialized_start=623
+  _globals['_BATCHRESULT']._serialized_end=837
+  _globals['_ATTENTION']._serialized_start=839
+  _globals['_ATTENTION']._serialized_end=909
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class SamplingOptions(_message.Message):
-    __slots__ = ("temperature", "seed", "top_logprobs")
-    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    temperature: float
-    seed: int
-    top_logprobs: int
-    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
-
 class PromptInput(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "trace", "cached_tokens", "more_chunks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -27,11 +17,11 @@ class PromptInput(_message.Message):
     MORE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    sampling: SamplingOptions
+    sampling: _common_pb2.SamplingOptions
     trace: _common_pb2.TraceContext
     cached_tokens: int
     more_chunks: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., more_chunks: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingOptions, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., more_chunks: _Optional[bool] = ...) -> None: ...
 
 class BatchAssignment(_message.Message):
     __slots__ = ("batch_id", "prompts", "trace", "step", "sync_participants", "drop_caches")
@@ -49,14 +39,6 @@ class BatchAssignment(_message.Message):
     drop_caches: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, batch_id: _Optional[int] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ..., drop_caches: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class TokenLogprob(_message.Message):
-    __slots__ = ("token_id", "logprob")
-    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    token_id: int
-    logprob: float
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
-
 class PromptResult(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_token_logprob", "top_logprobs", "prompt_tokens", "error", "partial")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -69,11 +51,11 @@ class PromptResult(_message.Message):
     request_id: str
     first_token_id: int
     first_token_logprob: float
-    top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     prompt_tokens: int
     error: _common_pb2.Error
     partial: bool
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("batch_id", "results", "error", "started_unix_nanos", "finished_unix_nanos", "expert_wait_nanos", "barrier_wait_nanos")
@@ -92,23 +74,3 @@ class BatchResult(_message.Message):
     expert_wait_nanos: int
     barrier_wait_nanos: int
     def __init__(self, batch_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., started_unix_nanos: _Optional[int] = ..., finished_unix_nanos: _Optional[int] = ..., expert_wait_nanos: _Optional[int] = ..., barrier_wait_nanos: _Optional[int] = ...) -> None: ...
-
-class AttentionInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class AttentionInfo(_message.Message):
-    __slots__ = ("rank", "model_type", "vocab_size", "max_position_embeddings", "expert_targets", "device")
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
-    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
-    MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_TARGETS_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
-    rank: int
-    model_type: str
-    vocab_size: int
-    max_position_embeddings: int
-    expert_targets: _containers.RepeatedScalarFieldContainer[str]
-    device: str
-    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., expert_targets: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...

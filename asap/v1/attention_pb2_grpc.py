@@ -41,11 +41,6 @@ class AttentionStub:
                 request_serializer=asap_dot_v1_dot_attention__pb2.BatchAssignment.SerializeToString,
                 response_deserializer=asap_dot_v1_dot_attention__pb2.BatchResult.FromString,
                 _registered_method=True)
-        self.Info = channel.unary_unary(
-                '/asap.v1.Attention/Info',
-                request_serializer=asap_dot_v1_dot_attention__pb2.AttentionInfoRequest.SerializeToString,
-                response_deserializer=asap_dot_v1_dot_attention__pb2.AttentionInfo.FromString,
-                _registered_method=True)
 
 
 class AttentionServicer:
@@ -61,12 +56,6 @@ class AttentionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_AttentionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,11 +63,6 @@ def add_AttentionServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=asap_dot_v1_dot_attention__pb2.BatchAssignment.FromString,
                     response_serializer=asap_dot_v1_dot_attention__pb2.BatchResult.SerializeToString,
-            ),
-            'Info': grpc.unary_unary_rpc_method_handler(
-                    servicer.Info,
-                    request_deserializer=asap_dot_v1_dot_attention__pb2.AttentionInfoRequest.FromString,
-                    response_serializer=asap_dot_v1_dot_attention__pb2.AttentionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -110,33 +94,6 @@ class Attention:
             '/asap.v1.Attention/Run',
             asap_dot_v1_dot_attention__pb2.BatchAssignment.SerializeToString,
             asap_dot_v1_dot_attention__pb2.BatchResult.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Info(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/asap.v1.Attention/Info',
-            asap_dot_v1_dot_attention__pb2.AttentionInfoRequest.SerializeToString,
-            asap_dot_v1_dot_attention__pb2.AttentionInfo.FromString,
             options,
             channel_credentials,
             insecure,

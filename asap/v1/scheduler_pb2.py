@@ -22,29 +22,28 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from asap.v1 import attention_pb2 as asap_dot_v1_dot_attention__pb2
 from asap.v1 import common_pb2 as asap_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61sap/v1/scheduler.proto\x12\x07\x61sap.v1\x1a\x17\x61sap/v1/attention.proto\x1a\x14\x61sap/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xde\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tokens\x18\x02 \x01(\x0b\x32\x11.asap.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.asap.v1.SamplingOptions\x12\x13\n\x0bttft_slo_ms\x18\x05 \x01(\r\x12$\n\x05trace\x18\x06 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x12\n\ntimeout_ms\x18\x07 \x01(\rB\x08\n\x06prompt\"\x8a\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.asap.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x10\n\x08queue_ms\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x16\n\x0e\x61ttention_rank\x18\x08 \x01(\r\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x1d\n\x05\x65rror\x18\n \x01(\x0b\x32\x0e.asap.v1.Error\"\x15\n\x13\x43lusterStateRequest\"\xa7\x01\n\x12\x41ttentionRankState\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x17\n\x0fqueued_requests\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x17\n\x0frunning_batches\x18\x06 \x01(\r\x12\x19\n\x11predicted_load_ms\x18\x07 \x01(\x01\"\x8b\x02\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\x0f\x61ttention_ranks\x18\x04 \x03(\x0b\x32\x1b.asap.v1.AttentionRankState\x12\x16\n\x0e\x65xpert_targets\x18\x05 \x03(\t\x12\x18\n\x10pending_requests\x18\x06 \x01(\r\x12\x1a\n\x12\x63ompleted_requests\x18\x07 \x01(\x04\x12\x17\n\x0f\x66\x61iled_requests\x18\x08 \x01(\x04\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\n \x01(\r2\xd9\x01\n\tScheduler\x12<\n\x07Prefill\x12\x17.asap.v1.PrefillRequest\x1a\x18.asap.v1.PrefillResponse\x12\x46\n\rPrefillStream\x12\x17.asap.v1.PrefillRequest\x1a\x18.asap.v1.PrefillResponse(\x01\x30\x01\x12\x46\n\x0fGetClusterState\x12\x1c.asap.v1.ClusterStateRequest\x1a\x15.asap.v1.ClusterStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61sap/v1/scheduler.proto\x12\x07\x61sap.v1\x1a\x14\x61sap/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xde\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tokens\x18\x02 \x01(\x0b\x32\x11.asap.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.asap.v1.SamplingOptions\x12\x13\n\x0bttft_slo_ms\x18\x05 \x01(\r\x12$\n\x05trace\x18\x06 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x12\n\ntimeout_ms\x18\x07 \x01(\rB\x08\n\x06prompt\"\x8a\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.asap.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x10\n\x08queue_ms\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x16\n\x0e\x61ttention_rank\x18\x08 \x01(\r\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x1d\n\x05\x65rror\x18\n \x01(\x0b\x32\x0e.asap.v1.Error\"\x15\n\x13\x43lusterStateRequest\"\xa7\x01\n\x12\x41ttentionRankState\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x17\n\x0fqueued_requests\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x17\n\x0frunning_batches\x18\x06 \x01(\r\x12\x19\n\x11predicted_load_ms\x18\x07 \x01(\x01\"\x8b\x02\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\x0f\x61ttention_ranks\x18\x04 \x03(\x0b\x32\x1b.asap.v1.AttentionRankState\x12\x16\n\x0e\x65xpert_targets\x18\x05 \x03(\t\x12\x18\n\x10pending_requests\x18\x06 \x01(\r\x12\x1a\n\x12\x63ompleted_requests\x18\x07 \x01(\x04\x12\x17\n\x0f\x66\x61iled_requests\x18\x08 \x01(\x04\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\n \x01(\r2\xd9\x01\n\tScheduler\x12<\n\x07Prefill\x12\x17.asap.v1.PrefillRequest\x1a\x18.asap.v1.PrefillResponse\x12\x46\n\rPrefillStream\x12\x17.asap.v1.PrefillRequest\x1a\x18.asap.v1.PrefillResponse(\x01\x30\x01\x12\x46\n\x0fGetClusterState\x12\x1c.asap.v1.ClusterStateRequest\x1a\x15.asap.v1.ClusterStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asap.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIDS']._serialized_start=83
-  _globals['_TOKENIDS']._serialized_end=106
-  _globals['_PREFILLREQUEST']._serialized_start=109
-  _globals['_PREFILLREQUEST']._serialized_end=331
-  _globals['_PREFILLRESPONSE']._serialized_start=334
-  _globals['_PREFILLRESPONSE']._serialized_end=600
-  _globals['_CLUSTERSTATEREQUEST']._serialized_start=602
-  _globals['_CLUSTERSTATEREQUEST']._serialized_end=623
-  _globals['_ATTENTIONRANKSTATE']._serialized_start=626
-  _globals['_ATTENTIONRANKSTATE']._serialized_end=793
-  _globals['_CLUSTERSTATE']._serialized_start=796
-  _globals['_CLUSTERSTATE']._serialized_end=1063
-  _globals['_SCHEDULER']._serialized_start=1066
-  _globals['_SCHEDULER']._serialized_end=1283
+  _globals['_TOKENIDS']._serialized_start=58
+  _globals['_TOKENIDS']._serialized_end=81
+  _globals['_PREFILLREQUEST']._serialized_start=84
+  _globals['_PREFILLREQUEST']._serialized_end=306
+  _globals['_PREFILLRESPONSE']._serialized_start=309
+  _globals['_PREFILLRESPONSE']._serialized_end=575
+  _globals['_CLUSTERSTATEREQUEST']._serialized_start=577
+  _globals['_CLUSTERSTATEREQUEST']._serialized_end=598
+  _globals['_ATTENTIONRANKSTATE']._serialized_start=601
+  _globals['_ATTENTIONRANKSTATE']._serialized_end=768
+  _globals['_CLUSTERSTATE']._serialized_start=771
+  _globals['_CLUSTERSTATE']._serialized_end=1038
+  _globals['_SCHEDULER']._serialized_start=1041
+  _globals['_SCHEDULER']._serialized_end=1258
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,3 @@
-from asap.v1 import attention_pb2 as _attention_pb2
 from asap.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -26,11 +25,11 @@ class PrefillRequest(_message.Message):
     request_id: str
     tokens: TokenIds
     text: str
-    sampling: _attention_pb2.SamplingOptions
+    sampling: _common_pb2.SamplingOptions
     ttft_slo_ms: int
     trace: _common_pb2.TraceContext
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[_attention_pb2.SamplingOptions, _Mapping]] = ..., ttft_slo_ms: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingOptions, _Mapping]] = ..., ttft_slo_ms: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_token_logprob", "top_logprobs", "prompt_tokens", "queue_ms", "ttft_ms", "attention_rank", "trace_id", "error")
@@ -47,14 +46,14 @@ class PrefillResponse(_message.Message):
     request_id: str
     first_token_id: int
     first_token_logprob: float
-    top_logprobs: _containers.RepeatedCompositeFieldContainer[_attention_pb2.TokenLogprob]
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     prompt_tokens: int
     queue_ms: float
     ttft_ms: float
     attention_rank: int
     trace_id: str
     error: _common_pb2.Error
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[_attention_pb2.TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., attention_rank: _Optional[int] = ..., trace_id: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., attention_rank: _Optional[int] = ..., trace_id: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class ClusterStateRequest(_message.Message):
     __slots__ = ()

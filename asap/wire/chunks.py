@@ -5,6 +5,9 @@ rows so no message exceeds ``max_chunk_bytes`` (grpc loopback throughput peaks a
 chunk is self-contained and answered by one ``CombineChunk`` covering the same rows; the attention rank
 puts the answers back together with a ``CombineAssembler``.
 
+"Chunk" here always means such a size-bounded piece of one layer's dispatch (or its answer). A prompt
+prefilled in parts (``--mode sync-chunked``) is a different thing: see ``asap.model.chunked_prefill``.
+
 All validation is per tensor (shape/dtype checks and one min/max reduction), never per row, because this
 runs for every chunk of every layer.
 """
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from asap.errors import ERRORS_BY_CODE, InternalError, InvalidArgument
+from asap.errors import InternalError, InvalidArgument
+from asap.rpc.status import error_from_wire, wire_error
 from asap.syncstep import SyncStep
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.codec import RefDecoder, decode_tensor, encode_tensor
@@ -30,6 +34,7 @@ __all__ = [
     "Dispatch",
     "combine_chunk",
     "decode_dispatch",
+    "dispatch_bytes",
     "dispatch_chunks",
     "error_combine",
 ]
@@ -39,6 +44,13 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 
 HEADER_ALLOWANCE = 256
 """Bytes reserved per chunk for everything but tensor payloads and trace strings (worst case ~190)."""
+
+
+def dispatch_bytes(rows: int, hidden: int, top_k: int, dtype_bytes: int) -> int:
+    """Payload bytes of ``rows`` dispatched rows: hidden [rows, hidden] in the model dtype plus int32
+    ``expert_ids`` and float32 ``weights`` [rows, top_k], as ``dispatch_chunks`` sends them. Sizes the
+    chunks and the emulated link's transfer time alike."""
+    return rows * (hidden * dtype_bytes + top_k * (4 + 4))
 
 
 @dataclass(slots=True)
@@ -104,7 +116,7 @@ def dispatch_chunks(
     expert_ids = expert_ids.to(torch.int32)
     weights = weights.to(torch.float32)
     top_k = expert_ids.shape[1]
-    row_bytes = hidden.shape[1] * hidden.element_size() + top_k * 8
+    row_bytes = dispatch_bytes(1, hidden.shape[1], top_k, hidden.element_size())
     budget = max_chunk_bytes - HEADER_ALLOWANCE - len(traceparent.encode()) - len(tracestate.encode())
     rows_per_chunk = max(1, budget // row_bytes)
     if hidden.device.type == "meta":
@@ -242,7 +254,7 @@ def error_combine(
         layer=layer,
         row_offset=row_offset,
         total_rows=total_rows,
-        error=common_pb2.Error(code=code, message=message),
+        error=wire_error(code, message),
     )
 
 
@@ -309,8 +321,7 @@ class CombineAssembler:
         start = msg.row_offset
         where = f"combine chunk (micro_batch {msg.micro_batch}, layer {msg.layer}, rows from {start})"
         if msg.HasField("error"):
-            error_class = ERRORS_BY_CODE.get(msg.error.code, InternalError)
-            raise error_class(f"{where} failed on the expert rank: {msg.error.code}: {msg.error.message}")
+            raise error_from_wire(msg.error, f"{where} failed on the expert rank")
         if (self.micro_batch is not None and msg.micro_batch != self.micro_batch) or (
             self.layer is not None and msg.layer != self.layer
         ):

@@ -25,7 +25,7 @@ import grpc
 from asap.errors import AsapError, DeadlineExceeded, InvalidArgument
 from asap.rpc.server import ServiceHandle, bound_address, create_server
 from asap.rpc.status import error_from_status
-from asap.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
+from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 VOCAB_SIZE = 320
 SERVICE_NAME = "asap.v1.Scheduler"
@@ -87,7 +87,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             first_token_id=first,
             first_token_logprob=-0.5,
             top_logprobs=[
-                attention_pb2.TokenLogprob(token_id=(first + i) % self.vocab_size, logprob=-0.5 - i)
+                common_pb2.TokenLogprob(token_id=(first + i) % self.vocab_size, logprob=-0.5 - i)
                 for i in range(k)
             ],
             prompt_tokens=len(tokens),

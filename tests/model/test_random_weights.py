@@ -26,11 +26,10 @@ from asap.model.random_weights import (
     DEFAULT_INIT_STD,
     RandomTensorSource,
     init_std_of,
-    open_weights,
     tensor_seed,
 )
 from asap.model.reference import load_model
-from asap.model.tiny import model_argument, resolve_model
+from asap.model.resolve import model_argument, open_weights, resolve_model
 from tests.model.conftest import transformers
 
 ROOT = Path(__file__).resolve().parents[2]

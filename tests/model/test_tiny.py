@@ -14,7 +14,8 @@ from asap.model import names as tn
 from asap.model import tiny
 from asap.model.checkpoint import CheckpointReader, check_checkpoint
 from asap.model.config import SUPPORTED_MODEL_TYPES, load_config
-from asap.model.tiny import ensure_tiny_model, make_tiny, resolve_model
+from asap.model.resolve import resolve_model
+from asap.model.tiny import ensure_tiny_model, make_tiny
 
 transformers = pytest.importorskip("transformers")
 

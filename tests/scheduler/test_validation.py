@@ -9,8 +9,8 @@ import pytest
 
 from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig, load_config
-from asap.model.sampling import MAX_TOP_LOGPROBS
 from asap.model.tokenizer import load_tokenizer
+from asap.sampling_options import MAX_TOP_LOGPROBS
 from asap.v1 import scheduler_pb2
 from scheduler_svc.validation import PromptValidator
 
@@ -47,8 +47,8 @@ def test_text_is_tokenised_when_the_model_has_a_tokenizer(qwen3_dir: Path, confi
         (lambda c: _tokens([]), "empty prompt"),
         (lambda c: _tokens([c.vocab_size]), "outside the vocabulary"),
         (lambda c: _tokens([1] * (c.max_position_embeddings + 1)), "exceeds the model's maximum"),
-        (lambda c: _tokens([1], temperature=-0.5), "temperature must be >= 0"),
-        (lambda c: _tokens([1], top_logprobs=MAX_TOP_LOGPROBS + 1), "top_logprobs must be <="),
+        (lambda c: _tokens([1], temperature=-0.5), "temperature must be a finite number >= 0"),
+        (lambda c: _tokens([1], top_logprobs=MAX_TOP_LOGPROBS + 1), r"top_logprobs must be in \[0, 20\]"),
     ],
 )
 def test_bad_requests_are_refused_saying_why(

@@ -13,7 +13,7 @@ import torch
 
 from asap.model.reference import load_model
 from asap.model.sampling import first_token
-from asap.v1 import attention_pb2, attention_pb2_grpc
+from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from tests.procs import ServiceProcess, start_cluster_services
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def _assignment(
             attention_pb2.PromptInput(
                 request_id=f"b{batch_id}-p{i}",
                 token_ids=list(p),
-                sampling=attention_pb2.SamplingOptions(top_logprobs=top_logprobs),
+                sampling=common_pb2.SamplingOptions(top_logprobs=top_logprobs),
             )
             for i, p in enumerate(prompts)
         ],

@@ -25,6 +25,7 @@ from asap.wire.chunks import (
     Dispatch,
     combine_chunk,
     decode_dispatch,
+    dispatch_bytes,
     dispatch_chunks,
     error_combine,
 )
@@ -344,3 +345,13 @@ def test_empty_sync_dispatch_round_trip() -> None:
     assert not assembler.complete
     assert assembler.add(combine_chunk(d, torch.zeros(0, 8, dtype=torch.bfloat16), barrier_nanos=5))
     assert assembler.result().shape == (0, 8)
+
+
+def test_dispatch_bytes_is_the_payload_a_chunk_carries() -> None:
+    h, ids, weights = routed(5, 8, 4)
+    (chunk,) = dispatch_chunks(
+        micro_batch=1, layer=0, attention_rank=0, hidden=h, expert_ids=ids, weights=weights
+    )
+    payload = len(chunk.hidden.data) + len(chunk.expert_ids.data) + len(chunk.weights.data)
+    assert dispatch_bytes(5, 8, 4, h.element_size()) == payload == 5 * (8 * 2 + 4 * 8)
+    assert dispatch_bytes(0, 8, 4, 2) == 0

@@ -1,4 +1,7 @@
-"""Chunked prefill of one prompt end to end: the reference the chunked serving modes are checked against."""
+"""Chunked prefill of one prompt end to end: the reference the chunked serving modes are checked against.
+
+A prefill chunk is a run of a prompt's tokens; not to be confused with the wire's dispatch chunks
+(``asap.wire.chunks``), size-bounded pieces of one MoE layer's exchange."""
 
 from __future__ import annotations
 
@@ -7,13 +10,13 @@ from collections.abc import Sequence
 import torch
 
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, Dispatch
+from asap.model.attention_part import AttentionPart, ExpertCompute
 from asap.model.kvcache import KVCache
 
 
 def prefill_chunked(
     attention: AttentionPart,
-    dispatch: Dispatch,
+    dispatch: ExpertCompute,
     tokens: Sequence[int] | torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:

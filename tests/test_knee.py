@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from asap.calibrate import (
-    calibrate,
+from asap.cli import main
+from asap.emulation import load_profile
+from asap.errors import InvalidArgument
+from asap.knee import (
     emulated_expert_curve,
     expert_flops_per_token,
     expert_knee,
     measure_expert_curve,
+    measure_knee,
     one_layer_part,
     random_routing,
 )
-from asap.cli import main
-from asap.emulation import load_profile
-from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_emulated_h200_knee_is_in_the_measured_ballpark(
 
 
 def test_emulated_calibration_needs_only_config_json() -> None:
-    result = calibrate(str(QWEN3_30B), "emulated:h200", num_ranks=1)
+    result = measure_knee(str(QWEN3_30B), "emulated:h200", num_ranks=1)
     assert result.backend == "emulated:h200"
     assert result.knee_tokens == 4096
     assert max(result.tflops().values()) < load_profile("h200").peak_tflops
@@ -112,7 +112,7 @@ def test_measure_expert_curve_times_every_size_with_the_given_clock() -> None:
 
 
 def test_cpu_calibration_of_the_tiny_model_is_fast_and_sane() -> None:
-    result = calibrate("tiny", "torch", 1, (16, 64, 256, 1024), dtype=torch.float32, repeats=2)
+    result = measure_knee("tiny", "torch", 1, (16, 64, 256, 1024), dtype=torch.float32, repeats=2)
     assert result.backend == "torch:cpu"
     assert set(result.curve) == {16, 64, 256, 1024} and all(s > 0 for s in result.curve.values())
     assert result.knee_tokens in result.curve
@@ -122,7 +122,7 @@ def test_cuda_request_without_cuda_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(InvalidArgument, match="CUDA"):
-        calibrate("tiny", "torch", 1, (16,), device="cuda")
+        measure_knee("tiny", "torch", 1, (16,), device="cuda")
 
 
 def test_cli_prints_the_table_the_knee_and_the_flag(
@@ -157,6 +157,6 @@ def test_cli_rejects_bad_token_lists(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def _tiny() -> Path:
-    from asap.model.tiny import resolve_model
+    from asap.model.resolve import resolve_model
 
     return resolve_model("tiny")

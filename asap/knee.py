@@ -1,4 +1,7 @@
-"""Calibration of the min-size batching threshold: the expert knee.
+"""The expert knee: the min-size batching threshold, measured or modelled (``asap calibrate``).
+
+Not to be confused with the scheduler's fit of its attention cost model at start-up (also called
+calibration there): this module looks only at the expert routine.
 
 The expert routine of one rank is timed (or, for emulated compute, modelled) for one MoE layer over a
 range of batch sizes. Its throughput grows with the batch while the call is bound by kernel launches and
@@ -24,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
+from asap.dtypes import dtype_bytes
 from asap.emulation import costs
-from asap.emulation.parts import dtype_bytes
 from asap.emulation.profiles import DeviceProfile, parse_compute
 from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig, load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
-from asap.model.tiny import resolve_model
+from asap.model.resolve import resolve_model
 
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 """Batch sizes of a device calibration (the range of the H200 calibration file)."""
@@ -41,7 +44,7 @@ DEFAULT_PLATEAU_FRACTION = 0.8
 
 
 @dataclass(frozen=True, slots=True)
-class CalibrationResult:
+class KneeResult:
     """The measured (or modelled) expert curve of one rank and the knee picked on it."""
 
     knee_tokens: int
@@ -182,7 +185,7 @@ def one_layer_part(
     return ExpertPart(one, hosted, gate_up=gate_up, down=down), 0
 
 
-def calibrate(
+def measure_knee(
     model_dir: str,
     compute: str = "torch",
     num_ranks: int = 1,
@@ -192,7 +195,7 @@ def calibrate(
     dtype: torch.dtype = torch.bfloat16,
     repeats: int = 3,
     plateau_fraction: float = DEFAULT_PLATEAU_FRACTION,
-) -> CalibrationResult:
+) -> KneeResult:
     """Measure (``torch``) or model (``emulated:DEVICE``) rank 0's expert curve and pick its knee.
 
     ``model_dir``: a checkpoint directory, a directory holding only config.json, or ``tiny``.
@@ -212,7 +215,7 @@ def calibrate(
         curve = measure_expert_curve(part, layer, token_counts, repeats)
         backend = f"torch:{part.device.type}"
     knee = expert_knee(curve, flops, plateau_fraction)
-    return CalibrationResult(knee, curve, backend, flops, plateau_fraction)
+    return KneeResult(knee, curve, backend, flops, plateau_fraction)
 
 
 def _check_counts(token_counts: Sequence[int]) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from asap.errors import InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest
-from asap.model.chunked import prefill_chunked
+from asap.model.chunked_prefill import prefill_chunked
 from asap.model.config import SUPPORTED_MODEL_TYPES
 from asap.model.kvcache import KVCache
 from asap.model.placement import InProcessExperts
