@@ -21,6 +21,7 @@ from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
 from asap.cluster import DTYPES, MODES
+from asap.commands import SUMMARIES
 from asap.errors import InvalidArgument
 
 TARGET_ENV = "ASAP_TARGET"
@@ -48,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap bench``."""
     parser = subparsers.add_parser(
         "bench",
-        help="open-loop TTFT benchmark: rate sweep, SLO attainment, mode comparison",
+        help=SUMMARIES["bench"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

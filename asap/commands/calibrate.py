@@ -16,6 +16,7 @@ from asap.calibrate import (
     CalibrationResult,
     calibrate,
 )
+from asap.commands import SUMMARIES
 from asap.errors import InvalidArgument
 from asap.model.tiny import TINY_SPEC
 
@@ -26,7 +27,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap calibrate``."""
     parser = subparsers.add_parser(
         "calibrate",
-        help="time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
+        help=SUMMARIES["calibrate"],
         description="Time (torch) or model (emulated:DEVICE) one expert rank's routine for one MoE layer "
         "across batch sizes; the knee is the smallest batch reaching --plateau of the best throughput.",
     )
