@@ -272,20 +272,21 @@ def _trace_send_at(spec: WorkloadSpec, rate_rps: float | None, times: np.ndarray
     return scaled
 
 
-def measured_window_requests(duration_s: float, rate_rps: float) -> int:
+def _measured_window_requests(duration_s: float, rate_rps: float) -> int:
     """Requests a duration-bounded trace window holds at ``rate_rps`` (at least one)."""
     return max(1, round(rate_rps * duration_s))
 
 
 def _request_count(spec: WorkloadSpec, rate_rps: float | None) -> int:
-    """How many requests to draw: exact for ``requests``; for ``duration`` enough to cover the window
-    with a wide margin (the surplus is cut by time, so the draw does not depend on the margin)."""
+    """How many requests to draw: exact for ``requests`` and for a trace at a target rate over a duration
+    (see ``_trace_send_at``); for other durations enough to cover the window (random arrivals: with a
+    wide margin; a trace at its own speed: the rows before the window's end), the surplus cut by time."""
     if spec.requests is not None:
         return spec.warmup + spec.requests
     assert spec.duration_s is not None
     if spec.arrival == "trace" and spec.trace is not None:
         if rate_rps is not None:  # exactly the window's rows, plus the one that bounds it
-            return spec.warmup + measured_window_requests(spec.duration_s, rate_rps) + 1
+            return spec.warmup + _measured_window_requests(spec.duration_s, rate_rps) + 1
         return _rows_before(spec.trace, spec.warmup, spec.duration_s) + 1
     rate = rate_rps if rate_rps is not None else spec.trace.mean_rate_rps if spec.trace else 1.0
     expected = rate * spec.duration_s
