@@ -117,6 +117,30 @@ def _rank_specs(raw: Any, where: str) -> list[RankSpec]:
     return specs
 
 
+_TOP_LEVEL_VALUES = (
+    "model",
+    "mode",
+    "dtype",
+    "device",
+    "host",
+    "threads",
+    "compute",
+    "trace",
+    "optimizations",
+    "min_batch_tokens",
+)
+"""Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
+and the reading use, so a field that is read cannot be rejected as unknown."""
+_SECTIONS = ("scheduler", "attention", "experts")
+"""Top-level YAML keys that hold a mapping of their own."""
+
+
+def _int(value: Any, key: str, path: str | Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"cluster spec {path}: {key} must be an integer, got {value!r}")
+    return value
+
+
 def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterSpec:
     """Read a YAML cluster spec; ``overrides`` (flags that were given) win over the file."""
     try:
@@ -125,41 +149,16 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidArgument(f"cluster spec {path} must be a mapping")
-    known = {
-        "model",
-        "mode",
-        "dtype",
-        "device",
-        "host",
-        "threads",
-        "compute",
-        "trace",
-        "scheduler",
-        "attention",
-        "experts",
-    }
+    known = {*_TOP_LEVEL_VALUES, *_SECTIONS}
     unknown = set(raw) - known
     if unknown:
         raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
     scheduler = raw.get("scheduler") or {}
     attention = raw.get("attention") or {}
     experts = raw.get("experts") or {}
-    values: dict[str, Any] = {
-        key: raw[key]
-        for key in (
-            "model",
-            "mode",
-            "dtype",
-            "device",
-            "host",
-            "threads",
-            "compute",
-            "trace",
-            "optimizations",
-            "min_batch_tokens",
-        )
-        if raw.get(key) is not None
-    }
+    values: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_VALUES if raw.get(key) is not None}
+    if "min_batch_tokens" in values:
+        values["min_batch_tokens"] = _int(values["min_batch_tokens"], "min_batch_tokens", path)
     if "port" in scheduler:
         values["port"] = int(scheduler["port"])
     values["scheduler_args"] = [str(a) for a in scheduler.get("args", [])]

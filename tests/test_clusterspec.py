@@ -3,6 +3,7 @@ cluster flags ``asap bench --compare`` hands to each mode's spec and service com
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from asap import clusterspec
 from asap.bench.compare import CLUSTER_FIELDS, cluster_spec
 from asap.cli import build_parser
 from asap.clusterspec import ClusterSpec, RankSpec, attention_commands, expert_commands
+from asap.errors import InvalidArgument
 from asap.model.resolve import model_argument
 
 
@@ -87,3 +89,39 @@ def test_bench_compare_passes_random_model_cuda_and_bf16_to_every_rank(
         (model, "cuda:0", "bfloat16"),
         (model, "cuda:1", "bfloat16"),
     ]
+
+
+def test_yaml_spec_reads_optimizations_and_min_batch_tokens(tmp_path: Path) -> None:
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text(
+        "optimizations: none\nmin_batch_tokens: 96\nattention: {count: 1}\nexperts: {count: 1}\n"
+    )
+    spec = clusterspec.load_cluster_yaml(spec_file)
+    assert (spec.optimizations, spec.min_batch_tokens) == ("none", 96)
+    scheduler = clusterspec.scheduler_command(spec, "m", ["a0"]).argv
+    assert (_flag(scheduler, "--optimizations"), _flag(scheduler, "--min-batch-tokens")) == ("none", "96")
+    assert [_flag(c.argv, "--optimizations") for c in expert_commands(spec, "m")] == ["none"]
+
+
+def test_yaml_optimizations_list_and_flags_override_the_file(tmp_path: Path) -> None:
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text("optimizations: min-batch,dual-batch\nmin_batch_tokens: 96\n")
+    from_file = clusterspec.load_cluster_yaml(spec_file)
+    assert from_file.optimizations == ClusterSpec(optimizations="dual-batch,min-batch").optimizations
+    overridden = clusterspec.load_cluster_yaml(spec_file, {"optimizations": "all", "min_batch_tokens": 8})
+    assert (overridden.optimizations, overridden.min_batch_tokens) == ("all", 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optimizations: warp-drive\n", "warp-drive"),
+        ("min_batch_tokens: many\n", "min_batch_tokens must be an integer"),
+        ("optimisations: none\n", "unknown keys ['optimisations']"),
+    ],
+)
+def test_yaml_spec_rejects_bad_values_and_misspelt_keys(tmp_path: Path, text: str, message: str) -> None:
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text(text)
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        clusterspec.load_cluster_yaml(spec_file)

@@ -137,6 +137,7 @@ def format_table(sweeps: Mapping[str, SweepResult], slo_ttft_ms: float) -> str:
             )
             if r.client_lag_ms.get("max", 0.0) > 50.0:
                 lines.append(f"{'':<13} note: the client sent up to {r.client_lag_ms['max']:.0f} ms late")
+            lines.extend(f"{'':<13} WARNING: {warning['message']}" for warning in r.warnings)
     lines.append(f"max SLO-compliant RPS (>= {SLO_ATTAINMENT_TARGET:.0%} within {slo_ttft_ms:g} ms):")
     for mode, sweep in sweeps.items():
         if sweep.error is None:

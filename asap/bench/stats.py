@@ -10,6 +10,8 @@ Definitions (warm-up requests are excluded from all of them):
     slo_attainment        fraction of ALL measured requests that completed within the SLO (a failure
                           is a miss)
     goodput_rps           completions within the SLO / span
+    offered_rps           the scheduled rate of the measured requests: requests / window for a run
+                          bounded by a duration, else requests-1 gaps / first-to-last send span
     max_slo_rps           over a sweep: the highest rate whose slo_attainment >= 0.9 (None if none)
 """
 
@@ -64,6 +66,9 @@ class RateResult:
     host_cpu_busy: float | None = None
     """Busy fraction of this host's CPUs (all processes) while this rate ran: near 1.0 means the host,
     not the (emulated) devices, may have limited the run."""
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    """Checks this rate failed (``asap.bench.checks.BenchWarning.to_json``): why its numbers may not
+    mean what the row says."""
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dump``."""
@@ -85,13 +90,20 @@ class RateResult:
             "warmup": self.warmup,
             "sequence": self.sequence,
             "host_cpu_busy": self.host_cpu_busy,
+            "warnings": [dict(w) for w in self.warnings],
         }
 
 
 def summarize(
-    rate_rps: float | None, records: Iterable[RequestRecord], slo_ttft_ms: float, *, sequence: str = ""
+    rate_rps: float | None,
+    records: Iterable[RequestRecord],
+    slo_ttft_ms: float,
+    *,
+    sequence: str = "",
+    window_s: float | None = None,
 ) -> RateResult:
-    """Statistics of one rate's records against the TTFT SLO."""
+    """Statistics of one rate's records against the TTFT SLO. ``window_s``: the measured window of a
+    time-bounded run (``--duration``), over which the offered rate is counted."""
     all_records = list(records)
     measured = [r for r in all_records if not r.warmup]
     done = [r for r in measured if r.ok]
@@ -112,7 +124,7 @@ def summarize(
         ttft_ms=percentiles([r.ttft_ms for r in done]),
         slo_attainment=len(within) / len(measured) if measured else 0.0,
         goodput_rps=len(within) * per_s,
-        offered_rps=(len(measured) - 1) / send_window if send_window > 0 else 0.0,
+        offered_rps=_offered_rps(len(measured), send_window, window_s),
         server_ttft_ms=percentiles([r.server_ttft_ms for r in done if r.server_ttft_ms is not None]),
         queue_ms=percentiles([r.queue_ms for r in done if r.queue_ms is not None]),
         failures=dict(Counter(r.status for r in measured if not r.ok)),
@@ -123,6 +135,14 @@ def summarize(
         warmup=len(all_records) - len(measured),
         sequence=sequence,
     )
+
+
+def _offered_rps(requests: int, send_window_s: float, window_s: float | None) -> float:
+    """Requests over the window for a time-bounded run (the window, not the sends' span: a trace may
+    leave its end empty); else requests-1 gaps over the first-to-last send span."""
+    if window_s is not None:
+        return requests / window_s if window_s > 0 else 0.0
+    return (requests - 1) / send_window_s if send_window_s > 0 else 0.0
 
 
 def max_slo_rps(results: Iterable[RateResult], target: float = SLO_ATTAINMENT_TARGET) -> float | None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
+from asap.bench.checks import BenchWarning, host_bound_warning, offered_rate_warning, prefill_slowdown
 from asap.bench.progress import ProgressBar
-from asap.bench.runner import PrefillClient, RunOptions, run_requests
+from asap.bench.runner import PrefillClient, RequestRecord, RunOptions, run_requests
 from asap.bench.stats import RateResult, max_slo_rps, summarize
 from asap.bench.workload import WorkloadSpec, build_requests, sequence_digest
 from asap.client import AsapClient, ClusterState
@@ -126,6 +127,7 @@ async def bench_client(
         compute=compute or getattr(state, "compute", None) or None,
         cluster=_cluster_summary(state),
     )
+    modeled_ms = _modeled_request_ms(state, sweep.compute) if sweep.emulated else None
     options = RunOptions(
         seed=config.workload.seed,
         vocab_size=state.vocab_size,
@@ -147,11 +149,65 @@ async def bench_client(
             if bar is not None:
                 bar.close()
         result = summarize(
-            rate, records, config.slo_ttft_ms, sequence=sequence_digest(requests, config.workload.seed)
+            rate,
+            records,
+            config.slo_ttft_ms,
+            sequence=sequence_digest(requests, config.workload.seed),
+            window_s=config.workload.duration_s,
         )
         result.host_cpu_busy = _busy_since(cpu_before)
+        for warning in _checks(result, records, sweep.compute, modeled_ms):
+            logger.warning("%s @ %s: %s", sweep.label, rate_text, warning.message)
+            result.warnings.append(warning.to_json())
         sweep.results.append(result)
     return sweep
+
+
+def _checks(
+    result: RateResult,
+    records: list[RequestRecord],
+    compute: str | None,
+    modeled_ms: Callable[[int], float] | None,
+) -> list[BenchWarning]:
+    slowdown = prefill_slowdown(records, modeled_ms) if modeled_ms is not None else None
+    found = (
+        offered_rate_warning(result.rate_rps, result.offered_rps),
+        host_bound_warning(compute, result.host_cpu_busy, slowdown),
+    )
+    return [warning for warning in found if warning is not None]
+
+
+def _modeled_request_ms(state: ClusterState, compute: str | None) -> Callable[[int], float] | None:
+    """Modelled device time (ms) of one prompt alone on the cluster's emulated devices, by prompt length;
+    None when the cluster's model is not readable here (a remote cluster) or ``compute`` is not emulated.
+
+    The dtype is not reported by the scheduler; float32 (the cluster default) is assumed. A bf16 cluster
+    is modelled a little slower than it is, which only makes the host-bound check more lenient.
+    """
+    # Deferred: these pull in torch (asap.model's package), needed only for an emulated run.
+    from asap.emulation import costs
+    from asap.emulation.profiles import parse_compute
+    from asap.errors import AsapError
+    from asap.model.config import load_config
+    from asap.model.resolve import resolve_model
+
+    try:
+        _, profile = parse_compute(compute or "torch")
+        model = state.model.removeprefix("random:")
+        config = load_config(resolve_model(model))
+    except (AsapError, OSError) as exc:
+        logger.info(
+            "no modelled device time for %s (%s): the host-bound check uses CPU load only", state.model, exc
+        )
+        return None
+    if profile is None:
+        return None
+    ranks = len(state.expert_targets) or 1
+
+    def modeled_ms(prompt_tokens: int) -> float:
+        return 1000.0 * costs.request_s(config, prompt_tokens, profile, 4, ranks)
+
+    return modeled_ms
 
 
 async def bench_target(

@@ -8,8 +8,10 @@ Arrivals (open loop; request 0 is sent at t=0, the others after a gap each):
     poisson   exponential gaps with mean 1/rate
     gamma     gamma gaps with mean 1/rate and coefficient of variation ``burstiness``
               (shape 1/CV², so CV=1 is Poisson; CV>1 is burstier)
-    trace     the trace's own timestamps, relative to its first row, time-scaled so the mean rate of the
-              replayed rows (rows-1 over their span) equals the target rate (unscaled when no rate is given)
+    trace     the trace's own timestamps, relative to its first row, time-scaled so the measured rows
+              (warm-up excluded) are offered at the target rate: with ``requests`` their rows-1 gaps
+              span (rows-1)/rate, with a duration the window holds rate*duration rows (unscaled when no
+              rate is given)
 
 Length specs (prompt tokens, clipped to [1, max_prompt_tokens] of the cluster):
     fixed:N           every prompt N tokens
@@ -224,13 +226,7 @@ def build_requests(
     gap_rng, length_rng = np.random.default_rng([spec.seed, 0]), np.random.default_rng([spec.seed, 2])
     if spec.arrival == "trace":
         assert spec.trace is not None  # checked in WorkloadSpec
-        times = _trace_rows(spec.trace, count)[0]
-        # Scale the replayed window itself to the target rate: a trace's local rate varies, so scaling by
-        # the whole trace's mean would offer the first rows at a different rate than asked.
-        span = float(times[-1] - times[0]) if count > 1 else 0.0
-        window_rate = (count - 1) / span if span > 0 else spec.trace.mean_rate_rps
-        scale = 1.0 if rate_rps is None else window_rate / rate_rps
-        send_at = (times - times[0]) * scale
+        send_at = _trace_send_at(spec, rate_rps, _trace_rows(spec.trace, count)[0])
     else:
         assert rate_rps is not None  # checked above
         send_at = np.concatenate([[0.0], np.cumsum(_unit_gaps(spec, gap_rng, count - 1) / rate_rps)])
@@ -245,21 +241,66 @@ def build_requests(
         )
         for i in range(count)
     ]
+    if spec.duration_s is not None and spec.arrival == "trace" and rate_rps is not None:
+        return requests[:-1]  # the last row only bounds the window (see _trace_send_at)
     if spec.duration_s is not None:
         measured_from = requests[spec.warmup].send_at_s if spec.warmup < count else 0.0
         requests = [r for r in requests if r.warmup or r.send_at_s - measured_from < spec.duration_s]
     return requests
 
 
+def _trace_send_at(spec: WorkloadSpec, rate_rps: float | None, times: np.ndarray) -> np.ndarray:
+    """Send times of trace rows ``times``: relative to the first row, time-scaled so that the measured
+    window is offered at ``rate_rps`` (None: the trace's own timing).
+
+    The scale comes from the measured rows alone (not the warm-up before them, nor a margin after them):
+    a trace's local rate varies, so scaling by any other span offers the measured window at a rate other
+    than the target. With ``requests`` the measured rows' rows-1 gaps span (rows-1)/rate. With a duration
+    the caller draws exactly rate*duration measured rows plus one that bounds the window, and their gaps
+    span the duration: the window then holds rate*duration requests, a bursty trace's shape included.
+    """
+    assert spec.trace is not None  # trace arrivals only
+    send_at: np.ndarray = times - times[0]
+    if rate_rps is None:
+        return send_at
+    window = times[min(spec.warmup, len(times) - 1) :]
+    span = float(window[-1] - window[0])
+    target_span = spec.duration_s if spec.duration_s is not None else (len(window) - 1) / rate_rps
+    # Every measured row at one instant has no span to scale: fall back to the trace's mean rate.
+    scale = target_span / span if span > 0 else spec.trace.mean_rate_rps / rate_rps
+    scaled: np.ndarray = send_at * scale
+    return scaled
+
+
+def _measured_window_requests(duration_s: float, rate_rps: float) -> int:
+    """Requests a duration-bounded trace window holds at ``rate_rps`` (at least one)."""
+    return max(1, round(rate_rps * duration_s))
+
+
 def _request_count(spec: WorkloadSpec, rate_rps: float | None) -> int:
-    """How many requests to draw: exact for ``requests``; for ``duration`` enough to cover the window
-    with a wide margin (the surplus is cut by time, so the draw does not depend on the margin)."""
+    """How many requests to draw: exact for ``requests`` and for a trace at a target rate over a duration
+    (see ``_trace_send_at``); for other durations enough to cover the window (random arrivals: with a
+    wide margin; a trace at its own speed: the rows before the window's end), the surplus cut by time."""
     if spec.requests is not None:
         return spec.warmup + spec.requests
     assert spec.duration_s is not None
+    if spec.arrival == "trace" and spec.trace is not None:
+        if rate_rps is not None:  # exactly the window's rows, plus the one that bounds it
+            return spec.warmup + _measured_window_requests(spec.duration_s, rate_rps) + 1
+        return _rows_before(spec.trace, spec.warmup, spec.duration_s) + 1
     rate = rate_rps if rate_rps is not None else spec.trace.mean_rate_rps if spec.trace else 1.0
     expected = rate * spec.duration_s
     return spec.warmup + int(expected + 10 * math.sqrt(expected) * max(1.0, spec.burstiness) + 20)
+
+
+def _rows_before(trace: Trace, first: int, duration_s: float) -> int:
+    """How many rows (wrapping around as ``_trace_rows`` does) come before ``duration_s`` after row
+    ``first``, at the trace's own timing."""
+    rows = len(trace.times_s)
+    lap_s = float(trace.times_s[-1]) + 1.0 / trace.mean_rate_rps
+    start = float(trace.times_s[first % rows]) + (first // rows) * lap_s
+    laps, rest = divmod(start + duration_s, lap_s)
+    return int(laps) * rows + int(np.searchsorted(trace.times_s, rest, side="left"))
 
 
 def sequence_digest(requests: list[BenchRequest], seed: int) -> str:

@@ -1,0 +1,16 @@
+"""One module per ``asap`` subcommand, each with ``add_parser(subparsers)``.
+
+``SUMMARIES`` is the one-line help of each, in ``asap --help`` order. It lives here, not in the modules,
+so that ``asap --help`` and every command other than the one run never import them: several need torch
+(seconds of start-up) for what they do.
+"""
+
+SUMMARIES: dict[str, str] = {
+    "up": "start scheduler + attention + expert services locally",
+    "serve": "run one service (scheduler, attention or expert)",
+    "prefill": "prefill one prompt on a running cluster and print its first token",
+    "model": "make tiny random checkpoints, inspect checkpoints",
+    "bench": "open-loop TTFT benchmark: rate sweep, SLO attainment, mode comparison",
+    "trace": "collect, summarize and visualise OpenTelemetry traces",
+    "calibrate": "time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
+}

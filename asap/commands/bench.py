@@ -20,6 +20,7 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
+from asap.commands import SUMMARIES
 from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
@@ -49,7 +50,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap bench``."""
     parser = subparsers.add_parser(
         "bench",
-        help="open-loop TTFT benchmark: rate sweep, SLO attainment, mode comparison",
+        help=SUMMARIES["bench"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from asap.commands import SUMMARIES
 from asap.dtypes import DTYPES, torch_dtype
 from asap.errors import InvalidArgument
 from asap.knee import (
@@ -23,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap calibrate``."""
     parser = subparsers.add_parser(
         "calibrate",
-        help="time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
+        help=SUMMARIES["calibrate"],
         description="Time (torch) or model (emulated:DEVICE) one expert rank's routine for one MoE layer "
         "across batch sizes; the knee is the smallest batch reaching --plateau of the best throughput.",
     )

@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import Any
 
+from asap.commands import SUMMARIES
 from asap.model.checkpoint import CheckpointReader, expected_shapes
 from asap.model.config import SUPPORTED_MODEL_TYPES, load_config
 from asap.model.resolve import resolve_model
@@ -15,7 +16,7 @@ from asap.model.tokenizer import load_tokenizer
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap model make-tiny`` and ``asap model info``."""
-    parser = subparsers.add_parser("model", help="make tiny random checkpoints, inspect checkpoints")
+    parser = subparsers.add_parser("model", help=SUMMARIES["model"])
     actions = parser.add_subparsers(dest="model_command", required=True, metavar="ACTION")
 
     make = actions.add_parser(

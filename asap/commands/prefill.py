@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from asap.client import DEFAULT_TARGET, AsapClient, AsapError, PrefillResult
+from asap.commands import SUMMARIES
 
 TARGET_ENV = "ASAP_TARGET"
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap prefill``."""
     parser = subparsers.add_parser(
         "prefill",
-        help="prefill one prompt on a running cluster and print its first token",
+        help=SUMMARIES["prefill"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from asap.commands import SUMMARIES
 from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import DTYPES
 from asap.modes import MODES
@@ -50,7 +51,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    serve = subparsers.add_parser("serve", help="run one service (scheduler, attention or expert)")
+    serve = subparsers.add_parser("serve", help=SUMMARIES["serve"])
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
 
     attention = services.add_parser("attention", help="an attention rank")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from asap.commands import SUMMARIES
 from asap.errors import InvalidArgument
 
 
@@ -26,7 +27,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``asap trace`` and its subcommands."""
     parser = subparsers.add_parser(
         "trace",
-        help="collect, summarize and visualise OpenTelemetry traces",
+        help=SUMMARIES["trace"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
+from asap.commands import SUMMARIES
 from asap.dtypes import DTYPES
 from asap.modes import MODES
 
@@ -16,7 +17,7 @@ from asap.modes import MODES
 def add_parser(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up",
-        help="start scheduler + attention + expert services locally",
+        help=SUMMARIES["up"],
         description="Start a local cluster; prints 'ready: scheduler at HOST:PORT' and runs until Ctrl-C/SIGTERM.",
     )
     up.add_argument("--model", default=None, help="checkpoint dir, 'tiny' (default) or random:DIR")

@@ -215,6 +215,27 @@ def lm_head_s(batch: int, config: ModelConfig, profile: DeviceProfile, dtype_byt
     return stream_s(kernels, profile)
 
 
+def request_s(
+    config: ModelConfig, prompt_tokens: int, profile: DeviceProfile, dtype_bytes: int, expert_ranks: int
+) -> float:
+    """Modelled device time (s) of one prompt prefilled alone: every layer's attention part, one expert
+    rank's even share of each MoE layer's routed rows, and the LM head.
+
+    A lower bound of what an emulated cluster takes for it (no queueing, batching, transfers or host
+    work), so a measured prefill far above it means something other than the devices set the pace.
+    """
+    if prompt_tokens < 1 or expert_ranks < 1:
+        raise InvalidArgument(f"need >= 1 prompt token and expert rank, got {prompt_tokens}, {expert_ranks}")
+    local_experts = -(-config.num_experts // expert_ranks)
+    rows_per_expert = -(-prompt_tokens * config.top_k // config.num_experts)
+    expert = expert_call_s([rows_per_expert] * local_experts, config, profile, dtype_bytes)
+    layers = sum(
+        attention_layer_s(config, layer, [prompt_tokens], profile, dtype_bytes)
+        for layer in range(config.num_layers)
+    )
+    return layers + expert * len(config.moe_layer_ids) + lm_head_s(1, config, profile, dtype_bytes)
+
+
 def transfer_s(nbytes: int, profile: DeviceProfile) -> float:
     """Time (s) to move ``nbytes`` over one device-to-device link at the profile's ``link_gbps``."""
     if nbytes < 0:

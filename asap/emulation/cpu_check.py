@@ -23,6 +23,10 @@ from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
+BOTTLENECK_THRESHOLD = 0.8
+"""Fraction of the cores busy from which the host, not the emulated devices, is taken to set the pace:
+past it the ranks' sleeps end late and their RPCs queue for a core."""
+
 
 @dataclass(frozen=True, slots=True)
 class CpuSnapshot:
@@ -107,7 +111,7 @@ def take_snapshot(pids: Iterable[int]) -> CpuSnapshot:
 
 
 def cpu_report(
-    start: CpuSnapshot, end: CpuSnapshot, *, cores: int | None = None, threshold: float = 0.8
+    start: CpuSnapshot, end: CpuSnapshot, *, cores: int | None = None, threshold: float = BOTTLENECK_THRESHOLD
 ) -> CpuReport:
     """Compare CPU used between two snapshots with ``wall * cores``; ``threshold`` marks a bottleneck.
 

@@ -152,21 +152,32 @@ def parse_compute(spec: str) -> tuple[str, DeviceProfile | None]:
     host's CPU cannot keep up with the real device's pace (many ranks on few cores): every modeled time,
     hence every latency, is F times longer and every rate F times lower than on the real device.
     """
+    device = emulated_device(spec)
+    if device is None:
+        return "torch", None
+    name, dilation = device
+    profile = load_profile(name)
+    return "emulated", profile if dilation is None else profile.slowed(dilation)
+
+
+def emulated_device(spec: str) -> tuple[str, float | None] | None:
+    """The device name and time dilation of ``emulated:DEVICE[/F]`` (F None when absent); None for
+    ``torch``. ``InvalidArgument`` for any other value or a dilation that is not a number; the device
+    name is not looked up here (``parse_compute`` does)."""
     text = spec.strip()
     if text == "torch":
-        return "torch", None
+        return None
     kind, sep, device = text.partition(":")
     if kind == "emulated" and sep and device:
         name, slash, factor = device.partition("/")
         if not slash:
-            return "emulated", load_profile(name)
+            return name, None
         try:
-            dilation = float(factor)
+            return name, float(factor)
         except ValueError:
             raise InvalidArgument(
                 f"bad --compute value {spec!r}: time dilation {factor!r} is not a number"
             ) from None
-        return "emulated", load_profile(name).slowed(dilation)
     raise InvalidArgument(
         f"bad --compute value {spec!r}: expected 'torch' or 'emulated:DEVICE' "
         f"(devices: {', '.join(sorted(PROFILES))})"

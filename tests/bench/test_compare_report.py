@@ -22,7 +22,7 @@ from tests.client.fake_scheduler import FakeSchedulerThread
 RATE_KEYS = {
     "rate_rps", "requests", "completed", "failed", "failures", "throughput_rps", "throughput_tok_s",
     "ttft_ms", "slo_attainment", "goodput_rps", "offered_rps", "server_ttft_ms", "queue_ms",
-    "client_lag_ms", "warmup", "sequence", "host_cpu_busy",
+    "client_lag_ms", "warmup", "sequence", "host_cpu_busy", "warnings",
 }  # fmt: skip
 TRACE = Path(__file__).parents[1] / "data" / "trace_small.csv"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,57 @@ def test_warmup_and_default_warmup() -> None:
     assert default_warmup(20, None, 1.0) == 2
     assert default_warmup(10_000, None, 1.0) == 50
     assert default_warmup(None, 30.0, 2.0) == 6
+
+
+def _bursty_trace(path: Path) -> Trace:
+    """Bursts of 10 requests within 0.1 s, 30 s apart: a window's local rate is far from the mean."""
+    start = datetime(2024, 1, 1)
+    stamps = [start + timedelta(seconds=30.0 * burst + 0.01 * i) for burst in range(8) for i in range(10)]
+    rows = [f"{s:%Y-%m-%d %H:%M:%S.%f},{100 + i},1" for i, s in enumerate(stamps)]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    return Trace.load(path)
+
+
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_a_bursty_trace_offers_the_target_rate_inside_the_measured_window(
+    tmp_path: Path, warmup: int
+) -> None:
+    trace = _bursty_trace(tmp_path / "bursty.csv")
+    spec = WorkloadSpec(arrival="trace", trace=trace, requests=None, duration_s=20.0, warmup=warmup)
+    for rate in (4.0, 8.0, 16.0):
+        requests = build_requests(spec, rate, max_prompt_tokens=4096)
+        measured = [r for r in requests if not r.warmup]
+        assert sum(r.warmup for r in requests) == warmup
+        assert len(measured) == rate * 20.0
+        assert all(0.0 <= r.send_at_s - measured[0].send_at_s < 20.0 for r in measured)
+        times = [r.send_at_s for r in requests]
+        assert times == sorted(times)
+        assert [r.prompt_tokens for r in requests] == list(np.tile(trace.lengths, 5)[: len(requests)])
+        # The shape is the trace's: every gap is the trace's gap times one scale (bursts stay bursts).
+        lap_s = float(trace.times_s[-1]) + 1.0 / trace.mean_rate_rps
+        native = np.concatenate([trace.times_s + lap * lap_s for lap in range(5)])[: len(requests)]
+        scale = np.diff(times) / np.diff(native)
+        assert scale == pytest.approx(np.full(len(scale), scale[0]))
+
+
+def test_a_bursty_trace_measures_the_target_rate_with_requests_too(tmp_path: Path) -> None:
+    trace = _bursty_trace(tmp_path / "bursty.csv")
+    requests = build_requests(
+        WorkloadSpec(arrival="trace", trace=trace, requests=25, warmup=15), 5.0, max_prompt_tokens=4096
+    )
+    measured = [r.send_at_s for r in requests if not r.warmup]
+    assert len(measured) == 25
+    assert (len(measured) - 1) / (measured[-1] - measured[0]) == pytest.approx(5.0, rel=1e-9)
+
+
+def test_a_trace_at_its_own_speed_fills_the_window_by_time(tmp_path: Path) -> None:
+    trace = _bursty_trace(tmp_path / "bursty.csv")
+    # Rows 3.. at native timing: the rest of burst 0 (7 rows) and burst 1 (t = 30 s) lie within 40 s.
+    requests = build_requests(
+        WorkloadSpec(arrival="trace", trace=trace, requests=None, duration_s=40.0, warmup=3),
+        None,
+        max_prompt_tokens=4096,
+    )
+    measured = [r for r in requests if not r.warmup]
+    assert len(measured) == 17
+    assert [r.send_at_s for r in requests] == pytest.approx(list(trace.times_s[:20]))

@@ -82,3 +82,18 @@ def test_lm_head_and_transfer() -> None:
 def test_floor_is_launch_bound() -> None:
     kernels = [costs.elementwise(1, 1, 2)] * 5
     assert costs.stream_s(kernels, H200) == pytest.approx(5 * H200.launch_us * 1e-6, rel=1e-3)
+
+
+def test_a_request_alone_costs_its_layers_experts_and_head() -> None:
+    cfg = qwen3()
+    attention = sum(costs.attention_layer_s(cfg, layer, [512], H200, 2) for layer in range(cfg.num_layers))
+    head = costs.lm_head_s(1, cfg, H200, 2)
+    one_rank = costs.request_s(cfg, 512, H200, 2, expert_ranks=1)
+    four_ranks = costs.request_s(cfg, 512, H200, 2, expert_ranks=4)
+    # 512 tokens x top-8 over 128 experts: 32 rows for every expert; a rank holds 128 / ranks of them.
+    expert = costs.expert_call_s([32] * 32, cfg, H200, 2)
+    assert four_ranks == pytest.approx(attention + head + expert * len(cfg.moe_layer_ids))
+    assert attention + head < four_ranks < one_rank
+    assert costs.request_s(cfg, 4096, H200, 2, 4) > four_ranks
+    with pytest.raises(InvalidArgument):
+        costs.request_s(cfg, 0, H200, 2, 4)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from asap.emulation.profiles import PROFILES, DeviceProfile, load_profile, parse_compute
+from asap.emulation.profiles import PROFILES, DeviceProfile, emulated_device, load_profile, parse_compute
 from asap.errors import InvalidArgument
 
 
@@ -47,3 +47,21 @@ def test_profile_validates_and_slows() -> None:
     assert slow.launch_us == pytest.approx(load_profile("h200").launch_us * 10)
     with pytest.raises(InvalidArgument):
         load_profile("h200").slowed(0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "device"),
+    [("torch", None), ("emulated:h200", ("h200", None)), (" emulated:h200/20 ", ("h200", 20.0))],
+)
+def test_emulated_device_names_the_device_and_its_dilation(
+    spec: str, device: tuple[str, float | None] | None
+) -> None:
+    assert emulated_device(spec) == device
+    dilated = parse_compute(spec)[1]
+    assert (dilated.name if dilated else None) == (None if device is None else spec.strip().partition(":")[2])
+
+
+@pytest.mark.parametrize("spec", ["cuda", "emulated:", "emulated:h200/x"])
+def test_emulated_device_rejects(spec: str) -> None:
+    with pytest.raises(InvalidArgument):
+        emulated_device(spec)

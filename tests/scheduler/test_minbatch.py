@@ -96,6 +96,13 @@ def test_a_batch_that_cannot_grow_goes_at_once() -> None:
 def test_threshold_above_max_batch_tokens_releases_at_the_cap() -> None:
     policy = _policy(min_tokens=10_000, max_batch_tokens=1000)
     assert policy.next_batch([_req(1000)], FREE, T0) is not None
+    # A batch filled to the token cap cannot reach the threshold: it goes at once, the cap's worth only.
+    pending = [_req(600, name="a"), _req(400, name="b"), _req(10, name="c")]
+    decision = policy.next_batch(pending, FREE, T0)
+    assert decision is not None and [r.request_id for r in decision.requests] == ["a", "b"]
+    assert decision.rank == 0 and decision.predicted_ms > 0
+    # Below the cap it still waits (for the threshold or max wait), as any below-threshold batch does.
+    assert policy.next_batch([_req(999)], FREE, T0) is None
 
 
 def test_no_free_rank_sends_nothing_and_waits_for_an_event() -> None:
@@ -138,6 +145,15 @@ def test_next_wake_asks_only_policies_that_can_wait() -> None:
 def test_zero_wait_degenerates_to_the_async_policy() -> None:
     decision = _policy(max_wait_ms=0.0).next_batch([_req(10)], FREE, T0)
     assert decision is not None
+    # The same batch, the same rank and the same prediction as the async policy, at once and at any size.
+    config = SchedulerConfig(max_batch_tokens=8192, max_batch_prompts=64)
+    ranks = [RankView(True, 1, 30.0), RankView(True, 2, 5.0), RankView(False, 2, 0.0)]
+    for pending in ([_req(10)], [_req(10, name="a"), _req(300, name="b")], [_req(5000)]):
+        got = _policy(max_wait_ms=0.0).next_batch(pending, ranks, T0)
+        want = AsyncBatchPolicy(config).next_batch(pending, ranks, T0)
+        assert got is not None and want is not None
+        assert (got.rank, got.requests, got.predicted_ms) == (want.rank, want.requests, want.predicted_ms)
+        assert _policy(max_wait_ms=0.0).wake_at(pending, T0) is None
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,18 @@ async def test_an_empty_dispatch_counts_as_complete() -> None:
 
 async def test_an_all_empty_step_is_released_too() -> None:
     barrier = StepBarrier(timeout_s=5)
-    waits = [arrive(barrier, r, 0, 0) for r in (0, 1)]
-    await asyncio.wait_for(asyncio.gather(*waits), 1.0)
+    first = arrive(barrier, 0, 0, 0)
+    await spin()
+    # An empty dispatch is complete at once, but the step still waits for the other participant.
+    assert not first.done() and barrier.open_groups == 1
+    waited = await asyncio.wait_for(asyncio.gather(first, arrive(barrier, 1, 0, 0)), 1.0)
+    assert len(waited) == 2 and all(isinstance(ns, int) and ns >= 0 for ns in waited)
+    assert barrier.open_groups == 0
+    # The released step leaves nothing behind: the same (step, layer) opens a fresh group.
+    again = arrive(barrier, 0, 0, 0)
+    await spin()
+    assert not again.done() and barrier.open_groups == 1
+    again.cancel()
 
 
 async def test_step_and_layer_keys_are_independent() -> None:
