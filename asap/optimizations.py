@@ -11,7 +11,7 @@ from collections.abc import Set
 from asap.errors import InvalidArgument
 
 OPTIMIZATIONS: tuple[str, ...] = ("min-batch", "dual-batch", "expert-overlap", "layer-agnostic")
-"""Every optimization name, in the order of DESIGN.md §1."""
+"""Every optimization name, in the order of docs/architecture.md §1."""
 
 ALL = "all"
 NONE = "none"

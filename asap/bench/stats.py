@@ -40,7 +40,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
 
 @dataclass(slots=True)
 class RateResult:
-    """The outcome at one target rate (field names are the JSON keys of DESIGN.md §5)."""
+    """The outcome at one target rate (field names are the JSON keys the README documents for asap bench --json)."""
 
     rate_rps: float | None
     """The target rate; None for a trace replayed at its own speed."""

@@ -111,7 +111,7 @@ class PrefillResult:
     trace_id: str
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The object ``asap prefill --json`` prints (DESIGN.md §5), exactly these keys."""
+        """The object ``asap prefill --json`` prints (the README's command-line section), exactly these keys."""
         return {
             "request_id": self.request_id,
             "first_token_id": self.first_token_id,

@@ -16,7 +16,7 @@ Planes today, all carried by the gRPC stream (``asap.dataplane.planes``):
   on the first chunk of each stream.
 
 A plane need not use the gRPC stream for the per-layer exchange: ``exchange`` is the whole round trip, so a
-plane may publish a descriptor in shared memory and await completion from a poll thread (DESIGN.md §9),
+plane may publish a descriptor in shared memory and await completion from a poll thread (docs/architecture.md §6),
 keeping the stream for set-up, errors and the dispatches it cannot carry. The stream hooks
 (``stream_opened``, ``answer_dropped``, ``stream_ended``) then concern only what it still sends there.
 

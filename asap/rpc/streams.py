@@ -2,7 +2,7 @@
 
 A handler reads its request stream in a producer task (which may start a task per item) and answers
 in completion order through a queue; the handler itself is an async generator, as grpc.aio needs (and as
-the aio interceptor limitation in DESIGN.md §7 requires). ``relay`` runs the producer, yields what it
+the aio interceptor limitation in docs/architecture.md §8 requires). ``relay`` runs the producer, yields what it
 queues until it queues ``None``, re-raises its failure, and cancels it (and so its children) when the
 client goes away.
 """

@@ -1,4 +1,4 @@
-"""Wire format: tensor codec and the dispatch/combine chunks of ``Expert.Exchange`` (DESIGN.md §6)."""
+"""Wire format: tensor codec and the dispatch/combine chunks of ``Expert.Exchange`` (docs/architecture.md §6)."""
 
 from asap.wire.chunks import (
     HEADER_ALLOWANCE,
