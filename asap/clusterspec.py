@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from asap.errors import InvalidArgument
+from asap.mps import MODES as MPS_MODES
 from asap.optimizations import format_optimizations, parse_optimizations
 
 MODES = ("async", "sync", "sync-chunked")
@@ -54,6 +55,8 @@ class ClusterSpec:
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
     """Trace every service into this JSON-lines file through an in-process OTLP collector."""
+    mps: str = "auto"
+    """CUDA MPS for ranks sharing a GPU: ``auto`` (start a daemon when needed and possible), ``on``, ``off``."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -74,6 +77,8 @@ class ClusterSpec:
         self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+        if self.mps not in MPS_MODES:
+            raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
 
     def rank_devices(self, ranks: Sequence[RankSpec]) -> list[str]:
         """The torch device of each of ``ranks`` (``attention_ranks`` or ``expert_ranks``): a rank's own
@@ -140,6 +145,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         "scheduler",
         "attention",
         "experts",
+        "mps",
     }
     unknown = set(raw) - known
     if unknown:
@@ -163,6 +169,9 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         )
         if raw.get(key) is not None
     }
+    if raw.get("mps") is not None:  # YAML 1.1 reads a bare on/off as a boolean
+        mps = raw["mps"]
+        values["mps"] = ("on" if mps else "off") if isinstance(mps, bool) else str(mps)
     if "port" in scheduler:
         values["port"] = int(scheduler["port"])
     values["scheduler_args"] = [str(a) for a in scheduler.get("args", [])]
