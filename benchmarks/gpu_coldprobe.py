@@ -9,10 +9,14 @@ one GPU, in one process, with the headline's model shapes (Qwen3-30B-A3B: 32/4 h
 2. ``gemm``: a projection GEMM for new token counts, first vs second call;
 3. ``passes``: the 16-layer model (attention part + all experts in process, as gpu_monolithic.py) over the
    trace's first batches twice: per-batch latency of the cold pass vs the same batches again;
-   ``--sdpa flash|cudnn|default`` picks the backend, ``--eager-modules`` is recorded (set
-   ``CUDA_MODULE_LOADING=EAGER`` in the environment to test it).
+   ``--sdpa flash|cudnn|default`` picks the backend (set ``CUDA_MODULE_LOADING=EAGER`` in the
+   environment to test eager module loading; it is recorded);
+4. the fix: ``--warm-plan`` runs ``asap.warmup``'s attention plan (SDPA at every length bucket, then
+   its batches) before the cold pass; ``--no-pad`` turns the bucket padding off (the code before the
+   fix), to compare warm speed with and without it.
 
     python3 benchmarks/gpu_coldprobe.py --json $OUT/coldprobe.json [--sdpa flash] [--skip-micro]
+    python3 benchmarks/gpu_coldprobe.py --json $OUT/fixed.json --skip-micro --warm-plan
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def sdpa_probe(backend: str, offset: int) -> list[dict[str, Any]]:
         k = torch.randn(1, 4, s, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, 4, s, 128, device="cuda", dtype=torch.bfloat16)
 
-        def call() -> object:
+        def call(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> object:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         if backend == "default":
@@ -87,14 +91,23 @@ def gemm_probe() -> list[dict[str, Any]]:
     rows = []
     for n in LENGTHS:
         x = torch.randn(n * 3, 2048, device="cuda", dtype=torch.bfloat16)
-        rows.append({"tokens": n * 3, "first_ms": timed(lambda: x @ w.T), "second_ms": timed(lambda: x @ w.T)})
+        rows.append(
+            {"tokens": n * 3, "first_ms": timed(lambda x=x: x @ w.T), "second_ms": timed(lambda x=x: x @ w.T)}
+        )
     return rows
 
 
-def passes_probe(model: str, prompts: int, max_tokens: int) -> dict[str, Any]:
-    from gpu_monolithic import greedy_batches
+def passes_probe(model: str, prompts: int, max_tokens: int, warm_plan: bool) -> dict[str, Any]:
+    import importlib.util
 
-    from asap.bench.workload import Trace, WorkloadSpec, build_requests
+    # asap.bench's package imports the client (grpc); the probe needs only its workload module.
+    loaded = importlib.util.spec_from_file_location("workload", ROOT / "asap" / "bench" / "workload.py")
+    assert loaded is not None and loaded.loader is not None
+    workload = importlib.util.module_from_spec(loaded)
+    sys.modules["workload"] = workload
+    loaded.loader.exec_module(workload)
+    Trace, WorkloadSpec, build_requests = workload.Trace, workload.WorkloadSpec, workload.build_requests
+
     from asap.model.attention_part import MoERequest
     from asap.model.config import load_config
     from asap.model.reference import load_model
@@ -111,7 +124,11 @@ def passes_probe(model: str, prompts: int, max_tokens: int) -> dict[str, Any]:
     )
     sequence = build_requests(spec, None, max_prompt_tokens=config.max_position_embeddings)
     work = [r.token_ids(0, config.vocab_size) for r in sequence]
-    batches = greedy_batches(work, max_tokens, 64)
+    batches: list[list[list[int]]] = [[]]
+    for prompt in work:  # consecutive prompts within max_tokens, as gpu_monolithic.greedy_batches
+        if batches[-1] and sum(map(len, batches[-1])) + len(prompt) > max_tokens:
+            batches.append([])
+        batches[-1].append(prompt)
     started = time.perf_counter()
     attention, experts = load_model(model, dtype=torch.bfloat16, device=torch.device("cuda"), expert_ranks=1)
     (part,) = experts.parts
@@ -127,6 +144,19 @@ def passes_probe(model: str, prompts: int, max_tokens: int) -> dict[str, Any]:
         attention.forward([[0, 1, 2, 3]], dispatch)  # the service's own warm-up today
         torch.cuda.synchronize()
         result["service_warmup_ms"] = (time.perf_counter() - started) * 1000.0
+        if warm_plan:
+            from asap.warmup import plan_attention_warmup, warm_attention_kernels, warm_prompts
+
+            plan = plan_attention_warmup(config, max_batch_tokens=max_tokens)
+            started = time.perf_counter()
+            result["plan_sdpa_shapes"] = warm_attention_kernels(attention, plan)
+            result["plan_kernels_ms"] = (time.perf_counter() - started) * 1000.0
+            started = time.perf_counter()
+            for batch in warm_prompts(plan, config.vocab_size):
+                attention.forward(batch, dispatch)
+            torch.cuda.synchronize()
+            result["plan_batches_ms"] = (time.perf_counter() - started) * 1000.0
+            result["plan_tokens"] = plan.tokens
         for name in ("cold", "warm", "again"):
             result[name] = [timed(lambda b=b: attention.forward(b, dispatch)) for b in batches]
         result["memory_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
@@ -135,14 +165,22 @@ def passes_probe(model: str, prompts: int, max_tokens: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", required=True)
     parser.add_argument("--sdpa", choices=("default", "flash", "cudnn"), default="default")
     parser.add_argument("--model", default="random:benchmarks/models/qwen3-30b-a3b-16l")
     parser.add_argument("--prompts", type=int, default=120)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--warm-plan", action="store_true", help="run asap.warmup's plan first")
+    parser.add_argument("--no-pad", action="store_true", help="SDPA on the exact prompt lengths")
     args = parser.parse_args()
+    if args.no_pad:
+        import asap.model.layers
+
+        asap.model.layers.attention_length_bucket = lambda n: n  # type: ignore[assignment]
     doc: dict[str, Any] = {
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
@@ -151,6 +189,8 @@ def main() -> int:
         "flash_sdp": torch.backends.cuda.flash_sdp_enabled(),
         "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(),
         "sdpa_setting": args.sdpa,
+        "warm_plan": args.warm_plan,
+        "pad": not args.no_pad,
     }
     if args.sdpa == "flash":
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -162,10 +202,15 @@ def main() -> int:
     if not args.skip_micro:
         doc["sdpa"] = sdpa_probe("default", 0) + sdpa_probe("flash", 2) + sdpa_probe("cudnn", 4)
         doc["gemm"] = gemm_probe()
-    doc["passes"] = passes_probe(args.model, args.prompts, args.max_batch_tokens)
+    doc["passes"] = passes_probe(args.model, args.prompts, args.max_batch_tokens, args.warm_plan)
     Path(args.json).write_text(json.dumps(doc, indent=1))
     p = doc["passes"]
     print(json.dumps({k: v for k, v in doc.items() if k not in ("passes",)}, indent=1))
+    if args.warm_plan:
+        print(
+            f"warm plan: {p['plan_sdpa_shapes']} SDPA shapes in {p['plan_kernels_ms']:.0f} ms, "
+            f"{p['plan_tokens']} tokens of batches in {p['plan_batches_ms']:.0f} ms"
+        )
     print(
         f"passes: service warm-up {p['service_warmup_ms']:.0f} ms; cold {sum(p['cold']):.0f} ms, "
         f"warm {sum(p['warm']):.0f} ms, again {sum(p['again']):.0f} ms over {len(p['cold'])} batches"
