@@ -116,7 +116,7 @@ async def drive(
     spec = WorkloadSpec(
         arrival="trace", trace=Trace.load(TRACE), requests=None, duration_s=duration_s, seed=0
     )
-    requests = build_requests(spec, rate, max_prompt_tokens=32768)
+    requests = build_requests(spec, rate, max_prompt_tokens=max_prompt)
     say(f"{len(requests)} requests over {duration_s:g} s at {rate:g} rps")
     options = RunOptions(seed=0, vocab_size=vocab, timeout_s=timeout_s)
     async with AsapClient(address, timeout_s=timeout_s, retries=0) as client:
@@ -201,8 +201,17 @@ def main() -> int:
             from asap.model.config import load_config
             from asap.model.tiny import resolve_model
 
-            vocab = load_config(resolve_model(model)).vocab_size
-            records = asyncio.run(drive(address, args.rate, args.duration_s, args.timeout, vocab))
+            config = load_config(resolve_model(model))
+            records = asyncio.run(
+                drive(
+                    address,
+                    args.rate,
+                    args.duration_s,
+                    args.timeout,
+                    config.vocab_size,
+                    config.max_position_embeddings,
+                )
+            )
         finally:
             gpu.stop()
             cluster.stop()
