@@ -111,7 +111,7 @@ def summary(records: list[RequestRecord], first_s: float) -> dict[str, Any]:
 
 
 async def drive(
-    address: str, rate: float, duration_s: float, timeout_s: float, vocab: int
+    address: str, rate: float, duration_s: float, timeout_s: float, vocab: int, max_prompt: int
 ) -> list[RequestRecord]:
     spec = WorkloadSpec(
         arrival="trace", trace=Trace.load(TRACE), requests=None, duration_s=duration_s, seed=0
