@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -172,6 +173,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.out:
         parser.error("--out (or $OUT) is required")
+    # The launcher's own lines (the MPS decision, a WARNING when ranks share a GPU without MPS).
+    logging.basicConfig(level=logging.INFO, format="[launcher] %(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
@@ -194,6 +197,8 @@ def main() -> int:
         say(f"starting {args.attention}+{args.experts} ranks of {model} on {args.device} (log {log_path})")
         address = cluster.start()
         startup_s = time.monotonic() - started
+        mps = cluster._mps.decision if cluster._mps is not None else None
+        child_env = {k: v for k, v in cluster._child_env.items() if k.startswith("CUDA")}
         say(f"ready: scheduler at {address} after {startup_s:.1f} s")
         gpu.start()
         gpu.phase = "load"
@@ -232,7 +237,11 @@ def main() -> int:
             "window_s": args.window_s,
             "first_s": args.first_s,
             "startup_s": startup_s,
-            "env": {k: os.environ.get(k) for k in ("CUDA_MODULE_LOADING", "CUDA_MPS_PIPE_DIRECTORY")},
+            "launcher_env": {
+                k: os.environ.get(k) for k in ("CUDA_MODULE_LOADING", "CUDA_MPS_PIPE_DIRECTORY")
+            },
+            "rank_env": child_env,
+            "mps_decision": None if mps is None else {"action": mps.action.value, "reason": mps.reason},
             "command": shlex.join(["python3", "benchmarks/gpu_coldstart.py", *sys.argv[1:]]),
         },
     }
