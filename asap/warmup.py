@@ -125,12 +125,14 @@ def warm_prompts(plan: AttentionWarmup, vocab_size: int) -> list[list[list[int]]
 
 def warm_attention_kernels(part: AttentionPart, plan: AttentionWarmup) -> int:
     """Run SDPA once at every length of ``plan`` on the calling thread; returns the shapes run (0 on
-    CPU, where nothing is cached per shape). Call it on the thread that will compute attention."""
+    CPU and for emulated parts, where nothing is cached per shape). Call it on the thread that will
+    compute attention: cuDNN keeps its graphs per thread."""
     import torch
 
     from asap.model.layers import causal_attention
 
-    if part.device.type != "cuda":
+    device = getattr(part, "device", None)  # an emulated part has none: nothing to warm
+    if not isinstance(device, torch.device) or device.type != "cuda":
         return 0
     cfg = part.config
     run = 0
@@ -142,11 +144,11 @@ def warm_attention_kernels(part: AttentionPart, plan: AttentionWarmup) -> int:
             n, shortest = shortest, bucket + 1
             if cfg.sliding_window is not None and n > cfg.sliding_window:
                 break
-            q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=part.dtype, device=part.device)
-            kv = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=part.dtype, device=part.device)
+            q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=part.dtype, device=device)
+            kv = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=part.dtype, device=device)
             causal_attention(q, kv, kv, scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
             run += 1
-        torch.cuda.synchronize(part.device)
+        torch.cuda.synchronize(device)
     return run
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -128,5 +129,7 @@ def test_cpu_parts_warm_without_graphs_or_kernels(qwen3_dir: Path) -> None:
     attention, experts = load_model(qwen3_dir, expert_ranks=1)
     plan = plan_attention_warmup(attention.config, max_batch_tokens=64, max_prompt_tokens=64)
     assert warm_attention_kernels(attention, plan) == 0  # nothing is cached per shape on the CPU
+    emulated = SimpleNamespace(config=attention.config)  # an emulated part has no device
+    assert warm_attention_kernels(emulated, plan) == 0  # type: ignore[arg-type]
     (part,) = experts.parts
     assert warm_expert_part(part, plan_expert_warmup(64)) == 0  # no CUDA graphs on the CPU
