@@ -32,6 +32,7 @@ from asap.clusterspec import (
     scheduler_command,
 )
 from asap.errors import InvalidArgument, Unavailable
+from asap.mps import ClusterMps
 from asap.optimizations import parse_optimizations
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class LocalCluster:
         self._start_timeout_s = start_timeout_s
         self._collector: CollectorHandle | None = None
         self._child_env: dict[str, str] = {}
+        self._mps: ClusterMps | None = None
 
     def _launch(self, commands: Sequence[ServiceCommand], deadline: float) -> list[str]:
         batch = [ChildProcess(c, self._out, self._child_env) for c in commands]
@@ -154,6 +156,7 @@ class LocalCluster:
                 flush=True,
             )
         try:
+            self._prepare_gpus()
             if self.spec.trace:
                 self._start_collector(self.spec.trace)
             experts = self._launch(expert_commands(self.spec, model_dir), deadline)
@@ -178,12 +181,33 @@ class LocalCluster:
             self._collector = start_collector("127.0.0.1:0", path)
         except OSError as exc:
             raise InvalidArgument(f"cannot trace to {path}: {exc}") from exc
-        self._child_env = {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self._collector.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-        }
+        self._child_env.update(
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": self._collector.endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            }
+        )
         logger.info("tracing to %s (collector at %s)", path, self._collector.address)
+
+    def rank_devices(self) -> list[str]:
+        """The torch device of every attention and expert rank."""
+        return self.spec.rank_devices(self.spec.attention_ranks) + self.spec.rank_devices(
+            self.spec.expert_ranks
+        )
+
+    def _prepare_gpus(self) -> None:
+        """For CUDA ranks: MPS where ranks share a GPU (``asap.mps``), and every kernel module loaded at
+        context creation (``CUDA_MODULE_LOADING=EAGER``, unless set already), so no kernel is loaded
+        lazily while serving: a first launch during another stream's wait has hung a process, and each
+        lazy load costs the request that meets it (``asap.warmup``)."""
+        devices = self.rank_devices()
+        cuda = any(d.startswith("cuda") for d in devices)
+        if cuda and "CUDA_MODULE_LOADING" not in os.environ:
+            self._child_env["CUDA_MODULE_LOADING"] = "EAGER"
+        if cuda or self.spec.mps == "on":  # on with CPU ranks only: decide() says why it cannot be
+            self._mps = ClusterMps(self.spec.mps, devices)
+            self._child_env.update(self._mps.start())
 
     def failed_child(self) -> ChildProcess | None:
         """A child that exited on its own, if any."""
@@ -214,6 +238,9 @@ class LocalCluster:
         collector, self._collector = self._collector, None
         if collector is not None:
             collector.stop()
+        mps, self._mps = self._mps, None
+        if mps is not None:
+            mps.stop()  # after the children: MPS clients must be gone before the daemon quits
 
     def __enter__(self) -> LocalCluster:
         self.start()

@@ -17,6 +17,7 @@ import yaml
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.modes import check_mode
+from asap.mps import MODES as MPS_MODES
 from asap.optimizations import format_optimizations, parse_optimizations
 
 
@@ -53,6 +54,8 @@ class ClusterSpec:
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
     """Trace every service into this JSON-lines file through an in-process OTLP collector."""
+    mps: str = "auto"
+    """CUDA MPS for ranks sharing a GPU: ``auto`` (start a daemon when needed and possible), ``on``, ``off``."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -71,6 +74,8 @@ class ClusterSpec:
         self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+        if self.mps not in MPS_MODES:
+            raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
 
     def rank_devices(self, ranks: Sequence[RankSpec]) -> list[str]:
         """The torch device of each of ``ranks`` (``attention_ranks`` or ``expert_ranks``): a rank's own
@@ -149,7 +154,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
         raise InvalidArgument(f"cannot read cluster spec {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidArgument(f"cluster spec {path} must be a mapping")
-    known = {*_TOP_LEVEL_VALUES, *_SECTIONS}
+    known = {*_TOP_LEVEL_VALUES, *_SECTIONS, "mps"}
     unknown = set(raw) - known
     if unknown:
         raise InvalidArgument(f"cluster spec {path}: unknown keys {sorted(unknown)}")
@@ -159,6 +164,9 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     values: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_VALUES if raw.get(key) is not None}
     if "min_batch_tokens" in values:
         values["min_batch_tokens"] = _int(values["min_batch_tokens"], "min_batch_tokens", path)
+    if raw.get("mps") is not None:  # YAML 1.1 reads a bare on/off as a boolean
+        mps = raw["mps"]
+        values["mps"] = ("on" if mps else "off") if isinstance(mps, bool) else str(mps)
     if "port" in scheduler:
         values["port"] = int(scheduler["port"])
     values["scheduler_args"] = [str(a) for a in scheduler.get("args", [])]

@@ -50,6 +50,14 @@ def add_parser(subparsers: Any) -> None:
         metavar="FILE.jsonl",
         help="trace every service into FILE (OTLP JSON lines) through a collector run by this command",
     )
+    up.add_argument(
+        "--mps",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="CUDA MPS for ranks sharing a GPU: auto (default: start a daemon for the cluster's lifetime when "
+        "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
+        "impossible), off (never)",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -68,6 +76,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "host": args.host,
         "port": args.port,
         "trace": args.trace,
+        "mps": args.mps,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)

@@ -71,6 +71,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+ATTENTION_GRANULE = 64
+"""Smallest step between the prompt lengths SDPA sees on CUDA (see ``attention_length_bucket``)."""
+
+
+def attention_length_bucket(n: int) -> int:
+    """The length a prompt of ``n`` tokens is padded to for SDPA on CUDA: a multiple of 64 up to 1024,
+    then eight steps per power of two (at most 12.5% padding), so prompts up to 16k tokens meet 48 shapes
+    and up to 32k 56, instead of one per distinct length."""
+    if n < 1:
+        return n
+    octave_top = 1 << (n - 1).bit_length()  # the power of two >= n
+    granule = max(ATTENTION_GRANULE, octave_top // 16)
+    return -(-n // granule) * granule
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,24 +93,33 @@ def causal_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    pad_to_bucket: bool | None = None,
 ) -> torch.Tensor:
     """Causal self-attention of the last S positions of one sequence of L >= S positions.
 
     q [S, Hq, D] are the queries of positions L-S .. L-1; k and v [L, Hkv, D] are the keys and values of
     every position (GQA: query head h reads kv head h // (Hq / Hkv)) -> [S, Hq, D]. Query position i
     attends to key positions j <= i, and with ``sliding_window`` w only to those with i - w < j.
+    ``pad_to_bucket`` (default: on CUDA) pads a whole prompt to its ``attention_length_bucket``.
     """
     seq_len, num_heads, _ = q.shape
     total = k.shape[0]
     prefix = total - seq_len  # cached positions before the first query
     groups = num_heads // k.shape[1]
     if prefix == 0 and (sliding_window is None or sliding_window >= seq_len):
-        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S, D]
+        # On CUDA the prompt is padded at its end to its length bucket: causal rows never see later
+        # positions, so the first S rows are unchanged, and SDPA meets a bounded set of shapes that
+        # start-up can warm (cuDNN builds a graph per new shape, ~50 ms each on an H200).
+        pad = q.is_cuda if pad_to_bucket is None else pad_to_bucket
+        padded = attention_length_bucket(seq_len) if pad else seq_len
+        if padded > seq_len:
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - seq_len)) for t in (q, k, v))  # [S', heads, D]
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S', D]
         # SDPA's own GQA (kv head h // groups) and is_causal: the kernel path transformers' sdpa takes.
         out = F.scaled_dot_product_attention(
-            qh, kh, vh, is_causal=seq_len > 1, scale=scale, enable_gqa=groups > 1
-        )  # [1, Hq, S, D]
-        return out.squeeze(0).transpose(0, 1)  # [S, Hq, D]
+            qh, kh, vh, is_causal=padded > 1, scale=scale, enable_gqa=groups > 1
+        )  # [1, Hq, S', D]
+        return out.squeeze(0).transpose(0, 1)[:seq_len]  # [S, Hq, D]
     first = 0 if sliding_window is None else max(0, prefix - sliding_window + 1)  # oldest key any query sees
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k[first:], v[first:]))  # [1, heads, *, D]
     if groups > 1:
