@@ -40,6 +40,10 @@ DEFAULT_MAX_PROMPT_TOKENS = 32768
 """Longest prompt whose attention shape is warmed when the model allows longer ones."""
 
 
+WARMUP_BATCH_TOKENS = 16384
+"""Largest batch an attention rank warms up for (twice the scheduler's default --max-batch-tokens)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionWarmup:
     """What an attention rank runs before SERVING."""
@@ -193,6 +197,7 @@ def warm_expert_part(part: ExpertPart, plan: ExpertWarmup) -> int:
 
 __all__ = [
     "DEFAULT_MAX_PROMPT_TOKENS",
+    "WARMUP_BATCH_TOKENS",
     "WARMUP_PROMPT_TOKENS",
     "AttentionWarmup",
     "BatchRunner",

@@ -189,6 +189,11 @@ class AttentionExecutor:
             spans.record(spans.ATTENTION_COMBINE_WAIT, trace, started_ns, time.time_ns(), attributes)
         return [r.hidden for r in results]
 
+    async def on_compute_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on the compute thread, where per-thread state lives (cuDNN keeps its graphs per
+        thread): what the service's warm-up runs before SERVING."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     async def _on_thread(self, timed: bool, fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:
         """``fn(*args)`` on the compute thread; ``timed``: also its start and end (``time.time_ns``),
         taken on the thread, so time spent queued behind the other micro-batch is not counted."""

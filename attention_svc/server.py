@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,12 @@ from asap.rpc.streams import cancel_all, relay
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
+from asap.warmup import (
+    WARMUP_BATCH_TOKENS,
+    plan_attention_warmup,
+    warm_attention_kernels,
+    warm_attention_rank,
+)
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.kvcaches import ChunkCaches
@@ -275,6 +282,8 @@ class AttentionService(GrpcService):
         )
         # Warm-up: one real prompt through every layer and every expert rank it touches.
         await self.executor.run_batch([self.executor.make_prompt("warm-up", [0, 1, 2, 3])])
+        if isinstance(part, AttentionPart) and part.device.type == "cuda":
+            await _warm_cuda(self.executor, part, model_config)
         await self.handle.set_serving()
         return self.address
 
@@ -290,3 +299,15 @@ class AttentionService(GrpcService):
     async def drain(self) -> None:
         if self.servicer is not None:
             await self.servicer.drain()
+
+
+async def _warm_cuda(executor: AttentionExecutor, part: AttentionPart, model_config: ModelConfig) -> None:
+    """Every attention shape and batch bucket the rank will meet, before SERVING: cuDNN builds a graph
+    per new prompt length (tens of ms each), which made the first minute of serving slow."""
+    started = time.monotonic()
+    plan = plan_attention_warmup(model_config, max_batch_tokens=WARMUP_BATCH_TOKENS)
+    shapes = await executor.on_compute_thread(warm_attention_kernels, part, plan)
+    batches = await warm_attention_rank(executor, plan, model_config.vocab_size)
+    logger.info(
+        "warmed %d attention shapes and %d batches in %.1fs", shapes, batches, time.monotonic() - started
+    )

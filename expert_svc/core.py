@@ -21,6 +21,7 @@ import torch
 from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
+from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class ExpertExecutor:
         """Capture the part's CUDA graphs for every batch size up to ``max_merge_rows`` now, on the compute
         thread (its stream replays them later); returns how many were captured (0 without graphs)."""
         loop = asyncio.get_running_loop()
+        if self.part.device.type == "cuda":  # also the eager row counts Triton specialises on
+            plan = plan_expert_warmup(self.max_merge_rows)
+            return await loop.run_in_executor(self._thread, warm_expert_part, self.part, plan)
         return await loop.run_in_executor(self._thread, self.part.prepare, self.max_merge_rows)
 
     def validate(self, layer: int, expert_ids: torch.Tensor) -> None:
