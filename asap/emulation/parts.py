@@ -175,7 +175,8 @@ class EmulatedAttentionPart:
                 raise InvalidArgument(
                     f"prompt {i}: KV cache has {cache.num_layers} layers, the model {cfg.num_layers}"
                 )
-            cache.check_layout(cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+            heads, key_width, _ = cfg.kv_cache_layout
+            cache.check_layout(heads, key_width, self.dtype, self.device)
             if cache.length + n > cfg.max_position_embeddings:
                 raise InvalidArgument(
                     f"prompt {i}: {cache.length} cached tokens + a chunk of {n} = {cache.length + n} "
@@ -195,8 +196,10 @@ class EmulatedAttentionPart:
             self.sleeper.sleep(cost[is_moe])
             for n, cache in zip(lengths, caches, strict=True):
                 if cache is not None:
-                    kv = torch.empty((cfg.num_kv_heads, n, cfg.head_dim), dtype=self.dtype, device="meta")
-                    cache.stage(layer, kv, kv)
+                    heads, key_width, value_width = cfg.kv_cache_layout
+                    k = torch.empty((heads, n, key_width), dtype=self.dtype, device="meta")
+                    v = torch.empty((heads, n, value_width), dtype=self.dtype, device="meta")
+                    cache.stage(layer, k, v)
             if not is_moe:
                 continue
             ids, weights = self.router.route(layer, tokens, g)  # [T, K] each

@@ -112,7 +112,12 @@ def load_deepseek_layer(
     attention = load_mla(source, config, layer, dtype=dtype, device=device)
     if not config.moe_layers[layer]:
         dense = GatedMLP.load(
-            source, names.dense_mlp(config, layer), h, config.dense_intermediate_size, dtype=dtype, device=device
+            source,
+            names.dense_mlp(config, layer),
+            h,
+            config.dense_intermediate_size,
+            dtype=dtype,
+            device=device,
         )
         return DecoderLayerWeights(input_norm, post_norm, attention, dense_mlp=dense)
     e = config.num_experts
@@ -122,7 +127,9 @@ def load_deepseek_layer(
     shared = None
     if config.shared_expert_intermediate_size:
         width = config.shared_expert_intermediate_size
-        shared = GatedMLP.load(source, names.shared_expert(config, layer), h, width, dtype=dtype, device=device)
+        shared = GatedMLP.load(
+            source, names.shared_expert(config, layer), h, width, dtype=dtype, device=device
+        )
     return DecoderLayerWeights(
         input_norm, post_norm, attention, router=router, router_bias=bias, shared_expert=shared
     )
