@@ -1,6 +1,7 @@
 """The attention part of a MoE decoder: everything except the routed experts.
 
-It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window), the routers,
+It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window, or DeepSeek's
+multi-head latent attention in ``asap.model.mla``), the routers,
 shared experts, the dense MLPs of non-MoE layers, the final norm and the LM head. At each MoE layer the
 forward pass stops and hands a ``MoERequest`` to whoever computes the routed experts — in this process
 (``InProcessExperts``) or on remote expert ranks — and resumes with their combined output. A prompt may
