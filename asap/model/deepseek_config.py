@@ -4,8 +4,8 @@
 ``DeepseekV3Config`` reads it. Kept out of ``asap.model.config`` so that module stays one table of the
 common fields; ``parse_deepseek_v3`` returns the architecture-specific keyword arguments of
 ``ModelConfig``. Semantics follow ``transformers.models.deepseek_v3`` exactly (defaults included), and a
-config that transformers would compute garbage for (kv heads fewer than heads, a routing that cannot
-fill top-k) is refused here with the values named.
+config transformers cannot run (groups that do not split the experts into groups of two or more, more
+eligible groups than groups, an odd RoPE width) is refused here with the values named.
 """
 
 from __future__ import annotations
@@ -141,12 +141,8 @@ def _int(raw: dict[str, Any], key: str, default: int, *, null: int | None = None
 def parse_deepseek_v3(raw: dict[str, Any], num_layers: int, num_heads: int) -> dict[str, Any]:
     """The ``ModelConfig`` keyword arguments specific to a deepseek_v3 config.json (transformers' defaults
     where a key is absent)."""
-    kv_heads = raw.get("num_key_value_heads")
-    if kv_heads is not None and int(kv_heads) != num_heads:
-        raise InvalidArgument(
-            f"deepseek_v3: num_key_value_heads={kv_heads} differs from num_attention_heads={num_heads}; "
-            "MLA expands keys and values for every head"
-        )
+    # num_key_value_heads is not read: MLA expands keys and values for every head (transformers'
+    # DeepseekV3Config defaults it to 128 whatever the head count, and its sdpa path ignores it).
     for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
         if raw.get(key) is not None and raw[key] != expected:
             raise InvalidArgument(f"deepseek_v3: {key}={raw[key]!r} is not supported (only {expected!r})")
@@ -208,11 +204,10 @@ def _check(mla: MLAShape, routing: GroupLimitedRouting, experts: int, top_k: int
             f"deepseek_v3: n_routed_experts={experts} must split into n_group={g} groups of >= 2 "
             f"experts, and topk_group={tg} must not exceed n_group"
         )
-    if top_k > tg * (experts // g):
-        raise InvalidArgument(
-            f"deepseek_v3: num_experts_per_tok={top_k} exceeds the {tg * (experts // g)} experts of "
-            f"topk_group={tg} groups"
-        )
+    if top_k > experts:
+        raise InvalidArgument(f"deepseek_v3: num_experts_per_tok={top_k} exceeds n_routed_experts={experts}")
+    # top_k above the topk_group groups' experts is allowed: like transformers, the rest of the top-k then
+    # comes from the masked (-inf) experts in torch.topk's order, with their real scores as weights.
 
 
 def tiny_config_keys(

@@ -56,6 +56,12 @@ CASES: dict[str, dict[str, Any]] = {
         intermediate_size=28, rope_interleave=True, tie_word_embeddings=True,
         rope_parameters=_yarn(2.0, 32),
     ),
+    "lora-g4t1-k3-overfull-norm": dict(
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3, norm_topk_prob=True,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+        intermediate_size=32, rope_interleave=True, rope_parameters=_yarn(4.0, 16, mscale=1.0, mscale_all_dim=1.0),
+    ),
     "noqlora-g2t2-k4-nonorm-yarn-mscale": dict(
         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
         n_routed_experts=10, n_group=2, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False,
@@ -63,7 +69,8 @@ CASES: dict[str, dict[str, Any]] = {
         intermediate_size=32, rope_interleave=False,
         rope_parameters=_yarn(8.0, 8, mscale=0.707, mscale_all_dim=0.707),
     ),
-    "lora-g2t1-k1-norm-yarn-alldim": dict(
+    "lora-g2t1-k1-norm-yarn-alldim-kv128": dict(
+        num_key_value_heads=128,  # transformers' default whatever the head count; MLA does not read it
         q_lora_rank=32, kv_lora_rank=8, qk_nope_head_dim=10, qk_rope_head_dim=2, v_head_dim=10,
         n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=1, norm_topk_prob=True,
         routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,

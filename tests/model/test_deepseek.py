@@ -58,12 +58,12 @@ def test_the_release_config_parses() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_key_value_heads": 16}, "num_key_value_heads=16 differs"),
         ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
         ({"topk_method": "group_limited_greedy"}, "topk_method"),
         ({"n_group": 6}, "must split into n_group=6 groups"),
         ({"topk_group": 9}, "topk_group=9 must not exceed"),
-        ({"topk_group": 1, "n_group": 64, "num_experts_per_tok": 8}, "exceeds the 4 experts"),
+        ({"num_experts_per_tok": 300}, "exceeds n_routed_experts=256"),
+        ({"n_group": 256}, "groups of >= 2"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
         ({"qk_rope_head_dim": 63}, "even"),
@@ -72,6 +72,12 @@ def test_the_release_config_parses() -> None:
 def test_configs_transformers_would_mis_compute_are_refused(change: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         parse_config(RELEASE | change)
+
+
+def test_kv_heads_are_not_read() -> None:
+    """MLA has no kv heads; transformers' config defaults num_key_value_heads to 128 for any head count."""
+    assert parse_config(RELEASE | {"num_key_value_heads": 16}) == parse_config(RELEASE)
+    assert parse_config(RELEASE | {"num_key_value_heads": None}).num_kv_heads == 128
 
 
 def test_missing_keys_take_transformers_defaults() -> None:
@@ -212,7 +218,7 @@ def test_an_fp8_checkpoint_loads_dequantized(tmp_path: Path) -> None:
 
 
 def test_fp8_tensors_without_a_quantization_config_are_refused(tmp_path: Path) -> None:
-    tiny = build_deepseek(tmp_path / "float", CASES["lora-g2t1-k1-norm-yarn-alldim"])
+    tiny = build_deepseek(tmp_path / "float", CASES["lora-g2t1-k1-norm-yarn-alldim-kv128"])
     fp8_dir = _quantized_copy(tiny.path, tmp_path / "fp8", (128, 128))
     raw = json.loads((fp8_dir / "config.json").read_text())
     del raw["quantization_config"]
