@@ -111,7 +111,7 @@ def passes_probe(model: str, prompts: int, max_tokens: int, warm_plan: bool) -> 
     from asap.model.attention_part import MoERequest
     from asap.model.config import load_config
     from asap.model.reference import load_model
-    from asap.model.tiny import resolve_model
+    from asap.model.resolve import resolve_model
 
     os.chdir(ROOT)
     config = load_config(resolve_model(model))

@@ -204,7 +204,7 @@ def main() -> int:
         gpu.phase = "load"
         try:
             from asap.model.config import load_config
-            from asap.model.tiny import resolve_model
+            from asap.model.resolve import resolve_model
 
             config = load_config(resolve_model(model))
             records = asyncio.run(

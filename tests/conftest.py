@@ -23,3 +23,12 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(
         tmp_path_factory.mktemp("qwen2") / "m", arch="qwen2_moe", layers=2, experts=6, top_k=4, seed=2
     )
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deepseek_v3: MLA with low-rank queries, YaRN, 2 expert groups of 4 (one eligible), top-2, one
+    shared expert, the first of 3 layers dense."""
+    return make_tiny(
+        tmp_path_factory.mktemp("deepseek") / "m", arch="deepseek_v3", layers=3, experts=8, top_k=2, seed=3
+    )

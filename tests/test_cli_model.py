@@ -78,3 +78,17 @@ def test_info_on_config_only_dir_and_missing_path(tmp_path: Path, capsys: pytest
     assert "model_type: mixtral" in out and "none stored" in out and "tokenizer: none" in out
     assert main(["model", "info", str(tmp_path / "absent")]) != 0
     assert "absent" in capsys.readouterr().err
+
+
+def test_make_tiny_deepseek_and_its_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ds"
+    argv = ["model", "make-tiny", "--arch", "deepseek_v3", str(out), "--layers", "3", "--experts", "8"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["model", "info", str(out)]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert (lines["model_type"], lines["layers"], lines["moe_layers"]) == ("deepseek_v3", "3", "2")
+    assert lines["attention"] == "MLA (q_lora_rank 48, kv_lora_rank 32, qk 16+8, v 16, rope yarn)"
+    assert lines["routing"] == "sigmoid, 1 of 2 groups, scaled 2.5"
+    with CheckpointReader(out) as reader:
+        check_checkpoint(reader, load_config(out))

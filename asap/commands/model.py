@@ -72,6 +72,17 @@ def run_info(args: argparse.Namespace) -> int:
         "vocab_size": config.vocab_size,
         "params": params,
     }
+    if config.mla is not None:
+        m = config.mla
+        lines["attention"] = (
+            f"MLA (q_lora_rank {m.q_lora_rank}, kv_lora_rank {m.kv_lora_rank}, qk {m.qk_nope_head_dim}+"
+            f"{m.qk_rope_head_dim}, v {m.v_head_dim}, rope {'yarn' if config.yarn else 'default'})"
+        )
+    if config.group_routing is not None:
+        r = config.group_routing
+        lines["routing"] = (
+            f"sigmoid, {r.topk_group} of {r.n_group} groups, scaled {r.routed_scaling_factor:g}"
+        )
     if path.is_dir() and not any(path.glob("*.safetensors")):
         lines["tensors"] = f"none stored (config only; {len(shapes)} expected)"
     else:

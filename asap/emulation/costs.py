@@ -86,6 +86,13 @@ def causal_attention(
     window = config.sliding_window
     pairs = sum(_keys_attended(p + 1, p + n, window) for n, p in zip(prompt_lengths, prefixes, strict=True))
     tokens, cached = sum(prompt_lengths), sum(prefixes)
+    if config.mla is not None:
+        # MLA: per head QK^T over nope + rope dims, PV over v_head_dim; keys and values are the per-head
+        # expansions of every attended position's latent (expanded again for each chunk)
+        qk, v, heads = config.mla.qk_head_dim, config.mla.v_head_dim, config.num_heads
+        flops = 2.0 * pairs * heads * (qk + v)
+        nbytes = float(tokens * heads * (2 * qk + 2 * v) + cached * heads * (qk + v)) * dtype_bytes
+        return Kernel(flops, nbytes, "attention")
     flops = 4.0 * pairs * config.head_dim * config.num_heads
     nbytes = (
         float(tokens * (2 * config.q_size + 2 * config.kv_size) + cached * 2 * config.kv_size) * dtype_bytes
@@ -132,7 +139,8 @@ def attention_layer_kernels(
 ) -> list[Kernel]:
     """Kernels of one decoder layer's attention part for a packed batch, in execution order.
 
-    Input norm, q/k/v projections, q/k norms (when the architecture has them), RoPE, causal attention,
+    Input norm, q/k/v projections (or MLA's, ``mla_projection_kernels``), q/k norms (when the
+    architecture has them), RoPE, causal attention,
     o projection, residual add + post-attention norm, then the router GEMM and its softmax/top-k (MoE
     layers) and the shared expert, or the dense MLP (non-MoE layers), and the final residual add.
     """
@@ -140,19 +148,25 @@ def attention_layer_kernels(
         raise InvalidArgument(f"layer {layer} is outside [0, {config.num_layers})")
     _check_lengths(prompt_lengths)
     t, h, b = sum(prompt_lengths), config.hidden_size, dtype_bytes
-    q, kv = config.q_size, config.kv_size
-    kernels = [
-        elementwise(t * h, t * h, b),
-        gemm(t, q, h, b),
-        gemm(t, kv, h, b),
-        gemm(t, kv, h, b),
-    ]
-    if config.qk_norm != "none":
-        kernels.append(elementwise(t * (q + kv), t * (q + kv), b))
+    if config.mla is not None:
+        cached = sum(prefix_lengths) if prefix_lengths is not None else 0
+        kernels = [elementwise(t * h, t * h, b), *mla_projection_kernels(config, t, cached, b)]
+        o_width = config.num_heads * config.mla.v_head_dim
+    else:
+        q, kv = config.q_size, config.kv_size
+        kernels = [
+            elementwise(t * h, t * h, b),
+            gemm(t, q, h, b),
+            gemm(t, kv, h, b),
+            gemm(t, kv, h, b),
+        ]
+        if config.qk_norm != "none":
+            kernels.append(elementwise(t * (q + kv), t * (q + kv), b))
+        kernels.append(elementwise(t * (q + kv), t * (q + kv), b))  # RoPE on q and k
+        o_width = q
     kernels += [
-        elementwise(t * (q + kv), t * (q + kv), b),  # RoPE on q and k
         causal_attention(config, prompt_lengths, b, prefix_lengths),
-        gemm(t, h, q, b),
+        gemm(t, h, o_width, b),
         elementwise(2 * t * h, 2 * t * h, b),  # residual add + post-attention norm
     ]
     if config.moe_layers[layer]:
@@ -162,11 +176,37 @@ def attention_layer_kernels(
         ]
         if config.shared_expert_intermediate_size:
             kernels += _dense_mlp(t, h, config.shared_expert_intermediate_size, b)
-            kernels.append(gemm(t, 1, h, b))  # sigmoid gate of the shared expert
+            if config.model_type == "qwen2_moe":
+                kernels.append(gemm(t, 1, h, b))  # sigmoid gate of the shared expert
     else:
         kernels += _dense_mlp(t, h, config.dense_intermediate_size, b)
     kernels.append(elementwise(2 * t * h, t * h, b))  # residual add
     return kernels
+
+
+def mla_projection_kernels(config: ModelConfig, tokens: int, cached: int, dtype_bytes: int) -> list[Kernel]:
+    """MLA's projections before attention for ``tokens`` new positions after ``cached`` ones: queries
+    (low-rank with its norm, or one GEMM), the compressed latent + RoPE key and its norm, RoPE on the
+    queries' and the shared key's rope dims, and the kv_b expansion of every attended position's latent
+    into per-head keys and values (the cached prefix is expanded again for each chunk)."""
+    mla = config.mla
+    if mla is None:
+        raise InvalidArgument(f"{config.model_type} has no multi-head latent attention")
+    t, h, b, heads = tokens, config.hidden_size, dtype_bytes, config.num_heads
+    q_out, r, dr = heads * mla.qk_head_dim, mla.kv_lora_rank, mla.qk_rope_head_dim
+    if mla.q_lora_rank is None:
+        kernels = [gemm(t, q_out, h, b)]
+    else:
+        qr = mla.q_lora_rank
+        kernels = [gemm(t, qr, h, b), elementwise(t * qr, t * qr, b), gemm(t, q_out, qr, b)]
+    rope = t * (heads + 1) * dr
+    return [
+        *kernels,
+        gemm(t, r + dr, h, b),
+        elementwise(t * r, t * r, b),  # kv_a_layernorm
+        elementwise(rope, rope, b),  # RoPE on q_rot and the shared k_rot
+        gemm(t + cached, heads * (mla.qk_nope_head_dim + mla.v_head_dim), r, b),
+    ]
 
 
 def attention_layer_s(

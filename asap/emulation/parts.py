@@ -154,8 +154,10 @@ class EmulatedAttentionPart:
             self.sleeper.sleep(cost[is_moe])
             for n, cache in zip(lengths, caches, strict=True):
                 if cache is not None:
-                    kv = torch.empty((cfg.num_kv_heads, n, cfg.head_dim), dtype=self.dtype, device="meta")
-                    cache.stage(layer, kv, kv)
+                    heads, key_width, value_width = cfg.kv_cache_layout
+                    k = torch.empty((heads, n, key_width), dtype=self.dtype, device="meta")
+                    v = torch.empty((heads, n, value_width), dtype=self.dtype, device="meta")
+                    cache.stage(layer, k, v)
             if not is_moe:
                 continue
             ids, weights = self.router.route(layer, tokens, g)  # [T, K] each

@@ -1,6 +1,7 @@
 """The attention part of a MoE decoder: everything except the routed experts.
 
-It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window), the routers,
+It owns the embeddings, attention (RoPE, GQA, q/k norms, biases, clip_qkv, sliding window, or DeepSeek's
+multi-head latent attention in ``asap.model.mla``), the routers,
 shared experts, the dense MLPs of non-MoE layers, the final norm and the LM head. At each MoE layer the
 forward pass stops and hands a ``MoERequest`` to whoever computes the routed experts — in this process
 (``InProcessExperts``) or on remote expert ranks — and resumes with their combined output. A prompt may
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
+from asap.model.deepseek import group_limited_route, load_deepseek_layer, rope_frequencies
+from asap.model.fp8 import dequantizing
 from asap.model.kvcache import KVCache, check_caches
 from asap.model.layers import (
     DecoderLayerWeights,
@@ -28,9 +31,9 @@ from asap.model.layers import (
     project_qkv,
     rms_norm,
     rope_cos_sin,
-    rope_inv_freq,
     route,
 )
+from asap.model.mla import MLAWeights, mla_attention
 from asap.model.weights import TensorSource
 
 
@@ -107,7 +110,7 @@ class AttentionPart:
         self.layers = tuple(layers)
         self.final_norm = final_norm  # [H]
         self.lm_head = lm_head  # [V, H]
-        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device)  # [D/2]
+        self.inv_freq, self.rope_scaling = rope_frequencies(config, device)  # [D/2], cos/sin scale
 
     @classmethod
     def from_source(
@@ -120,15 +123,15 @@ class AttentionPart:
     ) -> AttentionPart:
         """Read the non-expert tensors of every layer from ``source`` (never an expert tensor)."""
         dev = torch.device(device)
+        source = dequantizing(source, config)
         vh = (config.vocab_size, config.hidden_size)
         embed = load_tensor(source, names.EMBED, vh, dtype=dtype, device=dev)
         if config.tie_word_embeddings and not source.has(names.LM_HEAD):
             lm_head = embed
         else:
             lm_head = load_tensor(source, names.LM_HEAD, vh, dtype=dtype, device=dev)
-        layers = [
-            load_decoder_layer(source, config, i, dtype=dtype, device=dev) for i in range(config.num_layers)
-        ]
+        load_layer = load_deepseek_layer if config.mla is not None else load_decoder_layer
+        layers = [load_layer(source, config, i, dtype=dtype, device=dev) for i in range(config.num_layers)]
         final_norm = load_tensor(source, names.FINAL_NORM, (config.hidden_size,), dtype=dtype, device=dev)
         return cls(
             config,
@@ -217,7 +220,7 @@ class AttentionPart:
         starts = [0 if c is None else c.length for c in caches]  # position of each prompt's first token
         tokens = torch.cat(ids).to(self.device)  # [T] packed
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
-        cos, sin = rope_cos_sin(positions.to(self.device), self.inv_freq, self.dtype)  # [T, D] each
+        cos, sin = rope_cos_sin(positions.to(self.device), self.inv_freq, self.dtype, self.rope_scaling)
         x = F.embedding(tokens, self.embed)  # [T, H]
         for layer, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)  # [T, H]
@@ -227,11 +230,17 @@ class AttentionPart:
                 x = x + w.dense_mlp(h)
                 continue
             assert w.router is not None
-            topk_ids, topk_weights = route(cfg, w.router, h)  # [T, K] each
+            if cfg.group_routing is not None:
+                topk_ids, topk_weights = group_limited_route(cfg, w.router, w.router_bias, h)  # [T, K] each
+            else:
+                topk_ids, topk_weights = route(cfg, w.router, h)  # [T, K] each
             routed = yield MoERequest(layer=layer, hidden=h, topk_ids=topk_ids, topk_weights=topk_weights)
             out = self._check_routed(layer, routed, h)  # [T, H]
-            if w.shared_expert is not None and w.shared_expert_gate is not None:
-                out = out + torch.sigmoid(F.linear(h, w.shared_expert_gate)) * w.shared_expert(h)
+            if w.shared_expert is not None:
+                shared = w.shared_expert(h)  # [T, H]; qwen2_moe gates it, deepseek_v3 does not
+                if w.shared_expert_gate is not None:
+                    shared = torch.sigmoid(F.linear(h, w.shared_expert_gate)) * shared
+                out = out + shared
             x = x + out
         for cache, n in zip(caches, lengths, strict=True):
             if cache is not None:
@@ -255,6 +264,8 @@ class AttentionPart:
         A prompt with a cache also attends to its cached K/V, and stages its own K/V in the cache.
         """
         cfg = self.config
+        if isinstance(w.attention, MLAWeights):
+            return mla_attention(cfg, w.attention, layer, h, cos, sin, lengths, caches)
         q, k, v = project_qkv(cfg, w.attention, h, cos, sin)  # [T, Hq, D], [T, Hkv, D] x2
         scale = cfg.head_dim**-0.5
         outs = []  # per prompt [S, Hq, D]: attention never crosses prompt boundaries

@@ -25,6 +25,7 @@ import torch
 from asap.errors import CheckpointError
 from asap.model import names as tn
 from asap.model.config import ModelConfig
+from asap.model.deepseek import deepseek_layer_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -230,6 +231,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, v = c.hidden_size, c.vocab_size
     shapes: dict[str, tuple[int, ...]] = {tn.EMBED: (v, h)}
     for layer in range(c.num_layers):
+        if c.mla is not None:
+            shapes |= deepseek_layer_shapes(c, layer)
+            if c.moe_layers[layer]:
+                for e in range(c.num_experts):
+                    shapes |= _mlp_shapes(tn.expert(c, layer, e), h, c.expert_intermediate_size)
+            continue
         shapes |= _attention_shapes(c, layer)
         if c.moe_layers[layer]:
             shapes[tn.router(c, layer)] = (c.num_experts, h)

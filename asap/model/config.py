@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asap.errors import CheckpointError, InvalidArgument, UnsupportedArchitecture
+from asap.model.deepseek_config import GroupLimitedRouting, MLAShape, YarnRope, parse_deepseek_v3
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
 
 QKNorm = Literal["none", "per_head", "full"]
 
@@ -59,6 +60,16 @@ class ModelConfig:
     """Attention window (mixtral option); None attends to the whole prefix."""
     torch_dtype: str = "float32"
     """The checkpoint's stored dtype name."""
+    mla: MLAShape | None = None
+    """Multi-head latent attention (deepseek_v3) instead of q/k/v projections; then ``head_dim`` is the
+    RoPE width and ``num_kv_heads`` equals ``num_heads``."""
+    yarn: YarnRope | None = None
+    """YaRN RoPE scaling (deepseek_v3); None: default RoPE."""
+    group_routing: GroupLimitedRouting | None = None
+    """Sigmoid group-limited routing with a correction bias (deepseek_v3); None: softmax top-k."""
+    weight_block_size: tuple[int, int] | None = None
+    """Block shape of FP8 weights stored with ``weight_scale_inv`` (``quantization_config``); None: the
+    checkpoint holds no block-quantised weights."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +110,14 @@ class ModelConfig:
         return tuple(i for i, is_moe in enumerate(self.moe_layers) if is_moe)
 
     @property
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        """What a KV cache keeps per token and layer: (heads, key width, value width). MLA keeps the
+        compressed latent as the "key" and the shared RoPE key as the "value", one head of each."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
@@ -136,7 +155,8 @@ def _rope_theta(raw: dict[str, Any]) -> float:
     rope_type = (
         params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
     )
-    if rope_type not in ("default", None):
+    yarn_ok = rope_type == "yarn" and raw.get("model_type") == "deepseek_v3"  # parsed by deepseek_config
+    if rope_type not in ("default", None) and not yarn_ok:
         raise InvalidArgument(
             f"{raw.get('model_type')}: rope type {rope_type!r} is not supported (only default)"
         )
@@ -144,6 +164,22 @@ def _rope_theta(raw: dict[str, Any]) -> float:
     if theta is None and isinstance(params, dict):
         theta = params.get("rope_theta")
     return float(theta if theta is not None else 10000.0)
+
+
+def _weight_block_size(raw: dict[str, Any]) -> tuple[int, int] | None:
+    quant = raw.get("quantization_config")
+    if not isinstance(quant, dict):
+        return None
+    method, block = quant.get("quant_method"), quant.get("weight_block_size")
+    if method != "fp8" or not isinstance(block, list | tuple) or len(block) != 2:
+        raise InvalidArgument(
+            f"{raw.get('model_type')}: quantization_config {quant!r} is not supported "
+            "(only block-wise fp8 with weight_block_size [rows, cols])"
+        )
+    rows, cols = (int(b) for b in block)
+    if rows <= 0 or cols <= 0:
+        raise InvalidArgument(f"{raw.get('model_type')}: weight_block_size {block} must be positive")
+    return rows, cols
 
 
 def _qwen_moe_layers(raw: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
@@ -194,8 +230,11 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        weight_block_size=_weight_block_size(raw),
         extra=raw,
     )
+    if model_type == "deepseek_v3":
+        return ModelConfig(**(common | parse_deepseek_v3(raw, num_layers, num_heads)))
     if model_type in ("qwen3_moe", "qwen2_moe"):
         is_qwen2 = model_type == "qwen2_moe"
         return ModelConfig(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from asap.errors import InvalidArgument
 from asap.model import names
 from asap.model.config import ModelConfig
+from asap.model.fp8 import dequantizing
 from asap.model.grouped import BUCKETS, GraphedExperts, LayerAgnosticExperts, bucket_for, grouped_mm_available
 from asap.model.layers import load_tensor
 from asap.model.weights import TensorSource
@@ -73,6 +74,7 @@ class ExpertPart:
         """Read only the tensors of ``expert_ids`` (every MoE layer) from ``source`` and stack them."""
         hosted = _check_expert_ids(config, expert_ids)
         dev = torch.device(device)
+        source = dequantizing(source, config)
         h, i = config.hidden_size, config.expert_intermediate_size
         n_moe = len(config.moe_layer_ids)
         gate_up = torch.empty((n_moe, len(hosted), 2 * i, h), dtype=dtype, device=dev)

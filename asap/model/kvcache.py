@@ -154,7 +154,8 @@ def check_caches(
             raise InvalidArgument(
                 f"prompt {i}: KV cache has {cache.num_layers} layers, the model {config.num_layers}"
             )
-        cache.check_layout(config.num_kv_heads, config.head_dim, dtype, device)
+        heads, key_width, _ = config.kv_cache_layout
+        cache.check_layout(heads, key_width, dtype, device)
         if cache.length + n > config.max_position_embeddings:
             raise InvalidArgument(
                 f"prompt {i}: {cache.length} cached tokens + a chunk of {n} = {cache.length + n} "

@@ -8,6 +8,7 @@ assembled from them matches the reference implementation to float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,11 @@ from asap.model import names
 from asap.model.config import ModelConfig
 from asap.model.names import ExpertNames
 from asap.model.weights import TensorSource
+
+if TYPE_CHECKING:
+    from asap.model.mla import MLAWeights
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def load_tensor(
@@ -33,6 +39,10 @@ def load_tensor(
         raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
     if not tensor.is_floating_point():
         raise CheckpointError(f"tensor {name!r} has non-floating dtype {tensor.dtype}")
+    if tensor.dtype in FP8_DTYPES:  # scales are applied by asap.model.fp8; a bare cast would be wrong
+        raise CheckpointError(
+            f"tensor {name!r} is {tensor.dtype} but config.json declares no block-wise fp8 quantization"
+        )
     return tensor.detach().to(device=device, dtype=dtype).contiguous()
 
 
@@ -52,12 +62,13 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Te
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [T, head_dim] for integer ``positions`` [T], in ``dtype``."""
+    """cos and sin tables [T, head_dim] for integer ``positions`` [T], in ``dtype``, each times
+    ``scaling`` in float32 first (YaRN's attention factor; 1.0 is exact)."""
     freqs = positions[:, None].to(torch.float32) * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +200,12 @@ class DecoderLayerWeights:
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    attention: AttentionWeights
+    attention: AttentionWeights | MLAWeights
+    """q/k/v attention, or multi-head latent attention (deepseek_v3)."""
     router: torch.Tensor | None = None
     """[E, H] on MoE layers, None on dense layers."""
+    router_bias: torch.Tensor | None = None
+    """[E] float32 routing correction bias (deepseek_v3's ``e_score_correction_bias``)."""
     dense_mlp: GatedMLP | None = None
     """The MLP of a dense (non-MoE) layer."""
     shared_expert: GatedMLP | None = None

@@ -45,9 +45,16 @@ def expert(cfg: ModelConfig, layer: int, expert_id: int) -> ExpertNames:
     return ExpertNames(gate=f"{p}gate_proj.weight", up=f"{p}up_proj.weight", down=f"{p}down_proj.weight")
 
 
+def router_bias(cfg: ModelConfig, layer: int) -> str:
+    """Routing correction bias [E] of an MoE layer (deepseek_v3), float32 in checkpoints."""
+    return f"{_moe_prefix(cfg, layer)}gate.e_score_correction_bias"
+
+
 def shared_expert(cfg: ModelConfig, layer: int) -> ExpertNames:
-    """The shared expert of an MoE layer (qwen2_moe)."""
-    p = f"{layer_prefix(layer)}mlp.shared_expert."
+    """The shared expert of an MoE layer (qwen2_moe; deepseek_v3's ``shared_experts``, all of them fused
+    into one MLP of n_shared_experts times the expert width)."""
+    block = "shared_experts" if cfg.mla is not None else "shared_expert"
+    p = f"{layer_prefix(layer)}mlp.{block}."
     return ExpertNames(gate=f"{p}gate_proj.weight", up=f"{p}up_proj.weight", down=f"{p}down_proj.weight")
 
 
@@ -65,6 +72,8 @@ def dense_mlp(cfg: ModelConfig, layer: int) -> ExpertNames:
 def attention(cfg: ModelConfig, layer: int) -> dict[str, str]:
     """Attention-side tensors of one decoder layer, keyed by role (norms, projections, biases, q/k norms)."""
     p = layer_prefix(layer)
+    if cfg.mla is not None:
+        return _mla_attention(cfg, p)
     names = {
         "input_norm": f"{p}input_layernorm.weight",
         "post_attention_norm": f"{p}post_attention_layernorm.weight",
@@ -81,4 +90,31 @@ def attention(cfg: ModelConfig, layer: int) -> dict[str, str]:
         }
     if cfg.qk_norm != "none":
         names |= {"q_norm": f"{p}self_attn.q_norm.weight", "k_norm": f"{p}self_attn.k_norm.weight"}
+    return names
+
+
+def _mla_attention(cfg: ModelConfig, p: str) -> dict[str, str]:
+    """MLA tensors (deepseek_v3), keyed by role; ``*_bias`` only with attention_bias."""
+    assert cfg.mla is not None
+    a = f"{p}self_attn."
+    names = {
+        "input_norm": f"{p}input_layernorm.weight",
+        "post_attention_norm": f"{p}post_attention_layernorm.weight",
+        "kv_a_proj": f"{a}kv_a_proj_with_mqa.weight",
+        "kv_a_norm": f"{a}kv_a_layernorm.weight",
+        "kv_b_proj": f"{a}kv_b_proj.weight",
+        "o_proj": f"{a}o_proj.weight",
+    }
+    if cfg.mla.q_lora_rank is None:
+        names["q_proj"] = f"{a}q_proj.weight"
+    else:
+        names |= {
+            "q_a_proj": f"{a}q_a_proj.weight",
+            "q_a_norm": f"{a}q_a_layernorm.weight",
+            "q_b_proj": f"{a}q_b_proj.weight",
+        }
+    if cfg.attention_bias:
+        names |= {"kv_a_bias": f"{a}kv_a_proj_with_mqa.bias", "o_bias": f"{a}o_proj.bias"}
+        if cfg.mla.q_lora_rank is not None:
+            names["q_a_bias"] = f"{a}q_a_proj.bias"
     return names

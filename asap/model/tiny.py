@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from asap.errors import InvalidArgument, UnsupportedArchitecture
 from asap.model.checkpoint import SINGLE_FILE, expected_shapes
 from asap.model.config import SUPPORTED_MODEL_TYPES, parse_config
+from asap.model.deepseek_config import tiny_config_keys
 from asap.model.tokenizer import BYTE_SPECIAL_TOKENS, TOKENIZER_FILE, build_byte_level_tokenizer
 
 TINY_SPEC = "tiny"
@@ -45,6 +46,7 @@ _ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -68,7 +70,8 @@ def make_tiny(
     """Write a random checkpoint directory for ``arch`` into ``out_dir`` (created; must be empty).
 
     ``expert_intermediate`` defaults to ``hidden``; ``shared_intermediate`` (qwen2_moe's shared expert)
-    to twice the expert width. Returns the directory.
+    to twice the expert width. deepseek_v3 (``tiny_config_keys``) has MLA, so ``kv_heads`` only has to
+    divide ``heads``, and one shared expert of the expert width. Returns the directory.
     """
     if arch not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitecture(arch, SUPPORTED_MODEL_TYPES)
@@ -111,7 +114,14 @@ def make_tiny(
         "pad_token_id": None,
         "dtype": "float32",
     }
-    raw = common | _arch_config(arch, layers, hidden // heads, experts, expert_width, shared_width)
+    if arch == "deepseek_v3":
+        arch_keys = tiny_config_keys(
+            hidden=hidden, heads=heads, experts=experts, top_k=top_k, expert_width=expert_width,
+            max_position_embeddings=max_position_embeddings,
+        )  # fmt: skip
+    else:
+        arch_keys = _arch_config(arch, layers, hidden // heads, experts, expert_width, shared_width)
+    raw = common | arch_keys
     config = parse_config(raw)
 
     # One generator, tensors in expected_shapes' fixed order: same seed, same bytes.
