@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from asap.model.chunked_prefill import prefill_chunked
 
+from asap.model.chunked_prefill import prefill_chunked
 from asap.model.kvcache import KVCache
 from asap.model.reference import load_model
 from tests.model.conftest import TinyModel, random_prompt
