@@ -124,6 +124,8 @@ class LinkGeometry:
         """The most rows one slot holds."""
         per_row = self.top_k * 8 + (0 if shape_only else self.hidden_size * self.itemsize)
         rows = (self.slot_bytes - SLOT_HEADER_BYTES - 3 * LINE) // per_row
+        while self.payload(rows + 1, shape_only=shape_only)[3] <= self.slot_bytes:
+            rows += 1
         while rows > 0 and self.payload(rows, shape_only=shape_only)[3] > self.slot_bytes:
             rows -= 1
         return rows
