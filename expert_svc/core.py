@@ -13,8 +13,10 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -45,6 +47,19 @@ class ExpertResult:
 
 
 _Events = tuple[torch.cuda.Event | None, torch.cuda.Event | None]
+
+
+class Rows(Protocol):
+    """One unit of expert work: rows of one layer with their routing."""
+
+    @property
+    def layer(self) -> int: ...
+    @property
+    def hidden(self) -> torch.Tensor: ...  # [n, H]
+    @property
+    def expert_ids(self) -> torch.Tensor: ...  # [n, K]
+    @property
+    def weights(self) -> torch.Tensor: ...  # [n, K]
 
 
 @dataclass(slots=True)
@@ -146,6 +161,23 @@ class ExpertExecutor:
         await self._queue.put(_Work(layer, hidden, expert_ids, weights, future))
         return future
 
+    def run_on_compute_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the compute thread, behind what is queued there; callable from any thread, no
+        event loop involved (the fast plane's poll thread feeds the compute thread this way)."""
+        if self._closed:
+            raise Unavailable("expert rank is shutting down")
+        self._thread.submit(fn)
+
+    def compute_rows(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int]:
+        """On the compute thread: one computation over ``group`` (same layer), its outputs per item and
+        the host time it took; counted in ``stats`` as the queued path counts its own."""
+        outs, compute_ns, _ = self._compute(group)
+        self.stats.calls += 1
+        self.stats.busy_ns += compute_ns
+        self.stats.chunks += len(group)
+        self.stats.rows += sum(int(out.shape[0]) for out in outs)
+        return outs, compute_ns
+
     def _take_waiting(self, first: _Work) -> list[list[_Work]]:
         """Everything waiting now, grouped by layer (first-arrival order), each group within max rows."""
         groups: dict[int, list[list[_Work]]] = {}
@@ -168,7 +200,7 @@ class ExpertExecutor:
             place(self._queue.get_nowait())
         return list(order)
 
-    def _compute(self, group: list[_Work]) -> tuple[list[torch.Tensor], int, _Events]:
+    def _compute(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
         start = time.monotonic_ns()
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:
