@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
 from asap.model.sampling import FirstToken, first_token
+from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 
 if TYPE_CHECKING:
@@ -34,18 +36,9 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 
 
-@dataclass(slots=True)
-class ExchangeResult:
-    """One expert rank's answer to a dispatch."""
-
-    hidden: torch.Tensor
-    """[n, H] the combined partial result of the dispatch's rows."""
-    barrier_ns: int = 0
-    """Sync mode: how long the expert rank held the dispatch at its barrier (the longest of its chunks)."""
-
-
 class ExpertTransport(Protocol):
-    """How an attention rank reaches expert ranks (gRPC bytes today; shared memory / CUDA IPC later)."""
+    """How an attention rank reaches expert ranks (one link per expert rank, each over its data plane,
+    ``asap.dataplane.plane.DataPlane``)."""
 
     async def exchange(
         self,
@@ -54,14 +47,14 @@ class ExpertTransport(Protocol):
         layer: int,
         dispatch: RankDispatch,
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         trace: Context | None = None,
     ) -> ExchangeResult:
         """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
 
-        ``participants`` > 0 marks a sync-mode step: the expert rank waits for the dispatches of that many
-        attention ranks for (``step``, ``layer``) before computing, and ``dispatch`` may have 0 rows.
+        ``sync`` marks a step of the sync modes: the expert rank waits for the dispatches of its
+        ``participants`` attention ranks for (step, ``layer``) before computing, and ``dispatch`` may have
+        0 rows.
         ``trace`` (tracing on): the batch's context, parent of the ``attention.dispatch`` span whose
         context travels in the chunks.
         """
@@ -161,20 +154,19 @@ class AttentionExecutor:
         self,
         prompts: Sequence[PromptSpec],
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         trace: Context | None = None,
     ) -> BatchOutcome:
         """Prefill a batch; returns each prompt's first token. Transport errors propagate (typed).
 
-        ``participants`` > 0 runs it as part of sync step ``step``: every MoE layer exchanges with every
-        expert rank (empty where nothing routes there), and an empty batch still takes part.
+        ``sync`` runs it as part of that global step: every MoE layer exchanges with every expert rank
+        (empty where nothing routes there), and an empty batch still takes part.
         ``trace``: the ``attention.batch`` span's context; with tracing on, per-layer spans go under it.
         """
         async with self._slots:
             self.inflight += 1
             try:
-                return await self._run(prompts, step, participants, trace if setup.TRACING_ENABLED else None)
+                return await self._run(prompts, sync, trace if setup.TRACING_ENABLED else None)
             finally:
                 self.inflight -= 1
 
@@ -183,8 +175,7 @@ class AttentionExecutor:
         outcome: BatchOutcome,
         layer: int,
         dispatches: list[RankDispatch],
-        step: int,
-        participants: int,
+        sync: SyncStep | None,
         trace: Context | None,
     ) -> list[torch.Tensor]:
         """One layer's exchanges with every expert rank it needs; the waits are added to ``outcome``."""
@@ -193,9 +184,7 @@ class AttentionExecutor:
         waited = time.monotonic_ns()
         results = await _all_or_cancel(
             [
-                self.transport.exchange(
-                    d.rank, micro_batch, layer, d, step=step, participants=participants, trace=trace
-                )
+                self.transport.exchange(d.rank, micro_batch, layer, d, sync=sync, trace=trace)
                 for d in dispatches
             ]
         )
@@ -216,13 +205,13 @@ class AttentionExecutor:
         return await loop.run_in_executor(self._thread, _timed, fn, *args)
 
     async def _run(
-        self, prompts: Sequence[PromptSpec], step_id: int, participants: int, trace: Context | None
+        self, prompts: Sequence[PromptSpec], sync: SyncStep | None, trace: Context | None
     ) -> BatchOutcome:
         micro_batch = next(self._micro_batch_ids)
         outcome = BatchOutcome(results=[], micro_batch=micro_batch, started_ns=time.time_ns())
         if not prompts:
-            if participants:
-                await self._run_empty(step_id, participants, outcome, trace)
+            if sync is not None:
+                await self._run_empty(sync, outcome, trace)
             outcome.finished_ns = time.time_ns()
             return outcome
         loop = asyncio.get_running_loop()
@@ -234,10 +223,10 @@ class AttentionExecutor:
             if any(c is not None for c in caches)
             else self.part.forward_steps(tokens)
         )
-        sync = participants > 0
+        all_ranks = sync is not None
         try:
             step: _Step | torch.Tensor
-            step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, None, sync)
+            step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, None, all_ranks)
             while isinstance(step, tuple):
                 request, dispatches = step
                 if trace is not None:
@@ -247,11 +236,9 @@ class AttentionExecutor:
                         spans.TOKENS: int(request.hidden.shape[0]),
                     }
                     spans.record(spans.ATTENTION_LAYER, trace, start_ns, end_ns, attributes)
-                partials = await self._exchange_all(
-                    outcome, request.layer, dispatches, step_id, participants, trace
-                )
+                partials = await self._exchange_all(outcome, request.layer, dispatches, sync, trace)
                 previous = (request, dispatches, partials)
-                step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, previous, sync)
+                step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, previous, all_ranks)
             logits = step  # [B, V] float32
         finally:
             await loop.run_in_executor(self._thread, gen.close)
@@ -268,18 +255,10 @@ class AttentionExecutor:
         outcome.finished_ns = time.time_ns()
         return outcome
 
-    async def _run_empty(
-        self,
-        step_id: int,
-        participants: int,
-        outcome: BatchOutcome,
-        trace: Context | None,
-    ) -> None:
+    async def _run_empty(self, sync: SyncStep, outcome: BatchOutcome, trace: Context | None) -> None:
         """An idle rank in a sync step: empty dispatches to every expert rank at every MoE layer."""
         for layer in self.part.config.moe_layer_ids:
-            await self._exchange_all(
-                outcome, layer, self._with_empty_dispatches([]), step_id, participants, trace
-            )
+            await self._exchange_all(outcome, layer, self._with_empty_dispatches([]), sync, trace)
 
     def _with_empty_dispatches(self, present: list[RankDispatch]) -> list[RankDispatch]:
         """``present`` plus an empty dispatch for every other expert rank (sync mode talks to all of them)."""

@@ -12,19 +12,21 @@ import torch
 
 from asap.emulation import EmulatedAttentionPart, parse_compute
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError, CheckpointError, InternalError, InvalidArgument
+from asap.errors import AsapError, CheckpointError, InternalError
 from asap.model.attention_part import AttentionPart
 from asap.model.config import ModelConfig, load_config
-from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement
 from asap.model.random_weights import open_weights
 from asap.model.tiny import resolve_model
-from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
+from asap.rpc.server import create_server
+from asap.rpc.service import GrpcService
 from asap.rpc.streams import cancel_all, relay
+from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
+from attention_svc.kvcaches import ChunkCaches
 from attention_svc.transport import GrpcExpertTransport
 
 if TYPE_CHECKING:
@@ -47,8 +49,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         self.executor = executor
         self.config = config
         self._active: set[asyncio.Task[None]] = set()
-        self.caches: dict[str, KVCache] = {}
-        """Chunked prefill: K/V of prompts whose later chunks are still to come, by request id."""
+        self.caches = ChunkCaches(executor.part.config.num_layers)
 
     async def Info(
         self, request: attention_pb2.AttentionInfoRequest, context: grpc.aio.ServicerContext
@@ -67,28 +68,9 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         while self._active:
             await asyncio.gather(*list(self._active), return_exceptions=True)
 
-    def _cache_for(self, prompt: attention_pb2.PromptInput) -> KVCache | None:
-        """The chunk cache a prompt continues (or starts); ``InvalidArgument`` if it does not line up."""
-        if prompt.cached_tokens == 0 and not prompt.more_chunks:
-            return None  # a whole prompt
-        if prompt.cached_tokens == 0:
-            self.caches.pop(prompt.request_id, None)
-            cache = KVCache(self.executor.part.config.num_layers)
-            self.caches[prompt.request_id] = cache
-            return cache
-        held = self.caches.get(prompt.request_id)
-        if held is None or held.length != prompt.cached_tokens:
-            have = "none" if held is None else f"{held.length} tokens"
-            raise InvalidArgument(
-                f"request {prompt.request_id!r} continues after {prompt.cached_tokens} cached tokens, "
-                f"this rank holds {have}"
-            )
-        return held
-
     async def run_assignment(self, assignment: attention_pb2.BatchAssignment) -> attention_pb2.BatchResult:
         """Validate each prompt (a bad one fails alone), run the valid ones as one batch."""
-        for request_id in assignment.drop_caches:
-            self.caches.pop(request_id, None)
+        self.caches.drop(assignment.drop_caches)
         valid: list[PromptSpec] = []
         rejected: dict[str, PromptOutcome] = {}
         for prompt in assignment.prompts:
@@ -100,12 +82,14 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                         temperature=prompt.sampling.temperature,
                         seed=prompt.sampling.seed if prompt.sampling.seed else None,
                         top_logprobs=prompt.sampling.top_logprobs,
-                        cache=self._cache_for(prompt),
+                        cache=self.caches.for_chunk(
+                            prompt.request_id, prompt.cached_tokens, prompt.more_chunks
+                        ),
                         more_chunks=prompt.more_chunks,
                     )
                 )
             except AsapError as exc:
-                self.caches.pop(prompt.request_id, None)
+                self.caches.drop([prompt.request_id])
                 rejected[prompt.request_id] = PromptOutcome(
                     prompt.request_id, len(prompt.token_ids), error=exc
                 )
@@ -113,15 +97,13 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         try:
             outcome = await self.executor.run_batch(
                 valid,
-                step=assignment.step,
-                participants=assignment.sync_participants,
+                sync=SyncStep.from_wire(assignment.step, assignment.sync_participants),
                 trace=spans.context_of(span) if span is not None else None,
             )
             if span is not None:
                 span.set_attribute(spans.MICRO_BATCH, outcome.micro_batch)
         except Exception as exc:
-            for spec in valid:
-                self.caches.pop(spec.request_id, None)
+            self.caches.drop(spec.request_id for spec in valid)
             error = exc if isinstance(exc, AsapError) else InternalError(str(exc))
             if isinstance(exc, AsapError):
                 logger.warning("batch %d failed: %s", assignment.batch_id, error.message)
@@ -133,9 +115,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         finally:
             if span is not None:
                 span.end()
-        for spec in valid:
-            if not spec.more_chunks:
-                self.caches.pop(spec.request_id, None)
+        self.caches.drop(spec.request_id for spec in valid if not spec.more_chunks)
         by_id = {r.request_id: r for r in outcome.results} | rejected
         return _batch_result(assignment, outcome, by_id)
 
@@ -250,21 +230,19 @@ def placement_from_infos(config: ModelConfig, infos: list[expert_pb2.ExpertInfo]
     return ExpertPlacement.from_assignment(experts_by_rank)
 
 
-class AttentionService:
+class AttentionService(GrpcService):
     """An attention rank's whole lifecycle: load, connect to the experts, warm up, serve, drain."""
 
     def __init__(self, config: AttentionServiceConfig) -> None:
+        super().__init__(
+            config,
+            describe=f"attention rank {config.rank}",
+            tracing_name=spans.attention_service(config.rank),
+        )
         self.config = config
         self.executor: AttentionExecutor | None = None
         self.transport: GrpcExpertTransport | None = None
         self.servicer: AttentionServicer | None = None
-        self.handle: ServiceHandle | None = None
-
-    @property
-    def address(self) -> str:
-        if self.handle is None:
-            raise InternalError("service not started")
-        return bound_address(self.config.address, self.handle.port)
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
@@ -321,11 +299,8 @@ class AttentionService:
         await self.handle.set_serving()
         return self.address
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        grace = self.config.drain_timeout_s if grace_s is None else grace_s
-        if self.handle is not None:
-            await self.handle.shutdown(grace)
-            self.handle = None
+    async def shutdown(self, grace_s: float) -> None:
+        await self.stop_server(grace_s)
         if self.transport is not None:
             await self.transport.close()
             self.transport = None
@@ -336,11 +311,3 @@ class AttentionService:
     async def drain(self) -> None:
         if self.servicer is not None:
             await self.servicer.drain()
-
-    async def run_forever(self) -> None:
-        await run_service(
-            self,
-            describe=f"attention rank {self.config.rank}",
-            tracing_name=spans.attention_service(self.config.rank),
-            grace_s=self.config.drain_timeout_s,
-        )

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
+from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
-from attention_svc.core import ExchangeResult
 from attention_svc.expert_link import ExpertLink
 
 if TYPE_CHECKING:
@@ -69,13 +70,10 @@ class GrpcExpertTransport:
         layer: int,
         dispatch: RankDispatch,
         *,
-        step: int = 0,
-        participants: int = 0,
+        sync: SyncStep | None = None,
         trace: Context | None = None,
     ) -> ExchangeResult:
-        return await self.links[rank].exchange(
-            micro_batch, layer, dispatch, step=step, participants=participants, trace=trace
-        )
+        return await self.links[rank].exchange(micro_batch, layer, dispatch, sync=sync, trace=trace)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

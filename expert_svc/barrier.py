@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from asap.errors import InvalidArgument, Unavailable
+from asap.syncstep import SyncStep
 
 
 @dataclass(slots=True)
@@ -35,9 +36,10 @@ class StepBarrier:
         return len(self._groups)
 
     async def wait(
-        self, *, step: int, layer: int, participants: int, attention_rank: int, rows: int, total_rows: int
+        self, *, sync: SyncStep, layer: int, attention_rank: int, rows: int, total_rows: int
     ) -> int:
         """Register one chunk and wait for the rest of its (step, layer); returns nanoseconds waited."""
+        step, participants = sync.step, sync.participants
         key = (step, layer)
         group = self._groups.get(key)
         if group is None:

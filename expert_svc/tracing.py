@@ -56,7 +56,7 @@ class ChunkTrace:
                 spans.SYNC_BARRIER_WAIT,
                 self.parent,
                 *self.barrier_ns,
-                {**base, **transfer, spans.STEP: d.step},
+                {**base, **transfer, spans.STEP: d.sync.step if d.sync is not None else 0},
             )
         if self.compute is not None:
             queue_ns, compute_ns = self.compute

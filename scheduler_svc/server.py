@@ -17,7 +17,8 @@ from asap.model.config import ModelConfig, load_config
 from asap.model.sampling import MAX_TOP_LOGPROBS
 from asap.model.tiny import resolve_model
 from asap.model.tokenizer import PromptTokenizer, load_tokenizer
-from asap.rpc.server import ServiceHandle, bound_address, create_server, run_service
+from asap.rpc.server import create_server
+from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with
 from asap.rpc.streams import cancel_all, relay
 from asap.telemetry import setup, spans
@@ -306,20 +307,14 @@ async def calibrate_cost_model(
     return cost
 
 
-class SchedulerService:
+class SchedulerService(GrpcService):
     """The scheduler's lifecycle: wait for the attention ranks, serve, drain on SIGTERM."""
 
     def __init__(self, config: SchedulerServiceConfig) -> None:
+        super().__init__(config, describe="scheduler", tracing_name=spans.SCHEDULER_SERVICE)
         self.config = config
         self.core: SchedulerCore | None = None
         self.ranks: GrpcRankClient | None = None
-        self.handle: ServiceHandle | None = None
-
-    @property
-    def address(self) -> str:
-        if self.handle is None:
-            raise InternalError("service not started")
-        return bound_address(self.config.address, self.handle.port)
 
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
@@ -352,8 +347,8 @@ class SchedulerService:
         if self.core is not None:
             await self.core.stop(drain_timeout_s=self.config.drain_timeout_s)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+    async def shutdown(self, grace_s: float) -> None:
+        grace = grace_s
         if self.handle is not None:
             await self.handle.set_not_serving()
         if self.core is not None:
@@ -365,11 +360,3 @@ class SchedulerService:
         if self.ranks is not None:
             await self.ranks.close()
             self.ranks = None
-
-    async def run_forever(self) -> None:
-        await run_service(
-            self,
-            describe="scheduler",
-            tracing_name=spans.SCHEDULER_SERVICE,
-            grace_s=self.config.drain_timeout_s,
-        )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from asap.errors import ERRORS_BY_CODE, InternalError, InvalidArgument
+from asap.syncstep import SyncStep
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.codec import RefDecoder, decode_tensor, encode_tensor
 
@@ -55,10 +56,9 @@ class Dispatch:
     traceparent: str
     tracestate: str
     sent_unix_nanos: int
-    step: int = 0
-    """Sync mode: the global step (see ``sync_participants``)."""
-    sync_participants: int = 0
-    """Sync mode: attention ranks whose dispatches of (step, layer) are computed together; 0 = async."""
+    sync: SyncStep | None = None
+    """Sync modes: the global step; the dispatches of all its participants for (step, layer) are computed
+    together. None = async."""
     hidden_ref: common_pb2.Tensor | None = None
     """Same-host data planes: the region reference the rows came by; results are written back there."""
 
@@ -79,14 +79,14 @@ def dispatch_chunks(
     traceparent: str = "",
     tracestate: str = "",
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
-    step: int = 0,
-    sync_participants: int = 0,
+    sync: SyncStep | None = None,
     place_hidden: Callable[[torch.Tensor], common_pb2.Tensor | None] | None = None,
 ) -> list[expert_pb2.DispatchChunk]:
     """Split one dispatch (``hidden`` [N, H], ``expert_ids`` / ``weights`` [N, K]) into chunks by rows.
 
     Every chunk serializes to at most ``max_chunk_bytes`` unless a single row is larger, in which case it
     holds one row. ``expert_ids`` are sent as int32 and ``weights`` as float32 (converted if needed).
+    ``sync`` (the sync modes) marks the chunks as part of that global step; only then may N be 0.
     ``place_hidden`` (same-host data planes) may put a chunk's hidden rows into a region and return the
     referencing tensor message; None from it (or no hook) sends the rows inline.
     """
@@ -96,11 +96,7 @@ def dispatch_chunks(
             f"expert_ids {list(expert_ids.shape)}, weights {list(weights.shape)}"
         )
     total = hidden.shape[0]
-    if (
-        (total == 0 and not sync_participants)
-        or expert_ids.shape[0] != total
-        or weights.shape != expert_ids.shape
-    ):
+    if (total == 0 and sync is None) or expert_ids.shape[0] != total or weights.shape != expert_ids.shape:
         raise InvalidArgument(
             f"dispatch needs n > 0 rows (0 only in sync mode) and matching shapes, got hidden "
             f"{list(hidden.shape)}, expert_ids {list(expert_ids.shape)}, weights {list(weights.shape)}"
@@ -116,6 +112,7 @@ def dispatch_chunks(
         # call into several (each paying the call's launch floor).
         rows_per_chunk = max(total, 1)
     trace = common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate)
+    step, sync_participants = SyncStep.to_wire(sync)
     chunks = []
     for start in range(0, max(total, 1), rows_per_chunk):  # an empty sync dispatch is one empty chunk
         end = min(start + rows_per_chunk, total)
@@ -203,8 +200,7 @@ def decode_dispatch(
         traceparent=msg.trace.traceparent,
         tracestate=msg.trace.tracestate,
         sent_unix_nanos=msg.sent_unix_nanos,
-        step=msg.step,
-        sync_participants=msg.sync_participants,
+        sync=SyncStep.from_wire(msg.step, msg.sync_participants),
         hidden_ref=msg.hidden if msg.hidden.HasField("shm") or msg.hidden.HasField("cuda_ipc") else None,
     )
 

@@ -58,10 +58,10 @@ async def _run(
             [attention.executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
         )
         links = attention.transport.links
-        counters = [(link.shm_bytes, link.inline_hidden_bytes) for link in links]
+        counters = [(link.region_hidden_bytes, link.inline_hidden_bytes) for link in links]
         # results come back the way the rows went: written over them in the region, or inline
         assert all((link.result_ref_bytes > 0) == (link.data_plane == "shm") for link in links)
-        assert all(link.result_ref_bytes <= link.shm_bytes for link in links)
+        assert all(link.result_ref_bytes <= link.region_hidden_bytes for link in links)
         assert {link.data_plane for link in links} == {"shm" if plane == "auto" else plane}
         return [(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcomes.results], counters  # type: ignore[union-attr]
 
@@ -134,7 +134,7 @@ async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path
         g = torch.Generator().manual_seed(5)
         prompt = torch.randint(0, 256, (300,), generator=g).tolist()
         expected = (await executor.run_batch([executor.make_prompt("ref", prompt)])).results[0].first
-        regions = [link.regions for link in transport.links]
+        regions = [link.plane.regions for link in transport.links]  # type: ignore[attr-defined]
         assert all(r is not None for r in regions)
         freed = [
             _signal_after(r, "late_answer", lambda r=r: r.in_quarantine == 0)
@@ -142,9 +142,8 @@ async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path
             if r is not None
         ]
         for attempt in range(10):  # cancel right after chunks went out, before they are answered
-            outbox = transport.links[0]._outbox  # the stream of the reference batch
-            assert outbox is not None
-            sent = _signal_after(outbox, "put_nowait", lambda: True)
+            outbox = transport.links[0].stream.open().outbox  # the stream of the reference batch
+            sent = _signal_after(outbox, "put", lambda: True)
             task = asyncio.create_task(executor.run_batch([executor.make_prompt(f"x{attempt}", prompt)]))
             await asyncio.wait_for(sent.wait(), 30)
             task.cancel()

@@ -57,7 +57,7 @@ async def _run(
         links = attention.transport.links
         assert {link.data_plane for link in links} == {"cuda-ipc" if plane == "auto" else plane}
         counters = {
-            "region": sum(link.shm_bytes for link in links),
+            "region": sum(link.region_hidden_bytes for link in links),
             "inline": sum(link.inline_hidden_bytes for link in links),
             "results_by_ref": sum(link.result_ref_bytes for link in links),
         }

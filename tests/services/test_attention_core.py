@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from asap.dataplane.plane import ExchangeResult
 from asap.errors import InvalidArgument, Unavailable
 from asap.model.placement import InProcessExperts, RankDispatch
 from asap.model.reference import load_model
 from asap.model.sampling import first_token
-from attention_svc.core import AttentionExecutor, ExchangeResult
+from attention_svc.core import AttentionExecutor
 
 
 class LocalTransport:
@@ -25,7 +26,7 @@ class LocalTransport:
         self.calls: list[tuple[int, int, int]] = []
 
     async def exchange(
-        self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: int
+        self, rank: int, micro_batch: int, layer: int, dispatch: RankDispatch, **sync: object
     ) -> ExchangeResult:
         self.calls.append((rank, micro_batch, layer))
         await asyncio.sleep(self.delay_s)

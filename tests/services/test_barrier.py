@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from asap.errors import InvalidArgument, Unavailable
+from asap.syncstep import SyncStep
 from expert_svc.barrier import StepBarrier
 
 
@@ -22,9 +23,8 @@ def arrive(
 ) -> asyncio.Task[int]:
     return asyncio.create_task(
         barrier.wait(
-            step=step,
+            sync=SyncStep(step, participants),
             layer=layer,
-            participants=participants,
             attention_rank=attention_rank,
             rows=rows,
             total_rows=total_rows,

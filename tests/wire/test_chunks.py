@@ -17,6 +17,7 @@ from asap.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from asap.syncstep import SyncStep
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.chunks import (
     HEADER_ALLOWANCE,
@@ -330,10 +331,10 @@ def test_empty_sync_dispatch_round_trip() -> None:
         )
     (chunk,) = dispatch_chunks(
         micro_batch=1, layer=0, attention_rank=0, hidden=empty, expert_ids=ids, weights=ids.float(),
-        step=7, sync_participants=2,
+        sync=SyncStep(7, 2),
     )  # fmt: skip
     (d,) = decode_all([chunk], **MODEL)
-    assert (d.rows, d.total_rows, d.step, d.sync_participants) == (0, 0, 7, 2)
+    assert (d.rows, d.total_rows, d.sync) == (0, 0, SyncStep(7, 2))
     async_chunk = expert_pb2.DispatchChunk()
     async_chunk.CopyFrom(chunk)
     async_chunk.sync_participants = 0

@@ -1,0 +1,225 @@
+"""The chunk handling of an expert rank's ``Expert.Exchange`` streams, without grpc.
+
+``ExpertExchange`` holds what every stream of the rank shares: the executor, the sync-step barrier, the
+serial lock of expert-overlap off, the codec thread, the same-host attachments and the emulated transfer
+charge. Each stream is an ``ExchangeSession``: it reads dispatch chunks, answers each with one combine
+chunk, in completion order, through a queue (the servicer relays that queue as the stream's answers):
+
+- async chunks are submitted to the executor as soon as they are decoded;
+- sync chunks (their ``Dispatch.sync`` is set) wait at the step barrier for every participant's dispatch
+  of their (step, layer), then are submitted; an empty one (an idle attention rank) is answered empty;
+- expert-overlap off: one chunk at a time across all streams, received, computed and sent before the
+  next is read (sync chunks take the lock after their barrier, or the step could never complete);
+- emulated compute: sending a result is charged at the modeled link speed;
+- a malformed chunk, or one whose computation fails, is answered with an error for that chunk; the stream
+  goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable
+from concurrent.futures import Executor
+
+from asap.dataplane.cuda_ipc import CudaAttachments
+from asap.dataplane.shm import ShmAttachments
+from asap.emulation import DeviceProfile
+from asap.emulation.costs import transfer_s
+from asap.errors import AsapError
+from asap.rpc.streams import cancel_all
+from asap.telemetry import setup
+from asap.v1 import expert_pb2
+from asap.wire import chunks
+from expert_svc.barrier import StepBarrier
+from expert_svc.core import ExpertExecutor, ExpertResult
+from expert_svc.regions import StreamRegions
+from expert_svc.tracing import ChunkTrace
+
+__all__ = ["ExchangeSession", "ExpertExchange", "Outbound"]
+
+logger = logging.getLogger(__name__)
+
+Outbound = asyncio.Queue[expert_pb2.CombineChunk | None]
+"""A session's answers, in completion order; ``None`` ends the stream."""
+
+
+class ExpertExchange:
+    """What the ``Exchange`` streams of one expert rank share; ``session()`` starts one stream's."""
+
+    def __init__(
+        self,
+        executor: ExpertExecutor,
+        codec: Executor,
+        *,
+        barrier: StepBarrier | None = None,
+        overlap: bool = True,
+        profile: DeviceProfile | None = None,
+        shm: ShmAttachments | None = None,
+        cuda_ipc: bool = False,
+    ) -> None:
+        self.executor = executor
+        self.codec = codec
+        """Encodes results (one bytes copy each, or the write into a region) off the event loop and off
+        the compute thread, on its own CUDA stream."""
+        self.barrier = barrier if barrier is not None else StepBarrier()
+        self.overlap = overlap
+        """expert-overlap: receive, compute and send of different chunks proceed concurrently."""
+        self.serial = asyncio.Lock()
+        """expert-overlap off: held by the one chunk being received, computed and sent."""
+        self.profile = profile
+        """Emulated compute: chunks carry shapes only, and sending a result is charged at the link speed."""
+        self.shape_only = profile is not None
+        self.shm = shm
+        """Shared-memory data plane: regions of the attention ranks, attached on first reference (hidden
+        rows are copied out once on decode); results are written back over the rows."""
+        self.cuda_ipc = cuda_ipc
+        """CUDA IPC data plane: each stream maps the regions its attention rank announces."""
+
+    def transfer_s(self, rows: int) -> float:
+        """Emulated link time of a combine result of ``rows`` rows (0 with real compute)."""
+        if self.profile is None:
+            return 0.0
+        part = self.executor.part
+        return transfer_s(rows * part.config.hidden_size * part.dtype.itemsize, self.profile)
+
+    def close(self) -> None:
+        """Detach the shared-memory regions of the attention ranks."""
+        if self.shm is not None:
+            self.shm.close()
+
+    def session(self) -> ExchangeSession:
+        return ExchangeSession(self, StreamRegions(self.shm, CudaAttachments() if self.cuda_ipc else None))
+
+    def decode(self, msg: expert_pb2.DispatchChunk, regions: StreamRegions) -> chunks.Dispatch:
+        """Decode and validate one chunk against this rank's model (``InvalidArgument`` if malformed)."""
+        part = self.executor.part
+        cfg = part.config
+        if msg.HasField("cuda_region"):
+            regions.announce(msg.cuda_region)
+        return chunks.decode_dispatch(
+            msg,
+            hidden_size=cfg.hidden_size,
+            dtype=part.dtype,
+            num_layers=cfg.num_layers,
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            allow_shape_only=self.shape_only,
+            refs=regions.decode if regions.enabled else None,
+        )
+
+
+def _error_reply(
+    micro_batch: int, layer: int, row_offset: int, total_rows: int, exc: AsapError
+) -> expert_pb2.CombineChunk:
+    return chunks.error_combine(micro_batch, layer, row_offset, total_rows, exc.code, exc.message)
+
+
+class ExchangeSession:
+    """One ``Exchange`` stream: ``run`` reads its chunks and queues their answers; ``close`` at the end."""
+
+    def __init__(self, shared: ExpertExchange, regions: StreamRegions) -> None:
+        self.shared = shared
+        self.regions = regions
+        self._replies: set[asyncio.Task[None]] = set()
+
+    async def run(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
+        """Answer every chunk of ``messages`` on ``outbound``, then queue ``None``. Cancelled (the
+        attention rank went away): the chunks in progress are abandoned."""
+        try:
+            await self._read(messages, outbound)
+        except asyncio.CancelledError:
+            await cancel_all(self._replies)
+            raise
+
+    def close(self) -> None:
+        self.regions.close()
+
+    async def _read(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
+        shared = self.shared
+        async for msg in messages:
+            async with shared.serial if not shared.overlap else contextlib.nullcontext():
+                try:
+                    dispatch = shared.decode(msg, self.regions)
+                    trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
+                    future: asyncio.Future[ExpertResult] | None
+                    if dispatch.sync is not None:
+                        shared.executor.validate(dispatch.layer, dispatch.expert_ids)
+                        future = None  # queued after the step barrier
+                    else:
+                        future = await self._submit(dispatch)
+                except AsapError as exc:
+                    logger.warning(
+                        "rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message
+                    )
+                    await outbound.put(
+                        _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
+                    )
+                    continue
+                if not shared.overlap and future is not None:
+                    await self._reply(dispatch, future, trace, outbound)
+                    continue
+            task = asyncio.create_task(self._reply(dispatch, future, trace, outbound))
+            self._replies.add(task)
+            task.add_done_callback(self._replies.discard)
+        if self._replies:
+            await asyncio.gather(*self._replies)
+        await outbound.put(None)
+
+    async def _submit(self, dispatch: chunks.Dispatch) -> asyncio.Future[ExpertResult]:
+        return await self.shared.executor.submit(
+            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+        )
+
+    async def _reply(
+        self,
+        dispatch: chunks.Dispatch,
+        future: asyncio.Future[ExpertResult] | None,
+        trace: ChunkTrace | None,
+        outbound: Outbound,
+    ) -> None:
+        shared = self.shared
+        loop = asyncio.get_running_loop()
+        locked = False
+        try:
+            try:
+                barrier_ns = 0
+                if future is None:  # sync: wait for the other attention ranks, then compute together
+                    assert dispatch.sync is not None
+                    barrier_ns = await shared.barrier.wait(
+                        sync=dispatch.sync,
+                        layer=dispatch.layer,
+                        attention_rank=dispatch.attention_rank,
+                        rows=dispatch.rows,
+                        total_rows=dispatch.total_rows,
+                    )
+                    if trace is not None:
+                        trace.barrier_done()
+                    if not shared.overlap:
+                        await shared.serial.acquire()
+                        locked = True
+                    if dispatch.rows == 0:
+                        future = loop.create_future()
+                        future.set_result(ExpertResult(dispatch.hidden, 0, 0))
+                    else:
+                        future = await self._submit(dispatch)
+                result = await future
+                if trace is not None:
+                    trace.computed(result)
+                msg = await loop.run_in_executor(
+                    shared.codec, self.regions.answer, dispatch, result, barrier_ns
+                )
+            except AsapError as exc:
+                msg = _error_reply(
+                    dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
+                )
+                trace = None
+            if shared.profile is not None and dispatch.rows:
+                await asyncio.sleep(shared.transfer_s(dispatch.rows))
+            await outbound.put(msg)
+        finally:
+            if locked:
+                shared.serial.release()
+        if trace is not None:
+            trace.sent()
