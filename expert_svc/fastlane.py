@@ -201,7 +201,9 @@ class ExpertLinkEnd:
                 picked_unix_ns=picked_unix_ns,
             )
             if not self.completions.try_push(completion.pack()):
-                logger.error("fast link completion ring full (more dispatches than slots?): seq=%d", request.seq)
+                logger.error(
+                    "fast link completion ring full (more dispatches than slots?): seq=%d", request.seq
+                )
                 return
             if self.completions.consumer_waiting:
                 self.completion_bell.ring()
@@ -251,9 +253,7 @@ class ExpertLinkEnd:
 class FastLane:
     """All fast links of one expert rank: their poll thread and the hand-off to the compute thread."""
 
-    def __init__(
-        self, executor: ExpertExecutor, *, shape_only: bool, max_merge_rows: int = 16384
-    ) -> None:
+    def __init__(self, executor: ExpertExecutor, *, shape_only: bool, max_merge_rows: int = 16384) -> None:
         self.executor = executor
         part = executor.part
         self.hidden_size = part.config.hidden_size
@@ -342,7 +342,9 @@ class FastLane:
             outs, compute_ns = self.executor.compute_rows(group)
         except Exception as exc:  # a failed computation fails its dispatches, never the rank
             logger.exception("expert computation failed for layer %d", group[0].layer)
-            error = exc if isinstance(exc, InvalidArgument) else InternalError(f"expert compute failed: {exc}")
+            error = (
+                exc if isinstance(exc, InvalidArgument) else InternalError(f"expert compute failed: {exc}")
+            )
             for item in group:
                 item.end.answer(item.request, None, error=error)
                 item.end.release()

@@ -58,7 +58,6 @@ class FastPlane:
         codec: Executor,
         inner: DataPlane,
         *,
-        top_k: int,
         slots: int = DEFAULT_SLOTS,
         peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S,
     ) -> None:
@@ -67,14 +66,10 @@ class FastPlane:
         """The link's ``DuplexStream`` (``open()`` gives the live session, ``peer`` names the expert)."""
         self.inner = inner
         self._codec = codec
-        self.geometry = LinkGeometry(
-            slots=slots,
-            slot_bytes=slot_bytes_for(spec, slots),
-            hidden_size=spec.hidden_size,
-            top_k=top_k,
-            itemsize=spec.dtype.itemsize,
-        )
-        self.max_rows = self.geometry.max_rows(shape_only=spec.shape_only)
+        self.slots = slots
+        self.geometry: LinkGeometry | None = None
+        """Set by the first dispatch (its routing gives top-k)."""
+        self.max_rows = 0
         self.peer_timeout_s = peer_timeout_s
         self._end: AttentionLinkEnd | None = None
         self._session: object = None
@@ -93,10 +88,23 @@ class FastPlane:
             quarantined=inner.quarantined,
         )
 
-    def _end_for(self, session: object) -> AttentionLinkEnd:
+    def _geometry(self, top_k: int) -> LinkGeometry:
+        if self.geometry is None or self.geometry.top_k != top_k:
+            spec = self.spec
+            self.geometry = LinkGeometry(
+                slots=self.slots,
+                slot_bytes=slot_bytes_for(spec, self.slots),
+                hidden_size=spec.hidden_size,
+                top_k=top_k,
+                itemsize=spec.dtype.itemsize,
+            )
+            self.max_rows = self.geometry.max_rows(shape_only=spec.shape_only)
+        return self.geometry
+
+    def _end_for(self, session: object, geometry: LinkGeometry) -> AttentionLinkEnd:
         """The link end of the live stream: a fresh region (announced on it) after a break or a new stream."""
         end = self._end
-        if end is not None and end.broken is None and self._session is session:
+        if end is not None and end.broken is None and self._session is session and end.geometry is geometry:
             return end
         if end is not None:
             end.fail(Unavailable(f"{self.stream.peer}: fast link replaced"))
@@ -106,7 +114,7 @@ class FastPlane:
             per_mib = spec.link_s(1 << 20)
             result_link_s = per_mib / (1 << 20)
         end = AttentionLinkEnd(
-            self.geometry,
+            geometry,
             attention_rank=spec.attention_rank,
             expert_rank=spec.expert_rank,
             dtype=spec.dtype,
@@ -122,9 +130,10 @@ class FastPlane:
         return end
 
     async def exchange(self, request: PlaneRequest) -> ExchangeResult:
+        geometry = self._geometry(int(request.dispatch.expert_ids.shape[1]))
         if request.sync is not None or request.rows > self.max_rows:
             return await self.inner.exchange(request)
-        end = self._end_for(self.stream.open())
+        end = self._end_for(self.stream.open(), geometry)
         spec = self.spec
         dispatch = request.dispatch
         rows = request.rows
@@ -132,7 +141,9 @@ class FastPlane:
         slot = await end.take_slot()
         seq = 0
         try:
-            header = end.header(request.micro_batch, request.layer, rows, request.traceparent, request.tracestate)
+            header = end.header(
+                request.micro_batch, request.layer, rows, request.traceparent, request.tracestate
+            )
             hidden = None if shape_only else dispatch.hidden
             nbytes = rows * spec.hidden_size * spec.dtype.itemsize
             if hidden is not None and nbytes > _CODEC_FILL_BYTES:
@@ -144,7 +155,7 @@ class FastPlane:
                 end.fill(slot, header, hidden, dispatch.expert_ids, dispatch.weights)
             link_s = 0.0
             if spec.link_s is not None and rows:
-                link_s = spec.link_s(rows * (nbytes // max(rows, 1) + self.geometry.top_k * 8))
+                link_s = spec.link_s(rows * (nbytes // max(rows, 1) + geometry.top_k * 8))
             seq, future = end.publish(
                 slot, request.micro_batch, request.layer, rows, shape_only=shape_only, link_s=link_s
             )

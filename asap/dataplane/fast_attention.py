@@ -302,7 +302,9 @@ class AttentionLinkEnd:
         self.published += 1
         return seq, future
 
-    def header(self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str) -> SlotHeader:
+    def header(
+        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str
+    ) -> SlotHeader:
         return SlotHeader(micro_batch, self._seq + 1, layer, rows, time.time_ns(), traceparent, tracestate)
 
     def abandon(self, seq: int) -> None:

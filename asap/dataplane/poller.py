@@ -85,7 +85,11 @@ class PollThread:
             if endpoint not in self._endpoints:
                 return
             self._endpoints = tuple(e for e in self._endpoints if e is not endpoint)
-            if self._thread is None or self._thread is threading.current_thread() or not self._thread.is_alive():
+            if (
+                self._thread is None
+                or self._thread is threading.current_thread()
+                or not self._thread.is_alive()
+            ):
                 return
             target = self._sweeps + 2  # the sweep under way may still hold it; the next one cannot
             while self._sweeps < target and self._thread.is_alive():
@@ -125,9 +129,13 @@ class PollThread:
             with self._lock:
                 self._sweeps += 1
                 self._swept.notify_all()
+            endpoints = self._endpoints  # a tick may have removed some (a retired region)
             if worked:
                 backoff.reset()
             elif endpoints:
-                backoff.idle([e.inbound for e in endpoints], [e.bell for e in endpoints])
+                try:
+                    backoff.idle([e.inbound for e in endpoints], [e.bell for e in endpoints])
+                except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
+                    time.sleep(backoff.max_sleep_s)
             else:
                 time.sleep(backoff.park_s)
