@@ -14,6 +14,7 @@ region replaces it). Its mapping is closed once the compute thread no longer hol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -242,10 +243,8 @@ class ExpertLinkEnd:
         self.requests.release()
         self.completions.release()
         self._buf = memoryview(b"")
-        try:
+        with contextlib.suppress(BufferError):  # a view of its rows still referenced: mapping goes with it
             self.region.close()
-        except BufferError:  # a view of its rows is still referenced: the mapping goes with it
-            pass
         self.request_bell.close()
         self.completion_bell.close()
 
