@@ -45,7 +45,7 @@ async def _with_expert_processes(
                 "--num-ranks",
                 str(ranks),
             ],
-        )  # fmt: skip
+        )
         for r in range(ranks)
     ]
     attention = None
