@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -101,6 +102,7 @@ class ExpertExecutor:
         self._moe_layers = set(part.config.moe_layer_ids)
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
+        self._compute_lock = threading.Lock()
 
     async def start(self) -> None:
         if self._worker is not None:
@@ -169,8 +171,9 @@ class ExpertExecutor:
         self._thread.submit(fn)
 
     def compute_rows(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int]:
-        """On the compute thread: one computation over ``group`` (same layer), its outputs per item and
-        the host time it took; counted in ``stats`` as the queued path counts its own."""
+        """One computation over ``group`` (same layer), its outputs per item and the host time it took;
+        counted in ``stats`` as the queued path counts its own. On the compute thread, or on any thread
+        for a part without a device (computations never overlap: they hold one lock)."""
         outs, compute_ns, _ = self._compute(group)
         self.stats.calls += 1
         self.stats.busy_ns += compute_ns
@@ -201,6 +204,10 @@ class ExpertExecutor:
         return list(order)
 
     def _compute(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
+        with self._compute_lock:  # the fast plane's poll thread may compute too (emulated compute)
+            return self._compute_locked(group)
+
+    def _compute_locked(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
         start = time.monotonic_ns()
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:

@@ -136,6 +136,6 @@ class PollThread:
                 try:
                     backoff.idle([e.inbound for e in endpoints], [e.bell for e in endpoints])
                 except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
-                    time.sleep(backoff.max_sleep_s)
+                    time.sleep(backoff.first_sleep_s)
             else:
                 time.sleep(backoff.park_s)

@@ -165,31 +165,28 @@ class Doorbell:
 
 
 class Backoff:
-    """How a poll thread waits when it found nothing: spin for ``spin_s``, then sleep for growing
-    intervals (``first_sleep_s`` doubling up to ``max_sleep_s``) until ``park_after_s`` have passed
-    idle, then park on the doorbells (``select``, at most ``park_s``). Spinning keeps the wake latency of
-    back-to-back layers at a few µs; parking keeps an idle rank off the CPU. ``reset`` after work."""
+    """How a poll thread waits when it found nothing: spin for ``spin_s``, then wait on the doorbells
+    (``select``) with timeouts growing from ``first_sleep_s`` to ``park_s``. Spinning keeps back-to-back
+    records at a few µs; past it the producer rings (the ``waiting`` flag), so the wake latency is the
+    kernel's wake-up, whatever the timeout, and an idle rank stays off the CPU. The timeout only bounds
+    a wake-up lost to the flag race. ``reset`` after work."""
 
     def __init__(
         self,
         *,
-        spin_s: float = 50e-6,
-        first_sleep_s: float = 20e-6,
-        max_sleep_s: float = 200e-6,
-        park_after_s: float = 2e-3,
+        spin_s: float = 0.0,
+        first_sleep_s: float = 50e-6,
         park_s: float = 5e-3,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.spin_s = spin_s
         self.first_sleep_s = first_sleep_s
-        self.max_sleep_s = max_sleep_s
-        self.park_after_s = park_after_s
         self.park_s = park_s
         self._clock = clock
         self._idle_since = clock()
         self._sleep_s = first_sleep_s
         self.parks = 0
-        """Times the thread parked on the doorbells (for tests and benchmarks)."""
+        """Times the thread waited on the doorbells (for tests and benchmarks)."""
 
     def reset(self) -> None:
         self._idle_since = self._clock()
@@ -197,13 +194,12 @@ class Backoff:
 
     def idle(self, rings: Sequence[Ring], bells: Sequence[Doorbell]) -> None:
         """Wait a little for a record on one of ``rings`` (the consumer's), according to the idle time."""
-        idle_s = self._clock() - self._idle_since
-        if idle_s < self.spin_s:
+        if self._clock() - self._idle_since < self.spin_s:
             return
-        if idle_s < self.park_after_s or not bells:
+        if not bells:
             reduce_timer_slack()
             time.sleep(self._sleep_s)
-            self._sleep_s = min(self._sleep_s * 2, self.max_sleep_s)
+            self._sleep_s = min(self._sleep_s * 2, self.park_s)
             return
         for ring in rings:
             ring.set_waiting(True)
@@ -211,9 +207,10 @@ class Backoff:
             if any(ring.ready() for ring in rings):  # published before the flag was seen: no bell comes
                 return
             self.parks += 1
-            woken, _, _ = select.select(bells, [], [], self.park_s)
+            woken, _, _ = select.select(bells, [], [], self._sleep_s)
             for bell in woken:
                 bell.drain()
+            self._sleep_s = min(self._sleep_s * 2, self.park_s)
         finally:
             for ring in rings:
                 ring.set_waiting(False)

@@ -74,7 +74,7 @@ def test_parked_consumer_is_woken_by_the_doorbell() -> None:
         bell = Doorbell.create(os.path.join(tmp, "bell"))
         buf = memoryview(bytearray(Ring.nbytes(2)))
         producer, consumer = Ring(buf, 0, 2), Ring(buf, 0, 2)
-        backoff = Backoff(spin_s=0, park_after_s=0, park_s=30.0)
+        backoff = Backoff(spin_s=0, first_sleep_s=30.0, park_s=30.0)
         got: list[bytes] = []
 
         def consume() -> None:
