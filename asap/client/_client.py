@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 
@@ -18,6 +18,7 @@ from asap.client._messages import (
     result_from_proto,
 )
 from asap.client._retry import RETRYABLE, Deadline, backoff_s, translate_errors
+from asap.client._sync import SyncAsapClient
 from asap.client._types import (
     ClientState,
     ClusterState,
@@ -25,13 +26,11 @@ from asap.client._types import (
     PrefillResult,
 )
 from asap.errors import AsapError, InternalError, InvalidArgument
+from asap.rpc.duplex import Outbox
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_status
 from asap.telemetry import setup, spans
 from asap.v1 import scheduler_pb2, scheduler_pb2_grpc
-
-if TYPE_CHECKING:
-    from asap.client._sync import SyncAsapClient
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +89,7 @@ class AsapClient:
         cls, target: str = DEFAULT_TARGET, *, timeout_s: float | None = 60.0, retries: int = 2
     ) -> SyncAsapClient:
         """A blocking client for scripts; it runs its own event loop in a background thread."""
-        from asap.client._sync import SyncAsapClient
-
-        return SyncAsapClient(target, timeout_s=timeout_s, retries=retries)
+        return SyncAsapClient(cls(target, timeout_s=timeout_s, retries=retries))
 
     @property
     def state(self) -> ClientState:
@@ -300,20 +297,16 @@ class AsapClient:
         stop_on_error: bool,
     ) -> None:
         """Send every pending request on one stream and record answers until none is pending."""
-        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        outbox: Outbox[Any] = Outbox()
         for queued in pending.values():
-            outbox.put_nowait(queued.request)
-
-        async def request_stream() -> AsyncIterator[Any]:
-            while (request := await outbox.get()) is not None:
-                yield request
+            outbox.put(queued.request)
 
         async def resend_after(delay_s: float, request: Any) -> None:
             await asyncio.sleep(delay_s)
-            outbox.put_nowait(request)
+            outbox.put(request)
 
         resends: set[asyncio.Task[None]] = set()
-        call = stub.PrefillStream(request_stream(), timeout=deadline.remaining_s())
+        call = stub.PrefillStream(aiter(outbox), timeout=deadline.remaining_s())
         try:
             async for response in call:
                 item = pending.get(response.request_id)
@@ -343,7 +336,7 @@ class AsapClient:
                 if stop_on_error and isinstance(outcome, AsapError):
                     return
                 if not pending:
-                    outbox.put_nowait(None)  # half-close: the scheduler then ends the stream
+                    outbox.close()  # half-close: the scheduler then ends the stream
         finally:
             for task in resends:
                 task.cancel()

@@ -6,11 +6,13 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from asap.client._client import DEFAULT_TARGET, AsapClient
 from asap.client._types import ClientState, ClusterState, PrefillRequestSpec, PrefillResult
 from asap.errors import AsapError
+
+if TYPE_CHECKING:  # annotations only: the async client makes this one (``AsapClient.connect_sync``)
+    from asap.client._client import AsapClient
 
 T = TypeVar("T")
 
@@ -20,12 +22,10 @@ class SyncAsapClient:
 
     Same arguments, methods and errors as ``AsapClient`` (without ``await``); close it with ``close()``
     or use it as a context manager. Safe to call from several threads; calls run concurrently on the loop.
-    Prefer ``AsapClient.connect_sync(target)`` to constructing it directly.
+    Made by ``AsapClient.connect_sync(target)``, around a new, unopened ``AsapClient``.
     """
 
-    def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = 60.0, retries: int = 2
-    ) -> None:
+    def __init__(self, client: AsapClient) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="asap-client-loop", daemon=True)
         self._thread.start()
@@ -33,14 +33,13 @@ class SyncAsapClient:
         self._closed = False
         try:
             # The grpc channel binds to the loop it is created on, so the client is opened there.
-            self._client = self._run(self._open(target, timeout_s, retries))
+            self._client = self._run(self._open(client))
         except BaseException:
             self._stop_loop()
             raise
 
     @staticmethod
-    async def _open(target: str, timeout_s: float | None, retries: int) -> AsapClient:
-        client = AsapClient(target, timeout_s=timeout_s, retries=retries)
+    async def _open(client: AsapClient) -> AsapClient:
         return await client.__aenter__()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -28,7 +28,7 @@ from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
 from asap.dataplane.fast import FastPlane
 from asap.dataplane.link import LinkRegions, Slots
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
-from asap.dataplane.shm import DEFAULT_REGION_BYTES, ShmRegion
+from asap.dataplane.shm import DEFAULT_REGION_BYTES
 from asap.errors import InvalidArgument
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import MAX_MESSAGE_BYTES
@@ -180,12 +180,13 @@ class StreamPlane:
         session = self.stream.open()
         loop = asyncio.get_running_loop()
         answers = _Answers(self._assembler(request.rows), self._rx)
-        future = self.stream.expect(key, answers)
-        slots = self._take()
-        place = slots.placer() if slots is not None else None
+        slots: Slots | None = None
         sent = 0
         completed = False
         try:
+            slots = self._take()
+            future = self.stream.expect(key, answers)
+            place = slots.placer() if slots is not None else None
             chunks = await loop.run_in_executor(self._codec, self._encode, request, place)
             self._account(chunks)
             link_s = self.spec.link_s
@@ -225,11 +226,10 @@ class ShmPlane(StreamPlane):
         )
 
     def _answered(self, slots: Slots | None) -> None:
-        region = slots.region if slots is not None else None
-        if slots is not None and slots.offsets and isinstance(region, ShmRegion):
+        if slots is not None and slots.offsets:
             # The expert rank has attached the region (it answered rows it read from it): remove the
             # name now, so the memory goes away with the two processes even if one is killed.
-            region.unlink()
+            slots.region.unlink()
 
 
 class CudaIpcPlane(StreamPlane):
@@ -261,7 +261,7 @@ class CudaIpcPlane(StreamPlane):
 
     def _announce(self, chunks: list[expert_pb2.DispatchChunk], slots: Slots | None) -> None:
         region = slots.region if slots is not None else None
-        if isinstance(region, CudaRegion) and not region.announced and chunks:
+        if isinstance(region, CudaRegion) and not region.announced and chunks:  # (narrows the type)
             chunks[0].cuda_region.CopyFrom(region.announcement())  # once per stream, on its first chunk
             region.announced = True
 
