@@ -407,7 +407,10 @@ def _record_spans(item: _Item, started_unix: int, compute_ns: int, sent_ns: int)
         return
     r = item.request
     base = {spans.LAYER: r.layer, spans.MICRO_BATCH: r.micro_batch, spans.TOKENS: r.rows}
-    transfer = {spans.TRANSFER_NS: item.picked_unix_ns - r.sent_unix_ns}
+    transfer = {
+        spans.TRANSFER_NS: item.picked_unix_ns - r.sent_unix_ns,
+        spans.ATTENTION_RANK: r.attention_rank,
+    }
     spans.record(spans.EXPERT_QUEUE, parent, item.picked_unix_ns, started_unix, {**base, **transfer})
     spans.record(spans.EXPERT_COMPUTE, parent, started_unix, started_unix + compute_ns, base)
     spans.record(spans.EXPERT_COMBINE_SEND, parent, started_unix + compute_ns, sent_ns, base)

@@ -111,6 +111,7 @@ class AttentionLinkEnd:
         self.geometry = geometry
         self.dtype = dtype
         self.peer = peer
+        self.attention_rank = attention_rank
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
         self._result_link_s = result_link_s
         """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
@@ -298,6 +299,7 @@ class AttentionLinkEnd:
             seq=seq,
             sent_unix_ns=time.time_ns(),
             not_before_ns=not_before,
+            attention_rank=self.attention_rank,
         )
         if not self.requests.try_push(request.pack()):  # cannot happen: slots bound the records
             with self._lock:

@@ -178,7 +178,7 @@ def is_closed(buf: memoryview) -> bool:
     return bool(_U32.unpack_from(buf, CLOSED)[0])
 
 
-_REQUEST = struct.Struct("<QIIIIQQQ")
+_REQUEST = struct.Struct("<QIIIIQQQI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +196,8 @@ class Request:
     not_before_ns: int
     """Emulated compute: ``time.monotonic_ns`` before which the rows have not arrived (the modelled link
     time of the payload); 0 otherwise."""
+    attention_rank: int = 0
+    """The sender (for the expert rank's spans)."""
 
     def pack(self) -> bytes:
         return _REQUEST.pack(
@@ -207,6 +209,7 @@ class Request:
             self.seq,
             self.sent_unix_ns,
             self.not_before_ns,
+            self.attention_rank,
         )
 
     @classmethod
