@@ -22,7 +22,7 @@ import torch
 from asap.dataplane.cuda_ipc import gpu_uuid
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
-from asap.dataplane.select import confirm_data_plane, select_data_plane
+from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
 from asap.errors import InternalError, Unavailable
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
@@ -60,7 +60,8 @@ class ExpertLink:
         self.requested_plane = data_plane
         self.device = torch.device(device)
         self.data_plane = select_data_plane(data_plane, target, device, emulated=link_s is not None)
-        """``grpc``, ``shm`` or ``cuda-ipc``; ``auto`` may still fall back to grpc after ``info``."""
+        """``grpc``, ``shm``, ``cuda-ipc`` or ``fast``; ``auto`` may still fall back after ``info``."""
+        self._fast = fast_possible(data_plane, target, device)
         self.spec = LinkSpec(
             attention_rank=attention_rank,
             expert_rank=rank,
@@ -100,14 +101,15 @@ class ExpertLink:
             ) from exc
         if not self._settled:
             uuid = gpu_uuid(self.device) if self.data_plane == "cuda-ipc" else ""
-            self.data_plane = confirm_data_plane(
-                self.requested_plane,
-                self.data_plane,
-                info,
-                gpu_uuid=uuid,
-                where=f"{self.rank} at {self.target}",
+            where = f"{self.rank} at {self.target}"
+            plane = confirm_data_plane(
+                self.requested_plane, self.data_plane, info, gpu_uuid=uuid, where=where
             )
-            self.plane = make_plane(self.data_plane, self.spec, self.stream, self._codec)
+            fallback = "grpc"
+            if self._fast and confirm_fast(self.requested_plane, info, where=where):
+                plane, fallback = "fast", plane  # the rings, over the plane they fall back to
+            self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
+            self.data_plane = plane
             self._settled = True
         return info
 

@@ -6,8 +6,9 @@ round trip is the data path: the attention side (this process, cuda:0, the real 
 sends one layer's dispatch of N token rows (hidden 2048 bf16, top-8 ids and weights) and waits for the
 combined result on its GPU. Timed per plane, per N, with the expert rank on the same GPU and (with two
 GPUs) on the other one. The expert compute time of the same call is measured in-process and reported
-beside, so the data-path share is visible. ``--cpu`` runs the same comparison for CPU ranks (gRPC bytes
-against POSIX shared memory).
+beside, so the data-path share is visible. ``--cpu`` runs the same comparison for CPU ranks: gRPC bytes,
+POSIX shared memory referenced from gRPC messages (``shm``), and the descriptor rings with fixed slots
+(``fast``, no gRPC per layer).
 
     python3 benchmarks/gpu_dataplane.py --json $OUT/gpu_dataplane.json
 """
@@ -36,6 +37,8 @@ from attention_svc.transport import GrpcExpertTransport
 from tests.procs import ServiceProcess
 
 HIDDEN, EXPERTS, TOP_K = 2048, 8, 8
+DTYPE = torch.bfloat16
+"""bf16 on GPUs; ``--cpu`` uses float32 (CPU bf16 matmuls take seconds here and would hide the data path)."""
 
 
 def _dispatch(rows: int, device: str) -> RankDispatch:
@@ -43,7 +46,7 @@ def _dispatch(rows: int, device: str) -> RankDispatch:
     return RankDispatch(
         rank=0,
         rows=torch.arange(rows, device=device),
-        hidden=torch.randn(rows, HIDDEN, device=device, generator=g).to(torch.bfloat16),
+        hidden=torch.randn(rows, HIDDEN, device=device, generator=g).to(DTYPE),
         expert_ids=torch.arange(TOP_K, device=device, dtype=torch.int32).repeat(rows, 1),
         weights=torch.full((rows, TOP_K), 1.0 / TOP_K, device=device),
     )
@@ -61,7 +64,7 @@ async def _time_plane(
         [target],
         attention_rank=0,
         hidden_size=HIDDEN,
-        dtype=torch.bfloat16,
+        dtype=DTYPE,
         max_chunk_bytes=2 * 1024 * 1024,
         data_plane=plane,
         device=device,
@@ -84,7 +87,7 @@ async def _time_plane(
                 if i >= 3:
                     times.append(elapsed)
             assert result.hidden.shape == (n, HIDDEN)
-            payload = 2 * n * HIDDEN * 2  # hidden rows out and results back, bf16
+            payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
             ms = statistics.median(times) * 1e3
             out[str(n)] = {
                 "ms": ms,
@@ -101,7 +104,7 @@ def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]
     """The expert computation alone (same part, same rows), for reference."""
     config = load_config(model)
     with CheckpointReader(model) as reader:
-        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=torch.bfloat16, device=device)
+        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
     out = {}
     for n in tokens:
         d = _dispatch(n, device)
@@ -126,11 +129,15 @@ async def run() -> dict[str, object]:
     parser.add_argument("--cpu", action="store_true", help="CPU ranks: gRPC bytes against shared memory")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
+    global DTYPE
+    if args.cpu:
+        DTYPE = torch.float32
     gpus = torch.cuda.device_count()
     if gpus == 0 and not args.cpu:
         raise SystemExit("needs a CUDA GPU (or --cpu)")
     local = "cpu" if args.cpu else "cuda:0"
     fast_plane = "shm" if args.cpu else "cuda-ipc"
+    compared = ("grpc", "shm", "fast") if args.cpu else ("grpc", fast_plane)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny(
             Path(tmp) / "m",
@@ -146,7 +153,7 @@ async def run() -> dict[str, object]:
             "gpus": gpus,
             "torch": torch.__version__,
             "hidden": HIDDEN,
-            "dtype": "bfloat16",
+            "dtype": str(DTYPE).removeprefix("torch."),
             "top_k": TOP_K,
             "iters": args.iters,
             "expert_compute_ms": _compute_ms(model, tokens, local),
@@ -157,19 +164,21 @@ async def run() -> dict[str, object]:
             proc = ServiceProcess(
                 "expert",
                 ["-m", "expert_svc", "--model", str(model), "--port", "0", "--device", device,
-                 "--dtype", "bfloat16"],
+                 "--dtype", str(DTYPE).removeprefix("torch.")],
             )  # fmt: skip
             try:
                 target = proc.wait_ready()
                 planes = {
-                    plane: await _time_plane(target, plane, tokens, args.iters, local)
-                    for plane in ("grpc", fast_plane)
+                    plane: await _time_plane(target, plane, tokens, args.iters, local) for plane in compared
                 }
             finally:
                 proc.stop()
-            ratios = {n: planes["grpc"][n]["ms"] / planes[fast_plane][n]["ms"] for n in planes["grpc"]}
-            results[where] = {"planes": planes, f"grpc_over_{fast_plane}": ratios}
-            print(f"  grpc / {fast_plane} time: {ratios}", flush=True)
+            entry: dict[str, object] = {"planes": planes}
+            for plane in compared[1:]:
+                ratios = {n: planes["grpc"][n]["ms"] / planes[plane][n]["ms"] for n in planes["grpc"]}
+                entry[f"grpc_over_{plane}"] = ratios
+                print(f"  grpc / {plane} time: {ratios}", flush=True)
+            results[where] = entry
     results["json"] = args.json
     return results
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -46,6 +49,19 @@ class ExpertResult:
 
 
 _Events = tuple[torch.cuda.Event | None, torch.cuda.Event | None]
+
+
+class Rows(Protocol):
+    """One unit of expert work: rows of one layer with their routing."""
+
+    @property
+    def layer(self) -> int: ...
+    @property
+    def hidden(self) -> torch.Tensor: ...  # [n, H]
+    @property
+    def expert_ids(self) -> torch.Tensor: ...  # [n, K]
+    @property
+    def weights(self) -> torch.Tensor: ...  # [n, K]
 
 
 @dataclass(slots=True)
@@ -87,6 +103,7 @@ class ExpertExecutor:
         self._moe_layers = set(part.config.moe_layer_ids)
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
+        self._compute_lock = threading.Lock()
 
     async def start(self) -> None:
         if self._worker is not None:
@@ -150,6 +167,24 @@ class ExpertExecutor:
         await self._queue.put(_Work(layer, hidden, expert_ids, weights, future))
         return future
 
+    def run_on_compute_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the compute thread, behind what is queued there; callable from any thread, no
+        event loop involved (the fast plane's poll thread feeds the compute thread this way)."""
+        if self._closed:
+            raise Unavailable("expert rank is shutting down")
+        self._thread.submit(fn)
+
+    def compute_rows(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int]:
+        """One computation over ``group`` (same layer), its outputs per item and the host time it took;
+        counted in ``stats`` as the queued path counts its own. On the compute thread, or on any thread
+        for a part without a device (computations never overlap: they hold one lock)."""
+        outs, compute_ns, _ = self._compute(group)
+        self.stats.calls += 1
+        self.stats.busy_ns += compute_ns
+        self.stats.chunks += len(group)
+        self.stats.rows += sum(int(out.shape[0]) for out in outs)
+        return outs, compute_ns
+
     def _take_waiting(self, first: _Work) -> list[list[_Work]]:
         """Everything waiting now, grouped by layer (first-arrival order), each group within max rows."""
         groups: dict[int, list[list[_Work]]] = {}
@@ -172,7 +207,11 @@ class ExpertExecutor:
             place(self._queue.get_nowait())
         return list(order)
 
-    def _compute(self, group: list[_Work]) -> tuple[list[torch.Tensor], int, _Events]:
+    def _compute(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
+        with self._compute_lock:  # the fast plane's poll thread may compute too (emulated compute)
+            return self._compute_locked(group)
+
+    def _compute_locked(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
         start = time.monotonic_ns()
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:

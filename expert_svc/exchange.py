@@ -12,7 +12,9 @@ chunk, in completion order, through a queue (the servicer relays that queue as t
   next is read (sync chunks take the lock after their barrier, or the step could never complete);
 - emulated compute: sending a result is charged at the modeled link speed;
 - a malformed chunk, or one whose computation fails, is answered with an error for that chunk; the stream
-  goes on.
+  goes on;
+- a fast link announcement (``fast_link``) is not answered: the region is attached to the rank's
+  ``FastLane`` and served from then on by its poll thread; it is detached when the stream ends.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from asap.v1 import expert_pb2
 from asap.wire import chunks
 from expert_svc.barrier import StepBarrier
 from expert_svc.core import ExpertExecutor, ExpertResult
+from expert_svc.fastlane import ExpertLinkEnd, FastLane
 from expert_svc.regions import StreamRegions
 from expert_svc.tracing import ChunkTrace
 
@@ -58,6 +61,7 @@ class ExpertExchange:
         profile: DeviceProfile | None = None,
         shm: ShmAttachments | None = None,
         cuda_ipc: bool = False,
+        fast: FastLane | None = None,
     ) -> None:
         self.executor = executor
         self.codec = codec
@@ -76,6 +80,8 @@ class ExpertExchange:
         rows are copied out once on decode); results are written back over the rows."""
         self.cuda_ipc = cuda_ipc
         """CUDA IPC data plane: each stream maps the regions its attention rank announces."""
+        self.fast = fast
+        """Fast data plane: the fast links announced on the streams, served by one poll thread."""
 
     def transfer_s(self, rows: int) -> float:
         """Emulated link time of a combine result of ``rows`` rows (0 with real compute)."""
@@ -123,6 +129,7 @@ class ExchangeSession:
         self.shared = shared
         self.regions = regions
         self._replies: set[asyncio.Task[None]] = set()
+        self._fast_ends: list[ExpertLinkEnd] = []
 
     async def run(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
         """Answer every chunk of ``messages`` on ``outbound``, then queue ``None``. Cancelled (the
@@ -135,10 +142,28 @@ class ExchangeSession:
 
     def close(self) -> None:
         self.regions.close()
+        if self.shared.fast is not None:
+            for end in self._fast_ends:
+                self.shared.fast.detach(end)
+        self._fast_ends.clear()
+
+    def _attach_fast(self, msg: expert_pb2.DispatchChunk) -> None:
+        """A fast link announced on this stream: serve it until the stream ends."""
+        fast = self.shared.fast
+        if fast is None:
+            logger.warning("a fast link was announced, but this rank has no fast data plane")
+            return
+        try:
+            self._fast_ends.append(fast.attach(msg.fast_link))
+        except AsapError as exc:  # the attention rank notices: its link end is never attached
+            logger.warning("rejected fast link %s: %s", msg.fast_link.region, exc.message)
 
     async def _read(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
         shared = self.shared
         async for msg in messages:
+            if msg.HasField("fast_link"):
+                self._attach_fast(msg)
+                continue
             async with shared.serial if not shared.overlap else contextlib.nullcontext():
                 try:
                     dispatch = shared.decode(msg, self.regions)

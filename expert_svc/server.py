@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from asap.dataplane.cuda_ipc import visible_gpu_uuids
-from asap.dataplane.select import expert_planes
+from asap.dataplane.select import expert_accepts_fast, expert_planes
 from asap.dataplane.shm import ShmAttachments
 from asap.devices import use_own_stream
 from asap.emulation import parse_compute
@@ -25,6 +25,7 @@ from expert_svc.build import build_executor, warm_up
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
+from expert_svc.fastlane import FastLane
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             shm_data_plane=self.exchange.shm is not None,
             cuda_ipc_data_plane=self.exchange.cuda_ipc,
             gpu_uuids=self.gpu_uuids,
+            fast_data_plane=self.exchange.fast is not None,
         )
 
     async def Exchange(
@@ -113,6 +115,9 @@ class ExpertService(GrpcService):
             profile=profile,
             shm=ShmAttachments() if shm else None,
             cuda_ipc=cuda_ipc,
+            fast=FastLane(self.executor, shape_only=profile is not None, max_merge_rows=config.max_merge_rows)
+            if expert_accepts_fast(config.data_plane, config.device)
+            else None,
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
         servicer = ExpertServicer(self.exchange, config.rank, config.device)
@@ -139,6 +144,8 @@ class ExpertService(GrpcService):
                 wall / 1e9,
             )
         await self.stop_server(grace_s)
+        if self.exchange is not None and self.exchange.fast is not None:
+            self.exchange.fast.close()  # before the compute thread goes
         if self.executor is not None:
             await self.executor.stop()
             self.executor = None

@@ -19,14 +19,19 @@ from asap.v1 import expert_pb2
 __all__ = [
     "DATA_PLANES",
     "confirm_data_plane",
+    "confirm_fast",
+    "expert_accepts_fast",
     "expert_planes",
+    "fast_possible",
     "is_local_target",
     "select_data_plane",
 ]
 
-DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc")
-"""Values of ``--data-plane``: ``auto`` picks shm for same-host CPU ranks, cuda-ipc for same-host GPU
-ranks, else grpc."""
+DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast")
+"""Values of ``--data-plane``: ``auto`` picks fast for same-host CPU ranks (real or emulated compute)
+where the expert rank accepts it, else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks,
+else grpc. ``fast`` forces the descriptor rings (``asap.dataplane.fast``); what they do not carry goes
+over the plane ``auto`` would pick without them."""
 
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -47,6 +52,44 @@ def is_local_target(target: str) -> bool:
     return host == socket.gethostname().lower()  # no DNS lookups here
 
 
+def fast_possible(mode: str, target: str, device: str) -> bool:
+    """Whether the attention rank may try the ``fast`` plane to ``target`` (before the expert's answer);
+    a forced ``fast`` that is not possible raises ``InvalidArgument``."""
+    _check_mode(mode)
+    if mode not in ("auto", "fast"):
+        return False
+    reasons = []
+    if not is_local_target(target):
+        reasons.append(f"expert target {target} is not on this host")
+    if torch.device(device).type != "cpu":
+        reasons.append(f"device {device} is not cpu (the fast plane serves cpu ranks for now)")
+    if reasons and mode == "fast":
+        raise InvalidArgument(f"--data-plane fast is not possible: {'; '.join(reasons)}")
+    return not reasons
+
+
+def confirm_fast(mode: str, info: expert_pb2.ExpertInfo, *, where: str = "") -> bool:
+    """Whether the link uses the ``fast`` plane, once the expert rank's ``info`` is known."""
+    if info.fast_data_plane:
+        return True
+    if mode == "fast":
+        raise InvalidArgument(
+            f"--data-plane fast is not possible: expert rank {where}: it does not accept fast links "
+            "(started with --data-plane grpc or shm, or not on cpu?)"
+        )
+    return False
+
+
+def expert_accepts_fast(mode: str, device: str) -> bool:
+    """Whether an expert rank on ``device`` accepts fast links (``InvalidArgument`` if forced where not
+    possible)."""
+    _check_mode(mode)
+    cpu = torch.device(device).type == "cpu"
+    if mode == "fast" and not cpu:
+        raise InvalidArgument(f"--data-plane fast is not possible: device {device} is not cpu")
+    return cpu and mode in ("auto", "fast")
+
+
 def _same_host_plane(device: str) -> str:
     return "cuda-ipc" if torch.device(device).type == "cuda" else "shm"
 
@@ -57,6 +100,8 @@ def select_data_plane(mode: str, target: str, device: str, *, emulated: bool = F
     _check_mode(mode)
     if mode == "grpc":
         return "grpc"
+    if mode == "fast":  # the plane under the rings: what auto would pick
+        mode = "auto"
     plane = _same_host_plane(device) if mode == "auto" else mode
     reasons = []
     if not is_local_target(target):
@@ -80,6 +125,8 @@ def confirm_data_plane(
 ) -> str:
     """The link's plane once the expert rank's ``info`` is known: the candidate if the expert accepts it
     (for cuda-ipc: and can map memory of GPU ``gpu_uuid``), else gRPC (``auto``) or ``InvalidArgument``."""
+    if mode == "fast":  # the plane under the rings falls back as auto does
+        mode = "auto"
     reason = ""
     if candidate == "shm" and not info.shm_data_plane:
         reason = "it does not accept shared memory (started with --data-plane grpc, or not on cpu?)"
@@ -101,6 +148,8 @@ def expert_planes(mode: str, device: str, *, emulated: bool) -> tuple[bool, bool
     _check_mode(mode)
     if mode == "grpc":
         return False, False
+    if mode == "fast":  # the plane under the rings, as auto
+        mode = "auto"
     kind = torch.device(device).type
     shm = kind == "cpu" and not emulated
     cuda = kind == "cuda" and not emulated and torch.cuda.is_available()

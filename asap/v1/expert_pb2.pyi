@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DispatchChunk(_message.Message):
-    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos", "step", "sync_participants", "cuda_region")
+    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos", "step", "sync_participants", "cuda_region", "fast_link")
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class DispatchChunk(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     SYNC_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_REGION_FIELD_NUMBER: _ClassVar[int]
+    FAST_LINK_FIELD_NUMBER: _ClassVar[int]
     micro_batch: int
     layer: int
     row_offset: int
@@ -35,7 +36,18 @@ class DispatchChunk(_message.Message):
     step: int
     sync_participants: int
     cuda_region: _common_pb2.CudaRegion
-    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ..., cuda_region: _Optional[_Union[_common_pb2.CudaRegion, _Mapping]] = ...) -> None: ...
+    fast_link: FastLink
+    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ..., cuda_region: _Optional[_Union[_common_pb2.CudaRegion, _Mapping]] = ..., fast_link: _Optional[_Union[FastLink, _Mapping]] = ...) -> None: ...
+
+class FastLink(_message.Message):
+    __slots__ = ("region", "request_bell", "completion_bell")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BELL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_BELL_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    request_bell: str
+    completion_bell: str
+    def __init__(self, region: _Optional[str] = ..., request_bell: _Optional[str] = ..., completion_bell: _Optional[str] = ...) -> None: ...
 
 class CombineChunk(_message.Message):
     __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "error", "queue_nanos", "compute_nanos", "barrier_nanos")
@@ -72,7 +84,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device", "shm_data_plane", "cuda_ipc_data_plane", "gpu_uuids")
+    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device", "shm_data_plane", "cuda_ipc_data_plane", "gpu_uuids", "fast_data_plane")
     RANK_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +96,7 @@ class ExpertInfo(_message.Message):
     SHM_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    FAST_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     model_type: str
     hidden_size: int
@@ -95,4 +108,5 @@ class ExpertInfo(_message.Message):
     shm_data_plane: bool
     cuda_ipc_data_plane: bool
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ..., shm_data_plane: _Optional[bool] = ..., cuda_ipc_data_plane: _Optional[bool] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    fast_data_plane: bool
+    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ..., shm_data_plane: _Optional[bool] = ..., cuda_ipc_data_plane: _Optional[bool] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., fast_data_plane: _Optional[bool] = ...) -> None: ...

@@ -210,5 +210,5 @@ def test_make_plane_knows_the_three_planes_and_refuses_others(codec: ThreadPoolE
     stream: ExchangeStream = DuplexStream(lambda r: FakeExpert(r, None), key_of=lambda m: (0, 0), peer="x")
     plane = make_plane("grpc", spec, stream, codec)
     assert type(plane) is StreamPlane and plane.name == "grpc"
-    with pytest.raises(InvalidArgument, match="no data plane 'fast'"):
-        make_plane("fast", spec, stream, codec)
+    with pytest.raises(InvalidArgument, match="no data plane 'rdma'"):
+        make_plane("rdma", spec, stream, codec)

@@ -78,3 +78,26 @@ def test_confirmation_by_the_expert_rank() -> None:
         confirm_data_plane("cuda-ipc", "cuda-ipc", gpu, gpu_uuid="GPU-z")
     with pytest.raises(InvalidArgument, match="does not accept CUDA IPC"):
         confirm_data_plane("cuda-ipc", "cuda-ipc", bare, gpu_uuid="GPU-a")
+
+
+def test_fast_plane_selection() -> None:
+    from asap.dataplane.select import confirm_fast, expert_accepts_fast, fast_possible
+
+    assert fast_possible("auto", "127.0.0.1:1", "cpu") and fast_possible("fast", "localhost:1", "cpu")
+    assert not fast_possible("auto", "10.1.2.3:1", "cpu")  # another host: the rings cannot reach it
+    assert not fast_possible("auto", "127.0.0.1:1", "cuda:0")  # GPU ranks: cuda-ipc for now
+    assert not fast_possible("shm", "127.0.0.1:1", "cpu") and not fast_possible("grpc", "127.0.0.1:1", "cpu")
+    with pytest.raises(InvalidArgument, match=r"fast is not possible.*not on this host"):
+        fast_possible("fast", "10.1.2.3:1", "cpu")
+    # under the rings: what auto would pick (emulated compute has no rows to put in shm)
+    assert select_data_plane("fast", "127.0.0.1:1", "cpu") == "shm"
+    assert select_data_plane("fast", "127.0.0.1:1", "cpu", emulated=True) == "grpc"
+    assert confirm_fast("auto", expert_pb2.ExpertInfo(fast_data_plane=True))
+    assert not confirm_fast("auto", expert_pb2.ExpertInfo(shm_data_plane=True))
+    with pytest.raises(InvalidArgument, match="does not accept fast links"):
+        confirm_fast("fast", expert_pb2.ExpertInfo(), where="0 at x:1")
+    assert expert_accepts_fast("auto", "cpu") and expert_accepts_fast("fast", "cpu")
+    assert not expert_accepts_fast("shm", "cpu") and not expert_accepts_fast("auto", "cuda:0")
+    with pytest.raises(InvalidArgument, match="not cpu"):
+        expert_accepts_fast("fast", "cuda:0")
+    assert expert_planes("fast", "cpu", emulated=False) == (True, False)  # shm under the rings

@@ -26,10 +26,13 @@ def _segments() -> set[str]:
 
 @contextlib.asynccontextmanager
 async def _cluster(model: str, plane: str) -> AsyncIterator[AttentionService]:
-    """Two expert ranks and an attention rank on ``plane``, in process, on port 0."""
+    """Two expert ranks (shm) and an attention rank on ``plane``, in process, on port 0."""
     experts = [
         ExpertService(
-            ExpertServiceConfig(model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS))
+            # expert ranks that accept shm but not fast links, so auto settles on shm (auto prefers fast)
+            ExpertServiceConfig(
+                model=model, rank=r, num_ranks=2, optimizations=frozenset(OPTIMIZATIONS), data_plane="shm"
+            )
         )
         for r in range(2)
     ]

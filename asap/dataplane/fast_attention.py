@@ -1,0 +1,374 @@
+"""The attention rank's end of a fast link: slots it fills, descriptors it publishes, completions its
+poll thread takes.
+
+Per layer nothing but stores into shared memory happens on the event loop: ``exchange`` takes a slot
+(a credit: with every slot in use the dispatch waits, nothing is dropped), writes the slot header, ids,
+weights and rows, publishes one descriptor and rings the expert's doorbell only if its poll thread is
+parked. The process's poll thread (``shared_poller``) takes completions, copies results out of the slot and
+wakes the waiting coroutine once (``call_soon_threadsafe``).
+
+Failure: a link end is *broken* when the stream breaks (``stream_ended``), when the expert rank's
+heartbeat is older than ``peer_timeout_s`` while dispatches wait (a frozen or dead process), or when the
+expert never attached the region within that time. Every waiting dispatch then fails with
+``Unavailable`` at once, the region is retired (its slots are never reused: whatever the expert might
+still write lands in memory nobody reads) and the next exchange announces a fresh region. A dispatch
+abandoned while the expert may still write its slot keeps that slot until its completion arrives or the
+region is retired (the quarantine rule of ``asap.dataplane.link``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from asap.dataplane.fastlink import (
+    FLAG_SHAPE_ONLY,
+    HEARTBEAT_ATTENTION,
+    HEARTBEAT_EXPERT,
+    Completion,
+    LinkGeometry,
+    Request,
+    SlotHeader,
+    beat,
+    error_of,
+    heartbeat,
+    read_error,
+)
+from asap.dataplane.poller import PollThread
+from asap.dataplane.ring import Doorbell, Ring
+from asap.dataplane.shm import ShmRegion, region_name
+from asap.errors import AsapError, InvalidArgument, Unavailable
+from asap.v1 import expert_pb2
+
+__all__ = ["AttentionLinkEnd", "shared_poller"]
+
+logger = logging.getLogger(__name__)
+
+_POLLER: PollThread | None = None
+_POLLER_LOCK = threading.Lock()
+
+
+def shared_poller() -> PollThread:
+    """The attention process's one poll thread for the completions of all its fast links."""
+    global _POLLER
+    with _POLLER_LOCK:
+        if _POLLER is None:
+            _POLLER = PollThread("fast-completions")
+        return _POLLER
+
+
+Outcome = torch.Tensor | AsapError
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    seq: int
+    slot: int
+    rows: int
+    future: asyncio.Future[torch.Tensor]
+    abandoned: bool = False
+    """The exchange gave up (cancelled or failed elsewhere): the slot waits for the completion."""
+
+
+@dataclass(slots=True)
+class _Delayed:
+    due_ns: int
+    pending: _Pending
+    outcome: Outcome = field(compare=False)
+
+
+def _bytes_of(t: torch.Tensor, dtype: torch.dtype) -> memoryview:
+    """The row-major bytes of ``t`` as ``dtype`` (a view when it already is one, on the CPU)."""
+    t = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
+
+
+class AttentionLinkEnd:
+    """One region of a fast link, attention side; ``announcement()`` goes out on the link's stream."""
+
+    def __init__(
+        self,
+        geometry: LinkGeometry,
+        *,
+        attention_rank: int,
+        expert_rank: int,
+        dtype: torch.dtype,
+        peer: str,
+        peer_timeout_s: float,
+        result_link_s: float | None = None,
+        loop: asyncio.AbstractEventLoop,
+        poller: PollThread,
+    ) -> None:
+        self.geometry = geometry
+        self.dtype = dtype
+        self.peer = peer
+        self.attention_rank = attention_rank
+        self.peer_timeout_ns = int(peer_timeout_s * 1e9)
+        self._result_link_s = result_link_s
+        """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
+        self._loop = loop
+        self._poller = poller
+        name = region_name(attention_rank, expert_rank)
+        self.region = ShmRegion.create(name, geometry.nbytes)
+        self._buf = self.region._buf()
+        geometry.write(self._buf)
+        base = os.path.join(tempfile.gettempdir(), name)
+        self.request_bell = Doorbell.create(base + ".req")
+        self.completion_bell = Doorbell.create(base + ".cmp")
+        self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
+        self.completions = Ring(self._buf, geometry.completions_at, geometry.slots)
+        self._free: list[int] = list(range(geometry.slots))[::-1]
+        self._slot_waiters: deque[asyncio.Future[int]] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._delayed: list[_Delayed] = []
+        self._seq = 0
+        self.announced_ns = time.monotonic_ns()
+        self.attached = False
+        self.broken: AsapError | None = None
+        self.published = 0
+        poller.add(self)
+
+    # --- the poll thread's side (Endpoint) --------------------------------------------------------
+
+    @property
+    def inbound(self) -> Ring:
+        return self.completions
+
+    @property
+    def bell(self) -> Doorbell:
+        return self.completion_bell
+
+    def poll(self, now_ns: int) -> bool:
+        worked = False
+        while (raw := self.completions.pop()) is not None:
+            worked = True
+            self._take(Completion.unpack(raw), now_ns)
+        if self._delayed:
+            due = [d for d in self._delayed if d.due_ns <= now_ns]
+            if due:
+                self._delayed = [d for d in self._delayed if d.due_ns > now_ns]
+                for d in due:
+                    self._deliver(d.pending, d.outcome)
+                worked = True
+        return worked
+
+    def _take(self, completion: Completion, now_ns: int) -> None:
+        with self._lock:
+            pending = self._pending.get(completion.seq)
+        if pending is None:
+            logger.warning("%s: completion for unknown dispatch seq=%d ignored", self.peer, completion.seq)
+            return
+        outcome: Outcome
+        at = self.geometry.slot_at(pending.slot)
+        if completion.status:
+            outcome = error_of(completion.status, read_error(self._buf, at))
+        elif completion.rows != pending.rows:
+            outcome = InvalidArgument(
+                f"{self.peer}: a completion of {completion.rows} rows for a dispatch of {pending.rows}"
+            )
+        elif self._result_link_s is not None:  # emulated: shapes only, the result's transfer charged here
+            outcome = torch.empty(pending.rows, self.geometry.hidden_size, dtype=self.dtype, device="meta")
+            nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
+            due = now_ns + int(self._result_link_s * nbytes * 1e9)
+            if due > now_ns + 1000:
+                self._delayed.append(_Delayed(due, pending, outcome))
+                return
+        else:  # results were written over the rows: copy them out before the slot is reused
+            hidden_at = at + self.geometry.payload(pending.rows, shape_only=False)[0]
+            nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
+            raw = torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=hidden_at)
+            outcome = raw.view(self.dtype).view(pending.rows, self.geometry.hidden_size).clone()
+        self._deliver(pending, outcome)
+
+    def _deliver(self, pending: _Pending, outcome: Outcome) -> None:
+        with self._lock:
+            if self._pending.pop(pending.seq, None) is None:
+                return  # the link broke meanwhile: already failed
+        self._loop.call_soon_threadsafe(self._settle, pending, outcome)
+
+    def tick(self, now_ns: int) -> None:
+        beat(self._buf, HEARTBEAT_ATTENTION, now_ns)
+        expert_beat = heartbeat(self._buf, HEARTBEAT_EXPERT)
+        if expert_beat and not self.attached:
+            self.attached = True
+            self._loop.call_soon_threadsafe(self._unlink_names)
+        with self._lock:
+            waiting = any(not p.abandoned for p in self._pending.values())
+        since = max(expert_beat, self.announced_ns)
+        if waiting and self.broken is None and now_ns - since > self.peer_timeout_ns:
+            what = "stopped answering" if expert_beat else "never attached the fast link"
+            error = Unavailable(f"{self.peer}: {what} (no heartbeat for {(now_ns - since) / 1e9:.2f} s)")
+            self._loop.call_soon_threadsafe(self.fail, error)
+
+    # --- the event loop's side ---------------------------------------------------------------------
+
+    def announcement(self) -> expert_pb2.DispatchChunk:
+        return expert_pb2.DispatchChunk(
+            fast_link=expert_pb2.FastLink(
+                region=self.region.name,
+                request_bell=self.request_bell.path,
+                completion_bell=self.completion_bell.path,
+            )
+        )
+
+    def _unlink_names(self) -> None:
+        """The expert attached: the names may go, so nothing is left behind if a process is killed."""
+        self.region.unlink()
+        self.request_bell.unlink()
+        self.completion_bell.unlink()
+
+    async def take_slot(self) -> int:
+        """A free slot (a credit); waits while every slot is in use."""
+        if self.broken is not None:
+            raise self.broken
+        if self._free:
+            return self._free.pop()
+        waiter: asyncio.Future[int] = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over just as it was cancelled
+            raise
+
+    def _release(self, slot: int) -> None:
+        if self.broken is not None:
+            return
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
+
+    def fill(
+        self,
+        slot: int,
+        header: SlotHeader,
+        hidden: torch.Tensor | None,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> None:
+        """Write one dispatch into ``slot`` (any thread): header, rows (None: shapes only), ids, weights."""
+        g = self.geometry
+        at = g.slot_at(slot)
+        rows = header.rows
+        hidden_at, ids_at, weights_at, _ = g.payload(rows, shape_only=hidden is None)
+        header.write(self._buf, at)
+        if rows == 0:
+            return
+        top_k = g.top_k
+        if hidden is not None:
+            nbytes = rows * g.hidden_size * self.dtype.itemsize
+            dst = torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=at + hidden_at)
+            dst.view(self.dtype).view(rows, g.hidden_size).copy_(hidden)
+        # plain byte copies (a few µs) rather than torch copies into frombuffer views (tens of µs each)
+        n = rows * top_k * 4
+        self._buf[at + ids_at : at + ids_at + n] = _bytes_of(expert_ids, torch.int32)
+        self._buf[at + weights_at : at + weights_at + n] = _bytes_of(weights, torch.float32)
+
+    def publish(
+        self, slot: int, micro_batch: int, layer: int, rows: int, *, shape_only: bool, link_s: float
+    ) -> tuple[int, asyncio.Future[torch.Tensor]]:
+        """Publish the filled ``slot``; returns its sequence number and the future of its result."""
+        if self.broken is not None:
+            raise self.broken
+        self._seq += 1
+        seq = self._seq
+        future: asyncio.Future[torch.Tensor] = self._loop.create_future()
+        with self._lock:
+            self._pending[seq] = _Pending(seq, slot, rows, future)
+        not_before = time.monotonic_ns() + int(link_s * 1e9) if link_s > 0 else 0
+        request = Request(
+            micro_batch=micro_batch,
+            layer=layer,
+            slot=slot,
+            rows=rows,
+            flags=FLAG_SHAPE_ONLY if shape_only else 0,
+            seq=seq,
+            sent_unix_ns=time.time_ns(),
+            not_before_ns=not_before,
+            attention_rank=self.attention_rank,
+        )
+        if not self.requests.try_push(request.pack()):  # cannot happen: slots bound the records
+            with self._lock:
+                self._pending.pop(seq, None)
+            raise Unavailable(f"{self.peer}: fast link request ring is full")
+        if self.requests.consumer_waiting:
+            self.request_bell.ring()
+        self.published += 1
+        return seq, future
+
+    def header(
+        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str
+    ) -> SlotHeader:
+        return SlotHeader(micro_batch, self._seq + 1, layer, rows, time.time_ns(), traceparent, tracestate)
+
+    def abandon(self, seq: int) -> None:
+        """The exchange of ``seq`` gave up: its slot stays taken until its completion arrives (its settle
+        frees it) or the region is retired; the peer may still write into it."""
+        with self._lock:
+            pending = self._pending.get(seq)
+            if pending is not None:
+                pending.abandoned = True
+
+    def give_back(self, slot: int) -> None:
+        """A slot taken but never published."""
+        self._release(slot)
+
+    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
+        self._release(pending.slot)
+        if pending.future.done():
+            return
+        if isinstance(outcome, AsapError):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
+
+    def fail(self, error: AsapError) -> None:
+        """Break this link end: every waiting dispatch fails with ``error``; the region is retired."""
+        if self.broken is not None:
+            return
+        self.broken = error
+        self.requests.close()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._delayed = []
+        failed = 0
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(error)
+                failed += 1
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._slot_waiters.clear()
+        if failed:
+            logger.warning("%s; failed %d waiting dispatches", error.message, failed)
+        self.close()
+
+    def close(self) -> None:
+        """Stop polling, drop the names and the mapping (idempotent)."""
+        if self.broken is None:
+            self.broken = Unavailable(f"{self.peer}: fast link closed")
+            self.requests.close()
+        self._poller.remove(self)
+        self._unlink_names()
+        self.requests.release()
+        self.completions.release()
+        self._buf = memoryview(b"")
+        with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
+            self.region.close()
+        self.request_bell.close()
+        self.completion_bell.close()

@@ -1,0 +1,141 @@
+"""One poll thread per process side, serving the rings of every fast link it holds.
+
+Why one thread and not one per link: an attention rank holds a link per expert rank and an expert rank a
+link per attention rank; on a host with few cores each polling thread costs CPU, so one thread sweeps
+all of them and parks on all their doorbells at once (``asap.dataplane.ring.Backoff``). Endpoints are
+added and removed from any thread; ``remove`` returns only once the thread no longer touches the
+endpoint, so its memory may then be unmapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from asap.dataplane.ring import Backoff, Doorbell, Ring
+
+__all__ = ["Endpoint", "PollThread"]
+
+logger = logging.getLogger(__name__)
+
+TICK_NS = 1_000_000
+"""How often endpoints get ``tick`` (heartbeats, peer checks): every millisecond at most, and at least
+once per park (``Backoff.park_s``)."""
+
+
+class Endpoint(Protocol):
+    """One link end a poll thread serves."""
+
+    @property
+    def inbound(self) -> Ring:
+        """The ring this side consumes (the thread parks on it)."""
+        ...
+
+    @property
+    def bell(self) -> Doorbell:
+        """The doorbell of ``inbound``."""
+        ...
+
+    def poll(self, now_ns: int) -> bool:
+        """Take what arrived; True if anything did."""
+        ...
+
+    def tick(self, now_ns: int) -> None:
+        """Write this side's heartbeat and check the peer's."""
+        ...
+
+
+class PollThread:
+    """A daemon thread that polls its endpoints; ``flush`` runs after every sweep that found work."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        flush: Callable[[], None] | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        self.name = name
+        self._flush = flush
+        self._backoff = backoff()
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._lock = threading.Lock()
+        self._sweeps = 0
+        self._swept = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def endpoints(self) -> Sequence[Endpoint]:
+        return self._endpoints
+
+    def add(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            self._endpoints = (*self._endpoints, endpoint)
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def remove(self, endpoint: Endpoint) -> None:
+        """Stop serving ``endpoint``; returns once the thread has left it (at most one sweep or park)."""
+        with self._lock:
+            if endpoint not in self._endpoints:
+                return
+            self._endpoints = tuple(e for e in self._endpoints if e is not endpoint)
+            if (
+                self._thread is None
+                or self._thread is threading.current_thread()
+                or not self._thread.is_alive()
+            ):
+                return
+            target = self._sweeps + 2  # the sweep under way may still hold it; the next one cannot
+            while self._sweeps < target and self._thread.is_alive():
+                self._swept.wait(timeout=0.1)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = self._backoff
+        last_tick = 0
+        while not self._stopped:
+            endpoints = self._endpoints
+            now = time.monotonic_ns()
+            worked = False
+            for endpoint in endpoints:
+                try:
+                    worked = endpoint.poll(now) or worked
+                except Exception:  # one broken link must not stop the others
+                    logger.exception("%s: polling a fast link failed", self.name)
+            if worked and self._flush is not None:
+                try:
+                    self._flush()
+                except Exception:
+                    logger.exception("%s: handing work on failed", self.name)
+            if now - last_tick >= TICK_NS:
+                last_tick = now
+                for endpoint in endpoints:
+                    try:
+                        endpoint.tick(now)
+                    except Exception:
+                        logger.exception("%s: heartbeat of a fast link failed", self.name)
+            with self._lock:
+                self._sweeps += 1
+                self._swept.notify_all()
+            endpoints = self._endpoints  # a tick may have removed some (a retired region)
+            if worked:
+                backoff.reset()
+            elif endpoints:
+                try:
+                    backoff.idle([e.inbound for e in endpoints], [e.bell for e in endpoints])
+                except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
+                    time.sleep(backoff.first_sleep_s)
+            else:
+                time.sleep(backoff.park_s)

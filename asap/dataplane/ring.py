@@ -1,0 +1,216 @@
+"""A single-producer single-consumer ring of fixed-size records in shared memory, and how its consumer
+waits (spin, then sleeps of growing length, then a doorbell).
+
+Why: the per-layer exchange of ranks on one host should cost what a few stores and loads cost, not what
+an RPC costs (DESIGN.md §9). The producer writes a record and returns; the consumer polls at its own pace.
+
+Layout at ``offset`` of a buffer (every field on its own 64-byte line, so the two sides never write the
+same cache line):
+
+    line 0   head      u64  records published (written by the producer)
+    line 1   tail      u64  records consumed (written by the consumer): the producer's credits
+    line 2   waiting   u32  the consumer is parked on the doorbell (set by the consumer)
+             closed    u32  no more records will come (set by the producer, or by whoever gives up)
+    line 3.. records   ``capacity`` x ``RECORD_BYTES``; each starts with its sequence number (u64,
+                            position + 1), written after the rest of the record
+
+The consumer takes the record at ``tail`` only once its sequence number says it is complete, so a record
+is never read half-written. This relies on stores becoming visible in program order (x86-64 TSO; an ARM
+port needs a release store for the sequence number and an acquire load for the check). A full ring
+refuses the record (``try_push`` returns False): the producer holds it back, nothing is dropped.
+
+Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting`` and blocks in
+``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. A wake-up lost to
+the race between the two (store-load reordering) costs at most the park timeout, never a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+from asap.emulation.clock import reduce_timer_slack
+from asap.errors import InvalidArgument
+
+__all__ = ["LINE", "RECORD_BYTES", "Backoff", "Doorbell", "Ring"]
+
+LINE = 64
+RECORD_BYTES = 64
+"""Bytes of one record (8 of them the sequence number)."""
+_HEADER = 3 * LINE
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+class Ring:
+    """One SPSC ring over ``buf[offset:offset + Ring.nbytes(capacity)]``; one side pushes, the other pops."""
+
+    def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
+        if capacity <= 0:
+            raise InvalidArgument(f"ring capacity must be > 0, got {capacity}")
+        if offset % LINE or offset + self.nbytes(capacity) > len(buf):
+            raise InvalidArgument(f"ring of {capacity} records does not fit at offset {offset}")
+        self._buf = buf
+        self.offset = offset
+        self.capacity = capacity
+        self._records = offset + _HEADER
+        self._head = self._load(0)  # the producer's own copy (only it writes head)
+        self._tail = self._load(LINE)  # the consumer's own copy (only it writes tail)
+
+    @staticmethod
+    def nbytes(capacity: int) -> int:
+        return _HEADER + capacity * RECORD_BYTES
+
+    def _load(self, field: int) -> int:
+        value: int = _U64.unpack_from(self._buf, self.offset + field)[0]
+        return value
+
+    # producer side
+
+    def try_push(self, payload: bytes) -> bool:
+        """Publish one record (up to ``RECORD_BYTES - 8`` bytes); False when the ring is full."""
+        if len(payload) > RECORD_BYTES - 8:
+            raise InvalidArgument(f"ring record of {len(payload)} bytes (at most {RECORD_BYTES - 8})")
+        head = self._head
+        if head - self._load(LINE) >= self.capacity:
+            return False
+        at = self._records + (head % self.capacity) * RECORD_BYTES
+        self._buf[at + 8 : at + 8 + len(payload)] = payload
+        _U64.pack_into(self._buf, at, head + 1)  # the record is complete once its sequence number is
+        self._head = head + 1
+        _U64.pack_into(self._buf, self.offset, head + 1)
+        return True
+
+    @property
+    def credits(self) -> int:
+        """Records the producer may still publish before the consumer takes any."""
+        return self.capacity - (self._head - self._load(LINE))
+
+    @property
+    def consumer_waiting(self) -> bool:
+        return bool(_U32.unpack_from(self._buf, self.offset + 2 * LINE)[0])
+
+    # consumer side
+
+    def pop(self) -> bytes | None:
+        """The next complete record (its payload, ``RECORD_BYTES - 8`` bytes), or None."""
+        tail = self._tail
+        at = self._records + (tail % self.capacity) * RECORD_BYTES
+        if _U64.unpack_from(self._buf, at)[0] != tail + 1:
+            return None
+        payload = bytes(self._buf[at + 8 : at + RECORD_BYTES])
+        self._tail = tail + 1
+        _U64.pack_into(self._buf, self.offset + LINE, tail + 1)
+        return payload
+
+    def ready(self) -> bool:
+        """Whether ``pop`` would return a record now."""
+        at = self._records + (self._tail % self.capacity) * RECORD_BYTES
+        return bool(_U64.unpack_from(self._buf, at)[0] == self._tail + 1)
+
+    def set_waiting(self, waiting: bool) -> None:
+        _U32.pack_into(self._buf, self.offset + 2 * LINE, int(waiting))
+
+    # either side
+
+    def close(self) -> None:
+        _U32.pack_into(self._buf, self.offset + 2 * LINE + 4, 1)
+
+    @property
+    def closed(self) -> bool:
+        return bool(_U32.unpack_from(self._buf, self.offset + 2 * LINE + 4)[0])
+
+    def release(self) -> None:
+        """Forget the buffer (the mapping can then be closed)."""
+        self._buf = memoryview(b"")
+
+
+class Doorbell:
+    """A named FIFO that wakes a parked consumer. ``create`` makes the path; every user ``open``s it
+    (read-write, non-blocking, so no side ever blocks on open or on a full pipe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    @classmethod
+    def create(cls, path: str) -> Doorbell:
+        os.mkfifo(path, 0o600)
+        return cls(path)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def ring(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full pipe: a wake-up is pending anyway
+            os.write(self._fd, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._fd, 4096):
+                pass
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Backoff:
+    """How a poll thread waits when it found nothing: spin for ``spin_s``, then wait on the doorbells
+    (``select``) with timeouts growing from ``first_sleep_s`` to ``park_s``. Spinning keeps back-to-back
+    records at a few µs; past it the producer rings (the ``waiting`` flag), so the wake latency is the
+    kernel's wake-up, whatever the timeout, and an idle rank stays off the CPU. The timeout only bounds
+    a wake-up lost to the flag race. ``reset`` after work."""
+
+    def __init__(
+        self,
+        *,
+        spin_s: float = 0.0,
+        first_sleep_s: float = 50e-6,
+        park_s: float = 5e-3,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.spin_s = spin_s
+        self.first_sleep_s = first_sleep_s
+        self.park_s = park_s
+        self._clock = clock
+        self._idle_since = clock()
+        self._sleep_s = first_sleep_s
+        self.parks = 0
+        """Times the thread waited on the doorbells (for tests and benchmarks)."""
+
+    def reset(self) -> None:
+        self._idle_since = self._clock()
+        self._sleep_s = self.first_sleep_s
+
+    def idle(self, rings: Sequence[Ring], bells: Sequence[Doorbell]) -> None:
+        """Wait a little for a record on one of ``rings`` (the consumer's), according to the idle time."""
+        if self._clock() - self._idle_since < self.spin_s:
+            return
+        if not bells:
+            reduce_timer_slack()
+            time.sleep(self._sleep_s)
+            self._sleep_s = min(self._sleep_s * 2, self.park_s)
+            return
+        for ring in rings:
+            ring.set_waiting(True)
+        try:
+            if any(ring.ready() for ring in rings):  # published before the flag was seen: no bell comes
+                return
+            self.parks += 1
+            woken, _, _ = select.select(bells, [], [], self._sleep_s)
+            for bell in woken:
+                bell.drain()
+            self._sleep_s = min(self._sleep_s * 2, self.park_s)
+        finally:
+            for ring in rings:
+                ring.set_waiting(False)

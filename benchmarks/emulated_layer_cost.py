@@ -1,0 +1,179 @@
+"""Per-layer cost of the emulated cluster, undilated, by data plane: what a layer costs beyond the
+modelled device time.
+
+Starts real service processes on this host (expert ranks, attention ranks, a scheduler) with
+``--compute emulated:h200`` (no dilation), a 16-layer Qwen3-30B-A3B-shaped model
+(``benchmarks/models/qwen3-30b-a3b-16l``), for each data plane and each (attention, expert) shape in
+turn; min-batch off, so nothing holds a request at the scheduler. Sends 128-token prompts one at a time
+(low load) and takes the client-side TTFT. The modelled device time of the same prompt (attention
+layers, LM head, and per layer the slowest expert rank's call for uniformly random routing) is
+subtracted; the rest divided by the layer count is the per-layer cost of everything that is not the
+modelled device: host control path, messaging, scheduling.
+
+    python benchmarks/emulated_layer_cost.py --planes grpc,fast --shapes 1x1,4x4 --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from asap.client import AsapClient
+from asap.emulation import EmulatedAttentionPart, EmulatedExpertPart, parse_compute
+from asap.model.config import load_config
+from asap.model.placement import ExpertPlacement
+from tests.procs import ServiceProcess
+
+MODEL = Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l"
+OPTIMIZATIONS = "dual-batch,expert-overlap,layer-agnostic"  # min-batch off: no hold at the scheduler
+
+
+def modeled_ms(model: Path, compute: str, experts: int, tokens: int, samples: int = 20) -> float:
+    """Modelled device time (ms) of one prompt: attention + LM head + per MoE layer the slowest expert."""
+    config = load_config(model)
+    profile = parse_compute(compute)[1]
+    assert profile is not None
+    attention = EmulatedAttentionPart(config, profile)
+    placement = ExpertPlacement(config.num_experts, experts)
+    parts = [EmulatedExpertPart(config, placement.experts_of(r), profile) for r in range(experts)]
+    g = torch.Generator().manual_seed(0)
+    per_layer = []
+    for _ in range(samples):
+        ids = torch.stack(
+            [torch.randperm(config.num_experts, generator=g)[: config.top_k] for _ in range(tokens)]
+        )
+        per_layer.append(max(part.call_s(ids) for part in parts))
+    moe = statistics.mean(per_layer) * len(config.moe_layer_ids)
+    return (attention.modeled_s([tokens]) + moe) * 1e3
+
+
+def _start(plane: str, attention: int, experts: int, compute: str) -> list[ServiceProcess]:
+    common = ["--model", str(MODEL), "--port", "0", "--compute", compute, "--dtype", "bfloat16",
+              "--optimizations", OPTIMIZATIONS]  # fmt: skip
+    procs = []
+    try:
+        ranks = [
+            ServiceProcess(
+                f"expert-{r}",
+                [
+                    "-m",
+                    "expert_svc",
+                    *common,
+                    "--rank",
+                    str(r),
+                    "--num-ranks",
+                    str(experts),
+                    "--data-plane",
+                    plane,
+                ],
+            )
+            for r in range(experts)
+        ]
+        procs += ranks
+        targets = ",".join(p.wait_ready() for p in ranks)
+        tops = [
+            ServiceProcess(
+                f"attention-{r}",
+                [
+                    "-m",
+                    "attention_svc",
+                    *common,
+                    "--rank",
+                    str(r),
+                    "--experts",
+                    targets,
+                    "--data-plane",
+                    plane,
+                ],
+            )
+            for r in range(attention)
+        ]
+        procs += tops
+        heads = ",".join(p.wait_ready() for p in tops)
+        scheduler = ServiceProcess(
+            "scheduler", ["-m", "scheduler_svc", "--port", "0", "--attention", heads, "--model", str(MODEL),
+                          "--optimizations", OPTIMIZATIONS])  # fmt: skip
+        procs.append(scheduler)
+        scheduler.wait_ready()
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs
+
+
+async def _ttfts(target: str, tokens: int, warmup: int, requests: int, vocab: int) -> list[float]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    async with AsapClient(target) as client:
+        for i in range(warmup + requests):
+            prompt = torch.randint(0, vocab, (tokens,), generator=g).tolist()
+            start = time.perf_counter()
+            await client.prefill(tokens=prompt)
+            if i >= warmup:
+                out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--planes", default="grpc,fast")
+    parser.add_argument("--shapes", default="1x1,4x4", help="ATTENTIONxEXPERTS, comma-separated")
+    parser.add_argument("--compute", default="emulated:h200")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    config = load_config(MODEL)
+    layers = config.num_layers
+    results: dict[str, object] = {"model": str(MODEL), "compute": args.compute, "tokens": args.tokens,
+                                  "layers": layers, "requests": args.requests, "runs": []}  # fmt: skip
+    runs: list[dict[str, object]] = []
+    for shape in args.shapes.split(","):
+        attention, experts = (int(x) for x in shape.split("x"))
+        modeled = modeled_ms(MODEL, args.compute, experts, args.tokens)
+        for plane in args.planes.split(","):
+            procs = _start(plane, attention, experts, args.compute)
+            try:
+                target = procs[-1].address
+                ttfts = asyncio.run(
+                    _ttfts(target, args.tokens, args.warmup, args.requests, config.vocab_size)
+                )
+            finally:
+                for p in procs:
+                    p.stop()
+            p50 = statistics.median(ttfts)
+            run = {
+                "shape": shape,
+                "plane": plane,
+                "ttft_ms_p50": p50,
+                "ttft_ms_mean": statistics.mean(ttfts),
+                "ttft_ms_p10": sorted(ttfts)[len(ttfts) // 10],
+                "modeled_ms": modeled,
+                "per_layer_overhead_ms": (p50 - modeled) / layers,
+            }
+            runs.append(run)
+            print(
+                f"{shape:5s} {plane:5s} TTFT p50 {p50:7.2f} ms  modeled {modeled:6.2f} ms  "
+                f"per-layer cost beyond the model {run['per_layer_overhead_ms']:.3f} ms",
+                flush=True,
+            )
+    results["runs"] = runs
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
