@@ -53,6 +53,8 @@ class ExpertPart:
         self._per_layer: list[_LayerExperts] | None = None
         self._grouped: LayerAgnosticExperts | None = None
         self._graphed: GraphedExperts | None = None
+        # torch._grouped_mm takes bf16 operands only: float32/float16 on CUDA use the per-expert loop
+        self._grouped_gemm = grouped_mm_available(self.device) and self.dtype == torch.bfloat16
         # decoder layer -> index into the stack (-1: dense layer)
         self._slot_of_layer = [-1] * config.num_layers
         for slot, layer in enumerate(config.moe_layer_ids):
@@ -103,7 +105,7 @@ class ExpertPart:
         local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         weights = weights.to(device=self.device, dtype=torch.float32)
-        if grouped_mm_available(self.device):
+        if self._grouped_gemm:
             return self._compute_grouped(slot, hidden, local, weights)
         if not self.layer_agnostic:
             if self._per_layer is None:
@@ -117,7 +119,7 @@ class ExpertPart:
         """Capture now the CUDA graph of every token bucket up to ``max_rows`` for every window of layers,
         so the first large batches after start-up pay no capture; returns the graphs captured. Call it on
         the thread (stream) that will compute. A no-op without graphs (CPU, or not layer-agnostic)."""
-        if not (grouped_mm_available(self.device) and self.layer_agnostic):
+        if not (self._grouped_gemm and self.layer_agnostic):
             return 0
         h, k = self.config.hidden_size, self.config.top_k
         largest = bucket_for(max_rows)
