@@ -5,6 +5,11 @@ so that ``asap --help`` and every command other than the one run never import th
 (seconds of start-up) for what they do.
 """
 
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
 SUMMARIES: dict[str, str] = {
     "up": "start scheduler + attention + expert services locally",
     "serve": "run one service (scheduler, attention or expert)",
@@ -14,3 +19,15 @@ SUMMARIES: dict[str, str] = {
     "trace": "collect, summarize and visualise OpenTelemetry traces",
     "calibrate": "time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
 }
+
+
+def add_documented_parser(subparsers: Any, name: str, doc: str | None) -> argparse.ArgumentParser:
+    """Register subcommand ``name`` with its summary as help and its module docstring, layout kept, as
+    description: the commands whose docstring is their manual all want the same three settings."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=SUMMARIES[name],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser

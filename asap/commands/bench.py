@@ -20,7 +20,7 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
-from asap.commands import SUMMARIES
+from asap.commands import add_documented_parser
 from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
@@ -48,12 +48,7 @@ def _modes(value: str) -> list[str]:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap bench``."""
-    parser = subparsers.add_parser(
-        "bench",
-        help=SUMMARIES["bench"],
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_documented_parser(subparsers, "bench", __doc__)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--target", metavar="HOST:PORT", help=f"default: ${TARGET_ENV} or {DEFAULT_TARGET}")
     where.add_argument(

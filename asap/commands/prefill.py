@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from asap.client import DEFAULT_TARGET, AsapClient, AsapError, PrefillResult
-from asap.commands import SUMMARIES
+from asap.commands import add_documented_parser
 
 TARGET_ENV = "ASAP_TARGET"
 
@@ -31,12 +31,7 @@ def _token_list(value: str) -> list[int]:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap prefill``."""
-    parser = subparsers.add_parser(
-        "prefill",
-        help=SUMMARIES["prefill"],
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_documented_parser(subparsers, "prefill", __doc__)
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
