@@ -8,7 +8,14 @@ so that ``asap --help`` and every command other than the one run never import th
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+TARGET_ENV = "ASAP_TARGET"
+"""Names the scheduler for the commands that talk to a running cluster when ``--target`` is absent."""
 
 SUMMARIES: dict[str, str] = {
     "up": "start scheduler + attention + expert services locally",
@@ -31,3 +38,20 @@ def add_documented_parser(subparsers: Any, name: str, doc: str | None) -> argpar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
+
+
+def cluster_target(flag: str | None) -> str:
+    """The scheduler address: ``--target``, else ``$ASAP_TARGET``, else the client's default. The client
+    is imported here, not at module level, so that ``asap --help`` does not load grpc."""
+    from asap.client import DEFAULT_TARGET
+
+    return flag or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def comma_separated(value: str, convert: Callable[[str], _T], what: str) -> list[_T]:
+    """``value`` split at commas (empty parts skipped), each part through ``convert``; a ``ValueError``
+    there becomes the ``ArgumentTypeError`` argparse reports as a usage error."""
+    try:
+        return [convert(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None

@@ -20,19 +20,14 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
-from asap.commands import add_documented_parser
+from asap.commands import TARGET_ENV, add_documented_parser, cluster_target, comma_separated
 from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
 
-TARGET_ENV = "ASAP_TARGET"
-
 
 def _rates(value: str) -> list[float]:
-    try:
-        rates = [float(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {value!r}") from None
+    rates = comma_separated(value, float, "rates")
     if not rates or any(not rate > 0 for rate in rates):
         raise argparse.ArgumentTypeError(f"rates must be > 0, got {value!r}")
     return rates
@@ -151,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             sweeps = run_compare(args.compare, cluster_fields, config, log=log)
         document = compare_document(sweeps, settings, workload.describe())
     else:
-        target = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+        target = cluster_target(args.target)
         sweep = asyncio.run(bench_target(target, config, None))
         sweeps = {sweep.label: sweep}
         document = target_document(target, sweep, settings, workload.describe())
