@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
+from asap.rank_backends import check_rank_backends
 
 
 @dataclass(slots=True)
@@ -52,14 +52,9 @@ class AttentionServiceConfig:
             raise InvalidArgument(f"max_inflight_batches must be >= 1, got {self.max_inflight_batches}")
         if self.max_chunk_bytes < 4096:
             raise InvalidArgument(f"max_chunk_bytes must be >= 4096, got {self.max_chunk_bytes}")
-        if not (self.compute == "torch" or self.compute.startswith("emulated:")):
-            raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
+        check_rank_backends(self.compute, self.data_plane)
         if self.route_skew < 0:
             raise InvalidArgument(f"route_skew must be >= 0, got {self.route_skew}")
-        if self.data_plane not in DATA_PLANES:
-            raise InvalidArgument(
-                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
-            )
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
 

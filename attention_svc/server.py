@@ -21,7 +21,7 @@ from asap.model.resolve import WeightSource
 from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import error_to_wire
-from asap.rpc.streams import cancel_all, relay
+from asap.rpc.streams import answer_each, relay
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2
@@ -115,23 +115,14 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[attention_pb2.BatchResult]:
         async def produce(outbound: asyncio.Queue[attention_pb2.BatchResult | None]) -> None:
-            stream_tasks: set[asyncio.Task[None]] = set()
-
-            async def run_one(assignment: attention_pb2.BatchAssignment) -> None:
-                await outbound.put(await self.run_assignment(assignment))
-
-            try:
-                async for assignment in request_iterator:
-                    task = asyncio.create_task(run_one(assignment), name=f"batch-{assignment.batch_id}")
-                    for group in (stream_tasks, self._active):
-                        group.add(task)
-                        task.add_done_callback(group.discard)
-                if stream_tasks:
-                    await asyncio.gather(*list(stream_tasks), return_exceptions=True)
-                await outbound.put(None)
-            except asyncio.CancelledError:
-                await cancel_all(stream_tasks)  # the scheduler went away: its batches are abandoned
-                raise
+            # A scheduler that goes away abandons its batches.
+            await answer_each(
+                request_iterator,
+                self.run_assignment,
+                outbound,
+                task_name=lambda assignment: f"batch-{assignment.batch_id}",
+                also_track=self._active,
+            )
 
         async for result in relay(produce, name="attention-stream-reader"):
             yield result

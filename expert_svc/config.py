@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.optimizations import OPTIMIZATIONS
+from asap.rank_backends import check_rank_backends
 
 
 @dataclass(slots=True)
@@ -53,12 +53,7 @@ class ExpertServiceConfig:
             raise InvalidArgument(f"queue_depth must be >= 1, got {self.queue_depth}")
         if self.max_merge_rows < 1:
             raise InvalidArgument(f"max_merge_rows must be >= 1, got {self.max_merge_rows}")
-        if not (self.compute == "torch" or self.compute.startswith("emulated:")):
-            raise InvalidArgument(f"compute must be 'torch' or 'emulated:DEVICE', got {self.compute!r}")
-        if self.data_plane not in DATA_PLANES:
-            raise InvalidArgument(
-                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
-            )
+        check_rank_backends(self.compute, self.data_plane)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
 

@@ -18,7 +18,7 @@ from asap.model.tokenizer import load_tokenizer
 from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with, error_to_wire
-from asap.rpc.streams import cancel_all, relay
+from asap.rpc.streams import answer_each, relay
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.attention_client import AttentionClient
@@ -110,31 +110,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def PrefillStream(
         self, request_iterator: AsyncIterator[scheduler_pb2.PrefillRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.PrefillResponse]:
-        async def produce(outbound: asyncio.Queue[scheduler_pb2.PrefillResponse | None]) -> None:
-            tasks: set[asyncio.Task[None]] = set()
-
-            async def one(request: scheduler_pb2.PrefillRequest) -> None:
-                timeout = request.timeout_ms / 1e3 if request.timeout_ms else None
-                try:
-                    response = await self._prefill(request, timeout)
-                except AsapError as exc:
-                    response = scheduler_pb2.PrefillResponse(
-                        request_id=request.request_id,
-                        error=error_to_wire(exc),
-                    )
-                await outbound.put(response)
-
+        async def answer(request: scheduler_pb2.PrefillRequest) -> scheduler_pb2.PrefillResponse:
+            timeout = request.timeout_ms / 1e3 if request.timeout_ms else None
             try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-                await outbound.put(None)
-            except asyncio.CancelledError:
-                await cancel_all(tasks)  # the client went away: its requests leave the queues
-                raise
+                return await self._prefill(request, timeout)
+            except AsapError as exc:
+                return scheduler_pb2.PrefillResponse(request_id=request.request_id, error=error_to_wire(exc))
+
+        async def produce(outbound: asyncio.Queue[scheduler_pb2.PrefillResponse | None]) -> None:
+            # A client that goes away takes its requests out of the queues.
+            await answer_each(request_iterator, answer, outbound)
 
         async for response in relay(produce, name="prefill-stream-reader"):
             yield response

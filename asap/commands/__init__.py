@@ -5,6 +5,18 @@ so that ``asap --help`` and every command other than the one run never import th
 (seconds of start-up) for what they do.
 """
 
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+TARGET_ENV = "ASAP_TARGET"
+"""Names the scheduler for the commands that talk to a running cluster when ``--target`` is absent."""
+
 SUMMARIES: dict[str, str] = {
     "up": "start scheduler + attention + expert services locally",
     "serve": "run one service (scheduler, attention or expert)",
@@ -14,3 +26,32 @@ SUMMARIES: dict[str, str] = {
     "trace": "collect, summarize and visualise OpenTelemetry traces",
     "calibrate": "time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
 }
+
+
+def add_documented_parser(subparsers: Any, name: str, doc: str | None) -> argparse.ArgumentParser:
+    """Register subcommand ``name`` with its summary as help and its module docstring, layout kept, as
+    description: the commands whose docstring is their manual all want the same three settings."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=SUMMARIES[name],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def cluster_target(flag: str | None) -> str:
+    """The scheduler address: ``--target``, else ``$ASAP_TARGET``, else the client's default. The client
+    is imported here, not at module level, so that ``asap --help`` does not load grpc."""
+    from asap.client import DEFAULT_TARGET
+
+    return flag or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def comma_separated(value: str, convert: Callable[[str], _T], what: str) -> list[_T]:
+    """``value`` split at commas (empty parts skipped), each part through ``convert``; a ``ValueError``
+    there becomes the ``ArgumentTypeError`` argparse reports as a usage error."""
+    try:
+        return [convert(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None

@@ -20,19 +20,14 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
-from asap.commands import SUMMARIES
+from asap.commands import TARGET_ENV, add_documented_parser, cluster_target, comma_separated
 from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
 
-TARGET_ENV = "ASAP_TARGET"
-
 
 def _rates(value: str) -> list[float]:
-    try:
-        rates = [float(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {value!r}") from None
+    rates = comma_separated(value, float, "rates")
     if not rates or any(not rate > 0 for rate in rates):
         raise argparse.ArgumentTypeError(f"rates must be > 0, got {value!r}")
     return rates
@@ -48,12 +43,7 @@ def _modes(value: str) -> list[str]:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap bench``."""
-    parser = subparsers.add_parser(
-        "bench",
-        help=SUMMARIES["bench"],
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_documented_parser(subparsers, "bench", __doc__)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--target", metavar="HOST:PORT", help=f"default: ${TARGET_ENV} or {DEFAULT_TARGET}")
     where.add_argument(
@@ -156,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             sweeps = run_compare(args.compare, cluster_fields, config, log=log)
         document = compare_document(sweeps, settings, workload.describe())
     else:
-        target = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+        target = cluster_target(args.target)
         sweep = asyncio.run(bench_target(target, config, None))
         sweeps = {sweep.label: sweep}
         document = target_document(target, sweep, settings, workload.describe())

@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from asap.client import DEFAULT_TARGET, AsapClient, AsapError, PrefillResult
-from asap.commands import SUMMARIES
-
-TARGET_ENV = "ASAP_TARGET"
+from asap.commands import TARGET_ENV, add_documented_parser, cluster_target, comma_separated
 
 
 def _token_list(value: str) -> list[int]:
-    try:
-        tokens = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {value!r}") from None
+    tokens = comma_separated(value, int, "token ids")
     if not tokens:
         raise argparse.ArgumentTypeError("expected at least one token id")
     return tokens
@@ -31,12 +25,7 @@ def _token_list(value: str) -> list[int]:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap prefill``."""
-    parser = subparsers.add_parser(
-        "prefill",
-        help=SUMMARIES["prefill"],
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_documented_parser(subparsers, "prefill", __doc__)
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
@@ -60,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_prefill(args: argparse.Namespace) -> int:
     """Send the prompt with the blocking client and print the result or the error."""
-    target = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    target = cluster_target(args.target)
     try:
         with AsapClient.connect_sync(target, timeout_s=args.timeout, retries=args.retries) as client:
             result = client.prefill(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asap.commands import SUMMARIES
@@ -213,36 +214,45 @@ def scheduler_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _serve_scheduler(args: argparse.Namespace) -> int:
+def _run_service(
+    args: argparse.Namespace,
+    log_name: str,
+    make_main: Callable[[], Callable[[], Coroutine[Any, Any, None]]],
+    *,
+    torch_threads: bool,
+) -> int:
+    """Set up logging (and torch's threads for the ranks that compute) before the service is built, so
+    that its construction already logs under its name, then run it until it stops."""
     from asap.logs import setup_logging
     from asap.rpc.server import run_async
+
+    setup_logging(log_name, args.log_level)
+    if torch_threads:
+        configure_torch_threads(args.threads)
+    run_async(make_main(), use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _serve_scheduler(args: argparse.Namespace) -> int:
     from scheduler_svc.server import SchedulerService
 
     config = scheduler_config(args)
-    setup_logging("scheduler", args.log_level)
-    run_async(SchedulerService(config).run_forever, use_uvloop=not args.no_uvloop)
-    return 0
+    return _run_service(args, "scheduler", lambda: SchedulerService(config).run_forever, torch_threads=False)
 
 
 def _serve_attention(args: argparse.Namespace) -> int:
-    from asap.logs import setup_logging
-    from asap.rpc.server import run_async
     from attention_svc.server import AttentionService
 
     config = attention_config(args)
-    setup_logging(f"attention-{config.rank}", args.log_level)
-    configure_torch_threads(args.threads)
-    run_async(AttentionService(config).run_forever, use_uvloop=not args.no_uvloop)
-    return 0
+    return _run_service(
+        args, f"attention-{config.rank}", lambda: AttentionService(config).run_forever, torch_threads=True
+    )
 
 
 def _serve_expert(args: argparse.Namespace) -> int:
-    from asap.logs import setup_logging
-    from asap.rpc.server import run_async
     from expert_svc.server import ExpertService
 
     config = expert_config(args)
-    setup_logging(f"expert-{config.rank}", args.log_level)
-    configure_torch_threads(args.threads)
-    run_async(ExpertService(config).run_forever, use_uvloop=not args.no_uvloop)
-    return 0
+    return _run_service(
+        args, f"expert-{config.rank}", lambda: ExpertService(config).run_forever, torch_threads=True
+    )

@@ -19,18 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from asap.commands import SUMMARIES
+from asap.commands import add_documented_parser
 from asap.errors import InvalidArgument
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``asap trace`` and its subcommands."""
-    parser = subparsers.add_parser(
-        "trace",
-        help=SUMMARIES["trace"],
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_documented_parser(subparsers, "trace", __doc__)
     commands = parser.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
 
     collect = commands.add_parser("collect", help="receive OTLP/gRPC traces and append them to a file")

@@ -23,7 +23,7 @@ from asap.emulation import costs
 from asap.emulation.clock import Sleeper
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
-from asap.model.attention_part import AttentionPart, ExpertCompute, MoERequest, drive_steps
+from asap.model.attention_part import AttentionPart, MoERequest, SteppedPart
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
 from asap.model.kvcache import ChunkCache, check_caches
@@ -62,7 +62,7 @@ class RandomRouter:
         return self._expert_of_rank[layer][self._pool_ids[rows]], self._pool_weights[rows]
 
 
-class EmulatedAttentionPart:
+class EmulatedAttentionPart(SteppedPart[ChunkCache]):
     """An ``AttentionModel`` (the ``AttentionPart`` interface) with modelled time: sleeps per layer, yields
     meta hidden states."""
 
@@ -130,16 +130,6 @@ class EmulatedAttentionPart:
         with self._calls_lock:
             call = next(self._calls)
         return self._steps(lengths, slots, call)
-
-    def forward(
-        self,
-        prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: ExpertCompute,
-        *,
-        caches: Sequence[ChunkCache | None] | None = None,
-    ) -> torch.Tensor:
-        """Run ``forward_steps`` to completion, sending each ``MoERequest`` to ``dispatch``: [B, V] float32."""
-        return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
 
     def _steps(
         self, lengths: list[int], caches: list[ChunkCache | None], call: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ Caches = Sequence[KVCache | None] | None
 """Chunked prefill: per prompt, the K/V cache of its earlier chunks (None: a whole fresh prompt)."""
 
 
+CacheT = TypeVar("CacheT")
+
+
 class AttentionModel(Protocol):
     """What a service needs of an attention part: the real ``AttentionPart`` and the emulated
     ``asap.emulation.EmulatedAttentionPart`` both implement it, so an attention rank holds either."""
@@ -85,7 +88,25 @@ class AttentionModel(Protocol):
         ...
 
 
-class AttentionPart:
+class SteppedPart(Generic[CacheT]):
+    """Base of the real and the emulated attention part: both implement ``forward_steps``, and
+    ``forward`` is that generator driven to completion, the same for both."""
+
+    def forward_steps(self, prompts: Prompts, *, caches: Sequence[CacheT | None] | None = None) -> MoESteps:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        prompts: Prompts,
+        dispatch: ExpertCompute,
+        *,
+        caches: Sequence[CacheT | None] | None = None,
+    ) -> torch.Tensor:
+        """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
+        return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
+
+
+class AttentionPart(SteppedPart[KVCache]):
     """Embeddings, attention, routers, shared experts, dense MLPs, final norm and LM head of a MoE model.
 
     Weights are plain tensors (no autograd state); the part holds no per-request state, so one instance
@@ -201,16 +222,6 @@ class AttentionPart:
         slots: list[KVCache | None] = [None] * len(ids) if caches is None else list(caches)
         check_caches(self.config, [int(i.numel()) for i in ids], slots, self.dtype, self.device)
         return self._steps(ids, slots)
-
-    def forward(
-        self,
-        prompts: Sequence[Sequence[int] | torch.Tensor],
-        dispatch: ExpertCompute,
-        *,
-        caches: Sequence[KVCache | None] | None = None,
-    ) -> torch.Tensor:
-        """Run ``forward_steps`` to completion, computing each MoE layer with ``dispatch``: [B, V] float32."""
-        return drive_steps(self.forward_steps(prompts, caches=caches), dispatch)
 
     def _steps(
         self, ids: list[torch.Tensor], caches: list[KVCache | None]

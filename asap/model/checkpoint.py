@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from asap.errors import CheckpointError
 from asap.model import names as tn
 from asap.model.config import ModelConfig
 from asap.model.deepseek import deepseek_layer_shapes
+from asap.model.weights import ClosingSource
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -98,7 +98,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
     return TensorInfo(name=name, file=path, dtype=dtype, shape=shape, start=data_start + begin, nbytes=nbytes)
 
 
-class CheckpointReader:
+class CheckpointReader(ClosingSource):
     """A ``TensorSource`` over a checkpoint directory (or one ``.safetensors`` file), read lazily by name.
 
     ``bytes_read`` and ``tensors_read`` account for every ``get``; header reads are not counted.
@@ -135,14 +135,6 @@ class CheckpointReader:
                     raise CheckpointError(f"{path}: {name!r} is in both {tensors[name].file} and {file}")
                 tensors[name] = info
         return tensors
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close open file descriptors; safe to call more than once."""

@@ -14,7 +14,7 @@ import torch
 from asap.model import names
 from asap.model.config import ModelConfig
 from asap.model.deepseek_config import GroupLimitedRouting, YarnRope, yarn_mscale
-from asap.model.layers import DecoderLayerWeights, GatedMLP, load_tensor, rope_inv_freq
+from asap.model.layers import DecoderLayerWeights, load_mlp, load_tensor, rope_inv_freq
 from asap.model.mla import load_mla, mla_shapes
 from asap.model.weights import TensorSource
 
@@ -111,14 +111,7 @@ def load_deepseek_layer(
     post_norm = load_tensor(source, n["post_attention_norm"], (h,), dtype=dtype, device=device)
     attention = load_mla(source, config, layer, dtype=dtype, device=device)
     if not config.moe_layers[layer]:
-        dense = GatedMLP.load(
-            source,
-            names.dense_mlp(config, layer),
-            h,
-            config.dense_intermediate_size,
-            dtype=dtype,
-            device=device,
-        )
+        dense = load_mlp(source, config, layer, "dense", dtype=dtype, device=device)
         return DecoderLayerWeights(input_norm, post_norm, attention, dense_mlp=dense)
     e = config.num_experts
     router = load_tensor(source, names.router(config, layer), (e, h), dtype=torch.float32, device=device)
@@ -126,10 +119,7 @@ def load_deepseek_layer(
     bias = load_tensor(source, bias_name, (e,), dtype=torch.float32, device=device)
     shared = None
     if config.shared_expert_intermediate_size:
-        width = config.shared_expert_intermediate_size
-        shared = GatedMLP.load(
-            source, names.shared_expert(config, layer), h, width, dtype=dtype, device=device
-        )
+        shared = load_mlp(source, config, layer, "shared", dtype=dtype, device=device)
     return DecoderLayerWeights(
         input_norm, post_norm, attention, router=router, router_bias=bias, shared_expert=shared
     )

@@ -8,7 +8,7 @@ assembled from them matches the reference implementation to float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +249,24 @@ def route(cfg: ModelConfig, router: torch.Tensor, h: torch.Tensor) -> tuple[torc
     return ids, weights
 
 
+def load_mlp(
+    source: TensorSource,
+    cfg: ModelConfig,
+    layer: int,
+    kind: Literal["dense", "shared"],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> GatedMLP:
+    """The dense MLP of a non-MoE ``layer`` or the shared expert of a MoE one: every family names and
+    sizes them the same way, so the Qwen-style and DeepSeek loaders read them here."""
+    if kind == "dense":
+        mlp_names, width = names.dense_mlp(cfg, layer), cfg.dense_intermediate_size
+    else:
+        mlp_names, width = names.shared_expert(cfg, layer), cfg.shared_expert_intermediate_size
+    return GatedMLP.load(source, mlp_names, cfg.hidden_size, width, dtype=dtype, device=device)
+
+
 def load_decoder_layer(
     source: TensorSource, cfg: ModelConfig, layer: int, *, dtype: torch.dtype, device: torch.device
 ) -> DecoderLayerWeights:
@@ -283,20 +301,11 @@ def load_decoder_layer(
         attention=AttentionWeights(**attn),
     )
     if not cfg.moe_layers[layer]:
-        dense = GatedMLP.load(
-            source, names.dense_mlp(cfg, layer), h, cfg.dense_intermediate_size, dtype=dtype, device=device
-        )
+        dense = load_mlp(source, cfg, layer, "dense", dtype=dtype, device=device)
         return replace(weights, dense_mlp=dense)
     weights = replace(weights, router=get(names.router(cfg, layer), (cfg.num_experts, h)))
     if cfg.shared_expert_intermediate_size > 0:
-        shared = GatedMLP.load(
-            source,
-            names.shared_expert(cfg, layer),
-            h,
-            cfg.shared_expert_intermediate_size,
-            dtype=dtype,
-            device=device,
-        )
+        shared = load_mlp(source, cfg, layer, "shared", dtype=dtype, device=device)
         gate = get(names.shared_expert_gate(cfg, layer), (1, h))
         weights = replace(weights, shared_expert=shared, shared_expert_gate=gate)
     return weights

@@ -20,13 +20,13 @@ import json
 import logging
 import threading
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
 from asap.errors import CheckpointError
 from asap.model.checkpoint import expected_shapes
 from asap.model.config import ModelConfig
+from asap.model.weights import ClosingSource
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class RandomTensorSource:
+class RandomTensorSource(ClosingSource):
     """A ``TensorSource`` of seeded random tensors for every name a checkpoint of ``config`` holds.
 
     ``get`` generates the tensor (float32) each time it is asked for, so only what is loaded is ever
@@ -76,17 +76,6 @@ class RandomTensorSource:
         self.bytes_read = 0
         self.tensors_read: set[str] = set()
         self._lock = threading.Lock()
-
-    def __enter__(self) -> RandomTensorSource:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Nothing to release; present so it is used like ``CheckpointReader``."""
 
     def names(self) -> list[str]:
         """All tensor names of the model, sorted."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 import torch
 
@@ -18,6 +19,22 @@ class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor:
         """The tensor stored under ``name``; raises ``CheckpointError`` when it is absent."""
         ...
+
+
+class ClosingSource:
+    """Base of the file-backed sources: ``with source:`` calls ``close`` on the way out, so that the
+    checkpoint reader and its random stand-in are used the same way."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the source holds; safe to call more than once."""
 
 
 class DictTensorSource:
