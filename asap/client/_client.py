@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, Unpack, overload
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 
@@ -22,7 +22,6 @@ from asap.client._sync import SyncAsapClient
 from asap.client._types import (
     ClientState,
     ClusterState,
-    PrefillOptions,
     PrefillRequestSpec,
     PrefillResult,
 )
@@ -149,7 +148,13 @@ class AsapClient:
         self,
         *,
         tokens: Sequence[int] | None = None,
-        **options: Unpack[PrefillOptions],
+        text: str | None = None,
+        top_logprobs: int = 0,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        ttft_slo_ms: int | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> PrefillResult:
         """Prefill one prompt (exactly one of ``tokens``/``text``) and return its first token.
 
@@ -157,7 +162,16 @@ class AsapClient:
         (checked here where possible, else by the cluster), ``ResourceExhausted``/``Unavailable`` once the
         retries are spent, ``DeadlineExceeded`` when the deadline passes.
         """
-        spec = PrefillRequestSpec.from_kwargs(tokens=tokens, **options)
+        spec = PrefillRequestSpec.from_kwargs(
+            tokens=tokens,
+            text=text,
+            top_logprobs=top_logprobs,
+            temperature=temperature,
+            seed=seed,
+            ttft_slo_ms=ttft_slo_ms,
+            request_id=request_id,
+            timeout_s=timeout_s,
+        )
         stub = self._ready_stub()
         sent_id = spec.request_id or new_request_id()
         request = request_proto(spec, sent_id, on_stream=False)
