@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import grpc
 
@@ -22,6 +22,7 @@ from asap.client._sync import SyncAsapClient
 from asap.client._types import (
     ClientState,
     ClusterState,
+    PrefillOptions,
     PrefillRequestSpec,
     PrefillResult,
 )
@@ -148,30 +149,17 @@ class AsapClient:
         self,
         *,
         tokens: Sequence[int] | None = None,
-        text: str | None = None,
-        top_logprobs: int = 0,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        ttft_slo_ms: int | None = None,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[PrefillOptions],
     ) -> PrefillResult:
         """Prefill one prompt (exactly one of ``tokens``/``text``) and return its first token.
 
+        Keywords (``PrefillOptions``): ``text``, ``top_logprobs``, ``temperature``, ``seed``,
+        ``ttft_slo_ms``, ``request_id``, ``timeout_s``; defaults as in ``PrefillRequestSpec``.
         ``timeout_s`` of ``None`` uses the client's default. Raises ``InvalidArgument`` for a bad prompt
         (checked here where possible, else by the cluster), ``ResourceExhausted``/``Unavailable`` once the
         retries are spent, ``DeadlineExceeded`` when the deadline passes.
         """
-        spec = PrefillRequestSpec.from_kwargs(
-            tokens=tokens,
-            text=text,
-            top_logprobs=top_logprobs,
-            temperature=temperature,
-            seed=seed,
-            ttft_slo_ms=ttft_slo_ms,
-            request_id=request_id,
-            timeout_s=timeout_s,
-        )
+        spec = PrefillRequestSpec.from_kwargs(tokens=tokens, **options)
         stub = self._ready_stub()
         sent_id = spec.request_id or new_request_id()
         request = request_proto(spec, sent_id, on_stream=False)

@@ -6,9 +6,9 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
 
-from asap.client._types import ClientState, ClusterState, PrefillRequestSpec, PrefillResult
+from asap.client._types import ClientState, ClusterState, PrefillOptions, PrefillRequestSpec, PrefillResult
 from asap.errors import AsapError
 
 if TYPE_CHECKING:  # annotations only: the async client makes this one (``AsapClient.connect_sync``)
@@ -68,28 +68,11 @@ class SyncAsapClient:
         self,
         *,
         tokens: Sequence[int] | None = None,
-        text: str | None = None,
-        top_logprobs: int = 0,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        ttft_slo_ms: int | None = None,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[PrefillOptions],
     ) -> PrefillResult:
         """Blocking ``AsapClient.prefill``."""
         client = self._client_or_raise()
-        return self._run(
-            client.prefill(
-                tokens=tokens,
-                text=text,
-                top_logprobs=top_logprobs,
-                temperature=temperature,
-                seed=seed,
-                ttft_slo_ms=ttft_slo_ms,
-                request_id=request_id,
-                timeout_s=timeout_s,
-            )
-        )
+        return self._run(client.prefill(tokens=tokens, **options))
 
     @overload
     def prefill_many(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from asap.errors import InvalidArgument
 from asap.sampling_options import check_sampling
@@ -24,6 +24,19 @@ class ClientState(enum.Enum):
     UNOPENED = 1
     OPENED = 2
     CLOSED = 3
+
+
+class PrefillOptions(TypedDict, total=False):
+    """The keyword arguments of ``prefill`` after ``tokens``, spelled once for the async and blocking
+    clients; they are ``PrefillRequestSpec``'s other fields, whose defaults apply."""
+
+    text: str | None
+    top_logprobs: int
+    temperature: float
+    seed: int | None
+    ttft_slo_ms: int | None
+    request_id: str | None
+    timeout_s: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,28 +82,10 @@ class PrefillRequestSpec:
 
     @classmethod
     def from_kwargs(
-        cls,
-        *,
-        tokens: Sequence[int] | None = None,
-        text: str | None = None,
-        top_logprobs: int = 0,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        ttft_slo_ms: int | None = None,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        cls, *, tokens: Sequence[int] | None = None, **options: Unpack[PrefillOptions]
     ) -> PrefillRequestSpec:
         """Build a spec from the keyword arguments ``AsapClient.prefill`` takes (any token sequence)."""
-        return cls(
-            tokens=None if tokens is None else tuple(tokens),
-            text=text,
-            top_logprobs=top_logprobs,
-            temperature=temperature,
-            seed=seed,
-            ttft_slo_ms=ttft_slo_ms,
-            request_id=request_id,
-            timeout_s=timeout_s,
-        )
+        return cls(tokens=None if tokens is None else tuple(tokens), **options)
 
 
 @dataclass(frozen=True, slots=True)
