@@ -43,7 +43,7 @@ from asap.dataplane.fastlink import (
     status_of,
     write_error,
 )
-from asap.dataplane.poller import PollThread
+from asap.dataplane.poller import HeldUntil, PollThread, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion
 from asap.errors import AsapError, InternalError, InvalidArgument
@@ -102,32 +102,19 @@ class ExpertLinkEnd:
         g = self.geometry
         self.requests = Ring(self._buf, g.requests_at, g.slots)
         self.completions = Ring(self._buf, g.completions_at, g.slots)
+        self.inbound, self.bell = self.requests, self.request_bell  # what the poll thread parks on
         self._lock = threading.Lock()
         self._held = 0  # items the compute thread holds
         self._detached = False
         self._closed = False
-        self._delayed: list[_Item] = []
+        self._delayed: HeldUntil[_Item] = HeldUntil(lambda item: item.request.not_before_ns)
         beat(self._buf, HEARTBEAT_EXPERT, time.monotonic_ns())  # tells the attention rank it attached
 
-    @property
-    def inbound(self) -> Ring:
-        return self.requests
-
-    @property
-    def bell(self) -> Doorbell:
-        return self.request_bell
-
     def poll(self, now_ns: int) -> bool:
-        worked = False
-        while (raw := self.requests.pop()) is not None:
-            worked = True
-            self._take(Request.unpack(raw), now_ns)
+        worked = drain(self.requests, lambda raw: self._take(Request.unpack(raw), now_ns))
         if self._delayed:
-            due = [item for item in self._delayed if item.request.not_before_ns <= now_ns]
-            if due:
-                self._delayed = [item for item in self._delayed if item.request.not_before_ns > now_ns]
-                for item in due:
-                    self.lane.enqueue(item)
+            for item in self._delayed.release(now_ns):
+                self.lane.enqueue(item)
             worked = True  # keep polling closely until the modelled arrival
         return worked
 
@@ -143,7 +130,7 @@ class ExpertLinkEnd:
         with self._lock:
             self._held += 1
         if request.not_before_ns > now_ns:
-            self._delayed.append(item)
+            self._delayed.hold(item)
         else:
             self.lane.enqueue(item)
 
@@ -246,7 +233,7 @@ class ExpertLinkEnd:
             self._detached = True
             held = self._held - len(self._delayed)
             self._held = held
-            self._delayed = []
+            self._delayed.clear()
         if held <= 0:
             self._close()
 

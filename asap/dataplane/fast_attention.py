@@ -43,7 +43,7 @@ from asap.dataplane.fastlink import (
     heartbeat,
     read_error,
 )
-from asap.dataplane.poller import PollThread
+from asap.dataplane.poller import HeldUntil, PollThread, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.errors import AsapError, InvalidArgument, Unavailable
@@ -126,11 +126,12 @@ class AttentionLinkEnd:
         self.completion_bell = Doorbell.create(base + ".cmp")
         self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
         self.completions = Ring(self._buf, geometry.completions_at, geometry.slots)
+        self.inbound, self.bell = self.completions, self.completion_bell  # what the poll thread parks on
         self._free: list[int] = list(range(geometry.slots))[::-1]
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
-        self._delayed: list[_Delayed] = []
+        self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
         self.attached = False
@@ -140,27 +141,12 @@ class AttentionLinkEnd:
 
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
 
-    @property
-    def inbound(self) -> Ring:
-        return self.completions
-
-    @property
-    def bell(self) -> Doorbell:
-        return self.completion_bell
-
     def poll(self, now_ns: int) -> bool:
-        worked = False
-        while (raw := self.completions.pop()) is not None:
-            worked = True
-            self._take(Completion.unpack(raw), now_ns)
-        if self._delayed:
-            due = [d for d in self._delayed if d.due_ns <= now_ns]
-            if due:
-                self._delayed = [d for d in self._delayed if d.due_ns > now_ns]
-                for d in due:
-                    self._deliver(d.pending, d.outcome)
-                worked = True
-        return worked
+        worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
+        due = self._delayed.release(now_ns)
+        for d in due:
+            self._deliver(d.pending, d.outcome)
+        return worked or bool(due)
 
     def _take(self, completion: Completion, now_ns: int) -> None:
         with self._lock:
@@ -181,7 +167,7 @@ class AttentionLinkEnd:
             nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
             due = now_ns + int(self._result_link_s * nbytes * 1e9)
             if due > now_ns + 1000:
-                self._delayed.append(_Delayed(due, pending, outcome))
+                self._delayed.hold(_Delayed(due, pending, outcome))
                 return
         else:  # results were written over the rows: copy them out before the slot is reused
             hidden_at = at + self.geometry.payload(pending.rows, shape_only=False)[0]
@@ -344,7 +330,7 @@ class AttentionLinkEnd:
         self.requests.close()
         with self._lock:
             pending, self._pending = self._pending, {}
-            self._delayed = []
+            self._delayed.clear()
         failed = 0
         for entry in pending.values():
             if not entry.future.done():

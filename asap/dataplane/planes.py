@@ -210,20 +210,28 @@ class StreamPlane:
                 self.regions.finish(key, slots, outstanding=outstanding, stream_alive=session.alive)
 
 
-class ShmPlane(StreamPlane):
-    """``shm``: rows and results in a POSIX shared-memory region of the link (same-host CPU ranks)."""
+class _RegionPlane(StreamPlane):
+    """A stream plane whose rows travel through a same-host region of the link (its ``name`` names the
+    kind of memory), ``default_region_bytes`` large unless the link spec says otherwise."""
 
-    name = "shm"
+    default_region_bytes: int
 
     def __init__(self, spec: LinkSpec, stream: ExchangeStream, codec: Executor) -> None:
         super().__init__(spec, stream, codec)
         self.regions = LinkRegions(
-            "shm",
-            size=spec.region_bytes or DEFAULT_REGION_BYTES,
+            self.name,
+            size=spec.region_bytes or self.default_region_bytes,
             attention_rank=spec.attention_rank,
             expert_rank=spec.expert_rank,
             device=spec.device,
         )
+
+
+class ShmPlane(_RegionPlane):
+    """``shm``: rows and results in a POSIX shared-memory region of the link (same-host CPU ranks)."""
+
+    name = "shm"
+    default_region_bytes = DEFAULT_REGION_BYTES
 
     def _answered(self, slots: Slots | None) -> None:
         if slots is not None and slots.offsets:
@@ -232,20 +240,14 @@ class ShmPlane(StreamPlane):
             slots.region.unlink()
 
 
-class CudaIpcPlane(StreamPlane):
+class CudaIpcPlane(_RegionPlane):
     """``cuda-ipc``: rows and results in GPU memory shared by CUDA IPC (same-host GPU ranks)."""
 
     name = "cuda-ipc"
+    default_region_bytes = DEFAULT_CUDA_REGION_BYTES
 
     def __init__(self, spec: LinkSpec, stream: ExchangeStream, codec: Executor) -> None:
         super().__init__(spec, stream, codec)
-        self.regions = LinkRegions(
-            "cuda-ipc",
-            size=spec.region_bytes or DEFAULT_CUDA_REGION_BYTES,
-            attention_rank=spec.attention_rank,
-            expert_rank=spec.expert_rank,
-            device=spec.device,
-        )
         # Rows move through GPU memory: chunks carry only ids and weights, so one chunk per dispatch (up
         # to the message bound) spares the expert rank calls.
         self.max_chunk_bytes = MAX_MESSAGE_BYTES // 2

@@ -13,13 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from asap.dataplane.ring import Backoff, Doorbell, Ring
 
-__all__ = ["Endpoint", "PollThread"]
+__all__ = ["Endpoint", "HeldUntil", "PollThread", "drain"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TICK_NS = 1_000_000
 """How often endpoints get ``tick`` (heartbeats, peer checks): every millisecond at most, and at least
@@ -46,6 +48,41 @@ class Endpoint(Protocol):
     def tick(self, now_ns: int) -> None:
         """Write this side's heartbeat and check the peer's."""
         ...
+
+
+def drain(ring: Ring, take: Callable[[bytes], None]) -> bool:
+    """Hand every record waiting in ``ring`` to ``take``, oldest first; True if there was any."""
+    worked = False
+    while (raw := ring.pop()) is not None:
+        worked = True
+        take(raw)
+    return worked
+
+
+class HeldUntil(Generic[T]):
+    """Items an endpoint holds until their due time (an emulated link charge, taken by timestamps instead
+    of event-loop sleeps), released by the poll thread's sweeps. Not locked: guard it with the
+    endpoint's own lock where other threads touch it."""
+
+    def __init__(self, due_ns: Callable[[T], int]) -> None:
+        self._due_ns = due_ns
+        self._items: list[T] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def hold(self, item: T) -> None:
+        self._items.append(item)
+
+    def release(self, now_ns: int) -> list[T]:
+        """The items due at ``now_ns``, in the order they were held; the rest stay held."""
+        due = [item for item in self._items if self._due_ns(item) <= now_ns]
+        if due:
+            self._items = [item for item in self._items if self._due_ns(item) > now_ns]
+        return due
+
+    def clear(self) -> None:
+        self._items = []
 
 
 class PollThread:
