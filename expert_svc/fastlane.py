@@ -39,7 +39,6 @@ from asap.dataplane.fastlink import (
     Request,
     SlotHeader,
     beat,
-    is_closed,
     status_of,
     write_error,
 )
@@ -223,7 +222,7 @@ class ExpertLinkEnd:
         if self._closed:
             return
         beat(self._buf, HEARTBEAT_EXPERT, now_ns)
-        if self.requests.closed or is_closed(self._buf):
+        if self.requests.closed:
             self.lane.detach(self)  # the attention rank retired this region
 
     def detach(self) -> None:

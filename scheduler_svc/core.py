@@ -26,6 +26,7 @@ from asap.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from asap.modes import CHUNKED_MODE
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.dispatch import AsyncDispatcher, CoreHandle, Dispatcher
@@ -67,7 +68,7 @@ def make_dispatcher(core: CoreHandle) -> Dispatcher:
             else AsyncBatchPolicy(config)
         )
         return AsyncDispatcher(core, policy)
-    return SyncDispatcher(core, config.chunk_tokens if config.mode == "sync-chunked" else None)
+    return SyncDispatcher(core, config.chunk_tokens if config.mode == CHUNKED_MODE else None)
 
 
 class SchedulerCore:

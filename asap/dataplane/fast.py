@@ -76,7 +76,6 @@ class FastPlane:
         self._region_hidden_bytes = 0
         self.fast_exchanges = 0
         """Dispatches carried by the rings (the others went through ``inner``)."""
-        self.regions_announced = 0
 
     @property
     def stats(self) -> PlaneStats:
@@ -126,7 +125,6 @@ class FastPlane:
         )
         session.send(end.announcement())  # type: ignore[attr-defined]
         self._end, self._session = end, session
-        self.regions_announced += 1
         return end
 
     async def exchange(self, request: PlaneRequest) -> ExchangeResult:

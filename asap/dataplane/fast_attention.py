@@ -136,7 +136,6 @@ class AttentionLinkEnd:
         self.announced_ns = time.monotonic_ns()
         self.attached = False
         self.broken: AsapError | None = None
-        self.published = 0
         poller.add(self)
 
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
@@ -293,7 +292,6 @@ class AttentionLinkEnd:
             raise Unavailable(f"{self.peer}: fast link request ring is full")
         if self.requests.consumer_waiting:
             self.request_bell.ring()
-        self.published += 1
         return seq, future
 
     def header(

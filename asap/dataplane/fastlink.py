@@ -42,11 +42,10 @@ SLOT_HEADER_BYTES = 1024
 _PAGE = 4096
 _GEOMETRY = struct.Struct("<QIIQIIII")  # magic, version, slots, slot_bytes, hidden, top_k, itemsize, pad
 _U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 
 HEARTBEAT_ATTENTION = 1 * LINE
 HEARTBEAT_EXPERT = 2 * LINE
-CLOSED = 3 * LINE
+# line 3: reserved (the rings carry their own closed flags)
 _RINGS = 4 * LINE
 
 FLAG_SHAPE_ONLY = 1
@@ -168,14 +167,6 @@ def beat(buf: memoryview, at: int, now_ns: int) -> None:
 def heartbeat(buf: memoryview, at: int) -> int:
     value: int = _U64.unpack_from(buf, at)[0]
     return value
-
-
-def set_closed(buf: memoryview) -> None:
-    _U32.pack_into(buf, CLOSED, 1)
-
-
-def is_closed(buf: memoryview) -> bool:
-    return bool(_U32.unpack_from(buf, CLOSED)[0])
 
 
 _REQUEST = struct.Struct("<QIIIIQQQI")
