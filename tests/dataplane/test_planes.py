@@ -29,8 +29,15 @@ class FakeExpert:
     """An expert rank on one stream: answers each chunk with twice its rows (written back into the
     region when they came by reference), an error for micro-batch 666, nothing for micro-batch 777."""
 
-    def __init__(self, requests: AsyncIterator[expert_pb2.DispatchChunk], shm: ShmAttachments | None) -> None:
+    def __init__(
+        self,
+        requests: AsyncIterator[expert_pb2.DispatchChunk],
+        shm: ShmAttachments | None,
+        holding: asyncio.Event | None = None,
+    ) -> None:
         self.regions = StreamRegions(shm, None)
+        self.holding = holding if holding is not None else asyncio.Event()
+        """Set once a micro-batch 777 chunk is held unanswered."""
         self.seen: list[expert_pb2.DispatchChunk] = []
         self.held: list[chunks.Dispatch] = []
         self._answers: asyncio.Queue[expert_pb2.CombineChunk | Exception] = asyncio.Queue()
@@ -51,6 +58,7 @@ class FakeExpert:
                 self._answers.put_nowait(answer)
             elif msg.micro_batch == 777:
                 self.held.append(dispatch)
+                self.holding.set()
             else:
                 self.answer(dispatch)
 
@@ -78,22 +86,30 @@ class Link:
 
     def __init__(self, name: str, codec: ThreadPoolExecutor, *, max_chunk_bytes: int = 1 << 20) -> None:
         self.experts: list[FakeExpert] = []
+        self.holding = asyncio.Event()
+        """Set once an expert of this link holds a chunk unanswered."""
+        self.dropped = asyncio.Event()
+        """Set once an answer arrived for a dispatch nobody waits for any more."""
         self.shm = ShmAttachments() if name == "shm" else None
         self.stream: ExchangeStream = DuplexStream(
             self._open,
             key_of=lambda m: (m.micro_batch, m.layer),
             peer="expert rank 0 at fake",
             on_open=lambda: self.plane.stream_opened(),
-            on_unmatched=lambda key, _m: self.plane.answer_dropped(key),
+            on_unmatched=self._dropped,
             on_broken=lambda _e, _n: self.plane.stream_ended(),
         )
         spec = LinkSpec(0, 0, H, torch.float32, torch.device("cpu"), max_chunk_bytes, region_bytes=1 << 20)
         self.plane = make_plane(name, spec, self.stream, codec)
 
     def _open(self, requests: AsyncIterator[expert_pb2.DispatchChunk]) -> FakeExpert:
-        expert = FakeExpert(requests, self.shm)
+        expert = FakeExpert(requests, self.shm, self.holding)
         self.experts.append(expert)
         return expert
+
+    def _dropped(self, key: tuple[int, int], _msg: expert_pb2.CombineChunk) -> None:
+        self.plane.answer_dropped(key)
+        self.dropped.set()
 
     async def close(self) -> None:
         await self.stream.close()
@@ -166,10 +182,7 @@ async def test_a_broken_stream_fails_the_waiting_dispatch_and_the_next_opens_a_n
     link = Link("shm", codec)
     try:
         waiting = asyncio.create_task(link.plane.exchange(PlaneRequest(777, 0, _dispatch(4))))
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if link.experts and link.experts[0].held:
-                break
+        await asyncio.wait_for(link.holding.wait(), 30)
         link.experts[0].fail(ConnectionError("peer gone"))
         with pytest.raises(Unavailable, match="expert rank 0 at fake"):
             await waiting
@@ -187,19 +200,13 @@ async def test_an_abandoned_dispatch_keeps_its_slots_until_the_late_answer(codec
         plane = link.plane
         assert isinstance(plane, ShmPlane) and plane.regions is not None
         task = asyncio.create_task(plane.exchange(PlaneRequest(777, 0, _dispatch(4))))
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if link.experts and link.experts[0].held:
-                break
+        await asyncio.wait_for(link.holding.wait(), 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert plane.regions.in_quarantine == 1 and plane.stats.quarantined == 1
         link.experts[0].answer(link.experts[0].held.pop())  # the late answer
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if not plane.regions.in_quarantine:
-                break
+        await asyncio.wait_for(link.dropped.wait(), 30)
         assert plane.regions.in_quarantine == 0 and plane.regions.bytes_in_use == 0
     finally:
         await link.close()
