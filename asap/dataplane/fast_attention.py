@@ -9,7 +9,7 @@ wakes the waiting coroutine once (``call_soon_threadsafe``).
 
 Failure: a link end is *broken* when the stream breaks (``stream_ended``), when the expert rank's
 heartbeat is older than ``peer_timeout_s`` while dispatches wait (a frozen or dead process), or when the
-expert never attached the region within that time. Every waiting dispatch then fails with
+expert never attached the region within ``ATTACH_NS``. Every waiting dispatch then fails with
 ``Unavailable`` at once, the region is retired (its slots are never reused: whatever the expert might
 still write lands in memory nobody reads) and the next exchange announces a fresh region. A dispatch
 abandoned while the expert may still write its slot keeps that slot until its completion arrives or the
@@ -67,6 +67,10 @@ def shared_poller() -> PollThread:
 
 
 Outcome = torch.Tensor | AsapError
+
+
+ATTACH_NS = 30_000_000_000
+"""How long an announced region may wait for the expert rank's first heartbeat while dispatches wait."""
 
 
 @dataclass(slots=True, eq=False)
@@ -189,8 +193,10 @@ class AttentionLinkEnd:
             self._loop.call_soon_threadsafe(self._unlink_names)
         with self._lock:
             waiting = any(not p.abandoned for p in self._pending.values())
-        since = max(expert_beat, self.announced_ns)
-        if waiting and self.broken is None and now_ns - since > self.peer_timeout_ns:
+        # Before the first heartbeat the expert rank has not yet read the announcement from its stream
+        # (busy starting, on a loaded host); a dead one breaks that stream, so attaching gets longer.
+        since, bound = (expert_beat, self.peer_timeout_ns) if expert_beat else (self.announced_ns, ATTACH_NS)
+        if waiting and self.broken is None and now_ns - since > bound:
             what = "stopped answering" if expert_beat else "never attached the fast link"
             error = Unavailable(f"{self.peer}: {what} (no heartbeat for {(now_ns - since) / 1e9:.2f} s)")
             self._loop.call_soon_threadsafe(self.fail, error)
