@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 READY_LINE = re.compile(r"^serving (?P<what>.+) at (?P<address>\S+)$")
+HTTP_LINE = re.compile(r"^serving openai http at (?P<url>\S+)$")
+"""The scheduler's HTTP front door (``scheduler_svc.http_server.HTTP_READY_LINE``), before READY_LINE."""
 
 
 class ChildProcess:
@@ -50,6 +52,8 @@ class ChildProcess:
         self.name = command.name
         self.tail: deque[str] = deque(maxlen=40)
         self.address: str | None = None
+        self.http_url: str | None = None
+        """The OpenAI HTTP front door's base URL, when this child serves one."""
         self._ready = threading.Event()
         self._out = out
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -71,7 +75,10 @@ class ChildProcess:
         for raw in self.proc.stdout:
             line = raw.rstrip("\n")
             self.tail.append(line)
-            match = READY_LINE.match(line)
+            http = HTTP_LINE.match(line)  # not the ready line, though it has its shape
+            if http and self.http_url is None:
+                self.http_url = http.group("url")
+            match = None if http else READY_LINE.match(line)
             if match and self.address is None:
                 self.address = match.group("address")
                 self._ready.set()
@@ -166,6 +173,11 @@ class LocalCluster:
             self.stop()
             raise
         return self.address
+
+    @property
+    def http_url(self) -> str | None:
+        """The scheduler's OpenAI HTTP base URL (``http://HOST:PORT``) when the spec asks for one."""
+        return next((c.http_url for c in self.children if c.name == "scheduler"), None)
 
     @property
     def trace_endpoint(self) -> str | None:

@@ -56,6 +56,8 @@ class ClusterSpec:
     """Trace every service into this JSON-lines file through an in-process OTLP collector."""
     mps: str = "auto"
     """CUDA MPS for ranks sharing a GPU: ``auto`` (start a daemon when needed and possible), ``on``, ``off``."""
+    http_port: int | None = None
+    """The scheduler's OpenAI-compatible HTTP port (0 = any free one); None = no HTTP front door."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -133,6 +135,7 @@ _TOP_LEVEL_VALUES = (
     "trace",
     "optimizations",
     "min_batch_tokens",
+    "http_port",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -225,12 +228,17 @@ def attention_commands(
 
 
 def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequence[str]) -> ServiceCommand:
+    http: list[str] = []
+    if spec.http_port is not None:
+        from scheduler_svc.openai_api import served_model_name  # the name of spec.model, not of model_dir
+
+        http = ["--http-port", str(spec.http_port), "--served-model-name", served_model_name(spec.model)]
     return ServiceCommand(
         "scheduler",
         [
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
-            *spec.scheduler_args,
+            *http, *spec.scheduler_args,
         ],
     )  # fmt: skip

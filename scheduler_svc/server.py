@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -15,7 +16,7 @@ from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import load_config
 from asap.model.resolve import resolve_model
 from asap.model.tokenizer import load_tokenizer
-from asap.rpc.server import create_server
+from asap.rpc.server import bound_address, create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import answer_each, relay
@@ -28,6 +29,9 @@ from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import RequestResult, ScheduledRequest
 from scheduler_svc.tracing import request_spans, trace_context
 from scheduler_svc.validation import PromptValidator
+
+if TYPE_CHECKING:
+    from scheduler_svc.http_server import HttpFrontDoor
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ class SchedulerServiceConfig:
     drain_timeout_s: float = 30.0
     calibrate: bool = True
     """Fit the attention cost model at start-up from probe batches on rank 0 (else use ``core.cost``)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP front door on ``host`` (0 = any free one); None = no HTTP."""
+    served_model_name: str = ""
+    """The ``model`` name HTTP requests must use (``GET /v1/models``); empty = derived from ``model``."""
 
     def __post_init__(self) -> None:
         if not self.attention_targets:
@@ -175,6 +183,9 @@ class SchedulerService(GrpcService):
         self.config = config
         self.core: SchedulerCore | None = None
         self.ranks: AttentionClient | None = None
+        self.http: HttpFrontDoor | None = None
+        self.serving = False
+        """SERVING reported and not draining: what the HTTP ``/health`` answers with."""
 
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
@@ -187,6 +198,8 @@ class SchedulerService(GrpcService):
             lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
             [SERVICE_NAME],
         )
+        if self.config.http_port is not None:
+            await self._start_http(servicer, validator)
         await self.ranks.wait_ready(self.config.ready_timeout_s)
         if self.config.calibrate:
             cost = await calibrate_cost_model(
@@ -196,19 +209,48 @@ class SchedulerService(GrpcService):
         await self.core.start()
         self.ranks.start_monitor(self.core)
         await self.handle.set_serving()
+        self.serving = True
         return self.address
 
+    async def _start_http(self, servicer: SchedulerServicer, validator: PromptValidator) -> None:
+        """The OpenAI front door, on the same request path as gRPC ``Prefill`` (``servicer._prefill``)."""
+        from scheduler_svc.http_server import HTTP_READY_LINE, HttpFrontDoor
+        from scheduler_svc.openai_api import CompletionWriter, served_model_name
+
+        def ready() -> bool:
+            return self.serving and self.core is not None and self.core.ranks.any_healthy()
+
+        def model_info() -> tuple[int, dict[str, object]]:
+            cfg = validator.config
+            facts = {
+                "vocab_size": cfg.vocab_size,
+                "model_type": cfg.model_type,
+                "mode": self.config.core.mode,
+            }
+            return cfg.max_position_embeddings, facts
+
+        name = self.config.served_model_name or served_model_name(self.config.model)
+        writer = CompletionWriter(name, validator.tokenizer)
+        self.http = HttpFrontDoor(servicer._prefill, writer, ready=ready, model_info=model_info)
+        port = await self.http.start(self.config.host, self.config.http_port or 0)
+        print(HTTP_READY_LINE.format(url=f"http://{bound_address(self.config.address, port)}"), flush=True)
+
     async def drain(self) -> None:
+        self.serving = False
         if self.core is not None:
             await self.core.stop(drain_timeout_s=self.config.drain_timeout_s)
 
     async def shutdown(self, grace_s: float) -> None:
         grace = grace_s
+        self.serving = False
         if self.handle is not None:
             await self.handle.set_not_serving()
         if self.core is not None:
             await self.core.stop(drain_timeout_s=grace)
             self.core = None
+        if self.http is not None:  # after the core: the requests it answered are written out first
+            await self.http.stop()
+            self.http = None
         if self.handle is not None:
             await self.handle.server.stop(grace)
             self.handle = None

@@ -128,6 +128,20 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="also serve the OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models, GET /health) "
+        "on this port of --host (0 picks a free one); default: no HTTP",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name HTTP requests use (GET /v1/models); default: 'tiny' or the model directory's name",
+    )
 
 
 def configure_torch_threads(threads: int | None) -> None:
@@ -211,6 +225,8 @@ def scheduler_config(args: argparse.Namespace) -> Any:
         port=args.port,
         core=core,
         calibrate=not args.cost,
+        http_port=getattr(args, "http_port", None),
+        served_model_name=getattr(args, "served_model_name", None) or "",
     )
 
 

@@ -58,6 +58,14 @@ def add_parser(subparsers: Any) -> None:
         "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
         "impossible), off (never)",
     )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="the scheduler also serves the OpenAI-compatible HTTP API on port P (0 picks a free one); "
+        "printed as 'openai: http://HOST:P/v1'",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -77,6 +85,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "port": args.port,
         "trace": args.trace,
         "mps": args.mps,
+        "http_port": args.http_port,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -103,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         address = cluster.start()
         started.set()
         print(f"ready: scheduler at {address}", flush=True)
+        if cluster.http_url:
+            print(f"openai: {cluster.http_url}/v1", flush=True)
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):
