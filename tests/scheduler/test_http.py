@@ -60,7 +60,9 @@ def _scheduler(model: str, ranks: list[str], **config: Any) -> SchedulerService:
 async def cluster(qwen3_dir: Path) -> AsyncIterator[Cluster]:
     model = str(qwen3_dir)
     expert = ExpertService(ExpertServiceConfig(model=model, port=0))
-    attention = AttentionService(AttentionServiceConfig(model=model, port=0, expert_targets=[await expert.start()]))
+    attention = AttentionService(
+        AttentionServiceConfig(model=model, port=0, expert_targets=[await expert.start()])
+    )
     scheduler = _scheduler(model, [await attention.start()])
     try:
         address = await scheduler.start()
@@ -247,7 +249,8 @@ async def test_health_and_requests_are_503_until_the_cluster_serves(qwen3_dir: P
     expert = ExpertService(ExpertServiceConfig(model=model, port=0))
     attention: AttentionService | None = None
     try:
-        while scheduler.http is None or not scheduler.http.port:
+        # start() runs in the task above and binds HTTP part-way, before it waits for the rank.
+        while scheduler.http is None or not scheduler.http.port:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         http = f"http://127.0.0.1:{scheduler.http.port}"
         status, answer = await _get(f"{http}/health")
