@@ -18,6 +18,7 @@ from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.modes import check_mode
 from asap.mps import MODES as MPS_MODES
+from asap.openai_protocol import served_model_name
 from asap.optimizations import format_optimizations, parse_optimizations
 
 
@@ -230,8 +231,7 @@ def attention_commands(
 def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequence[str]) -> ServiceCommand:
     http: list[str] = []
     if spec.http_port is not None:
-        from scheduler_svc.openai_api import served_model_name  # the name of spec.model, not of model_dir
-
+        # The name of spec.model ("tiny"), not of the directory it resolved to.
         http = ["--http-port", str(spec.http_port), "--served-model-name", served_model_name(spec.model)]
     return ServiceCommand(
         "scheduler",

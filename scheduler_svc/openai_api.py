@@ -6,8 +6,8 @@ one validation, one scheduler core and one tracing path), and a ``PrefillRespons
 must be 1 (the call disaggregated-serving proxies send) and ``echo`` must be false.
 
 Errors are ``HttpError`` (an HTTP status and OpenAI's error object); ``error_of`` maps the ASAP error
-hierarchy onto statuses in one place: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503,
-DEADLINE_EXCEEDED 504, anything else 500.
+hierarchy onto statuses through ``asap.openai_protocol`` (INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429,
+UNAVAILABLE 503, DEADLINE_EXCEEDED 504, anything else 500).
 """
 
 from __future__ import annotations
@@ -16,26 +16,15 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asap.errors import AsapError
+from asap.openai_protocol import TOKEN_ID_PREFIX, http_status_of
 from asap.sampling_options import MAX_TOP_LOGPROBS
 from asap.v1 import common_pb2, scheduler_pb2
 
 if TYPE_CHECKING:
     from asap.model.tokenizer import PromptTokenizer
-
-TOKEN_ID_PREFIX = "token_id:"
-"""How tokens are named with ``return_tokens_as_token_ids`` (vLLM's extension, same spelling)."""
-
-_STATUS_BY_CODE = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
-    "UNAVAILABLE": (503, "service_unavailable_error"),
-    "DEADLINE_EXCEEDED": (504, "timeout_error"),
-    "UNAUTHENTICATED": (401, "authentication_error"),
-}
 
 
 class HttpError(Exception):
@@ -60,19 +49,12 @@ class HttpError(Exception):
 
 def error_of(exc: AsapError) -> HttpError:
     """The HTTP answer to an ASAP error (500 for codes without an HTTP meaning of their own)."""
-    status, kind = _STATUS_BY_CODE.get(exc.code, (500, "internal_error"))
+    status, kind = http_status_of(exc.code)
     return HttpError(status, exc.message, type=kind, code=exc.code.lower())
 
 
 def bad_request(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, message, param=param)
-
-
-def served_model_name(model: str) -> str:
-    """The default ``model`` name of a ``--model`` spec: ``tiny`` for the built-in model, else the name of
-    the checkpoint's directory (``random:DIR`` too), as ``GET /v1/models`` lists it."""
-    name = Path(model.removeprefix("random:").rstrip("/")).name
-    return name or model
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +211,7 @@ class CompletionWriter:
             "usage": self.usage(response),
             "asap": {
                 "first_token_id": response.first_token_id,
+                "first_token_logprob": response.first_token_logprob,
                 "queue_ms": response.queue_ms,
                 "ttft_ms": response.ttft_ms,
                 "attention_rank": response.attention_rank,

@@ -214,8 +214,9 @@ class SchedulerService(GrpcService):
 
     async def _start_http(self, servicer: SchedulerServicer, validator: PromptValidator) -> None:
         """The OpenAI front door, on the same request path as gRPC ``Prefill`` (``servicer._prefill``)."""
+        from asap.openai_protocol import served_model_name
         from scheduler_svc.http_server import HTTP_READY_LINE, HttpFrontDoor
-        from scheduler_svc.openai_api import CompletionWriter, served_model_name
+        from scheduler_svc.openai_api import CompletionWriter
 
         def ready() -> bool:
             return self.serving and self.core is not None and self.core.ranks.any_healthy()

@@ -58,6 +58,15 @@ def cluster_spec(mode: str, fields: Mapping[str, Any]) -> ClusterSpec:
         raise ValueError(f"this cluster does not support {sorted(given)}: {exc}") from None
 
 
+def http_target(cluster: Cluster) -> str:
+    """The HTTP front door of a started cluster (``LocalCluster.http_url``)."""
+    url = getattr(cluster, "http_url", None)
+    if not url:
+        cluster.stop()
+        raise ValueError("the cluster reported no HTTP address")
+    return str(url)
+
+
 def compute_label(fields: Mapping[str, Any]) -> str:
     """What the clusters compute with: the ``compute`` field, ``torch`` when unset."""
     return str(fields.get("compute") or "torch")
@@ -80,8 +89,12 @@ def run_compare(
         logger.info("compare: starting the %s cluster", mode)
         try:
             spec = cluster_spec(mode, fields)
+            if config.protocol == "http":
+                spec.http_port = 0
             cluster = factory(spec, log)
             target = cluster.start()
+            if config.protocol == "http":
+                target = http_target(cluster)
         except Exception as exc:  # a mode that cannot start is a result, not the end of the run
             logger.error("compare: the %s cluster did not start: %s", mode, exc)
             results[mode] = SweepResult(label=mode, compute=compute, error=f"cluster start failed: {exc}")

@@ -23,6 +23,9 @@ from asap.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
+PROTOCOLS = ("grpc", "http")
+"""The front doors ``asap bench`` can drive."""
+
 
 class BenchClient(PrefillClient, Protocol):
     """A prefill client that can also describe its cluster (``AsapClient`` is one)."""
@@ -42,8 +45,12 @@ class BenchConfig:
     """Per-request deadline."""
     max_in_flight: int = 4096
     progress: bool = True
+    protocol: str = "grpc"
+    """The front door to drive: ``grpc`` (``AsapClient``) or ``http`` (the OpenAI-compatible API)."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise InvalidArgument(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not self.rates:
             raise InvalidArgument("need at least one rate")
         if not self.slo_ttft_ms > 0:
@@ -61,6 +68,7 @@ class BenchConfig:
             "slo_attainment_target": 0.9,
             "timeout_s": self.timeout_s,
             "max_in_flight": self.max_in_flight,
+            "protocol": self.protocol,
         }
 
 
@@ -213,7 +221,13 @@ def _modeled_request_ms(state: ClusterState, compute: str | None) -> Callable[[i
 async def bench_target(
     target: str, config: BenchConfig, label: str | None = None, *, compute: str | None = None
 ) -> SweepResult:
-    """Run the sweep against the scheduler at ``target``."""
+    """Run the sweep against the scheduler at ``target`` (its gRPC address, or its HTTP one for
+    ``config.protocol == "http"``)."""
+    if config.protocol == "http":
+        from asap.bench.http_client import OpenAIHttpClient  # aiohttp, only when asked for
+
+        async with OpenAIHttpClient(target, timeout_s=config.timeout_s) as http:
+            return await bench_client(http, config, label, compute=compute)
     async with AsapClient(target, timeout_s=config.timeout_s, retries=0) as client:
         return await bench_client(client, config, label, compute=compute)
 

@@ -25,6 +25,8 @@ from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
 
+DEFAULT_HTTP_TARGET = "localhost:8000"
+
 
 def _rates(value: str) -> list[float]:
     rates = comma_separated(value, float, "rates")
@@ -48,6 +50,13 @@ def add_parser(subparsers: Any) -> None:
     where.add_argument("--target", metavar="HOST:PORT", help=f"default: ${TARGET_ENV} or {DEFAULT_TARGET}")
     where.add_argument(
         "--compare", type=_modes, metavar="MODES", help="comma list of modes, one fresh local cluster each"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="front door to drive: grpc (default; --target HOST:PORT of the scheduler) or http (the "
+        f"OpenAI-compatible API: --target HOST:PORT of its --http-port, default {DEFAULT_HTTP_TARGET})",
     )
     load = parser.add_argument_group("load")
     load.add_argument("--arrival", choices=ARRIVALS, help="default: trace with --trace, else poisson")
@@ -134,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_in_flight=args.max_in_flight,
         progress=not args.no_progress,
+        protocol=args.protocol,
     )
     settings = config.describe()
     sweeps: dict[str, SweepResult]
@@ -146,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
             sweeps = run_compare(args.compare, cluster_fields, config, log=log)
         document = compare_document(sweeps, settings, workload.describe())
     else:
-        target = cluster_target(args.target)
+        target = (
+            cluster_target(args.target) if args.protocol == "grpc" else args.target or DEFAULT_HTTP_TARGET
+        )
         sweep = asyncio.run(bench_target(target, config, None))
         sweeps = {sweep.label: sweep}
         document = target_document(target, sweep, settings, workload.describe())

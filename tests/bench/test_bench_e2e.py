@@ -40,3 +40,17 @@ def test_compare_async_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureF
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "[scheduler]" in log.read_text()
     assert "max SLO-compliant RPS" in capsys.readouterr().out
+
+
+def test_compare_over_http_starts_the_front_door(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", "--compare", "async", "--protocol", "http", "--attention", "1", "--experts", "1",
+        "--rate", "8", "--requests", "10", "--warmup", "1", "--lengths", "uniform:8,64", "--seed", "5",
+        "--json", str(out), "--cluster-log", str(tmp_path / "cluster.log"), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    assert document["config"]["protocol"] == "http"
+    (result,) = document["modes"]["async"]["results"]
+    assert result["completed"] == 10 and result["failed"] == 0

@@ -17,16 +17,18 @@ import openai
 import pytest
 import pytest_asyncio
 
+from asap.bench.sweep import BenchConfig, bench_target
+from asap.bench.workload import LengthSpec, WorkloadSpec
 from asap.client import AsapClient
 from asap.errors import ResourceExhausted
 from asap.model.tokenizer import load_tokenizer
+from asap.openai_protocol import served_model_name
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.server import AttentionService
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.server import ExpertService
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
-from scheduler_svc.openai_api import served_model_name
 from scheduler_svc.requests import RequestQueue
 from scheduler_svc.server import SchedulerService, SchedulerServiceConfig
 
@@ -271,3 +273,20 @@ async def test_health_and_requests_are_503_until_the_cluster_serves(qwen3_dir: P
         for service in (scheduler, attention, expert):
             if service is not None:
                 await service.stop(grace_s=0)
+
+
+async def test_bench_drives_the_http_front_door_like_the_grpc_one(cluster: Cluster) -> None:
+    workload = WorkloadSpec(lengths=LengthSpec.parse("uniform:4,64"), requests=12, warmup=2, seed=3)
+    sweeps = {
+        protocol: await bench_target(
+            target, BenchConfig(workload=workload, rates=[40.0], progress=False, protocol=protocol)
+        )
+        for protocol, target in (("grpc", cluster.grpc), ("http", cluster.http))
+    }
+    for sweep in sweeps.values():
+        (result,) = sweep.results
+        assert (result.requests, result.completed, result.failed) == (12, 12, 0)
+    assert sweeps["http"].label == sweeps["grpc"].label == "async"
+    assert sweeps["http"].cluster["vocab_size"] == sweeps["grpc"].cluster["vocab_size"]
+    assert sweeps["http"].cluster["max_prompt_tokens"] == sweeps["grpc"].cluster["max_prompt_tokens"]
+    assert sweeps["http"].results[0].sequence == sweeps["grpc"].results[0].sequence
