@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def _summary(records: list[RequestRecord]) -> dict[str, Any]:
     return {
         "completed": len(done),
         "failed": sum(1 for r in records if not r.ok and not r.warmup),
+        "failures": dict(Counter(r.status for r in records if not r.ok and not r.warmup)),
         "client_ttft_ms": _percentiles([r.ttft_ms for r in done]),
         "server_ttft_ms": _percentiles([r.server_ttft_ms or 0.0 for r in done]),
         "overhead_ms": _percentiles([r.ttft_ms - (r.server_ttft_ms or 0.0) for r in done]),
