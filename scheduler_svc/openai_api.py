@@ -72,9 +72,10 @@ class CompletionCall:
 
 
 def _int_field(body: dict[str, Any], key: str, default: int | None) -> int | None:
-    value = body.get(key, default)
+    """``body[key]`` as an integer; absent or null: ``default`` (OpenAI's clients send null for unset)."""
+    value = body.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"{key} must be an integer, got {value!r}", key)
     return value

@@ -45,6 +45,7 @@ def test_token_ids_text_and_a_batch_of_one_become_the_grpc_request() -> None:
 
 def test_defaults_suit_a_prefill_call() -> None:
     call = parse_completion({"prompt": [1]}, MODEL)  # no model, no max_tokens: the served one, 1
+    assert parse_completion({"prompt": [1], "max_tokens": None, "n": None}, MODEL).logprobs is None
     assert call.logprobs is None and call.prefill.sampling.top_logprobs == 0
     assert call.prefill.sampling.temperature == 0.0 and not call.tokens_as_ids
 
