@@ -200,3 +200,39 @@ def test_barrier_wait_shows_in_sync_mode_only(
     else:
         assert totals["barrier"] == 0
         assert totals["expert_compute"] > 0
+
+
+def test_an_http_request_joins_the_callers_trace(qwen3_dir: Path, tmp_path: Path, log: io.StringIO) -> None:
+    """The OpenAI front door honours ``traceparent`` as gRPC honours the in-message context: the
+    scheduler's request span is the caller's span's child, and every hop follows in that trace."""
+    import urllib.request
+
+    trace_file = tmp_path / "traces.jsonl"
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    cluster = LocalCluster(
+        ClusterSpec(model=str(qwen3_dir), attention=1, experts=1, port=0, threads=1, trace=str(trace_file),
+                    http_port=0),
+        out=log,
+    )  # fmt: skip
+    try:
+        cluster.start()
+        body = json.dumps({"prompt": [5, 6, 7, 8], "max_tokens": 1, "request_id": "h1"}).encode()
+        request = urllib.request.Request(
+            f"{cluster.http_url}/v1/completions",
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "traceparent": f"00-{caller_trace}-{caller_span}-01",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        cluster.stop()
+    assert answer["asap"]["trace_id"] == caller_trace
+    records = load_spans(trace_file)
+    (root,) = [s for s in records if s.name == spans.SCHEDULER_REQUEST]
+    assert root.trace_id == caller_trace and root.parent_span_id == caller_span
+    assert root.attributes[spans.REQUEST_ID] == "h1"
+    ((_, found),) = list(requests_with_spans(records))
+    assert {s.name for s in found} >= HOPS
