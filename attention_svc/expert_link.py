@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
+from asap.dataplane.direct import DirectLink
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
@@ -177,6 +178,15 @@ class ExpertLink:
             self._inflight.discard(key)
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
+
+    def direct(self, top_k: int) -> DirectLink | None:
+        """The plane's hot path for one batch (``asap.dataplane.direct``), or None where the plane has
+        none. On the event loop, at the batch's start; ``Unavailable`` if the link cannot be set up."""
+        direct = getattr(self.plane, "direct", None)
+        if direct is None:
+            return None
+        link: DirectLink | None = direct(top_k)
+        return link
 
     async def close(self) -> None:
         await self.stream.close()

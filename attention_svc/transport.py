@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from asap.dataplane.direct import DirectLink
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
@@ -74,6 +75,17 @@ class GrpcExpertTransport:
         trace: Context | None = None,
     ) -> ExchangeResult:
         return await self.links[rank].exchange(micro_batch, layer, dispatch, sync=sync, trace=trace)
+
+    def direct_links(self, top_k: int) -> list[DirectLink] | None:
+        """Every link's hot path for one batch (``asap.dataplane.direct``), in expert-rank order, or None
+        unless every link's plane has one (the batch then uses ``exchange``). On the event loop."""
+        links = []
+        for link in self.links:
+            direct = link.direct(top_k)
+            if direct is None:
+                return None
+            links.append(direct)
+        return links
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

@@ -1,19 +1,23 @@
 """The attention rank's end of a fast link: slots it fills, descriptors it publishes, completions its
 poll thread takes.
 
-Per layer nothing but stores into shared memory happens on the event loop: ``exchange`` takes a slot
+Per layer nothing but stores into shared memory happens on the sending thread: a dispatch takes a slot
 (a credit: with every slot in use the dispatch waits, nothing is dropped), writes the slot header, ids,
 weights and rows, publishes one descriptor and rings the expert's doorbell only if its poll thread is
 parked. The process's poll thread (``shared_poller``) takes completions, copies results out of the slot and
-wakes the waiting coroutine once (``call_soon_threadsafe``).
+settles the dispatch's *sink*: an asyncio future (``FastPlane.exchange`` on the event loop: woken once with
+``call_soon_threadsafe``) or a hot-path ``Ticket`` (``asap.dataplane.direct``: the attention compute thread
+posted it and is woken directly, no event loop). Slots, sequence numbers and pending dispatches are
+guarded by one lock, so both kinds of sender may share a link end.
 
 Failure: a link end is *broken* when the stream breaks (``stream_ended``), when the expert rank's
 heartbeat is older than ``peer_timeout_s`` while dispatches wait (a frozen or dead process), or when the
-expert never attached the region within ``ATTACH_NS``. Every waiting dispatch then fails with
+expert never attached the region within the attach bound (``attach_s``, default ``ATTACH_S``). Every waiting dispatch then fails with
 ``Unavailable`` at once, the region is retired (its slots are never reused: whatever the expert might
 still write lands in memory nobody reads) and the next exchange announces a fresh region. A dispatch
 abandoned while the expert may still write its slot keeps that slot until its completion arrives or the
-region is retired (the quarantine rule of ``asap.dataplane.link``).
+region is retired (the quarantine rule of ``asap.dataplane.link``); such dispatches are counted in
+``quarantined``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 
+from asap.dataplane.direct import Ticket
 from asap.dataplane.fastlink import (
     FLAG_SHAPE_ONLY,
     HEARTBEAT_ATTENTION,
@@ -43,13 +49,14 @@ from asap.dataplane.fastlink import (
     heartbeat,
     read_error,
 )
+from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, PollThread, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
-__all__ = ["AttentionLinkEnd", "shared_poller"]
+__all__ = ["ATTACH_S", "AttentionLinkEnd", "shared_poller"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +76,12 @@ def shared_poller() -> PollThread:
 Outcome = torch.Tensor | AsapError
 
 
-ATTACH_NS = 30_000_000_000
-"""How long an announced region may wait for the expert rank's first heartbeat while dispatches wait."""
+ATTACH_S = 30.0
+"""How long an announced region may wait for the expert rank's first heartbeat while dispatches wait
+(default of ``--fast-attach-timeout``)."""
+
+Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
+"""Who waits for a dispatch: a coroutine (its future) or a compute thread (its hot-path ticket)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -78,7 +89,7 @@ class _Pending:
     seq: int
     slot: int
     rows: int
-    future: asyncio.Future[torch.Tensor]
+    sink: Sink
     abandoned: bool = False
     """The exchange gave up (cancelled or failed elsewhere): the slot waits for the completion."""
 
@@ -108,6 +119,7 @@ class AttentionLinkEnd:
         dtype: torch.dtype,
         peer: str,
         peer_timeout_s: float,
+        attach_s: float = ATTACH_S,
         result_link_s: float | None = None,
         loop: asyncio.AbstractEventLoop,
         poller: PollThread,
@@ -117,6 +129,7 @@ class AttentionLinkEnd:
         self.peer = peer
         self.attention_rank = attention_rank
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
+        self.attach_ns = int(attach_s * 1e9)
         self._result_link_s = result_link_s
         """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
         self._loop = loop
@@ -135,6 +148,12 @@ class AttentionLinkEnd:
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
+        """Notified when a slot comes back or the end breaks (hot-path senders wait on it)."""
+        self._reserved: dict[int, int] = {}
+        """slot -> the sequence number its header was written with (``header``), taken by ``publish``."""
+        self.quarantined = 0
+        """Dispatches abandoned while the expert could still write their slot."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
@@ -183,6 +202,12 @@ class AttentionLinkEnd:
         with self._lock:
             if self._pending.pop(pending.seq, None) is None:
                 return  # the link broke meanwhile: already failed
+        sink = pending.sink
+        if isinstance(sink, Ticket):  # the compute thread waits: wake it directly, no event loop
+            self._release(pending.slot)
+            if not pending.abandoned:
+                sink.settle(outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome))
+            return
         self._loop.call_soon_threadsafe(self._settle, pending, outcome)
 
     def tick(self, now_ns: int) -> None:
@@ -195,7 +220,9 @@ class AttentionLinkEnd:
             waiting = any(not p.abandoned for p in self._pending.values())
         # Before the first heartbeat the expert rank has not yet read the announcement from its stream
         # (busy starting, on a loaded host); a dead one breaks that stream, so attaching gets longer.
-        since, bound = (expert_beat, self.peer_timeout_ns) if expert_beat else (self.announced_ns, ATTACH_NS)
+        since, bound = (
+            (expert_beat, self.peer_timeout_ns) if expert_beat else (self.announced_ns, self.attach_ns)
+        )
         if waiting and self.broken is None and now_ns - since > bound:
             what = "stopped answering" if expert_beat else "never attached the fast link"
             error = Unavailable(f"{self.peer}: {what} (no heartbeat for {(now_ns - since) / 1e9:.2f} s)")
@@ -219,13 +246,14 @@ class AttentionLinkEnd:
         self.completion_bell.unlink()
 
     async def take_slot(self) -> int:
-        """A free slot (a credit); waits while every slot is in use."""
-        if self.broken is not None:
-            raise self.broken
-        if self._free:
-            return self._free.pop()
-        waiter: asyncio.Future[int] = self._loop.create_future()
-        self._slot_waiters.append(waiter)
+        """A free slot (a credit); waits while every slot is in use (on the event loop)."""
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            if self._free:
+                return self._free.pop()
+            waiter: asyncio.Future[int] = self._loop.create_future()
+            self._slot_waiters.append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -233,15 +261,38 @@ class AttentionLinkEnd:
                 self._release(waiter.result())  # handed over just as it was cancelled
             raise
 
+    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
+        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
+        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
+        with self._lock:
+            while True:
+                if self.broken is not None:
+                    raise self.broken
+                if ticket.cancelled:
+                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
+                if self._free and not self._slot_waiters:
+                    return self._free.pop()
+                self._slot_freed.wait(poll_s)
+
     def _release(self, slot: int) -> None:
-        if self.broken is not None:
-            return
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(slot)
+        """Give ``slot`` back (any thread): to a waiting coroutine first, else to the free list."""
+        with self._lock:
+            if self.broken is not None:
                 return
-        self._free.append(slot)
+            while self._slot_waiters:
+                waiter = self._slot_waiters.popleft()
+                if not waiter.done():
+                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
+                    return
+            self._free.append(slot)
+            self._slot_freed.notify_all()
+
+    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
+        """On the loop: ``slot`` to ``waiter``, or back to the pool if it gave up meanwhile."""
+        if waiter.done():
+            self._release(slot)
+        else:
+            waiter.set_result(slot)
 
     def fill(
         self,
@@ -270,16 +321,32 @@ class AttentionLinkEnd:
         self._buf[at + weights_at : at + weights_at + n] = _bytes_of(weights, torch.float32)
 
     def publish(
-        self, slot: int, micro_batch: int, layer: int, rows: int, *, shape_only: bool, link_s: float
-    ) -> tuple[int, asyncio.Future[torch.Tensor]]:
-        """Publish the filled ``slot``; returns its sequence number and the future of its result."""
-        if self.broken is not None:
-            raise self.broken
-        self._seq += 1
-        seq = self._seq
-        future: asyncio.Future[torch.Tensor] = self._loop.create_future()
+        self,
+        slot: int,
+        micro_batch: int,
+        layer: int,
+        rows: int,
+        *,
+        shape_only: bool,
+        link_s: float,
+        ticket: Ticket | None = None,
+    ) -> tuple[int, asyncio.Future[torch.Tensor] | None]:
+        """Publish the filled ``slot``; returns its sequence number and the future of its result (on the
+        event loop), or None when ``ticket`` (a hot-path sender, any thread) is to be settled instead."""
+        future: asyncio.Future[torch.Tensor] | None = None
+        sink: Sink
+        if ticket is None:
+            future = sink = self._loop.create_future()
+        else:
+            sink = ticket
         with self._lock:
-            self._pending[seq] = _Pending(seq, slot, rows, future)
+            if self.broken is not None:
+                raise self.broken
+            seq = self._reserved.pop(slot, 0)
+            if not seq:
+                self._seq += 1
+                seq = self._seq
+            self._pending[seq] = _Pending(seq, slot, rows, sink)
         not_before = time.monotonic_ns() + int(link_s * 1e9) if link_s > 0 else 0
         request = Request(
             micro_batch=micro_batch,
@@ -301,44 +368,64 @@ class AttentionLinkEnd:
         return seq, future
 
     def header(
-        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str
+        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str, slot: int = -1
     ) -> SlotHeader:
-        return SlotHeader(micro_batch, self._seq + 1, layer, rows, time.time_ns(), traceparent, tracestate)
+        """The header of the next dispatch; with ``slot``, its sequence number is reserved for that slot
+        (senders on several threads may fill slots at once; ``publish`` of the slot uses it)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            if slot >= 0:
+                self._reserved[slot] = seq
+            else:
+                self._seq -= 1  # only a look at the next number (tests build headers this way)
+        return SlotHeader(micro_batch, seq, layer, rows, time.time_ns(), traceparent, tracestate)
 
     def abandon(self, seq: int) -> None:
         """The exchange of ``seq`` gave up: its slot stays taken until its completion arrives (its settle
         frees it) or the region is retired; the peer may still write into it."""
         with self._lock:
             pending = self._pending.get(seq)
-            if pending is not None:
+            if pending is not None and not pending.abandoned:
                 pending.abandoned = True
+                self.quarantined += 1
 
     def give_back(self, slot: int) -> None:
         """A slot taken but never published."""
+        with self._lock:
+            self._reserved.pop(slot, None)
         self._release(slot)
 
     def _settle(self, pending: _Pending, outcome: Outcome) -> None:
         self._release(pending.slot)
-        if pending.future.done():
+        future = pending.sink
+        assert not isinstance(future, Ticket)
+        if future.done():
             return
         if isinstance(outcome, AsapError):
-            pending.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            pending.future.set_result(outcome)
+            future.set_result(outcome)
 
     def fail(self, error: AsapError) -> None:
         """Break this link end: every waiting dispatch fails with ``error``; the region is retired."""
-        if self.broken is not None:
-            return
-        self.broken = error
-        self.requests.close()
         with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = error
+            self.requests.close()
             pending, self._pending = self._pending, {}
             self._delayed.clear()
+            self._slot_freed.notify_all()
         failed = 0
         for entry in pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            sink = entry.sink
+            if isinstance(sink, Ticket):
+                if not sink.done and not entry.abandoned:
+                    sink.settle(error)
+                    failed += 1
+            elif not sink.done():
+                sink.set_exception(error)
                 failed += 1
         for waiter in self._slot_waiters:
             if not waiter.done():
@@ -350,9 +437,9 @@ class AttentionLinkEnd:
 
     def close(self) -> None:
         """Stop polling, drop the names and the mapping (idempotent)."""
-        if self.broken is None:
-            self.broken = Unavailable(f"{self.peer}: fast link closed")
-            self.requests.close()
+        if self.broken is None:  # fail everything still waiting first (it closes the end)
+            self.fail(Unavailable(f"{self.peer}: fast link closed"))
+            return
         self._poller.remove(self)
         self._unlink_names()
         self.requests.release()
