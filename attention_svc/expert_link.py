@@ -21,6 +21,7 @@ import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
 from asap.dataplane.direct import DirectLink
+from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
@@ -55,6 +56,7 @@ class ExpertLink:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        fast: FastOptions | None = None,
     ) -> None:
         self.target = target
         self.rank = rank
@@ -74,6 +76,7 @@ class ExpertLink:
             link_s=link_s,
         )
         self._codec = codec
+        self._fast_options = fast
         self._channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
         self._stub = expert_pb2_grpc.ExpertStub(self._channel)
         self.stream: ExchangeStream = DuplexStream(
@@ -109,7 +112,9 @@ class ExpertLink:
             fallback = "grpc"
             if self._fast and confirm_fast(self.requested_plane, info, where=where):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
-            self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
+            self.plane = make_plane(
+                plane, self.spec, self.stream, self._codec, fallback=fallback, fast=self._fast_options
+            )
             self.data_plane = plane
             self._settled = True
         return info

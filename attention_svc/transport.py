@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from asap.dataplane.direct import DirectLink
+from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
@@ -37,6 +38,7 @@ class GrpcExpertTransport:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        fast: FastOptions | None = None,
     ) -> None:
         self._codec = ThreadPoolExecutor(
             max_workers=1,
@@ -57,6 +59,7 @@ class GrpcExpertTransport:
                 data_plane=data_plane,
                 device=device,
                 region_bytes=region_bytes,
+                fast=fast,
             )
             for rank, target in enumerate(targets)
         ]

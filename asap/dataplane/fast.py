@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +32,16 @@ from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
-from asap.errors import AsapError, InternalError, Unavailable
+from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
 
-__all__ = ["ATTACH_S", "DEFAULT_PEER_TIMEOUT_S", "DEFAULT_SLOTS", "FastPlane", "slot_bytes_for"]
+__all__ = [
+    "ATTACH_S",
+    "DEFAULT_PEER_TIMEOUT_S",
+    "DEFAULT_SLOTS",
+    "FastOptions",
+    "FastPlane",
+    "slot_bytes_for",
+]
 
 DEFAULT_SLOTS = 4
 """Slots per link: at least the micro-batches an attention rank keeps in flight (2 with dual-batch)."""
@@ -41,6 +49,25 @@ DEFAULT_PEER_TIMEOUT_S = 5.0
 """A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen (the
 default failure bound of the reliability contract; 2 s failed healthy ranks on a loaded 2-core host).
 Default of ``--fast-peer-timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FastOptions:
+    """The fast plane's failure bounds, from the attention rank's config (``--fast-peer-timeout``,
+    ``--fast-attach-timeout``)."""
+
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    """A peer whose heartbeat is older than this while dispatches wait fails them (``Unavailable``)."""
+    attach_s: float = ATTACH_S
+    """How long an announced region may wait for the expert rank's first heartbeat."""
+
+    def __post_init__(self) -> None:
+        if self.peer_timeout_s <= 0 or self.attach_s <= 0:
+            raise InvalidArgument(
+                f"fast plane timeouts must be > 0, got peer {self.peer_timeout_s} s, attach {self.attach_s} s"
+            )
+
+
 _SHAPE_ONLY_SLOT_BYTES = 4 * 1024 * 1024  # ids and weights of ~64k rows at top-8
 _SLOT_BYTES = 48 * 1024 * 1024  # rows of an 8k-token dispatch at hidden 2048 in float32 with room to spare
 _CODEC_FILL_BYTES = 1 << 20
