@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asap.dataplane.direct import DirectLink, Ticket, Wake
+from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.attention_part import MoERequest
@@ -151,7 +151,7 @@ class DirectRunner:
                     active.remove(batch)
                     moved = True
                 if not moved and not any(b.ready() for b in active):
-                    self._wake.wait(_PARK_S)
+                    self._park(active)
         except BaseException as exc:  # a bug here must fail the batches, never leave them waiting
             logger.exception("attention hot-path scheduler failed")
             error = InternalError(f"attention hot-path scheduler failed: {exc}")
@@ -162,6 +162,36 @@ class DirectRunner:
             for batch in active:
                 self._end(batch, error)
             raise
+
+    def _park(self, active: list[DirectBatch]) -> None:
+        """Sleep until a result of ``active`` lands (or a batch comes or goes). Links that can take
+        their results on this thread (``DirectLink.poll`` / ``park``) are polled here and their doorbells
+        watched, so the answer wakes this thread directly, not the plane's poll thread first."""
+        links = [link for b in active for link in _waiting_links(b)]
+        pollable = [link for link in links if hasattr(link, "poll")]
+
+        def poll() -> bool:
+            for link in pollable:
+                link.poll()
+            return self._wake.is_set or any(b.ready() for b in active)
+
+        if poll():
+            return
+        parkable = [link for link in pollable if hasattr(link, "park")]
+        fds: list[int] = []
+        timeout_s = _PARK_S
+        try:
+            for link in parkable:
+                got = link.park(True)
+                if not got:
+                    timeout_s = SHORT_PARK_S
+                fds.extend(got)
+            if not poll():  # published before the flags were seen: no doorbell comes for those
+                self._wake.wait(timeout_s, fds)
+        finally:
+            for link in parkable:
+                link.park(False)
+        poll()
 
     def _move(self, batch: DirectBatch) -> bool:
         """One step of ``batch``: take its results, compute to the next MoE layer and post it (or finish).
@@ -272,6 +302,18 @@ class DirectRunner:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
             result = Unavailable(f"micro-batch {batch.micro_batch} stopped: {result!r}")
         loop.call_soon_threadsafe(_resolve, future, result)
+
+
+def _waiting_links(batch: DirectBatch) -> list[DirectLink]:
+    """The links of ``batch``'s unsettled dispatches."""
+    if batch.step is None:
+        return []
+    dispatches = batch.step[1]
+    return [
+        batch.links[dispatches[i].rank]
+        for i, ticket in enumerate(batch.tickets)
+        if not ticket.done and i < len(dispatches)
+    ]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -31,41 +31,92 @@ The interface (what a plane implements to take part):
     failed). Memory the expert may still write stays reserved until its answer comes or the path ends
     (counted in ``stats.quarantined``); the ticket may still be settled later, and that is ignored.
 
-A GPU plane implements the same three calls: ``post`` enqueues the rows and the ready flag on its streams
+Optional, for planes whose completions the waiting thread can take itself (sparing the hop through the
+plane's poll thread, one thread wake per layer):
+
+``DirectLink.poll()``
+    Take whatever answers arrived, on the calling thread (settling their tickets); never blocks.
+
+``DirectLink.park(on) -> Sequence[int]``
+    ``on=True``: the caller is about to sleep; ask the peer to signal and return the file descriptors
+    that become readable when an answer arrives (the caller ``select``s on them with its ``Wake``);
+    none means "look again soon" (the caller sleeps ``SHORT_PARK_S`` at most).
+    ``on=False``: it woke up. A plane's own poll thread should not park on a link while it is parked
+    elsewhere (it still sweeps it), so one answer wakes one thread.
+
+A GPU plane implements the same calls: ``post`` enqueues the rows and the ready flag on its streams
 and publishes the descriptor; the settled ``ExchangeResult.hidden`` must be safe to read on the compute
 thread's stream (as ``exchange`` requires).
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import os
+import select
+from collections.abc import Sequence
 from typing import Protocol
 
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.errors import AsapError
 
-__all__ = ["DirectCapable", "DirectLink", "Ticket", "Wake"]
+__all__ = ["SHORT_PARK_S", "DirectCapable", "DirectLink", "Ticket", "Wake"]
+
+SHORT_PARK_S = 200e-6
+"""How long a waiter sleeps at most on a link that gave no file descriptor to wait on."""
 
 
 class Wake:
     """What a compute thread waits on: set by whoever settles one of its tickets (or cancels a batch).
 
-    A thin wrapper over ``threading.Event`` so the waiter can ``clear`` before it checks its tickets and
-    then ``wait``: a settle between the two makes ``wait`` return at once, so no wake-up is lost."""
+    The waiter ``clear``s before it checks its tickets and then ``wait``s: a ``set`` between the two
+    makes ``wait`` return at once, so no wake-up is lost. ``wait`` may also watch file descriptors (a
+    plane's doorbells, ``DirectLink.park``); ``set`` writes into a pipe only while the waiter sleeps."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_flag", "_parked", "_read", "_write")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._flag = False
+        self._parked = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
 
     def set(self) -> None:
-        self._event.set()
+        self._flag = True
+        if self._parked:
+            with contextlib.suppress(BlockingIOError, OSError):  # full pipe: a wake-up is pending
+                os.write(self._write, b"\0")
 
     def clear(self) -> None:
-        self._event.clear()
+        self._flag = False
 
-    def wait(self, timeout_s: float) -> bool:
-        return self._event.wait(timeout_s)
+    @property
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout_s: float, fds: Sequence[int] = ()) -> bool:
+        """Sleep until ``set``, one of ``fds`` is readable (drained here) or ``timeout_s``; whether set."""
+        self._parked = True
+        try:
+            if self._flag:
+                return True
+            try:
+                readable, _, _ = select.select([self._read, *fds], [], [], timeout_s)
+            except (OSError, ValueError):  # a doorbell closed meanwhile: look again
+                return self._flag
+            for fd in readable:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while os.read(fd, 4096):
+                        pass
+            return self._flag
+        finally:
+            self._parked = False
+
+    def close(self) -> None:
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Ticket:

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import struct
+import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -299,6 +302,27 @@ class _Direct:
 
         future.add_done_callback(settle)
         ticket.plane_data = future
+
+    def poll(self) -> None:
+        """Take the link end's arrived completions on this thread (``DirectLink.poll``)."""
+        self.end.poll(time.monotonic_ns())
+
+    def park(self, on: bool) -> Sequence[int]:
+        """``DirectLink.park``: the completion ring's waiting flag and doorbell. The flag is shared with
+        the poll thread's parking; a wake-up lost to the two clearing it costs at most one park timeout
+        of the waiter, never a completion (the poll thread's sweeps still take it)."""
+        end = self.end
+        if on:
+            end.parked_elsewhere += 1
+        else:
+            end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
+        try:
+            end.completions.set_waiting(on)
+            if on and end.held():  # a result waits for its modelled transfer: no bell will come
+                return []
+            return [end.completion_bell.fileno()] if on else []
+        except (ValueError, IndexError, struct.error):  # the end was closed meanwhile
+            return []
 
     def abandon(self, ticket: Ticket) -> None:
         data = ticket.plane_data

@@ -154,6 +154,11 @@ class AttentionLinkEnd:
         """slot -> the sequence number its header was written with (``header``), taken by ``publish``."""
         self.quarantined = 0
         """Dispatches abandoned while the expert could still write their slot."""
+        self._consume = threading.Lock()
+        """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
+        waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
+        self.parked_elsewhere = 0
+        """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
@@ -164,11 +169,24 @@ class AttentionLinkEnd:
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
 
     def poll(self, now_ns: int) -> bool:
-        worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
-        due = self._delayed.release(now_ns)
-        for d in due:
-            self._deliver(d.pending, d.outcome)
-        return worked or bool(due)
+        """Take arrived completions (the poll thread, or a waiting compute thread: whoever gets there)."""
+        if not self._consume.acquire(blocking=False):
+            return False  # the other thread is taking them
+        try:
+            if self.broken is not None and not self._buf:
+                return False
+            worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
+            with self._lock:
+                due = self._delayed.release(now_ns)
+            for d in due:
+                self._deliver(d.pending, d.outcome)
+            return worked or bool(due)
+        finally:
+            self._consume.release()
+
+    def held(self) -> int:
+        """Results held back for their modelled transfer time (the poller must look again soon)."""
+        return len(self._delayed)
 
     def _take(self, completion: Completion, now_ns: int) -> None:
         with self._lock:
@@ -189,7 +207,8 @@ class AttentionLinkEnd:
             nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
             due = now_ns + int(self._result_link_s * nbytes * 1e9)
             if due > now_ns + 1000:
-                self._delayed.hold(_Delayed(due, pending, outcome))
+                with self._lock:
+                    self._delayed.hold(_Delayed(due, pending, outcome))
                 return
         else:  # results were written over the rows: copy them out before the slot is reused
             hidden_at = at + self.geometry.payload(pending.rows, shape_only=False)[0]
@@ -442,10 +461,11 @@ class AttentionLinkEnd:
             return
         self._poller.remove(self)
         self._unlink_names()
-        self.requests.release()
-        self.completions.release()
-        self._buf = memoryview(b"")
-        with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
-            self.region.close()
-        self.request_bell.close()
-        self.completion_bell.close()
+        with self._consume:  # a compute thread taking its results is done with the mapping first
+            self.requests.release()
+            self.completions.release()
+            self._buf = memoryview(b"")
+            with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
+                self.region.close()
+            self.request_bell.close()
+            self.completion_bell.close()
