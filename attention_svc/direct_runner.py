@@ -102,6 +102,8 @@ class DirectRunner:
         self._lock = threading.Lock()
         self._incoming: list[DirectBatch] = []
         self._running = False
+        self.most_active = 0
+        """The most batches the scheduler served at once (2 with dual-batch; for tests)."""
 
     async def run(self, batch: DirectBatch) -> Any:
         """Run ``batch`` to its end on the compute thread; its ``finish`` result. Errors propagate typed."""
@@ -139,6 +141,7 @@ class DirectRunner:
                     if not active:
                         self._running = False
                         return
+                self.most_active = max(self.most_active, len(active))
                 moved = False
                 for batch in list(active):
                     if batch.cancelled:

@@ -157,6 +157,8 @@ class AttentionLinkEnd:
         self._consume = threading.Lock()
         """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
+        self.held_back = 0
+        """Hot-path sends that waited for a free slot (backpressure; for tests and benchmarks)."""
         self.parked_elsewhere = 0
         """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
@@ -283,6 +285,7 @@ class AttentionLinkEnd:
     def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
         """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
         one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
+        held = False
         with self._lock:
             while True:
                 if self.broken is not None:
@@ -291,6 +294,9 @@ class AttentionLinkEnd:
                     raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
                 if self._free and not self._slot_waiters:
                     return self._free.pop()
+                if not held:
+                    held = True
+                    self.held_back += 1
                 self._slot_freed.wait(poll_s)
 
     def _release(self, slot: int) -> None:
