@@ -59,9 +59,7 @@ async def test_hot_path_matches_grpc_bytes_alone_and_interleaved(arch: Path) -> 
         before = executor.direct_batches  # the warm-up batch
         alone = await _run(executor, "a", prompts)
         # two micro-batches at once on one compute thread (dual-batch), then a sync-mode step (loop path)
-        first, second = await asyncio.gather(
-            _run(executor, "b", prompts), _run(executor, "c", prompts[::-1])
-        )
+        first, second = await asyncio.gather(_run(executor, "b", prompts), _run(executor, "c", prompts[::-1]))
         sync = await executor.run_batch(
             [executor.make_prompt("s", prompts[0])], sync=SyncStep(step=1, participants=1)
         )
