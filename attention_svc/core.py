@@ -132,6 +132,8 @@ class AttentionExecutor:
         self.inflight = 0
         self._runner = DirectRunner(self._thread, self._advance)
         self.direct_batches = 0
+        self.hot_path = True
+        """Whether async batches may take the hot path where the planes offer it (benchmarks compare)."""
         """Batches run on the hot path (compute thread only, ``attention_svc.direct_runner``)."""
 
     def close(self) -> None:
@@ -269,7 +271,7 @@ class AttentionExecutor:
         """The transport's hot path for this batch, when every link has one (``Unavailable`` raised when
         a link cannot be set up, as its first exchange would)."""
         direct_links = getattr(self.transport, "direct_links", None)
-        if direct_links is None:
+        if direct_links is None or not self.hot_path:
             return None
         links: Sequence[DirectLink] | None = direct_links(self.part.config.top_k)
         return links
