@@ -308,9 +308,8 @@ class _Direct:
         self.end.poll(time.monotonic_ns())
 
     def park(self, on: bool) -> Sequence[int]:
-        """``DirectLink.park``: the completion ring's waiting flag and doorbell. The flag is shared with
-        the poll thread's parking; a wake-up lost to the two clearing it costs at most one park timeout
-        of the waiter, never a completion (the poll thread's sweeps still take it)."""
+        """``DirectLink.park``: the completion ring's waiting flag (counted: the poll thread may be parked
+        on it too) and its doorbell."""
         end = self.end
         if on:
             end.parked_elsewhere += 1

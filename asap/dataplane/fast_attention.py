@@ -84,6 +84,22 @@ Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
 """Who waits for a dispatch: a coroutine (its future) or a compute thread (its hot-path ticket)."""
 
 
+class _SharedWaitRing(Ring):
+    """The completion ring, whose consumer may be two threads (the poll thread and a waiting compute
+    thread): its ``waiting`` flag is set while *either* is parked, so one of them clearing it cannot hide
+    a completion from the other's doorbell."""
+
+    def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
+        super().__init__(buf, offset, capacity)
+        self._parked = 0
+        self._parked_lock = threading.Lock()
+
+    def set_waiting(self, waiting: bool) -> None:
+        with self._parked_lock:
+            self._parked = self._parked + 1 if waiting else max(0, self._parked - 1)
+            super().set_waiting(self._parked > 0)
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     seq: int
@@ -142,7 +158,7 @@ class AttentionLinkEnd:
         self.request_bell = Doorbell.create(base + ".req")
         self.completion_bell = Doorbell.create(base + ".cmp")
         self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
-        self.completions = Ring(self._buf, geometry.completions_at, geometry.slots)
+        self.completions = _SharedWaitRing(self._buf, geometry.completions_at, geometry.slots)
         self.inbound, self.bell = self.completions, self.completion_bell  # what the poll thread parks on
         self._free: list[int] = list(range(geometry.slots))[::-1]
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
