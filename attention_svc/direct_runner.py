@@ -38,6 +38,7 @@ import torch
 
 from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.emulation.clock import reduce_timer_slack
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.attention_part import MoERequest
 from asap.model.placement import RankDispatch
@@ -87,9 +88,14 @@ class DirectBatch:
         """Whether the scheduler can move this batch on: nothing posted yet, every result in, or a
         failure among them."""
         tickets = self.tickets
-        return all(t.done for t in tickets) or any(
-            t.done and isinstance(t.outcome, AsapError) for t in tickets
-        )
+        if any(t.done and isinstance(t.outcome, AsapError) for t in tickets):
+            return True
+        return all(t.done for t in tickets) and self.due_in_ns() <= 0
+
+    def due_in_ns(self) -> int:
+        """How long until the last of its settled results may be used (emulated transfers)."""
+        latest = max((t.not_before_ns for t in self.tickets), default=0)
+        return latest - time.monotonic_ns() if latest else 0
 
 
 class DirectRunner:
@@ -179,6 +185,11 @@ class DirectRunner:
             return self._wake.is_set or any(b.ready() for b in active)
 
         if poll():
+            return
+        settled = [b for b in active if b.tickets and all(t.done for t in b.tickets)]
+        if settled:  # results in, their modelled transfer still under way: sleep until the first is due
+            reduce_timer_slack()
+            time.sleep(max(0, min(b.due_in_ns() for b in settled)) / 1e9)
             return
         parkable = [link for link in pollable if hasattr(link, "park")]
         fds: list[int] = []

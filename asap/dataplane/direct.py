@@ -122,7 +122,7 @@ class Wake:
 class Ticket:
     """One dispatch posted on the hot path; settled once by the plane (from any thread)."""
 
-    __slots__ = ("cancelled", "done", "outcome", "plane_data", "posted_ns", "settled_ns", "wake")
+    __slots__ = ("cancelled", "done", "not_before_ns", "outcome", "plane_data", "posted_ns", "wake")
 
     def __init__(self, wake: Wake) -> None:
         self.wake = wake
@@ -132,15 +132,18 @@ class Ticket:
         """Set by the batch that gave up: a blocked ``post`` returns with ``Unavailable``."""
         self.posted_ns = 0
         """``time.monotonic_ns`` when it was posted (the combine wait starts here)."""
-        self.settled_ns = 0
+        self.not_before_ns = 0
+        """``time.monotonic_ns`` before which the result is not to be used (an emulated transfer still
+        under way: the waiter sleeps until then instead of the plane's poll thread holding it)."""
         self.plane_data: object = None
         """What the plane keeps to abandon it (a sequence number, a future)."""
 
-    def settle(self, outcome: ExchangeResult | AsapError) -> None:
+    def settle(self, outcome: ExchangeResult | AsapError, *, not_before_ns: int = 0) -> None:
         """The plane's answer (first one wins); wakes the waiting compute thread."""
         if self.done:
             return
         self.outcome = outcome
+        self.not_before_ns = not_before_ns
         self.done = True
         self.wake.set()
 

@@ -224,6 +224,9 @@ class AttentionLinkEnd:
             outcome = torch.empty(pending.rows, self.geometry.hidden_size, dtype=self.dtype, device="meta")
             nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
             due = now_ns + int(self._result_link_s * nbytes * 1e9)
+            if isinstance(pending.sink, Ticket):  # the waiting thread itself sleeps until it is due
+                self._deliver(pending, outcome, not_before_ns=due)
+                return
             if due > now_ns + 1000:
                 with self._lock:
                     self._delayed.hold(_Delayed(due, pending, outcome))
@@ -235,7 +238,7 @@ class AttentionLinkEnd:
             outcome = raw.view(self.dtype).view(pending.rows, self.geometry.hidden_size).clone()
         self._deliver(pending, outcome)
 
-    def _deliver(self, pending: _Pending, outcome: Outcome) -> None:
+    def _deliver(self, pending: _Pending, outcome: Outcome, *, not_before_ns: int = 0) -> None:
         with self._lock:
             if self._pending.pop(pending.seq, None) is None:
                 return  # the link broke meanwhile: already failed
@@ -243,7 +246,8 @@ class AttentionLinkEnd:
         if isinstance(sink, Ticket):  # the compute thread waits: wake it directly, no event loop
             self._release(pending.slot)
             if not pending.abandoned:
-                sink.settle(outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome))
+                result = outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome)
+                sink.settle(result, not_before_ns=not_before_ns)
             return
         self._loop.call_soon_threadsafe(self._settle, pending, outcome)
 
