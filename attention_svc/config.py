@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asap.dataplane.fast import ATTACH_S, DEFAULT_PEER_TIMEOUT_S
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.rank_backends import check_rank_backends
@@ -37,6 +38,12 @@ class AttentionServiceConfig:
     data_plane: str = "auto"
     """How activations reach the expert ranks: ``grpc`` (inline bytes), ``shm`` (same-host shared memory,
     CPU only; fails if not possible) or ``auto`` (shm where possible, per expert rank, else grpc)."""
+    fast_peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    """Fast plane: an expert rank whose heartbeat is older than this while dispatches wait is taken for
+    dead or frozen (its batches fail with UNAVAILABLE); ``asap.dataplane.fast.DEFAULT_PEER_TIMEOUT_S``."""
+    fast_attach_timeout_s: float = ATTACH_S
+    """Fast plane: how long an announced region may wait for the expert rank to attach
+    (``asap.dataplane.fast_attention.ATTACH_S``)."""
 
     def __post_init__(self) -> None:
         if not self.expert_targets:
@@ -55,6 +62,11 @@ class AttentionServiceConfig:
         check_rank_backends(self.compute, self.data_plane)
         if self.route_skew < 0:
             raise InvalidArgument(f"route_skew must be >= 0, got {self.route_skew}")
+        if self.fast_peer_timeout_s <= 0 or self.fast_attach_timeout_s <= 0:
+            raise InvalidArgument(
+                f"fast plane timeouts must be > 0, got {self.fast_peer_timeout_s} s and "
+                f"{self.fast_attach_timeout_s} s"
+            )
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
 

@@ -3,6 +3,10 @@
 No grpc here. Each batch is a coroutine that resumes the model's ``forward_steps`` generator on the
 compute thread, and at every MoE layer awaits only its own combine results from the expert ranks it
 needs. Several batches can be in flight: while one waits for the experts, another computes attention.
+
+Async-mode batches whose every link offers the hot path (``asap.dataplane.direct``; the CPU ``fast``
+plane) run on the compute thread alone (``attention_svc.direct_runner``): the event loop is involved when
+the batch starts and ends, not per layer. Sync modes and the other planes keep the per-layer path here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from asap.dataplane.direct import DirectLink
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError
@@ -28,6 +33,7 @@ from asap.model.sampling import FirstToken, first_token
 from asap.sampling_options import check_sampling
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
+from attention_svc.direct_runner import DirectBatch, DirectRunner
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -124,6 +130,11 @@ class AttentionExecutor:
         )
         self._micro_batch_ids = itertools.count(1)
         self.inflight = 0
+        self._runner = DirectRunner(self._thread, self._advance)
+        self.direct_batches = 0
+        self.hot_path = True
+        """Whether async batches may take the hot path where the planes offer it (benchmarks compare)."""
+        """Batches run on the hot path (compute thread only, ``attention_svc.direct_runner``)."""
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -222,6 +233,9 @@ class AttentionExecutor:
             else self.part.forward_steps(tokens)
         )
         all_ranks = sync is not None
+        links = self._direct_links() if sync is None else None
+        if links is not None:
+            return await self._run_direct(micro_batch, outcome, gen, links, prompts, trace)
         try:
             step: _Step | torch.Tensor
             step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, None, all_ranks)
@@ -246,6 +260,47 @@ class AttentionExecutor:
             spans.record(
                 spans.ATTENTION_SAMPLE, trace, start_ns, sampled_ns, {spans.MICRO_BATCH: micro_batch}
             )
+        outcome.results = [
+            PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
+            for p, first in zip(prompts, firsts, strict=True)
+        ]
+        outcome.finished_ns = time.time_ns()
+        return outcome
+
+    def _direct_links(self) -> Sequence[DirectLink] | None:
+        """The transport's hot path for this batch, when every link has one (``Unavailable`` raised when
+        a link cannot be set up, as its first exchange would)."""
+        direct_links = getattr(self.transport, "direct_links", None)
+        if direct_links is None or not self.hot_path:
+            return None
+        links: Sequence[DirectLink] | None = direct_links(self.part.config.top_k)
+        return links
+
+    async def _run_direct(
+        self,
+        micro_batch: int,
+        outcome: BatchOutcome,
+        gen: Generator[MoERequest, torch.Tensor, torch.Tensor],
+        links: Sequence[DirectLink],
+        prompts: Sequence[PromptSpec],
+        trace: Context | None,
+    ) -> BatchOutcome:
+        """The batch on the compute thread alone (``DirectRunner``); sampling ends it there too."""
+        batch: DirectBatch
+
+        def finish(logits: torch.Tensor) -> list[FirstToken | None]:
+            firsts = _sample_all(logits, prompts)
+            if trace is not None:
+                attributes = {spans.MICRO_BATCH: micro_batch}
+                batch.records.append(
+                    (spans.ATTENTION_SAMPLE, batch.last_start_ns, time.time_ns(), attributes)
+                )
+            return firsts
+
+        batch = DirectBatch(micro_batch, gen, links, finish, trace)
+        self.direct_batches += 1
+        firsts = await self._runner.run(batch)
+        outcome.expert_wait_ns = batch.expert_wait_ns
         outcome.results = [
             PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
             for p, first in zip(prompts, firsts, strict=True)

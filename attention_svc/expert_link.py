@@ -20,6 +20,8 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
+from asap.dataplane.direct import DirectLink
+from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
@@ -54,6 +56,7 @@ class ExpertLink:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        fast: FastOptions | None = None,
     ) -> None:
         self.target = target
         self.rank = rank
@@ -73,6 +76,7 @@ class ExpertLink:
             link_s=link_s,
         )
         self._codec = codec
+        self._fast_options = fast
         self._channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
         self._stub = expert_pb2_grpc.ExpertStub(self._channel)
         self.stream: ExchangeStream = DuplexStream(
@@ -108,7 +112,9 @@ class ExpertLink:
             fallback = "grpc"
             if self._fast and confirm_fast(self.requested_plane, info, where=where):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
-            self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
+            self.plane = make_plane(
+                plane, self.spec, self.stream, self._codec, fallback=fallback, fast=self._fast_options
+            )
             self.data_plane = plane
             self._settled = True
         return info
@@ -177,6 +183,15 @@ class ExpertLink:
             self._inflight.discard(key)
             if span is not None:  # failed or cancelled before everything was sent
                 span.end()
+
+    def direct(self, top_k: int) -> DirectLink | None:
+        """The plane's hot path for one batch (``asap.dataplane.direct``), or None where the plane has
+        none. On the event loop, at the batch's start; ``Unavailable`` if the link cannot be set up."""
+        direct = getattr(self.plane, "direct", None)
+        if direct is None:
+            return None
+        link: DirectLink | None = direct(top_k)
+        return link
 
     async def close(self) -> None:
         await self.stream.close()

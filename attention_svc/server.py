@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from asap.dataplane.fast import FastOptions
 from asap.emulation import DeviceProfile, EmulatedAttentionPart
 from asap.emulation.costs import transfer_s
 from asap.emulation.loading import PartSource
@@ -258,6 +259,7 @@ class AttentionService(GrpcService):
             link_s=(lambda nbytes: transfer_s(nbytes, profile)) if profile is not None else None,
             data_plane=self.config.data_plane,
             device=self.config.device,
+            fast=FastOptions(self.config.fast_peer_timeout_s, self.config.fast_attach_timeout_s),
         )
         infos = await self.transport.infos(self.config.expert_connect_timeout_s)
         placement = placement_from_infos(model_config, infos)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from asap.dataplane.direct import DirectLink
+from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
@@ -36,6 +38,7 @@ class GrpcExpertTransport:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        fast: FastOptions | None = None,
     ) -> None:
         self._codec = ThreadPoolExecutor(
             max_workers=1,
@@ -56,6 +59,7 @@ class GrpcExpertTransport:
                 data_plane=data_plane,
                 device=device,
                 region_bytes=region_bytes,
+                fast=fast,
             )
             for rank, target in enumerate(targets)
         ]
@@ -74,6 +78,17 @@ class GrpcExpertTransport:
         trace: Context | None = None,
     ) -> ExchangeResult:
         return await self.links[rank].exchange(micro_batch, layer, dispatch, sync=sync, trace=trace)
+
+    def direct_links(self, top_k: int) -> list[DirectLink] | None:
+        """Every link's hot path for one batch (``asap.dataplane.direct``), in expert-rank order, or None
+        unless every link's plane has one (the batch then uses ``exchange``). On the event loop."""
+        links = []
+        for link in self.links:
+            direct = link.direct(top_k)
+            if direct is None:
+                return None
+            links.append(direct)
+        return links
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

@@ -68,6 +68,20 @@ def add_parser(subparsers: Any) -> None:
         default=0.0,
         help="emulated compute: skew of random top-k routing (0 = uniform)",
     )
+    attention.add_argument(
+        "--fast-peer-timeout",
+        type=float,
+        default=None,
+        help="fast data plane: seconds without an expert rank's heartbeat, while dispatches wait, before "
+        "its batches fail with UNAVAILABLE (default 5)",
+    )
+    attention.add_argument(
+        "--fast-attach-timeout",
+        type=float,
+        default=None,
+        help="fast data plane: seconds an announced shared-memory link may wait for the expert rank to "
+        "attach (default 30)",
+    )
     attention.set_defaults(func=_serve_attention)
 
     expert = services.add_parser("expert", help="an expert rank")
@@ -173,7 +187,17 @@ def attention_config(args: argparse.Namespace) -> Any:
         compute=args.compute,
         route_skew=args.route_skew,
         data_plane=getattr(args, "data_plane", "auto"),
+        **_fast_bounds(args),
     )
+
+
+def _fast_bounds(args: argparse.Namespace) -> dict[str, float]:
+    """``--fast-peer-timeout`` / ``--fast-attach-timeout`` where given (else the config's defaults)."""
+    given = {
+        "fast_peer_timeout_s": getattr(args, "fast_peer_timeout", None),
+        "fast_attach_timeout_s": getattr(args, "fast_attach_timeout", None),
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def expert_config(args: argparse.Namespace) -> Any:

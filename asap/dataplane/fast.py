@@ -9,6 +9,11 @@ emulated compute the slots hold ids and weights only, and the modelled link time
 timestamps (the expert takes a request only after its ``not_before``, the result is delivered after its
 transfer time), not by event-loop sleeps that uvloop rounds to milliseconds.
 
+Hot path (``asap.dataplane.direct``): ``direct`` hands the attention executor a handle through which its
+compute thread posts async-mode dispatches and is woken by the poll thread with their results, with no
+event loop per layer; ``exchange`` stays for the event-loop path (sync modes, other callers). Both share
+the link end, its credits and its failure handling.
+
 The attention side is ``asap.dataplane.fast_attention``; the expert side ``expert_svc.fastlane``; the
 memory layout ``asap.dataplane.fastlink``.
 """
@@ -16,21 +21,56 @@ memory layout ``asap.dataplane.fastlink``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import struct
+import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
-from asap.dataplane.fast_attention import AttentionLinkEnd, shared_poller
+import torch
+
+from asap.dataplane.direct import Ticket
+from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
-from asap.errors import Unavailable
+from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
 
-__all__ = ["DEFAULT_PEER_TIMEOUT_S", "DEFAULT_SLOTS", "FastPlane", "slot_bytes_for"]
+__all__ = [
+    "ATTACH_S",
+    "DEFAULT_PEER_TIMEOUT_S",
+    "DEFAULT_SLOTS",
+    "FastOptions",
+    "FastPlane",
+    "slot_bytes_for",
+]
 
 DEFAULT_SLOTS = 4
 """Slots per link: at least the micro-batches an attention rank keeps in flight (2 with dual-batch)."""
 DEFAULT_PEER_TIMEOUT_S = 5.0
 """A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen (the
-default failure bound of the reliability contract; 2 s failed healthy ranks on a loaded 2-core host)."""
+default failure bound of the reliability contract; 2 s failed healthy ranks on a loaded 2-core host).
+Default of ``--fast-peer-timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FastOptions:
+    """The fast plane's failure bounds, from the attention rank's config (``--fast-peer-timeout``,
+    ``--fast-attach-timeout``)."""
+
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    """A peer whose heartbeat is older than this while dispatches wait fails them (``Unavailable``)."""
+    attach_s: float = ATTACH_S
+    """How long an announced region may wait for the expert rank's first heartbeat."""
+
+    def __post_init__(self) -> None:
+        if self.peer_timeout_s <= 0 or self.attach_s <= 0:
+            raise InvalidArgument(
+                f"fast plane timeouts must be > 0, got peer {self.peer_timeout_s} s, attach {self.attach_s} s"
+            )
+
+
 _SHAPE_ONLY_SLOT_BYTES = 4 * 1024 * 1024  # ids and weights of ~64k rows at top-8
 _SLOT_BYTES = 48 * 1024 * 1024  # rows of an 8k-token dispatch at hidden 2048 in float32 with room to spare
 _CODEC_FILL_BYTES = 1 << 20
@@ -61,6 +101,7 @@ class FastPlane:
         *,
         slots: int = DEFAULT_SLOTS,
         peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S,
+        attach_s: float = ATTACH_S,
     ) -> None:
         self.spec = spec
         self.stream = stream
@@ -72,6 +113,9 @@ class FastPlane:
         """Set by the first dispatch (its routing gives top-k)."""
         self.max_rows = 0
         self.peer_timeout_s = peer_timeout_s
+        self.attach_s = attach_s
+        self._quarantined_before = 0
+        """Abandoned dispatches counted by link ends already replaced."""
         self._end: AttentionLinkEnd | None = None
         self._session: object = None
         self._region_hidden_bytes = 0
@@ -85,7 +129,9 @@ class FastPlane:
             region_hidden_bytes=inner.region_hidden_bytes + self._region_hidden_bytes,
             inline_hidden_bytes=inner.inline_hidden_bytes,
             result_ref_bytes=inner.result_ref_bytes + self._region_hidden_bytes,
-            quarantined=inner.quarantined,
+            quarantined=inner.quarantined
+            + self._quarantined_before
+            + (self._end.quarantined if self._end is not None else 0),
         )
 
     def _geometry(self, top_k: int) -> LinkGeometry:
@@ -108,6 +154,7 @@ class FastPlane:
             return end
         if end is not None:
             end.fail(Unavailable(f"{self.stream.peer}: fast link replaced"))
+            self._quarantined_before += end.quarantined
         spec = self.spec
         result_link_s = None
         if spec.link_s is not None:
@@ -120,6 +167,7 @@ class FastPlane:
             dtype=spec.dtype,
             peer=self.stream.peer,
             peer_timeout_s=self.peer_timeout_s,
+            attach_s=self.attach_s,
             result_link_s=result_link_s,
             loop=asyncio.get_running_loop(),
             poller=shared_poller(),
@@ -133,41 +181,66 @@ class FastPlane:
         if request.sync is not None or request.rows > self.max_rows:
             return await self.inner.exchange(request)
         end = self._end_for(self.stream.open(), geometry)
-        spec = self.spec
-        dispatch = request.dispatch
-        rows = request.rows
-        shape_only = spec.shape_only
         slot = await end.take_slot()
         seq = 0
         try:
-            header = end.header(
-                request.micro_batch, request.layer, rows, request.traceparent, request.tracestate
-            )
-            hidden = None if shape_only else dispatch.hidden
-            nbytes = rows * spec.hidden_size * spec.dtype.itemsize
-            if hidden is not None and nbytes > _CODEC_FILL_BYTES:
+            nbytes = request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
+            fill_on_codec = not self.spec.shape_only and nbytes > _CODEC_FILL_BYTES
+            header = self._header(end, slot, request)
+            if fill_on_codec:
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(
-                    self._codec, end.fill, slot, header, hidden, dispatch.expert_ids, dispatch.weights
-                )
+                await loop.run_in_executor(self._codec, self._fill, end, slot, header, request)
             else:
-                end.fill(slot, header, hidden, dispatch.expert_ids, dispatch.weights)
-            link_s = 0.0
-            if spec.link_s is not None and rows:
-                link_s = spec.link_s(rows * (nbytes // max(rows, 1) + geometry.top_k * 8))
-            seq, future = end.publish(
-                slot, request.micro_batch, request.layer, rows, shape_only=shape_only, link_s=link_s
-            )
-            if not shape_only:
-                self._region_hidden_bytes += nbytes
-            self.fast_exchanges += 1
-            request.sent()
+                self._fill(end, slot, header, request)
+            seq, future = self._publish(end, slot, request)
+            assert future is not None
             return ExchangeResult(await future)
         finally:
             if seq == 0:
                 end.give_back(slot)
             else:
                 end.abandon(seq)  # no-op once answered
+
+    def direct(self, top_k: int) -> _Direct:
+        """The hot path for one batch (on the event loop, at its start): bound to the live stream's link
+        end, announced now if there is none. ``Unavailable`` when the stream cannot be opened."""
+        geometry = self._geometry(top_k)
+        return _Direct(self, self._end_for(self.stream.open(), geometry), asyncio.get_running_loop())
+
+    def _header(self, end: AttentionLinkEnd, slot: int, request: PlaneRequest) -> Any:
+        return end.header(
+            request.micro_batch, request.layer, request.rows, request.traceparent, request.tracestate, slot
+        )
+
+    def _fill(self, end: AttentionLinkEnd, slot: int, header: Any, request: PlaneRequest) -> None:
+        d = request.dispatch
+        end.fill(slot, header, None if self.spec.shape_only else d.hidden, d.expert_ids, d.weights)
+
+    def _publish(
+        self, end: AttentionLinkEnd, slot: int, request: PlaneRequest, ticket: Ticket | None = None
+    ) -> tuple[int, asyncio.Future[torch.Tensor] | None]:
+        """Publish a filled slot (any thread); counts it and calls ``request.sent``."""
+        spec = self.spec
+        rows = request.rows
+        nbytes = rows * spec.hidden_size * spec.dtype.itemsize
+        link_s = 0.0
+        if spec.link_s is not None and rows:
+            assert self.geometry is not None
+            link_s = spec.link_s(rows * (nbytes // max(rows, 1) + self.geometry.top_k * 8))
+        seq, future = end.publish(
+            slot,
+            request.micro_batch,
+            request.layer,
+            rows,
+            shape_only=spec.shape_only,
+            link_s=link_s,
+            ticket=ticket,
+        )
+        if not spec.shape_only:
+            self._region_hidden_bytes += nbytes
+        self.fast_exchanges += 1
+        request.sent()
+        return seq, future
 
     def stream_opened(self) -> None:
         self.inner.stream_opened()
@@ -185,3 +258,74 @@ class FastPlane:
             self._end.close()
             self._end = None
         self.inner.close()
+
+
+class _Direct:
+    """``DirectLink`` of a fast plane for one batch: posts from the compute thread into one link end."""
+
+    def __init__(self, plane: FastPlane, end: AttentionLinkEnd, loop: asyncio.AbstractEventLoop) -> None:
+        self.plane = plane
+        self.end = end
+        self.loop = loop
+
+    def post(self, request: PlaneRequest, ticket: Ticket) -> None:
+        plane, end = self.plane, self.end
+        if request.rows > plane.max_rows:  # more rows than a slot holds: the inner plane, via the loop
+            self._post_inner(request, ticket)
+            return
+        slot = end.take_slot_blocking(ticket)
+        seq = 0
+        try:
+            plane._fill(end, slot, plane._header(end, slot, request), request)
+            seq, _ = plane._publish(end, slot, request, ticket)
+        except (ValueError, IndexError, TypeError) as exc:  # the region was retired under the fill
+            if end.broken is not None:
+                raise end.broken from None
+            raise InternalError(f"{end.peer}: filling a fast link slot failed: {exc}") from exc
+        finally:
+            if seq == 0:
+                end.give_back(slot)
+        ticket.plane_data = seq
+
+    def _post_inner(self, request: PlaneRequest, ticket: Ticket) -> None:
+        future = asyncio.run_coroutine_threadsafe(self.plane.inner.exchange(request), self.loop)
+
+        def settle(f: concurrent.futures.Future[ExchangeResult]) -> None:
+            if f.cancelled():
+                ticket.settle(Unavailable(f"{self.end.peer}: dispatch cancelled"))
+                return
+            exc = f.exception()
+            if exc is None:
+                ticket.settle(f.result())
+            else:
+                ticket.settle(exc if isinstance(exc, AsapError) else InternalError(str(exc)))
+
+        future.add_done_callback(settle)
+        ticket.plane_data = future
+
+    def poll(self) -> None:
+        """Take the link end's arrived completions on this thread (``DirectLink.poll``)."""
+        self.end.poll(time.monotonic_ns())
+
+    def park(self, on: bool) -> Sequence[int]:
+        """``DirectLink.park``: the completion ring's waiting flag (counted: the poll thread may be parked
+        on it too) and its doorbell."""
+        end = self.end
+        if on:
+            end.parked_elsewhere += 1
+        else:
+            end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
+        try:
+            end.completions.set_waiting(on)
+            if on and end.held():  # a result waits for its modelled transfer: no bell will come
+                return []
+            return [end.completion_bell.fileno()] if on else []
+        except (ValueError, IndexError, struct.error):  # the end was closed meanwhile
+            return []
+
+    def abandon(self, ticket: Ticket) -> None:
+        data = ticket.plane_data
+        if isinstance(data, concurrent.futures.Future):
+            data.cancel()
+        elif isinstance(data, int) and data:
+            self.end.abandon(data)

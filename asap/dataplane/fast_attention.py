@@ -1,19 +1,23 @@
 """The attention rank's end of a fast link: slots it fills, descriptors it publishes, completions its
 poll thread takes.
 
-Per layer nothing but stores into shared memory happens on the event loop: ``exchange`` takes a slot
+Per layer nothing but stores into shared memory happens on the sending thread: a dispatch takes a slot
 (a credit: with every slot in use the dispatch waits, nothing is dropped), writes the slot header, ids,
 weights and rows, publishes one descriptor and rings the expert's doorbell only if its poll thread is
 parked. The process's poll thread (``shared_poller``) takes completions, copies results out of the slot and
-wakes the waiting coroutine once (``call_soon_threadsafe``).
+settles the dispatch's *sink*: an asyncio future (``FastPlane.exchange`` on the event loop: woken once with
+``call_soon_threadsafe``) or a hot-path ``Ticket`` (``asap.dataplane.direct``: the attention compute thread
+posted it and is woken directly, no event loop). Slots, sequence numbers and pending dispatches are
+guarded by one lock, so both kinds of sender may share a link end.
 
 Failure: a link end is *broken* when the stream breaks (``stream_ended``), when the expert rank's
 heartbeat is older than ``peer_timeout_s`` while dispatches wait (a frozen or dead process), or when the
-expert never attached the region within ``ATTACH_NS``. Every waiting dispatch then fails with
+expert never attached the region within the attach bound (``attach_s``, default ``ATTACH_S``). Every waiting dispatch then fails with
 ``Unavailable`` at once, the region is retired (its slots are never reused: whatever the expert might
 still write lands in memory nobody reads) and the next exchange announces a fresh region. A dispatch
 abandoned while the expert may still write its slot keeps that slot until its completion arrives or the
-region is retired (the quarantine rule of ``asap.dataplane.link``).
+region is retired (the quarantine rule of ``asap.dataplane.link``); such dispatches are counted in
+``quarantined``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 
+from asap.dataplane.direct import Ticket
 from asap.dataplane.fastlink import (
     FLAG_SHAPE_ONLY,
     HEARTBEAT_ATTENTION,
@@ -43,13 +49,14 @@ from asap.dataplane.fastlink import (
     heartbeat,
     read_error,
 )
+from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, PollThread, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
-__all__ = ["AttentionLinkEnd", "shared_poller"]
+__all__ = ["ATTACH_S", "AttentionLinkEnd", "shared_poller"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +76,28 @@ def shared_poller() -> PollThread:
 Outcome = torch.Tensor | AsapError
 
 
-ATTACH_NS = 30_000_000_000
-"""How long an announced region may wait for the expert rank's first heartbeat while dispatches wait."""
+ATTACH_S = 30.0
+"""How long an announced region may wait for the expert rank's first heartbeat while dispatches wait
+(default of ``--fast-attach-timeout``)."""
+
+Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
+"""Who waits for a dispatch: a coroutine (its future) or a compute thread (its hot-path ticket)."""
+
+
+class _SharedWaitRing(Ring):
+    """The completion ring, whose consumer may be two threads (the poll thread and a waiting compute
+    thread): its ``waiting`` flag is set while *either* is parked, so one of them clearing it cannot hide
+    a completion from the other's doorbell."""
+
+    def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
+        super().__init__(buf, offset, capacity)
+        self._parked = 0
+        self._parked_lock = threading.Lock()
+
+    def set_waiting(self, waiting: bool) -> None:
+        with self._parked_lock:
+            self._parked = self._parked + 1 if waiting else max(0, self._parked - 1)
+            super().set_waiting(self._parked > 0)
 
 
 @dataclass(slots=True, eq=False)
@@ -78,7 +105,7 @@ class _Pending:
     seq: int
     slot: int
     rows: int
-    future: asyncio.Future[torch.Tensor]
+    sink: Sink
     abandoned: bool = False
     """The exchange gave up (cancelled or failed elsewhere): the slot waits for the completion."""
 
@@ -108,6 +135,7 @@ class AttentionLinkEnd:
         dtype: torch.dtype,
         peer: str,
         peer_timeout_s: float,
+        attach_s: float = ATTACH_S,
         result_link_s: float | None = None,
         loop: asyncio.AbstractEventLoop,
         poller: PollThread,
@@ -117,6 +145,7 @@ class AttentionLinkEnd:
         self.peer = peer
         self.attention_rank = attention_rank
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
+        self.attach_ns = int(attach_s * 1e9)
         self._result_link_s = result_link_s
         """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
         self._loop = loop
@@ -129,12 +158,25 @@ class AttentionLinkEnd:
         self.request_bell = Doorbell.create(base + ".req")
         self.completion_bell = Doorbell.create(base + ".cmp")
         self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
-        self.completions = Ring(self._buf, geometry.completions_at, geometry.slots)
+        self.completions = _SharedWaitRing(self._buf, geometry.completions_at, geometry.slots)
         self.inbound, self.bell = self.completions, self.completion_bell  # what the poll thread parks on
         self._free: list[int] = list(range(geometry.slots))[::-1]
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
+        """Notified when a slot comes back or the end breaks (hot-path senders wait on it)."""
+        self._reserved: dict[int, int] = {}
+        """slot -> the sequence number its header was written with (``header``), taken by ``publish``."""
+        self.quarantined = 0
+        """Dispatches abandoned while the expert could still write their slot."""
+        self._consume = threading.Lock()
+        """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
+        waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
+        self.held_back = 0
+        """Hot-path sends that waited for a free slot (backpressure; for tests and benchmarks)."""
+        self.parked_elsewhere = 0
+        """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
@@ -145,11 +187,24 @@ class AttentionLinkEnd:
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
 
     def poll(self, now_ns: int) -> bool:
-        worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
-        due = self._delayed.release(now_ns)
-        for d in due:
-            self._deliver(d.pending, d.outcome)
-        return worked or bool(due)
+        """Take arrived completions (the poll thread, or a waiting compute thread: whoever gets there)."""
+        if not self._consume.acquire(blocking=False):
+            return False  # the other thread is taking them
+        try:
+            if self.broken is not None and not self._buf:
+                return False
+            worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
+            with self._lock:
+                due = self._delayed.release(now_ns)
+            for d in due:
+                self._deliver(d.pending, d.outcome)
+            return worked or bool(due)
+        finally:
+            self._consume.release()
+
+    def held(self) -> int:
+        """Results held back for their modelled transfer time (the poller must look again soon)."""
+        return len(self._delayed)
 
     def _take(self, completion: Completion, now_ns: int) -> None:
         with self._lock:
@@ -169,8 +224,12 @@ class AttentionLinkEnd:
             outcome = torch.empty(pending.rows, self.geometry.hidden_size, dtype=self.dtype, device="meta")
             nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
             due = now_ns + int(self._result_link_s * nbytes * 1e9)
+            if isinstance(pending.sink, Ticket):  # the waiting thread itself sleeps until it is due
+                self._deliver(pending, outcome, not_before_ns=due)
+                return
             if due > now_ns + 1000:
-                self._delayed.hold(_Delayed(due, pending, outcome))
+                with self._lock:
+                    self._delayed.hold(_Delayed(due, pending, outcome))
                 return
         else:  # results were written over the rows: copy them out before the slot is reused
             hidden_at = at + self.geometry.payload(pending.rows, shape_only=False)[0]
@@ -179,10 +238,17 @@ class AttentionLinkEnd:
             outcome = raw.view(self.dtype).view(pending.rows, self.geometry.hidden_size).clone()
         self._deliver(pending, outcome)
 
-    def _deliver(self, pending: _Pending, outcome: Outcome) -> None:
+    def _deliver(self, pending: _Pending, outcome: Outcome, *, not_before_ns: int = 0) -> None:
         with self._lock:
             if self._pending.pop(pending.seq, None) is None:
                 return  # the link broke meanwhile: already failed
+        sink = pending.sink
+        if isinstance(sink, Ticket):  # the compute thread waits: wake it directly, no event loop
+            self._release(pending.slot)
+            if not pending.abandoned:
+                result = outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome)
+                sink.settle(result, not_before_ns=not_before_ns)
+            return
         self._loop.call_soon_threadsafe(self._settle, pending, outcome)
 
     def tick(self, now_ns: int) -> None:
@@ -195,7 +261,9 @@ class AttentionLinkEnd:
             waiting = any(not p.abandoned for p in self._pending.values())
         # Before the first heartbeat the expert rank has not yet read the announcement from its stream
         # (busy starting, on a loaded host); a dead one breaks that stream, so attaching gets longer.
-        since, bound = (expert_beat, self.peer_timeout_ns) if expert_beat else (self.announced_ns, ATTACH_NS)
+        since, bound = (
+            (expert_beat, self.peer_timeout_ns) if expert_beat else (self.announced_ns, self.attach_ns)
+        )
         if waiting and self.broken is None and now_ns - since > bound:
             what = "stopped answering" if expert_beat else "never attached the fast link"
             error = Unavailable(f"{self.peer}: {what} (no heartbeat for {(now_ns - since) / 1e9:.2f} s)")
@@ -219,13 +287,14 @@ class AttentionLinkEnd:
         self.completion_bell.unlink()
 
     async def take_slot(self) -> int:
-        """A free slot (a credit); waits while every slot is in use."""
-        if self.broken is not None:
-            raise self.broken
-        if self._free:
-            return self._free.pop()
-        waiter: asyncio.Future[int] = self._loop.create_future()
-        self._slot_waiters.append(waiter)
+        """A free slot (a credit); waits while every slot is in use (on the event loop)."""
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            if self._free:
+                return self._free.pop()
+            waiter: asyncio.Future[int] = self._loop.create_future()
+            self._slot_waiters.append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -233,15 +302,42 @@ class AttentionLinkEnd:
                 self._release(waiter.result())  # handed over just as it was cancelled
             raise
 
+    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
+        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
+        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
+        held = False
+        with self._lock:
+            while True:
+                if self.broken is not None:
+                    raise self.broken
+                if ticket.cancelled:
+                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
+                if self._free and not self._slot_waiters:
+                    return self._free.pop()
+                if not held:
+                    held = True
+                    self.held_back += 1
+                self._slot_freed.wait(poll_s)
+
     def _release(self, slot: int) -> None:
-        if self.broken is not None:
-            return
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(slot)
+        """Give ``slot`` back (any thread): to a waiting coroutine first, else to the free list."""
+        with self._lock:
+            if self.broken is not None:
                 return
-        self._free.append(slot)
+            while self._slot_waiters:
+                waiter = self._slot_waiters.popleft()
+                if not waiter.done():
+                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
+                    return
+            self._free.append(slot)
+            self._slot_freed.notify_all()
+
+    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
+        """On the loop: ``slot`` to ``waiter``, or back to the pool if it gave up meanwhile."""
+        if waiter.done():
+            self._release(slot)
+        else:
+            waiter.set_result(slot)
 
     def fill(
         self,
@@ -270,16 +366,32 @@ class AttentionLinkEnd:
         self._buf[at + weights_at : at + weights_at + n] = _bytes_of(weights, torch.float32)
 
     def publish(
-        self, slot: int, micro_batch: int, layer: int, rows: int, *, shape_only: bool, link_s: float
-    ) -> tuple[int, asyncio.Future[torch.Tensor]]:
-        """Publish the filled ``slot``; returns its sequence number and the future of its result."""
-        if self.broken is not None:
-            raise self.broken
-        self._seq += 1
-        seq = self._seq
-        future: asyncio.Future[torch.Tensor] = self._loop.create_future()
+        self,
+        slot: int,
+        micro_batch: int,
+        layer: int,
+        rows: int,
+        *,
+        shape_only: bool,
+        link_s: float,
+        ticket: Ticket | None = None,
+    ) -> tuple[int, asyncio.Future[torch.Tensor] | None]:
+        """Publish the filled ``slot``; returns its sequence number and the future of its result (on the
+        event loop), or None when ``ticket`` (a hot-path sender, any thread) is to be settled instead."""
+        future: asyncio.Future[torch.Tensor] | None = None
+        sink: Sink
+        if ticket is None:
+            future = sink = self._loop.create_future()
+        else:
+            sink = ticket
         with self._lock:
-            self._pending[seq] = _Pending(seq, slot, rows, future)
+            if self.broken is not None:
+                raise self.broken
+            seq = self._reserved.pop(slot, 0)
+            if not seq:
+                self._seq += 1
+                seq = self._seq
+            self._pending[seq] = _Pending(seq, slot, rows, sink)
         not_before = time.monotonic_ns() + int(link_s * 1e9) if link_s > 0 else 0
         request = Request(
             micro_batch=micro_batch,
@@ -301,44 +413,64 @@ class AttentionLinkEnd:
         return seq, future
 
     def header(
-        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str
+        self, micro_batch: int, layer: int, rows: int, traceparent: str, tracestate: str, slot: int = -1
     ) -> SlotHeader:
-        return SlotHeader(micro_batch, self._seq + 1, layer, rows, time.time_ns(), traceparent, tracestate)
+        """The header of the next dispatch; with ``slot``, its sequence number is reserved for that slot
+        (senders on several threads may fill slots at once; ``publish`` of the slot uses it)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            if slot >= 0:
+                self._reserved[slot] = seq
+            else:
+                self._seq -= 1  # only a look at the next number (tests build headers this way)
+        return SlotHeader(micro_batch, seq, layer, rows, time.time_ns(), traceparent, tracestate)
 
     def abandon(self, seq: int) -> None:
         """The exchange of ``seq`` gave up: its slot stays taken until its completion arrives (its settle
         frees it) or the region is retired; the peer may still write into it."""
         with self._lock:
             pending = self._pending.get(seq)
-            if pending is not None:
+            if pending is not None and not pending.abandoned:
                 pending.abandoned = True
+                self.quarantined += 1
 
     def give_back(self, slot: int) -> None:
         """A slot taken but never published."""
+        with self._lock:
+            self._reserved.pop(slot, None)
         self._release(slot)
 
     def _settle(self, pending: _Pending, outcome: Outcome) -> None:
         self._release(pending.slot)
-        if pending.future.done():
+        future = pending.sink
+        assert not isinstance(future, Ticket)
+        if future.done():
             return
         if isinstance(outcome, AsapError):
-            pending.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            pending.future.set_result(outcome)
+            future.set_result(outcome)
 
     def fail(self, error: AsapError) -> None:
         """Break this link end: every waiting dispatch fails with ``error``; the region is retired."""
-        if self.broken is not None:
-            return
-        self.broken = error
-        self.requests.close()
         with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = error
+            self.requests.close()
             pending, self._pending = self._pending, {}
             self._delayed.clear()
+            self._slot_freed.notify_all()
         failed = 0
         for entry in pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            sink = entry.sink
+            if isinstance(sink, Ticket):
+                if not sink.done and not entry.abandoned:
+                    sink.settle(error)
+                    failed += 1
+            elif not sink.done():
+                sink.set_exception(error)
                 failed += 1
         for waiter in self._slot_waiters:
             if not waiter.done():
@@ -350,15 +482,16 @@ class AttentionLinkEnd:
 
     def close(self) -> None:
         """Stop polling, drop the names and the mapping (idempotent)."""
-        if self.broken is None:
-            self.broken = Unavailable(f"{self.peer}: fast link closed")
-            self.requests.close()
+        if self.broken is None:  # fail everything still waiting first (it closes the end)
+            self.fail(Unavailable(f"{self.peer}: fast link closed"))
+            return
         self._poller.remove(self)
         self._unlink_names()
-        self.requests.release()
-        self.completions.release()
-        self._buf = memoryview(b"")
-        with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
-            self.region.close()
-        self.request_bell.close()
-        self.completion_bell.close()
+        with self._consume:  # a compute thread taking its results is done with the mapping first
+            self.requests.release()
+            self.completions.release()
+            self._buf = memoryview(b"")
+            with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
+                self.region.close()
+            self.request_bell.close()
+            self.completion_bell.close()

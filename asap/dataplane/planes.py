@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 import torch
 
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
-from asap.dataplane.fast import FastPlane
+from asap.dataplane.fast import FastOptions, FastPlane
 from asap.dataplane.link import LinkRegions, Slots
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.dataplane.shm import DEFAULT_REGION_BYTES
@@ -272,13 +272,27 @@ _PLANES: dict[str, type[StreamPlane]] = {"grpc": StreamPlane, "shm": ShmPlane, "
 
 
 def make_plane(
-    name: str, spec: LinkSpec, stream: ExchangeStream, codec: Executor, *, fallback: str = "grpc"
+    name: str,
+    spec: LinkSpec,
+    stream: ExchangeStream,
+    codec: Executor,
+    *,
+    fallback: str = "grpc",
+    fast: FastOptions | None = None,
 ) -> DataPlane:
     """The plane ``name`` (as settled by ``confirm_data_plane``) of a link, carried by ``stream``, encoding
     on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` carries what its rings
-    cannot over the plane ``fallback``."""
+    cannot over the plane ``fallback``, with the failure bounds ``fast``."""
     if name == "fast":
-        return FastPlane(spec, stream, codec, make_plane(fallback, spec, stream, codec))
+        options = fast if fast is not None else FastOptions()
+        return FastPlane(
+            spec,
+            stream,
+            codec,
+            make_plane(fallback, spec, stream, codec),
+            peer_timeout_s=options.peer_timeout_s,
+            attach_s=options.attach_s,
+        )
     cls = _PLANES.get(name)
     if cls is None:
         raise InvalidArgument(f"no data plane {name!r}; known: {', '.join(_PLANES)}")

@@ -5,6 +5,11 @@ link per attention rank; on a host with few cores each polling thread costs CPU,
 all of them and parks on all their doorbells at once (``asap.dataplane.ring.Backoff``). Endpoints are
 added and removed from any thread; ``remove`` returns only once the thread no longer touches the
 endpoint, so its memory may then be unmapped.
+
+An endpoint may be waited on by another thread too (the attention compute thread on the hot path,
+``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell). While its
+``parked_elsewhere`` is non-zero the poll thread still sweeps and ticks it but does not park on its
+doorbell, so one answer wakes one thread.
 """
 
 from __future__ import annotations
@@ -170,8 +175,9 @@ class PollThread:
             if worked:
                 backoff.reset()
             elif endpoints:
+                parkable = [e for e in endpoints if not getattr(e, "parked_elsewhere", 0)]
                 try:
-                    backoff.idle([e.inbound for e in endpoints], [e.bell for e in endpoints])
+                    backoff.idle([e.inbound for e in parkable], [e.bell for e in parkable])
                 except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
                     time.sleep(backoff.first_sleep_s)
             else:

@@ -1,0 +1,162 @@
+"""The hot-path capability of a data plane: dispatches posted and completions taken by the attention rank's
+compute thread itself, with no event loop per layer.
+
+Why: on a loaded host every thread wake costs 150-300 µs, and the per-layer path through the event loop
+(compute thread -> loop -> one task per expert rank -> plane -> poll thread -> loop -> compute thread)
+costs 1-2 ms per layer beyond the exchange itself. A plane whose per-layer exchange needs no event loop
+(descriptor rings in shared memory, ready flags) can offer this capability; the attention executor then
+runs async-mode batches on its compute thread (``attention_svc.direct_runner``) and touches the loop only
+when a batch starts and ends. Planes without it (``grpc``, ``shm``, ``cuda-ipc``) and the sync modes keep
+the ``DataPlane.exchange`` path.
+
+The interface (what a plane implements to take part):
+
+``plane.direct(top_k) -> DirectLink | None``
+    On the event loop, when a batch starts: a handle for posting this batch's dispatches from the compute
+    thread, bound to the link's live path (a stream, a region), or None when the plane cannot serve the
+    batch this way (the executor then uses ``exchange`` for the whole batch). May raise ``Unavailable``
+    (the path could not be set up).
+
+``DirectLink.post(request, ticket)``
+    On the compute thread: send ``request`` (a ``PlaneRequest``, async mode). Blocks only while every
+    credit is in use (backpressure: nothing is dropped) and returns once the dispatch is on its way
+    (``request.sent()`` called). The plane later settles ``ticket`` exactly once, from any thread, with
+    an ``ExchangeResult`` or an ``AsapError`` (the same errors as ``exchange``: ``Unavailable`` when the
+    path broke, within the plane's failure bound; the expert's in-band error; ``InvalidArgument``).
+    Raises ``AsapError`` when it cannot send (the path is broken). ``ticket.cancelled`` set by the caller
+    must end a blocked ``post`` promptly (``Unavailable`` raised).
+
+``DirectLink.abandon(ticket)``
+    Any thread: the batch gave up on a posted dispatch (cancelled, or another dispatch of the layer
+    failed). Memory the expert may still write stays reserved until its answer comes or the path ends
+    (counted in ``stats.quarantined``); the ticket may still be settled later, and that is ignored.
+
+Optional, for planes whose completions the waiting thread can take itself (sparing the hop through the
+plane's poll thread, one thread wake per layer):
+
+``DirectLink.poll()``
+    Take whatever answers arrived, on the calling thread (settling their tickets); never blocks.
+
+``DirectLink.park(on) -> Sequence[int]``
+    ``on=True``: the caller is about to sleep; ask the peer to signal and return the file descriptors
+    that become readable when an answer arrives (the caller ``select``s on them with its ``Wake``);
+    none means "look again soon" (the caller sleeps ``SHORT_PARK_S`` at most).
+    ``on=False``: it woke up. A plane's own poll thread should not park on a link while it is parked
+    elsewhere (it still sweeps it), so one answer wakes one thread.
+
+A GPU plane implements the same calls: ``post`` enqueues the rows and the ready flag on its streams
+and publishes the descriptor; the settled ``ExchangeResult.hidden`` must be safe to read on the compute
+thread's stream (as ``exchange`` requires).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+from collections.abc import Sequence
+from typing import Protocol
+
+from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.errors import AsapError
+
+__all__ = ["SHORT_PARK_S", "DirectCapable", "DirectLink", "Ticket", "Wake"]
+
+SHORT_PARK_S = 200e-6
+"""How long a waiter sleeps at most on a link that gave no file descriptor to wait on."""
+
+
+class Wake:
+    """What a compute thread waits on: set by whoever settles one of its tickets (or cancels a batch).
+
+    The waiter ``clear``s before it checks its tickets and then ``wait``s: a ``set`` between the two
+    makes ``wait`` return at once, so no wake-up is lost. ``wait`` may also watch file descriptors (a
+    plane's doorbells, ``DirectLink.park``); ``set`` writes into a pipe only while the waiter sleeps."""
+
+    __slots__ = ("_flag", "_parked", "_read", "_write")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._parked = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        self._flag = True
+        if self._parked:
+            with contextlib.suppress(BlockingIOError, OSError):  # full pipe: a wake-up is pending
+                os.write(self._write, b"\0")
+
+    def clear(self) -> None:
+        self._flag = False
+
+    @property
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout_s: float, fds: Sequence[int] = ()) -> bool:
+        """Sleep until ``set``, one of ``fds`` is readable (drained here) or ``timeout_s``; whether set."""
+        self._parked = True
+        try:
+            if self._flag:
+                return True
+            try:
+                readable, _, _ = select.select([self._read, *fds], [], [], timeout_s)
+            except (OSError, ValueError):  # a doorbell closed meanwhile: look again
+                return self._flag
+            for fd in readable:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while os.read(fd, 4096):
+                        pass
+            return self._flag
+        finally:
+            self._parked = False
+
+    def close(self) -> None:
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Ticket:
+    """One dispatch posted on the hot path; settled once by the plane (from any thread)."""
+
+    __slots__ = ("cancelled", "done", "not_before_ns", "outcome", "plane_data", "posted_ns", "wake")
+
+    def __init__(self, wake: Wake) -> None:
+        self.wake = wake
+        self.done = False
+        self.outcome: ExchangeResult | AsapError | None = None
+        self.cancelled = False
+        """Set by the batch that gave up: a blocked ``post`` returns with ``Unavailable``."""
+        self.posted_ns = 0
+        """``time.monotonic_ns`` when it was posted (the combine wait starts here)."""
+        self.not_before_ns = 0
+        """``time.monotonic_ns`` before which the result is not to be used (an emulated transfer still
+        under way: the waiter sleeps until then instead of the plane's poll thread holding it)."""
+        self.plane_data: object = None
+        """What the plane keeps to abandon it (a sequence number, a future)."""
+
+    def settle(self, outcome: ExchangeResult | AsapError, *, not_before_ns: int = 0) -> None:
+        """The plane's answer (first one wins); wakes the waiting compute thread."""
+        if self.done:
+            return
+        self.outcome = outcome
+        self.not_before_ns = not_before_ns
+        self.done = True
+        self.wake.set()
+
+
+class DirectLink(Protocol):
+    """A plane's hot-path handle for one batch (see the module doc)."""
+
+    def post(self, request: PlaneRequest, ticket: Ticket) -> None: ...
+
+    def abandon(self, ticket: Ticket) -> None: ...
+
+
+class DirectCapable(Protocol):
+    """A data plane that offers the hot path."""
+
+    def direct(self, top_k: int) -> DirectLink | None: ...
