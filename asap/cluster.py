@@ -2,7 +2,8 @@
 
 Start order follows the data flow: expert ranks first (attention ranks ask them what they host at
 start-up), then attention ranks, then the scheduler. Each child prints ``serving ... at HOST:PORT`` once it
-reports SERVING; the launcher then confirms with a grpc health check. Internal ranks bind port 0 unless the
+reports SERVING (after ``metrics of ... at URL`` when it serves metrics); the launcher then confirms with a
+grpc health check. Internal ranks bind port 0 unless the
 spec pins a port. Child logs are forwarded line by line with a ``[service]`` prefix. If a child exits
 during start-up, the launcher stops the others and raises with that child's last lines.
 """
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 READY_LINE = re.compile(r"^serving (?P<what>.+) at (?P<address>\S+)$")
+METRICS_LINE = re.compile(r"^metrics of (?P<what>.+) at (?P<url>\S+)$")
+"""What a service started with ``--metrics-port`` prints before its ready line."""
 
 
 class ChildProcess:
@@ -50,6 +53,8 @@ class ChildProcess:
         self.name = command.name
         self.tail: deque[str] = deque(maxlen=40)
         self.address: str | None = None
+        self.metrics_url: str | None = None
+        """``http://HOST:PORT/metrics`` when the child serves metrics (known once it is ready)."""
         self._ready = threading.Event()
         self._out = out
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -71,6 +76,9 @@ class ChildProcess:
         for raw in self.proc.stdout:
             line = raw.rstrip("\n")
             self.tail.append(line)
+            metrics = METRICS_LINE.match(line)
+            if metrics and self.metrics_url is None:
+                self.metrics_url = metrics.group("url")
             match = READY_LINE.match(line)
             if match and self.address is None:
                 self.address = match.group("address")
@@ -166,6 +174,11 @@ class LocalCluster:
             self.stop()
             raise
         return self.address
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each started service's metrics endpoint by service name (``scheduler`` first), when it serves one."""
+        children = sorted(self.children, key=lambda c: c.name != "scheduler")
+        return {c.name: c.metrics_url for c in children if c.metrics_url is not None}
 
     @property
     def trace_endpoint(self) -> str | None:
@@ -288,6 +301,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
 
 
 __all__ = [
+    "METRICS_LINE",
     "READY_LINE",
     "ChildProcess",
     "ClusterSpec",

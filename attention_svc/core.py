@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -21,6 +21,7 @@ import torch
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError
+from asap.metrics import BusyClock
 from asap.model.attention_part import AttentionModel, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
@@ -97,6 +98,20 @@ class BatchOutcome:
     the longest over the expert ranks, summed over layers)."""
 
 
+@dataclass(slots=True)
+class AttentionStats:
+    """What a rank has run so far (read by the metrics at scrape time; updated once per batch)."""
+
+    batches: int = 0
+    """Batches finished (sync steps with nothing for this rank included)."""
+    failed_batches: int = 0
+    prompts: int = 0
+    tokens: int = 0
+    """Prompt tokens (chunk tokens in sync-chunked mode) of the finished batches."""
+    busy: BusyClock = field(default_factory=BusyClock)
+    """Time with at least one batch in flight on the rank."""
+
+
 _Step = tuple[MoERequest, list[RankDispatch]]
 _T = TypeVar("_T")
 
@@ -124,6 +139,7 @@ class AttentionExecutor:
         )
         self._micro_batch_ids = itertools.count(1)
         self.inflight = 0
+        self.stats = AttentionStats()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -159,10 +175,20 @@ class AttentionExecutor:
         """
         async with self._slots:
             self.inflight += 1
+            stats = self.stats
+            stats.busy.begin()
             try:
-                return await self._run(prompts, sync, trace if setup.TRACING_ENABLED else None)
+                outcome = await self._run(prompts, sync, trace if setup.TRACING_ENABLED else None)
+            except BaseException:
+                stats.failed_batches += 1
+                raise
             finally:
                 self.inflight -= 1
+                stats.busy.end()
+            stats.batches += 1
+            stats.prompts += len(prompts)
+            stats.tokens += sum(int(p.token_ids.numel()) for p in prompts)
+            return outcome
 
     async def _exchange_all(
         self,

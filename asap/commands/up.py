@@ -10,6 +10,7 @@ from typing import Any
 
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
 from asap.commands import SUMMARIES
+from asap.commands.serve import metrics_port
 from asap.dtypes import DTYPES
 from asap.modes import MODES
 
@@ -58,6 +59,15 @@ def add_parser(subparsers: Any) -> None:
         "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
         "impossible), off (never)",
     )
+    up.add_argument(
+        "--metrics-port",
+        type=metrics_port,
+        default=None,
+        metavar="PORT",
+        help="Prometheus metrics: the scheduler's (the cluster's request view) on PORT, every other service "
+        "on the ports after it (attention ranks, then expert ranks); 0 gives each a free port; each URL is "
+        "printed once ready; default: none",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -77,6 +87,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "port": args.port,
         "trace": args.trace,
         "mps": args.mps,
+        "metrics_port": args.metrics_port,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -103,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         address = cluster.start()
         started.set()
         print(f"ready: scheduler at {address}", flush=True)
+        for name, url in cluster.metrics_urls().items():
+            print(f"metrics: {name} at {url}", flush=True)
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):
