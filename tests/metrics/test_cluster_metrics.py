@@ -4,6 +4,7 @@ the counts move with the traffic sent."""
 from __future__ import annotations
 
 import io
+import re
 import urllib.request
 from collections.abc import Iterator
 
@@ -104,3 +105,16 @@ def test_counts_move_with_the_traffic(cluster: LocalCluster) -> None:
     experts = [scrape(urls[f"expert-{r}"]) for r in (0, 1)]
     assert all(e["asap_expert_chunks_total"][(("rank", str(r)),)] > 0 for r, e in enumerate(experts))
     assert all(e["asap_expert_busy_seconds_total"][(("rank", str(r)),)] > 0 for r, e in enumerate(experts))
+
+
+def test_every_exported_metric_is_in_the_readme_table(cluster: LocalCluster) -> None:
+    from tests.deploy.test_metrics_deploy import readme_metrics
+
+    exported = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for url in cluster.metrics_urls().values()
+        for name in scrape(url)
+        if name.startswith("asap_")
+    }
+    documented = readme_metrics()
+    assert exported == documented, (exported - documented, documented - exported)
