@@ -9,7 +9,8 @@ Part 2, the cluster: a local cluster (``asap.cluster.LocalCluster``, emulated co
 setting, the same closed-loop load through the SDK (``--concurrency`` workers, ``--requests`` prompts of
 ``--tokens`` tokens after a warm-up). "on" is ``asap up --metrics-port 0`` plus a scraper reading every
 service's ``/metrics`` each ``--scrape-interval`` seconds (Prometheus' default is 15 s; 1 s is harsher).
-Settings alternate (off, on, off, on, ...) for ``--rounds`` rounds so drift on a shared host hits both.
+Settings alternate for ``--rounds`` rounds, in turn off-first and on-first (off, on, on, off, ...), so
+drift on a shared host and the order itself hit both.
 
     python benchmarks/metrics_overhead.py [--requests 200] [--concurrency 4] [--rounds 3] [--json OUT]
 """
@@ -163,7 +164,7 @@ def main() -> int:
     print(json.dumps({"recorder_ns_per_call": costs}), flush=True)
     rows = []
     for round_ in range(args.rounds):
-        for metrics in (False, True):
+        for metrics in (False, True) if round_ % 2 == 0 else (True, False):
             row = measure(args, metrics) | {"round": round_}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -99,18 +99,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
     ) -> scheduler_pb2.PrefillResponse:
         """Validate, schedule and answer one request; ``AsapError`` propagates. Its outcome is counted in
-        ``stats`` (the metrics' request view)."""
+        ``stats`` (the metrics' request view): every front door answers through here."""
         try:
-            if not setup.TRACING_ENABLED:
-                scheduled = self._scheduled(request, timeout_s)
-                return _response(self._count(await self.core.submit(scheduled)), scheduled)
-            arrival_ns = time.time_ns()
-            scheduled = self._scheduled(request, timeout_s)
-            with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
-                return _response(self._count(await self.core.submit(scheduled)), scheduled)
+            return await self._answer(request, timeout_s)
         except BaseException as exc:
             self.stats.record_failure(outcome_code(exc))
             raise
+
+    async def _answer(
+        self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
+    ) -> scheduler_pb2.PrefillResponse:
+        if not setup.TRACING_ENABLED:
+            scheduled = self._scheduled(request, timeout_s)
+            return _response(self._count(await self.core.submit(scheduled)), scheduled)
+        arrival_ns = time.time_ns()
+        scheduled = self._scheduled(request, timeout_s)
+        with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
+            return _response(self._count(await self.core.submit(scheduled)), scheduled)
 
     def _count(self, result: RequestResult) -> RequestResult:
         self.stats.record_success(result)
