@@ -119,7 +119,7 @@ def measure(args: argparse.Namespace, metrics: bool) -> dict[str, Any]:
     scrapes = 0
     try:
         address = cluster.start()
-        if metrics:
+        if metrics and args.scrape_interval > 0:
             with Scraper(list(cluster.metrics_urls().values()), args.scrape_interval) as scraper:
                 seconds, ttfts = asyncio.run(
                     closed_loop(address, args.requests, args.concurrency, args.tokens)
@@ -156,7 +156,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--scrape-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between scrapes; 0: serve metrics, scrape none",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
