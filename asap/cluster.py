@@ -2,7 +2,8 @@
 
 Start order follows the data flow: expert ranks first (attention ranks ask them what they host at
 start-up), then attention ranks, then the scheduler. Each child prints ``serving ... at HOST:PORT`` once it
-reports SERVING; the launcher then confirms with a grpc health check. Internal ranks bind port 0 unless the
+reports SERVING (after ``metrics of ... at URL`` when it serves metrics); the launcher then confirms with a
+grpc health check. Internal ranks bind port 0 unless the
 spec pins a port. Child logs are forwarded line by line with a ``[service]`` prefix. If a child exits
 during start-up, the launcher stops the others and raises with that child's last lines.
 """
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 READY_LINE = re.compile(r"^serving (?P<what>.+) at (?P<address>\S+)$")
 HTTP_LINE = re.compile(r"^serving openai http at (?P<url>\S+)$")
 """The scheduler's HTTP front door (``scheduler_svc.http_server.HTTP_READY_LINE``), before READY_LINE."""
+METRICS_LINE = re.compile(r"^metrics of (?P<what>.+) at (?P<url>\S+)$")
+"""What a service started with ``--metrics-port`` prints before its ready line."""
 
 
 class ChildProcess:
@@ -54,6 +57,8 @@ class ChildProcess:
         self.address: str | None = None
         self.http_url: str | None = None
         """The OpenAI HTTP front door's base URL, when this child serves one."""
+        self.metrics_url: str | None = None
+        """``http://HOST:PORT/metrics`` when the child serves metrics (known once it is ready)."""
         self._ready = threading.Event()
         self._out = out
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -78,7 +83,10 @@ class ChildProcess:
             http = HTTP_LINE.match(line)  # not the ready line, though it has its shape
             if http and self.http_url is None:
                 self.http_url = http.group("url")
-            match = None if http else READY_LINE.match(line)
+            metrics = METRICS_LINE.match(line)
+            if metrics and self.metrics_url is None:
+                self.metrics_url = metrics.group("url")
+            match = None if http or metrics else READY_LINE.match(line)
             if match and self.address is None:
                 self.address = match.group("address")
                 self._ready.set()
@@ -173,6 +181,11 @@ class LocalCluster:
             self.stop()
             raise
         return self.address
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each started service's metrics endpoint by service name (``scheduler`` first), when it serves one."""
+        children = sorted(self.children, key=lambda c: c.name != "scheduler")
+        return {c.name: c.metrics_url for c in children if c.metrics_url is not None}
 
     @property
     def http_url(self) -> str | None:
@@ -300,6 +313,7 @@ def calibrated_knee(spec: ClusterSpec, model_dir: str) -> int:
 
 
 __all__ = [
+    "METRICS_LINE",
     "READY_LINE",
     "ChildProcess",
     "ClusterSpec",

@@ -59,6 +59,9 @@ class ClusterSpec:
     """CUDA MPS for ranks sharing a GPU: ``auto`` (start a daemon when needed and possible), ``on``, ``off``."""
     http_port: int | None = None
     """The scheduler's OpenAI-compatible HTTP port (0 = any free one); None = no HTTP front door."""
+    metrics_port: int | None = None
+    """Prometheus metrics: the scheduler's port (0: every service a free port); the other services get
+    the next ports, attention ranks then expert ranks (``metrics_ports``). None: no metrics servers."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -77,6 +80,13 @@ class ClusterSpec:
         self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+        if (
+            self.metrics_port is not None
+            and not 0 <= self.metrics_port <= 65535 - self.attention - self.experts
+        ):
+            raise InvalidArgument(
+                f"metrics_port must leave room for every service's port, got {self.metrics_port}"
+            )
         if self.mps not in MPS_MODES:
             raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
 
@@ -87,6 +97,17 @@ class ClusterSpec:
         GPU visible it stays ``cuda`` and the service reports the error itself."""
         gpus = visible_gpus() if self.device == "cuda" else 0
         return [rank.device or (f"cuda:{r % gpus}" if gpus else self.device) for r, rank in enumerate(ranks)]
+
+    def metrics_ports(self) -> dict[str, int | None]:
+        """The metrics port of each service by its name (``scheduler``, ``attention-R``, ``expert-R``): the
+        scheduler's is ``metrics_port``, the ranks' the ports after it (all 0 when it is 0)."""
+        names = [
+            "scheduler",
+            *(f"attention-{r}" for r in range(self.attention)),
+            *(f"expert-{r}" for r in range(self.experts)),
+        ]
+        base = self.metrics_port
+        return {name: None if base is None else base and base + i for i, name in enumerate(names)}
 
     def rank_threads(self) -> int:
         """torch intra-op threads of each rank: oversubscribed OpenMP threads stall every rank on CPU."""
@@ -137,6 +158,7 @@ _TOP_LEVEL_VALUES = (
     "optimizations",
     "min_batch_tokens",
     "http_port",
+    "metrics_port",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -166,8 +188,9 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     attention = raw.get("attention") or {}
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_VALUES if raw.get(key) is not None}
-    if "min_batch_tokens" in values:
-        values["min_batch_tokens"] = _int(values["min_batch_tokens"], "min_batch_tokens", path)
+    for key in ("min_batch_tokens", "metrics_port"):
+        if key in values:
+            values[key] = _int(values[key], key, path)
     if raw.get("mps") is not None:  # YAML 1.1 reads a bare on/off as a boolean
         mps = raw["mps"]
         values["mps"] = ("on" if mps else "off") if isinstance(mps, bool) else str(mps)
@@ -192,6 +215,11 @@ class ServiceCommand:
     argv: list[str]
 
 
+def _metrics_args(spec: ClusterSpec, name: str) -> list[str]:
+    port = spec.metrics_ports()[name]
+    return [] if port is None else ["--metrics-port", str(port)]
+
+
 def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
     devices = spec.rank_devices(spec.expert_ranks)
     return [
@@ -202,7 +230,8 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "--rank", str(r), "--num-ranks", str(spec.experts),
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
-                "--optimizations", spec.optimizations, *rank.extra_args,
+                "--optimizations", spec.optimizations, *_metrics_args(spec, f"expert-{r}"),
+                *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -221,7 +250,8 @@ def attention_commands(
                 "--rank", str(r), "--experts", ",".join(expert_targets),
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
-                "--optimizations", spec.optimizations, *rank.extra_args,
+                "--optimizations", spec.optimizations, *_metrics_args(spec, f"attention-{r}"),
+                *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)
@@ -239,6 +269,6 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
-            *http, *spec.scheduler_args,
+            *http, *_metrics_args(spec, "scheduler"), *spec.scheduler_args,
         ],
     )  # fmt: skip

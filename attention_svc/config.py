@@ -31,6 +31,8 @@ class AttentionServiceConfig:
     expert_connect_timeout_s: float = 60.0
     """How long start-up waits for every expert rank to answer ``Info``."""
     drain_timeout_s: float = 30.0
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port (0: a free one, printed); None: no metrics server."""
     compute: str = "torch"
     """``torch`` (real math) or ``emulated:DEVICE`` (sleep for the modeled time; no weights, no values)."""
     route_skew: float = 0.0

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -26,6 +26,7 @@ from asap.dataplane.direct import DirectLink
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
 from asap.errors import AsapError, InternalError
+from asap.metrics import BusyClock
 from asap.model.attention_part import AttentionModel, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
@@ -103,6 +104,20 @@ class BatchOutcome:
     the longest over the expert ranks, summed over layers)."""
 
 
+@dataclass(slots=True)
+class AttentionStats:
+    """What a rank has run so far (read by the metrics at scrape time; updated once per batch)."""
+
+    batches: int = 0
+    """Batches finished (sync steps with nothing for this rank included)."""
+    failed_batches: int = 0
+    prompts: int = 0
+    tokens: int = 0
+    """Prompt tokens (chunk tokens in sync-chunked mode) of the finished batches."""
+    busy: BusyClock = field(default_factory=BusyClock)
+    """Time with at least one batch in flight on the rank."""
+
+
 _Step = tuple[MoERequest, list[RankDispatch]]
 _T = TypeVar("_T")
 
@@ -132,9 +147,10 @@ class AttentionExecutor:
         self.inflight = 0
         self._runner = DirectRunner(self._thread, self._advance)
         self.direct_batches = 0
+        """Batches run on the hot path (compute thread only, ``attention_svc.direct_runner``)."""
         self.hot_path = True
         """Whether async batches may take the hot path where the planes offer it (benchmarks compare)."""
-        """Batches run on the hot path (compute thread only, ``attention_svc.direct_runner``)."""
+        self.stats = AttentionStats()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -170,10 +186,20 @@ class AttentionExecutor:
         """
         async with self._slots:
             self.inflight += 1
+            stats = self.stats
+            stats.busy.begin()
             try:
-                return await self._run(prompts, sync, trace if setup.TRACING_ENABLED else None)
+                outcome = await self._run(prompts, sync, trace if setup.TRACING_ENABLED else None)
+            except BaseException:
+                stats.failed_batches += 1
+                raise
             finally:
                 self.inflight -= 1
+                stats.busy.end()
+            stats.batches += 1
+            stats.prompts += len(prompts)
+            stats.tokens += sum(int(p.token_ids.numel()) for p in prompts)
+            return outcome
 
     async def _exchange_all(
         self,

@@ -12,6 +12,7 @@ a dispatch is not already in flight, and the ``attention.dispatch`` span.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpe
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
 from asap.errors import InternalError, Unavailable
+from asap.metrics import EXCHANGE_BUCKETS_S, Distribution
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.server import GRPC_OPTIONS
@@ -92,6 +94,10 @@ class ExpertLink:
         """Inline bytes until ``info`` settles the link's plane (once)."""
         self._settled = False
         self._inflight: set[ExchangeKey] = set()
+        self.round_trip_s = Distribution(EXCHANGE_BUCKETS_S)
+        """Successful exchanges on this link, dispatch handed to the plane -> combined result back."""
+        self.failures = 0
+        """Exchanges that failed (the expert rank's error, a broken stream) or were cancelled."""
 
     async def info(self, timeout_s: float) -> expert_pb2.ExpertInfo:
         """The expert rank's ``Info``; the first answer settles the link's data plane."""
@@ -118,6 +124,11 @@ class ExpertLink:
             self.data_plane = plane
             self._settled = True
         return info
+
+    def reset_exchange_stats(self) -> None:
+        """Forget the round trips and failures so far (the rank's warm-up), so the metrics show serving."""
+        self.round_trip_s = Distribution(EXCHANGE_BUCKETS_S)
+        self.failures = 0
 
     @property
     def region_hidden_bytes(self) -> int:
@@ -177,8 +188,14 @@ class ExpertLink:
 
             request.sent = sent
         self._inflight.add(key)
+        started = time.monotonic_ns()
         try:
-            return await self.plane.exchange(request)
+            result = await self.plane.exchange(request)
+            self.round_trip_s.observe((time.monotonic_ns() - started) * 1e-9)
+            return result
+        except BaseException:
+            self.failures += 1
+            raise
         finally:
             self._inflight.discard(key)
             if span is not None:  # failed or cancelled before everything was sent

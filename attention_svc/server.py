@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -33,12 +33,14 @@ from asap.warmup import (
     warm_attention_rank,
 )
 from attention_svc.config import AttentionServiceConfig
-from attention_svc.core import AttentionExecutor, BatchOutcome, PromptOutcome, PromptSpec
+from attention_svc.core import AttentionExecutor, AttentionStats, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.kvcaches import ChunkCaches
 from attention_svc.transport import GrpcExpertTransport
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
+
+    from asap.metrics.export import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +279,20 @@ class AttentionService(GrpcService):
         await self.executor.run_batch([self.executor.make_prompt("warm-up", [0, 1, 2, 3])])
         if isinstance(part, AttentionPart) and part.device.type == "cuda":
             await _warm_cuda(self.executor, part, model_config)
+        self.executor.stats = AttentionStats()  # count what is served, not the warm-up
+        for link in self.transport.links:
+            link.reset_exchange_stats()
+        self.start_metrics(self._collectors)
         await self.handle.set_serving()
         return self.address
 
+    def _collectors(self) -> Sequence[Collector]:
+        from attention_svc.metrics import attention_collectors  # prometheus_client: only with metrics on
+
+        return attention_collectors(self)
+
     async def shutdown(self, grace_s: float) -> None:
+        await self.stop_metrics()
         await self.stop_server(grace_s)
         if self.transport is not None:
             await self.transport.close()

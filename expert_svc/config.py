@@ -31,6 +31,8 @@ class ExpertServiceConfig:
     max_merge_rows: int = 16384
     """Upper bound on rows of same-layer chunks computed together in one expert call."""
     drain_timeout_s: float = 10.0
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port (0: a free one, printed); None: no metrics server."""
     optimizations: frozenset[str] = field(default_factory=lambda: frozenset(OPTIMIZATIONS))
     """Enabled optimizations; expert ranks act on ``expert-overlap`` (receive, compute and send of
     different chunks proceed concurrently; off: one chunk at a time, end to end) and ``layer-agnostic``

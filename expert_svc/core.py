@@ -105,6 +105,11 @@ class ExpertExecutor:
         self._closed = False
         self._compute_lock = threading.Lock()
 
+    @property
+    def queued_chunks(self) -> int:
+        """Chunks waiting in the queue for the compute thread (the fast plane's wait in ``FastLane``)."""
+        return self._queue.qsize()
+
     async def start(self) -> None:
         if self._worker is not None:
             raise InternalError("ExpertExecutor started twice")

@@ -312,6 +312,12 @@ class FastLane:
             self.detach(end)
         self.poller.stop()
 
+    @property
+    def waiting(self) -> int:
+        """Dispatches taken off the rings, waiting for the compute thread (read without the lock: a
+        list's length is one atomic read)."""
+        return len(self._waiting)
+
     def enqueue(self, item: _Item) -> None:
         with self._lock:
             self._waiting.append(item)

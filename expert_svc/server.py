@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,6 +27,9 @@ from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
 from expert_svc.fastlane import FastLane
+
+if TYPE_CHECKING:
+    from asap.metrics.export import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +132,17 @@ class ExpertService(GrpcService):
             [SERVICE_NAME],
         )
         await warm_up(self.executor)
+        self.start_metrics(self._collectors)
         await self.handle.set_serving()
         return self.address
 
+    def _collectors(self) -> Sequence[Collector]:
+        from expert_svc.metrics import expert_collectors  # prometheus_client: only with metrics on
+
+        return expert_collectors(self)
+
     async def shutdown(self, grace_s: float) -> None:
+        await self.stop_metrics()
         if self.executor is not None and self._started_ns:
             stats = self.executor.stats
             wall = max(1, time.monotonic_ns() - self._started_ns)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,12 @@ from scheduler_svc.calibration import calibrate_cost_model
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import RequestResult, ScheduledRequest
+from scheduler_svc.stats import RequestStats, outcome_code
 from scheduler_svc.tracing import request_spans, trace_context
 from scheduler_svc.validation import PromptValidator
 
 if TYPE_CHECKING:
+    from asap.metrics.export import Collector
     from scheduler_svc.http_server import HttpFrontDoor
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class SchedulerServiceConfig:
     core: SchedulerConfig = field(default_factory=SchedulerConfig)
     ready_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port (0: a free one, printed); None: no metrics server."""
     calibrate: bool = True
     """Fit the attention cost model at start-up from probe batches on rank 0 (else use ``core.cost``)."""
     http_port: int | None = None
@@ -75,6 +79,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.core = core
         self.validator = validator
         self.config = config
+        self.stats = RequestStats()
+        """Request outcomes and times of this front door (read by ``scheduler_svc.metrics``)."""
 
     def _scheduled(self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None) -> ScheduledRequest:
         arrival = time.monotonic()
@@ -97,14 +103,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _prefill(
         self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
     ) -> scheduler_pb2.PrefillResponse:
-        """Validate, schedule and answer one request; ``AsapError`` propagates."""
+        """Validate, schedule and answer one request; ``AsapError`` propagates. Its outcome is counted in
+        ``stats`` (the metrics' request view): every front door answers through here."""
+        try:
+            return await self._answer(request, timeout_s)
+        except BaseException as exc:
+            self.stats.record_failure(outcome_code(exc))
+            raise
+
+    async def _answer(
+        self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
+    ) -> scheduler_pb2.PrefillResponse:
         if not setup.TRACING_ENABLED:
             scheduled = self._scheduled(request, timeout_s)
-            return _response(await self.core.submit(scheduled), scheduled)
+            return _response(self._count(await self.core.submit(scheduled)), scheduled)
         arrival_ns = time.time_ns()
         scheduled = self._scheduled(request, timeout_s)
         with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
-            return _response(await self.core.submit(scheduled), scheduled)
+            return _response(self._count(await self.core.submit(scheduled)), scheduled)
+
+    def _count(self, result: RequestResult) -> RequestResult:
+        self.stats.record_success(result)
+        return result
 
     async def Prefill(
         self, request: scheduler_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -186,13 +206,14 @@ class SchedulerService(GrpcService):
         self.http: HttpFrontDoor | None = None
         self.serving = False
         """SERVING reported and not draining: what the HTTP ``/health`` answers with."""
+        self.servicer: SchedulerServicer | None = None
 
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
         validator = PromptValidator(load_config(model_dir), load_tokenizer(model_dir))
         self.ranks = AttentionClient(self.config.attention_targets, mode=self.config.core.mode)
         self.core = SchedulerCore(self.config.core, len(self.config.attention_targets), self.ranks)
-        servicer = SchedulerServicer(self.core, validator, self.config)
+        servicer = self.servicer = SchedulerServicer(self.core, validator, self.config)
         self.handle = await create_server(
             self.config.address,
             lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
@@ -208,6 +229,7 @@ class SchedulerService(GrpcService):
             self.core.set_cost_model(cost)
         await self.core.start()
         self.ranks.start_monitor(self.core)
+        self.start_metrics(self._collectors)
         await self.handle.set_serving()
         self.serving = True
         return self.address
@@ -236,6 +258,11 @@ class SchedulerService(GrpcService):
         port = await self.http.start(self.config.host, self.config.http_port or 0)
         print(HTTP_READY_LINE.format(url=f"http://{bound_address(self.config.address, port)}"), flush=True)
 
+    def _collectors(self) -> Sequence[Collector]:
+        from scheduler_svc.metrics import scheduler_collectors  # prometheus_client: only with metrics on
+
+        return scheduler_collectors(self)
+
     async def drain(self) -> None:
         self.serving = False
         if self.core is not None:
@@ -244,6 +271,7 @@ class SchedulerService(GrpcService):
     async def shutdown(self, grace_s: float) -> None:
         grace = grace_s
         self.serving = False
+        await self.stop_metrics()
         if self.handle is not None:
             await self.handle.set_not_serving()
         if self.core is not None:

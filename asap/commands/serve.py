@@ -46,6 +46,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         "fails if not possible)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    _metrics_port(parser)
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
     )
@@ -139,6 +140,7 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         help="attention cost model a,b,c in ms (a*n + b*n^2 per prompt + c per batch); default: calibrate",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    _metrics_port(parser)
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
     )
@@ -155,6 +157,28 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="the model name HTTP requests use (GET /v1/models); default: 'tiny' or the model directory's name",
+    )
+
+
+def metrics_port(text: str) -> int:
+    """``--metrics-port``'s value: a TCP port, 0 for a free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {port}")
+    return port
+
+
+def _metrics_port(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=metrics_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host); 0 picks a free port, "
+        "printed as 'metrics of SERVICE at URL'; default: no metrics server",
     )
 
 
@@ -188,6 +212,7 @@ def attention_config(args: argparse.Namespace) -> Any:
         route_skew=args.route_skew,
         data_plane=getattr(args, "data_plane", "auto"),
         **_fast_bounds(args),
+        metrics_port=getattr(args, "metrics_port", None),
     )
 
 
@@ -215,6 +240,7 @@ def expert_config(args: argparse.Namespace) -> Any:
         optimizations=parse_optimizations(args.optimizations),
         compute=args.compute,
         data_plane=getattr(args, "data_plane", "auto"),
+        metrics_port=getattr(args, "metrics_port", None),
     )
 
 
@@ -251,6 +277,7 @@ def scheduler_config(args: argparse.Namespace) -> Any:
         calibrate=not args.cost,
         http_port=getattr(args, "http_port", None),
         served_model_name=getattr(args, "served_model_name", None) or "",
+        metrics_port=getattr(args, "metrics_port", None),
     )
 
 

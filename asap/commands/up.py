@@ -10,6 +10,7 @@ from typing import Any
 
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
 from asap.commands import SUMMARIES
+from asap.commands.serve import metrics_port
 from asap.dtypes import DTYPES
 from asap.modes import MODES
 
@@ -66,6 +67,15 @@ def add_parser(subparsers: Any) -> None:
         help="the scheduler also serves the OpenAI-compatible HTTP API on port P (0 picks a free one); "
         "printed as 'openai: http://HOST:P/v1'",
     )
+    up.add_argument(
+        "--metrics-port",
+        type=metrics_port,
+        default=None,
+        metavar="PORT",
+        help="Prometheus metrics: the scheduler's (the cluster's request view) on PORT, every other service "
+        "on the ports after it (attention ranks, then expert ranks); 0 gives each a free port; each URL is "
+        "printed once ready; default: none",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -86,6 +96,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "trace": args.trace,
         "mps": args.mps,
         "http_port": args.http_port,
+        "metrics_port": args.metrics_port,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -114,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ready: scheduler at {address}", flush=True)
         if cluster.http_url:
             print(f"openai: {cluster.http_url}/v1", flush=True)
+        for name, url in cluster.metrics_urls().items():
+            print(f"metrics: {name} at {url}", flush=True)
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):

@@ -153,7 +153,8 @@ class Service(Protocol):
 
 async def run_service(service: Service, *, describe: str, tracing_name: str, grace_s: float) -> None:
     """The life of a service process: tracing, start (a failed start stops what did start), the ready
-    line ``serving DESCRIBE at ADDRESS`` that launchers wait for, serve until SIGINT/SIGTERM, drain, stop,
+    line ``serving DESCRIBE at ADDRESS`` that launchers wait for (after ``metrics of DESCRIBE at URL`` when
+    it serves metrics), serve until SIGINT/SIGTERM, drain, stop,
     and flush the spans still buffered."""
     from asap.telemetry import configure_tracing
 
@@ -164,6 +165,9 @@ async def run_service(service: Service, *, describe: str, tracing_name: str, gra
         except BaseException:
             await service.stop(grace_s=0)
             raise
+        metrics_url = getattr(service, "metrics_url", None)
+        if metrics_url is not None:  # before the ready line, so launchers know it once the service is up
+            print(f"metrics of {describe} at {metrics_url}", flush=True)
         print(f"serving {describe} at {address}", flush=True)
         if service.handle is None:
             raise RuntimeError(f"{describe} did not start")

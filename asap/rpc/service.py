@@ -5,15 +5,24 @@ SERVING; ``drain`` waits for the work in flight (on SIGTERM); ``stop`` releases 
 a partly started service; ``run_forever`` is the process's whole life (``asap.rpc.server.run_service``).
 The base holds the server handle, the bound address and the stop grace; a service implements ``start``,
 ``shutdown`` (the order its parts are released in) and ``drain``.
+
+Metrics: a service whose config sets ``metrics_port`` calls ``start_metrics`` in ``start`` (before
+SERVING) with its collectors and ``stop_metrics`` in ``shutdown``; ``metrics_url`` then names its
+endpoint (``asap.metrics.export``; prometheus_client is imported only then).
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from asap.errors import InternalError
 from asap.rpc.server import ServiceHandle, bound_address, run_service
+
+if TYPE_CHECKING:
+    from asap.metrics.export import Collector, MetricsServer
 
 __all__ = ["GrpcService", "ServiceConfig"]
 
@@ -43,6 +52,8 @@ class GrpcService(ABC):
         """The ``service.name`` of its spans."""
         self.handle: ServiceHandle | None = None
         """The started server (None before ``start`` and after ``stop``)."""
+        self.metrics: MetricsServer | None = None
+        """The ``/metrics`` endpoint while it serves (None when ``metrics_port`` is not set)."""
 
     @property
     def address(self) -> str:
@@ -50,6 +61,30 @@ class GrpcService(ABC):
         if self.handle is None:
             raise InternalError("service not started")
         return bound_address(self._service_config.address, self.handle.port)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` while metrics are served, else None."""
+        return self.metrics.url if self.metrics is not None else None
+
+    def start_metrics(self, collectors: Callable[[], Sequence[Collector]]) -> None:
+        """Serve ``/metrics`` on the config's ``metrics_port`` (0: a free port), if it is set; the
+        collectors are built only then. Call on the service's event loop."""
+        port: int | None = getattr(self._service_config, "metrics_port", None)
+        if port is None or self.metrics is not None:
+            return
+        from asap.metrics.export import MetricsServer
+
+        host = self._service_config.address.rsplit(":", 1)[0] or "127.0.0.1"
+        server = MetricsServer(collectors(), host=host.strip("[]"), port=port)
+        server.start()
+        self.metrics = server
+
+    async def stop_metrics(self) -> None:
+        """Stop serving ``/metrics`` (off the event loop: the HTTP server's shutdown polls); idempotent."""
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, server.close)
 
     @abstractmethod
     async def start(self) -> str:
