@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
-from asap.dataplane.direct import DirectLink
+from asap.dataplane.direct import DirectLink, Ticket
 from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
@@ -208,9 +208,36 @@ class ExpertLink:
         if direct is None:
             return None
         link: DirectLink | None = direct(top_k)
-        return link
+        return None if link is None else _MeteredLink(link, self)
 
     async def close(self) -> None:
         await self.stream.close()
         await self._channel.close()
         self.plane.close()
+
+
+class _MeteredLink:
+    """A plane's hot-path link that records each settled dispatch's round trip and failures on the
+    ``ExpertLink`` (what ``exchange`` records on the loop path), so the metrics see both paths."""
+
+    __slots__ = ("_inner", "_owner")
+
+    def __init__(self, inner: DirectLink, owner: ExpertLink) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    def _observe(self, ticket: Ticket) -> None:
+        if isinstance(ticket.outcome, ExchangeResult):
+            self._owner.round_trip_s.observe((time.monotonic_ns() - ticket.posted_ns) * 1e-9)
+        else:
+            self._owner.failures += 1
+
+    def post(self, request: PlaneRequest, ticket: Ticket) -> None:
+        ticket.observe = self._observe
+        self._inner.post(request, ticket)
+
+    def abandon(self, ticket: Ticket) -> None:
+        self._inner.abandon(ticket)
+
+    def __getattr__(self, name: str) -> object:  # the optional ``poll`` / ``park`` of the plane's link
+        return getattr(self._inner, name)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
@@ -122,7 +122,16 @@ class Wake:
 class Ticket:
     """One dispatch posted on the hot path; settled once by the plane (from any thread)."""
 
-    __slots__ = ("cancelled", "done", "not_before_ns", "outcome", "plane_data", "posted_ns", "wake")
+    __slots__ = (
+        "cancelled",
+        "done",
+        "not_before_ns",
+        "observe",
+        "outcome",
+        "plane_data",
+        "posted_ns",
+        "wake",
+    )
 
     def __init__(self, wake: Wake) -> None:
         self.wake = wake
@@ -137,6 +146,9 @@ class Ticket:
         under way: the waiter sleeps until then instead of the plane's poll thread holding it)."""
         self.plane_data: object = None
         """What the plane keeps to abandon it (a sequence number, a future)."""
+        self.observe: Callable[[Ticket], None] | None = None
+        """Called once when it settles, on the settling thread (the link's round-trip metrics); must
+        be cheap and never raise."""
 
     def settle(self, outcome: ExchangeResult | AsapError, *, not_before_ns: int = 0) -> None:
         """The plane's answer (first one wins); wakes the waiting compute thread."""
@@ -145,6 +157,8 @@ class Ticket:
         self.outcome = outcome
         self.not_before_ns = not_before_ns
         self.done = True
+        if self.observe is not None:
+            self.observe(self)
         self.wake.set()
 
 
