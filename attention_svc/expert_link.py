@@ -106,7 +106,8 @@ class ExpertLink:
                 self.requested_plane, self.data_plane, info, gpu_uuid=uuid, where=where
             )
             fallback = "grpc"
-            if self._fast and confirm_fast(self.requested_plane, info, where=where):
+            gpu_inner = plane if self.device.type == "cuda" else None
+            if self._fast and confirm_fast(self.requested_plane, info, where=where, gpu_inner=gpu_inner):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
             self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
             self.data_plane = plane

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from asap.dataplane.cuda_ipc import visible_gpu_uuids
 from asap.dataplane.select import expert_accepts_fast, expert_planes
@@ -26,6 +27,7 @@ from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
 from expert_svc.fastlane import FastLane
+from expert_svc.gpu_fastlane import GpuFastLane
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +117,7 @@ class ExpertService(GrpcService):
             profile=profile,
             shm=ShmAttachments() if shm else None,
             cuda_ipc=cuda_ipc,
-            fast=FastLane(self.executor, shape_only=profile is not None, max_merge_rows=config.max_merge_rows)
-            if expert_accepts_fast(config.data_plane, config.device)
-            else None,
+            fast=self._fast_lane(profile is not None),
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
         servicer = ExpertServicer(self.exchange, config.rank, config.device)
@@ -128,8 +128,20 @@ class ExpertService(GrpcService):
             [SERVICE_NAME],
         )
         await warm_up(self.executor)
+        if isinstance(self.exchange.fast, GpuFastLane):  # its kernels and flags, before SERVING
+            await self.executor.on_compute_thread(self.exchange.fast.warm)
         await self.handle.set_serving()
         return self.address
+
+    def _fast_lane(self, emulated: bool) -> FastLane | None:
+        """The fast plane's expert side: host slots on CPU ranks, GPU slots and flags on CUDA ranks."""
+        config = self.config
+        assert self.executor is not None
+        if not expert_accepts_fast(config.data_plane, config.device):
+            return None
+        if torch.device(config.device).type == "cuda":
+            return GpuFastLane(self.executor, max_merge_rows=config.max_merge_rows)
+        return FastLane(self.executor, shape_only=emulated, max_merge_rows=config.max_merge_rows)
 
     async def shutdown(self, grace_s: float) -> None:
         if self.executor is not None and self._started_ns:

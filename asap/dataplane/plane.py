@@ -48,6 +48,9 @@ class ExchangeResult:
     """[n, H] the combined partial result of the dispatch's rows."""
     barrier_ns: int = 0
     """Sync mode: how long the expert rank held the dispatch at its barrier (the longest of its chunks)."""
+    ready: torch.cuda.Event | None = None
+    """GPU ``fast`` plane: ``hidden`` is complete once this event has passed (also attached to the tensor,
+    ``asap.devices.attach_ready``); readers on another stream wait for it there. None: complete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +125,10 @@ class DataPlane(Protocol):
           [n, K]. On CUDA the rows are produced on the attention rank's compute stream: read them only
           after ``dispatch.ready`` (wait on it on the plane's own stream, never block the compute thread).
         - *Output*: ``ExchangeResult.hidden`` [n, H] in the link's dtype, on ``LinkSpec.device`` for
-          ``cuda-ipc`` (CPU otherwise, ``meta`` when ``shape_only``), complete and safe to read on any
-          stream once returned (copies out of shared memory are finished); ``barrier_ns`` as the expert
-          rank reported it.
+          ``cuda-ipc`` and GPU ``fast`` (CPU otherwise, ``meta`` when ``shape_only``), complete and safe to
+          read on any stream once returned (copies out of shared memory are finished), except that the
+          GPU ``fast`` plane returns before its copy ran: it sets ``ready`` (readers' streams wait for
+          it; ``combine`` does); ``barrier_ns`` as the expert rank reported it.
         - *Concurrency*: called concurrently for different keys on the event loop; never for a key
           already in flight (the link refuses that before calling).
         - *Errors*: ``Unavailable`` when the path to the expert rank broke (every exchange waiting on it

@@ -26,6 +26,7 @@ import torch
 
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
 from asap.dataplane.fast import FastPlane
+from asap.dataplane.gpu_fast import GpuFastPlane
 from asap.dataplane.link import LinkRegions, Slots
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.dataplane.shm import DEFAULT_REGION_BYTES
@@ -278,7 +279,10 @@ def make_plane(
     on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` carries what its rings
     cannot over the plane ``fallback``."""
     if name == "fast":
-        return FastPlane(spec, stream, codec, make_plane(fallback, spec, stream, codec))
+        inner = make_plane(fallback, spec, stream, codec)
+        if spec.device.type == "cuda":
+            return GpuFastPlane(spec, stream, codec, inner)
+        return FastPlane(spec, stream, codec, inner)
     cls = _PLANES.get(name)
     if cls is None:
         raise InvalidArgument(f"no data plane {name!r}; known: {', '.join(_PLANES)}")
