@@ -69,6 +69,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         torch.cuda.current_stream(device).synchronize()  # once per region: zero before the peer looks
         self.tx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.rx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.poison_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
         """Per slot: the copy out of its last results (the next fill waits for it on the GPU)."""
@@ -152,7 +153,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
                 return
             self._poisoned = True
             value = poison_value(self._seq)
-            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            stream = self.poison_stream
             for slot in range(self.geometry.slots):
                 self.flags.write(stream, self._flag(slot, REQUEST_FLAG_AT), value)
                 self.flags.write(stream, self._flag(slot, DONE_FLAG_AT), value)
