@@ -53,7 +53,11 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         self.slots_buf = self._attachments.buffer(cuda_region.name)
         self._last_seq = 0
         self._poisoned = False
-        super().__init__(lane, link)
+        try:
+            super().__init__(lane, link)
+        except BaseException:
+            self._attachments.close()
+            raise
         if int(self.slots_buf.numel()) < self.geometry.device_nbytes:
             self._close()
             raise InvalidArgument(
@@ -169,7 +173,7 @@ class GpuFastLane(FastLane):
         rows = torch.zeros(4, self.hidden_size, dtype=self.dtype, device=dev)
         weights = torch.zeros(4, self.top_k, dtype=torch.float32, device=dev)
         layer = part.config.moe_layer_ids[0]
-        out = part.compute_local(layer, torch.cat([rows, rows])[:4], local, weights)
+        out = part.compute_local(layer, torch.cat([rows, rows])[4:], local, weights)  # cat: merged groups
         view = scratch[:64].view(self.dtype)[: min(32, self.hidden_size)]
         view.copy_(out[0, : view.numel()], non_blocking=True)
         self.stream.synchronize()
@@ -199,7 +203,7 @@ class GpuFastLane(FastLane):
     def _run_group(self, group: list[_Item]) -> tuple[list[torch.Tensor], int]:
         started = time.monotonic_ns()
         self._collect()
-        stream = self.stream
+        stream = self.stream = torch.cuda.current_stream(self.device)  # the compute thread's
         for item in group:
             end = item.end
             if not isinstance(end, GpuExpertLinkEnd):

@@ -82,8 +82,19 @@ class DriverFlags:
     def __init__(self) -> None:
         self._d = _driver()
         self._check(self._d.cuInit(0), "cuInit")
-        self._geq = self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ
-        self._default = self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT
+        self._geq = int(self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+        self._default = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        self._threads = threading.local()
+
+    def _on_this_thread(self, stream: torch.cuda.Stream) -> None:
+        """The driver API needs a current context on the calling thread (a poll thread may never have
+        made a CUDA call): make the stream's device's primary context current, once per thread."""
+        index = stream.device.index if stream.device.index is not None else 0
+        ready: set[int] = getattr(self._threads, "devices", set())
+        if index not in ready:
+            torch.cuda.set_device(index)
+            ready.add(index)
+            self._threads.devices = ready
 
     def _check(self, result: Any, what: str) -> None:
         err = result[0] if isinstance(result, tuple) else result
@@ -92,6 +103,7 @@ class DriverFlags:
 
     def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d
+        self._on_this_thread(stream)
         self._check(
             d.cuStreamWriteValue32(
                 d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._default
@@ -101,6 +113,7 @@ class DriverFlags:
 
     def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d
+        self._on_this_thread(stream)
         self._check(
             d.cuStreamWaitValue32(
                 d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._geq
