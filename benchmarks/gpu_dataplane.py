@@ -81,28 +81,54 @@ async def _time_plane(
         for n in tokens:
             dispatch = _dispatch(n, device)
             _sync(device)
-            times = []
+            times: list[float] = []
+            returns: list[float] = []
             for i in range(iters + 3):  # 3 warm-up round trips (CUDA graph capture on the expert side)
                 mb += 1
                 start = time.perf_counter()
                 result = await transport.exchange(0, mb, 0, dispatch)
+                returned = time.perf_counter() - start
                 if result.ready is not None:  # the GPU fast plane returns before its copy out ran
                     result.ready.synchronize()
                 elapsed = time.perf_counter() - start
                 if i >= 3:
                     times.append(elapsed)
+                    returns.append(returned)
             assert result.hidden.shape == (n, HIDDEN)
+            hops = _hops(link, iters)
             payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
             ms = statistics.median(times) * 1e3
             out[str(n)] = {
                 "ms": ms,
                 "p10_ms": sorted(times)[len(times) // 10] * 1e3,
                 "GB_s": payload / ms / 1e6,
+                "returned_ms": statistics.median(returns) * 1e3,
+                **({"hops_us": hops} if hops else {}),
             }
-            print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median", flush=True)
+            if hops:
+                print(f"  {plane:9s} {n:6d} tokens: hops (µs, median) {hops}", flush=True)
+            print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median "
+                  f"(exchange returned after {out[str(n)]['returned_ms']:.3f} ms)", flush=True)  # fmt: skip
         return out
     finally:
         await transport.close()
+
+
+def _hops(link: object, iters: int) -> dict[str, float]:
+    """GPU fast plane: the median of each hop of the last ``iters`` round trips (µs)."""
+    end = getattr(getattr(link, "plane", None), "_end", None)
+    timings = list(getattr(end, "timings", []))[-iters:]
+    if not timings:
+        return {}
+    hops = {
+        "publish_to_expert_poll": [t.picked - t.published for t in timings],
+        "expert_handoff": [t.queue_ns for t in timings],
+        "expert_enqueue": [t.compute_ns for t in timings],
+        "to_attention_poll": [t.taken - t.picked - t.queue_ns - t.compute_ns for t in timings],
+        "poll_to_loop_settle": [t.settled - t.taken for t in timings],
+        "publish_to_settle": [t.settled - t.published for t in timings],
+    }
+    return {name: statistics.median(v) / 1e3 for name, v in hops.items()}
 
 
 def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:

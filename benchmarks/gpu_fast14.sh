@@ -34,11 +34,17 @@ for stage in $stages; do
         stop_mps ;;
     dataplane)
         start_mps
-        timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *"' | tail -30
+        timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
+        ps -eo pid,comm | grep -i mps
+        stop_mps ;;
+    dataplane-nospin)  # the fast plane with poll threads that park at once
+        start_mps
+        ASAP_GPU_POLL_SPIN_S=0 timeout 120 python3 benchmarks/gpu_dataplane.py --planes grpc,fast --iters 20 \
+            --json "$OUT/gpu_dataplane_fast_nospin.json" 2>&1 | grep -v '^ *[]}"{]' | tail -12
         stop_mps ;;
     headline)
         timeout 330 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_fast --attention 1 --experts 1 \
-            --modes async --sweep "${SWEEP:-96,160}" --requests "${REQUESTS:-240}" --slo-ttft-ms 1200 --budget-s 300 2>&1 | tail -25
+            --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" --slo-ttft-ms 1200 --budget-s 300 2>&1 | tail -25
         timeout 200 python3 benchmarks/gpu_monolithic.py --out "$OUT" --bench-json "$OUT/h11_fast.json" --repeats 2 2>&1 | tail -15 ;;
     esac
 done

@@ -29,7 +29,10 @@ import torch
 
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Request, SlotHeader
+from asap.dataplane.gpu_fast import GPU_POLL_SPIN_S
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
+from asap.dataplane.poller import PollThread
+from asap.dataplane.ring import Backoff
 from asap.errors import InternalError, InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
@@ -138,6 +141,9 @@ class GpuFastLane(FastLane):
         self, executor: ExpertExecutor, *, max_merge_rows: int = 16384, flags: StreamFlags | None = None
     ) -> None:
         super().__init__(executor, shape_only=False, max_merge_rows=max_merge_rows)
+        self.poller = PollThread(  # not started yet: it spins before parking (GPU hosts have cores)
+            "gpu-fast-requests", flush=self._flush, backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S)
+        )
         self.device = executor.part.device
         self.flags = flags if flags is not None else driver_flags()
         self.stream = torch.cuda.current_stream(self.device)

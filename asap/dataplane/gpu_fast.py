@@ -26,29 +26,77 @@ the stream copies out unwritten (the poison releases the copy); only dispatches 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
+from collections import deque
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from asap.dataplane.cuda_ipc import CudaRegion
 from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, FastPlane
-from asap.dataplane.fast_attention import AttentionLinkEnd, Outcome, _Pending, shared_poller
+from asap.dataplane.fast_attention import AttentionLinkEnd, Outcome, _Pending
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
+from asap.dataplane.poller import PollThread
+from asap.dataplane.ring import Backoff
 from asap.devices import attach_ready, attached_ready
 from asap.errors import AsapError, Unavailable
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
-__all__ = ["DEFAULT_GPU_SLOT_BYTES", "GpuAttentionLinkEnd", "GpuFastPlane", "gpu_slot_bytes_for"]
+__all__ = [
+    "DEFAULT_GPU_SLOT_BYTES",
+    "GPU_POLL_SPIN_S",
+    "GpuAttentionLinkEnd",
+    "GpuFastPlane",
+    "Timing",
+    "gpu_poller",
+    "gpu_slot_bytes_for",
+]
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024
 """Bytes per GPU slot: 16k rows at hidden 2048 or 8k at 4096 in bf16, with top-8 ids and weights."""
 _MARK = torch.empty(0)
 """What the poll thread delivers for a successful completion: the rows are copied out on the loop."""
+
+
+GPU_POLL_SPIN_S = float(os.environ.get("ASAP_GPU_POLL_SPIN_S", "0.002"))
+"""How long the GPU fast plane's poll threads spin before they park on the doorbells: a GPU host has
+cores to spare, and a parked thread's wake-up costs tens of microseconds per hop."""
+
+_POLLER: PollThread | None = None
+_POLLER_LOCK = threading.Lock()
+
+
+def gpu_poller() -> PollThread:
+    """The attention process's poll thread for the completions of its GPU fast links (it spins)."""
+    global _POLLER
+    with _POLLER_LOCK:
+        if _POLLER is None:
+            _POLLER = PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
+        return _POLLER
+
+
+@dataclass(slots=True)
+class Timing:
+    """One dispatch's hops (``time.time_ns`` of both processes), for the benchmarks' breakdown."""
+
+    published: int
+    picked: int = 0
+    """The expert rank's poll thread took the descriptor."""
+    queue_ns: int = 0
+    """Picked -> the expert's compute thread started enqueueing."""
+    compute_ns: int = 0
+    """The expert host's enqueueing of the computation (not the GPU time)."""
+    taken: int = 0
+    """This side's poll thread took the completion."""
+    settled: int = 0
+    """The loop enqueued the copy out and woke the exchange."""
 
 
 def gpu_slot_bytes_for(spec: LinkSpec, slots: int) -> int:
@@ -76,6 +124,9 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self._ready: dict[int, torch.cuda.Event] = {}
         self._poisoned = False
         self._gpu_lock = threading.Lock()
+        self.timings: deque[Timing] = deque(maxlen=256)
+        """The last dispatches' hops (``Timing``)."""
+        self._timing: dict[int, Timing] = {}
         super().__init__(geometry, **kw)
 
     def _flag(self, slot: int, at: int) -> int:
@@ -113,6 +164,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
                 dispatch.weights, non_blocking=True
             )
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
+        self._timing[header.seq] = Timing(time.time_ns())
 
     def _take(self, completion: Any, now_ns: int) -> None:
         with self._lock:
@@ -120,6 +172,10 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         if pending is None or completion.status or completion.rows != pending.rows:
             super()._take(completion, now_ns)  # errors and mismatches: the base's outcomes
             return
+        timing = self._timing.get(completion.seq)
+        if timing is not None:
+            timing.picked, timing.taken = completion.picked_unix_ns, time.time_ns()
+            timing.queue_ns, timing.compute_ns = completion.queue_ns, completion.compute_ns
         self._deliver(pending, _MARK)
 
     def _settle(self, pending: _Pending, outcome: Outcome) -> None:
@@ -144,6 +200,10 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self._free_after[pending.slot] = event
             if isinstance(outcome, torch.Tensor):
                 attach_ready(outcome, event)
+            timing = self._timing.pop(pending.seq, None)
+            if timing is not None:
+                timing.settled = time.time_ns()
+                self.timings.append(timing)
         super()._settle(pending, outcome)
 
     def poison(self) -> None:
@@ -221,7 +281,7 @@ class GpuFastPlane(FastPlane):
             peer=self.stream.peer,
             peer_timeout_s=self.peer_timeout_s,
             loop=asyncio.get_running_loop(),
-            poller=shared_poller(),
+            poller=gpu_poller(),
         )
         session.send(end.announcement())  # type: ignore[attr-defined]
         self._end, self._session = end, session
