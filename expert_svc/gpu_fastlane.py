@@ -10,8 +10,8 @@ every answered request of a valid slot, errors too, after any GPU work of it: th
 stream waits for it before it reuses the slot.
 
 Ids in the slot are only known on the device. An id that is neither -1 nor hosted here is skipped (its
-slot contributes nothing) instead of failing the dispatch, and counted (``bad_id_calls``, read without
-blocking once the computation is over, and logged): failing the dispatch would need the host to wait
+slot contributes nothing) instead of failing the dispatch, and counted on the device (``bad_id_calls``,
+read through a pinned copy at most every 0.1 s without blocking, and logged): failing the dispatch would need the host to wait
 for the device on every layer, which is what this plane removes.
 
 A link whose peer is gone (stream ended, region retired) is detached with its flags poisoned, so the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 
 import torch
 
@@ -149,7 +148,10 @@ class GpuFastLane(FastLane):
         self.stream = torch.cuda.current_stream(self.device)
         """The compute thread's stream (set by ``warm``, which runs there)."""
         self.poison_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        self._checks: deque[tuple[torch.cuda.Event, torch.Tensor, int]] = deque()
+        self._bad_calls = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._pinned = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        self._reading: torch.cuda.Event | None = None
+        self._read_at = 0.0
         self._checks_lock = threading.Lock()
         self.bad_id_calls = 0
         """Computations in which some id was neither -1 nor hosted here (those slots were skipped)."""
@@ -182,29 +184,36 @@ class GpuFastLane(FastLane):
         out = part.compute_local(layer, torch.cat([rows, rows])[4:], local, weights)  # cat: merged groups
         view = scratch[:64].view(self.dtype)[: min(32, self.hidden_size)]
         view.copy_(out[0, : view.numel()], non_blocking=True)
+        self._read_at = 0.0
+        self._collect()  # the pinned copy and the event, once
         self.stream.synchronize()
-        self._collect()
 
     def _watch(self, bad: torch.Tensor) -> None:
-        """Queue a non-blocking read of whether ``bad`` [N, K] has any id set."""
-        with torch.cuda.stream(self.stream):
-            seen = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            seen.copy_(bad.any().to(torch.int32).view(1), non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(self.stream)
-        with self._checks_lock:
-            self._checks.append((event, seen, 0))
+        """Count on the device whether ``bad`` [N, K] has any id set (read later by ``_collect``)."""
+        self._bad_calls.add_(bad.any())
 
     def _collect(self) -> None:
-        """Count the finished computations that met ids not hosted here (never waits)."""
+        """Read the device count of computations with ids not hosted here, at most every 0.1 s, through a
+        pinned copy whose event is only queried (never waits)."""
+        now = time.monotonic()
         with self._checks_lock:
-            while self._checks and self._checks[0][0].query():  # type: ignore[no-untyped-call]
-                _, seen, _ = self._checks.popleft()
-                if int(seen[0]):
-                    self.bad_id_calls += 1
+            if self._reading is not None:
+                if not self._reading.query():  # type: ignore[no-untyped-call]
+                    return
+                self._reading = None
+                seen = int(self._pinned[0])
+                if seen > self.bad_id_calls:
                     logger.warning(
-                        "a GPU fast dispatch carried expert ids not hosted here; they were skipped"
+                        "%d GPU fast computations carried expert ids not hosted here (skipped)",
+                        seen - self.bad_id_calls,
                     )
+                    self.bad_id_calls = seen
+            if now - self._read_at < 0.1:
+                return
+            self._read_at = now
+            self._pinned.copy_(self._bad_calls.view(1), non_blocking=True)
+            self._reading = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._reading.record(torch.cuda.current_stream(self.device))
 
     def _run_group(self, group: list[_Item]) -> tuple[list[torch.Tensor], int]:
         started = time.monotonic_ns()

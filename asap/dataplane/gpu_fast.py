@@ -39,7 +39,7 @@ import torch
 from asap.dataplane.cuda_ipc import CudaRegion
 from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, FastPlane
 from asap.dataplane.fast_attention import AttentionLinkEnd, Outcome, _Pending
-from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, SlotHeader
+from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.poller import PollThread
@@ -61,13 +61,11 @@ __all__ = [
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024
 """Bytes per GPU slot: 16k rows at hidden 2048 or 8k at 4096 in bf16, with top-8 ids and weights."""
-_MARK = torch.empty(0)
-"""What the poll thread delivers for a successful completion: the rows are copied out on the loop."""
-
-
-GPU_POLL_SPIN_S = float(os.environ.get("ASAP_GPU_POLL_SPIN_S", "0.002"))
-"""How long the GPU fast plane's poll threads spin before they park on the doorbells: a GPU host has
-cores to spare, and a parked thread's wake-up costs tens of microseconds per hop."""
+GPU_POLL_SPIN_S = float(os.environ.get("ASAP_GPU_POLL_SPIN_S", "0"))
+"""How long the GPU fast plane's poll threads spin before they park on the doorbells (default: not at
+all). Measured on one H200 host: a 2 ms spin made every hand-off between the threads of a process wait
+for the GIL (the spinning thread holds it but for the 5 ms switch interval): 6.5 ms round trips against
+1.7 ms parked."""
 
 _POLLER: PollThread | None = None
 _POLLER_LOCK = threading.Lock()
@@ -166,44 +164,46 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
         self._timing[header.seq] = Timing(time.time_ns())
 
-    def _take(self, completion: Any, now_ns: int) -> None:
+    def _take(self, completion: Completion, now_ns: int) -> None:
+        """On the poll thread, before the slot can be handed on: the rx stream waits for the expert's done
+        flag (after errors too: the expert writes it once its GPU work of the slot is over) and copies the
+        results out; the slot's next fill waits for that copy on the GPU, the result carries its event."""
         with self._lock:
             pending = self._pending.get(completion.seq)
-        if pending is None or completion.status or completion.rows != pending.rows:
-            super()._take(completion, now_ns)  # errors and mismatches: the base's outcomes
+        if pending is None:
+            super()._take(completion, now_ns)  # logs the unknown completion
             return
-        timing = self._timing.get(completion.seq)
-        if timing is not None:
-            timing.picked, timing.taken = completion.picked_unix_ns, time.time_ns()
-            timing.queue_ns, timing.compute_ns = completion.queue_ns, completion.compute_ns
-        self._deliver(pending, _MARK)
-
-    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
-        """On the loop, before the slot can be handed on: the rx stream waits for the expert's done flag
-        (also after errors: the expert writes it once its GPU work of the slot is over) and copies the
-        results out; the slot's next fill waits for that."""
+        ok = not completion.status and completion.rows == pending.rows
+        timing = self._timing.pop(completion.seq, None)
         with self._gpu_lock:
             if self._poisoned:
-                super()._settle(pending, outcome)
-                return
+                return  # the link broke meanwhile: the dispatch has failed already
             rx = self.rx
             self.flags.wait(rx, self._flag(pending.slot, DONE_FLAG_AT), pending.seq)
-            if outcome is _MARK:
+            result = None
+            if ok:
                 g = self.geometry
                 with torch.cuda.stream(rx):
                     hidden_at = g.payload(pending.rows, shape_only=False)[0]
                     src = self._view(pending.slot, hidden_at, self.dtype, [pending.rows, g.hidden_size])
-                    outcome = torch.empty_like(src)
-                    outcome.copy_(src, non_blocking=True)
+                    result = torch.empty_like(src)
+                    result.copy_(src, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(rx)
-            self._free_after[pending.slot] = event
-            if isinstance(outcome, torch.Tensor):
-                attach_ready(outcome, event)
-            timing = self._timing.pop(pending.seq, None)
-            if timing is not None:
-                timing.settled = time.time_ns()
-                self.timings.append(timing)
+            self._free_after[pending.slot] = event  # read by the loop after the settle below
+        if result is None:
+            super()._take(completion, now_ns)  # the base's error outcomes
+            return
+        if timing is not None:
+            timing.picked, timing.taken = completion.picked_unix_ns, time.time_ns()
+            timing.queue_ns, timing.compute_ns = completion.queue_ns, completion.compute_ns
+            self.timings.append(timing)
+        self._deliver(pending, attach_ready(result, event))
+
+    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
+        timing = self.timings[-1] if self.timings else None
+        if timing is not None and not timing.settled:
+            timing.settled = time.time_ns()
         super()._settle(pending, outcome)
 
     def poison(self) -> None:

@@ -170,18 +170,15 @@ class ExpertPart:
         """[N, K] global ids on the device -> (local indices, -1 to skip; [N, K] bool: ids that are neither
         -1 nor hosted here, which are skipped too), without a host synchronisation. The host-side check of
         ``compute`` raises for such ids instead; here the caller reads the mask when it can afford to."""
+        e = self.config.num_experts
         if self._device_lut is None:
-            # index 0: id -1 (another rank's slot); 1 + e: expert e; E + 1: any id out of range
-            lut = torch.full((self.config.num_experts + 2,), -2, dtype=torch.int64)
+            # index 0: id -1 (another rank's slot); 1 + e: expert e; E + 1: an id >= E; E + 2 (reached as
+            # index -1, which wraps): an id < -1. -2 marks the bad ones.
+            lut = torch.full((e + 3,), -2, dtype=torch.int64)
             lut[0] = -1
-            lut[1 : self.config.num_experts + 1] = torch.where(
-                self._local_of_expert >= 0, self._local_of_expert, -2
-            )
+            lut[1 : e + 1] = torch.where(self._local_of_expert >= 0, self._local_of_expert, -2)
             self._device_lut = lut.to(self.device)
-        out_of_range = self.config.num_experts + 1
-        index = expert_ids.to(torch.int64) + 1
-        index = torch.where((index < 0) | (index > self.config.num_experts), out_of_range, index)
-        local = self._device_lut[index]
+        local = self._device_lut[(expert_ids.to(torch.int64) + 1).clamp_(-1, e + 1)]
         bad = local == -2
         return local.masked_fill_(bad, -1), bad
 
