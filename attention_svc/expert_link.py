@@ -12,6 +12,7 @@ a dispatch is not already in flight, and the ``attention.dispatch`` span.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ from asap.rpc.status import error_from_rpc
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import expert_pb2, expert_pb2_grpc
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -112,6 +115,7 @@ class ExpertLink:
             self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
             self.data_plane = plane
             self._settled = True
+            logger.info("link to expert rank %s: data plane %s (fallback %s)", where, plane, fallback)
         return info
 
     @property

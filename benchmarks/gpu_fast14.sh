@@ -29,7 +29,7 @@ for stage in $stages; do
     case $stage in
     tests)
         start_mps
-        timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py \
+        timeout 300 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
             -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
         stop_mps ;;
     dataplane)
@@ -42,9 +42,16 @@ for stage in $stages; do
         ASAP_GPU_POLL_SPIN_S=0 timeout 120 python3 benchmarks/gpu_dataplane.py --planes grpc,fast --iters 20 \
             --json "$OUT/gpu_dataplane_fast_nospin.json" 2>&1 | grep -v '^ *[]}"{]' | tail -12
         stop_mps ;;
+    headline-ipc)  # the same cluster on CUDA IPC over gRPC: cuda.bindings hidden, so auto cannot pick fast
+        mkdir -p /tmp/nocuda/cuda && echo 'raise ImportError("hidden for the comparison")' > /tmp/nocuda/cuda/__init__.py
+        PYTHONPATH=/tmp/nocuda:$PYTHONPATH timeout 200 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_ipc \
+            --attention 1 --experts 1 --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" \
+            --slo-ttft-ms 1200 --budget-s 190 2>&1 | grep -E "^async|GPU0|data plane" | tail -8
+        grep -h -o "data plane[^\"]*" "$OUT/h11_ipc.log" | sort | uniq -c | head -5 ;;
     headline)
         timeout 330 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_fast --attention 1 --experts 1 \
-            --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" --slo-ttft-ms 1200 --budget-s 300 2>&1 | tail -25
+            --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" --slo-ttft-ms 1200 --budget-s 300 2>&1 | tail -12
+        grep -h -o "data plane[^\"]*" "$OUT/h11_fast.log" | sort | uniq -c | head -5
         timeout 200 python3 benchmarks/gpu_monolithic.py --out "$OUT" --bench-json "$OUT/h11_fast.json" --repeats 2 2>&1 | tail -15 ;;
     esac
 done
