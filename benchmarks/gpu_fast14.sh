@@ -42,6 +42,13 @@ for stage in $stages; do
         ASAP_GPU_POLL_SPIN_S=0 timeout 120 python3 benchmarks/gpu_dataplane.py --planes grpc,fast --iters 20 \
             --json "$OUT/gpu_dataplane_fast_nospin.json" 2>&1 | grep -v '^ *[]}"{]' | tail -12
         stop_mps ;;
+    saturation)  # the 1+1 cluster held at saturation, GPU utilisation sampled every 100 ms meanwhile
+        nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/h11_util.csv" &
+        smi=$!
+        timeout 300 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_sat --attention 1 --experts 1 \
+            --modes async --sweep 240,240 --requests 960 --slo-ttft-ms 1200 --budget-s 290 2>&1 | grep -E "^async|GPU0" | tail -6
+        kill $smi
+        python3 benchmarks/gpu_util_window.py "$OUT/h11_util.csv" "$OUT/h11_sat.log" ;;
     headline-ipc)  # the same cluster on CUDA IPC over gRPC: cuda.bindings hidden, so auto cannot pick fast
         mkdir -p /tmp/nocuda/cuda && echo 'raise ImportError("hidden for the comparison")' > /tmp/nocuda/cuda/__init__.py
         PYTHONPATH=/tmp/nocuda:$PYTHONPATH timeout 200 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_ipc \
