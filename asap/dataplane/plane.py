@@ -15,6 +15,10 @@ Planes today, all carried by the gRPC stream (``asap.dataplane.planes``):
 - ``cuda-ipc`` (same-host GPU ranks): the same with GPU memory shared by CUDA IPC; the region is announced
   on the first chunk of each stream.
 
+And ``fast`` (``asap.dataplane.fast``, ``asap.dataplane.gpu_fast``), which uses the stream only for the
+announcement, errors and what its slots cannot carry: descriptor rings in shared memory, slots in shared
+memory (CPU ranks) or CUDA IPC memory with ready flags on the streams (GPU ranks).
+
 A plane need not use the gRPC stream for the per-layer exchange: ``exchange`` is the whole round trip, so a
 plane may publish a descriptor in shared memory and await completion from a poll thread (docs/architecture.md §6),
 keeping the stream for set-up, errors and the dispatches it cannot carry. The stream hooks
