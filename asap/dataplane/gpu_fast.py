@@ -119,7 +119,6 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
         """Per slot: the copy out of its last results (the next fill waits for it on the GPU)."""
-        self._ready: dict[int, torch.cuda.Event] = {}
         self._poisoned = False
         self._gpu_lock = threading.Lock()
         self.timings: deque[Timing] = deque(maxlen=256)
