@@ -12,6 +12,7 @@ a dispatch is not already in flight, and the ``attention.dispatch`` span.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,8 @@ from asap.rpc.status import error_from_rpc
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import expert_pb2, expert_pb2_grpc
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -116,13 +119,15 @@ class ExpertLink:
                 self.requested_plane, self.data_plane, info, gpu_uuid=uuid, where=where
             )
             fallback = "grpc"
-            if self._fast and confirm_fast(self.requested_plane, info, where=where):
+            gpu_inner = plane if self.device.type == "cuda" else None
+            if self._fast and confirm_fast(self.requested_plane, info, where=where, gpu_inner=gpu_inner):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
             self.plane = make_plane(
                 plane, self.spec, self.stream, self._codec, fallback=fallback, fast=self._fast_options
             )
             self.data_plane = plane
             self._settled = True
+            logger.info("link to expert rank %s: data plane %s (fallback %s)", where, plane, fallback)
         return info
 
     def reset_exchange_stats(self) -> None:

@@ -6,7 +6,10 @@ round trip is the data path: the attention side (this process, cuda:0, the real 
 sends one layer's dispatch of N token rows (hidden 2048 bf16, top-8 ids and weights) and waits for the
 combined result on its GPU. Timed per plane, per N, with the expert rank on the same GPU and (with two
 GPUs) on the other one. The expert compute time of the same call is measured in-process and reported
-beside, so the data-path share is visible. ``--cpu`` runs the same comparison for CPU ranks: gRPC bytes,
+beside, so the data-path share is visible (host-timed through ``ExpertPart.compute``, and on GPUs also the
+device time of the graph replay alone). On GPUs the planes are gRPC bytes, CUDA IPC referenced from gRPC
+messages (``cuda-ipc``) and the descriptor rings with slots in CUDA IPC memory and stream flags
+(``fast``); a ``fast`` round trip ends when its result's ready event has passed. ``--cpu`` runs the same comparison for CPU ranks: gRPC bytes,
 POSIX shared memory referenced from gRPC messages (``shm``), and the descriptor rings with fixed slots
 (``fast``, no gRPC per layer).
 
@@ -78,26 +81,54 @@ async def _time_plane(
         for n in tokens:
             dispatch = _dispatch(n, device)
             _sync(device)
-            times = []
+            times: list[float] = []
+            returns: list[float] = []
             for i in range(iters + 3):  # 3 warm-up round trips (CUDA graph capture on the expert side)
                 mb += 1
                 start = time.perf_counter()
                 result = await transport.exchange(0, mb, 0, dispatch)
+                returned = time.perf_counter() - start
+                if result.ready is not None:  # the GPU fast plane returns before its copy out ran
+                    result.ready.synchronize()
                 elapsed = time.perf_counter() - start
                 if i >= 3:
                     times.append(elapsed)
+                    returns.append(returned)
             assert result.hidden.shape == (n, HIDDEN)
+            hops = _hops(link, iters)
             payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
             ms = statistics.median(times) * 1e3
             out[str(n)] = {
                 "ms": ms,
                 "p10_ms": sorted(times)[len(times) // 10] * 1e3,
                 "GB_s": payload / ms / 1e6,
+                "returned_ms": statistics.median(returns) * 1e3,
+                **({"hops_us": hops} if hops else {}),
             }
-            print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median", flush=True)
+            if hops:
+                print(f"  {plane:9s} {n:6d} tokens: hops (µs, median) {hops}", flush=True)
+            print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median "
+                  f"(exchange returned after {out[str(n)]['returned_ms']:.3f} ms)", flush=True)  # fmt: skip
         return out
     finally:
         await transport.close()
+
+
+def _hops(link: object, iters: int) -> dict[str, float]:
+    """GPU fast plane: the median of each hop of the last ``iters`` round trips (µs)."""
+    end = getattr(getattr(link, "plane", None), "_end", None)
+    timings = list(getattr(end, "timings", []))[-iters:]
+    if not timings:
+        return {}
+    hops = {
+        "publish_to_expert_poll": [t.picked - t.published for t in timings],
+        "expert_handoff": [t.queue_ns for t in timings],
+        "expert_enqueue": [t.compute_ns for t in timings],
+        "to_attention_poll": [t.taken - t.picked - t.queue_ns - t.compute_ns for t in timings],
+        "poll_to_loop_settle": [t.settled - t.taken for t in timings],
+        "publish_to_settle": [t.settled - t.published for t in timings],
+    }
+    return {name: statistics.median(v) / 1e3 for name, v in hops.items()}
 
 
 def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:
@@ -119,6 +150,28 @@ def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]
     return out
 
 
+def _device_compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:
+    """The expert computation on the GPU alone (CUDA events around the graph replay the GPU fast plane's
+    expert side runs: ids translated on the device, no host check), for reference."""
+    config = load_config(model)
+    with CheckpointReader(model) as reader:
+        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
+    out = {}
+    for n in tokens:
+        d = _dispatch(n, device)
+        local, _ = part.device_local_ids(d.expert_ids)
+        for _ in range(3):
+            part.compute_local(0, d.hidden, local, d.weights)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            part.compute_local(0, d.hidden, local, d.weights)
+        end.record()
+        end.synchronize()
+        out[str(n)] = start.elapsed_time(end) / 20
+    return out
+
+
 async def run() -> dict[str, object]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,6 +180,9 @@ async def run() -> dict[str, object]:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--cpu", action="store_true", help="CPU ranks: gRPC bytes against shared memory")
+    parser.add_argument(
+        "--planes", help="comma-separated planes, gRPC bytes first (default: all of the kind)"
+    )
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     global DTYPE
@@ -137,7 +193,9 @@ async def run() -> dict[str, object]:
         raise SystemExit("needs a CUDA GPU (or --cpu)")
     local = "cpu" if args.cpu else "cuda:0"
     fast_plane = "shm" if args.cpu else "cuda-ipc"
-    compared = ("grpc", "shm", "fast") if args.cpu else ("grpc", fast_plane)
+    compared = ("grpc", "shm", "fast") if args.cpu else ("grpc", fast_plane, "fast")
+    if args.planes:
+        compared = tuple(args.planes.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny(
             Path(tmp) / "m",
@@ -158,6 +216,10 @@ async def run() -> dict[str, object]:
             "iters": args.iters,
             "expert_compute_ms": _compute_ms(model, tokens, local),
         }
+        if not args.cpu:
+            results["expert_compute_device_ms"] = _device_compute_ms(model, tokens, local)
+            print(f"expert compute: host-timed {results['expert_compute_ms']}, "
+                  f"device {results['expert_compute_device_ms']}", flush=True)  # fmt: skip
         placements = {"same_device": local, **({"other_gpu": "cuda:1"} if gpus > 1 and not args.cpu else {})}
         for where, device in placements.items():
             print(f"expert rank on {device} ({where})", flush=True)

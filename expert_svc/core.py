@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -27,6 +27,8 @@ from asap.model.expert_part import ExpertPart
 from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 
 @dataclass(slots=True)
@@ -171,6 +173,10 @@ class ExpertExecutor:
         future: asyncio.Future[ExpertResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Work(layer, hidden, expert_ids, weights, future))
         return future
+
+    async def on_compute_thread(self, fn: Callable[[], _R]) -> _R:
+        """``fn()`` on the compute thread, awaited (warm-ups that need the thread's own stream)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
     def run_on_compute_thread(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the compute thread, behind what is queued there; callable from any thread, no

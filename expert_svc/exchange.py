@@ -154,7 +154,8 @@ class ExchangeSession:
             logger.warning("a fast link was announced, but this rank has no fast data plane")
             return
         try:
-            self._fast_ends.append(fast.attach(msg.fast_link))
+            cuda_region = msg.cuda_region if msg.HasField("cuda_region") else None
+            self._fast_ends.append(fast.attach(msg.fast_link, cuda_region))
         except AsapError as exc:  # the attention rank notices: its link end is never attached
             logger.warning("rejected fast link %s: %s", msg.fast_link.region, exc.message)
 

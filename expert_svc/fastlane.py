@@ -47,7 +47,7 @@ from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.telemetry import setup, spans
-from asap.v1 import expert_pb2
+from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
 
 __all__ = ["ExpertLinkEnd", "FastLane"]
@@ -183,14 +183,9 @@ class ExpertLinkEnd:
             if self._closed:
                 return
             valid_slot = request.slot < g.slots
-            at = g.slot_at(request.slot) if valid_slot else 0
             if error is not None and valid_slot:
-                write_error(self._buf, at, error.message)
-            elif out is not None and out.device.type != "meta" and request.rows:
-                hidden_at = g.payload(request.rows, shape_only=False)[0]
-                count = request.rows * g.hidden_size
-                dst = torch.frombuffer(self._buf, dtype=self.lane.dtype, count=count, offset=at + hidden_at)
-                dst.view(request.rows, g.hidden_size).copy_(out)
+                write_error(self._buf, g.slot_at(request.slot), error.message)
+            self._write_back(request, out if error is None else None, valid_slot)
             completion = Completion(
                 micro_batch=request.micro_batch,
                 layer=request.layer,
@@ -209,6 +204,16 @@ class ExpertLinkEnd:
                 return
             if self.completions.consumer_waiting:
                 self.completion_bell.ring()
+
+    def _write_back(self, request: Request, out: torch.Tensor | None, valid_slot: bool) -> None:
+        """The results over the rows of the request's slot (under the lock, before the completion)."""
+        if out is None or out.device.type == "meta" or not request.rows:
+            return
+        g = self.geometry
+        at = g.slot_at(request.slot) + g.payload(request.rows, shape_only=False)[0]
+        count = request.rows * g.hidden_size
+        dst = torch.frombuffer(self._buf, dtype=self.lane.dtype, count=count, offset=at)
+        dst.view(request.rows, g.hidden_size).copy_(out)
 
     def release(self) -> None:
         """The compute thread is done with one item of this link."""
@@ -287,19 +292,36 @@ class FastLane:
                     f"experts {bad} are not hosted by this rank (hosts {list(self._hosts)})"
                 )
 
+    device_slots = False
+    """Whether this rank serves links whose slots lie in GPU memory (``expert_svc.gpu_fastlane``)."""
+
     def check_geometry(self, g: LinkGeometry) -> None:
+        if g.device_slots != self.device_slots:
+            where = "GPU" if g.device_slots else "host"
+            raise InvalidArgument(
+                f"a fast link with slots in {where} memory announced to a rank that "
+                f"serves {'GPU' if self.device_slots else 'host'} slots"
+            )
         if (g.hidden_size, g.top_k, g.itemsize) != (self.hidden_size, self.top_k, self.dtype.itemsize):
             raise InvalidArgument(
                 f"fast link of hidden {g.hidden_size}, top-k {g.top_k}, {g.itemsize}-byte elements for a "
                 f"rank of hidden {self.hidden_size}, top-k {self.top_k}, {self.dtype}"
             )
 
-    def attach(self, link: expert_pb2.FastLink) -> ExpertLinkEnd:
-        """Map an announced region and start serving it; ``InvalidArgument`` if it is not a valid one."""
-        end = ExpertLinkEnd(self, link)
+    def attach(
+        self, link: expert_pb2.FastLink, cuda_region: common_pb2.CudaRegion | None = None
+    ) -> ExpertLinkEnd:
+        """Map an announced region and start serving it; ``InvalidArgument`` if it is not a valid one
+        (``cuda_region``: the slots' GPU memory of a GPU link, which a CPU rank refuses)."""
+        end = self._end(link, cuda_region)
         self.ends.add(end)
         self.poller.add(end)
         return end
+
+    def _end(self, link: expert_pb2.FastLink, cuda_region: common_pb2.CudaRegion | None) -> ExpertLinkEnd:
+        if cuda_region is not None:
+            raise InvalidArgument("a fast link with slots in GPU memory announced to a CPU rank")
+        return ExpertLinkEnd(self, link)
 
     def detach(self, end: ExpertLinkEnd) -> None:
         """Stop serving ``end`` (any thread); its mapping closes once the compute thread lets go of it."""
@@ -361,11 +383,15 @@ class FastLane:
             order.append(bucket[-1])
         return order
 
+    def _run_group(self, group: list[_Item]) -> tuple[list[torch.Tensor], int]:
+        """The computation of one group: its outputs per item and the host time it took."""
+        return self.executor.compute_rows(group)
+
     def _compute(self, group: list[_Item]) -> None:
         started = time.monotonic_ns()
         started_unix = time.time_ns()
         try:
-            outs, compute_ns = self.executor.compute_rows(group)
+            outs, compute_ns = self._run_group(group)
         except Exception as exc:  # a failed computation fails its dispatches, never the rank
             logger.exception("expert computation failed for layer %d", group[0].layer)
             error = (

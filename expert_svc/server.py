@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
+import torch
 
 from asap.dataplane.cuda_ipc import visible_gpu_uuids
 from asap.dataplane.select import expert_accepts_fast, expert_planes
@@ -27,6 +28,7 @@ from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
 from expert_svc.fastlane import FastLane
+from expert_svc.gpu_fastlane import GpuFastLane
 
 if TYPE_CHECKING:
     from asap.metrics.export import Collector
@@ -119,9 +121,7 @@ class ExpertService(GrpcService):
             profile=profile,
             shm=ShmAttachments() if shm else None,
             cuda_ipc=cuda_ipc,
-            fast=FastLane(self.executor, shape_only=profile is not None, max_merge_rows=config.max_merge_rows)
-            if expert_accepts_fast(config.data_plane, config.device)
-            else None,
+            fast=self._fast_lane(profile is not None),
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
         servicer = ExpertServicer(self.exchange, config.rank, config.device)
@@ -132,6 +132,8 @@ class ExpertService(GrpcService):
             [SERVICE_NAME],
         )
         await warm_up(self.executor)
+        if isinstance(self.exchange.fast, GpuFastLane):  # its kernels and flags, before SERVING
+            await self.executor.on_compute_thread(self.exchange.fast.warm)
         self.start_metrics(self._collectors)
         await self.handle.set_serving()
         return self.address
@@ -140,6 +142,16 @@ class ExpertService(GrpcService):
         from expert_svc.metrics import expert_collectors  # prometheus_client: only with metrics on
 
         return expert_collectors(self)
+
+    def _fast_lane(self, emulated: bool) -> FastLane | None:
+        """The fast plane's expert side: host slots on CPU ranks, GPU slots and flags on CUDA ranks."""
+        config = self.config
+        assert self.executor is not None
+        if not expert_accepts_fast(config.data_plane, config.device):
+            return None
+        if torch.device(config.device).type == "cuda":
+            return GpuFastLane(self.executor, max_merge_rows=config.max_merge_rows)
+        return FastLane(self.executor, shape_only=emulated, max_merge_rows=config.max_merge_rows)
 
     async def shutdown(self, grace_s: float) -> None:
         await self.stop_metrics()

@@ -206,6 +206,10 @@ class CudaAttachments:
         with self._lock:
             self._regions.setdefault(msg.name, _Mapped(buf))
 
+    def buffer(self, name: str) -> torch.Tensor:
+        """[size] uint8: the whole mapped region ``name`` (``InvalidArgument`` if it was not announced)."""
+        return self._region(name, "fast link")
+
     def _region(self, name: str, what: str) -> torch.Tensor:
         with self._lock:
             mapped = self._regions.get(name)

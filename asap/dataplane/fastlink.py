@@ -13,8 +13,10 @@ gRPC stream; the expert rank attaches it. Nothing per layer goes through gRPC (D
 
 Credits: a dispatch holds a slot from its publication until its completion is read (or, abandoned, until
 it provably is: ``asap.dataplane.link`` quarantine rules). K slots bound what is outstanding, and both
-rings hold K records, so neither ring can overflow. The geometry is device-agnostic: a GPU link would keep
-the header and rings in host shared memory and put the slot area in CUDA IPC memory, with ready flags.
+rings hold K records, so neither ring can overflow. A GPU link (``device_slots``) keeps the header, the rings
+and the slot headers in host shared memory and the slots' payload in CUDA IPC memory (``device_nbytes``),
+whose first bytes per slot hold the two ready flags (``REQUEST_FLAG_AT``, ``DONE_FLAG_AT``,
+``asap.dataplane.gpu_flags``); the payload offsets inside a slot are the same in both memories.
 Every field the peer wrote is validated before use (``Request.check``, ``SlotHeader``): a malformed
 descriptor fails its dispatch with ``InvalidArgument``, never the rank.
 """
@@ -40,7 +42,13 @@ MAGIC = 0x31545346_50415341  # "ASAPFST1"
 VERSION = 1
 SLOT_HEADER_BYTES = 1024
 _PAGE = 4096
-_GEOMETRY = struct.Struct("<QIIQIIII")  # magic, version, slots, slot_bytes, hidden, top_k, itemsize, pad
+_GEOMETRY = struct.Struct("<QIIQIIII")  # magic, version, slots, slot_bytes, hidden, top_k, itemsize, flags
+_DEVICE_SLOTS = 1
+"""Geometry flag: the slots' payload lies in CUDA IPC memory (only the slot headers are in the region)."""
+REQUEST_FLAG_AT = 0
+"""GPU links: offset in a device slot of the u32 the attention stream writes once the rows are in."""
+DONE_FLAG_AT = LINE
+"""GPU links: offset in a device slot of the u32 the expert stream writes once the results are in."""
 _U64 = struct.Struct("<Q")
 
 HEARTBEAT_ATTENTION = 1 * LINE
@@ -82,6 +90,8 @@ class LinkGeometry:
     top_k: int
     itemsize: int
     """Bytes per element of the rows (the model dtype)."""
+    device_slots: bool = False
+    """GPU link: payload in CUDA IPC memory, ``slot_bytes`` each; the region holds only slot headers."""
 
     def __post_init__(self) -> None:
         if not 0 < self.slots <= 64:
@@ -106,11 +116,26 @@ class LinkGeometry:
         return _align(self.completions_at + Ring.nbytes(self.slots), _PAGE)
 
     @property
+    def _host_slot_bytes(self) -> int:
+        return SLOT_HEADER_BYTES if self.device_slots else self.slot_bytes
+
+    @property
     def nbytes(self) -> int:
-        return self.slots_at + self.slots * self.slot_bytes
+        """Bytes of the shared-memory region."""
+        return self.slots_at + self.slots * self._host_slot_bytes
 
     def slot_at(self, slot: int) -> int:
-        return self.slots_at + slot * self.slot_bytes
+        """Offset in the shared-memory region of ``slot`` (its header; with the payload on CPU links)."""
+        return self.slots_at + slot * self._host_slot_bytes
+
+    @property
+    def device_nbytes(self) -> int:
+        """GPU links: bytes of the CUDA IPC memory of the slots (0 otherwise)."""
+        return self.slots * self.slot_bytes if self.device_slots else 0
+
+    def device_slot_at(self, slot: int) -> int:
+        """GPU links: offset of ``slot`` in the CUDA IPC memory (flags, then payload at ``payload``)."""
+        return slot * self.slot_bytes
 
     def payload(self, rows: int, *, shape_only: bool) -> tuple[int, int, int, int]:
         """Offsets inside a slot of the rows, ids and weights of ``rows`` rows, and the end."""
@@ -140,7 +165,7 @@ class LinkGeometry:
             self.hidden_size,
             self.top_k,
             self.itemsize,
-            0,
+            _DEVICE_SLOTS if self.device_slots else 0,
         )
 
     @classmethod
@@ -148,12 +173,14 @@ class LinkGeometry:
         """The geometry a region's header declares, checked against the region's size."""
         if len(buf) < _GEOMETRY.size:
             raise InvalidArgument("fast link region is too small for its header")
-        magic, version, slots, slot_bytes, hidden, top_k, itemsize, _ = _GEOMETRY.unpack_from(buf, 0)
+        magic, version, slots, slot_bytes, hidden, top_k, itemsize, flags = _GEOMETRY.unpack_from(buf, 0)
         if magic != MAGIC or version != VERSION:
             raise InvalidArgument(
                 f"not a fast link region of version {VERSION} (magic {magic:#x}, v{version})"
             )
-        geometry = cls(slots, slot_bytes, hidden, top_k, itemsize)
+        if flags & ~_DEVICE_SLOTS:
+            raise InvalidArgument(f"fast link region with unknown geometry flags {flags:#x}")
+        geometry = cls(slots, slot_bytes, hidden, top_k, itemsize, bool(flags & _DEVICE_SLOTS))
         if geometry.nbytes > len(buf):
             raise InvalidArgument(f"fast link geometry needs {geometry.nbytes} bytes, region has {len(buf)}")
         return geometry

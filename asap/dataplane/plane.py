@@ -15,6 +15,10 @@ Planes today, all carried by the gRPC stream (``asap.dataplane.planes``):
 - ``cuda-ipc`` (same-host GPU ranks): the same with GPU memory shared by CUDA IPC; the region is announced
   on the first chunk of each stream.
 
+And ``fast`` (``asap.dataplane.fast``, ``asap.dataplane.gpu_fast``), which uses the stream only for the
+announcement, errors and what its slots cannot carry: descriptor rings in shared memory, slots in shared
+memory (CPU ranks) or CUDA IPC memory with ready flags on the streams (GPU ranks).
+
 A plane need not use the gRPC stream for the per-layer exchange: ``exchange`` is the whole round trip, so a
 plane may publish a descriptor in shared memory and await completion from a poll thread (docs/architecture.md §6),
 keeping the stream for set-up, errors and the dispatches it cannot carry. The stream hooks
@@ -48,6 +52,9 @@ class ExchangeResult:
     """[n, H] the combined partial result of the dispatch's rows."""
     barrier_ns: int = 0
     """Sync mode: how long the expert rank held the dispatch at its barrier (the longest of its chunks)."""
+    ready: torch.cuda.Event | None = None
+    """GPU ``fast`` plane: ``hidden`` is complete once this event has passed (also attached to the tensor,
+    ``asap.devices.attach_ready``); readers on another stream wait for it there. None: complete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +129,10 @@ class DataPlane(Protocol):
           [n, K]. On CUDA the rows are produced on the attention rank's compute stream: read them only
           after ``dispatch.ready`` (wait on it on the plane's own stream, never block the compute thread).
         - *Output*: ``ExchangeResult.hidden`` [n, H] in the link's dtype, on ``LinkSpec.device`` for
-          ``cuda-ipc`` (CPU otherwise, ``meta`` when ``shape_only``), complete and safe to read on any
-          stream once returned (copies out of shared memory are finished); ``barrier_ns`` as the expert
-          rank reported it.
+          ``cuda-ipc`` and GPU ``fast`` (CPU otherwise, ``meta`` when ``shape_only``), complete and safe to
+          read on any stream once returned (copies out of shared memory are finished), except that the
+          GPU ``fast`` plane returns before its copy ran: it sets ``ready`` (readers' streams wait for
+          it; ``combine`` does); ``barrier_ns`` as the expert rank reported it.
         - *Concurrency*: called concurrently for different keys on the event loop; never for a key
           already in flight (the link refuses that before calling).
         - *Errors*: ``Unavailable`` when the path to the expert rank broke (every exchange waiting on it

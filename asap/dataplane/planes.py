@@ -26,6 +26,7 @@ import torch
 
 from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
 from asap.dataplane.fast import FastOptions, FastPlane
+from asap.dataplane.gpu_fast import GpuFastPlane
 from asap.dataplane.link import LinkRegions, Slots
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.dataplane.shm import DEFAULT_REGION_BYTES
@@ -285,13 +286,10 @@ def make_plane(
     cannot over the plane ``fallback``, with the failure bounds ``fast``."""
     if name == "fast":
         options = fast if fast is not None else FastOptions()
-        return FastPlane(
-            spec,
-            stream,
-            codec,
-            make_plane(fallback, spec, stream, codec),
-            peer_timeout_s=options.peer_timeout_s,
-            attach_s=options.attach_s,
+        inner = make_plane(fallback, spec, stream, codec)
+        kind = GpuFastPlane if spec.device.type == "cuda" else FastPlane
+        return kind(
+            spec, stream, codec, inner, peer_timeout_s=options.peer_timeout_s, attach_s=options.attach_s
         )
     cls = _PLANES.get(name)
     if cls is None:

@@ -13,6 +13,7 @@ import socket
 
 import torch
 
+from asap.dataplane.gpu_flags import flags_available
 from asap.errors import InvalidArgument
 from asap.v1 import expert_pb2
 
@@ -28,9 +29,10 @@ __all__ = [
 ]
 
 DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast")
-"""Values of ``--data-plane``: ``auto`` picks fast for same-host CPU ranks (real or emulated compute)
-where the expert rank accepts it, else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks,
-else grpc. ``fast`` forces the descriptor rings (``asap.dataplane.fast``); what they do not carry goes
+"""Values of ``--data-plane``: ``auto`` picks fast for same-host ranks where the expert rank accepts it
+(CPU ranks, real or emulated compute; GPU ranks with stream flags, ``asap.dataplane.gpu_flags``, over
+CUDA IPC), else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks, else grpc. ``fast`` forces
+the descriptor rings (``asap.dataplane.fast``, ``asap.dataplane.gpu_fast``); what they do not carry goes
 over the plane ``auto`` would pick without them."""
 
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
@@ -61,33 +63,46 @@ def fast_possible(mode: str, target: str, device: str) -> bool:
     reasons = []
     if not is_local_target(target):
         reasons.append(f"expert target {target} is not on this host")
-    if torch.device(device).type != "cpu":
-        reasons.append(f"device {device} is not cpu (the fast plane serves cpu ranks for now)")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not flags_available():
+            reasons.append(f"device {device}: no CUDA stream flags in this process (cuda.bindings missing?)")
+    elif kind != "cpu":
+        reasons.append(f"device {device} is neither cpu nor cuda")
     if reasons and mode == "fast":
         raise InvalidArgument(f"--data-plane fast is not possible: {'; '.join(reasons)}")
     return not reasons
 
 
-def confirm_fast(mode: str, info: expert_pb2.ExpertInfo, *, where: str = "") -> bool:
-    """Whether the link uses the ``fast`` plane, once the expert rank's ``info`` is known."""
-    if info.fast_data_plane:
+def confirm_fast(
+    mode: str, info: expert_pb2.ExpertInfo, *, where: str = "", gpu_inner: str | None = None
+) -> bool:
+    """Whether the link uses the ``fast`` plane, once the expert rank's ``info`` is known. ``gpu_inner``
+    (GPU ranks): the plane the link settled on without the rings, which must be ``cuda-ipc``, since the
+    slots lie in CUDA IPC memory the expert rank maps; None for CPU ranks."""
+    reason = ""
+    if not info.fast_data_plane:
+        reason = "it does not accept fast links (started with --data-plane grpc or shm, or no stream flags?)"
+    elif gpu_inner is not None and gpu_inner != "cuda-ipc":
+        reason = f"GPU fast links need CUDA IPC to it, and the link settled on {gpu_inner}"
+    if not reason:
         return True
     if mode == "fast":
-        raise InvalidArgument(
-            f"--data-plane fast is not possible: expert rank {where}: it does not accept fast links "
-            "(started with --data-plane grpc or shm, or not on cpu?)"
-        )
+        raise InvalidArgument(f"--data-plane fast is not possible: expert rank {where}: {reason}")
     return False
 
 
 def expert_accepts_fast(mode: str, device: str) -> bool:
-    """Whether an expert rank on ``device`` accepts fast links (``InvalidArgument`` if forced where not
-    possible)."""
+    """Whether an expert rank on ``device`` accepts fast links: CPU ranks, and CUDA ranks whose process
+    has stream flags (``InvalidArgument`` if forced where not possible)."""
     _check_mode(mode)
-    cpu = torch.device(device).type == "cpu"
-    if mode == "fast" and not cpu:
-        raise InvalidArgument(f"--data-plane fast is not possible: device {device} is not cpu")
-    return cpu and mode in ("auto", "fast")
+    kind = torch.device(device).type
+    able = kind == "cpu" or (kind == "cuda" and flags_available())
+    if mode == "fast" and not able:
+        raise InvalidArgument(
+            f"--data-plane fast is not possible: device {device} is not cpu, nor cuda with stream flags"
+        )
+    return able and mode in ("auto", "fast")
 
 
 def _same_host_plane(device: str) -> str:

@@ -53,6 +53,7 @@ class ExpertPart:
         self._per_layer: list[_LayerExperts] | None = None
         self._grouped: LayerAgnosticExperts | None = None
         self._graphed: GraphedExperts | None = None
+        self._device_lut: torch.Tensor | None = None
         # torch._grouped_mm takes bf16 operands only: float32/float16 on CUDA use the per-expert loop
         self._grouped_gemm = grouped_mm_available(self.device) and self.dtype == torch.bfloat16
         # decoder layer -> index into the stack (-1: dense layer)
@@ -101,8 +102,16 @@ class ExpertPart:
         ``transformers`` does. Raises ``InvalidArgument`` for a non-MoE layer, an id that is not hosted
         here, or inconsistent shapes.
         """
-        slot = self._slot(layer)
         local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
+        return self.compute_local(layer, hidden, local, weights)
+
+    def compute_local(
+        self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``compute`` with the ids already translated to this part's local indices ([N, K], -1 to skip,
+        on the device; ``device_local_ids``), so nothing waits for the device: the GPU fast plane's path.
+        The caller guarantees the shapes."""
+        slot = self._slot(layer)
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         weights = weights.to(device=self.device, dtype=torch.float32)
         if self._grouped_gemm:
@@ -156,6 +165,22 @@ class ExpertPart:
                 f"layer {layer} is not an MoE layer (MoE layers: {list(self.config.moe_layer_ids)})"
             )
         return self._slot_of_layer[layer]
+
+    def device_local_ids(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, K] global ids on the device -> (local indices, -1 to skip; [N, K] bool: ids that are neither
+        -1 nor hosted here, which are skipped too), without a host synchronisation. The host-side check of
+        ``compute`` raises for such ids instead; here the caller reads the mask when it can afford to."""
+        e = self.config.num_experts
+        if self._device_lut is None:
+            # index 0: id -1 (another rank's slot); 1 + e: expert e; E + 1: an id >= E; E + 2 (reached as
+            # index -1, which wraps): an id < -1. -2 marks the bad ones.
+            lut = torch.full((e + 3,), -2, dtype=torch.int64)
+            lut[0] = -1
+            lut[1 : e + 1] = torch.where(self._local_of_expert >= 0, self._local_of_expert, -2)
+            self._device_lut = lut.to(self.device)
+        local = self._device_lut[(expert_ids.to(torch.int64) + 1).clamp_(-1, e + 1)]
+        bad = local == -2
+        return local.masked_fill_(bad, -1), bad
 
     def _local_ids(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asap.devices import wait_attached
 from asap.errors import InvalidArgument
 from asap.model.attention_part import MoERequest
 from asap.model.expert_part import ExpertPart
@@ -111,7 +112,22 @@ class RankDispatch:
 
 
 def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
-    """Split ``request`` by expert rank: one ``RankDispatch`` per needed rank, in rank order."""
+    """Split ``request`` by expert rank: one ``RankDispatch`` per needed rank, in rank order.
+
+    With one expert rank every row goes there (every valid id is that rank's), so the split needs no
+    count from the device: no host synchronisation per layer on GPUs. Several ranks need the row counts
+    (``nonzero``), which waits for the router."""
+    if placement.num_ranks == 1 and request.hidden.shape[0] > 0:
+        tokens = request.hidden.shape[0]
+        return [
+            RankDispatch(
+                rank=0,
+                rows=torch.arange(tokens, device=request.topk_ids.device),
+                hidden=request.hidden,
+                expert_ids=request.topk_ids.to(torch.int32),
+                weights=request.topk_weights.float(),
+            )
+        ]
     ids = request.topk_ids.to(torch.int64)  # [T, K]
     table = placement.rank_table().to(ids.device)
     ranks = table[ids]  # [T, K] rank of each slot
@@ -145,6 +161,8 @@ def combine(
         (num_tokens, request_hidden.shape[-1]), dtype=request_hidden.dtype, device=request_hidden.device
     )
     for dispatch, partial in zip(dispatches, partials, strict=True):
+        if partial.is_cuda:
+            wait_attached(partial)  # results a GPU plane handed back before they were written
         if partial.shape != (dispatch.rows.numel(), out.shape[1]):
             raise InvalidArgument(
                 f"rank {dispatch.rank}: partial result {tuple(partial.shape)} does not match "

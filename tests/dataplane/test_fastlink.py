@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from asap.dataplane.fastlink import (
+    DONE_FLAG_AT,
     FLAG_SHAPE_ONLY,
+    REQUEST_FLAG_AT,
+    SLOT_HEADER_BYTES,
     Completion,
     LinkGeometry,
     Request,
@@ -84,3 +87,30 @@ def test_error_status_and_text_round_trip() -> None:
     assert isinstance(error_of(status_of(Unavailable("x")), ""), Unavailable)
     assert isinstance(error_of(status_of(InternalError("x")), ""), InternalError)
     assert isinstance(error_of(999, "?"), InvalidArgument)
+
+
+def test_gpu_geometry_keeps_only_slot_headers_in_shared_memory() -> None:
+    cpu = _geometry()
+    gpu = LinkGeometry(slots=4, slot_bytes=64 * 1024, hidden_size=64, top_k=2, itemsize=4, device_slots=True)
+    buf = memoryview(bytearray(gpu.nbytes))
+    gpu.write(buf)
+    assert LinkGeometry.read(buf) == gpu and LinkGeometry.read(buf).device_slots
+    assert gpu.nbytes < cpu.nbytes and gpu.slots_at == cpu.slots_at
+    assert gpu.slot_at(3) + SLOT_HEADER_BYTES == gpu.nbytes  # headers only
+    assert (
+        gpu.device_nbytes == 4 * 64 * 1024
+        and gpu.device_slot_at(2) == 2 * 64 * 1024
+        and cpu.device_nbytes == 0
+    )
+    # the flags sit in the device slot's header room, before the payload
+    assert gpu.payload(1, shape_only=False)[0] >= DONE_FLAG_AT + 4 and REQUEST_FLAG_AT != DONE_FLAG_AT
+    assert gpu.max_rows(shape_only=False) == cpu.max_rows(shape_only=False)
+
+
+def test_unknown_geometry_flags_are_refused() -> None:
+    g = _geometry()
+    buf = memoryview(bytearray(g.nbytes))
+    g.write(buf)
+    buf[36:40] = (6).to_bytes(4, "little")  # the flags word: an unknown bit
+    with pytest.raises(InvalidArgument, match="geometry flags"):
+        LinkGeometry.read(buf)

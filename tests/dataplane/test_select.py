@@ -80,8 +80,10 @@ def test_confirmation_by_the_expert_rank() -> None:
         confirm_data_plane("cuda-ipc", "cuda-ipc", bare, gpu_uuid="GPU-a")
 
 
-def test_fast_plane_selection() -> None:
+def test_fast_plane_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     from asap.dataplane.select import confirm_fast, expert_accepts_fast, fast_possible
+
+    monkeypatch.setattr("asap.dataplane.select.flags_available", lambda: False)  # a process without them
 
     assert fast_possible("auto", "127.0.0.1:1", "cpu") and fast_possible("fast", "localhost:1", "cpu")
     assert not fast_possible("auto", "10.1.2.3:1", "cpu")  # another host: the rings cannot reach it
@@ -101,3 +103,25 @@ def test_fast_plane_selection() -> None:
     with pytest.raises(InvalidArgument, match="not cpu"):
         expert_accepts_fast("fast", "cuda:0")
     assert expert_planes("fast", "cpu", emulated=False) == (True, False)  # shm under the rings
+
+
+def test_gpu_fast_plane_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU ranks: fast where both processes have stream flags and the link settled on CUDA IPC."""
+    from asap.dataplane.select import confirm_fast, expert_accepts_fast, fast_possible
+
+    monkeypatch.setattr("asap.dataplane.select.flags_available", lambda: True)
+    assert fast_possible("auto", "127.0.0.1:1", "cuda:0") and fast_possible("fast", "127.0.0.1:1", "cuda:0")
+    assert not fast_possible("auto", "10.1.2.3:1", "cuda:0")
+    assert expert_accepts_fast("auto", "cuda:0") and not expert_accepts_fast("cuda-ipc", "cuda:0")
+    info = expert_pb2.ExpertInfo(fast_data_plane=True, cuda_ipc_data_plane=True)
+    assert confirm_fast("auto", info, gpu_inner="cuda-ipc")
+    assert not confirm_fast("auto", info, gpu_inner="grpc")  # no CUDA IPC to the expert: no GPU slots
+    with pytest.raises(InvalidArgument, match="need CUDA IPC"):
+        confirm_fast("fast", info, where="0 at x:1", gpu_inner="grpc")
+    assert not confirm_fast("auto", expert_pb2.ExpertInfo(cuda_ipc_data_plane=True), gpu_inner="cuda-ipc")
+    monkeypatch.setattr("asap.dataplane.select.flags_available", lambda: False)
+    assert not fast_possible("auto", "127.0.0.1:1", "cuda:0")
+    with pytest.raises(InvalidArgument, match="stream flags"):
+        fast_possible("fast", "127.0.0.1:1", "cuda:0")
+    with pytest.raises(InvalidArgument, match="stream flags"):
+        expert_accepts_fast("fast", "cuda:0")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from asap.dataplane.gpu_flags import flags_available
 from asap.model.attention_part import AttentionPart
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
@@ -22,25 +23,30 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 EXPERT_RANKS = 2
 
 
-def _expert_procs(model: Path, plane: str) -> list[ServiceProcess]:
+def _expert_procs(model: Path, plane: str, ranks: int = EXPERT_RANKS) -> list[ServiceProcess]:
     gpus = torch.cuda.device_count()
     return [
         ServiceProcess(
             f"expert-{r}",
             [
                 "-m", "expert_svc", "--model", str(model), "--port", "0", "--rank", str(r),
-                "--num-ranks", str(EXPERT_RANKS), "--device", f"cuda:{(r + 1) % gpus}", "--dtype", "bfloat16",
+                "--num-ranks", str(ranks), "--device", f"cuda:{(r + 1) % gpus}", "--dtype", "bfloat16",
                 "--data-plane", plane,
             ],
         )
-        for r in range(EXPERT_RANKS)
+        for r in range(ranks)
     ]  # fmt: skip
 
 
+def auto_plane() -> str:
+    """What auto picks between same-host GPU ranks: the fast plane where stream flags exist."""
+    return "fast" if flags_available() else "cuda-ipc"
+
+
 async def _run(
-    model: Path, plane: str, prompts: list[list[int]]
+    model: Path, plane: str, prompts: list[list[int]], ranks: int = EXPERT_RANKS
 ) -> tuple[list[tuple[int, float]], dict[str, int]]:
-    procs = _expert_procs(model, plane)
+    procs = _expert_procs(model, plane, ranks)
     attention = None
     try:
         targets = [p.wait_ready() for p in procs]
@@ -55,8 +61,9 @@ async def _run(
             [attention.executor.make_prompt(f"p{i}", p, top_logprobs=2) for i, p in enumerate(prompts)]
         )
         links = attention.transport.links
-        assert {link.data_plane for link in links} == {"cuda-ipc" if plane == "auto" else plane}
+        assert {link.data_plane for link in links} == {auto_plane() if plane == "auto" else plane}
         counters = {
+            "fast_exchanges": sum(getattr(link.plane, "fast_exchanges", 0) for link in links),
             "region": sum(link.region_hidden_bytes for link in links),
             "inline": sum(link.inline_hidden_bytes for link in links),
             "results_by_ref": sum(link.result_ref_bytes for link in links),
@@ -71,16 +78,16 @@ async def _run(
             p.stop()
 
 
-def _reference(model: Path, prompts: list[list[int]]) -> list[tuple[int, float]]:
+def _reference(model: Path, prompts: list[list[int]], ranks: int = EXPERT_RANKS) -> list[tuple[int, float]]:
     config = load_config(model)
-    placement = ExpertPlacement(config.num_experts, EXPERT_RANKS)
+    placement = ExpertPlacement(config.num_experts, ranks)
     with CheckpointReader(model) as reader:
         part = AttentionPart.from_source(reader, config, dtype=torch.bfloat16, device="cuda:0")
         experts = [
             ExpertPart.from_source(
                 reader, config, placement.experts_of(r), dtype=torch.bfloat16, device="cuda:0"
             )
-            for r in range(EXPERT_RANKS)
+            for r in range(ranks)
         ]
     logits = part.forward([torch.tensor(p) for p in prompts], InProcessExperts(experts, placement))
     logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -100,7 +107,7 @@ async def test_cuda_ipc_plane_matches_grpc_and_reference(gpu_model_dir: Path) ->
     )
     assert ipc_counters["inline"] == 0 and ipc_counters["region"] > 0
     assert ipc_counters["results_by_ref"] == ipc_counters["region"]
-    assert auto_counters["region"] > 0  # auto picks CUDA IPC between same-host GPU ranks
+    assert auto_counters["region"] > 0  # auto picks a same-host plane between same-host GPU ranks
     # Same rows, same expert computations: the data plane does not change a bit of the result.
     assert via_ipc == via_grpc
     assert auto == via_grpc[:2]

@@ -189,3 +189,17 @@ def test_parts_read_only_their_tensors_from_a_checkpoint(
     with CheckpointReader(tiny.path) as reader:
         ExpertPart.from_source(reader, cfg, [2, 3])
         assert reader.tensors_read == _tensor_names(cfg, (2, 3))
+
+
+def test_device_local_ids_mask_bad_ids_and_match_the_checked_path(
+    config: ModelConfig, source: DictTensorSource
+) -> None:
+    part = ExpertPart.from_source(source, config, (1, 3))
+    x, _, w = _routing(5, seed=4)
+    ids = torch.tensor([[1, 3, -1], [3, -1, 1], [-1, -1, -1], [2, 1, 3], [EXPERTS, -7, 1]], dtype=torch.int32)
+    local, bad = part.device_local_ids(ids)
+    assert local.tolist() == [[0, 1, -1], [1, -1, 0], [-1, -1, -1], [-1, 0, 1], [-1, -1, 0]]
+    f, t = False, True
+    assert bad.tolist() == [[f, f, f], [f, f, f], [f, f, f], [t, f, f], [t, t, f]]
+    good = torch.where(bad, -1, ids).to(torch.int32)  # what the checked path computes for the good slots
+    torch.testing.assert_close(part.compute_local(0, x, local, w), part.compute(0, x, good, w))

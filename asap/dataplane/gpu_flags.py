@@ -1,0 +1,135 @@
+"""Ready flags on the GPU: 32-bit words in CUDA IPC memory that CUDA streams write and wait on.
+
+Why: a host that waits for its GPU before telling the peer, and a peer host that waits for the message
+before launching, cost milliseconds per MoE layer (DESIGN.md §9). Instead the sender's *stream* writes a
+slot's flag after the rows (``cuStreamWriteValue32``) and the receiver's *stream* waits for it
+(``cuStreamWaitValue32``): both are enqueued in microseconds and no host thread waits for a GPU.
+
+Values: a flag holds the sequence number of the last dispatch that passed it (32 bits, wrapping). A wait
+for ``seq`` passes once ``(int32)(flag - seq) >= 0`` (the driver's ``GEQ``, cyclic), so sequence numbers
+may wrap. A flag a dead peer will never write is *poisoned*: the host that learns of the death writes
+``poison_value(last_seq)``, far ahead of every sequence number in use, so every stream waiting on it
+drains; the batches waiting on that link fail on the host (``Unavailable``), never on the stream. A
+poisoned region is retired, never reused.
+
+``DriverFlags`` calls the CUDA driver through ``cuda.bindings`` (on the GPU image; optional here);
+``flags_available`` says whether it can. Tests without a GPU use a fake with the same two methods.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import torch
+
+from asap.errors import InternalError
+
+__all__ = [
+    "POISON_STEP",
+    "DriverFlags",
+    "StreamFlags",
+    "driver_flags",
+    "flags_available",
+    "passes",
+    "poison_value",
+]
+
+POISON_STEP = 1 << 30
+"""How far ahead of the last sequence number a poison value lies (any wait of the link then passes)."""
+_MASK = 0xFFFFFFFF
+
+
+def poison_value(last_seq: int) -> int:
+    """The value that releases every wait for a sequence number up to ``last_seq`` (and some way past)."""
+    return (last_seq + POISON_STEP) & _MASK
+
+
+def passes(flag: int, seq: int) -> bool:
+    """Whether a stream waiting for ``seq`` passes a flag holding ``flag`` (the driver's cyclic GEQ)."""
+    diff = (flag - seq) & _MASK
+    return diff < (1 << 31)
+
+
+class StreamFlags(Protocol):
+    """Enqueue flag writes and waits on a stream (both return at once)."""
+
+    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None: ...
+
+    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None: ...
+
+
+def _driver() -> Any:
+    from cuda.bindings import driver  # type: ignore[import-not-found,unused-ignore]
+
+    return driver
+
+
+def flags_available() -> bool:
+    """Whether this process can use stream flags: CUDA with the ``cuda.bindings`` driver module."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _driver()
+    except ImportError:
+        return False
+    return True
+
+
+class DriverFlags:
+    """``StreamFlags`` through ``cuda.bindings.driver`` (the primary context PyTorch made current)."""
+
+    def __init__(self) -> None:
+        self._d = _driver()
+        self._check(self._d.cuInit(0), "cuInit")
+        self._geq = int(self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+        self._default = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        self._threads = threading.local()
+
+    def _on_this_thread(self, stream: torch.cuda.Stream) -> None:
+        """The driver API needs a current context on the calling thread (a poll thread may never have
+        made a CUDA call): make the stream's device's primary context current, once per thread."""
+        index = stream.device.index if stream.device.index is not None else 0
+        ready: set[int] = getattr(self._threads, "devices", set())
+        if index not in ready:
+            torch.cuda.set_device(index)
+            ready.add(index)
+            self._threads.devices = ready
+
+    def _check(self, result: Any, what: str) -> None:
+        err = result[0] if isinstance(result, tuple) else result
+        if err != self._d.CUresult.CUDA_SUCCESS:
+            raise InternalError(f"{what} failed: {err}")
+
+    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        d = self._d
+        self._on_this_thread(stream)
+        self._check(
+            d.cuStreamWriteValue32(
+                d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._default
+            ),
+            "cuStreamWriteValue32",
+        )
+
+    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        d = self._d
+        self._on_this_thread(stream)
+        self._check(
+            d.cuStreamWaitValue32(
+                d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._geq
+            ),
+            "cuStreamWaitValue32",
+        )
+
+
+_FLAGS: DriverFlags | None = None
+_LOCK = threading.Lock()
+
+
+def driver_flags() -> DriverFlags:
+    """The process's one ``DriverFlags``."""
+    global _FLAGS
+    with _LOCK:
+        if _FLAGS is None:
+            _FLAGS = DriverFlags()
+        return _FLAGS

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU fast plane on one H200 (issue 14): GPU tests, the per-layer round trip of the three planes, and
+# the 1+1 cluster on one GPU against the monolithic process. Stages as arguments (default: all):
+#
+#   bash benchmarks/gpu_fast14.sh tests dataplane      # tests/gpu + benchmarks/gpu_dataplane.py
+#   bash benchmarks/gpu_fast14.sh headline              # gpu_headline.py 1+1 (auto = fast) + gpu_monolithic.py
+#
+# The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
+# starts its own through asap.mps). Everything lands in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+stages="${*:-tests dataplane headline}"
+nvidia-smi --query-gpu=name,driver_version,memory.used,utilization.gpu --format=csv
+python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda.bindings', cuda.bindings.__version__)"
+mps_dir=$(mktemp -d /tmp/asap-mps.XXXX)
+start_mps() {
+    export CUDA_MPS_PIPE_DIRECTORY=$mps_dir/pipe CUDA_MPS_LOG_DIRECTORY=$mps_dir/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started in $mps_dir"
+}
+stop_mps() {
+    echo quit | nvidia-cuda-mps-control 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+export CUDA_MODULE_LOADING=EAGER
+for stage in $stages; do
+    echo "=== $stage $(date -u +%T)"
+    case $stage in
+    tests)
+        start_mps
+        timeout 300 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
+            -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+        stop_mps ;;
+    dataplane)
+        start_mps
+        timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
+        ps -eo pid,comm | grep -i mps
+        stop_mps ;;
+    dataplane-nospin)  # the fast plane with poll threads that park at once
+        start_mps
+        ASAP_GPU_POLL_SPIN_S=0 timeout 120 python3 benchmarks/gpu_dataplane.py --planes grpc,fast --iters 20 \
+            --json "$OUT/gpu_dataplane_fast_nospin.json" 2>&1 | grep -v '^ *[]}"{]' | tail -12
+        stop_mps ;;
+    saturation)  # the 1+1 cluster held at saturation, GPU utilisation sampled every 100 ms meanwhile
+        nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/h11_util.csv" &
+        smi=$!
+        timeout 300 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_sat --attention 1 --experts 1 \
+            --modes async --sweep 240,240 --requests 960 --slo-ttft-ms 1200 --budget-s 290 2>&1 | grep -E "^async|GPU0" | tail -6
+        kill $smi
+        python3 benchmarks/gpu_util_window.py "$OUT/h11_util.csv" "$OUT/h11_sat.log" ;;
+    headline-ipc)  # the same cluster on CUDA IPC over gRPC: cuda.bindings hidden, so auto cannot pick fast
+        mkdir -p /tmp/nocuda/cuda && echo 'raise ImportError("hidden for the comparison")' > /tmp/nocuda/cuda/__init__.py
+        PYTHONPATH=/tmp/nocuda:$PYTHONPATH timeout 200 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_ipc \
+            --attention 1 --experts 1 --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" \
+            --slo-ttft-ms 1200 --budget-s 190 2>&1 | grep -E "^async|GPU0|data plane" | tail -8
+        grep -h -o "data plane[^\"]*" "$OUT/h11_ipc.log" | sort | uniq -c | head -5 ;;
+    headline)
+        timeout 330 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_fast --attention 1 --experts 1 \
+            --modes async --sweep "${SWEEP:-96,160,240}" --requests "${REQUESTS:-240}" --slo-ttft-ms 1200 --budget-s 300 2>&1 | tail -12
+        grep -h -o "data plane[^\"]*" "$OUT/h11_fast.log" | sort | uniq -c | head -5
+        timeout 200 python3 benchmarks/gpu_monolithic.py --out "$OUT" --bench-json "$OUT/h11_fast.json" --repeats 2 2>&1 | tail -15 ;;
+    esac
+done

@@ -1,0 +1,50 @@
+"""The GPU fast plane end to end (expert ranks in their own processes on the GPUs, attention on cuda:0):
+first tokens and logprobs bitwise equal to gRPC bytes and CUDA IPC, auto picks it, the rings carry the
+dispatches; and a poisoned flag releases a stream that waits on it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from asap.dataplane.gpu_flags import driver_flags, flags_available, poison_value
+from tests.gpu.test_cuda_dataplane import _reference, _run
+
+pytestmark = pytest.mark.skipif(
+    not flags_available(), reason="needs a CUDA GPU and cuda.bindings (stream flags)"
+)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(gpu_model_dir: Path, ranks: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 9, 200, 1500)]
+    via_grpc, _ = await _run(gpu_model_dir, "grpc", prompts, ranks)
+    via_ipc, _ = await _run(gpu_model_dir, "cuda-ipc", prompts, ranks)
+    via_fast, fast = await _run(gpu_model_dir, "fast", prompts, ranks)
+    via_auto, auto = await _run(gpu_model_dir, "auto", prompts, ranks)  # asserts auto chose "fast"
+    print("fast", via_fast, fast, "\nauto", auto)
+    assert fast["fast_exchanges"] > 0 and auto["fast_exchanges"] > 0
+    assert fast["inline"] == 0 and fast["region"] > 0
+    assert via_fast == via_grpc == via_ipc == via_auto
+    reference = _reference(gpu_model_dir, prompts, ranks)
+    assert [t for t, _ in via_fast] == [t for t, _ in reference]
+
+
+def test_poison_releases_a_waiting_stream() -> None:
+    flags = driver_flags()
+    word = torch.zeros(16, dtype=torch.int32, device="cuda:0")
+    torch.cuda.synchronize()
+    waiting = torch.cuda.Stream("cuda:0")  # type: ignore[no-untyped-call]
+    flags.wait(waiting, int(word.data_ptr()), 7)  # nobody will write 7: a dead peer
+    with torch.cuda.stream(waiting):
+        word[1].fill_(1)  # queued behind the wait
+    done = threading.Event()
+    threading.Thread(target=lambda: (waiting.synchronize(), done.set()), daemon=True).start()
+    assert not done.wait(0.2)  # still blocked on the flag
+    flags.write(torch.cuda.Stream("cuda:0"), int(word.data_ptr()), poison_value(7))  # type: ignore[no-untyped-call]
+    assert done.wait(10)
+    assert int(word[1]) == 1
