@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.rank_backends import check_rank_backends
+from asap.rpc.tls import TlsConfig
 
 
 @dataclass(slots=True)
@@ -37,6 +38,8 @@ class AttentionServiceConfig:
     data_plane: str = "auto"
     """How activations reach the expert ranks: ``grpc`` (inline bytes), ``shm`` (same-host shared memory,
     CPU only; fails if not possible) or ``auto`` (shm where possible, per expert rank, else grpc)."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on this rank's port and on its channels to the expert ranks; None: plaintext."""
 
     def __post_init__(self) -> None:
         if not self.expert_targets:

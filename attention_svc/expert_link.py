@@ -25,9 +25,10 @@ from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
 from asap.errors import InternalError, Unavailable
 from asap.model.placement import RankDispatch
+from asap.rpc.channels import aio_channel
 from asap.rpc.duplex import DuplexStream
-from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc
+from asap.rpc.tls import TlsConfig
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import expert_pb2, expert_pb2_grpc
@@ -54,6 +55,7 @@ class ExpertLink:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.target = target
         self.rank = rank
@@ -73,7 +75,7 @@ class ExpertLink:
             link_s=link_s,
         )
         self._codec = codec
-        self._channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
+        self._channel = aio_channel(target, tls)
         self._stub = expert_pb2_grpc.ExpertStub(self._channel)
         self.stream: ExchangeStream = DuplexStream(
             self._stub.Exchange,

@@ -13,6 +13,7 @@ import torch
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
+from asap.rpc.tls import TlsConfig
 from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
 from attention_svc.expert_link import ExpertLink
@@ -36,6 +37,7 @@ class GrpcExpertTransport:
         data_plane: str = "grpc",
         device: str = "cpu",
         region_bytes: int | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._codec = ThreadPoolExecutor(
             max_workers=1,
@@ -56,6 +58,7 @@ class GrpcExpertTransport:
                 data_plane=data_plane,
                 device=device,
                 region_bytes=region_bytes,
+                tls=tls,
             )
             for rank, target in enumerate(targets)
         ]

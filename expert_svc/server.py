@@ -126,6 +126,7 @@ class ExpertService(GrpcService):
             config.address,
             lambda server: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            tls=config.tls,
         )
         await warm_up(self.executor)
         await self.handle.set_serving()

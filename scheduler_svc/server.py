@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from asap.auth import TokenAuth
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import load_config
 from asap.model.resolve import resolve_model
@@ -19,6 +20,7 @@ from asap.rpc.server import create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import answer_each, relay
+from asap.rpc.tls import TlsConfig
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.attention_client import AttentionClient
@@ -48,6 +50,10 @@ class SchedulerServiceConfig:
     drain_timeout_s: float = 30.0
     calibrate: bool = True
     """Fit the attention cost model at start-up from probe batches on rank 0 (else use ``core.cost``)."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on the public port and on the channels to the attention ranks; None: plaintext."""
+    auth_token_file: str | None = None
+    """Bearer tokens the public endpoint accepts, one per line (re-read on SIGHUP); None: no token needed."""
 
     def __post_init__(self) -> None:
         if not self.attention_targets:
@@ -179,13 +185,18 @@ class SchedulerService(GrpcService):
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
         validator = PromptValidator(load_config(model_dir), load_tokenizer(model_dir))
-        self.ranks = AttentionClient(self.config.attention_targets, mode=self.config.core.mode)
+        auth = TokenAuth.from_file(self.config.auth_token_file) if self.config.auth_token_file else None
+        self.ranks = AttentionClient(
+            self.config.attention_targets, mode=self.config.core.mode, tls=self.config.tls
+        )
         self.core = SchedulerCore(self.config.core, len(self.config.attention_targets), self.ranks)
         servicer = SchedulerServicer(self.core, validator, self.config)
         self.handle = await create_server(
             self.config.address,
             lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            tls=self.config.tls,
+            auth=auth,
         )
         await self.ranks.wait_ready(self.config.ready_timeout_s)
         if self.config.calibrate:

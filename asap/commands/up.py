@@ -58,6 +58,20 @@ def add_parser(subparsers: Any) -> None:
         "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
         "impossible), off (never)",
     )
+    up.add_argument(
+        "--tls",
+        default=None,
+        metavar="DIR",
+        help="mutual TLS between every service and for clients: a CA and certificates made in DIR on first "
+        "use (reused after); clients use DIR/client, e.g. asap prefill --tls DIR",
+    )
+    up.add_argument(
+        "--auth-token-file",
+        default=None,
+        metavar="FILE",
+        help="the scheduler requires 'authorization: Bearer TOKEN', TOKEN one of FILE's lines (re-read on "
+        "SIGHUP to the scheduler); clients: asap prefill --token-file F",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -77,6 +91,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "port": args.port,
         "trace": args.trace,
         "mps": args.mps,
+        "tls": getattr(args, "tls", None),
+        "auth_token_file": getattr(args, "auth_token_file", None),
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -103,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         address = cluster.start()
         started.set()
         print(f"ready: scheduler at {address}", flush=True)
+        if spec.tls:
+            print(
+                f"tls: on (client certificate in {spec.tls}/client; asap prefill --tls {spec.tls})",
+                flush=True,
+            )
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):
