@@ -41,7 +41,7 @@ TLS_DIR_ENV = "ASAP_TLS_DIR"
 """A service started without ``--tls-*`` flags reads its TLS directory from here (compose, Kubernetes)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TlsConfig:
     """The certificate (``cert``) and key (``key``) this process presents and the CA (``ca``) it trusts.
 
@@ -49,9 +49,14 @@ class TlsConfig:
     ``InvalidArgument`` naming it, raised before anything listens or connects.
     """
 
-    ca: str | Path
-    cert: str | Path
-    key: str | Path
+    ca: Path
+    cert: Path
+    key: Path
+
+    def __init__(self, ca: str | Path, cert: str | Path, key: str | Path) -> None:
+        object.__setattr__(self, "ca", Path(ca))
+        object.__setattr__(self, "cert", Path(cert))
+        object.__setattr__(self, "key", Path(key))
 
     @classmethod
     def from_dir(cls, directory: str | Path, role: str = CLIENT_ROLE) -> TlsConfig:
@@ -66,7 +71,7 @@ class TlsConfig:
         contents = []
         for what, path in (("CA", self.ca), ("certificate", self.cert), ("key", self.key)):
             try:
-                contents.append(Path(path).read_bytes())
+                contents.append(path.read_bytes())
             except OSError as exc:
                 raise InvalidArgument(f"cannot read the TLS {what} {path}: {exc.strerror or exc}") from exc
         ca, cert, key = contents
