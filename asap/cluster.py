@@ -231,6 +231,12 @@ class LocalCluster:
             self._mps = ClusterMps(self.spec.mps, devices)
             self._child_env.update(self._mps.start())
 
+    def reload_tokens(self) -> None:
+        """Have the scheduler re-read its token file (SIGHUP to it; ``asap up`` forwards its own)."""
+        for child in self.children:
+            if child.name == "scheduler":
+                child.send(signal.SIGHUP)
+
     def failed_child(self) -> ChildProcess | None:
         """A child that exited on its own, if any."""
         return next((c for c in self.children if c.proc.poll() is not None), None)

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     cluster = LocalCluster(spec)
+    if spec.auth_token_file:  # SIGHUP here re-reads the tokens in the scheduler, as it does there
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: cluster.reload_tokens())
     try:
         print(
             f"starting {spec.attention} attention + {spec.experts} expert ranks ({spec.mode}, model {spec.model})",

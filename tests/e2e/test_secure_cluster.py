@@ -4,6 +4,7 @@ calls without the token, and ``asap prefill --tls --token-file`` gets through.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -43,6 +44,7 @@ class SecureCluster:
     children: dict[str, str]
     """Child name (expert-0, attention-0, scheduler) -> its address."""
     lines: list[str]
+    up: subprocess.Popen[str]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def cluster(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         if not ready.wait(240) or "public" not in found:
             raise RuntimeError("asap up --tls did not become ready:\n" + "\n".join(lines[-50:]))
-        yield SecureCluster(found.pop("public"), tls_dir, token_file, qwen3_dir, found, lines)
+        yield SecureCluster(found.pop("public"), tls_dir, token_file, qwen3_dir, found, lines, proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -141,3 +143,24 @@ def test_prefill_cli_with_tls_and_token_file(
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 5
     assert cli_main([*base, "--retries", "0"]) == 2
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+async def test_sighup_to_asap_up_reloads_the_schedulers_tokens(cluster: SecureCluster) -> None:
+    """Last in this module: it adds a token (the old one stays valid)."""
+    await asyncio.to_thread(cluster.token_file.write_text, f"{TOKEN}\nrotated-token-91b2\n")
+    tls = TlsConfig.from_dir(cluster.tls_dir)
+    async with AsapClient(cluster.address, tls=tls, token="rotated-token-91b2", retries=0) as client:
+        with pytest.raises(Unauthenticated):  # not yet: the file is read on SIGHUP only
+            await client.prefill(tokens=[1])
+        cluster.up.send_signal(signal.SIGHUP)
+        for _ in range(300):  # the signal travels asap up -> scheduler; wait for it to land
+            try:
+                assert (await client.prefill(tokens=[1, 2])).prompt_tokens == 2
+                break
+            except Unauthenticated:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the scheduler never accepted the token added before SIGHUP")
+    assert cluster.up.poll() is None  # asap up handled the signal and runs on
+    async with AsapClient(cluster.address, tls=tls, token=TOKEN) as old:
+        assert (await old.prefill(tokens=[3])).prompt_tokens == 1
