@@ -37,6 +37,7 @@ from asap.mps import ClusterMps
 from asap.optimizations import parse_optimizations
 
 if TYPE_CHECKING:
+    from asap.rpc.tls import TlsConfig
     from asap.telemetry.collector import CollectorHandle
 
 logger = logging.getLogger(__name__)
@@ -117,13 +118,12 @@ class ChildProcess:
                 os.killpg(self.proc.pid, sig)
 
 
-def wait_healthy(address: str, deadline: float) -> None:
-    """Poll grpc health of ``address`` until SERVING or the deadline."""
-    import grpc
-
+def wait_healthy(address: str, deadline: float, tls: TlsConfig | None = None) -> None:
+    """Poll grpc health of ``address`` until SERVING or the deadline (over mutual TLS with ``tls``)."""
+    from asap.rpc.channels import blocking_channel
     from asap.rpc.health import check_health
 
-    with grpc.insecure_channel(address) as channel:
+    with blocking_channel(address, tls) as channel:
         while True:
             if check_health(channel, timeout_s=2.0)[0]:
                 return
@@ -152,8 +152,29 @@ class LocalCluster:
         self.children.extend(batch)
         addresses = [child.wait_ready(deadline) for child in batch]
         for address in addresses:
-            wait_healthy(address, deadline)
+            wait_healthy(address, deadline, self.client_tls)
         return addresses
+
+    @property
+    def client_tls(self) -> TlsConfig | None:
+        """The client certificate of a cluster with TLS (what ``asap prefill --tls DIR`` uses), else None."""
+        if self.spec.tls is None:
+            return None
+        from asap.rpc.tls import TlsConfig
+
+        return TlsConfig.from_dir(self.spec.tls)
+
+    def _prepare_tls(self) -> None:
+        """Make the TLS directory's CA and certificates if missing (once; later starts reuse them)."""
+        if self.spec.tls is None:
+            return
+        from asap.certs import ensure_cluster_certs
+
+        issued = ensure_cluster_certs(self.spec.tls, [self.spec.host])
+        if issued:
+            print(
+                f"tls: issued {', '.join(issued)} certificates in {self.spec.tls}", file=self._out, flush=True
+            )
 
     def start(self) -> str:
         """Start every service; returns the scheduler's address. On failure everything is stopped."""
@@ -171,6 +192,7 @@ class LocalCluster:
                 flush=True,
             )
         try:
+            self._prepare_tls()
             self._prepare_gpus()
             if self.spec.trace:
                 self._start_collector(self.spec.trace)
@@ -233,6 +255,12 @@ class LocalCluster:
         if cuda or self.spec.mps == "on":  # on with CPU ranks only: decide() says why it cannot be
             self._mps = ClusterMps(self.spec.mps, devices)
             self._child_env.update(self._mps.start())
+
+    def reload_tokens(self) -> None:
+        """Have the scheduler re-read its token file (SIGHUP to it; ``asap up`` forwards its own)."""
+        for child in self.children:
+            if child.name == "scheduler":
+                child.send(signal.SIGHUP)
 
     def failed_child(self) -> ChildProcess | None:
         """A child that exited on its own, if any."""

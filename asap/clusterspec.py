@@ -62,6 +62,11 @@ class ClusterSpec:
     metrics_port: int | None = None
     """Prometheus metrics: the scheduler's port (0: every service a free port); the other services get
     the next ports, attention ranks then expert ranks (``metrics_ports``). None: no metrics servers."""
+    tls: str | None = None
+    """Mutual TLS between every service and for clients: a directory made once by ``asap.certs`` (a CA,
+    a certificate per service and one for clients, ``DIR/client``); None: plaintext."""
+    auth_token_file: str | None = None
+    """Bearer tokens the scheduler accepts (one per line, re-read on SIGHUP); None: no token needed."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -159,6 +164,8 @@ _TOP_LEVEL_VALUES = (
     "min_batch_tokens",
     "http_port",
     "metrics_port",
+    "tls",
+    "auth_token_file",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -220,6 +227,17 @@ def _metrics_args(spec: ClusterSpec, name: str) -> list[str]:
     return [] if port is None else ["--metrics-port", str(port)]
 
 
+def tls_args(spec: ClusterSpec, role: str) -> list[str]:
+    """``--tls-cert/--tls-key/--tls-ca`` of ``role``'s certificate in the spec's TLS directory (none
+    without TLS)."""
+    if spec.tls is None:
+        return []
+    from asap.rpc.tls import TlsConfig
+
+    tls = TlsConfig.from_dir(os.path.abspath(spec.tls), role)
+    return ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)]
+
+
 def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
     devices = spec.rank_devices(spec.expert_ranks)
     return [
@@ -231,7 +249,7 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"expert-{r}"),
-                *rank.extra_args,
+                *tls_args(spec, "expert"), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -251,7 +269,7 @@ def attention_commands(
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"attention-{r}"),
-                *rank.extra_args,
+                *tls_args(spec, "attention"), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)
@@ -269,6 +287,8 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
-            *http, *_metrics_args(spec, "scheduler"), *spec.scheduler_args,
+            *http, *_metrics_args(spec, "scheduler"), *tls_args(spec, "scheduler"),
+            *(["--auth-token-file", os.path.abspath(spec.auth_token_file)] if spec.auth_token_file else []),
+            *spec.scheduler_args,
         ],
     )  # fmt: skip

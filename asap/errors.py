@@ -12,6 +12,7 @@ the client SDK translates statuses back into the same classes.
     ├── Unavailable                UNAVAILABLE        a needed service or peer stream is down
     ├── DeadlineExceeded           DEADLINE_EXCEEDED  the request's deadline passed
     ├── RequestCancelled           CANCELLED          the client went away
+    ├── Unauthenticated            UNAUTHENTICATED    no accepted bearer token (the public endpoint)
     └── InternalError              INTERNAL           a bug: a service invariant broke
 """
 
@@ -70,6 +71,12 @@ class RequestCancelled(AsapError):
     code = "CANCELLED"
 
 
+class Unauthenticated(AsapError):
+    """The call carried no accepted credentials; the refusal says nothing more, on purpose."""
+
+    code = "UNAUTHENTICATED"
+
+
 class InternalError(AsapError):
     """An invariant of a service broke; this is a bug."""
 
@@ -84,6 +91,7 @@ ERRORS_BY_CODE: dict[str, type[AsapError]] = {
         Unavailable,
         DeadlineExceeded,
         RequestCancelled,
+        Unauthenticated,
         InternalError,
     )
 }

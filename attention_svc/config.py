@@ -8,6 +8,7 @@ from asap.dataplane.fast import ATTACH_S, DEFAULT_PEER_TIMEOUT_S
 from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.rank_backends import check_rank_backends
+from asap.rpc.tls import TlsConfig
 
 
 @dataclass(slots=True)
@@ -46,6 +47,8 @@ class AttentionServiceConfig:
     fast_attach_timeout_s: float = ATTACH_S
     """Fast plane: how long an announced region may wait for the expert rank to attach
     (``asap.dataplane.fast_attention.ATTACH_S``)."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on this rank's port and on its channels to the expert ranks; None: plaintext."""
 
     def __post_init__(self) -> None:
         if not self.expert_targets:

@@ -30,9 +30,10 @@ from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possibl
 from asap.errors import InternalError, Unavailable
 from asap.metrics import EXCHANGE_BUCKETS_S, Distribution
 from asap.model.placement import RankDispatch
+from asap.rpc.channels import aio_channel
 from asap.rpc.duplex import DuplexStream
-from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_rpc
+from asap.rpc.tls import TlsConfig
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import expert_pb2, expert_pb2_grpc
@@ -62,6 +63,7 @@ class ExpertLink:
         device: str = "cpu",
         region_bytes: int | None = None,
         fast: FastOptions | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.target = target
         self.rank = rank
@@ -82,7 +84,7 @@ class ExpertLink:
         )
         self._codec = codec
         self._fast_options = fast
-        self._channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
+        self._channel = aio_channel(target, tls)
         self._stub = expert_pb2_grpc.ExpertStub(self._channel)
         self.stream: ExchangeStream = DuplexStream(
             self._stub.Exchange,

@@ -262,6 +262,7 @@ class AttentionService(GrpcService):
             data_plane=self.config.data_plane,
             device=self.config.device,
             fast=FastOptions(self.config.fast_peer_timeout_s, self.config.fast_attach_timeout_s),
+            tls=self.config.tls,
         )
         infos = await self.transport.infos(self.config.expert_connect_timeout_s)
         placement = placement_from_infos(model_config, infos)
@@ -274,6 +275,7 @@ class AttentionService(GrpcService):
             self.config.address,
             lambda server: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            tls=self.config.tls,
         )
         # Warm-up: one real prompt through every layer and every expert rank it touches.
         await self.executor.run_batch([self.executor.make_prompt("warm-up", [0, 1, 2, 3])])

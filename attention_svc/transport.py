@@ -15,6 +15,7 @@ from asap.dataplane.fast import FastOptions
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import use_own_stream
 from asap.model.placement import RankDispatch
+from asap.rpc.tls import TlsConfig
 from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
 from attention_svc.expert_link import ExpertLink
@@ -39,6 +40,7 @@ class GrpcExpertTransport:
         device: str = "cpu",
         region_bytes: int | None = None,
         fast: FastOptions | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._codec = ThreadPoolExecutor(
             max_workers=1,
@@ -60,6 +62,7 @@ class GrpcExpertTransport:
                 device=device,
                 region_bytes=region_bytes,
                 fast=fast,
+                tls=tls,
             )
             for rank, target in enumerate(targets)
         ]

@@ -8,6 +8,7 @@ from asap.dtypes import check_dtype_name
 from asap.errors import InvalidArgument
 from asap.optimizations import OPTIMIZATIONS
 from asap.rank_backends import check_rank_backends
+from asap.rpc.tls import TlsConfig
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class ExpertServiceConfig:
     data_plane: str = "auto"
     """``auto``/``shm``: accept hidden rows by reference into same-host shared memory (CPU torch compute
     only; ``shm`` fails otherwise); ``grpc``: inline bytes only (references are INVALID_ARGUMENT)."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on this rank's port (clients need a certificate from its CA); None: plaintext."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:

@@ -130,6 +130,7 @@ class ExpertService(GrpcService):
             config.address,
             lambda server: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            tls=config.tls,
         )
         await warm_up(self.executor)
         if isinstance(self.exchange.fast, GpuFastLane):  # its kernels and flags, before SERVING

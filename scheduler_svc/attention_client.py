@@ -15,13 +15,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
-
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.rpc.channels import aio_channel
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.health import check_health_async
-from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_wire
+from asap.rpc.tls import TlsConfig
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
@@ -34,10 +33,10 @@ logger = logging.getLogger(__name__)
 class _AttentionLink:
     """The channel to one attention rank: its ``Run`` stream, results matched to batches by batch id."""
 
-    def __init__(self, rank: int, target: str) -> None:
+    def __init__(self, rank: int, target: str, tls: TlsConfig | None = None) -> None:
         self.rank = rank
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=list(GRPC_OPTIONS))
+        self.channel = aio_channel(target, tls)
         stub = attention_pb2_grpc.AttentionStub(self.channel)
         self.stream: DuplexStream[attention_pb2.BatchAssignment, attention_pb2.BatchResult, int] = (
             DuplexStream(
@@ -74,11 +73,11 @@ def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapE
 class AttentionClient:
     """Runs scheduler batches on the attention ranks, and probes their health for the monitor."""
 
-    def __init__(self, targets: Sequence[str], *, mode: str = "async") -> None:
+    def __init__(self, targets: Sequence[str], *, mode: str = "async", tls: TlsConfig | None = None) -> None:
         self.targets = list(targets)
         self.mode = mode
         """Scheduling mode, recorded on ``scheduler.batch`` spans."""
-        self.links = [_AttentionLink(rank, target) for rank, target in enumerate(targets)]
+        self.links = [_AttentionLink(rank, target, tls) for rank, target in enumerate(targets)]
         self._monitor: asyncio.Task[None] | None = None
 
     async def probe(self, rank: int) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,6 +55,7 @@ class HttpFrontDoor:
         ready: Callable[[], bool],
         model_info: Callable[[], tuple[int, dict[str, Any]]],
         authorize: Authorizer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._prefill = prefill
         self._writer = writer
@@ -61,6 +63,8 @@ class HttpFrontDoor:
         self._model_info = model_info
         """(max prompt tokens, cluster facts) for the model card."""
         self._authorize = authorize
+        self._ssl = ssl_context
+        """HTTPS (mutual TLS, ``TlsConfig.server_ssl_context``) when the cluster runs with TLS."""
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -78,7 +82,7 @@ class HttpFrontDoor:
         # scheduler's queue (as a cancelled gRPC call does).
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=self._ssl).start()
         self.port = int(self._runner.addresses[0][1])
         return self.port
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from asap.auth import TokenAuth
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import load_config
 from asap.model.resolve import resolve_model
@@ -20,6 +21,7 @@ from asap.rpc.server import bound_address, create_server
 from asap.rpc.service import GrpcService
 from asap.rpc.status import abort_with, error_to_wire
 from asap.rpc.streams import answer_each, relay
+from asap.rpc.tls import TlsConfig
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.attention_client import AttentionClient
@@ -60,6 +62,10 @@ class SchedulerServiceConfig:
     """Port of the OpenAI-compatible HTTP front door on ``host`` (0 = any free one); None = no HTTP."""
     served_model_name: str = ""
     """The ``model`` name HTTP requests must use (``GET /v1/models``); empty = derived from ``model``."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on the public port and on the channels to the attention ranks; None: plaintext."""
+    auth_token_file: str | None = None
+    """Bearer tokens the public endpoint accepts, one per line (re-read on SIGHUP); None: no token needed."""
 
     def __post_init__(self) -> None:
         if not self.attention_targets:
@@ -211,16 +217,21 @@ class SchedulerService(GrpcService):
     async def start(self) -> str:
         model_dir = resolve_model(self.config.model)
         validator = PromptValidator(load_config(model_dir), load_tokenizer(model_dir))
-        self.ranks = AttentionClient(self.config.attention_targets, mode=self.config.core.mode)
+        auth = TokenAuth.from_file(self.config.auth_token_file) if self.config.auth_token_file else None
+        self.ranks = AttentionClient(
+            self.config.attention_targets, mode=self.config.core.mode, tls=self.config.tls
+        )
         self.core = SchedulerCore(self.config.core, len(self.config.attention_targets), self.ranks)
         servicer = self.servicer = SchedulerServicer(self.core, validator, self.config)
         self.handle = await create_server(
             self.config.address,
             lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            tls=self.config.tls,
+            auth=auth,
         )
         if self.config.http_port is not None:
-            await self._start_http(servicer, validator)
+            await self._start_http(servicer, validator, auth)
         await self.ranks.wait_ready(self.config.ready_timeout_s)
         if self.config.calibrate:
             cost = await calibrate_cost_model(
@@ -234,7 +245,9 @@ class SchedulerService(GrpcService):
         self.serving = True
         return self.address
 
-    async def _start_http(self, servicer: SchedulerServicer, validator: PromptValidator) -> None:
+    async def _start_http(
+        self, servicer: SchedulerServicer, validator: PromptValidator, auth: TokenAuth | None
+    ) -> None:
         """The OpenAI front door, on the same request path as gRPC ``Prefill`` (``servicer._prefill``)."""
         from asap.openai_protocol import served_model_name
         from scheduler_svc.http_server import HTTP_READY_LINE, HttpFrontDoor
@@ -254,9 +267,20 @@ class SchedulerService(GrpcService):
 
         name = self.config.served_model_name or served_model_name(self.config.model)
         writer = CompletionWriter(name, validator.tokenizer)
-        self.http = HttpFrontDoor(servicer._prefill, writer, ready=ready, model_info=model_info)
+        tls = self.config.tls
+        self.http = HttpFrontDoor(
+            servicer._prefill,
+            writer,
+            ready=ready,
+            model_info=model_info,
+            authorize=None if auth is None else auth.check,  # the gRPC door's tokens (reloaded on SIGHUP)
+            ssl_context=None if tls is None else tls.server_ssl_context(),
+        )
         port = await self.http.start(self.config.host, self.config.http_port or 0)
-        print(HTTP_READY_LINE.format(url=f"http://{bound_address(self.config.address, port)}"), flush=True)
+        scheme = "http" if tls is None else "https"
+        print(
+            HTTP_READY_LINE.format(url=f"{scheme}://{bound_address(self.config.address, port)}"), flush=True
+        )
 
     def _collectors(self) -> Sequence[Collector]:
         from scheduler_svc.metrics import scheduler_collectors  # prometheus_client: only with metrics on

@@ -16,26 +16,41 @@ import aiohttp
 from asap.client import ClusterState, PrefillResult
 from asap.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from asap.openai_protocol import error_from_http
+from asap.rpc.tls import TlsConfig
 
 
-def base_url(target: str) -> str:
-    """``http://HOST:PORT`` from a ``HOST:PORT`` or URL target (a trailing ``/v1`` is dropped)."""
-    url = target if "://" in target else f"http://{target}"
+def base_url(target: str, *, https: bool = False) -> str:
+    """``http://HOST:PORT`` (``https`` with TLS) from a ``HOST:PORT`` or URL target (a trailing ``/v1``
+    is dropped)."""
+    url = target if "://" in target else f"{'https' if https else 'http'}://{target}"
     return url.rstrip("/").removesuffix("/v1")
 
 
 class OpenAIHttpClient:
     """Prefill over HTTP; ``async with OpenAIHttpClient(target) as client: await client.prefill(...)``."""
 
-    def __init__(self, target: str, *, timeout_s: float = 60.0) -> None:
-        self.url = base_url(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 60.0,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.url = base_url(target, https=tls is not None)
         self.timeout_s = timeout_s
+        self._tls = tls
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.model: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> OpenAIHttpClient:
         # No connection limit: the runner's max_in_flight is the one brake, as with gRPC.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        ssl_context = None if self._tls is None else self._tls.client_ssl_context()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context is not None else True),
+            headers=self._headers,
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

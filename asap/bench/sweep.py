@@ -18,7 +18,7 @@ from asap.bench.progress import ProgressBar
 from asap.bench.runner import PrefillClient, RequestRecord, RunOptions, run_requests
 from asap.bench.stats import RateResult, max_slo_rps, summarize
 from asap.bench.workload import WorkloadSpec, build_requests, sequence_digest
-from asap.client import AsapClient, ClusterState
+from asap.client import AsapClient, ClusterState, TlsConfig
 from asap.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -219,16 +219,22 @@ def _modeled_request_ms(state: ClusterState, compute: str | None) -> Callable[[i
 
 
 async def bench_target(
-    target: str, config: BenchConfig, label: str | None = None, *, compute: str | None = None
+    target: str,
+    config: BenchConfig,
+    label: str | None = None,
+    *,
+    compute: str | None = None,
+    tls: TlsConfig | None = None,
+    token: str | None = None,
 ) -> SweepResult:
     """Run the sweep against the scheduler at ``target`` (its gRPC address, or its HTTP one for
-    ``config.protocol == "http"``)."""
+    ``config.protocol == "http"``), over mutual TLS with ``tls``, sending ``token``."""
     if config.protocol == "http":
         from asap.bench.http_client import OpenAIHttpClient  # aiohttp, only when asked for
 
-        async with OpenAIHttpClient(target, timeout_s=config.timeout_s) as http:
+        async with OpenAIHttpClient(target, timeout_s=config.timeout_s, tls=tls, token=token) as http:
             return await bench_client(http, config, label, compute=compute)
-    async with AsapClient(target, timeout_s=config.timeout_s, retries=0) as client:
+    async with AsapClient(target, timeout_s=config.timeout_s, retries=0, tls=tls, token=token) as client:
         return await bench_client(client, config, label, compute=compute)
 
 

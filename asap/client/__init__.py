@@ -17,7 +17,11 @@ Every failure is an ``AsapError`` (re-exported here from ``asap.errors``), never
     ├── Unavailable          UNAVAILABLE        scheduler unreachable or a service down (retried first)
     ├── DeadlineExceeded     DEADLINE_EXCEEDED  the call's ``timeout_s`` passed (never retried)
     ├── RequestCancelled     CANCELLED
+    ├── Unauthenticated      UNAUTHENTICATED    no accepted ``token`` (never retried)
     └── InternalError        INTERNAL (and any unmapped code)
+
+Mutual TLS and tokens: ``AsapClient(target, tls=TlsConfig.from_dir(DIR), token=TOKEN)``; ``DIR`` is what
+``asap up --tls DIR`` made (its ``client/`` certificate) or a directory holding tls.crt, tls.key, ca.crt.
 
 Using a closed client raises ``RuntimeError`` (a programming error, not a request failure).
 """
@@ -38,8 +42,10 @@ from asap.errors import (
     InvalidArgument,
     RequestCancelled,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
+from asap.rpc.tls import TlsConfig
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -56,5 +62,7 @@ __all__ = [
     "RequestCancelled",
     "ResourceExhausted",
     "SyncAsapClient",
+    "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
 ]

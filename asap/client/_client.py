@@ -8,8 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-import grpc
-
+from asap.auth import AUTHORIZATION, bearer
 from asap.client._messages import (
     as_spec,
     cluster_state_from_proto,
@@ -27,9 +26,11 @@ from asap.client._types import (
     PrefillResult,
 )
 from asap.errors import AsapError, InternalError, InvalidArgument
+from asap.rpc.channels import aio_channel
 from asap.rpc.duplex import Outbox
 from asap.rpc.server import GRPC_OPTIONS
 from asap.rpc.status import error_from_wire
+from asap.rpc.tls import TlsConfig
 from asap.telemetry import setup, spans
 from asap.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -69,10 +70,20 @@ class AsapClient:
     Use it as ``async with AsapClient(target) as client: ...``; a client used without ``async with``
     opens on its first call and must be closed with ``aclose()``. A closed client cannot be reused.
     All failures are ``asap.errors.AsapError`` subclasses; using a closed client is a ``RuntimeError``.
+
+    ``tls`` (a ``TlsConfig``, e.g. ``TlsConfig.from_dir(DIR)`` for what ``asap up --tls DIR`` made) opens
+    a mutual-TLS channel; ``token`` is sent as ``authorization: Bearer TOKEN`` on every call (a refused
+    one raises ``Unauthenticated``).
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = 60.0, retries: int = 2
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = 60.0,
+        retries: int = 2,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidArgument(f"timeout_s must be > 0 or None, got {timeout_s}")
@@ -81,23 +92,31 @@ class AsapClient:
         self.target = target
         self.timeout_s = timeout_s
         self.retries = retries
+        self.tls = tls
+        self._metadata: tuple[tuple[str, str], ...] = ((AUTHORIZATION, bearer(token)),) if token else ()
         self._state = ClientState.UNOPENED
         self._channel: Any = None
         self._stub: Any = None
 
     @classmethod
     def connect_sync(
-        cls, target: str = DEFAULT_TARGET, *, timeout_s: float | None = 60.0, retries: int = 2
+        cls,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = 60.0,
+        retries: int = 2,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> SyncAsapClient:
         """A blocking client for scripts; it runs its own event loop in a background thread."""
-        return SyncAsapClient(cls(target, timeout_s=timeout_s, retries=retries))
+        return SyncAsapClient(cls(target, timeout_s=timeout_s, retries=retries, tls=tls, token=token))
 
     @property
     def state(self) -> ClientState:
         return self._state
 
     def _open(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=list(_CHANNEL_OPTIONS))
+        self._channel = aio_channel(self.target, self.tls, _CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)  # type: ignore[no-untyped-call]
         self._state = ClientState.OPENED
 
@@ -165,7 +184,7 @@ class AsapClient:
         request = request_proto(spec, sent_id, on_stream=False)
 
         async def attempt(grpc_timeout_s: float | None) -> PrefillResult:
-            response = await stub.Prefill(request, timeout=grpc_timeout_s)
+            response = await stub.Prefill(request, timeout=grpc_timeout_s, metadata=self._metadata)
             if response.HasField("error"):
                 raise error_from_wire(response.error)
             return result_from_proto(response, sent_id)
@@ -190,7 +209,9 @@ class AsapClient:
         stub = self._ready_stub()
 
         async def attempt(grpc_timeout_s: float | None) -> ClusterState:
-            state = await stub.GetClusterState(scheduler_pb2.ClusterStateRequest(), timeout=grpc_timeout_s)
+            state = await stub.GetClusterState(
+                scheduler_pb2.ClusterStateRequest(), timeout=grpc_timeout_s, metadata=self._metadata
+            )
             return cluster_state_from_proto(state)
 
         return await self._with_retries(attempt, Deadline(timeout_s or self.timeout_s))
@@ -294,7 +315,7 @@ class AsapClient:
             outbox.put(request)
 
         resends: set[asyncio.Task[None]] = set()
-        call = stub.PrefillStream(aiter(outbox), timeout=deadline.remaining_s())
+        call = stub.PrefillStream(aiter(outbox), timeout=deadline.remaining_s(), metadata=self._metadata)
         try:
             async for response in call:
                 item = pending.get(response.request_id)

@@ -55,3 +55,31 @@ def comma_separated(value: str, convert: Callable[[str], _T], what: str) -> list
         return [convert(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--tls DIR`` and ``--token-file F``, for the commands that call a cluster's scheduler."""
+    parser.add_argument(
+        "--tls",
+        metavar="DIR",
+        default=None,
+        help="mutual TLS with the client certificate in DIR (DIR/client as `asap up --tls DIR` made it, or "
+        "DIR itself holding tls.crt, tls.key, ca.crt)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help="send 'authorization: Bearer TOKEN', TOKEN the first line of FILE",
+    )
+
+
+def client_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``tls`` and ``token`` keywords of ``AsapClient`` from ``--tls`` and ``--token-file``."""
+    from asap.auth import read_tokens
+    from asap.rpc.tls import TlsConfig
+
+    tls = TlsConfig.from_dir(args.tls) if getattr(args, "tls", None) else None
+    token_file = getattr(args, "token_file", None)
+    token = read_tokens(token_file)[0].decode() if token_file else None
+    return {"tls": tls, "token": token}

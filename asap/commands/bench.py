@@ -20,7 +20,14 @@ from asap.bench.report import compare_document, format_table, target_document, w
 from asap.bench.sweep import BenchConfig, SweepResult, bench_target
 from asap.bench.workload import ARRIVALS, LengthSpec, Trace, WorkloadSpec, default_warmup
 from asap.client import DEFAULT_TARGET
-from asap.commands import TARGET_ENV, add_documented_parser, cluster_target, comma_separated
+from asap.commands import (
+    TARGET_ENV,
+    add_client_security_flags,
+    add_documented_parser,
+    client_security,
+    cluster_target,
+    comma_separated,
+)
 from asap.dtypes import DTYPES
 from asap.errors import InvalidArgument
 from asap.modes import MODES
@@ -89,6 +96,7 @@ def add_parser(subparsers: Any) -> None:
     out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--cluster-log", metavar="FILE", help="--compare: child logs (default: a temp file)")
+    add_client_security_flags(parser.add_argument_group("security (with --target)"))
     cluster = parser.add_argument_group("cluster (with --compare; as for asap up)")
     cluster.add_argument("--model", help="checkpoint directory, config.json (emulated), 'tiny' or random:DIR")
     cluster.add_argument("--attention", type=int, metavar="N")
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     cluster_fields = {name: getattr(args, name) for name in CLUSTER_FIELDS}
     if not args.compare and any(value is not None for value in cluster_fields.values()):
         raise InvalidArgument("cluster flags (--model, --attention, ...) apply only with --compare")
+    if args.compare and (args.tls or args.token_file):
+        raise InvalidArgument("--tls and --token-file apply to --target (--compare starts its own clusters)")
     workload, rates = workload_from_args(args)
     config = BenchConfig(
         workload=workload,
@@ -159,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         target = (
             cluster_target(args.target) if args.protocol == "grpc" else args.target or DEFAULT_HTTP_TARGET
         )
-        sweep = asyncio.run(bench_target(target, config, None))
+        sweep = asyncio.run(bench_target(target, config, None, **client_security(args)))
         sweeps = {sweep.label: sweep}
         document = target_document(target, sweep, settings, workload.describe())
     print(format_table(sweeps, config.slo_ttft_ms), flush=True)

@@ -13,7 +13,14 @@ import sys
 from typing import Any
 
 from asap.client import DEFAULT_TARGET, AsapClient, AsapError, PrefillResult
-from asap.commands import TARGET_ENV, add_documented_parser, cluster_target, comma_separated
+from asap.commands import (
+    TARGET_ENV,
+    add_client_security_flags,
+    add_documented_parser,
+    client_security,
+    cluster_target,
+    comma_separated,
+)
 
 
 def _token_list(value: str) -> list[int]:
@@ -44,6 +51,7 @@ def add_parser(subparsers: Any) -> None:
         "--retries", type=int, default=2, metavar="N", help="on RESOURCE_EXHAUSTED/UNAVAILABLE"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_client_security_flags(parser)
     parser.set_defaults(func=run_prefill)
 
 
@@ -51,7 +59,10 @@ def run_prefill(args: argparse.Namespace) -> int:
     """Send the prompt with the blocking client and print the result or the error."""
     target = cluster_target(args.target)
     try:
-        with AsapClient.connect_sync(target, timeout_s=args.timeout, retries=args.retries) as client:
+        security = client_security(args)
+        with AsapClient.connect_sync(
+            target, timeout_s=args.timeout, retries=args.retries, **security
+        ) as client:
             result = client.prefill(
                 tokens=args.tokens,
                 text=args.text,

@@ -13,6 +13,33 @@ from asap.modes import MODES
 from asap.optimizations import parse_optimizations
 
 
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group(
+        "mutual TLS (all three or none; without them $ASAP_TLS_DIR, a directory of tls.crt/tls.key/ca.crt)"
+    )
+    tls.add_argument(
+        "--tls-cert", metavar="FILE", help="this service's certificate, presented to clients and to peers"
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the CA that signs every peer: clients without a certificate from it (or plaintext) are refused",
+    )
+
+
+def tls_config(args: argparse.Namespace, role: str) -> Any:
+    """The service's ``TlsConfig`` from its flags (or $ASAP_TLS_DIR), None for plaintext."""
+    from asap.rpc.tls import tls_from_flags
+
+    return tls_from_flags(
+        getattr(args, "tls_cert", None),
+        getattr(args, "tls_key", None),
+        getattr(args, "tls_ca", None),
+        role=role,
+    )
+
+
 def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--optimizations",
@@ -51,6 +78,7 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING (default: $ASAP_LOG_LEVEL or INFO)"
     )
+    _tls_flags(parser)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -160,6 +188,15 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         help="the model name HTTP requests use (GET /v1/models); default: 'tiny' or the model directory's name",
     )
 
+    _tls_flags(parser)
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        default=None,
+        help="require 'authorization: Bearer TOKEN' on the public endpoint, TOKEN one of FILE's lines "
+        "(re-read on SIGHUP); health and reflection stay open",
+    )
+
 
 def metrics_port(text: str) -> int:
     """``--metrics-port``'s value: a TCP port, 0 for a free one."""
@@ -214,6 +251,7 @@ def attention_config(args: argparse.Namespace) -> Any:
         data_plane=getattr(args, "data_plane", "auto"),
         **_fast_bounds(args),
         metrics_port=getattr(args, "metrics_port", None),
+        tls=tls_config(args, "attention"),
     )
 
 
@@ -242,6 +280,7 @@ def expert_config(args: argparse.Namespace) -> Any:
         compute=args.compute,
         data_plane=getattr(args, "data_plane", "auto"),
         metrics_port=getattr(args, "metrics_port", None),
+        tls=tls_config(args, "expert"),
     )
 
 
@@ -279,6 +318,8 @@ def scheduler_config(args: argparse.Namespace) -> Any:
         http_port=getattr(args, "http_port", None),
         served_model_name=getattr(args, "served_model_name", None) or "",
         metrics_port=getattr(args, "metrics_port", None),
+        tls=tls_config(args, "scheduler"),
+        auth_token_file=getattr(args, "auth_token_file", None),
     )
 
 

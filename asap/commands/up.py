@@ -76,6 +76,20 @@ def add_parser(subparsers: Any) -> None:
         "on the ports after it (attention ranks, then expert ranks); 0 gives each a free port; each URL is "
         "printed once ready; default: none",
     )
+    up.add_argument(
+        "--tls",
+        default=None,
+        metavar="DIR",
+        help="mutual TLS between every service and for clients: a CA and certificates made in DIR on first "
+        "use (reused after); clients use DIR/client, e.g. asap prefill --tls DIR",
+    )
+    up.add_argument(
+        "--auth-token-file",
+        default=None,
+        metavar="FILE",
+        help="the scheduler requires 'authorization: Bearer TOKEN', TOKEN one of FILE's lines (re-read on "
+        "SIGHUP to the scheduler); clients: asap prefill --token-file F",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -97,6 +111,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "mps": args.mps,
         "http_port": args.http_port,
         "metrics_port": args.metrics_port,
+        "tls": getattr(args, "tls", None),
+        "auth_token_file": getattr(args, "auth_token_file", None),
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
@@ -115,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     cluster = LocalCluster(spec)
+    if spec.auth_token_file:  # SIGHUP here re-reads the tokens in the scheduler, as it does there
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: cluster.reload_tokens())
     try:
         print(
             f"starting {spec.attention} attention + {spec.experts} expert ranks ({spec.mode}, model {spec.model})",
@@ -127,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"openai: {cluster.http_url}/v1", flush=True)
         for name, url in cluster.metrics_urls().items():
             print(f"metrics: {name} at {url}", flush=True)
+        if spec.tls:
+            print(
+                f"tls: on (client certificate in {spec.tls}/client; asap prefill --tls {spec.tls})",
+                flush=True,
+            )
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
         while not stop.wait(0.5):

@@ -13,6 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from asap.auth import TokenAuth
+from asap.rpc.auth import TokenAuthInterceptor
+from asap.rpc.tls import TlsConfig
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -45,6 +49,8 @@ class ServiceHandle:
     health: health.aio.HealthServicer
     port: int
     service_names: tuple[str, ...]
+    auth: TokenAuth | None = None
+    """The bearer tokens its calls need (None: none); ``serve_until_signalled`` reloads them on SIGHUP."""
 
     async def set_serving(self) -> None:
         for name in (*self.service_names, ""):
@@ -64,12 +70,18 @@ async def create_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
+    *,
+    tls: TlsConfig | None = None,
+    auth: TokenAuth | None = None,
 ) -> ServiceHandle:
     """Create, bind and start a server; health starts NOT_SERVING until the caller is ready.
 
-    ``address`` may use port 0; the bound port is returned in the handle.
+    ``address`` may use port 0; the bound port is returned in the handle. With ``tls`` the port speaks
+    mutual TLS only (a client without a certificate signed by its CA is refused in the handshake); with
+    ``auth`` every call but health and reflection needs an accepted bearer token (``asap.rpc.auth``).
     """
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    interceptors = [TokenAuthInterceptor(auth)] if auth is not None else []
+    server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -77,11 +89,14 @@ async def create_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    handle = ServiceHandle(server, health_servicer, port, tuple(service_names))
+    handle = ServiceHandle(server, health_servicer, port, tuple(service_names), auth)
     await handle.set_not_serving()
     return handle
 
@@ -99,11 +114,15 @@ async def serve_until_signalled(
     drain: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 10.0,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then drain: NOT_SERVING, finish in-flight work, stop the server."""
+    """Run until SIGINT/SIGTERM, then drain: NOT_SERVING, finish in-flight work, stop the server.
+    A server with bearer tokens re-reads its token file on SIGHUP."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    auth = handle.auth
+    if auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)
     try:
         await stop.wait()
         logger.info("shutdown requested; draining (grace %.1fs)", grace_s)
@@ -115,7 +134,7 @@ async def serve_until_signalled(
                 logger.warning("drain did not finish within %.1fs; stopping anyway", grace_s)
         await handle.server.stop(grace_s)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     logger.info("stopped")
 

@@ -1,11 +1,13 @@
 """Container health check: exit 0 when a service's grpc health reports SERVING, 1 otherwise.
 
-    python -m asap.tools.healthcheck [HOST:PORT] [--service NAME] [--timeout S]
+    python -m asap.tools.healthcheck [HOST:PORT] [--service NAME] [--timeout S] [--tls DIR]
 
 Images have no ``grpc_health_probe`` binary, so Docker's HEALTHCHECK and compose use this. With no target
 it reads the container's own command (PID 1, ``asap serve KIND [--host H] [--port P]``) so one image-level
-HEALTHCHECK fits all three services; a service bound to ``0.0.0.0`` is checked on loopback. It imports
-only grpc (no torch): it runs every few seconds beside the service.
+HEALTHCHECK fits all three services; a service bound to ``0.0.0.0`` is checked on loopback. A service
+with mutual TLS refuses a plaintext check, so the check presents the service's own certificate: the
+``--tls-cert/--tls-key/--tls-ca`` of PID 1's command, else ``$ASAP_TLS_DIR`` (compose and Kubernetes set
+it), else ``--tls DIR``. It imports only grpc (no torch): it runs every few seconds beside the service.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asap.rpc.tls import TlsConfig
 
 DEFAULT_PORTS = {"scheduler": 50051, "attention": 50061, "expert": 50071}
 """``asap serve KIND`` default ports (asap.commands.serve)."""
@@ -48,6 +54,27 @@ def target_from_command(argv: Sequence[str]) -> str | None:
     return f"{host}:{port}"
 
 
+def _flag(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``), None if absent."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def tls_from_command(argv: Sequence[str], env: dict[str, str] | None = None) -> TlsConfig | None:
+    """The TLS identity of the service started as ``argv`` (its flags, else ``$ASAP_TLS_DIR``), or None."""
+    from asap.rpc.tls import tls_from_flags
+
+    args = list(argv)
+    kind = args[args.index("serve") + 1] if "serve" in args[:-1] else "client"
+    return tls_from_flags(
+        _flag(args, "--tls-cert"), _flag(args, "--tls-key"), _flag(args, "--tls-ca"), role=kind, env=env
+    )
+
+
 def own_command(pid: int = 1) -> list[str]:
     """The command line of ``pid`` (the container's main process), empty if unreadable."""
     try:
@@ -57,13 +84,15 @@ def own_command(pid: int = 1) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def check(target: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
-    """Ask ``target``'s grpc health for ``service``; returns (serving, status or error text)."""
-    import grpc
-
+def check(
+    target: str, service: str = "", timeout_s: float = 3.0, tls: TlsConfig | None = None
+) -> tuple[bool, str]:
+    """Ask ``target``'s grpc health for ``service`` (over mutual TLS with ``tls``); returns (serving,
+    status or error text)."""
+    from asap.rpc.channels import blocking_channel
     from asap.rpc.health import check_health
 
-    with grpc.insecure_channel(target) as channel:
+    with blocking_channel(target, tls) as channel:
         return check_health(channel, service, timeout_s)
 
 
@@ -74,12 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("target", nargs="?", help="HOST:PORT (default: from this container's `asap serve`)")
     parser.add_argument("--service", default="", help="grpc health service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument(
+        "--tls",
+        metavar="DIR",
+        default=None,
+        help="TLS directory when PID 1's command and $ASAP_TLS_DIR name none",
+    )
     args = parser.parse_args(argv)
-    target = args.target or target_from_command(own_command())
+    command = own_command()
+    target = args.target or target_from_command(command)
     if target is None:
         print("healthcheck: no target given and PID 1 is not `asap serve ...`", file=sys.stderr)
         return 2
-    serving, status = check(target, args.service, args.timeout)
+    from asap.rpc.tls import TlsConfig
+
+    tls = tls_from_command(command) or (TlsConfig.from_dir(args.tls) if args.tls else None)
+    serving, status = check(target, args.service, args.timeout, tls)
     print(f"{target}: {status}")
     return 0 if serving else 1
 

@@ -22,9 +22,11 @@ from typing import Any
 
 import grpc
 
+from asap.auth import TokenAuth
 from asap.errors import AsapError, DeadlineExceeded, InvalidArgument
 from asap.rpc.server import ServiceHandle, bound_address, create_server
 from asap.rpc.status import error_from_status
+from asap.rpc.tls import TlsConfig
 from asap.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 VOCAB_SIZE = 320
@@ -168,9 +170,12 @@ def _registrar(fake: FakeScheduler) -> Callable[[grpc.aio.Server], None]:
     return register
 
 
-async def start_fake_scheduler(fake: FakeScheduler) -> tuple[ServiceHandle, str]:
-    """Serve ``fake`` on 127.0.0.1, port 0, on the running loop; returns the handle and its target."""
-    handle = await create_server("127.0.0.1:0", _registrar(fake), [SERVICE_NAME])
+async def start_fake_scheduler(
+    fake: FakeScheduler, *, tls: TlsConfig | None = None, auth: TokenAuth | None = None
+) -> tuple[ServiceHandle, str]:
+    """Serve ``fake`` on 127.0.0.1, port 0, on the running loop (with ``create_server``'s ``tls`` and
+    ``auth`` when given); returns the handle and its target."""
+    handle = await create_server("127.0.0.1:0", _registrar(fake), [SERVICE_NAME], tls=tls, auth=auth)
     await handle.set_serving()
     return handle, bound_address("127.0.0.1:0", handle.port)
 

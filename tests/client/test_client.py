@@ -54,6 +54,8 @@ def test_public_exports_are_explicit() -> None:
             "RequestCancelled",
             "ResourceExhausted",
             "SyncAsapClient",
+            "TlsConfig",
+            "Unauthenticated",
             "Unavailable",
         ]
     )
