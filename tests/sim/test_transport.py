@@ -49,14 +49,14 @@ def test_a_servicer_handler_serves_a_duplex_stream() -> None:
     assert run(main())[0] == [10, 20, 30]
 
 
-def _expert(model: Path) -> tuple[ExpertServicer, ChargeSleeper, Device]:
+def _expert(model: Path) -> ExpertServicer:
     config = ExpertServiceConfig(
         model=str(model), compute="emulated:h200", optimizations=frozenset(OPTIMIZATIONS)
     )
     sleeper, device = ChargeSleeper(), Device("expert")
     executor = build_executor(config, sleeper=sleeper, compute=DeviceQueue([device], sleeper))
     exchange = ExpertExchange(executor, Inline(), profile=load_profile("h200"))
-    return ExpertServicer(exchange, 0, "cpu"), sleeper, device
+    return ExpertServicer(exchange, 0, "cpu")
 
 
 @pytest.mark.parametrize("sync", [None, SyncStep(step=1, participants=1)])
@@ -66,7 +66,7 @@ def test_round_trip_costs_its_modelled_time(qwen3_dir: Path, sync: SyncStep | No
     rows, h, k = 100, cfg.hidden_size, cfg.top_k
 
     async def main() -> tuple[tuple[int, ...], float, float]:
-        servicer, sleeper, device = _expert(qwen3_dir)
+        servicer = _expert(qwen3_dir)
         await servicer.exchange.executor.start()
         transport = InProcessExpertTransport(
             [servicer],
