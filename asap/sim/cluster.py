@@ -182,15 +182,15 @@ class SimCluster:
             )
             self._closers.append(transport.close)
             infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
-            executor = AttentionExecutor(
+            attention = AttentionExecutor(
                 part,
                 transport,
                 placement_from_infos(source.config, infos),
                 max_inflight=config.max_inflight_batches,
                 compute=DeviceQueue(self.attention_devices[config.rank], sleeper),
             )
-            await executor.run_batch([executor.make_prompt("warm-up", [0, 1, 2, 3])])
-            attention_servicers.append(AttentionServicer(executor, config))
+            await attention.run_batch([attention.make_prompt("warm-up", [0, 1, 2, 3])])
+            attention_servicers.append(AttentionServicer(attention, config))
 
         service = scheduler_config(service_args(scheduler_command(spec, model_dir, attention_targets).argv))
         client = AttentionClient(

@@ -40,23 +40,26 @@ Resp = TypeVar("Resp")
 class ServicerCall(Generic[Resp]):
     """A servicer's streaming handler seen as a client's stream call (``asap.rpc.duplex.StreamCall``)."""
 
-    def __init__(self, handler: AsyncGenerator[Resp, None]) -> None:
+    def __init__(self, handler: AsyncIterator[Resp]) -> None:
         self._handler = handler
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     def __aiter__(self) -> AsyncIterator[Resp]:
         return self._handler
 
     def cancel(self) -> bool:
         """End the handler, as a cancelled RPC does (its ``finally`` blocks run)."""
-        if self._closing is not None or self._handler.ag_running:
+        handler = self._handler
+        if self._closing is not None or not isinstance(handler, AsyncGenerator):
             return False
-        self._closing = asyncio.ensure_future(self._handler.aclose())
+        if getattr(handler, "ag_running", False):  # cancelled while it runs: it ends by itself
+            return False
+        self._closing = asyncio.ensure_future(handler.aclose())
         return True
 
 
 def servicer_opener(
-    method: Callable[[AsyncIterator[Req], Any], AsyncGenerator[Resp, None]],
+    method: Callable[[AsyncIterator[Req], Any], AsyncIterator[Resp]],
 ) -> Callable[[AsyncIterator[Req]], ServicerCall[Resp]]:
     """An opener for ``DuplexStream``: each stream is one call of the servicer's ``method`` (with no
     gRPC context: the handlers the simulator calls never read it)."""
