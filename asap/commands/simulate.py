@@ -90,6 +90,14 @@ def add_parser(subparsers: Any) -> None:
         metavar="LIST|none",
         help="sync: per-rank step budgets (--max-batch-tokens) to try, the best reported (default none)",
     )
+    sim.add_argument(
+        "--dispatch-overhead-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="host cost added to every dispatch's link time (default 0: devices and links only); to "
+        "compare with the multi-process emulated cluster, its measured per-layer cost beyond the model",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the results as JSON")
     out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")
@@ -135,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        sweeps, stats = simulate_compare(args.compare, fields, config, layout, tuning)
+        sweeps, stats = simulate_compare(
+            args.compare, fields, config, layout, tuning, dispatch_overhead_s=args.dispatch_overhead_us * 1e-6
+        )
     finally:
         if profiler is not None:
             profiler.disable()
@@ -150,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         "attention_tp": args.attention_tp,
         "tune_chunk_tokens": args.tune_chunk_tokens,
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
+        "dispatch_overhead_us": args.dispatch_overhead_us,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
     print("SIMULATED (virtual clock) " + format_table(sweeps, config.slo_ttft_ms), flush=True)

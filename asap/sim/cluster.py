@@ -96,6 +96,9 @@ class SimCluster:
 
     spec: ClusterSpec
     layout: Layout = field(default_factory=Layout)
+    dispatch_overhead_s: float = 0.0
+    """Host cost charged on every dispatch's link on top of its transfer time (RPC, Python, thread
+    hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
     core: Any = None
@@ -178,7 +181,7 @@ class SimCluster:
                 hidden_size=source.config.hidden_size,
                 dtype=source.dtype,
                 max_chunk_bytes=config.max_chunk_bytes,
-                link_s=_link(profile),
+                link_s=_link(profile, self.dispatch_overhead_s),
             )
             self._closers.append(transport.close)
             infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
@@ -224,8 +227,8 @@ class SimCluster:
         return list(seen.values())
 
 
-def _link(profile: DeviceProfile) -> Any:
+def _link(profile: DeviceProfile, overhead_s: float) -> Any:
     def link_s(nbytes: int) -> float:
-        return transfer_s(nbytes, profile)
+        return transfer_s(nbytes, profile) + overhead_s
 
     return link_s

@@ -69,6 +69,7 @@ def simulate_one(
     layout: Layout,
     scheduler_args: Sequence[str] = (),
     label: str | None = None,
+    dispatch_overhead_s: float = 0.0,
 ) -> tuple[SweepResult, RunStats]:
     """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``."""
     spec = cluster_spec(mode, fields)
@@ -76,7 +77,7 @@ def simulate_one(
     compute = compute_label(fields)
 
     async def main() -> tuple[SweepResult, float, list[float]]:
-        cluster = SimCluster(spec, layout)
+        cluster = SimCluster(spec, layout, dispatch_overhead_s=dispatch_overhead_s)
         await cluster.start()
         started = cluster_time = 0.0
         try:
@@ -114,6 +115,7 @@ def simulate_compare(
     config: BenchConfig,
     layout: Layout,
     tuning: Tuning | None = None,
+    dispatch_overhead_s: float = 0.0,
 ) -> tuple[dict[str, SweepResult], dict[str, RunStats]]:
     """Every mode in turn (tuned ones once per value, the best kept); results and run costs by mode.
 
@@ -129,7 +131,9 @@ def simulate_compare(
     for mode in modes:
         tried = values.get(mode) or []
         if not tried:
-            sweeps[mode], stats[mode] = simulate_one(mode, fields, config, layout)
+            sweeps[mode], stats[mode] = simulate_one(
+                mode, fields, config, layout, dispatch_overhead_s=dispatch_overhead_s
+            )
             continue
         flag = TUNED_FLAGS[mode]
         best: tuple[SweepResult, RunStats, int] | None = None
@@ -137,7 +141,9 @@ def simulate_compare(
         total = RunStats(0.0, 0.0, 0, 0.0)
         for value in tried:
             logger.info("simulate: %s with %s %d", mode, flag, value)
-            sweep, run_stats = simulate_one(mode, fields, config, layout, [flag, str(value)])
+            sweep, run_stats = simulate_one(
+                mode, fields, config, layout, [flag, str(value)], dispatch_overhead_s=dispatch_overhead_s
+            )
             headlines[str(value)] = sweep.max_slo_rps
             total.wall_s += run_stats.wall_s
             total.virtual_s += run_stats.virtual_s
