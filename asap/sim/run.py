@@ -80,15 +80,17 @@ def simulate_one(
         cluster = SimCluster(spec, layout, dispatch_overhead_s=dispatch_overhead_s)
         await cluster.start()
         started = cluster_time = 0.0
+        before: list[float] = []
         try:
             import asyncio
 
             started = asyncio.get_running_loop().time()
+            before = [d.busy_s for d in cluster.devices()]  # start-up (calibration) is not the run's
             sweep = await bench_client(
                 SimClient(cluster), config, label or mode, compute=compute, host_checks=False
             )
             cluster_time = asyncio.get_running_loop().time() - started
-            busy = [d.busy_s for d in cluster.devices()]
+            busy = [d.busy_s - b for d, b in zip(cluster.devices(), before, strict=True)]
         finally:
             await cluster.stop()
         sweep.cluster.update(layout.describe(spec.attention, spec.experts))
