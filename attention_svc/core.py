@@ -16,12 +16,13 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from asap import clock
 from asap.dataplane.direct import DirectLink
 from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
@@ -132,12 +133,15 @@ class AttentionExecutor:
         placement: ExpertPlacement,
         *,
         max_inflight: int = 2,
+        compute: Executor | None = None,
     ) -> None:
+        """``compute``: where the model's steps run, one at a time in order; default a thread of its own
+        (``asap simulate`` passes a virtual device, whose steps take modelled time on a virtual clock)."""
         self.part = part
         self.transport = transport
         self.placement = placement
         self._slots = asyncio.Semaphore(max_inflight)
-        self._thread = ThreadPoolExecutor(
+        self._thread: Executor = compute or ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="attention-compute",
             initializer=use_own_stream,
@@ -212,14 +216,14 @@ class AttentionExecutor:
         """One layer's exchanges with every expert rank it needs; the waits are added to ``outcome``."""
         micro_batch = outcome.micro_batch
         started_ns = time.time_ns() if trace is not None else 0
-        waited = time.monotonic_ns()
+        waited = clock.monotonic_ns()
         results = await _all_or_cancel(
             [
                 self.transport.exchange(d.rank, micro_batch, layer, d, sync=sync, trace=trace)
                 for d in dispatches
             ]
         )
-        outcome.expert_wait_ns += time.monotonic_ns() - waited
+        outcome.expert_wait_ns += clock.monotonic_ns() - waited
         outcome.barrier_wait_ns += max((r.barrier_ns for r in results), default=0)
         if trace is not None:
             attributes = {spans.LAYER: layer, spans.MICRO_BATCH: micro_batch}

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +101,7 @@ class DirectBatch:
 class DirectRunner:
     """The compute thread's cooperative scheduler of hot-path batches (see the module doc)."""
 
-    def __init__(self, thread: ThreadPoolExecutor, advance: Advance) -> None:
+    def __init__(self, thread: Executor, advance: Advance) -> None:
         self._thread = thread
         self._advance = advance
         self._wake = Wake()

@@ -9,9 +9,9 @@ that never arrives fails the waiting chunks after ``timeout_s`` instead of hangi
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
+from asap import clock
 from asap.errors import InvalidArgument, Unavailable
 from asap.syncstep import SyncStep
 
@@ -60,7 +60,7 @@ class StepBarrier:
             if len(group.complete) == group.participants:
                 del self._groups[key]
                 group.released.set()
-        started = time.monotonic_ns()
+        started = clock.monotonic_ns()
         try:
             await asyncio.wait_for(group.released.wait(), self.timeout_s)
         except TimeoutError:
@@ -70,4 +70,4 @@ class StepBarrier:
                 f"sync step {step} layer {layer}: {missing} attention rank(s) never sent their dispatch "
                 f"within {self.timeout_s:.0f}s"
             ) from None
-        return time.monotonic_ns() - started
+        return clock.monotonic_ns() - started

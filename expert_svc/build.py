@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 
 import torch
 
 from asap.emulation import DeviceProfile, EmulatedExpertPart
+from asap.emulation.clock import Sleeper
 from asap.emulation.loading import PartSource
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import ExpertPlacement
@@ -21,10 +23,14 @@ __all__ = ["build_executor", "warm_up"]
 logger = logging.getLogger(__name__)
 
 
-def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
+def build_executor(
+    config: ExpertServiceConfig, *, sleeper: Sleeper | None = None, compute: Executor | None = None
+) -> ExpertExecutor:
     """Load this rank's experts (only their tensors are read) and wrap them in an executor.
 
-    With emulated compute nothing is read but config.json: the part sleeps for the modeled time.
+    With emulated compute nothing is read but config.json: the part sleeps for the modeled time (through
+    ``sleeper`` when given). ``compute``: the executor's compute thread (see ``ExpertExecutor``);
+    ``asap simulate`` passes both to run the rank on a virtual clock.
     """
     source = PartSource.of(config.model, config.dtype, config.compute)
     model_config, dtype = source.config, source.dtype
@@ -33,7 +39,7 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
 
     def emulated(profile: DeviceProfile) -> ExpertPart:
         logger.info("expert rank %d emulates experts %s on %s", config.rank, list(expert_ids), profile.name)
-        return EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype)
+        return EmulatedExpertPart(model_config, expert_ids, profile, dtype=dtype, sleeper=sleeper)
 
     def real(reader: WeightSource) -> ExpertPart:
         part = ExpertPart.from_source(reader, model_config, expert_ids, dtype=dtype, device=config.device)
@@ -49,7 +55,9 @@ def build_executor(config: ExpertServiceConfig) -> ExpertExecutor:
 
     part = source.load(device=config.device, emulated=emulated, real=real)
     part.layer_agnostic = "layer-agnostic" in config.optimizations
-    return ExpertExecutor(part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows)
+    return ExpertExecutor(
+        part, queue_depth=config.queue_depth, max_merge_rows=config.max_merge_rows, compute=compute
+    )
 
 
 async def warm_up(executor: ExpertExecutor) -> None:

@@ -12,15 +12,15 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
 
+from asap import clock
 from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
@@ -73,7 +73,7 @@ class _Work:
     expert_ids: torch.Tensor  # [n, K]
     weights: torch.Tensor  # [n, K]
     future: asyncio.Future[ExpertResult]
-    enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    enqueued_ns: int = field(default_factory=clock.monotonic_ns)
 
 
 @dataclass(slots=True)
@@ -87,12 +87,21 @@ class ExpertStats:
 class ExpertExecutor:
     """Queue + compute thread of one expert rank. ``start()`` before use, ``stop()`` after."""
 
-    def __init__(self, part: ExpertPart, *, queue_depth: int = 256, max_merge_rows: int = 16384) -> None:
+    def __init__(
+        self,
+        part: ExpertPart,
+        *,
+        queue_depth: int = 256,
+        max_merge_rows: int = 16384,
+        compute: Executor | None = None,
+    ) -> None:
+        """``compute``: where computations run, one at a time in order; default a thread of its own
+        (``asap simulate`` passes a virtual device, whose work takes modelled time on a virtual clock)."""
         self.part = part
         self.max_merge_rows = max_merge_rows
         self.stats = ExpertStats()
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(maxsize=queue_depth)
-        self._thread = ThreadPoolExecutor(
+        self._thread: Executor = compute or ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="expert-compute",
             initializer=use_own_stream,
@@ -223,7 +232,7 @@ class ExpertExecutor:
             return self._compute_locked(group)
 
     def _compute_locked(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
-        start = time.monotonic_ns()
+        start = clock.monotonic_ns()
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:
             w = group[0]
@@ -237,7 +246,7 @@ class ExpertExecutor:
             merged = self.part.compute(group[0].layer, hidden, ids, weights)
             outs = list(torch.split(merged, [w.hidden.shape[0] for w in group]))
         # Compute time is host time: on CUDA the kernels may still run; ``ready`` marks their end.
-        return outs, time.monotonic_ns() - start, (started, ready_event(self.part.device, timing=True))
+        return outs, clock.monotonic_ns() - start, (started, ready_event(self.part.device, timing=True))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -246,7 +255,7 @@ class ExpertExecutor:
             groups = self._take_waiting(first)
             self._taken = [work for group in groups for work in group]
             for group in groups:
-                started = time.monotonic_ns()
+                started = clock.monotonic_ns()
                 live = [w for w in group if not w.future.cancelled()]
                 try:
                     if live:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+
+import grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.rpc.channels import aio_channel
-from asap.rpc.duplex import DuplexStream
+from asap.rpc.duplex import DuplexStream, StreamCall
 from asap.rpc.health import check_health_async
 from asap.rpc.status import error_from_wire
 from asap.rpc.tls import TlsConfig
@@ -29,18 +31,25 @@ from scheduler_svc.requests import RankResultItem, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
+RunCall = Callable[[AsyncIterator[attention_pb2.BatchAssignment]], StreamCall[attention_pb2.BatchResult]]
+"""Opens one ``Attention.Run`` stream (a stub's method, or an in-process stand-in)."""
+
 
 class _AttentionLink:
     """The channel to one attention rank: its ``Run`` stream, results matched to batches by batch id."""
 
-    def __init__(self, rank: int, target: str, tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self, rank: int, target: str, tls: TlsConfig | None = None, open_call: RunCall | None = None
+    ) -> None:
         self.rank = rank
         self.target = target
-        self.channel = aio_channel(target, tls)
-        stub = attention_pb2_grpc.AttentionStub(self.channel)
+        self.channel: grpc.aio.Channel | None = None
+        if open_call is None:
+            self.channel = aio_channel(target, tls)
+            open_call = attention_pb2_grpc.AttentionStub(self.channel).Run
         self.stream: DuplexStream[attention_pb2.BatchAssignment, attention_pb2.BatchResult, int] = (
             DuplexStream(
-                stub.Run,
+                open_call,
                 key_of=lambda result: int(result.batch_id),
                 peer=f"attention rank {rank} at {target}",
                 name=f"rank-rx-{rank}",
@@ -52,11 +61,14 @@ class _AttentionLink:
         return await self.stream.request(assignment.batch_id, assignment)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
+        if self.channel is None:  # an in-process rank is up while its process is
+            return True
         return (await check_health_async(self.channel, timeout_s=timeout_s))[0]
 
     async def close(self) -> None:
         await self.stream.close()
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
 
 def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapError:
@@ -73,11 +85,26 @@ def _item_or_error(prompt: attention_pb2.PromptResult) -> RankResultItem | AsapE
 class AttentionClient:
     """Runs scheduler batches on the attention ranks, and probes their health for the monitor."""
 
-    def __init__(self, targets: Sequence[str], *, mode: str = "async", tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        mode: str = "async",
+        tls: TlsConfig | None = None,
+        open_calls: Sequence[RunCall] | None = None,
+    ) -> None:
+        """``open_calls``: per rank, what opens its ``Run`` stream instead of a gRPC channel to its target
+        (``asap simulate`` passes the in-process servicers' ``Run``); ``tls``: the channels' mutual TLS."""
         self.targets = list(targets)
         self.mode = mode
         """Scheduling mode, recorded on ``scheduler.batch`` spans."""
-        self.links = [_AttentionLink(rank, target, tls) for rank, target in enumerate(targets)]
+        opens: Sequence[RunCall | None] = open_calls if open_calls is not None else [None] * len(targets)
+        if len(opens) != len(self.targets):
+            raise InternalError(f"{len(opens)} stream openers for {len(self.targets)} attention ranks")
+        self.links = [
+            _AttentionLink(rank, target, tls, open_call)
+            for rank, (target, open_call) in enumerate(zip(self.targets, opens, strict=True))
+        ]
         self._monitor: asyncio.Task[None] | None = None
 
     async def probe(self, rank: int) -> bool:

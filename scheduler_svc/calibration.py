@@ -8,9 +8,9 @@ core (``SchedulerCore.set_cost_model``) before it starts.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
+from asap import clock
 from asap.errors import AsapError, Unavailable
 from asap.model.config import ModelConfig
 from scheduler_svc.costmodel import AttentionCostModel
@@ -46,7 +46,7 @@ async def calibrate_cost_model(
                     request_id=f"calibrate-{i}-{n}",
                     token_ids=[t % min(256, config.vocab_size) for t in range(n)],
                 )
-                started = time.perf_counter()
+                started = clock.perf_counter()
                 try:
                     outcome = await ranks.run_batch(0, CALIBRATION_BATCH_IDS + i * 10_000 + n, [probe])
                 except Unavailable as exc:
@@ -56,7 +56,7 @@ async def calibrate_cost_model(
                 if isinstance(outcome[0], AsapError):
                     raise outcome[0]
                 if i > 0:  # the first round warms caches up
-                    samples.append(([n], (time.perf_counter() - started) * 1e3))
+                    samples.append(([n], (clock.perf_counter() - started) * 1e3))
         cost = AttentionCostModel.fit(samples)
     except AsapError as exc:
         logger.warning("cost model calibration failed (%s); using defaults", exc.message)

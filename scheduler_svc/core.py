@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 
+from asap import clock
 from asap.errors import (
     AsapError,
     DeadlineExceeded,
@@ -220,7 +220,7 @@ class SchedulerCore:
         """A point-in-time snapshot of queues, ranks and counters."""
         return ClusterSnapshot(
             mode=self._config.mode,
-            ranks=self._ranks.snapshots(time.monotonic()),
+            ranks=self._ranks.snapshots(clock.monotonic()),
             pending_requests=len(self._queue),
             completed=self._completed,
             failed=self._failed,

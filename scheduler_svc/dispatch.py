@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from asap import clock
 from asap.errors import AsapError, InternalError, Unavailable
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.placement import BatchDecision
@@ -144,7 +144,7 @@ class AsyncDispatcher:
             if not batch.requests:
                 return
             batch.predicted_ms = core.config.cost.batch_ms([r.prompt_tokens for r in batch.requests])
-            batch.sent = time.monotonic()
+            batch.sent = clock.monotonic()
             for request in batch.requests:
                 request.end_queue_span()
             try:
@@ -170,7 +170,7 @@ def _deliver(batch: RankBatch, outcomes: Sequence[RankResultItem | AsapError | N
         message = f"rank {batch.rank} returned {len(outcomes)} results for {len(batch.requests)} prompts"
         batch.settle_all(InternalError(message))
         return
-    done = time.monotonic()
+    done = clock.monotonic()
     sent = batch.sent if batch.sent is not None else done
     for request, outcome in zip(batch.requests, outcomes, strict=True):
         if outcome is None:  # only chunked (sync) batches report partial progress

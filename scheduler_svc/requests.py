@@ -4,11 +4,11 @@ and cluster snapshots."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from asap import clock
 from asap.errors import AsapError
 
 
@@ -30,8 +30,8 @@ class ScheduledRequest:
     """The client's TTFT target, if any (informational for now; later policies order by it)."""
     deadline: float | None = None
     """Absolute deadline in event-loop time (``loop.time()``); ``None`` = none."""
-    arrival: float = field(default_factory=time.monotonic)
-    """``time.monotonic()`` at arrival; queue and TTFT times are measured from it."""
+    arrival: float = field(default_factory=clock.monotonic)
+    """``asap.clock.monotonic()`` (``time.monotonic()``) at arrival; queue and TTFT times are measured from it."""
     traceparent: str = ""
     tracestate: str = ""
     queue_span: Any = field(default=None, repr=False)

@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import time
 
+from asap import clock
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.syncstep import SyncStep
 from scheduler_svc.dispatch import CoreHandle
@@ -82,7 +82,7 @@ class SyncDispatcher:
             if plan.empty:
                 await core.wait_for_change()
                 continue
-            sent = time.monotonic()
+            sent = clock.monotonic()
             core.queue.remove(plan.started)
             for request in plan.started:
                 self._first_sent[request] = sent
@@ -110,7 +110,7 @@ class SyncDispatcher:
                 drop=self._drops.pop(rank, []),
             )
         outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
-        done = time.monotonic()
+        done = clock.monotonic()
         for (rank, items), outcome in zip(batches.items(), outcomes, strict=True):
             core.ranks.close_batch(registered[rank])
             if isinstance(outcome, BaseException):

@@ -25,6 +25,7 @@ SUMMARIES: dict[str, str] = {
     "bench": "open-loop TTFT benchmark: rate sweep, SLO attainment, mode comparison",
     "trace": "collect, summarize and visualise OpenTelemetry traces",
     "calibrate": "time the expert routine across batch sizes and print the knee (--min-batch-tokens)",
+    "simulate": "asap bench --compare on a virtual clock: the services' code in one process, at scale",
 }
 
 

@@ -50,21 +50,9 @@ def _modes(value: str) -> list[str]:
     return modes
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register ``asap bench``."""
-    parser = add_documented_parser(subparsers, "bench", __doc__)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--target", metavar="HOST:PORT", help=f"default: ${TARGET_ENV} or {DEFAULT_TARGET}")
-    where.add_argument(
-        "--compare", type=_modes, metavar="MODES", help="comma list of modes, one fresh local cluster each"
-    )
-    parser.add_argument(
-        "--protocol",
-        choices=("grpc", "http"),
-        default="grpc",
-        help="front door to drive: grpc (default; --target HOST:PORT of the scheduler) or http (the "
-        f"OpenAI-compatible API: --target HOST:PORT of its --http-port, default {DEFAULT_HTTP_TARGET})",
-    )
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload flags (``asap bench`` and ``asap simulate`` share them; ``workload_from_args`` reads
+    them)."""
     load = parser.add_argument_group("load")
     load.add_argument("--arrival", choices=ARRIVALS, help="default: trace with --trace, else poisson")
     load.add_argument("--rate", type=float, metavar="RPS", help="target rate (default 1; trace: its own)")
@@ -91,6 +79,24 @@ def add_parser(subparsers: Any) -> None:
     load.add_argument(
         "--max-in-flight", type=int, default=4096, metavar="N", help="client limit (default 4096)"
     )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``asap bench``."""
+    parser = add_documented_parser(subparsers, "bench", __doc__)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--target", metavar="HOST:PORT", help=f"default: ${TARGET_ENV} or {DEFAULT_TARGET}")
+    where.add_argument(
+        "--compare", type=_modes, metavar="MODES", help="comma list of modes, one fresh local cluster each"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="front door to drive: grpc (default; --target HOST:PORT of the scheduler) or http (the "
+        f"OpenAI-compatible API: --target HOST:PORT of its --http-port, default {DEFAULT_HTTP_TARGET})",
+    )
+    add_load_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the results as JSON")
     out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")

@@ -292,3 +292,15 @@ def _check_lengths(prompt_lengths: Sequence[int]) -> None:
         raise InvalidArgument(
             f"prompt lengths must be a non-empty list of positive ints, got {list(prompt_lengths)}"
         )
+
+
+def all_reduce_s(nbytes: int, ranks: int, profile: DeviceProfile) -> float:
+    """Time (s) of a ring all-reduce of ``nbytes`` over ``ranks`` devices: each device sends and receives
+    ``2 (n - 1) / n`` of the buffer over its link at ``link_gbps``, plus one kernel launch per step (0 for
+    a single device)."""
+    if ranks < 1 or nbytes < 0:
+        raise InvalidArgument(f"need ranks >= 1 and nbytes >= 0, got {ranks} and {nbytes}")
+    if ranks == 1:
+        return 0.0
+    steps = 2 * (ranks - 1)
+    return transfer_s(round(nbytes * steps / ranks), profile) + steps * profile.launch_us * 1e-6

@@ -140,12 +140,20 @@ def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankD
             RankDispatch(
                 rank=int(rank),
                 rows=rows,
-                hidden=request.hidden[rows],
+                hidden=_take_rows(request.hidden, rows),
                 expert_ids=torch.where(mine, ids[rows], -1).to(torch.int32),
                 weights=torch.where(mine, request.topk_weights[rows].float(), 0.0),
             )
         )
     return dispatches
+
+
+def _take_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``hidden[rows]`` [n, H]; for shape-only (meta) hidden states a new meta tensor of that shape, since
+    indexing a meta tensor goes through Python shape checks (~8 ms per call on a busy host)."""
+    if hidden.device.type == "meta":
+        return hidden.new_empty((int(rows.numel()), *hidden.shape[1:]))
+    return hidden[rows]
 
 
 def combine(

@@ -1,0 +1,189 @@
+"""``asap simulate``: ``asap bench --compare`` on a virtual clock, at cluster scale, on one host.
+
+The scheduler core and its policies, the attention and expert executors with their queues, merging,
+dual-batch, the expert-overlap lock and the sync barrier run as the services run them, in one process on
+a virtual clock (an event loop whose time jumps to the next timer), with an in-process transport instead
+of gRPC and emulated compute (``--compute emulated:DEVICE``: shapes only, each op and transfer a timed
+wait of its modelled length). Time is virtual: results do not depend on this host's load, and no
+process per rank is needed. Results are labelled ``simulated`` (and ``emulated``).
+
+Writes the table and the --json document of ``asap bench --compare`` (same keys, same per-rate
+``sequence`` digest for the same workload flags, so two simulate runs, or a simulate run and an
+emulated-cluster run, compare directly), plus ``simulation``: layout, per-mode run cost (wall seconds,
+virtual seconds, events/s) and the tuned baselines' choices.
+
+Layouts: ``disaggregated`` (attention ranks and expert ranks on devices of their own) and ``colocated``
+(the expert ranks on the attention ranks' devices, whose attention and expert compute then serialise:
+DP+EP as vLLM and SGLang run it). ``--attention-tp N``: an attention rank spans N devices (its layer time
+divided by N plus two all-reduces per layer at the link bandwidth). The paper's two systems at 32
+devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` and ``--layout colocated
+--attention 8 --attention-tp 4 --experts 32``.
+
+Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
+``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
+
+Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from asap.commands import add_documented_parser, comma_separated
+from asap.commands.bench import _modes, add_load_arguments, workload_from_args
+from asap.dtypes import DTYPES
+
+DEFAULT_CHUNKS = "2048,4096,8192,16384"
+
+
+def _sizes(value: str) -> list[int]:
+    if value.strip().lower() == "none":
+        return []
+    sizes = comma_separated(value, int, "token counts")
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive token counts or 'none', got {value!r}")
+    return sizes
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``asap simulate``."""
+    parser = add_documented_parser(subparsers, "simulate", __doc__)
+    parser.add_argument(
+        "--compare",
+        type=_modes,
+        default="async,sync-chunked,sync",
+        metavar="MODES",
+        help="comma list of modes, one simulated cluster each (default async,sync-chunked,sync)",
+    )
+    add_load_arguments(parser)
+    cluster = parser.add_argument_group("cluster (as for asap up / asap bench --compare)")
+    cluster.add_argument("--model", help="checkpoint or config.json directory, or 'tiny'")
+    cluster.add_argument("--attention", type=int, metavar="N", help="attention ranks (default 2)")
+    cluster.add_argument("--experts", type=int, metavar="M", help="expert ranks (default 2)")
+    cluster.add_argument(
+        "--compute", default="emulated:h200", metavar="emulated:DEVICE", help="default emulated:h200"
+    )
+    cluster.add_argument("--dtype", choices=DTYPES, help="element size of the cost model (default float32)")
+    cluster.add_argument("--optimizations", metavar="all|none|LIST")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument(
+        "--layout",
+        choices=("disaggregated", "colocated"),
+        default="disaggregated",
+        help="default disaggregated",
+    )
+    sim.add_argument("--attention-tp", type=int, default=1, metavar="N", help="devices per attention rank")
+    sim.add_argument(
+        "--tune-chunk-tokens",
+        type=_sizes,
+        default=DEFAULT_CHUNKS,
+        metavar="LIST|none",
+        help=f"sync-chunked: chunk sizes to try, the best reported (default {DEFAULT_CHUNKS}; none: 8192)",
+    )
+    sim.add_argument(
+        "--tune-sync-batch-tokens",
+        type=_sizes,
+        default="none",
+        metavar="LIST|none",
+        help="sync: per-rank step budgets (--max-batch-tokens) to try, the best reported (default none)",
+    )
+    sim.add_argument(
+        "--dispatch-overhead-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="host cost added to every dispatch's link time (default 0: devices and links only); to "
+        "compare with the multi-process emulated cluster, its measured per-layer cost beyond the model",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument(
+        "--profile", metavar="OUT.prof", help="profile the simulator (cProfile): top entries to stderr"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulation the flags describe; print the table; write JSON/plot when asked."""
+    from asap.bench.report import compare_document, format_table, write_json, write_plot
+    from asap.bench.sweep import BenchConfig
+    from asap.sim.cluster import Layout
+    from asap.sim.run import Tuning, simulate_compare
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="asap simulate: %(levelname)s %(message)s")
+    workload, rates = workload_from_args(args)
+    config = BenchConfig(
+        workload=workload,
+        rates=rates,
+        slo_ttft_ms=args.slo_ttft_ms,
+        timeout_s=args.timeout,
+        max_in_flight=args.max_in_flight,
+        progress=not args.no_progress,
+    )
+    fields = {
+        "model": args.model,
+        "attention": args.attention,
+        "experts": args.experts,
+        "compute": args.compute,
+        "dtype": args.dtype,
+        "optimizations": args.optimizations,
+    }
+    layout = Layout(args.layout, args.attention_tp)
+    tuning = Tuning({"sync-chunked": args.tune_chunk_tokens, "sync": args.tune_sync_batch_tokens})
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        sweeps, stats = simulate_compare(
+            args.compare, fields, config, layout, tuning, dispatch_overhead_s=args.dispatch_overhead_us * 1e-6
+        )
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            _report_profile(profiler, args.profile)
+    settings = config.describe()
+    settings["cluster"] = {key: value for key, value in fields.items() if value is not None}
+    settings["modes"] = list(args.compare)
+    document = compare_document(sweeps, settings, workload.describe())
+    document["simulated"] = True
+    document["simulation"] = {
+        "layout": args.layout,
+        "attention_tp": args.attention_tp,
+        "tune_chunk_tokens": args.tune_chunk_tokens,
+        "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
+        "dispatch_overhead_us": args.dispatch_overhead_us,
+        "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
+    }
+    print("SIMULATED (virtual clock) " + format_table(sweeps, config.slo_ttft_ms), flush=True)
+    for mode, run_stats in stats.items():
+        print(
+            f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall, "
+            f"{run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
+            f"{run_stats.device_busy:.0%} busy",
+            file=sys.stderr,
+        )
+    if args.json:
+        write_json(document, args.json)
+    if args.plot:
+        try:
+            write_plot(sweeps, config.slo_ttft_ms, args.plot)
+        except ImportError as exc:
+            print(f"asap simulate: no plot ({exc})", file=sys.stderr)
+    return 1 if any(sweep.error is not None for sweep in sweeps.values()) else 0
+
+
+def _report_profile(profiler: Any, path: str) -> None:
+    import pstats
+
+    profiler.dump_stats(path)
+    stats = pstats.Stats(profiler, stream=sys.stderr)
+    stats.sort_stats("tottime").print_stats(25)

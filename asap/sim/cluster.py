@@ -1,0 +1,234 @@
+"""A whole ASAP cluster in one process, on the virtual clock: the services' own cores and handlers.
+
+``SimCluster.start`` builds what ``asap up`` would start for a ``ClusterSpec``, from the very service
+configurations its processes would parse (the same ``asap serve`` argv through the same parser), and
+wires them as the services' ``start`` methods do, with three substitutions:
+
+- compute: each rank's compute thread is a ``DeviceQueue`` on virtual devices and its emulated part
+  charges a ``ChargeSleeper`` (``asap.sim.devices``);
+- transport: the scheduler's ``AttentionClient`` and each attention rank's links open their streams
+  straight into the in-process servicers (``asap.sim.transport``);
+- devices: ``Layout`` says which devices each rank occupies (disaggregated: its own; colocated: the
+  expert ranks share the attention ranks' devices; ``attention_tp``: an attention rank spans N devices
+  and its layers are modelled with tensor parallelism, ``asap.emulation.parallel``).
+
+Scheduling, batching, placement, min-batch, sync steps, chunk caches, expert queues, merging, dual-batch,
+the expert-overlap lock and the sync barrier are the services' code, unchanged. Warm-up of CUDA kernels
+and cold-start effects do not exist here; the scheduler still calibrates its cost model on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from asap.clusterspec import ClusterSpec, attention_commands, expert_commands, scheduler_command
+from asap.emulation.costs import transfer_s
+from asap.emulation.loading import PartSource
+from asap.emulation.parallel import TensorParallelAttentionPart
+from asap.emulation.profiles import DeviceProfile
+from asap.errors import InvalidArgument
+from asap.optimizations import parse_optimizations
+from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
+from asap.sim.transport import InProcessExpertTransport, servicer_opener
+from asap.v1 import expert_pb2
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("disaggregated", "colocated")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Which simulated devices the ranks occupy."""
+
+    kind: str = "disaggregated"
+    """``disaggregated``: every attention and expert rank on devices of its own; ``colocated``: the
+    expert ranks on the attention ranks' devices (DP+EP as vLLM and SGLang run it)."""
+    attention_tp: int = 1
+    """Devices one attention rank spans (tensor parallelism of attention)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYOUTS:
+            raise InvalidArgument(f"layout must be one of {', '.join(LAYOUTS)}, got {self.kind!r}")
+        if self.attention_tp < 1:
+            raise InvalidArgument(f"attention tensor parallelism must be >= 1, got {self.attention_tp}")
+
+    def devices(self, attention: int, experts: int) -> tuple[list[list[Device]], list[list[Device]]]:
+        """The devices of each attention rank and of each expert rank."""
+        tp = self.attention_tp
+        shared = [Device(f"device-{i}") for i in range(attention * tp)]
+        attention_devices = [shared[r * tp : (r + 1) * tp] for r in range(attention)]
+        if self.kind == "disaggregated":
+            own = [Device(f"device-{len(shared) + e}") for e in range(experts)]
+            return attention_devices, [[device] for device in own]
+        # Colocated: spread the expert ranks evenly over the devices (several per device if more ranks).
+        count = len(shared)
+        index = [e % count if experts >= count else e * count // experts for e in range(experts)]
+        return attention_devices, [[shared[i]] for i in index]
+
+    def device_count(self, attention: int, experts: int) -> int:
+        return attention * self.attention_tp + (experts if self.kind == "disaggregated" else 0)
+
+    def describe(self, attention: int, experts: int) -> dict[str, Any]:
+        return {
+            "layout": self.kind,
+            "attention_tp": self.attention_tp,
+            "devices": self.device_count(attention, experts),
+        }
+
+
+def service_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``asap serve ...`` argv parsed by that command's own parser."""
+    from asap.commands import serve
+
+    parser = argparse.ArgumentParser(prog="asap")
+    serve.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(list(argv))
+
+
+@dataclass(slots=True)
+class SimCluster:
+    """The services of one ``ClusterSpec`` in this process (``await start()``, ``await stop()``)."""
+
+    spec: ClusterSpec
+    layout: Layout = field(default_factory=Layout)
+    dispatch_overhead_s: float = 0.0
+    """Host cost charged on every dispatch's link on top of its transfer time (RPC, Python, thread
+    hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
+    attention_devices: list[list[Device]] = field(default_factory=list)
+    expert_devices: list[list[Device]] = field(default_factory=list)
+    core: Any = None
+    """The ``SchedulerCore``."""
+    model_config: Any = None
+    model: str = ""
+    profile: DeviceProfile | None = None
+    _closers: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Build and start every service (experts, attention ranks, scheduler: the data-flow order); on
+        failure what was started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        from asap.commands.serve import attention_config, expert_config, scheduler_config
+        from asap.model.resolve import model_argument
+        from attention_svc.core import AttentionExecutor
+        from attention_svc.server import AttentionServicer, placement_from_infos
+        from expert_svc.build import build_executor
+        from expert_svc.exchange import ExpertExchange
+        from expert_svc.server import ExpertServicer
+        from scheduler_svc.attention_client import AttentionClient
+        from scheduler_svc.calibration import calibrate_cost_model
+        from scheduler_svc.core import SchedulerCore
+
+        spec = self.spec
+        model_dir = model_argument(spec.model)
+        self.model = spec.model
+        if "min-batch" in parse_optimizations(spec.optimizations) and spec.min_batch_tokens is None:
+            from asap.cluster import calibrated_knee
+
+            spec.min_batch_tokens = calibrated_knee(spec, model_dir)
+        expert_targets = [f"sim-expert-{e}:0" for e in range(spec.experts)]
+        attention_targets = [f"sim-attention-{r}:0" for r in range(spec.attention)]
+        self.attention_devices, self.expert_devices = self.layout.devices(spec.attention, spec.experts)
+
+        expert_servicers: list[ExpertServicer] = []
+        for command in expert_commands(spec, model_dir):
+            config = expert_config(service_args(command.argv))
+            sleeper = ChargeSleeper()
+            queue = DeviceQueue(self.expert_devices[config.rank], sleeper)
+            executor = build_executor(config, sleeper=sleeper, compute=queue)
+            if not getattr(executor.part, "emulated", False):
+                raise InvalidArgument("asap simulate needs --compute emulated:DEVICE")
+            await executor.start()
+            self._closers.append(executor.stop)
+            source = PartSource.of(config.model, config.dtype, config.compute)
+            exchange = ExpertExchange(
+                executor, Inline(), overlap="expert-overlap" in config.optimizations, profile=source.profile
+            )
+            exchange.barrier.timeout_s = config.sync_timeout_s
+            expert_servicers.append(ExpertServicer(exchange, config.rank, config.device))
+
+        attention_servicers: list[AttentionServicer] = []
+        for command in attention_commands(spec, model_dir, expert_targets):
+            config = attention_config(service_args(command.argv))
+            source = PartSource.of(config.model, config.dtype, config.compute)
+            profile = source.profile
+            if profile is None:
+                raise InvalidArgument("asap simulate needs --compute emulated:DEVICE")
+            self.model_config, self.profile = source.config, profile
+            sleeper = ChargeSleeper()
+            part = TensorParallelAttentionPart(
+                source.config,
+                profile,
+                seed=config.rank,
+                skew=config.route_skew,
+                dtype=source.dtype,
+                sleeper=sleeper,
+                tensor_parallel=self.layout.attention_tp,
+            )
+            transport = InProcessExpertTransport(
+                expert_servicers,
+                attention_rank=config.rank,
+                hidden_size=source.config.hidden_size,
+                dtype=source.dtype,
+                max_chunk_bytes=config.max_chunk_bytes,
+                link_s=_link(profile, self.dispatch_overhead_s),
+            )
+            self._closers.append(transport.close)
+            infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
+            attention = AttentionExecutor(
+                part,
+                transport,
+                placement_from_infos(source.config, infos),
+                max_inflight=config.max_inflight_batches,
+                compute=DeviceQueue(self.attention_devices[config.rank], sleeper),
+            )
+            await attention.run_batch([attention.make_prompt("warm-up", [0, 1, 2, 3])])
+            attention_servicers.append(AttentionServicer(attention, config))
+
+        service = scheduler_config(service_args(scheduler_command(spec, model_dir, attention_targets).argv))
+        client = AttentionClient(
+            attention_targets,
+            mode=service.core.mode,
+            open_calls=[servicer_opener(s.Run) for s in attention_servicers],  # type: ignore[arg-type]
+        )
+        self._closers.append(client.close)
+        core = SchedulerCore(service.core, spec.attention, client)
+        if service.calibrate:
+            core.set_cost_model(
+                await calibrate_cost_model(client, self.model_config, on_rank_down=core.mark_rank_down)
+            )
+        await core.start()
+        self.core = core
+
+    async def stop(self) -> None:
+        """Stop the scheduler core, then the links and executors (reverse order of start)."""
+        if self.core is not None:
+            await self.core.stop()
+            self.core = None
+        while self._closers:
+            await self._closers.pop()()
+
+    def devices(self) -> list[Device]:
+        """Every device, each once."""
+        seen: dict[int, Device] = {}
+        for group in (*self.attention_devices, *self.expert_devices):
+            for device in group:
+                seen.setdefault(id(device), device)
+        return list(seen.values())
+
+
+def _link(profile: DeviceProfile, overhead_s: float) -> Any:
+    def link_s(nbytes: int) -> float:
+        return transfer_s(nbytes, profile) + overhead_s
+
+    return link_s

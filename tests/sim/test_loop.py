@@ -1,0 +1,82 @@
+"""The virtual clock: time jumps to the next timer, asap.clock follows it, deadlocks are reported."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import pytest
+
+from asap import clock
+from asap.errors import InternalError
+from asap.sim.loop import SimulationStalled, VirtualLoop, run
+
+
+def test_sleeps_take_virtual_time_only() -> None:
+    async def main() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[str, float]] = []
+
+        async def sleeper(name: str, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            seen.append((name, loop.time()))
+
+        await asyncio.gather(sleeper("long", 3600.0), sleeper("short", 0.25), sleeper("mid", 60.0))
+        return seen
+
+    seen, loop = run(main())
+    assert seen == [("short", 0.25), ("mid", 60.0), ("long", 3600.0)]
+    assert loop.now == 3600.0 and loop.iterations > 0
+
+
+def test_call_at_and_timeouts_are_honoured_exactly() -> None:
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        fired = loop.create_future()
+        loop.call_at(12.5, fired.set_result, None)
+        await fired
+        at = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.create_future(), 7.0)
+        return at, loop.time()
+
+    (at, after), _ = run(main())
+    assert at == 12.5 and after == 19.5
+
+
+def test_asap_clock_reads_the_virtual_clock_inside_run_only() -> None:
+    async def main() -> tuple[float, int, float]:
+        await asyncio.sleep(2.0)
+        return clock.monotonic(), clock.monotonic_ns(), clock.perf_counter()
+
+    (seconds, nanos, perf), _ = run(main())
+    assert (seconds, nanos, perf) == (2.0, 2_000_000_000, 2.0)
+    assert abs(clock.monotonic() - time.monotonic()) < 1.0  # back to the real clock
+
+
+def test_a_deadlock_is_reported_not_hung() -> None:
+    async def main() -> None:
+        await asyncio.get_running_loop().create_future()  # nothing will ever set it
+
+    with pytest.raises(SimulationStalled):
+        run(main())
+
+
+def test_real_executors_are_refused() -> None:
+    async def main() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            await asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0)
+
+    with pytest.raises(InternalError, match="real executor"):
+        run(main())
+
+
+def test_the_loop_never_goes_back() -> None:
+    loop = VirtualLoop()
+    try:
+        loop.advance(5.0)
+        loop.advance(-1.0)
+        assert loop.time() == 5.0
+    finally:
+        loop.close()

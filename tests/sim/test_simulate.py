@@ -1,0 +1,81 @@
+"""``asap simulate`` end to end on a small model: the bench document, tuned baselines, layouts, help."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asap.bench.workload import LengthSpec, WorkloadSpec, build_requests, sequence_digest
+from asap.cli import main
+
+WORKLOAD = ["--lengths", "uniform:16,200", "--sweep", "20,80", "--requests", "12", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def model(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("sim") / "model"
+    directory.mkdir()
+    shutil.copy(qwen3_dir / "config.json", directory / "config.json")  # emulated: no weights needed
+    return directory
+
+
+def _simulate(model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    argv = [
+        "simulate", "--model", str(model), "--attention", "2", "--experts", "2", *WORKLOAD,
+        "--slo-ttft-ms", "50", "--seed", "5", "--no-progress", "--json", str(out), *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    document: dict[str, Any] = json.loads(out.read_text())
+    return document
+
+
+def test_compare_writes_the_bench_document(model: Path, tmp_path: Path) -> None:
+    document = _simulate(
+        model, tmp_path / "a.json", "--compare", "async,sync-chunked,sync", "--tune-chunk-tokens", "64,128"
+    )
+    assert document["simulated"] is True and document["emulated"] is True
+    assert set(document["modes"]) == {"async", "sync-chunked", "sync"}
+    assert set(document["ratios"]) == {"async/sync", "async/sync-chunked"}
+    expected = WorkloadSpec(lengths=LengthSpec.parse("uniform:16,200"), requests=12, warmup=2, seed=5)
+    for mode, run in document["modes"].items():
+        assert run["error"] is None
+        assert run["cluster"]["simulated"] is True and run["cluster"]["layout"] == "disaggregated"
+        assert run["cluster"]["devices"] == 4
+        for result in run["results"]:
+            assert result["failed"] == 0 and result["completed"] == 12, result["failures"]
+            ttft = result["ttft_ms"]
+            assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"]
+            requests = build_requests(expected, result["rate_rps"], max_prompt_tokens=10**6)
+            assert result["sequence"] == sequence_digest(requests, 5), mode  # bench's own sequence
+        stats = document["simulation"]["runs"][mode]
+        assert stats["events"] > 0 and stats["virtual_s"] > 0
+    tuned = document["modes"]["sync-chunked"]["cluster"]["tuned"]
+    assert tuned["flag"] == "--chunk-tokens" and tuned["best"] in (64, 128)
+    assert set(tuned["max_slo_rps_by_value"]) == {"64", "128"}
+
+
+def test_colocated_with_attention_tp_shares_devices(model: Path, tmp_path: Path) -> None:
+    document = _simulate(
+        model, tmp_path / "c.json", "--compare", "sync", "--layout", "colocated", "--attention-tp", "2"
+    )
+    run = document["modes"]["sync"]
+    assert run["error"] is None
+    assert (run["cluster"]["layout"], run["cluster"]["attention_tp"], run["cluster"]["devices"]) == (
+        "colocated",
+        2,
+        4,  # 2 attention ranks x 2 devices; the 2 expert ranks on those devices
+    )
+    assert all(result["failed"] == 0 for result in run["results"])
+
+
+def test_help_documents_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--layout", "--attention-tp", "--tune-chunk-tokens", "--compare", "--trace", "--profile"):
+        assert flag in text
