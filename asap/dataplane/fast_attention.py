@@ -251,6 +251,17 @@ class AttentionLinkEnd:
             return
         self._loop.call_soon_threadsafe(self._settle, pending, outcome)
 
+    def unattached_idle_ns(self, now_ns: int) -> int:
+        """How long this end has waited for the expert rank to attach with no dispatch on it (0 once
+        attached, or while dispatches wait): an end whose announcement the expert never acted on is
+        replaced by a fresh one before new dispatches go on it (``FastPlane``)."""
+        if self.attached or heartbeat(self._buf, HEARTBEAT_EXPERT):
+            return 0
+        with self._lock:
+            if self._pending:
+                return 0
+        return max(0, now_ns - self.announced_ns)
+
     def tick(self, now_ns: int) -> None:
         beat(self._buf, HEARTBEAT_ATTENTION, now_ns)
         expert_beat = heartbeat(self._buf, HEARTBEAT_EXPERT)
