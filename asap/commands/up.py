@@ -12,6 +12,7 @@ from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
 from asap.commands import SUMMARIES
 from asap.dtypes import DTYPES
 from asap.modes import MODES
+from asap.supervise import RESTART_POLICIES, RestartPlan
 
 
 def add_parser(subparsers: Any) -> None:
@@ -57,6 +58,13 @@ def add_parser(subparsers: Any) -> None:
         help="CUDA MPS for ranks sharing a GPU: auto (default: start a daemon for the cluster's lifetime when "
         "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
         "impossible), off (never)",
+    )
+    up.add_argument(
+        "--restart",
+        choices=RESTART_POLICIES,
+        default="no",
+        help="no (default: a child that exits stops the cluster) or on-failure (restart it on the same "
+        "address, backing off 1 s doubling to 30 s, and log it)",
     )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
@@ -105,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"ready: scheduler at {address}", flush=True)
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
+        plan = RestartPlan(getattr(args, "restart", "no"))
         while not stop.wait(0.5):
-            failed = cluster.failed_child()
+            failed = cluster.supervise(plan)
             if failed is not None:
                 print(
                     f"asap: error: {failed.name} exited with code {failed.proc.returncode}; stopping the cluster",

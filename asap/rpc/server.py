@@ -13,20 +13,30 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from asap.faultbound import fault_bound_s, keepalive_s
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Explicit limit for every channel and server; chunking keeps real messages at 1-4 MiB."""
 
+_KEEPALIVE_MS = int(keepalive_s(fault_bound_s()) * 1000)
+
 GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Detect a dead peer on a long-lived stream within seconds, not at the TCP timeout.
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    # Detect a dead or frozen peer on a long-lived stream inside the fault bound (asap.faultbound), not
+    # at the TCP timeout.
+    ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", _KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+    # A peer that comes back (a restarted rank on its old address) is reconnected within a second, not
+    # after grpc's default back-off of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 )
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
