@@ -257,10 +257,11 @@ class LocalCluster:
             print(f"{name} restarted at {child.address}", file=self._out, flush=True)
         return None
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self, grace_s: float = 40.0) -> None:
         """Stop in reverse start order, one tier at a time, so each tier drains while its downstream is up:
         the scheduler finishes its requests, then attention ranks their batches, then the expert ranks.
-        SIGTERM, then SIGKILL for a child still running after ``grace_s``."""
+        SIGTERM, then SIGKILL for a child still running after ``grace_s`` (above the services' drain
+        timeouts, 30 s at most by default, so a drain under load is not cut short)."""
         tiers: dict[str, list[ChildProcess]] = {}
         for child in self.children:
             tiers.setdefault(child.name.split("-")[0], []).append(child)
