@@ -247,7 +247,11 @@ class LocalCluster:
             if delay is None:
                 return child
             logger.warning("%s exited with code %d; restarting it in %.1f s", child.name, code, delay)
-            print(f"{child.name} exited with code {code}; restarting it in {delay:.1f} s", file=self._out, flush=True)
+            print(
+                f"{child.name} exited with code {code}; restarting it in {delay:.1f} s",
+                file=self._out,
+                flush=True,
+            )
         for name in plan.ready(now):
             try:
                 child = self.restart(name)

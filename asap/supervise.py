@@ -36,7 +36,7 @@ class Backoff:
         """The delay before the next restart of a child that exited after running ``ran_s``."""
         if ran_s >= self.stable_s:
             self.attempts = 0
-        delay = min(self.max_s, self.initial_s * 2**self.attempts)
+        delay = min(self.max_s, self.initial_s * 2.0**self.attempts)
         self.attempts += 1
         return delay
 
@@ -51,7 +51,9 @@ class RestartPlan:
 
     def __post_init__(self) -> None:
         if self.policy not in RESTART_POLICIES:
-            raise InvalidArgument(f"restart policy must be one of {', '.join(RESTART_POLICIES)}, got {self.policy!r}")
+            raise InvalidArgument(
+                f"restart policy must be one of {', '.join(RESTART_POLICIES)}, got {self.policy!r}"
+            )
 
     def exited(self, name: str, code: int, ran_s: float, now: float) -> float | None:
         """A child exited with ``code`` after ``ran_s``: the delay until its restart, or ``None`` when the

@@ -66,6 +66,7 @@ async def capacity(client: AsapClient, seconds: float, concurrency: int = 4) -> 
             call = Call(start=time.monotonic())
             await one_call(client, prompt(rng), 30.0, call)
             done += call.status == OK
+
     started = time.monotonic()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return done / (time.monotonic() - started)
@@ -101,7 +102,15 @@ async def one_fault(
     load = Load()
     done = False
     runner = asyncio.create_task(
-        open_loop(client, rate, lambda: done, prompt=prompt, deadline_s=args.deadline_s, seed=hash(name + how) % 1000, load=load)
+        open_loop(
+            client,
+            rate,
+            lambda: done,
+            prompt=prompt,
+            deadline_s=args.deadline_s,
+            seed=hash(name + how) % 1000,
+            load=load,
+        )
     )
     before_from = time.monotonic()
     await asyncio.sleep(args.pre_s)
@@ -132,7 +141,11 @@ async def one_fault(
         "crashed": crashed,
         "failures": sorted({c.message for c in load.calls if c.status != OK})[:5],
         "failures_after_rejoin": sorted(
-            {f"{c.start - settled_at:+.2f}s {c.message}" for c in load.calls if c.status != OK and c.start >= settled_at}
+            {
+                f"{c.start - settled_at:+.2f}s {c.message}"
+                for c in load.calls
+                if c.status != OK and c.start >= settled_at
+            }
         )[:5],
     }
 

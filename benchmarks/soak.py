@@ -105,8 +105,18 @@ def summary(series: list[ProcSample]) -> dict[str, Any]:
     times = [s.at_s for s in steady]
     return {
         "samples": len(series),
-        "first": {"rss_mib": series[0].rss_kib / 1024, "fds": series[0].fds, "threads": series[0].threads, "shm": len(series[0].shm)},
-        "last": {"rss_mib": series[-1].rss_kib / 1024, "fds": series[-1].fds, "threads": series[-1].threads, "shm": len(series[-1].shm)},
+        "first": {
+            "rss_mib": series[0].rss_kib / 1024,
+            "fds": series[0].fds,
+            "threads": series[0].threads,
+            "shm": len(series[0].shm),
+        },
+        "last": {
+            "rss_mib": series[-1].rss_kib / 1024,
+            "fds": series[-1].fds,
+            "threads": series[-1].threads,
+            "shm": len(series[-1].shm),
+        },
         "per_hour": {
             "rss_mib": round(per_hour(times, [s.rss_kib / 1024 for s in steady]), 2),
             "fds": round(per_hour(times, [s.fds for s in steady]), 2),
@@ -119,7 +129,9 @@ def summary(series: list[ProcSample]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=1800.0, help="how long the load runs (default 30 min)")
+    parser.add_argument(
+        "--duration-s", type=float, default=1800.0, help="how long the load runs (default 30 min)"
+    )
     parser.add_argument("--interval-s", type=float, default=60.0, help="seconds between samples")
     parser.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity")
     parser.add_argument("--capacity-s", type=float, default=10.0)
@@ -143,7 +155,9 @@ def main() -> int:
     report["load_average_at_end"] = os.getloadavg()
     for name, proc in report["processes"].items():
         print(f"{name:12s} {proc['first']} -> {proc['last']}  per hour {proc['per_hour']}")
-    print(f"calls {report['calls']} {report['statuses']}; shm left after stop: {report['shm_left_after_stop']}")
+    print(
+        f"calls {report['calls']} {report['statuses']}; shm left after stop: {report['shm_left_after_stop']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -114,7 +114,9 @@ class SyncDispatcher:
                     batch.batch_id,
                     requests,
                     sync=step,
-                    chunks=[(item.start, item.end) for item in items] if self.chunk_tokens is not None else None,
+                    chunks=[(item.start, item.end) for item in items]
+                    if self.chunk_tokens is not None
+                    else None,
                     drop=self._drops.pop(rank, []),
                 ),
                 name=f"sync-step-{step.step}-rank-{rank}",

@@ -29,7 +29,9 @@ HANG_MARGIN_S = 2.0
 
 
 class Prefiller(Protocol):
-    async def prefill(self, *, tokens: Sequence[int] | None = None, timeout_s: float | None = None) -> PrefillResult: ...
+    async def prefill(
+        self, *, tokens: Sequence[int] | None = None, timeout_s: float | None = None
+    ) -> PrefillResult: ...
 
 
 @dataclass(slots=True)
@@ -65,7 +67,7 @@ async def one_call(client: Prefiller, tokens: list[int], deadline_s: float, call
         call.status = HANG
     except AsapError as exc:
         call.status, call.message = exc.code, exc.message[:200]
-    except Exception as exc:  # noqa: BLE001 - recorded: an untyped error is a finding, not a harness crash
+    except Exception as exc:
         call.status, call.message = UNTYPED, repr(exc)[:200]
     call.end = time.monotonic()
 
@@ -137,7 +139,9 @@ def summarize(load: Load, *, fault_at: float, before_from: float, settled_at: fl
         lost=sum(c.status in (HANG, UNTYPED) for c in calls),
         hangs=sum(c.status in (HANG, "DEADLINE_EXCEEDED") for c in calls),
         failed_outside=len(outside),
-        max_stall_s=max((c.end - fault_at for c in calls if c.status == OK and c.start <= fault_at <= c.end), default=0.0),
+        max_stall_s=max(
+            (c.end - fault_at for c in calls if c.status == OK and c.start <= fault_at <= c.end), default=0.0
+        ),
         statuses=statuses,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 SHM_PREFIX = "/dev/shm/asap_"
 
@@ -29,9 +30,9 @@ class ProcSample:
 def sample(pid: int, at_s: float) -> ProcSample | None:
     """``pid``'s figures now; ``None`` if it is gone."""
     try:
-        status = open(f"/proc/{pid}/status").read()  # noqa: SIM115 - one read of a tiny file
+        status = Path(f"/proc/{pid}/status").read_text()
         fds = os.listdir(f"/proc/{pid}/fd")
-        maps = open(f"/proc/{pid}/maps").read()  # noqa: SIM115
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)

@@ -44,7 +44,7 @@ def _processes_with(marker: str) -> set[int]:
     return found
 
 
-async def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"  # a path of this test's own, to find every process of this cluster by it
     shutil.copytree(qwen3_dir, model)
     shm_before = _shm()
@@ -81,17 +81,19 @@ async def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Pa
             await asyncio.sleep(0.3)
             up.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)  # the scheduler is draining now: it refuses new work
-            refused = await asyncio.gather(*(client.prefill(tokens=[5, 6]) for _ in range(5)), return_exceptions=True)
+            refused = await asyncio.gather(
+                *(client.prefill(tokens=[5, 6]) for _ in range(5)), return_exceptions=True
+            )
             outcomes = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 90)
         finished = [o for o in outcomes if not isinstance(o, BaseException)]
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         assert all(isinstance(o, AsapError) for o in failed), failed  # typed, never a bare error
         assert finished, "the drain let no request in flight finish"
         assert all(isinstance(o, Unavailable) for o in refused), refused
-        assert await asyncio.to_thread(up.wait, 90) == 0
+        assert up.wait(90) == 0
         deadline = time.monotonic() + 10
         while _processes_with(str(model)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
         assert not _processes_with(str(model)), "a service outlived asap up"
         assert _shm() - shm_before <= _other_users_segments(shm_before), "shared memory left behind"
     finally:
@@ -101,6 +103,26 @@ async def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Pa
         reader.join(5)
         if up.stdout is not None:
             up.stdout.close()
+
+
+async def _load_through_sigterm(
+    address: str, up: subprocess.Popen[str]
+) -> tuple[list[object | BaseException], list[object | BaseException]]:
+    """Requests in flight when ``up`` gets SIGTERM, and requests sent during its drain."""
+    async with AsapClient(address, timeout_s=60, retries=0) as client:
+        await client.prefill(tokens=[1, 2, 3])
+        in_flight = [
+            asyncio.create_task(client.prefill(tokens=[(7 * i + j) % 256 for j in range(200 + 10 * i)]))
+            for i in range(24)
+        ]
+        await asyncio.sleep(0.3)
+        up.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # the scheduler is draining now: it refuses new work
+        refused = await asyncio.gather(
+            *(client.prefill(tokens=[5, 6]) for _ in range(5)), return_exceptions=True
+        )
+        outcomes = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 90)
+    return list(outcomes), list(refused)
 
 
 def _other_users_segments(before: set[str]) -> set[str]:

@@ -47,8 +47,10 @@ async def _until_served(client: AsapClient, *, on_rank: int | None, ranks: set[i
     async with asyncio.timeout(120):
         while True:
             try:
-                results = await asyncio.gather(*(client.prefill(tokens=[3, 4, 5 + i], timeout_s=10) for i in range(4)))
-            except Exception:  # noqa: BLE001 - still recovering
+                results = await asyncio.gather(
+                    *(client.prefill(tokens=[3, 4, 5 + i], timeout_s=10) for i in range(4))
+                )
+            except Exception:
                 await asyncio.sleep(0.2)
                 continue
             seen = {r.attention_rank for r in results}

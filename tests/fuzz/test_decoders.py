@@ -8,6 +8,7 @@ descriptors (requests, completions), slot headers and error texts.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -65,7 +66,9 @@ def dispatch_chunks(draw: st.DrawFn) -> expert_pb2.DispatchChunk:
 
 
 def _decode(msg: expert_pb2.DispatchChunk) -> None:
-    decode_dispatch(msg, hidden_size=HIDDEN, dtype=torch.float32, num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K)
+    decode_dispatch(
+        msg, hidden_size=HIDDEN, dtype=torch.float32, num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K
+    )
 
 
 @FUZZ
@@ -83,10 +86,8 @@ def test_decode_tensor_returns_a_tensor_or_invalid_argument(msg: common_pb2.Tens
 @given(dispatch_chunks())
 def test_decode_dispatch_of_structured_garbage(msg: expert_pb2.DispatchChunk) -> None:
     CASES["decoder: dispatch chunk"] += 1
-    try:
+    with contextlib.suppress(InvalidArgument):
         _decode(msg)
-    except InvalidArgument:
-        pass
 
 
 @FUZZ
@@ -97,15 +98,18 @@ def test_decode_dispatch_of_raw_bytes(raw: bytes) -> None:
         msg = expert_pb2.DispatchChunk.FromString(raw)
     except DecodeError:  # grpc answers INTERNAL before any ASAP code runs
         return
-    try:
+    with contextlib.suppress(InvalidArgument):
         _decode(msg)
-    except InvalidArgument:
-        pass
 
 
 @FUZZ
-@given(st.integers(0, 6), st.lists(st.tuples(st.integers(0, 8), tensors(small_dims), st.text(max_size=8)), max_size=4))
-def test_combine_assembler_takes_parts_or_refuses_them(total: int, parts: list[tuple[int, common_pb2.Tensor, str]]) -> None:
+@given(
+    st.integers(0, 6),
+    st.lists(st.tuples(st.integers(0, 8), tensors(small_dims), st.text(max_size=8)), max_size=4),
+)
+def test_combine_assembler_takes_parts_or_refuses_them(
+    total: int, parts: list[tuple[int, common_pb2.Tensor, str]]
+) -> None:
     CASES["decoder: combine chunk"] += 1
     assembler = CombineAssembler(total, HIDDEN, torch.float32, micro_batch=1, layer=0)
     for offset, hidden, code in parts:
@@ -113,10 +117,9 @@ def test_combine_assembler_takes_parts_or_refuses_them(total: int, parts: list[t
         msg.hidden.CopyFrom(hidden)
         if code:
             msg.error.CopyFrom(common_pb2.Error(code=code, message="x"))
-        try:
+        # an error part raises its own (typed) error; a malformed one InvalidArgument
+        with contextlib.suppress(AsapError):
             assembler.add(msg)
-        except AsapError:  # an error part raises its own (typed) error; a malformed one InvalidArgument
-            pass
     if assembler.complete:
         assert list(assembler.result().shape) == [total, HIDDEN]
 
@@ -155,7 +158,10 @@ _GEOMETRY = fastlink.LinkGeometry(slots=4, slot_bytes=65 * 4096, hidden_size=HID
 
 
 @FUZZ
-@given(st.binary(min_size=struct.calcsize("<QIIIIQQQI"), max_size=struct.calcsize("<QIIIIQQQI")), st.binary(max_size=1024))
+@given(
+    st.binary(min_size=struct.calcsize("<QIIIIQQQI"), max_size=struct.calcsize("<QIIIIQQQI")),
+    st.binary(max_size=1024),
+)
 def test_fast_descriptors_and_slot_headers_of_garbage(raw: bytes, header: bytes) -> None:
     CASES["decoder: fast descriptor + slot header"] += 1
     request = fastlink.Request.unpack(raw)
@@ -164,15 +170,16 @@ def test_fast_descriptors_and_slot_headers_of_garbage(raw: bytes, header: bytes)
     except InvalidArgument:
         return
     slot = bytearray(header.ljust(fastlink.SLOT_HEADER_BYTES, b"\0"))
-    try:
+    with contextlib.suppress(InvalidArgument):
         fastlink.SlotHeader.read(memoryview(slot), 0, request)
-    except InvalidArgument:
-        pass
     assert isinstance(fastlink.read_error(memoryview(slot), 0), str)
 
 
 @FUZZ
-@given(st.binary(min_size=struct.calcsize("<QIIIIQQQQ"), max_size=struct.calcsize("<QIIIIQQQQ")), st.text(max_size=20))
+@given(
+    st.binary(min_size=struct.calcsize("<QIIIIQQQQ"), max_size=struct.calcsize("<QIIIIQQQQ")),
+    st.text(max_size=20),
+)
 def test_fast_completions_of_garbage_map_to_typed_errors(raw: bytes, message: str) -> None:
     CASES["decoder: fast completion"] += 1
     completion = fastlink.Completion.unpack(raw)

@@ -44,12 +44,18 @@ CALL_TIMEOUT_S = 10.0
 METHODS = {
     "expert": ["/asap.v1.Expert/Info", "/asap.v1.Expert/Exchange"],
     "attention": ["/asap.v1.Attention/Run"],
-    "scheduler": ["/asap.v1.Scheduler/Prefill", "/asap.v1.Scheduler/PrefillStream", "/asap.v1.Scheduler/GetClusterState"],
+    "scheduler": [
+        "/asap.v1.Scheduler/Prefill",
+        "/asap.v1.Scheduler/PrefillStream",
+        "/asap.v1.Scheduler/GetClusterState",
+    ],
 }
 STREAMING = {"/asap.v1.Expert/Exchange", "/asap.v1.Attention/Run", "/asap.v1.Scheduler/PrefillStream"}
 WRONG_TYPES = [
     scheduler_pb2.PrefillRequest(text="hello"),
-    attention_pb2.BatchAssignment(batch_id=3, prompts=[attention_pb2.PromptInput(request_id="x", token_ids=[1, 2])]),
+    attention_pb2.BatchAssignment(
+        batch_id=3, prompts=[attention_pb2.PromptInput(request_id="x", token_ids=[1, 2])]
+    ),
     expert_pb2.CombineChunk(micro_batch=1, layer=0, total_rows=1),
     expert_pb2.ExpertInfo(),
     common_pb2.Tensor(dtype=3, shape=[2, 2], data=b"\1" * 16),
@@ -92,7 +98,10 @@ def mesh(qwen3_dir: Path) -> Iterator[Mesh]:
         return {"expert": expert_at, "attention": attention_at, "scheduler": await scheduler.start()}
 
     addresses = asyncio.run_coroutine_threadsafe(start(), loop).result(180)
-    channels = {k: grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES)]) for k, a in addresses.items()}
+    channels = {
+        k: grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES)])
+        for k, a in addresses.items()
+    }
     try:
         yield Mesh(loop, addresses, channels)
     finally:
@@ -138,7 +147,9 @@ ALL_METHODS = [(kind, method) for kind, methods in METHODS.items() for method in
 @pytest.mark.parametrize(("kind", "method"), ALL_METHODS)
 @FUZZ
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=3))
-def test_garbage_protobuf_in_valid_grpc_frames(mesh: Mesh, kind: str, method: str, messages: list[bytes]) -> None:
+def test_garbage_protobuf_in_valid_grpc_frames(
+    mesh: Mesh, kind: str, method: str, messages: list[bytes]
+) -> None:
     CASES[f"{kind} {method.rsplit('/', 1)[1]}: garbage protobuf"] += 1
     _call(mesh, kind, method, messages)
     _still_serving(mesh, kind, "garbage protobuf")
@@ -147,7 +158,9 @@ def test_garbage_protobuf_in_valid_grpc_frames(mesh: Mesh, kind: str, method: st
 @pytest.mark.parametrize(("kind", "method"), [(k, m) for k, m in ALL_METHODS if m in STREAMING])
 @FUZZ
 @given(st.lists(st.sampled_from(WRONG_TYPES), min_size=1, max_size=4))
-def test_wrong_message_types_on_streaming_methods(mesh: Mesh, kind: str, method: str, messages: list[Any]) -> None:
+def test_wrong_message_types_on_streaming_methods(
+    mesh: Mesh, kind: str, method: str, messages: list[Any]
+) -> None:
     CASES[f"{kind} {method.rsplit('/', 1)[1]}: wrong message type"] += 1
     _call(mesh, kind, method, [m.SerializeToString() for m in messages])
     _still_serving(mesh, kind, "wrong message type")
@@ -191,7 +204,9 @@ def _exchange(mesh: Mesh, chunks: list[expert_pb2.DispatchChunk]) -> list[expert
 
 @FUZZ
 @given(st.lists(dispatch_chunks(), min_size=1, max_size=3))
-def test_malformed_dispatch_chunks_are_answered_with_errors(mesh: Mesh, chunks: list[expert_pb2.DispatchChunk]) -> None:
+def test_malformed_dispatch_chunks_are_answered_with_errors(
+    mesh: Mesh, chunks: list[expert_pb2.DispatchChunk]
+) -> None:
     CASES["expert Exchange: malformed chunk"] += len(chunks)
     for chunk in chunks:
         chunk.ClearField("step")  # a sync chunk waits at the barrier for participants that never come
@@ -204,7 +219,9 @@ def test_malformed_dispatch_chunks_are_answered_with_errors(mesh: Mesh, chunks: 
 
 @FUZZ
 @given(region_refs, st.sampled_from(["shm", "cuda_ipc"]))
-def test_bad_region_references_are_answered_with_errors(mesh: Mesh, ref: common_pb2.RegionRef, field: str) -> None:
+def test_bad_region_references_are_answered_with_errors(
+    mesh: Mesh, ref: common_pb2.RegionRef, field: str
+) -> None:
     CASES["expert Exchange: region reference"] += 1
     chunk = expert_pb2.DispatchChunk(micro_batch=1, layer=0, total_rows=1)
     chunk.hidden.CopyFrom(common_pb2.Tensor(dtype=1, shape=[1, 16]))
@@ -218,10 +235,14 @@ def test_bad_region_references_are_answered_with_errors(mesh: Mesh, ref: common_
 
 @FUZZ
 @given(st.text(max_size=60), st.text(max_size=60), st.text(max_size=60))
-def test_bad_fast_link_announcements_are_refused(mesh: Mesh, region: str, request_bell: str, completion_bell: str) -> None:
+def test_bad_fast_link_announcements_are_refused(
+    mesh: Mesh, region: str, request_bell: str, completion_bell: str
+) -> None:
     CASES["expert Exchange: fast-link announcement"] += 1
     chunk = expert_pb2.DispatchChunk(
-        fast_link=expert_pb2.FastLink(region=region, request_bell=request_bell, completion_bell=completion_bell)
+        fast_link=expert_pb2.FastLink(
+            region=region, request_bell=request_bell, completion_bell=completion_bell
+        )
     )
     assert _exchange(mesh, [chunk]) == []  # not answered; the rank logs the refusal and goes on
     _still_serving(mesh, "expert", "fast-link announcement")
@@ -234,12 +255,24 @@ def test_bad_fast_link_announcements_are_refused(mesh: Mesh, region: str, reques
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["", "text", "x" * 300]),
 )
-def test_bad_prompts_and_assignments(mesh: Mesh, tokens: list[int], top: int, temperature: float, text: str) -> None:
+def test_bad_prompts_and_assignments(
+    mesh: Mesh, tokens: list[int], top: int, temperature: float, text: str
+) -> None:
     CASES["scheduler Prefill + attention Run: bad prompt"] += 1
-    prompt = attention_pb2.PromptInput(request_id="fuzz", token_ids=[t % 2**32 for t in tokens], sampling=common_pb2.SamplingOptions(temperature=temperature, top_logprobs=top))
+    prompt = attention_pb2.PromptInput(
+        request_id="fuzz",
+        token_ids=[t % 2**32 for t in tokens],
+        sampling=common_pb2.SamplingOptions(temperature=temperature, top_logprobs=top),
+    )
     assignment = attention_pb2.BatchAssignment(batch_id=1, prompts=[prompt])
     _call(mesh, "attention", "/asap.v1.Attention/Run", [assignment.SerializeToString()])
-    request = scheduler_pb2.PrefillRequest(tokens=scheduler_pb2.TokenIds(ids=[t % 2**31 for t in tokens]), sampling=prompt.sampling) if not text else scheduler_pb2.PrefillRequest(text=text)
+    request = (
+        scheduler_pb2.PrefillRequest(
+            tokens=scheduler_pb2.TokenIds(ids=[t % 2**31 for t in tokens]), sampling=prompt.sampling
+        )
+        if not text
+        else scheduler_pb2.PrefillRequest(text=text)
+    )
     _call(mesh, "scheduler", "/asap.v1.Scheduler/Prefill", [request.SerializeToString()])
     _still_serving(mesh, "attention", "bad prompt")
     _still_serving(mesh, "scheduler", "bad prompt")

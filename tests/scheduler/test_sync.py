@@ -360,7 +360,9 @@ async def test_a_whole_batch_failing_on_one_rank_ends_the_step_for_the_others() 
     from scheduler_svc.requests import FailedBatch
 
     class OneFails(FakeStepClient):
-        async def run_batch(self, rank: int, *args: Any, **kwargs: Any) -> list[RankResultItem | AsapError | None]:
+        async def run_batch(
+            self, rank: int, *args: Any, **kwargs: Any
+        ) -> list[RankResultItem | AsapError | None]:
             if rank == 1:
                 await spin()
                 return FailedBatch([Unavailable("expert rank 1 at x: stream ended")] * len(args[1]))

@@ -156,7 +156,7 @@ async def test_a_newer_step_fails_the_open_groups_of_older_ones_when_superseding
     # Step 2 begins (the scheduler gave step 1 up): step 1's groups fail at once, not after 60 s.
     newer = arrive(barrier, 1, 1, 1, step=2, participants=1)
     for task in held:
-        with pytest.raises(Unavailable, match="step 1 .* given up"):
+        with pytest.raises(Unavailable, match=r"step 1 .* given up"):
             await asyncio.wait_for(task, 1.0)
     assert await asyncio.wait_for(newer, 1.0) >= 0
     assert barrier.superseded == 2 and barrier.open_groups == 0
