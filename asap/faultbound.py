@@ -5,12 +5,13 @@ A killed rank is seen at once (its streams break). A frozen one (SIGSTOP, a wedg
 connections open and answers nothing, so each hop finds it by a heartbeat or a deadline, and each of those
 must fire early enough that detection plus propagation stays inside the bound:
 
-- gRPC keepalive on every channel and server (``asap.rpc.server.GRPC_OPTIONS``): a PING every
-  ``keepalive_s`` that must be acknowledged within ``keepalive_s`` (grpc core acknowledges without the
-  Python side, so a busy rank still answers; a stopped one does not): a frozen peer of a stream is found
-  within ``2 * keepalive_s``;
+- gRPC keepalive on every channel and server (``asap.rpc.server.GRPC_OPTIONS``): a PING
+  ``keepalive_time_s`` after the last one, which must be acknowledged within ``ping_timeout_s`` (grpc
+  core acknowledges without the Python side, so a busy rank still answers; a stopped one does not): a
+  frozen peer of a stream is found within 0.9 of the bound, and no sooner than ``ping_timeout_s``;
 - the scheduler's health probe of the attention ranks: ``probe_timeout_s`` per probe, one a second;
-- the fast plane's peer heartbeat (``asap.dataplane.fast``): ``peer_timeout_s``.
+- the fast plane's peer heartbeat (``asap.dataplane.fast``): ``peer_timeout_s``, below the earliest
+  keepalive failure, so that on the fast plane the heartbeat names the frozen peer first.
 
 The bound is read from ``ASAP_FAULT_BOUND_S`` (seconds; default 5), once per process, so one setting in
 the environment of ``asap up`` (or a pod spec) reaches every service.
@@ -40,9 +41,14 @@ def fault_bound_s() -> float:
     return value
 
 
-def keepalive_s(bound_s: float) -> float:
-    """Keepalive interval and ack timeout: a frozen peer is found within twice this (0.8 of the bound)."""
-    return 0.4 * bound_s
+def keepalive_time_s(bound_s: float) -> float:
+    """The keepalive PING interval."""
+    return 0.3 * bound_s
+
+
+def ping_timeout_s(bound_s: float) -> float:
+    """How long a keepalive PING may go unacknowledged."""
+    return 0.6 * bound_s
 
 
 def probe_timeout_s(bound_s: float) -> float:
@@ -51,16 +57,17 @@ def probe_timeout_s(bound_s: float) -> float:
 
 
 def peer_timeout_s(bound_s: float) -> float:
-    """The fast plane's heartbeat age taken for a dead or frozen peer (0.8 of the bound: propagation of
-    the failure to the caller takes the rest)."""
-    return 0.8 * bound_s
+    """The fast plane's heartbeat age taken for a dead or frozen peer: half the bound (propagation takes
+    little; below ``ping_timeout_s``, so the heartbeat, not a broken stream, reports the peer)."""
+    return 0.5 * bound_s
 
 
 __all__ = [
     "DEFAULT_FAULT_BOUND_S",
     "FAULT_BOUND_ENV",
     "fault_bound_s",
-    "keepalive_s",
+    "keepalive_time_s",
     "peer_timeout_s",
+    "ping_timeout_s",
     "probe_timeout_s",
 ]

@@ -30,9 +30,10 @@ __all__ = ["DEFAULT_PEER_TIMEOUT_S", "DEFAULT_SLOTS", "FastPlane", "slot_bytes_f
 DEFAULT_SLOTS = 4
 """Slots per link: at least the micro-batches an attention rank keeps in flight (2 with dual-batch)."""
 DEFAULT_PEER_TIMEOUT_S = peer_timeout_s(fault_bound_s())
-"""A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen: 4 s of
-the default 5 s failure bound of the reliability contract (``asap.faultbound``), so the failure reaches
-the caller inside the bound; 2 s failed healthy ranks on a loaded 2-core host."""
+"""A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen: 2.5 s of
+the default 5 s failure bound of the reliability contract (``asap.faultbound``), before gRPC keepalive
+breaks the stream (3 s at the earliest). (2 s failed healthy ranks still starting on a loaded 2-core
+host; start-up now has its own bound, ``ATTACH_NS``.)"""
 _SHAPE_ONLY_SLOT_BYTES = 4 * 1024 * 1024  # ids and weights of ~64k rows at top-8
 _SLOT_BYTES = 48 * 1024 * 1024  # rows of an 8k-token dispatch at hidden 2048 in float32 with room to spare
 _CODEC_FILL_BYTES = 1 << 20

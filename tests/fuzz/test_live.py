@@ -261,14 +261,14 @@ def test_bad_prompts_and_assignments(
     CASES["scheduler Prefill + attention Run: bad prompt"] += 1
     prompt = attention_pb2.PromptInput(
         request_id="fuzz",
-        token_ids=[t % 2**32 for t in tokens],
+        token_ids=[min(t, 2**31 - 1) for t in tokens],
         sampling=common_pb2.SamplingOptions(temperature=temperature, top_logprobs=top),
     )
     assignment = attention_pb2.BatchAssignment(batch_id=1, prompts=[prompt])
     _call(mesh, "attention", "/asap.v1.Attention/Run", [assignment.SerializeToString()])
     request = (
         scheduler_pb2.PrefillRequest(
-            tokens=scheduler_pb2.TokenIds(ids=[t % 2**31 for t in tokens]), sampling=prompt.sampling
+            tokens=scheduler_pb2.TokenIds(ids=[min(t, 2**31 - 1) for t in tokens]), sampling=prompt.sampling
         )
         if not text
         else scheduler_pb2.PrefillRequest(text=text)
