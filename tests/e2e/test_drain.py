@@ -68,23 +68,11 @@ def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Path, tm
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert await asyncio.to_thread(ready.wait, 240)
+        assert ready.wait(240)
         address = next(m.group(1) for line in lines if (m := _READY.match(line)))
         services = _processes_with(str(model)) - {up.pid}
         assert len(services) == 5, services
-        async with AsapClient(address, timeout_s=60, retries=0) as client:
-            await client.prefill(tokens=[1, 2, 3])
-            in_flight = [
-                asyncio.create_task(client.prefill(tokens=[(7 * i + j) % 256 for j in range(200 + 10 * i)]))
-                for i in range(24)
-            ]
-            await asyncio.sleep(0.3)
-            up.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)  # the scheduler is draining now: it refuses new work
-            refused = await asyncio.gather(
-                *(client.prefill(tokens=[5, 6]) for _ in range(5)), return_exceptions=True
-            )
-            outcomes = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 90)
+        outcomes, refused = asyncio.run(_load_through_sigterm(address, up))
         finished = [o for o in outcomes if not isinstance(o, BaseException)]
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         assert all(isinstance(o, AsapError) for o in failed), failed  # typed, never a bare error
