@@ -35,6 +35,7 @@ from asap.clusterspec import (
 from asap.errors import InvalidArgument, Unavailable
 from asap.mps import ClusterMps
 from asap.optimizations import parse_optimizations
+from asap.supervise import RestartPlan
 
 if TYPE_CHECKING:
     from asap.rpc.tls import TlsConfig
@@ -54,6 +55,8 @@ class ChildProcess:
 
     def __init__(self, command: ServiceCommand, out: TextIO, env: dict[str, str] | None = None) -> None:
         self.name = command.name
+        self.command = command
+        self.started_at = time.monotonic()
         self.tail: deque[str] = deque(maxlen=40)
         self.address: str | None = None
         self.http_url: str | None = None
@@ -111,6 +114,13 @@ class ChildProcess:
         self._forwarder.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+    def pinned_command(self) -> ServiceCommand:
+        """This child's command with its port fixed to the one it bound, so a restart keeps its address."""
+        argv = list(self.command.argv)
+        if self.address is not None and "--port" in argv:
+            argv[argv.index("--port") + 1] = self.address.rpartition(":")[2]
+        return ServiceCommand(self.name, argv)
 
     def send(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -266,10 +276,49 @@ class LocalCluster:
         """A child that exited on its own, if any."""
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def restart(self, name: str, timeout_s: float = 120.0) -> ChildProcess:
+        """Start child ``name`` again on the address it had (after it exited); waits until it serves."""
+        old = next(c for c in self.children if c.name == name)
+        if old.proc.poll() is None:
+            raise InvalidArgument(f"{name} is still running")
+        old.close()
+        child = ChildProcess(old.pinned_command(), self._out, self._child_env)
+        self.children[self.children.index(old)] = child
+        deadline = time.monotonic() + timeout_s
+        wait_healthy(child.wait_ready(deadline), deadline)
+        return child
+
+    def supervise(self, plan: RestartPlan) -> ChildProcess | None:
+        """One round of ``plan``: schedule restarts of children that exited, restart those that are due.
+        Returns a child that exited and is not restarted (the cluster should stop), else ``None``."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.proc.poll()
+            if code is None or child.name in plan.due:
+                continue
+            delay = plan.exited(child.name, code, now - child.started_at, now)
+            if delay is None:
+                return child
+            logger.warning("%s exited with code %d; restarting it in %.1f s", child.name, code, delay)
+            print(
+                f"{child.name} exited with code {code}; restarting it in {delay:.1f} s",
+                file=self._out,
+                flush=True,
+            )
+        for name in plan.ready(now):
+            try:
+                child = self.restart(name)
+            except Unavailable as exc:  # it died again during start-up: the next round backs off further
+                logger.warning("restart of %s failed: %s", name, exc)
+                continue
+            print(f"{name} restarted at {child.address}", file=self._out, flush=True)
+        return None
+
+    def stop(self, grace_s: float = 40.0) -> None:
         """Stop in reverse start order, one tier at a time, so each tier drains while its downstream is up:
         the scheduler finishes its requests, then attention ranks their batches, then the expert ranks.
-        SIGTERM, then SIGKILL for a child still running after ``grace_s``."""
+        SIGTERM, then SIGKILL for a child still running after ``grace_s`` (above the services' drain
+        timeouts, 30 s at most by default, so a drain under load is not cut short)."""
         tiers: dict[str, list[ChildProcess]] = {}
         for child in self.children:
             tiers.setdefault(child.name.split("-")[0], []).append(child)

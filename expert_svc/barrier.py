@@ -4,6 +4,11 @@ In sync mode every attention rank sends every expert rank its dispatch of each l
 possibly empty. The expert rank computes a (step, layer) only after the dispatches of all participating
 attention ranks are complete, as an all-to-all forces; this module holds chunks until then. A participant
 that never arrives fails the waiting chunks after ``timeout_s`` instead of hanging the step forever.
+
+With ``supersede`` (the expert service's setting): the scheduler runs one step at a time, so the first chunk of a newer step means every older step is over:
+finished, or given up because a participant left it (killed, frozen, its batch failed). Groups of older
+steps still open then can never complete, and are failed at once with ``Unavailable``, which releases the
+attention ranks held in them within one step of the loss, not after ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,22 @@ class _Group:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     received_rows: dict[int, int] = field(default_factory=dict)  # attention rank -> rows received
     complete: set[int] = field(default_factory=set)
+    error: Unavailable | None = None
+    """Set when the group is given up (a newer step superseded it)."""
 
 
 class StepBarrier:
     """Holds dispatch chunks per (step, layer) until every participant's dispatch has fully arrived."""
 
-    def __init__(self, timeout_s: float = 120.0) -> None:
+    def __init__(self, timeout_s: float = 120.0, *, supersede: bool = False) -> None:
         self.timeout_s = timeout_s
+        self.supersede = supersede
+        """Fail older steps' open groups when a newer step begins (the expert service turns it on: its
+        scheduler runs one step at a time); off, steps are independent keys."""
         self._groups: dict[tuple[int, int], _Group] = {}
+        self._latest_step = 0
+        self.superseded = 0
+        """Groups failed because a newer step began (a participant had left theirs)."""
 
     @property
     def open_groups(self) -> int:
@@ -40,6 +53,8 @@ class StepBarrier:
     ) -> int:
         """Register one chunk and wait for the rest of its (step, layer); returns nanoseconds waited."""
         step, participants = sync.step, sync.participants
+        if self.supersede and step > self._latest_step:
+            self._supersede(step)
         key = (step, layer)
         group = self._groups.get(key)
         if group is None:
@@ -70,4 +85,19 @@ class StepBarrier:
                 f"sync step {step} layer {layer}: {missing} attention rank(s) never sent their dispatch "
                 f"within {self.timeout_s:.0f}s"
             ) from None
+        if group.error is not None:
+            raise group.error
         return clock.monotonic_ns() - started
+
+    def _supersede(self, step: int) -> None:
+        """``step`` began: fail the open groups of older steps (their step was given up)."""
+        self._latest_step = step
+        for key in [k for k in self._groups if k[0] < step]:
+            group = self._groups.pop(key)
+            missing = group.participants - len(group.complete)
+            group.error = Unavailable(
+                f"sync step {key[0]} layer {key[1]}: given up by the scheduler ({missing} attention rank(s) "
+                f"left it); step {step} began"
+            )
+            group.released.set()
+            self.superseded += 1

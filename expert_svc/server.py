@@ -124,6 +124,7 @@ class ExpertService(GrpcService):
             fast=self._fast_lane(profile is not None),
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
+        self.exchange.barrier.supersede = True  # one step at a time: a newer one ends the older ones
         servicer = ExpertServicer(self.exchange, config.rank, config.device)
         self._started_ns = time.monotonic_ns()
         self.handle = await create_server(

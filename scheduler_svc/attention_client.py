@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from asap.errors import AsapError, InternalError, Unavailable
+from asap.faultbound import fault_bound_s, probe_timeout_s
 from asap.rpc.channels import aio_channel
 from asap.rpc.duplex import DuplexStream, StreamCall
 from asap.rpc.health import check_health_async
@@ -27,7 +28,7 @@ from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
 from asap.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from scheduler_svc.health import RankHealth, watch_ranks
-from scheduler_svc.requests import RankResultItem, ScheduledRequest
+from scheduler_svc.requests import FailedBatch, RankResultItem, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,13 @@ class AttentionClient:
             _AttentionLink(rank, target, tls, open_call)
             for rank, (target, open_call) in enumerate(zip(self.targets, opens, strict=True))
         ]
+        self.probe_timeout_s = probe_timeout_s(fault_bound_s())
         self._monitor: asyncio.Task[None] | None = None
 
     async def probe(self, rank: int) -> bool:
-        """Whether ``rank`` answers SERVING to a grpc health check."""
-        return await self.links[rank].healthy()
+        """Whether ``rank`` answers SERVING to a grpc health check, within the fault bound's share
+        (``asap.faultbound``: a frozen rank is taken down, and its batches failed, inside the bound)."""
+        return await self.links[rank].healthy(self.probe_timeout_s)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until every attention rank answers SERVING; ``Unavailable`` names the ones that do not."""
@@ -168,7 +171,7 @@ class AttentionClient:
             result = await self.links[rank].run(assignment)
         if result.HasField("error"):
             error = error_from_wire(result.error)
-            return [error] * len(requests)
+            return FailedBatch([error] * len(requests))
         if len(result.results) != len(requests):
             raise InternalError(
                 f"attention rank {rank} answered {len(result.results)} of {len(requests)} prompts"

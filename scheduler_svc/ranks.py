@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from asap.errors import AsapError, InvalidArgument
 from asap.syncstep import SyncStep
@@ -54,7 +54,7 @@ class RankBatch:
     predicted_ms: float
     sent: float | None = None
     """``time.monotonic()`` when it went to the rank."""
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[Any] | None = None
 
     @property
     def tokens(self) -> int:

@@ -99,6 +99,12 @@ class RequestQueue:
         self._requests.clear()
 
 
+class FailedBatch(list[AsapError]):
+    """A rank's answer when its whole batch failed (the same error for every prompt), as opposed to
+    per-prompt errors: in a sync step it means the rank left the step, so the other participants, held
+    at the expert ranks' barrier for its dispatches, cannot finish it either."""
+
+
 @dataclass(frozen=True, slots=True)
 class RankResultItem:
     """What an attention rank returns for one prompt of a batch."""

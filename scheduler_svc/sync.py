@@ -12,13 +12,14 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+from collections.abc import Sequence
 
 from asap import clock
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.syncstep import SyncStep
 from scheduler_svc.dispatch import CoreHandle
 from scheduler_svc.ranks import RankBatch
-from scheduler_svc.requests import RankResultItem, RequestResult, ScheduledRequest
+from scheduler_svc.requests import FailedBatch, RankResultItem, RequestResult, ScheduledRequest
 from scheduler_svc.steps import ChunkItem, InProgress, plan_step
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,15 @@ class SyncDispatcher:
             core.progress()
 
     async def _run_step(self, step: SyncStep, batches: dict[int, list[ChunkItem]], sent: float) -> None:
+        """Run one step on every participant. A participant that leaves the step (its call failed, its
+        whole batch failed, or it was taken down and its call cancelled) ends the step for all: the
+        others are held at the expert ranks' barrier for dispatches that will never come, so their items
+        fail with ``Unavailable`` at once, and the next step's dispatches release the barrier's stale
+        groups (``expert_svc.barrier``), instead of a frozen rank holding the step for the barrier's
+        timeout."""
         core = self._core
         registered: dict[int, RankBatch] = {}
-        calls = {}
+        calls: dict[asyncio.Task[Sequence[RankResultItem | AsapError | None]], int] = {}
         for rank, items in batches.items():
             requests = [item.request for item in items]
             batch = core.ranks.open_batch(
@@ -101,21 +108,53 @@ class SyncDispatcher:
             )
             batch.sent = sent
             registered[rank] = batch
-            calls[rank] = core.client.run_batch(
-                rank,
-                batch.batch_id,
-                requests,
-                sync=step,
-                chunks=[(item.start, item.end) for item in items] if self.chunk_tokens is not None else None,
-                drop=self._drops.pop(rank, []),
+            task = asyncio.create_task(
+                core.client.run_batch(
+                    rank,
+                    batch.batch_id,
+                    requests,
+                    sync=step,
+                    chunks=[(item.start, item.end) for item in items]
+                    if self.chunk_tokens is not None
+                    else None,
+                    drop=self._drops.pop(rank, []),
+                ),
+                name=f"sync-step-{step.step}-rank-{rank}",
             )
-        outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
+            batch.task = task  # cancelled when the rank is taken down
+            calls[task] = rank
+        pending = set(calls)
+        left: int | None = None
+        while pending and left is None:
+            done_now, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done_now:
+                if task.cancelled() or task.exception() is not None or isinstance(task.result(), FailedBatch):
+                    left = calls[task]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         done = clock.monotonic()
-        for (rank, items), outcome in zip(batches.items(), outcomes, strict=True):
+        for task, rank in calls.items():
+            items = batches[rank]
             core.ranks.close_batch(registered[rank])
-            if isinstance(outcome, BaseException):
-                self._fail_rank_items(rank, items, outcome)
+            if task in pending:
+                self._fail_rank_items(
+                    rank,
+                    items,
+                    Unavailable(f"sync step {step.step}: attention rank {left} left the step"),
+                    mark=False,  # this rank is fine; its step is not
+                )
                 continue
+            if task.cancelled():
+                # Taken down (the health monitor): its requests were failed already.
+                self._fail_rank_items(rank, items, Unavailable(f"attention rank {rank} is down"), mark=False)
+                continue
+            exc = task.exception()
+            if exc is not None:
+                self._fail_rank_items(rank, items, exc)
+                continue
+            outcome = task.result()
             if len(outcome) != len(items):
                 self._fail_rank_items(
                     rank, items, InternalError(f"rank {rank} answered {len(outcome)} of {len(items)}")
@@ -124,7 +163,9 @@ class SyncDispatcher:
             for item, result in zip(items, outcome, strict=True):
                 self._deliver(rank, item, result, done)
 
-    def _fail_rank_items(self, rank: int, items: list[ChunkItem], exc: BaseException) -> None:
+    def _fail_rank_items(
+        self, rank: int, items: list[ChunkItem], exc: BaseException, *, mark: bool = True
+    ) -> None:
         for item in items:
             self._first_sent.pop(item.request, None)
         error = exc if isinstance(exc, AsapError) else InternalError(f"step failed on rank {rank}: {exc!r}")
@@ -133,7 +174,7 @@ class SyncDispatcher:
         for item in items:
             item.request.settle(error)
             self.in_progress = [p for p in self.in_progress if p.request is not item.request]
-        if isinstance(error, Unavailable):
+        if mark and isinstance(error, Unavailable):
             self._core.mark_rank_down(rank, error.message)
 
     def _deliver(

@@ -13,6 +13,7 @@ from asap.commands import SUMMARIES
 from asap.commands.serve import metrics_port
 from asap.dtypes import DTYPES
 from asap.modes import MODES
+from asap.supervise import RESTART_POLICIES, RestartPlan
 
 
 def add_parser(subparsers: Any) -> None:
@@ -90,6 +91,13 @@ def add_parser(subparsers: Any) -> None:
         help="the scheduler requires 'authorization: Bearer TOKEN', TOKEN one of FILE's lines (re-read on "
         "SIGHUP to the scheduler); clients: asap prefill --token-file F",
     )
+    up.add_argument(
+        "--restart",
+        choices=RESTART_POLICIES,
+        default="no",
+        help="no (default: a child that exits stops the cluster) or on-failure (restart it on the same "
+        "address, backing off 1 s doubling to 30 s, and log it)",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -152,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
             )
         if spec.trace:
             print(f"tracing to {spec.trace} (asap trace summarize {spec.trace})", flush=True)
+        plan = RestartPlan(getattr(args, "restart", "no"))
         while not stop.wait(0.5):
-            failed = cluster.failed_child()
+            failed = cluster.supervise(plan)
             if failed is not None:
                 print(
                     f"asap: error: {failed.name} exited with code {failed.proc.returncode}; stopping the cluster",

@@ -37,6 +37,7 @@ from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_pol
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
+from asap.faultbound import fault_bound_s, peer_timeout_s
 
 __all__ = [
     "ATTACH_S",
@@ -51,10 +52,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 4
 """Slots per link: at least the micro-batches an attention rank keeps in flight (2 with dual-batch)."""
-DEFAULT_PEER_TIMEOUT_S = 5.0
-"""A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen (the
-default failure bound of the reliability contract; 2 s failed healthy ranks on a loaded 2-core host).
-Default of ``--fast-peer-timeout``."""
+DEFAULT_PEER_TIMEOUT_S = peer_timeout_s(fault_bound_s())
+"""A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen: 2.5 s of
+the default 5 s failure bound of the reliability contract (``asap.faultbound``), before gRPC keepalive
+breaks the stream (3 s at the earliest). (2 s failed healthy ranks still starting on a loaded 2-core
+host; start-up has its own bound, ``ATTACH_S``.) Default of ``--fast-peer-timeout``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,3 +125,26 @@ def test_manifests_name_no_namespace() -> None:
     for doc in base_docs():
         assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
     assert "namespace" not in yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
+
+
+def test_pods_drain_within_their_termination_grace_period() -> None:
+    from attention_svc.config import AttentionServiceConfig
+    from expert_svc.config import ExpertServiceConfig
+    from scheduler_svc.server import SchedulerServiceConfig
+
+    # What SIGTERM may take in each service: the drain of the work in flight, then as long again as the
+    # grace of the RPCs still open (asap.rpc.server.serve_until_signalled).
+    drain_s = {
+        "scheduler": SchedulerServiceConfig(attention_targets=["a:1"]).drain_timeout_s,
+        "attention": AttentionServiceConfig(expert_targets=["e:1"]).drain_timeout_s,
+        "expert": ExpertServiceConfig().drain_timeout_s,
+    }
+    for workload in (d for d in base_docs() if d["kind"] in ("StatefulSet", "Deployment")):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", name
+        pre_stop_s = float(command[1])
+        assert pre_stop_s >= 1, f"{name}: endpoints need a moment to drop the pod before SIGTERM"
+        assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + 2 * drain_s[name], name

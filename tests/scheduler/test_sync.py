@@ -333,3 +333,45 @@ async def test_stop_fails_in_progress_chunked_requests_with_unavailable() -> Non
     assert isinstance(core.dispatcher, SyncDispatcher) and core.dispatcher.in_progress == []
     assert core._task is not None and core._task.done()
     await core.stop()  # idempotent
+
+
+async def test_a_rank_taken_down_mid_step_ends_the_step_for_the_others_at_once() -> None:
+    # Rank 1 freezes mid-step: rank 0 waits at the experts' barrier for it (held here). When the health
+    # monitor takes rank 1 down, rank 0's requests fail with Unavailable at once and the next step runs
+    # without rank 1, instead of the step holding until the barrier's timeout.
+    client = FakeStepClient(hold=True)
+    async with make_core(client, 2, "sync", max_batch_tokens=10) as core:
+        first = [asyncio.create_task(core.submit(req(f"a{i}", 10))) for i in range(2)]
+        step1 = await client.wait_for_step(1, 2)
+        core.mark_rank_down(1, "health check failed")
+        outcomes = await asyncio.wait_for(asyncio.gather(*first, return_exceptions=True), 2.0)
+        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+        assert any("left the step" in o.message for o in outcomes if isinstance(o, Unavailable))
+        assert step1[0].cancelled and step1[1].cancelled
+        assert core.state().ranks[0].healthy, "the rank that was left waiting is not at fault"
+        later = asyncio.create_task(core.submit(req("b", 10)))
+        (step2,) = await client.wait_for_step(2, 1)
+        assert (step2.rank, step2.participants) == (0, 1)
+        client.release(2)
+        assert (await asyncio.wait_for(later, 2.0)).attention_rank == 0
+
+
+async def test_a_whole_batch_failing_on_one_rank_ends_the_step_for_the_others() -> None:
+    from scheduler_svc.requests import FailedBatch
+
+    class OneFails(FakeStepClient):
+        async def run_batch(
+            self, rank: int, *args: Any, **kwargs: Any
+        ) -> list[RankResultItem | AsapError | None]:
+            if rank == 1:
+                await spin()
+                return FailedBatch([Unavailable("expert rank 1 at x: stream ended")] * len(args[1]))
+            return await super().run_batch(rank, *args, **kwargs)
+
+    client = OneFails(hold=True)
+    async with make_core(client, 2, "sync", max_batch_tokens=10) as core:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(core.submit(req(f"a{i}", 10)) for i in range(2)), return_exceptions=True), 2.0
+        )
+        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+        assert all(r.healthy for r in core.state().ranks), "a failed batch does not take a rank down"

@@ -146,3 +146,32 @@ async def test_wait_time_is_zero_for_the_last_arrival_and_positive_for_early_one
     assert last < 5_000_000  # the last arrival does not wait (5 ms: scheduling noise only)
     assert early_ns >= 40_000_000  # it waited for the other rank, about 50 ms
     assert early_ns > last
+
+
+async def test_a_newer_step_fails_the_open_groups_of_older_ones_when_superseding() -> None:
+    barrier = StepBarrier(timeout_s=60, supersede=True)
+    held = [arrive(barrier, 0, 2, 2, layer=0), arrive(barrier, 0, 2, 2, layer=1)]
+    await spin()
+    assert not any(t.done() for t in held) and barrier.open_groups == 2
+    # Step 2 begins (the scheduler gave step 1 up): step 1's groups fail at once, not after 60 s.
+    newer = arrive(barrier, 1, 1, 1, step=2, participants=1)
+    for task in held:
+        with pytest.raises(Unavailable, match=r"step 1 .* given up"):
+            await asyncio.wait_for(task, 1.0)
+    assert await asyncio.wait_for(newer, 1.0) >= 0
+    assert barrier.superseded == 2 and barrier.open_groups == 0
+
+
+async def test_a_late_chunk_of_an_older_step_does_not_supersede_the_current_one() -> None:
+    barrier = StepBarrier(timeout_s=60, supersede=True)
+    current = arrive(barrier, 0, 1, 1, step=5)
+    late = arrive(barrier, 1, 1, 1, step=4)  # a rank that was frozen wakes up with step 4's dispatch
+    await spin()
+    assert not current.done() and not late.done() and barrier.superseded == 0
+    await asyncio.wait_for(arrive(barrier, 1, 1, 1, step=5), 1.0)
+    assert await asyncio.wait_for(current, 1.0) >= 0
+    # the next step ends the late group as well
+    nxt = arrive(barrier, 0, 0, 0, step=6, participants=1)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(late, 1.0)
+    await asyncio.wait_for(nxt, 1.0)
