@@ -12,6 +12,7 @@ a dispatch is not already in flight, and the ``attention.dispatch`` span.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
+from asap.dataplane.nixl_select import confirm_nixl, nixl_candidate
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
@@ -35,6 +37,8 @@ from asap.v1 import expert_pb2, expert_pb2_grpc
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertLink:
@@ -62,6 +66,8 @@ class ExpertLink:
         self.data_plane = select_data_plane(data_plane, target, device, emulated=link_s is not None)
         """``grpc``, ``shm``, ``cuda-ipc`` or ``fast``; ``auto`` may still fall back after ``info``."""
         self._fast = fast_possible(data_plane, target, device)
+        self._nixl, self.plane_reason = nixl_candidate(data_plane, target, emulated=link_s is not None)
+        """Whether NIXL is tried, and why not (``plane_reason``, logged once the plane is settled)."""
         self.spec = LinkSpec(
             attention_rank=attention_rank,
             expert_rank=rank,
@@ -108,6 +114,12 @@ class ExpertLink:
             fallback = "grpc"
             if self._fast and confirm_fast(self.requested_plane, info, where=where):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
+            elif self._nixl:
+                use, self.plane_reason = confirm_nixl(self.requested_plane, info, where=where)
+                if use:
+                    plane, fallback = "nixl", plane  # WRITEs, over gRPC bytes for what slots cannot carry
+            if plane == "grpc" and self.plane_reason:
+                logger.info("link to expert rank %s: gRPC bytes, not NIXL: %s", where, self.plane_reason)
             self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
             self.data_plane = plane
             self._settled = True

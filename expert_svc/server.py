@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from asap.dataplane.cuda_ipc import visible_gpu_uuids
+from asap.dataplane.nixl_select import expert_accepts_nixl
 from asap.dataplane.select import expert_accepts_fast, expert_planes
 from asap.dataplane.shm import ShmAttachments
 from asap.devices import use_own_stream
@@ -26,6 +28,7 @@ from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
 from expert_svc.fastlane import FastLane
+from expert_svc.nixl_lane import NixlLane
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             cuda_ipc_data_plane=self.exchange.cuda_ipc,
             gpu_uuids=self.gpu_uuids,
             fast_data_plane=self.exchange.fast is not None,
+            nixl_data_plane=self.exchange.nixl is not None,
         )
 
     async def Exchange(
@@ -108,6 +112,10 @@ class ExpertService(GrpcService):
             initializer=use_own_stream,
             initargs=(config.device,),
         )
+        nixl = None
+        if expert_accepts_nixl(config.data_plane, emulated=profile is not None):
+            lane = FastLane(self.executor, shape_only=False, max_merge_rows=config.max_merge_rows)
+            nixl = NixlLane(lane, torch.device(config.device))
         self.exchange = ExpertExchange(
             self.executor,
             self._codec,
@@ -118,6 +126,7 @@ class ExpertService(GrpcService):
             fast=FastLane(self.executor, shape_only=profile is not None, max_merge_rows=config.max_merge_rows)
             if expert_accepts_fast(config.data_plane, config.device)
             else None,
+            nixl=nixl,
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
         servicer = ExpertServicer(self.exchange, config.rank, config.device)
@@ -146,6 +155,8 @@ class ExpertService(GrpcService):
         await self.stop_server(grace_s)
         if self.exchange is not None and self.exchange.fast is not None:
             self.exchange.fast.close()  # before the compute thread goes
+        if self.exchange is not None and self.exchange.nixl is not None:
+            self.exchange.nixl.close()
         if self.executor is not None:
             await self.executor.stop()
             self.executor = None

@@ -275,10 +275,14 @@ def make_plane(
     name: str, spec: LinkSpec, stream: ExchangeStream, codec: Executor, *, fallback: str = "grpc"
 ) -> DataPlane:
     """The plane ``name`` (as settled by ``confirm_data_plane``) of a link, carried by ``stream``, encoding
-    on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` carries what its rings
-    cannot over the plane ``fallback``."""
+    on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` and ``nixl`` carry what
+    their slots cannot over the plane ``fallback``."""
     if name == "fast":
         return FastPlane(spec, stream, codec, make_plane(fallback, spec, stream, codec))
+    if name == "nixl":
+        from asap.dataplane.nixl_plane import NixlPlane  # NIXL is optional: loaded only where chosen
+
+        return NixlPlane(spec, stream, codec, make_plane(fallback, spec, stream, codec))
     cls = _PLANES.get(name)
     if cls is None:
         raise InvalidArgument(f"no data plane {name!r}; known: {', '.join(_PLANES)}")

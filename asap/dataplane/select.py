@@ -27,11 +27,12 @@ __all__ = [
     "select_data_plane",
 ]
 
-DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast")
+DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast", "nixl")
 """Values of ``--data-plane``: ``auto`` picks fast for same-host CPU ranks (real or emulated compute)
 where the expert rank accepts it, else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks,
-else grpc. ``fast`` forces the descriptor rings (``asap.dataplane.fast``); what they do not carry goes
-over the plane ``auto`` would pick without them."""
+nixl for a remote expert rank when both ends have NIXL (``asap.dataplane.nixl_select``), else grpc.
+``fast`` forces the descriptor rings (``asap.dataplane.fast``); what they do not carry goes over the
+plane ``auto`` would pick without them. ``nixl`` forces NIXL WRITEs (any host; gRPC bytes under it)."""
 
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -98,7 +99,7 @@ def select_data_plane(mode: str, target: str, device: str, *, emulated: bool = F
     """The candidate plane (``grpc``, ``shm`` or ``cuda-ipc``) of a link to ``target`` from a rank on
     ``device``, before the expert rank's answer (``confirm_data_plane``)."""
     _check_mode(mode)
-    if mode == "grpc":
+    if mode in ("grpc", "nixl"):  # nixl: gRPC bytes under it (asap.dataplane.nixl_select decides on it)
         return "grpc"
     if mode == "fast":  # the plane under the rings: what auto would pick
         mode = "auto"
@@ -146,7 +147,7 @@ def expert_planes(mode: str, device: str, *, emulated: bool) -> tuple[bool, bool
     """(accepts shm, accepts cuda-ipc) of an expert rank on ``device``; a forced plane that is not
     possible raises ``InvalidArgument``."""
     _check_mode(mode)
-    if mode == "grpc":
+    if mode in ("grpc", "nixl"):
         return False, False
     if mode == "fast":  # the plane under the rings, as auto
         mode = "auto"
