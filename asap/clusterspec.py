@@ -56,6 +56,8 @@ class ClusterSpec:
     """Trace every service into this JSON-lines file through an in-process OTLP collector."""
     mps: str = "auto"
     """CUDA MPS for ranks sharing a GPU: ``auto`` (start a daemon when needed and possible), ``on``, ``off``."""
+    data_plane: str = "auto"
+    """``--data-plane`` of every attention and expert rank (``asap.dataplane.select.DATA_PLANES``)."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -76,6 +78,16 @@ class ClusterSpec:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
         if self.mps not in MPS_MODES:
             raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
+        from asap.dataplane.select import DATA_PLANES  # here: the spec's readers need no torch otherwise
+
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
+
+    def data_plane_args(self) -> list[str]:
+        """The ranks' ``--data-plane`` flag (none for ``auto``, the ranks' own default)."""
+        return [] if self.data_plane == "auto" else ["--data-plane", self.data_plane]
 
     def rank_devices(self, ranks: Sequence[RankSpec]) -> list[str]:
         """The torch device of each of ``ranks`` (``attention_ranks`` or ``expert_ranks``): a rank's own
@@ -133,6 +145,7 @@ _TOP_LEVEL_VALUES = (
     "trace",
     "optimizations",
     "min_batch_tokens",
+    "data_plane",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -198,7 +211,7 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "--rank", str(r), "--num-ranks", str(spec.experts),
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
-                "--optimizations", spec.optimizations, *rank.extra_args,
+                "--optimizations", spec.optimizations, *spec.data_plane_args(), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -217,7 +230,7 @@ def attention_commands(
                 "--rank", str(r), "--experts", ",".join(expert_targets),
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
-                "--optimizations", spec.optimizations, *rank.extra_args,
+                "--optimizations", spec.optimizations, *spec.data_plane_args(), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)

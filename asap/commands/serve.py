@@ -42,8 +42,9 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         default="auto",
         choices=DATA_PLANES,
         help="how activations move between same-host ranks: auto (POSIX shared memory between CPU ranks, "
-        "CUDA IPC between GPU ranks, where possible; else gRPC bytes), grpc, or shm / cuda-ipc (forced; "
-        "fails if not possible)",
+        "CUDA IPC between GPU ranks, where possible; NIXL to a remote expert rank when both ends have "
+        "the nixl extra; else gRPC bytes), grpc, or shm / cuda-ipc / fast / nixl (forced; fails if not "
+        "possible; nixl: NIXL WRITEs over UCX, any host, see docs/deploy.md)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     parser.add_argument(

@@ -10,6 +10,7 @@ from typing import Any
 
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
 from asap.commands import SUMMARIES
+from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import DTYPES
 from asap.modes import MODES
 
@@ -58,6 +59,13 @@ def add_parser(subparsers: Any) -> None:
         "ranks share a GPU, none serves and nvidia-cuda-mps-control is installed), on (always; fail if "
         "impossible), off (never)",
     )
+    up.add_argument(
+        "--data-plane",
+        choices=DATA_PLANES,
+        default=None,
+        help="--data-plane of every rank (default auto); nixl: NIXL WRITEs between ranks (needs the nixl "
+        "extra; see docs/deploy.md for ranks on different hosts)",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -77,6 +85,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "port": args.port,
         "trace": args.trace,
         "mps": args.mps,
+        "data_plane": args.data_plane,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)

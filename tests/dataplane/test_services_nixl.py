@@ -62,7 +62,9 @@ async def test_auto_keeps_same_host_planes_and_forced_nixl_needs_the_expert(qwen
 
 
 @contextlib.asynccontextmanager
-async def _expert_processes(model: Path, ranks: int) -> AsyncIterator[tuple[AttentionService, list[ServiceProcess]]]:
+async def _expert_processes(
+    model: Path, ranks: int
+) -> AsyncIterator[tuple[AttentionService, list[ServiceProcess]]]:
     argv = ["-m", "expert_svc", "--model", str(model), "--port", "0", "--num-ranks", str(ranks)]
     argv += ["--data-plane", "nixl"]
     procs = [ServiceProcess(f"expert-{r}", [*argv, "--rank", str(r)]) for r in range(ranks)]
@@ -87,7 +89,9 @@ async def test_between_processes_then_a_killed_expert_fails_typed(qwen3_dir: Pat
     prompt = _prompt()
     async with cluster(str(qwen3_dir), "grpc") as reference:
         assert reference.executor is not None
-        expected = (await reference.executor.run_batch([reference.executor.make_prompt("r", prompt)])).results[0]
+        expected = (
+            await reference.executor.run_batch([reference.executor.make_prompt("r", prompt)])
+        ).results[0]
     async with _expert_processes(qwen3_dir, 2) as (attention, procs):
         executor, transport = attention.executor, attention.transport
         assert executor is not None and transport is not None
