@@ -64,7 +64,7 @@ class NixlExpertEnd:
         got = self.end.notifications()
         for raw in got:
             self._take(raw)
-        return bool(got)
+        return bool(got) or self.end.writing
 
     def _take(self, raw: bytes) -> None:
         if len(raw) != _REQUEST_BYTES or raw[:1] != b"R":

@@ -121,7 +121,7 @@ class _AttentionEnd:
         got = self.end.notifications()
         for raw in got:
             self._take(raw)
-        return bool(got)
+        return bool(got) or self.end.writing
 
     def _take(self, raw: bytes) -> None:
         if len(raw) != _COMPLETION_BYTES or raw[:1] != _COMPLETION_TAG:
