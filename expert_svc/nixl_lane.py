@@ -30,7 +30,7 @@ from asap.dataplane.fastlink import (
     status_of,
     write_error,
 )
-from asap.dataplane.nixl_link import NixlEnd, NixlPoller, nixl_missing
+from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
 from asap.dataplane.nixl_plane import completion_notification
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
@@ -56,8 +56,12 @@ class NixlExpertEnd:
         self._held = 0
         self._detached = False
         self._closed = False
+        self._beat_ns = 0
 
     def poll(self, now_ns: int) -> bool:
+        if now_ns - self._beat_ns >= BEAT_NS:
+            self._beat_ns = now_ns
+            self.end.beat()
         error = self.end.reap()
         if error:
             logger.warning("NIXL link of %s: %s", self.end.peer, error)

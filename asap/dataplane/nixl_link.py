@@ -34,7 +34,9 @@ from asap.errors import InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
 __all__ = [
+    "BEAT_NS",
     "HANDSHAKE_MICRO_BATCH",
+    "HEARTBEAT",
     "NixlEnd",
     "NixlPoller",
     "load_nixl",
@@ -46,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_MICRO_BATCH = 2**64 - 1
 """The micro-batch of the stream chunk that announces a NIXL link (never a real one)."""
+HEARTBEAT = b"H"
+"""The notification an expert end sends every ``BEAT_NS``: a frozen peer is noticed by its absence."""
+BEAT_NS = 500_000_000
 _MAX_METADATA = 1 << 20
 _AGENT = re.compile(r"^asap-[A-Za-z0-9_.-]{1,120}$")
 _MODULES = ("nixl_cu13", "nixl_cu12", "nixl")
@@ -222,6 +227,14 @@ class NixlEnd:
             with self._lock:
                 self._posted = keep + self._posted
         return error
+
+    def beat(self) -> None:
+        """A heartbeat notification to the peer (the expert side sends one every ``BEAT_NS``)."""
+        if self.peer is not None and not self.closed:
+            try:
+                self.agent.send_notif(self.peer, HEARTBEAT)
+            except Exception:  # the peer is gone: its side notices by the missing beats
+                logger.debug("NIXL heartbeat to %s failed", self.peer, exc_info=True)
 
     def notifications(self) -> list[bytes]:
         """Notifications that arrived from the peer (each after the data of its WRITE)."""

@@ -12,7 +12,9 @@ waiting coroutine. Nothing per layer goes through gRPC or protobuf.
 
 The stream stays for what the slots do not carry (``inner``, gRPC bytes: sync-mode dispatches and
 dispatches larger than a slot) and its break is how a dead expert rank is noticed: every waiting dispatch
-then fails with ``Unavailable`` at once and the next exchange sets up a fresh end. A dispatch abandoned
+then fails with ``Unavailable`` at once and the next exchange sets up a fresh end. A frozen one (or a
+host that went away without closing the stream) is noticed by its missing heartbeat notifications
+(every 0.5 s from the expert end) after ``peer_timeout_s`` while dispatches wait. A dispatch abandoned
 while the expert may still write its slot keeps that slot until its completion arrives or the end is
 replaced (the quarantine rule of ``asap.dataplane.link``).
 """
@@ -32,10 +34,10 @@ from typing import Any
 
 import torch
 
-from asap.dataplane.fast import DEFAULT_SLOTS, slot_bytes_for
+from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, slot_bytes_for
 from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
-from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, NixlEnd, nixl_poller
+from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, HEARTBEAT, NixlEnd, nixl_poller
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.rpc.status import error_from_wire
@@ -99,8 +101,13 @@ class _Pending:
 class _AttentionEnd:
     """One connected NIXL end of a link, attention side (served by the process's NIXL poll thread)."""
 
-    def __init__(self, end: NixlEnd, *, peer: str, dtype: torch.dtype, rank: int, loop: Any) -> None:
+    def __init__(
+        self, end: NixlEnd, *, peer: str, dtype: torch.dtype, rank: int, loop: Any, peer_timeout_s: float
+    ) -> None:
         self.end = end
+        self.peer_timeout_ns = int(peer_timeout_s * 1e9)
+        self._heard_ns = time.monotonic_ns()
+        """When the peer was last heard from (any notification: completions and its heartbeats)."""
         self.peer = peer
         self.dtype = dtype
         self.rank = rank
@@ -119,11 +126,30 @@ class _AttentionEnd:
         if error:
             self._loop.call_soon_threadsafe(self.fail, Unavailable(f"{self.peer}: {error}"))
         got = self.end.notifications()
+        if got:
+            self._heard_ns = now_ns
         for raw in got:
             self._take(raw)
+        self._check_peer(now_ns)
         return bool(got) or self.end.writing
 
+    def _check_peer(self, now_ns: int) -> None:
+        """Fail the waiting dispatches when the peer's heartbeats stopped (frozen or dead host)."""
+        silent = now_ns - self._heard_ns
+        if silent <= self.peer_timeout_ns or self.broken is not None:
+            return
+        with self._lock:
+            waiting = any(not p.abandoned for p in self._pending.values())
+        if waiting:
+            error = Unavailable(
+                f"{self.peer}: stopped answering (no NIXL heartbeat for {silent / 1e9:.2f} s)"
+            )
+            self._heard_ns = now_ns  # once
+            self._loop.call_soon_threadsafe(self.fail, error)
+
     def _take(self, raw: bytes) -> None:
+        if raw == HEARTBEAT:
+            return
         if len(raw) != _COMPLETION_BYTES or raw[:1] != _COMPLETION_TAG:
             logger.warning("%s: a NIXL notification that is not a completion ignored", self.peer)
             return
@@ -262,8 +288,16 @@ class NixlPlane:
     name = "nixl"
 
     def __init__(
-        self, spec: LinkSpec, stream: Any, codec: Executor, inner: DataPlane, *, slots: int = DEFAULT_SLOTS
+        self,
+        spec: LinkSpec,
+        stream: Any,
+        codec: Executor,
+        inner: DataPlane,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S,
     ) -> None:
+        self.peer_timeout_s = peer_timeout_s
         if spec.shape_only:
             raise InvalidArgument("the nixl data plane moves activations: not with emulated compute")
         self.spec = spec
@@ -354,7 +388,12 @@ class NixlPlane:
             local.close()
             raise
         end = _AttentionEnd(
-            local, peer=self.stream.peer, dtype=spec.dtype, rank=spec.attention_rank, loop=loop
+            local,
+            peer=self.stream.peer,
+            dtype=spec.dtype,
+            rank=spec.attention_rank,
+            loop=loop,
+            peer_timeout_s=self.peer_timeout_s,
         )
         nixl_poller().add(end)
         self._end, self._session = end, session

@@ -1,6 +1,7 @@
 """The NIXL plane (WRITEs plus notifications into registered slots, UCX over TCP/shared memory on this CPU
 machine): identical outputs to gRPC bytes for every architecture, in process and between processes; a
-killed expert rank fails typed (``Unavailable``) within the bound and the other rank keeps serving; a bad
+killed expert rank fails typed (``Unavailable``) within the bound and the other rank keeps serving, a
+frozen one fails typed by its missing heartbeats and serving resumes after it thaws; a bad
 link announcement is refused with INVALID_ARGUMENT and the rank keeps serving; a malformed descriptor
 fails its dispatch only. Skipped where NIXL is not importable."""
 
@@ -107,6 +108,25 @@ async def test_between_processes_then_a_killed_expert_fails_typed(qwen3_dir: Pat
         d = _dispatch(0, 16, cfg.hidden_size, cfg.top_k, expert=0)  # expert 0 lives on rank 0
         result = await asyncio.wait_for(live.exchange(10_000, cfg.moe_layer_ids[0], d), _HANG_GUARD_S)
         assert result.hidden.shape == (16, cfg.hidden_size) and bool(result.hidden.abs().sum() > 0)
+
+
+async def test_a_frozen_expert_fails_typed_and_serving_resumes(qwen3_dir: Path) -> None:
+    async with _expert_processes(qwen3_dir, 1) as (attention, (proc,)):
+        executor = attention.executor
+        assert executor is not None
+        expected = (await executor.run_batch([executor.make_prompt("a", _prompt())])).results[0].first
+        os.killpg(proc.proc.pid, signal.SIGSTOP)  # alive, stream open, never answers: only the beats tell
+        try:
+            with pytest.raises(Unavailable, match="stopped answering"):
+                await asyncio.wait_for(
+                    executor.run_batch([executor.make_prompt("b", _prompt())]), _HANG_GUARD_S
+                )
+        finally:
+            os.killpg(proc.proc.pid, signal.SIGCONT)
+        again = await asyncio.wait_for(
+            executor.run_batch([executor.make_prompt("c", _prompt())]), _HANG_GUARD_S
+        )
+        assert again.results[0].first == expected  # a fresh NIXL link was set up and served
 
 
 async def test_bad_link_announcements_are_refused_and_the_rank_keeps_serving(qwen3_dir: Path) -> None:
