@@ -198,15 +198,17 @@ class NixlLane:
     """All NIXL links of one expert rank: their poll thread; compute through the rank's ``fast`` lane."""
 
     def __init__(self, fast: FastLane, device: torch.device) -> None:
-        if nixl_missing():
-            raise Unavailable(nixl_missing())
         self.fast = fast
         self.device = device
         self.poller = NixlPoller("nixl-requests", flush=fast.hand_off)
         self.ends: set[NixlExpertEnd] = set()
 
     def connect(self, link: expert_pb2.NixlLink) -> tuple[NixlExpertEnd, expert_pb2.NixlLink]:
-        """This rank's end of an announced link and its answer; ``InvalidArgument`` if unusable."""
+        """This rank's end of an announced link and its answer; ``InvalidArgument`` if unusable,
+        ``Unavailable`` if NIXL does not work here."""
+        missing = nixl_missing()
+        if missing:
+            raise Unavailable(missing)
         if link.slot_bytes > MAX_SLOT_BYTES:
             raise InvalidArgument(f"NIXL link slots of {link.slot_bytes} bytes (at most {MAX_SLOT_BYTES})")
         geometry = LinkGeometry(link.slots, link.slot_bytes, link.hidden_size, link.top_k, link.itemsize)

@@ -16,6 +16,7 @@ and nothing imports it until a link needs it. One agent per link end, so notific
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ __all__ = [
     "NixlEnd",
     "NixlPoller",
     "load_nixl",
+    "nixl_installed",
     "nixl_missing",
     "nixl_poller",
 ]
@@ -57,6 +59,12 @@ _MODULES = ("nixl_cu13", "nixl_cu12", "nixl")
 _loaded: ModuleType | None = None
 _missing: str | None = None
 _load_lock = threading.Lock()
+
+
+def nixl_installed() -> bool:
+    """Whether a NIXL package is installed, without importing it (seconds on a loaded host: it loads UCX
+    and its plugins); ``nixl_missing`` says whether it also imports."""
+    return any(importlib.util.find_spec(name) is not None for name in _MODULES)
 
 
 def nixl_missing() -> str:

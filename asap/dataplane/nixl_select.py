@@ -10,7 +10,7 @@ Emulated compute moves no activations, so it never uses NIXL.
 
 from __future__ import annotations
 
-from asap.dataplane.nixl_link import nixl_missing
+from asap.dataplane.nixl_link import nixl_installed, nixl_missing
 from asap.dataplane.select import is_local_target
 from asap.errors import InvalidArgument
 from asap.v1 import expert_pb2
@@ -46,12 +46,16 @@ def confirm_nixl(mode: str, info: expert_pb2.ExpertInfo, *, where: str = "") -> 
 
 
 def expert_accepts_nixl(mode: str, *, emulated: bool) -> bool:
-    """Whether an expert rank accepts NIXL links (``InvalidArgument`` if forced where not possible)."""
+    """Whether an expert rank accepts NIXL links (``InvalidArgument`` if forced where not possible).
+    ``auto`` only checks that NIXL is installed (it is imported on the first link, and a failure then
+    refuses that link); ``nixl`` imports it at once, so a broken install fails at start-up."""
     if mode not in ("auto", "nixl"):
         return False
     reasons = []
     if emulated:
         reasons.append("emulated compute moves no activations")
+    if mode == "auto":
+        return not reasons and nixl_installed()
     missing = nixl_missing()
     if missing:
         reasons.append(missing)

@@ -20,6 +20,7 @@ REMOTE = "10.1.2.3:50071"
 def nixl_here(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     missing = "" if request.param == "installed" else "NIXL is not installed (pip install asap-serve[nixl])"
     monkeypatch.setattr(nixl_select, "nixl_missing", lambda: missing)
+    monkeypatch.setattr(nixl_select, "nixl_installed", lambda: not missing)
     return not missing
 
 
