@@ -6,7 +6,8 @@ to by (micro_batch, layer); when the stream breaks, every dispatch waiting on it
 
 How the rows travel is the link's data plane (``asap.dataplane.plane.DataPlane``), chosen once, after the
 expert rank's ``Info`` answer: gRPC bytes, shared memory (same-host CPU ranks) or CUDA IPC (same-host GPU
-ranks), see ``asap.dataplane.planes``. The link keeps what every plane shares: the stream, the check that
+ranks), see ``asap.dataplane.planes``; the fast rings (same-host CPU ranks) or NIXL WRITEs (a remote
+expert rank, ``asap.dataplane.nixl_select``) over one of them. The link keeps what every plane shares: the stream, the check that
 a dispatch is not already in flight, and the ``attention.dispatch`` span.
 """
 
@@ -118,7 +119,7 @@ class ExpertLink:
                 use, self.plane_reason = confirm_nixl(self.requested_plane, info, where=where)
                 if use:
                     plane, fallback = "nixl", plane  # WRITEs, over gRPC bytes for what slots cannot carry
-            if plane == "grpc" and self.plane_reason:
+            if plane == "grpc" and self.plane_reason and self.requested_plane == "auto":
                 logger.info("link to expert rank %s: gRPC bytes, not NIXL: %s", where, self.plane_reason)
             self.plane = make_plane(plane, self.spec, self.stream, self._codec, fallback=fallback)
             self.data_plane = plane
