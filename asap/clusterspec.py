@@ -67,6 +67,8 @@ class ClusterSpec:
     a certificate per service and one for clients, ``DIR/client``); None: plaintext."""
     auth_token_file: str | None = None
     """Bearer tokens the scheduler accepts (one per line, re-read on SIGHUP); None: no token needed."""
+    data_plane: str = "auto"
+    """``--data-plane`` of every attention and expert rank (``asap.dataplane.select.DATA_PLANES``)."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -94,6 +96,16 @@ class ClusterSpec:
             )
         if self.mps not in MPS_MODES:
             raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
+        from asap.dataplane.select import DATA_PLANES  # here: the spec's readers need no torch otherwise
+
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
+
+    def data_plane_args(self) -> list[str]:
+        """The ranks' ``--data-plane`` flag (none for ``auto``, the ranks' own default)."""
+        return [] if self.data_plane == "auto" else ["--data-plane", self.data_plane]
 
     def rank_devices(self, ranks: Sequence[RankSpec]) -> list[str]:
         """The torch device of each of ``ranks`` (``attention_ranks`` or ``expert_ranks``): a rank's own
@@ -166,6 +178,7 @@ _TOP_LEVEL_VALUES = (
     "metrics_port",
     "tls",
     "auth_token_file",
+    "data_plane",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -249,7 +262,7 @@ def expert_commands(spec: ClusterSpec, model_dir: str) -> list[ServiceCommand]:
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"expert-{r}"),
-                *tls_args(spec, "expert"), *rank.extra_args,
+                *tls_args(spec, "expert"), *spec.data_plane_args(), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.expert_ranks)
@@ -269,7 +282,7 @@ def attention_commands(
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"attention-{r}"),
-                *tls_args(spec, "attention"), *rank.extra_args,
+                *tls_args(spec, "attention"), *spec.data_plane_args(), *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)

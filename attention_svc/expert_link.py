@@ -6,7 +6,8 @@ to by (micro_batch, layer); when the stream breaks, every dispatch waiting on it
 
 How the rows travel is the link's data plane (``asap.dataplane.plane.DataPlane``), chosen once, after the
 expert rank's ``Info`` answer: gRPC bytes, shared memory (same-host CPU ranks) or CUDA IPC (same-host GPU
-ranks), see ``asap.dataplane.planes``. The link keeps what every plane shares: the stream, the check that
+ranks), see ``asap.dataplane.planes``; the fast rings (same-host CPU ranks) or NIXL WRITEs (a remote
+expert rank, ``asap.dataplane.nixl_select``) over one of them. The link keeps what every plane shares: the stream, the check that
 a dispatch is not already in flight, and the ``attention.dispatch`` span.
 """
 
@@ -24,6 +25,7 @@ import torch
 from asap.dataplane.cuda_ipc import gpu_uuid
 from asap.dataplane.direct import DirectLink, Ticket
 from asap.dataplane.fast import FastOptions
+from asap.dataplane.nixl_select import confirm_nixl, nixl_candidate
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane, make_plane
 from asap.dataplane.select import confirm_data_plane, confirm_fast, fast_possible, select_data_plane
@@ -43,6 +45,8 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertLink:
@@ -72,6 +76,8 @@ class ExpertLink:
         self.data_plane = select_data_plane(data_plane, target, device, emulated=link_s is not None)
         """``grpc``, ``shm``, ``cuda-ipc`` or ``fast``; ``auto`` may still fall back after ``info``."""
         self._fast = fast_possible(data_plane, target, device)
+        self._nixl, self.plane_reason = nixl_candidate(data_plane, target, emulated=link_s is not None)
+        """Whether NIXL is tried, and why not (``plane_reason``, logged once the plane is settled)."""
         self.spec = LinkSpec(
             attention_rank=attention_rank,
             expert_rank=rank,
@@ -124,6 +130,12 @@ class ExpertLink:
             gpu_inner = plane if self.device.type == "cuda" else None
             if self._fast and confirm_fast(self.requested_plane, info, where=where, gpu_inner=gpu_inner):
                 plane, fallback = "fast", plane  # the rings, over the plane they fall back to
+            elif self._nixl:
+                use, self.plane_reason = confirm_nixl(self.requested_plane, info, where=where)
+                if use:
+                    plane, fallback = "nixl", plane  # WRITEs, over gRPC bytes for what slots cannot carry
+            if plane == "grpc" and self.plane_reason and self.requested_plane == "auto":
+                logger.info("link to expert rank %s: gRPC bytes, not NIXL: %s", where, self.plane_reason)
             self.plane = make_plane(
                 plane, self.spec, self.stream, self._codec, fallback=fallback, fast=self._fast_options
             )

@@ -14,7 +14,9 @@ chunk, in completion order, through a queue (the servicer relays that queue as t
 - a malformed chunk, or one whose computation fails, is answered with an error for that chunk; the stream
   goes on;
 - a fast link announcement (``fast_link``) is not answered: the region is attached to the rank's
-  ``FastLane`` and served from then on by its poll thread; it is detached when the stream ends.
+  ``FastLane`` and served from then on by its poll thread; it is detached when the stream ends;
+- a NIXL link announcement (``nixl_link``) is answered with this rank's end (``NixlLane``), or refused
+  with an error; it is detached when the stream ends.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError
+from asap.errors import AsapError, InvalidArgument
 from asap.rpc.streams import cancel_all
 from asap.telemetry import setup
 from asap.v1 import expert_pb2
@@ -37,6 +39,7 @@ from asap.wire import chunks
 from expert_svc.barrier import StepBarrier
 from expert_svc.core import ExpertExecutor, ExpertResult
 from expert_svc.fastlane import ExpertLinkEnd, FastLane
+from expert_svc.nixl_lane import NixlExpertEnd, NixlLane
 from expert_svc.regions import StreamRegions
 from expert_svc.tracing import ChunkTrace
 
@@ -62,6 +65,7 @@ class ExpertExchange:
         shm: ShmAttachments | None = None,
         cuda_ipc: bool = False,
         fast: FastLane | None = None,
+        nixl: NixlLane | None = None,
     ) -> None:
         self.executor = executor
         self.codec = codec
@@ -82,6 +86,8 @@ class ExpertExchange:
         """CUDA IPC data plane: each stream maps the regions its attention rank announces."""
         self.fast = fast
         """Fast data plane: the fast links announced on the streams, served by one poll thread."""
+        self.nixl = nixl
+        """NIXL data plane: the NIXL links announced on the streams (any host), served by one poll thread."""
 
     def transfer_s(self, rows: int) -> float:
         """Emulated link time of a combine result of ``rows`` rows (0 with real compute)."""
@@ -130,6 +136,7 @@ class ExchangeSession:
         self.regions = regions
         self._replies: set[asyncio.Task[None]] = set()
         self._fast_ends: list[ExpertLinkEnd] = []
+        self._nixl_ends: list[NixlExpertEnd] = []
 
     async def run(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
         """Answer every chunk of ``messages`` on ``outbound``, then queue ``None``. Cancelled (the
@@ -146,6 +153,25 @@ class ExchangeSession:
             for end in self._fast_ends:
                 self.shared.fast.detach(end)
         self._fast_ends.clear()
+        if self.shared.nixl is not None:
+            for nixl_end in self._nixl_ends:
+                self.shared.nixl.detach(nixl_end)
+        self._nixl_ends.clear()
+
+    async def _connect_nixl(self, msg: expert_pb2.DispatchChunk) -> expert_pb2.CombineChunk:
+        """A NIXL link announced on this stream: this rank's end as the answer (served until the stream
+        ends), or the error that refuses it."""
+        nixl = self.shared.nixl
+        try:
+            if nixl is None:
+                raise InvalidArgument("this expert rank has no NIXL data plane (--data-plane nixl or auto)")
+            loop = asyncio.get_running_loop()
+            end, answer = await loop.run_in_executor(self.shared.codec, nixl.connect, msg.nixl_link)
+        except AsapError as exc:
+            logger.warning("rejected NIXL link %s: %s", msg.nixl_link.agent[:80], exc.message)
+            return _error_reply(msg.micro_batch, msg.layer, 0, 0, exc)
+        self._nixl_ends.append(end)
+        return expert_pb2.CombineChunk(micro_batch=msg.micro_batch, layer=msg.layer, nixl_link=answer)
 
     def _attach_fast(self, msg: expert_pb2.DispatchChunk) -> None:
         """A fast link announced on this stream: serve it until the stream ends."""
@@ -164,6 +190,9 @@ class ExchangeSession:
         async for msg in messages:
             if msg.HasField("fast_link"):
                 self._attach_fast(msg)
+                continue
+            if msg.HasField("nixl_link"):
+                await outbound.put(await self._connect_nixl(msg))
                 continue
             async with shared.serial if not shared.overlap else contextlib.nullcontext():
                 try:

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
 
-__all__ = ["ExpertLinkEnd", "FastLane"]
+__all__ = ["ExpertLinkEnd", "FastLane", "LaneEnd", "LaneItem"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,27 @@ def _bell(path: str) -> Doorbell:
         raise InvalidArgument(f"cannot open fast link doorbell {path!r}: {exc}") from None
 
 
+class LaneEnd(Protocol):
+    """Where a lane's item came from and its answer goes: a fast link end, or a NIXL link end
+    (``expert_svc.nixl_lane``), which share the slot/descriptor protocol."""
+
+    def answer(
+        self,
+        request: Request,
+        out: torch.Tensor | None,
+        *,
+        error: AsapError | None = None,
+        queue_ns: int = 0,
+        compute_ns: int = 0,
+        picked_unix_ns: int = 0,
+    ) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class _Item:
-    end: ExpertLinkEnd
+    end: LaneEnd
     request: Request
     header: SlotHeader
     layer: int
@@ -344,6 +363,11 @@ class FastLane:
         with self._lock:
             self._waiting.append(item)
 
+    def hand_off(self) -> None:
+        """Wake the compute thread for what was enqueued (the flush of a poll thread other than the
+        lane's own, e.g. the NIXL lane's)."""
+        self._flush()
+
     def _flush(self) -> None:
         """After a sweep (poll thread): wake the compute thread unless it is already draining."""
         with self._lock:
@@ -417,6 +441,10 @@ class FastLane:
         for item in group:
             item.hidden = item.expert_ids = item.weights = torch.empty(0)  # drop the views of the slot
             item.end.release()
+
+
+LaneItem = _Item
+"""One dispatch taken from a link end, for the lane's compute thread (what other link ends build)."""
 
 
 def _record_spans(item: _Item, started_unix: int, compute_ns: int, sent_ns: int) -> None:

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import visible_gpu_uuids
+from asap.dataplane.nixl_select import expert_accepts_nixl
 from asap.dataplane.select import expert_accepts_fast, expert_planes
 from asap.dataplane.shm import ShmAttachments
 from asap.devices import use_own_stream
@@ -29,6 +30,7 @@ from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
 from expert_svc.fastlane import FastLane
 from expert_svc.gpu_fastlane import GpuFastLane
+from expert_svc.nixl_lane import NixlLane
 
 if TYPE_CHECKING:
     from asap.metrics.export import Collector
@@ -67,6 +69,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             cuda_ipc_data_plane=self.exchange.cuda_ipc,
             gpu_uuids=self.gpu_uuids,
             fast_data_plane=self.exchange.fast is not None,
+            nixl_data_plane=self.exchange.nixl is not None,
         )
 
     async def Exchange(
@@ -114,6 +117,10 @@ class ExpertService(GrpcService):
             initializer=use_own_stream,
             initargs=(config.device,),
         )
+        nixl = None
+        if expert_accepts_nixl(config.data_plane, emulated=profile is not None):
+            lane = FastLane(self.executor, shape_only=False, max_merge_rows=config.max_merge_rows)
+            nixl = NixlLane(lane, torch.device(config.device))
         self.exchange = ExpertExchange(
             self.executor,
             self._codec,
@@ -122,6 +129,7 @@ class ExpertService(GrpcService):
             shm=ShmAttachments() if shm else None,
             cuda_ipc=cuda_ipc,
             fast=self._fast_lane(profile is not None),
+            nixl=nixl,
         )
         self.exchange.barrier.timeout_s = config.sync_timeout_s
         self.exchange.barrier.supersede = True  # one step at a time: a newer one ends the older ones
@@ -171,6 +179,8 @@ class ExpertService(GrpcService):
         await self.stop_server(grace_s)
         if self.exchange is not None and self.exchange.fast is not None:
             self.exchange.fast.close()  # before the compute thread goes
+        if self.exchange is not None and self.exchange.nixl is not None:
+            self.exchange.nixl.close()
         if self.executor is not None:
             await self.executor.stop()
             self.executor = None

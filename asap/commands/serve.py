@@ -68,10 +68,12 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--data-plane",
         default="auto",
         choices=DATA_PLANES,
-        help="how activations move between same-host ranks: auto (the fast plane's descriptor rings where "
-        "both ends accept them: CPU ranks, and GPU ranks with cuda.bindings, over CUDA IPC slots and stream "
-        "flags; else POSIX shared memory between CPU ranks, CUDA IPC between GPU ranks; else gRPC bytes), "
-        "grpc, or shm / cuda-ipc / fast (forced; fails if not possible)",
+        help="how activations move between ranks: auto (the fast plane's descriptor rings where both ends "
+        "accept them: same-host CPU ranks, and same-host GPU ranks with cuda.bindings, over CUDA IPC slots and "
+        "stream flags; else POSIX shared memory between same-host CPU ranks, CUDA IPC between same-host GPU "
+        "ranks; NIXL to a remote expert rank when both ends have the nixl extra; else gRPC bytes), grpc, or "
+        "shm / cuda-ipc / fast / nixl (forced; fails if not possible; nixl: NIXL WRITEs over UCX, any host, "
+        "see docs/deploy.md)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     _metrics_port(parser)

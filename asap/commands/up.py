@@ -11,6 +11,7 @@ from typing import Any
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
 from asap.commands import SUMMARIES
 from asap.commands.serve import metrics_port
+from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import DTYPES
 from asap.modes import MODES
 from asap.supervise import RESTART_POLICIES, RestartPlan
@@ -98,6 +99,13 @@ def add_parser(subparsers: Any) -> None:
         help="no (default: a child that exits stops the cluster) or on-failure (restart it on the same "
         "address, backing off 1 s doubling to 30 s, and log it)",
     )
+    up.add_argument(
+        "--data-plane",
+        choices=DATA_PLANES,
+        default=None,
+        help="--data-plane of every rank (default auto); nixl: NIXL WRITEs between ranks (needs the nixl "
+        "extra; see docs/deploy.md for ranks on different hosts)",
+    )
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -121,6 +129,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "metrics_port": args.metrics_port,
         "tls": getattr(args, "tls", None),
         "auth_token_file": getattr(args, "auth_token_file", None),
+        "data_plane": args.data_plane,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)

@@ -282,8 +282,8 @@ def make_plane(
     fast: FastOptions | None = None,
 ) -> DataPlane:
     """The plane ``name`` (as settled by ``confirm_data_plane``) of a link, carried by ``stream``, encoding
-    on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` carries what its rings
-    cannot over the plane ``fallback``, with the failure bounds ``fast``."""
+    on ``codec`` (one thread, with its own CUDA stream on GPU ranks). ``fast`` and ``nixl`` carry what
+    their slots cannot over the plane ``fallback``; ``fast`` with the failure bounds ``fast``."""
     if name == "fast":
         options = fast if fast is not None else FastOptions()
         inner = make_plane(fallback, spec, stream, codec)
@@ -291,6 +291,10 @@ def make_plane(
         return kind(
             spec, stream, codec, inner, peer_timeout_s=options.peer_timeout_s, attach_s=options.attach_s
         )
+    if name == "nixl":
+        from asap.dataplane.nixl_plane import NixlPlane  # NIXL is optional: loaded only where chosen
+
+        return NixlPlane(spec, stream, codec, make_plane(fallback, spec, stream, codec))
     cls = _PLANES.get(name)
     if cls is None:
         raise InvalidArgument(f"no data plane {name!r}; known: {', '.join(_PLANES)}")

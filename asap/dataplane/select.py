@@ -28,12 +28,13 @@ __all__ = [
     "select_data_plane",
 ]
 
-DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast")
+DATA_PLANES = ("auto", "grpc", "shm", "cuda-ipc", "fast", "nixl")
 """Values of ``--data-plane``: ``auto`` picks fast for same-host ranks where the expert rank accepts it
 (CPU ranks, real or emulated compute; GPU ranks with stream flags, ``asap.dataplane.gpu_flags``, over
-CUDA IPC), else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks, else grpc. ``fast`` forces
-the descriptor rings (``asap.dataplane.fast``, ``asap.dataplane.gpu_fast``); what they do not carry goes
-over the plane ``auto`` would pick without them."""
+CUDA IPC), else shm for same-host CPU ranks, cuda-ipc for same-host GPU ranks, nixl for a remote expert
+rank when both ends have NIXL (``asap.dataplane.nixl_select``), else grpc. ``fast`` forces the descriptor
+rings (``asap.dataplane.fast``, ``asap.dataplane.gpu_fast``); what they do not carry goes over the plane
+``auto`` would pick without them. ``nixl`` forces NIXL WRITEs (any host; gRPC bytes under it)."""
 
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -113,7 +114,7 @@ def select_data_plane(mode: str, target: str, device: str, *, emulated: bool = F
     """The candidate plane (``grpc``, ``shm`` or ``cuda-ipc``) of a link to ``target`` from a rank on
     ``device``, before the expert rank's answer (``confirm_data_plane``)."""
     _check_mode(mode)
-    if mode == "grpc":
+    if mode in ("grpc", "nixl"):  # nixl: gRPC bytes under it (asap.dataplane.nixl_select decides on it)
         return "grpc"
     if mode == "fast":  # the plane under the rings: what auto would pick
         mode = "auto"
@@ -161,7 +162,7 @@ def expert_planes(mode: str, device: str, *, emulated: bool) -> tuple[bool, bool
     """(accepts shm, accepts cuda-ipc) of an expert rank on ``device``; a forced plane that is not
     possible raises ``InvalidArgument``."""
     _check_mode(mode)
-    if mode == "grpc":
+    if mode in ("grpc", "nixl"):
         return False, False
     if mode == "fast":  # the plane under the rings, as auto
         mode = "auto"

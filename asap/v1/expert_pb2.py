@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from asap.v1 import common_pb2 as asap_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61sap/v1/expert.proto\x12\x07\x61sap.v1\x1a\x14\x61sap/v1/common.proto\"\x93\x03\n\rDispatchChunk\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nrow_offset\x18\x03 \x01(\r\x12\x12\n\ntotal_rows\x18\x04 \x01(\r\x12\x1f\n\x06hidden\x18\x05 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12#\n\nexpert_ids\x18\x06 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12 \n\x07weights\x18\x07 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12$\n\x05trace\x18\x08 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x16\n\x0e\x61ttention_rank\x18\t \x01(\r\x12\x17\n\x0fsent_unix_nanos\x18\n \x01(\x04\x12\x0c\n\x04step\x18\x0b \x01(\x04\x12\x19\n\x11sync_participants\x18\x0c \x01(\r\x12(\n\x0b\x63uda_region\x18\r \x01(\x0b\x32\x13.asap.v1.CudaRegion\x12$\n\tfast_link\x18\x0e \x01(\x0b\x32\x11.asap.v1.FastLink\"I\n\x08\x46\x61stLink\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x14\n\x0crequest_bell\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompletion_bell\x18\x03 \x01(\t\"\xdd\x01\n\x0c\x43ombineChunk\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nrow_offset\x18\x03 \x01(\r\x12\x12\n\ntotal_rows\x18\x04 \x01(\r\x12\x1f\n\x06hidden\x18\x05 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x13\n\x0bqueue_nanos\x18\x07 \x01(\x04\x12\x15\n\rcompute_nanos\x18\x08 \x01(\x04\x12\x15\n\rbarrier_nanos\x18\t \x01(\x04\"\x13\n\x11\x45xpertInfoRequest\"1\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\xa3\x02\n\nExpertInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x1d\n\x05\x64type\x18\x06 \x01(\x0e\x32\x0e.asap.v1.DType\x12%\n\x06layers\x18\x07 \x03(\x0b\x32\x15.asap.v1.LayerExperts\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0eshm_data_plane\x18\t \x01(\x08\x12\x1b\n\x13\x63uda_ipc_data_plane\x18\n \x01(\x08\x12\x11\n\tgpu_uuids\x18\x0b \x03(\t\x12\x17\n\x0f\x66\x61st_data_plane\x18\x0c \x01(\x08\x32\x80\x01\n\x06\x45xpert\x12=\n\x08\x45xchange\x12\x16.asap.v1.DispatchChunk\x1a\x15.asap.v1.CombineChunk(\x01\x30\x01\x12\x37\n\x04Info\x12\x1a.asap.v1.ExpertInfoRequest\x1a\x13.asap.v1.ExpertInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61sap/v1/expert.proto\x12\x07\x61sap.v1\x1a\x14\x61sap/v1/common.proto\"\xb9\x03\n\rDispatchChunk\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nrow_offset\x18\x03 \x01(\r\x12\x12\n\ntotal_rows\x18\x04 \x01(\r\x12\x1f\n\x06hidden\x18\x05 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12#\n\nexpert_ids\x18\x06 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12 \n\x07weights\x18\x07 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12$\n\x05trace\x18\x08 \x01(\x0b\x32\x15.asap.v1.TraceContext\x12\x16\n\x0e\x61ttention_rank\x18\t \x01(\r\x12\x17\n\x0fsent_unix_nanos\x18\n \x01(\x04\x12\x0c\n\x04step\x18\x0b \x01(\x04\x12\x19\n\x11sync_participants\x18\x0c \x01(\r\x12(\n\x0b\x63uda_region\x18\r \x01(\x0b\x32\x13.asap.v1.CudaRegion\x12$\n\tfast_link\x18\x0e \x01(\x0b\x32\x11.asap.v1.FastLink\x12$\n\tnixl_link\x18\x0f \x01(\x0b\x32\x11.asap.v1.NixlLink\"\xbe\x01\n\x08NixlLink\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x15\n\rslots_address\x18\x03 \x01(\x04\x12\x11\n\tdevice_id\x18\x04 \x01(\r\x12\x0e\n\x06memory\x18\x05 \x01(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x12\n\nslot_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\r\n\x05top_k\x18\t \x01(\r\x12\x10\n\x08itemsize\x18\n \x01(\r\"I\n\x08\x46\x61stLink\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x14\n\x0crequest_bell\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompletion_bell\x18\x03 \x01(\t\"\x83\x02\n\x0c\x43ombineChunk\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nrow_offset\x18\x03 \x01(\r\x12\x12\n\ntotal_rows\x18\x04 \x01(\r\x12\x1f\n\x06hidden\x18\x05 \x01(\x0b\x32\x0f.asap.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.asap.v1.Error\x12\x13\n\x0bqueue_nanos\x18\x07 \x01(\x04\x12\x15\n\rcompute_nanos\x18\x08 \x01(\x04\x12\x15\n\rbarrier_nanos\x18\t \x01(\x04\x12$\n\tnixl_link\x18\n \x01(\x0b\x32\x11.asap.v1.NixlLink\"\x13\n\x11\x45xpertInfoRequest\"1\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\xbc\x02\n\nExpertInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x1d\n\x05\x64type\x18\x06 \x01(\x0e\x32\x0e.asap.v1.DType\x12%\n\x06layers\x18\x07 \x03(\x0b\x32\x15.asap.v1.LayerExperts\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0eshm_data_plane\x18\t \x01(\x08\x12\x1b\n\x13\x63uda_ipc_data_plane\x18\n \x01(\x08\x12\x11\n\tgpu_uuids\x18\x0b \x03(\t\x12\x17\n\x0f\x66\x61st_data_plane\x18\x0c \x01(\x08\x12\x17\n\x0fnixl_data_plane\x18\r \x01(\x08\x32\x80\x01\n\x06\x45xpert\x12=\n\x08\x45xchange\x12\x16.asap.v1.DispatchChunk\x1a\x15.asap.v1.CombineChunk(\x01\x30\x01\x12\x37\n\x04Info\x12\x1a.asap.v1.ExpertInfoRequest\x1a\x13.asap.v1.ExpertInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asap.v1.expert_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DISPATCHCHUNK']._serialized_start=56
-  _globals['_DISPATCHCHUNK']._serialized_end=459
-  _globals['_FASTLINK']._serialized_start=461
-  _globals['_FASTLINK']._serialized_end=534
-  _globals['_COMBINECHUNK']._serialized_start=537
-  _globals['_COMBINECHUNK']._serialized_end=758
-  _globals['_EXPERTINFOREQUEST']._serialized_start=760
-  _globals['_EXPERTINFOREQUEST']._serialized_end=779
-  _globals['_LAYEREXPERTS']._serialized_start=781
-  _globals['_LAYEREXPERTS']._serialized_end=830
-  _globals['_EXPERTINFO']._serialized_start=833
-  _globals['_EXPERTINFO']._serialized_end=1124
-  _globals['_EXPERT']._serialized_start=1127
-  _globals['_EXPERT']._serialized_end=1255
+  _globals['_DISPATCHCHUNK']._serialized_end=497
+  _globals['_NIXLLINK']._serialized_start=500
+  _globals['_NIXLLINK']._serialized_end=690
+  _globals['_FASTLINK']._serialized_start=692
+  _globals['_FASTLINK']._serialized_end=765
+  _globals['_COMBINECHUNK']._serialized_start=768
+  _globals['_COMBINECHUNK']._serialized_end=1027
+  _globals['_EXPERTINFOREQUEST']._serialized_start=1029
+  _globals['_EXPERTINFOREQUEST']._serialized_end=1048
+  _globals['_LAYEREXPERTS']._serialized_start=1050
+  _globals['_LAYEREXPERTS']._serialized_end=1099
+  _globals['_EXPERTINFO']._serialized_start=1102
+  _globals['_EXPERTINFO']._serialized_end=1418
+  _globals['_EXPERT']._serialized_start=1421
+  _globals['_EXPERT']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

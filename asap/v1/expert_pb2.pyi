@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DispatchChunk(_message.Message):
-    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos", "step", "sync_participants", "cuda_region", "fast_link")
+    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "expert_ids", "weights", "trace", "attention_rank", "sent_unix_nanos", "step", "sync_participants", "cuda_region", "fast_link", "nixl_link")
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DispatchChunk(_message.Message):
     SYNC_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_REGION_FIELD_NUMBER: _ClassVar[int]
     FAST_LINK_FIELD_NUMBER: _ClassVar[int]
+    NIXL_LINK_FIELD_NUMBER: _ClassVar[int]
     micro_batch: int
     layer: int
     row_offset: int
@@ -37,7 +38,32 @@ class DispatchChunk(_message.Message):
     sync_participants: int
     cuda_region: _common_pb2.CudaRegion
     fast_link: FastLink
-    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ..., cuda_region: _Optional[_Union[_common_pb2.CudaRegion, _Mapping]] = ..., fast_link: _Optional[_Union[FastLink, _Mapping]] = ...) -> None: ...
+    nixl_link: NixlLink
+    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., attention_rank: _Optional[int] = ..., sent_unix_nanos: _Optional[int] = ..., step: _Optional[int] = ..., sync_participants: _Optional[int] = ..., cuda_region: _Optional[_Union[_common_pb2.CudaRegion, _Mapping]] = ..., fast_link: _Optional[_Union[FastLink, _Mapping]] = ..., nixl_link: _Optional[_Union[NixlLink, _Mapping]] = ...) -> None: ...
+
+class NixlLink(_message.Message):
+    __slots__ = ("agent", "metadata", "slots_address", "device_id", "memory", "slots", "slot_bytes", "hidden_size", "top_k", "itemsize")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ITEMSIZE_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    metadata: bytes
+    slots_address: int
+    device_id: int
+    memory: str
+    slots: int
+    slot_bytes: int
+    hidden_size: int
+    top_k: int
+    itemsize: int
+    def __init__(self, agent: _Optional[str] = ..., metadata: _Optional[bytes] = ..., slots_address: _Optional[int] = ..., device_id: _Optional[int] = ..., memory: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., itemsize: _Optional[int] = ...) -> None: ...
 
 class FastLink(_message.Message):
     __slots__ = ("region", "request_bell", "completion_bell")
@@ -50,7 +76,7 @@ class FastLink(_message.Message):
     def __init__(self, region: _Optional[str] = ..., request_bell: _Optional[str] = ..., completion_bell: _Optional[str] = ...) -> None: ...
 
 class CombineChunk(_message.Message):
-    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "error", "queue_nanos", "compute_nanos", "barrier_nanos")
+    __slots__ = ("micro_batch", "layer", "row_offset", "total_rows", "hidden", "error", "queue_nanos", "compute_nanos", "barrier_nanos", "nixl_link")
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +86,7 @@ class CombineChunk(_message.Message):
     QUEUE_NANOS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NANOS_FIELD_NUMBER: _ClassVar[int]
     BARRIER_NANOS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_LINK_FIELD_NUMBER: _ClassVar[int]
     micro_batch: int
     layer: int
     row_offset: int
@@ -69,7 +96,8 @@ class CombineChunk(_message.Message):
     queue_nanos: int
     compute_nanos: int
     barrier_nanos: int
-    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., queue_nanos: _Optional[int] = ..., compute_nanos: _Optional[int] = ..., barrier_nanos: _Optional[int] = ...) -> None: ...
+    nixl_link: NixlLink
+    def __init__(self, micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., total_rows: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., queue_nanos: _Optional[int] = ..., compute_nanos: _Optional[int] = ..., barrier_nanos: _Optional[int] = ..., nixl_link: _Optional[_Union[NixlLink, _Mapping]] = ...) -> None: ...
 
 class ExpertInfoRequest(_message.Message):
     __slots__ = ()
@@ -84,7 +112,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device", "shm_data_plane", "cuda_ipc_data_plane", "gpu_uuids", "fast_data_plane")
+    __slots__ = ("rank", "model_type", "hidden_size", "num_layers", "num_experts", "dtype", "layers", "device", "shm_data_plane", "cuda_ipc_data_plane", "gpu_uuids", "fast_data_plane", "nixl_data_plane")
     RANK_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +125,7 @@ class ExpertInfo(_message.Message):
     CUDA_IPC_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     FAST_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
+    NIXL_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     model_type: str
     hidden_size: int
@@ -109,4 +138,5 @@ class ExpertInfo(_message.Message):
     cuda_ipc_data_plane: bool
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     fast_data_plane: bool
-    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ..., shm_data_plane: _Optional[bool] = ..., cuda_ipc_data_plane: _Optional[bool] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., fast_data_plane: _Optional[bool] = ...) -> None: ...
+    nixl_data_plane: bool
+    def __init__(self, rank: _Optional[int] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., device: _Optional[str] = ..., shm_data_plane: _Optional[bool] = ..., cuda_ipc_data_plane: _Optional[bool] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., fast_data_plane: _Optional[bool] = ..., nixl_data_plane: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,236 @@
+"""The expert rank's end of its NIXL links (DESIGN.md §10): one poll thread takes the request
+notifications of every link, validates them as the fast lane does and hands the rows to the compute
+thread through the rank's ``FastLane`` (the same merging of one layer's rows across links); the compute
+thread writes the results over the rows and WRITEs them back with the completion as the notification.
+
+Set-up: ``connect`` answers a link announcement (``NixlLink``, on an ``Exchange`` stream) with this
+rank's end (an agent and K slots of the announced fast-link geometry, in host memory on a CPU rank, GPU
+memory on a GPU rank). An announcement it cannot use (bad geometry, metadata or name) is refused with
+``InvalidArgument`` for that stream; the rank goes on. A malformed descriptor or slot header, or rows this
+rank cannot compute, is answered with an ``InvalidArgument`` completion for that dispatch only. The link
+is detached when its stream ends; its memory is released once the compute thread no longer holds work of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+
+import numpy as np
+import torch
+
+from asap.dataplane.fastlink import (
+    SLOT_HEADER_BYTES,
+    Completion,
+    LinkGeometry,
+    Request,
+    SlotHeader,
+    status_of,
+    write_error,
+)
+from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
+from asap.dataplane.nixl_plane import completion_notification
+from asap.errors import AsapError, InvalidArgument, Unavailable
+from asap.v1 import expert_pb2
+from expert_svc.fastlane import FastLane, LaneItem
+
+__all__ = ["NixlExpertEnd", "NixlLane"]
+
+logger = logging.getLogger(__name__)
+
+MAX_SLOT_BYTES = 256 * 1024 * 1024
+"""The largest slot an attention rank may ask this rank to register (x slots per link)."""
+_REQUEST_BYTES = 1 + struct.calcsize("<QIIIIQQQI")
+
+
+class NixlExpertEnd:
+    """One connected NIXL link, expert side (a ``LaneEnd`` of the rank's fast lane)."""
+
+    def __init__(self, lane: NixlLane, end: NixlEnd) -> None:
+        self.lane = lane
+        self.end = end
+        self.geometry = end.geometry
+        self._lock = threading.Lock()
+        self._held = 0
+        self._detached = False
+        self._closed = False
+        self._beat_ns = 0
+
+    def poll(self, now_ns: int) -> bool:
+        if now_ns - self._beat_ns >= BEAT_NS:
+            self._beat_ns = now_ns
+            self.end.beat()
+        error = self.end.reap()
+        if error:
+            logger.warning("NIXL link of %s: %s", self.end.peer, error)
+        got = self.end.notifications()
+        for raw in got:
+            self._take(raw)
+        return bool(got) or self.end.writing
+
+    def _take(self, raw: bytes) -> None:
+        if len(raw) != _REQUEST_BYTES or raw[:1] != b"R":
+            logger.warning("NIXL link of %s: a notification that is not a request ignored", self.end.peer)
+            return
+        request = Request.unpack(raw[1:])
+        try:
+            item = self._item(request)
+        except AsapError as exc:
+            logger.warning(
+                "rejected NIXL dispatch mb=%d layer=%d: %s", request.micro_batch, request.layer, exc.message
+            )
+            self.answer(request, None, error=exc)
+            return
+        with self._lock:
+            self._held += 1
+        self.lane.fast.enqueue(item)
+
+    def _host(self, slot: int, start: int, end: int) -> memoryview:
+        """Bytes ``start..end`` of ``slot`` on the host (a view on CPU ranks, a copy on GPU ranks)."""
+        if self.end.buf is not None:
+            at = slot * self.geometry.slot_bytes
+            return self.end.buf[at + start : at + end]
+        return memoryview(self.end.slot(slot)[start:end].cpu().numpy())  # type: ignore[arg-type]
+
+    def _item(self, request: Request) -> LaneItem:
+        g = self.geometry
+        request.check(g)
+        if request.shape_only:
+            raise InvalidArgument("a dispatch without row values on the NIXL data plane")
+        header = SlotHeader.read(self._host(request.slot, 0, SLOT_HEADER_BYTES), 0, request)
+        rows, top_k = request.rows, g.top_k
+        hidden_at, ids_at, weights_at, end = g.payload(rows, shape_only=False)
+        slot = self.end.slot(request.slot)
+        n = rows * g.hidden_size * self.lane.fast.dtype.itemsize
+        hidden = slot[hidden_at : hidden_at + n].view(self.lane.fast.dtype).view(rows, g.hidden_size)
+        routing = self._host(request.slot, ids_at, end)
+        ids = np.frombuffer(routing, dtype=np.int32, count=rows * top_k)
+        weights = np.frombuffer(routing, dtype=np.float32, count=rows * top_k, offset=weights_at - ids_at)
+        self.lane.fast.validate(request.layer, ids)
+        device = hidden.device
+        return LaneItem(
+            self,
+            request,
+            header,
+            request.layer,
+            hidden,
+            torch.from_numpy(ids).view(rows, top_k).to(device),  # type: ignore[arg-type]
+            torch.from_numpy(weights).view(rows, top_k).to(device),  # type: ignore[arg-type]
+            time.time_ns(),
+            time.monotonic_ns(),
+        )
+
+    def answer(
+        self,
+        request: Request,
+        out: torch.Tensor | None,
+        *,
+        error: AsapError | None = None,
+        queue_ns: int = 0,
+        compute_ns: int = 0,
+        picked_unix_ns: int = 0,
+    ) -> None:
+        """Write the results over the rows (or the error text into the slot header) and WRITE them back
+        with the completion; any thread. Nothing is written once the link is closed."""
+        g = self.geometry
+        completion = Completion(
+            micro_batch=request.micro_batch,
+            layer=request.layer,
+            slot=request.slot,
+            status=status_of(error),
+            rows=request.rows,
+            seq=request.seq,
+            queue_ns=queue_ns,
+            compute_ns=compute_ns,
+            picked_unix_ns=picked_unix_ns,
+        )
+        with self._lock:
+            if self._closed or request.slot >= g.slots:
+                return
+            slot = self.end.slot(request.slot)
+            if error is not None:
+                raw = bytearray(SLOT_HEADER_BYTES)
+                write_error(memoryview(raw), 0, error.message)
+                slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
+                start, end = 0, SLOT_HEADER_BYTES
+            else:
+                start = g.payload(request.rows, shape_only=False)[0]
+                end = start + request.rows * g.hidden_size * self.lane.fast.dtype.itemsize
+                if out is not None and request.rows:
+                    view = slot[start:end].view(self.lane.fast.dtype).view(request.rows, g.hidden_size)
+                    view.copy_(out)
+                    if view.device.type == "cuda":
+                        torch.cuda.current_stream(view.device).synchronize()  # results before the WRITE
+            try:
+                self.end.write(request.slot, start, max(end, start + 1), completion_notification(completion))
+            except Unavailable as exc:
+                logger.warning(
+                    "NIXL link of %s: answer of seq=%d lost: %s", self.end.peer, request.seq, exc.message
+                )
+
+    def release(self) -> None:
+        with self._lock:
+            self._held -= 1
+            close = self._detached and self._held <= 0
+        if close:
+            self._close()
+
+    def detach(self) -> None:
+        with self._lock:
+            if self._detached:
+                return
+            self._detached = True
+            close = self._held <= 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.end.close()
+
+
+class NixlLane:
+    """All NIXL links of one expert rank: their poll thread; compute through the rank's ``fast`` lane."""
+
+    def __init__(self, fast: FastLane, device: torch.device) -> None:
+        self.fast = fast
+        self.device = device
+        self.poller = NixlPoller("nixl-requests", flush=fast.hand_off)
+        self.ends: set[NixlExpertEnd] = set()
+
+    def connect(self, link: expert_pb2.NixlLink) -> tuple[NixlExpertEnd, expert_pb2.NixlLink]:
+        """This rank's end of an announced link and its answer; ``InvalidArgument`` if unusable,
+        ``Unavailable`` if NIXL does not work here."""
+        missing = nixl_missing()
+        if missing:
+            raise Unavailable(missing)
+        if link.slot_bytes > MAX_SLOT_BYTES:
+            raise InvalidArgument(f"NIXL link slots of {link.slot_bytes} bytes (at most {MAX_SLOT_BYTES})")
+        geometry = LinkGeometry(link.slots, link.slot_bytes, link.hidden_size, link.top_k, link.itemsize)
+        self.fast.check_geometry(geometry)
+        local = NixlEnd("e", geometry, self.device)
+        try:
+            local.connect(link)
+        except BaseException:
+            local.close()
+            raise
+        end = NixlExpertEnd(self, local)
+        self.ends.add(end)
+        self.poller.add(end)
+        return end, local.announcement()
+
+    def detach(self, end: NixlExpertEnd) -> None:
+        """Stop serving ``end`` (its stream ended); its memory goes once the compute thread lets go."""
+        self.ends.discard(end)
+        self.poller.remove(end)
+        end.detach()
+
+    def close(self) -> None:
+        for end in list(self.ends):
+            self.detach(end)
+        self.poller.stop()
