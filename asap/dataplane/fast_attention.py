@@ -181,6 +181,7 @@ class AttentionLinkEnd:
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
         self.attached = False
+        self._zero_beat_logged = False
         self.broken: AsapError | None = None
         poller.add(self)
 
@@ -255,7 +256,7 @@ class AttentionLinkEnd:
         """How long this end has waited for the expert rank to attach with no dispatch on it (0 once
         attached, or while dispatches wait): an end whose announcement the expert never acted on is
         replaced by a fresh one before new dispatches go on it (``FastPlane``)."""
-        if self.attached or heartbeat(self._buf, HEARTBEAT_EXPERT):
+        if heartbeat(self._buf, HEARTBEAT_EXPERT):  # the word, not ``attached``: see ``tick``
             return 0
         with self._lock:
             if self._pending:
@@ -265,6 +266,11 @@ class AttentionLinkEnd:
     def tick(self, now_ns: int) -> None:
         beat(self._buf, HEARTBEAT_ATTENTION, now_ns)
         expert_beat = heartbeat(self._buf, HEARTBEAT_EXPERT)
+        if self.attached and not expert_beat and not self._zero_beat_logged:
+            # Should never happen (nothing zeroes the word); logged to pin down the rare "never
+            # attached" failures of ends that had served traffic (benchmarks/README.md, Soak).
+            self._zero_beat_logged = True
+            logger.warning("%s: the expert's heartbeat word reads 0 after it attached", self.peer)
         if expert_beat and not self.attached:
             self.attached = True
             self._loop.call_soon_threadsafe(self._unlink_names)
