@@ -8,6 +8,7 @@ open: probes and ``grpcurl list`` need no token. The servicers never see any of 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,8 +31,37 @@ async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_MESSAGE)
 
 
+_QUIET_S = 0.05
+_DRAIN_S = 1.0
+
+
+async def _drain_requests(requests: AsyncIterator[Any]) -> None:
+    """Read (and drop, undecoded beyond grpc's framing) what a refused client is sending, until it has
+    been quiet for ``_QUIET_S`` (at most ``_DRAIN_S``). Without this a refusal that ends the call while
+    the client is still writing makes the client's next write fail locally, and the client sees
+    INTERNAL ("Internal error from Core") instead of UNAUTHENTICATED (a race seen in CI)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + _DRAIN_S
+    iterator = aiter(requests)
+    while (left := until - loop.time()) > 0:
+        try:
+            await asyncio.wait_for(anext(iterator), min(_QUIET_S, left))
+        except (TimeoutError, StopAsyncIteration):
+            return
+
+
+async def _refuse_request_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await _drain_requests(requests)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_MESSAGE)
+
+
 async def _refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_MESSAGE)
+    yield  # pragma: no cover - abort raises; this makes the function a response stream
+
+
+async def _refuse_duplex(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    await _refuse_request_stream(requests, context)
     yield  # pragma: no cover - abort raises; this makes the function a response stream
 
 
@@ -39,10 +69,10 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind that refuses the call (the request is never decoded)."""
     if handler.response_streaming:
         if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(_refuse_stream)
+            return grpc.stream_stream_rpc_method_handler(_refuse_duplex)
         return grpc.unary_stream_rpc_method_handler(_refuse_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_refuse)
+        return grpc.stream_unary_rpc_method_handler(_refuse_request_stream)
     return grpc.unary_unary_rpc_method_handler(_refuse)
 
 
