@@ -230,9 +230,11 @@ class ExpertLink:
         return None if link is None else _MeteredLink(link, self)
 
     async def close(self) -> None:
-        await self.stream.close()
-        await self._channel.close()
-        self.plane.close()
+        try:
+            await self.stream.close()
+            await self._channel.close()
+        finally:  # the plane's regions and names go whatever the stream's end did
+            self.plane.close()
 
 
 class _MeteredLink:

@@ -294,14 +294,16 @@ class AttentionService(GrpcService):
         return attention_collectors(self)
 
     async def shutdown(self, grace_s: float) -> None:
-        await self.stop_metrics()
-        await self.stop_server(grace_s)
-        if self.transport is not None:
-            await self.transport.close()
-            self.transport = None
-        if self.executor is not None:
-            self.executor.close()
-            self.executor = None
+        try:
+            await self.stop_metrics()
+            await self.stop_server(grace_s)
+        finally:  # the links' shared-memory names and the compute thread go whatever stopping did
+            if self.transport is not None:
+                await self.transport.close()
+                self.transport = None
+            if self.executor is not None:
+                self.executor.close()
+                self.executor = None
 
     async def drain(self) -> None:
         if self.servicer is not None:

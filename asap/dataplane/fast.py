@@ -297,7 +297,7 @@ class _Direct:
         try:
             plane._fill(end, slot, plane._header(end, slot, request), request)
             seq, _ = plane._publish(end, slot, request, ticket)
-        except (ValueError, IndexError, TypeError) as exc:  # the region was retired under the fill
+        except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
             if end.broken is not None:
                 raise end.broken from None
             raise InternalError(f"{end.peer}: filling a fast link slot failed: {exc}") from exc
@@ -324,7 +324,12 @@ class _Direct:
 
     def poll(self) -> None:
         """Take the link end's arrived completions on this thread (``DirectLink.poll``)."""
-        self.end.poll(time.monotonic_ns())
+        try:
+            self.end.poll(time.monotonic_ns())
+        except (ValueError, IndexError, TypeError, struct.error):
+            if self.end.broken is None:  # not a retired region: a real fault, typed by the caller
+                raise
+            # Retired under the poll (a dead peer): ``fail`` has settled every waiting ticket already.
 
     def park(self, on: bool) -> Sequence[int]:
         """``DirectLink.park``: the completion ring's waiting flag (counted: the poll thread may be parked
