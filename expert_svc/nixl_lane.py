@@ -28,8 +28,8 @@ from asap.dataplane.fastlink import (
     SlotHeader,
     write_error,
 )
+from asap.dataplane.nixl_attention import completion_notification
 from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
-from asap.dataplane.nixl_plane import completion_notification
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 from expert_svc.fastlane import FastLane, LaneItem

@@ -235,6 +235,8 @@ class GpuFastPlane(FastPlane):
     """The ``fast`` plane of a GPU link (see the module doc); ``inner`` (``cuda-ipc``) carries the
     sync-mode dispatches and those larger than a slot."""
 
+    device_slots = True
+
     def __init__(
         self,
         spec: LinkSpec,
@@ -252,19 +254,8 @@ class GpuFastPlane(FastPlane):
         )
         self.flags = flags if flags is not None else driver_flags()
 
-    def _geometry(self, top_k: int) -> LinkGeometry:
-        if self.geometry is None or self.geometry.top_k != top_k:
-            spec = self.spec
-            self.geometry = LinkGeometry(
-                slots=self.slots,
-                slot_bytes=gpu_slot_bytes_for(spec, self.slots),
-                hidden_size=spec.hidden_size,
-                top_k=top_k,
-                itemsize=spec.dtype.itemsize,
-                device_slots=True,
-            )
-            self.max_rows = self.geometry.max_rows(shape_only=False)
-        return self.geometry
+    def _slot_bytes(self) -> int:
+        return gpu_slot_bytes_for(self.spec, self.slots)
 
     def _end_for(self, session: object, geometry: LinkGeometry) -> AttentionLinkEnd:
         end = self._end
@@ -317,7 +308,7 @@ class GpuFastPlane(FastPlane):
             seq, future = end.publish(
                 slot, request.micro_batch, request.layer, request.rows, shape_only=False, link_s=0.0
             )
-            self._region_hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
+            self._hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             self.fast_exchanges += 1
             request.sent()
             assert future is not None  # no ticket given: the result comes on the event loop
