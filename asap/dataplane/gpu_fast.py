@@ -42,7 +42,7 @@ from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, Outcome, _
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
-from asap.dataplane.poller import PollThread
+from asap.dataplane.poller import OnePerProcess, PollThread
 from asap.dataplane.ring import Backoff
 from asap.devices import attach_ready, attached_ready
 from asap.errors import AsapError, Unavailable
@@ -67,17 +67,14 @@ all). Measured on one H200 host: a 2 ms spin made every hand-off between the thr
 for the GIL (the spinning thread holds it but for the 5 ms switch interval): 6.5 ms round trips against
 1.7 ms parked."""
 
-_POLLER: PollThread | None = None
-_POLLER_LOCK = threading.Lock()
+_POLLER = OnePerProcess(
+    lambda: PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
+)
 
 
 def gpu_poller() -> PollThread:
     """The attention process's poll thread for the completions of its GPU fast links (it spins)."""
-    global _POLLER
-    with _POLLER_LOCK:
-        if _POLLER is None:
-            _POLLER = PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
-        return _POLLER
+    return _POLLER.get()
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry,
 from asap.dataplane.fastlink import read_error as read_slot_error
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
 from asap.dataplane.plane import PlaneRequest
+from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
 __all__ = ["NixlAttentionEnd", "completion_notification", "fill_slot", "request_notification"]
@@ -167,12 +168,7 @@ class NixlAttentionEnd:
             return self._free.pop()
         waiter: asyncio.Future[int] = self._loop.create_future()
         self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give_back(waiter.result())
-            raise
+        return await await_credit(waiter, self.give_back)
 
     def give_back(self, slot: int) -> None:
         if self.broken is not None:

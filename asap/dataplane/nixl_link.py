@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from asap.dataplane.fastlink import LinkGeometry
-from asap.dataplane.poller import Polled, Sweeper
+from asap.dataplane.poller import OnePerProcess, Polled, Sweeper
 from asap.dataplane.ring import Backoff
 from asap.errors import InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
@@ -291,13 +291,9 @@ class NixlPoller(Sweeper[Polled]):
                 backoff.idle([], [])
 
 
-_POLLER: NixlPoller | None = None
+_POLLER = OnePerProcess(lambda: NixlPoller("nixl-completions"))
 
 
 def nixl_poller() -> NixlPoller:
     """The attention process's one poll thread for the completions of all its NIXL links."""
-    global _POLLER
-    with _load_lock:
-        if _POLLER is None:
-            _POLLER = NixlPoller("nixl-completions")
-        return _POLLER
+    return _POLLER.get()

@@ -22,7 +22,7 @@ from typing import Generic, Protocol, TypeVar
 
 from asap.dataplane.ring import Backoff, Doorbell, Ring
 
-__all__ = ["Endpoint", "HeldUntil", "PollThread", "Polled", "Sweeper", "drain"]
+__all__ = ["Endpoint", "HeldUntil", "OnePerProcess", "PollThread", "Polled", "Sweeper", "drain"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,22 @@ def drain(ring: Ring, take: Callable[[bytes], None]) -> bool:
         worked = True
         take(raw)
     return worked
+
+
+class OnePerProcess(Generic[T]):
+    """A process's one instance of something (its poll thread of one kind), made on first use from any
+    thread."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._make()
+            return self._value
 
 
 class HeldUntil(Generic[T]):

@@ -6,6 +6,8 @@ and the stream events every such plane handles alike. How a slot is filled and p
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -19,6 +21,7 @@ __all__ = [
     "DEFAULT_PEER_TIMEOUT_S",
     "DEFAULT_SLOTS",
     "SlotPlane",
+    "await_credit",
     "slot_bytes_for",
 ]
 
@@ -43,6 +46,16 @@ def slot_bytes_for(spec: LinkSpec, slots: int) -> int:
     else:
         size = _SHAPE_ONLY_SLOT_BYTES if spec.shape_only else _SLOT_BYTES
     return max(8192, size // 4096 * 4096)
+
+
+async def await_credit(waiter: asyncio.Future[int], give_back: Callable[[int], None]) -> int:
+    """The slot ``waiter`` is handed; one handed over just as the wait was cancelled goes back."""
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        if waiter.done() and not waiter.cancelled():
+            give_back(waiter.result())
+        raise
 
 
 class _End(Protocol):
