@@ -48,7 +48,7 @@ from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
-from expert_svc.lane_end import LaneEnd
+from expert_svc.lane_end import LaneEnd, ServedEnds
 
 __all__ = ["ExpertLinkEnd", "FastLane", "LaneEnd", "LaneItem"]
 
@@ -211,7 +211,7 @@ class ExpertLinkEnd(LaneEnd):
         self.completion_bell.close()
 
 
-class FastLane:
+class FastLane(ServedEnds[ExpertLinkEnd]):
     """All fast links of one expert rank: their poll thread and the hand-off to the compute thread."""
 
     def __init__(self, executor: ExpertExecutor, *, shape_only: bool, max_merge_rows: int = 16384) -> None:
@@ -269,26 +269,12 @@ class FastLane:
     ) -> ExpertLinkEnd:
         """Map an announced region and start serving it; ``InvalidArgument`` if it is not a valid one
         (``cuda_region``: the slots' GPU memory of a GPU link, which a CPU rank refuses)."""
-        end = self._end(link, cuda_region)
-        self.ends.add(end)
-        self.poller.add(end)
-        return end
+        return self._serve(self._end(link, cuda_region))
 
     def _end(self, link: expert_pb2.FastLink, cuda_region: common_pb2.CudaRegion | None) -> ExpertLinkEnd:
         if cuda_region is not None:
             raise InvalidArgument("a fast link with slots in GPU memory announced to a CPU rank")
         return ExpertLinkEnd(self, link)
-
-    def detach(self, end: ExpertLinkEnd) -> None:
-        """Stop serving ``end`` (any thread); its mapping closes once the compute thread lets go of it."""
-        self.ends.discard(end)
-        self.poller.remove(end)
-        end.detach()
-
-    def close(self) -> None:
-        for end in list(self.ends):
-            self.detach(end)
-        self.poller.stop()
 
     @property
     def waiting(self) -> int:

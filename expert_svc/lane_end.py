@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from asap.dataplane.fastlink import Completion, Request
+from asap.dataplane.poller import Sweeper
 from asap.errors import AsapError
 
-__all__ = ["LaneEnd"]
+__all__ = ["LaneEnd", "ServedEnds"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound="LaneEnd")
 
 
 class LaneEnd:
@@ -96,5 +98,32 @@ class LaneEnd:
             self._closed = True
         return True
 
+    def detach(self) -> None:
+        """The lane stopped serving this end; its memory goes once no item of it is held."""
+        raise NotImplementedError
+
     def _close(self) -> None:
         raise NotImplementedError
+
+
+class ServedEnds(Generic[E]):
+    """The link ends of one lane and the poll thread serving them (set by the lane: ``poller``)."""
+
+    poller: Sweeper[Any]
+    ends: set[E]
+
+    def _serve(self, end: E) -> E:
+        self.ends.add(end)
+        self.poller.add(end)
+        return end
+
+    def detach(self, end: E) -> None:
+        """Stop serving ``end`` (any thread); its memory goes once the compute thread lets go of it."""
+        self.ends.discard(end)
+        self.poller.remove(end)
+        end.detach()
+
+    def close(self) -> None:
+        for end in list(self.ends):
+            self.detach(end)
+        self.poller.stop()

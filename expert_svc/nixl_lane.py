@@ -33,7 +33,7 @@ from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 from expert_svc.fastlane import FastLane, LaneItem
-from expert_svc.lane_end import LaneEnd
+from expert_svc.lane_end import LaneEnd, ServedEnds
 
 __all__ = ["NixlExpertEnd", "NixlLane"]
 
@@ -155,7 +155,7 @@ class NixlExpertEnd(LaneEnd):
             self.end.close()
 
 
-class NixlLane:
+class NixlLane(ServedEnds[NixlExpertEnd]):
     """All NIXL links of one expert rank: their poll thread; compute through the rank's ``fast`` lane."""
 
     def __init__(self, fast: FastLane, device: torch.device) -> None:
@@ -180,18 +180,5 @@ class NixlLane:
         except BaseException:
             local.close()
             raise
-        end = NixlExpertEnd(self, local)
-        self.ends.add(end)
-        self.poller.add(end)
+        end = self._serve(NixlExpertEnd(self, local))
         return end, local.announcement()
-
-    def detach(self, end: NixlExpertEnd) -> None:
-        """Stop serving ``end`` (its stream ended); its memory goes once the compute thread lets go."""
-        self.ends.discard(end)
-        self.poller.remove(end)
-        end.detach()
-
-    def close(self) -> None:
-        for end in list(self.ends):
-            self.detach(end)
-        self.poller.stop()
