@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,7 +39,6 @@ from asap.dataplane.fastlink import (
     Request,
     SlotHeader,
     beat,
-    status_of,
     write_error,
 )
 from asap.dataplane.poller import HeldUntil, PollThread, drain
@@ -50,6 +48,7 @@ from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.telemetry import setup, spans
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
+from expert_svc.lane_end import LaneEnd, ServedEnds
 
 __all__ = ["ExpertLinkEnd", "FastLane", "LaneEnd", "LaneItem"]
 
@@ -71,24 +70,6 @@ def _bell(path: str) -> Doorbell:
         raise InvalidArgument(f"cannot open fast link doorbell {path!r}: {exc}") from None
 
 
-class LaneEnd(Protocol):
-    """Where a lane's item came from and its answer goes: a fast link end, or a NIXL link end
-    (``expert_svc.nixl_lane``), which share the slot/descriptor protocol."""
-
-    def answer(
-        self,
-        request: Request,
-        out: torch.Tensor | None,
-        *,
-        error: AsapError | None = None,
-        queue_ns: int = 0,
-        compute_ns: int = 0,
-        picked_unix_ns: int = 0,
-    ) -> None: ...
-
-    def release(self) -> None: ...
-
-
 @dataclass(slots=True, eq=False)
 class _Item:
     end: LaneEnd
@@ -102,10 +83,11 @@ class _Item:
     picked_ns: int
 
 
-class ExpertLinkEnd:
+class ExpertLinkEnd(LaneEnd):
     """One attached fast link region, expert side (an ``Endpoint`` of the lane's poll thread)."""
 
     def __init__(self, lane: FastLane, link: expert_pb2.FastLink) -> None:
+        super().__init__()
         self.lane = lane
         self.region = ShmRegion.attach(link.region)
         try:
@@ -121,10 +103,6 @@ class ExpertLinkEnd:
         self.requests = Ring(self._buf, g.requests_at, g.slots)
         self.completions = Ring(self._buf, g.completions_at, g.slots)
         self.inbound, self.bell = self.requests, self.request_bell  # what the poll thread parks on
-        self._lock = threading.Lock()
-        self._held = 0  # items the compute thread holds
-        self._detached = False
-        self._closed = False
         self._delayed: HeldUntil[_Item] = HeldUntil(lambda item: item.request.not_before_ns)
         beat(self._buf, HEARTBEAT_EXPERT, time.monotonic_ns())  # tells the attention rank it attached
 
@@ -137,16 +115,9 @@ class ExpertLinkEnd:
         return worked
 
     def _take(self, request: Request, now_ns: int) -> None:
-        try:
-            item = self._item(request, now_ns)
-        except AsapError as exc:
-            logger.warning(
-                "rejected fast dispatch mb=%d layer=%d: %s", request.micro_batch, request.layer, exc.message
-            )
-            self.answer(request, None, error=exc)
+        item = self._admit(request, lambda: self._item(request, now_ns))
+        if item is None:
             return
-        with self._lock:
-            self._held += 1
         if request.not_before_ns > now_ns:
             self._delayed.hold(item)
         else:
@@ -185,44 +156,20 @@ class ExpertLinkEnd:
             now_ns,
         )
 
-    def answer(
-        self,
-        request: Request,
-        out: torch.Tensor | None,
-        *,
-        error: AsapError | None = None,
-        queue_ns: int = 0,
-        compute_ns: int = 0,
-        picked_unix_ns: int = 0,
+    def _deliver(
+        self, request: Request, out: torch.Tensor | None, error: AsapError | None, completion: Completion
     ) -> None:
-        """Write the results over the rows (or the error text into the header) and publish the
-        completion; any thread. Nothing is written into a region that is being closed."""
+        """The results over the rows (or the error text into the header), then the completion published."""
         g = self.geometry
-        with self._lock:
-            if self._closed:
-                return
-            valid_slot = request.slot < g.slots
-            if error is not None and valid_slot:
-                write_error(self._buf, g.slot_at(request.slot), error.message)
-            self._write_back(request, out if error is None else None, valid_slot)
-            completion = Completion(
-                micro_batch=request.micro_batch,
-                layer=request.layer,
-                slot=request.slot,
-                status=status_of(error),
-                rows=request.rows,
-                seq=request.seq,
-                queue_ns=queue_ns,
-                compute_ns=compute_ns,
-                picked_unix_ns=picked_unix_ns,
-            )
-            if not self.completions.try_push(completion.pack()):
-                logger.error(
-                    "fast link completion ring full (more dispatches than slots?): seq=%d", request.seq
-                )
-                return
-            if self.completions.consumer_waiting:
-                self.completion_bell.ring()
+        valid_slot = request.slot < g.slots
+        if error is not None and valid_slot:
+            write_error(self._buf, g.slot_at(request.slot), error.message)
+        self._write_back(request, out if error is None else None, valid_slot)
+        if not self.completions.try_push(completion.pack()):
+            logger.error("fast link completion ring full (more dispatches than slots?): seq=%d", request.seq)
+            return
+        if self.completions.consumer_waiting:
+            self.completion_bell.ring()
 
     def _write_back(self, request: Request, out: torch.Tensor | None, valid_slot: bool) -> None:
         """The results over the rows of the request's slot (under the lock, before the completion)."""
@@ -233,14 +180,6 @@ class ExpertLinkEnd:
         count = request.rows * g.hidden_size
         dst = torch.frombuffer(self._buf, dtype=self.lane.dtype, count=count, offset=at)
         dst.view(request.rows, g.hidden_size).copy_(out)
-
-    def release(self) -> None:
-        """The compute thread is done with one item of this link."""
-        with self._lock:
-            self._held -= 1
-            close = self._detached and self._held == 0
-        if close:
-            self._close()
 
     def tick(self, now_ns: int) -> None:
         if self._closed:
@@ -261,10 +200,8 @@ class ExpertLinkEnd:
             self._close()
 
     def _close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._shut():
+            return
         self.requests.release()
         self.completions.release()
         self._buf = memoryview(b"")
@@ -274,7 +211,7 @@ class ExpertLinkEnd:
         self.completion_bell.close()
 
 
-class FastLane:
+class FastLane(ServedEnds[ExpertLinkEnd]):
     """All fast links of one expert rank: their poll thread and the hand-off to the compute thread."""
 
     def __init__(self, executor: ExpertExecutor, *, shape_only: bool, max_merge_rows: int = 16384) -> None:
@@ -332,26 +269,12 @@ class FastLane:
     ) -> ExpertLinkEnd:
         """Map an announced region and start serving it; ``InvalidArgument`` if it is not a valid one
         (``cuda_region``: the slots' GPU memory of a GPU link, which a CPU rank refuses)."""
-        end = self._end(link, cuda_region)
-        self.ends.add(end)
-        self.poller.add(end)
-        return end
+        return self._serve(self._end(link, cuda_region))
 
     def _end(self, link: expert_pb2.FastLink, cuda_region: common_pb2.CudaRegion | None) -> ExpertLinkEnd:
         if cuda_region is not None:
             raise InvalidArgument("a fast link with slots in GPU memory announced to a CPU rank")
         return ExpertLinkEnd(self, link)
-
-    def detach(self, end: ExpertLinkEnd) -> None:
-        """Stop serving ``end`` (any thread); its mapping closes once the compute thread lets go of it."""
-        self.ends.discard(end)
-        self.poller.remove(end)
-        end.detach()
-
-    def close(self) -> None:
-        for end in list(self.ends):
-            self.detach(end)
-        self.poller.stop()
 
     @property
     def waiting(self) -> int:

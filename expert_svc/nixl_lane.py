@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
 
 import numpy as np
@@ -27,14 +26,14 @@ from asap.dataplane.fastlink import (
     LinkGeometry,
     Request,
     SlotHeader,
-    status_of,
     write_error,
 )
+from asap.dataplane.nixl_attention import completion_notification
 from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
-from asap.dataplane.nixl_plane import completion_notification
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 from expert_svc.fastlane import FastLane, LaneItem
+from expert_svc.lane_end import LaneEnd, ServedEnds
 
 __all__ = ["NixlExpertEnd", "NixlLane"]
 
@@ -45,17 +44,16 @@ MAX_SLOT_BYTES = 256 * 1024 * 1024
 _REQUEST_BYTES = 1 + struct.calcsize("<QIIIIQQQI")
 
 
-class NixlExpertEnd:
+class NixlExpertEnd(LaneEnd):
     """One connected NIXL link, expert side (a ``LaneEnd`` of the rank's fast lane)."""
 
+    kind = "NIXL"
+
     def __init__(self, lane: NixlLane, end: NixlEnd) -> None:
+        super().__init__()
         self.lane = lane
         self.end = end
         self.geometry = end.geometry
-        self._lock = threading.Lock()
-        self._held = 0
-        self._detached = False
-        self._closed = False
         self._beat_ns = 0
 
     def poll(self, now_ns: int) -> bool:
@@ -75,17 +73,9 @@ class NixlExpertEnd:
             logger.warning("NIXL link of %s: a notification that is not a request ignored", self.end.peer)
             return
         request = Request.unpack(raw[1:])
-        try:
-            item = self._item(request)
-        except AsapError as exc:
-            logger.warning(
-                "rejected NIXL dispatch mb=%d layer=%d: %s", request.micro_batch, request.layer, exc.message
-            )
-            self.answer(request, None, error=exc)
-            return
-        with self._lock:
-            self._held += 1
-        self.lane.fast.enqueue(item)
+        item = self._admit(request, lambda: self._item(request))
+        if item is not None:
+            self.lane.fast.enqueue(item)
 
     def _host(self, slot: int, start: int, end: int) -> memoryview:
         """Bytes ``start..end`` of ``slot`` on the host (a view on CPU ranks, a copy on GPU ranks)."""
@@ -122,60 +112,34 @@ class NixlExpertEnd:
             time.monotonic_ns(),
         )
 
-    def answer(
-        self,
-        request: Request,
-        out: torch.Tensor | None,
-        *,
-        error: AsapError | None = None,
-        queue_ns: int = 0,
-        compute_ns: int = 0,
-        picked_unix_ns: int = 0,
+    def _deliver(
+        self, request: Request, out: torch.Tensor | None, error: AsapError | None, completion: Completion
     ) -> None:
-        """Write the results over the rows (or the error text into the slot header) and WRITE them back
-        with the completion; any thread. Nothing is written once the link is closed."""
+        """The results over the rows (or the error text into the slot header), WRITTEN back with the
+        completion as the notification."""
         g = self.geometry
-        completion = Completion(
-            micro_batch=request.micro_batch,
-            layer=request.layer,
-            slot=request.slot,
-            status=status_of(error),
-            rows=request.rows,
-            seq=request.seq,
-            queue_ns=queue_ns,
-            compute_ns=compute_ns,
-            picked_unix_ns=picked_unix_ns,
-        )
-        with self._lock:
-            if self._closed or request.slot >= g.slots:
-                return
-            slot = self.end.slot(request.slot)
-            if error is not None:
-                raw = bytearray(SLOT_HEADER_BYTES)
-                write_error(memoryview(raw), 0, error.message)
-                slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
-                start, end = 0, SLOT_HEADER_BYTES
-            else:
-                start = g.payload(request.rows, shape_only=False)[0]
-                end = start + request.rows * g.hidden_size * self.lane.fast.dtype.itemsize
-                if out is not None and request.rows:
-                    view = slot[start:end].view(self.lane.fast.dtype).view(request.rows, g.hidden_size)
-                    view.copy_(out)
-                    if view.device.type == "cuda":
-                        torch.cuda.current_stream(view.device).synchronize()  # results before the WRITE
-            try:
-                self.end.write(request.slot, start, max(end, start + 1), completion_notification(completion))
-            except Unavailable as exc:
-                logger.warning(
-                    "NIXL link of %s: answer of seq=%d lost: %s", self.end.peer, request.seq, exc.message
-                )
-
-    def release(self) -> None:
-        with self._lock:
-            self._held -= 1
-            close = self._detached and self._held <= 0
-        if close:
-            self._close()
+        if request.slot >= g.slots:
+            return
+        slot = self.end.slot(request.slot)
+        if error is not None:
+            raw = bytearray(SLOT_HEADER_BYTES)
+            write_error(memoryview(raw), 0, error.message)
+            slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
+            start, end = 0, SLOT_HEADER_BYTES
+        else:
+            start = g.payload(request.rows, shape_only=False)[0]
+            end = start + request.rows * g.hidden_size * self.lane.fast.dtype.itemsize
+            if out is not None and request.rows:
+                view = slot[start:end].view(self.lane.fast.dtype).view(request.rows, g.hidden_size)
+                view.copy_(out)
+                if view.device.type == "cuda":
+                    torch.cuda.current_stream(view.device).synchronize()  # results before the WRITE
+        try:
+            self.end.write(request.slot, start, max(end, start + 1), completion_notification(completion))
+        except Unavailable as exc:
+            logger.warning(
+                "NIXL link of %s: answer of seq=%d lost: %s", self.end.peer, request.seq, exc.message
+            )
 
     def detach(self) -> None:
         with self._lock:
@@ -187,14 +151,11 @@ class NixlExpertEnd:
             self._close()
 
     def _close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self.end.close()
+        if self._shut():
+            self.end.close()
 
 
-class NixlLane:
+class NixlLane(ServedEnds[NixlExpertEnd]):
     """All NIXL links of one expert rank: their poll thread; compute through the rank's ``fast`` lane."""
 
     def __init__(self, fast: FastLane, device: torch.device) -> None:
@@ -219,18 +180,5 @@ class NixlLane:
         except BaseException:
             local.close()
             raise
-        end = NixlExpertEnd(self, local)
-        self.ends.add(end)
-        self.poller.add(end)
+        end = self._serve(NixlExpertEnd(self, local))
         return end, local.announcement()
-
-    def detach(self, end: NixlExpertEnd) -> None:
-        """Stop serving ``end`` (its stream ended); its memory goes once the compute thread lets go."""
-        self.ends.discard(end)
-        self.poller.remove(end)
-        end.detach()
-
-    def close(self) -> None:
-        for end in list(self.ends):
-            self.detach(end)
-        self.poller.stop()

@@ -35,9 +35,15 @@ import torch
 from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
-from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
+from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
+from asap.dataplane.slot_plane import (
+    CODEC_FILL_BYTES,
+    DEFAULT_PEER_TIMEOUT_S,
+    DEFAULT_SLOTS,
+    SlotPlane,
+    slot_bytes_for,
+)
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
-from asap.faultbound import fault_bound_s, peer_timeout_s
 
 __all__ = [
     "ATTACH_S",
@@ -49,14 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SLOTS = 4
-"""Slots per link: at least the micro-batches an attention rank keeps in flight (2 with dual-batch)."""
-DEFAULT_PEER_TIMEOUT_S = peer_timeout_s(fault_bound_s())
-"""A peer whose heartbeat is older than this while dispatches wait is taken for dead or frozen: 2.5 s of
-the default 5 s failure bound of the reliability contract (``asap.faultbound``), before gRPC keepalive
-breaks the stream (3 s at the earliest). (2 s failed healthy ranks still starting on a loaded 2-core
-host; start-up has its own bound, ``ATTACH_S``.) Default of ``--fast-peer-timeout``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,23 +78,9 @@ REANNOUNCE_NS = 5_000_000_000
 """An announced region that no expert rank attached and no dispatch used for this long is replaced by a
 fresh announcement before the next dispatch (instead of that dispatch failing at once as "never
 attached" once the attach bound has passed since the announcement)."""
-_SHAPE_ONLY_SLOT_BYTES = 4 * 1024 * 1024  # ids and weights of ~64k rows at top-8
-_SLOT_BYTES = 48 * 1024 * 1024  # rows of an 8k-token dispatch at hidden 2048 in float32 with room to spare
-_CODEC_FILL_BYTES = 1 << 20
-"""Rows above this are copied into the slot on the codec thread, not on the event loop."""
 
 
-def slot_bytes_for(spec: LinkSpec, slots: int) -> int:
-    """Bytes per slot: ``region_bytes / slots`` when given, else a size for the worst common case
-    (shared memory is touched lazily, so unused room costs no memory)."""
-    if spec.region_bytes:
-        size = spec.region_bytes // slots
-    else:
-        size = _SHAPE_ONLY_SLOT_BYTES if spec.shape_only else _SLOT_BYTES
-    return max(8192, size // 4096 * 4096)
-
-
-class FastPlane:
+class FastPlane(SlotPlane[AttentionLinkEnd]):
     """The ``fast`` plane of one link (see the module doc); ``inner`` carries what the slots cannot."""
 
     name = "fast"
@@ -112,49 +96,15 @@ class FastPlane:
         peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S,
         attach_s: float = ATTACH_S,
     ) -> None:
-        self.spec = spec
-        self.stream = stream
-        """The link's ``DuplexStream`` (``open()`` gives the live session, ``peer`` names the expert)."""
-        self.inner = inner
-        self._codec = codec
-        self.slots = slots
-        self.geometry: LinkGeometry | None = None
-        """Set by the first dispatch (its routing gives top-k)."""
-        self.max_rows = 0
-        self.peer_timeout_s = peer_timeout_s
+        super().__init__(spec, stream, codec, inner, slots=slots, peer_timeout_s=peer_timeout_s)
         self.attach_s = attach_s
         self._quarantined_before = 0
         """Abandoned dispatches counted by link ends already replaced."""
-        self._end: AttentionLinkEnd | None = None
-        self._session: object = None
-        self._region_hidden_bytes = 0
         self.fast_exchanges = 0
         """Dispatches carried by the rings (the others went through ``inner``)."""
 
-    @property
-    def stats(self) -> PlaneStats:
-        inner = self.inner.stats
-        return PlaneStats(
-            region_hidden_bytes=inner.region_hidden_bytes + self._region_hidden_bytes,
-            inline_hidden_bytes=inner.inline_hidden_bytes,
-            result_ref_bytes=inner.result_ref_bytes + self._region_hidden_bytes,
-            quarantined=inner.quarantined
-            + self._quarantined_before
-            + (self._end.quarantined if self._end is not None else 0),
-        )
-
-    def _geometry(self, top_k: int) -> LinkGeometry:
-        if self.geometry is None or self.geometry.top_k != top_k:
-            spec = self.spec
-            self.geometry = LinkGeometry(
-                slots=self.slots,
-                slot_bytes=slot_bytes_for(spec, self.slots),
-                hidden_size=spec.hidden_size,
-                top_k=top_k,
-                itemsize=spec.dtype.itemsize,
-            )
-            self.max_rows = self.geometry.max_rows(shape_only=spec.shape_only)
-        return self.geometry
+    def _quarantined(self) -> int:
+        return self._quarantined_before + (self._end.quarantined if self._end is not None else 0)
 
     def _end_for(self, session: object, geometry: LinkGeometry) -> AttentionLinkEnd:
         """The link end of the live stream: a fresh region (announced on it) after a break or a new stream."""
@@ -204,7 +154,7 @@ class FastPlane:
         seq = 0
         try:
             nbytes = request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
-            fill_on_codec = not self.spec.shape_only and nbytes > _CODEC_FILL_BYTES
+            fill_on_codec = not self.spec.shape_only and nbytes > CODEC_FILL_BYTES
             header = self._header(end, slot, request)
             if fill_on_codec:
                 loop = asyncio.get_running_loop()
@@ -256,21 +206,13 @@ class FastPlane:
             ticket=ticket,
         )
         if not spec.shape_only:
-            self._region_hidden_bytes += nbytes
+            self._hidden_bytes += nbytes
         self.fast_exchanges += 1
         request.sent()
         return seq, future
 
-    def stream_opened(self) -> None:
-        self.inner.stream_opened()
-
     def answer_dropped(self, key: ExchangeKey) -> None:
         self.inner.answer_dropped(key)
-
-    def stream_ended(self) -> None:
-        self.inner.stream_ended()
-        if self._end is not None:
-            self._end.fail(Unavailable(f"{self.stream.peer}: stream ended"))
 
     def close(self) -> None:
         if self._end is not None:

@@ -50,9 +50,10 @@ from asap.dataplane.fastlink import (
     read_error,
 )
 from asap.dataplane.plane import ExchangeResult
-from asap.dataplane.poller import HeldUntil, PollThread, drain
+from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
+from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
@@ -60,17 +61,12 @@ __all__ = ["ATTACH_S", "AttentionLinkEnd", "shared_poller"]
 
 logger = logging.getLogger(__name__)
 
-_POLLER: PollThread | None = None
-_POLLER_LOCK = threading.Lock()
+_POLLER = OnePerProcess(lambda: PollThread("fast-completions"))
 
 
 def shared_poller() -> PollThread:
     """The attention process's one poll thread for the completions of all its fast links."""
-    global _POLLER
-    with _POLLER_LOCK:
-        if _POLLER is None:
-            _POLLER = PollThread("fast-completions")
-        return _POLLER
+    return _POLLER.get()
 
 
 Outcome = torch.Tensor | AsapError
@@ -312,12 +308,7 @@ class AttentionLinkEnd:
                 return self._free.pop()
             waiter: asyncio.Future[int] = self._loop.create_future()
             self._slot_waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())  # handed over just as it was cancelled
-            raise
+        return await await_credit(waiter, self._release)
 
     def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
         """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until

@@ -288,6 +288,23 @@ class Completion:
     def unpack(cls, raw: bytes) -> Completion:
         return cls(*_COMPLETION.unpack_from(raw))
 
+    @classmethod
+    def answering(
+        cls, request: Request, error: AsapError | None, *, queue_ns: int, compute_ns: int, picked_unix_ns: int
+    ) -> Completion:
+        """The completion of ``request`` (``error`` or success), as every link end sends it."""
+        return cls(
+            micro_batch=request.micro_batch,
+            layer=request.layer,
+            slot=request.slot,
+            status=status_of(error),
+            rows=request.rows,
+            seq=request.seq,
+            queue_ns=queue_ns,
+            compute_ns=compute_ns,
+            picked_unix_ns=picked_unix_ns,
+        )
+
 
 _SLOT = struct.Struct("<QQIIQHHH")  # micro_batch, seq, layer, rows, sent_unix_ns, tp len, ts len, err len
 _TRACEPARENT_AT = 64

@@ -42,7 +42,7 @@ from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, Outcome, _
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
-from asap.dataplane.poller import PollThread
+from asap.dataplane.poller import OnePerProcess, PollThread
 from asap.dataplane.ring import Backoff
 from asap.devices import attach_ready, attached_ready
 from asap.errors import AsapError, Unavailable
@@ -67,17 +67,14 @@ all). Measured on one H200 host: a 2 ms spin made every hand-off between the thr
 for the GIL (the spinning thread holds it but for the 5 ms switch interval): 6.5 ms round trips against
 1.7 ms parked."""
 
-_POLLER: PollThread | None = None
-_POLLER_LOCK = threading.Lock()
+_POLLER = OnePerProcess(
+    lambda: PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
+)
 
 
 def gpu_poller() -> PollThread:
     """The attention process's poll thread for the completions of its GPU fast links (it spins)."""
-    global _POLLER
-    with _POLLER_LOCK:
-        if _POLLER is None:
-            _POLLER = PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
-        return _POLLER
+    return _POLLER.get()
 
 
 @dataclass(slots=True)
@@ -235,6 +232,8 @@ class GpuFastPlane(FastPlane):
     """The ``fast`` plane of a GPU link (see the module doc); ``inner`` (``cuda-ipc``) carries the
     sync-mode dispatches and those larger than a slot."""
 
+    device_slots = True
+
     def __init__(
         self,
         spec: LinkSpec,
@@ -252,19 +251,8 @@ class GpuFastPlane(FastPlane):
         )
         self.flags = flags if flags is not None else driver_flags()
 
-    def _geometry(self, top_k: int) -> LinkGeometry:
-        if self.geometry is None or self.geometry.top_k != top_k:
-            spec = self.spec
-            self.geometry = LinkGeometry(
-                slots=self.slots,
-                slot_bytes=gpu_slot_bytes_for(spec, self.slots),
-                hidden_size=spec.hidden_size,
-                top_k=top_k,
-                itemsize=spec.dtype.itemsize,
-                device_slots=True,
-            )
-            self.max_rows = self.geometry.max_rows(shape_only=False)
-        return self.geometry
+    def _slot_bytes(self) -> int:
+        return gpu_slot_bytes_for(self.spec, self.slots)
 
     def _end_for(self, session: object, geometry: LinkGeometry) -> AttentionLinkEnd:
         end = self._end
@@ -317,7 +305,7 @@ class GpuFastPlane(FastPlane):
             seq, future = end.publish(
                 slot, request.micro_batch, request.layer, request.rows, shape_only=False, link_s=0.0
             )
-            self._region_hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
+            self._hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             self.fast_exchanges += 1
             request.sent()
             assert future is not None  # no ticket given: the result comes on the event loop

@@ -23,13 +23,13 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from asap.dataplane.fastlink import LinkGeometry
+from asap.dataplane.poller import OnePerProcess, Polled, Sweeper
 from asap.dataplane.ring import Backoff
 from asap.errors import InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
@@ -274,84 +274,26 @@ class NixlEnd:
         self.buf = None
 
 
-class Polled(Protocol):
-    """What the NIXL poll thread serves."""
-
-    def poll(self, now_ns: int) -> bool: ...
-
-
-class NixlPoller:
+class NixlPoller(Sweeper[Polled]):
     """One daemon thread per process side taking the notifications of every NIXL link end it holds
     (there is no doorbell to park on: it sleeps with back-off when nothing came)."""
 
-    def __init__(self, name: str, *, flush: Callable[[], None] | None = None) -> None:
-        self.name = name
-        self._flush = flush
-        self._ends: tuple[Polled, ...] = ()
-        self._lock = threading.Lock()
-        self._sweeps = 0
-        self._swept = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def add(self, end: Polled) -> None:
-        with self._lock:
-            self._ends = (*self._ends, end)
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-
-    def remove(self, end: Polled) -> None:
-        """Stop serving ``end``; returns once the thread no longer touches it."""
-        with self._lock:
-            if end not in self._ends:
-                return
-            self._ends = tuple(e for e in self._ends if e is not end)
-            thread = self._thread
-            if thread is None or thread is threading.current_thread() or not thread.is_alive():
-                return
-            target = self._sweeps + 2
-            while self._sweeps < target and thread.is_alive():
-                self._swept.wait(timeout=0.1)
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+    link = "NIXL"
 
     def _run(self) -> None:
         backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)
         while not self._stopped:
-            worked = False
-            now = time.monotonic_ns()
-            for end in self._ends:
-                try:
-                    worked = end.poll(now) or worked
-                except Exception:  # one broken link must not stop the others
-                    logger.exception("%s: polling a NIXL link failed", self.name)
-            if worked and self._flush is not None:
-                try:
-                    self._flush()
-                except Exception:
-                    logger.exception("%s: handing work on failed", self.name)
-            with self._lock:
-                self._sweeps += 1
-                self._swept.notify_all()
+            worked = self._poll(self._endpoints, time.monotonic_ns())
+            self._count_sweep()
             if worked:
                 backoff.reset()
             else:
                 backoff.idle([], [])
 
 
-_POLLER: NixlPoller | None = None
+_POLLER = OnePerProcess(lambda: NixlPoller("nixl-completions"))
 
 
 def nixl_poller() -> NixlPoller:
     """The attention process's one poll thread for the completions of all its NIXL links."""
-    global _POLLER
-    with _load_lock:
-        if _POLLER is None:
-            _POLLER = NixlPoller("nixl-completions")
-        return _POLLER
+    return _POLLER.get()

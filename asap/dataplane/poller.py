@@ -22,7 +22,7 @@ from typing import Generic, Protocol, TypeVar
 
 from asap.dataplane.ring import Backoff, Doorbell, Ring
 
-__all__ = ["Endpoint", "HeldUntil", "PollThread", "drain"]
+__all__ = ["Endpoint", "HeldUntil", "OnePerProcess", "PollThread", "Polled", "Sweeper", "drain"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,22 @@ def drain(ring: Ring, take: Callable[[bytes], None]) -> bool:
     return worked
 
 
+class OnePerProcess(Generic[T]):
+    """A process's one instance of something (its poll thread of one kind), made on first use from any
+    thread."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._make()
+            return self._value
+
+
 class HeldUntil(Generic[T]):
     """Items an endpoint holds until their due time (an emulated link charge, taken by timestamps instead
     of event-loop sleeps), released by the poll thread's sweeps. Not locked: guard it with the
@@ -90,20 +106,27 @@ class HeldUntil(Generic[T]):
         self._items = []
 
 
-class PollThread:
-    """A daemon thread that polls its endpoints; ``flush`` runs after every sweep that found work."""
+class Polled(Protocol):
+    """What a ``Sweeper`` serves."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        flush: Callable[[], None] | None = None,
-        backoff: Callable[[], Backoff] = Backoff,
-    ) -> None:
+    def poll(self, now_ns: int) -> bool: ...
+
+
+P = TypeVar("P", bound=Polled)
+
+
+class Sweeper(Generic[P]):
+    """A daemon thread that sweeps its endpoints (``_run``, the subclass's loop): adding and removing
+    them from any thread, the sweep count ``remove`` waits on, and one sweep's polls and ``flush`` (run
+    after every sweep that found work)."""
+
+    link = "fast"
+    """How log lines name the links (``fast``, ``NIXL``)."""
+
+    def __init__(self, name: str, *, flush: Callable[[], None] | None = None) -> None:
         self.name = name
         self._flush = flush
-        self._backoff = backoff()
-        self._endpoints: tuple[Endpoint, ...] = ()
+        self._endpoints: tuple[P, ...] = ()
         self._lock = threading.Lock()
         self._sweeps = 0
         self._swept = threading.Condition(self._lock)
@@ -111,17 +134,17 @@ class PollThread:
         self._stopped = False
 
     @property
-    def endpoints(self) -> Sequence[Endpoint]:
+    def endpoints(self) -> Sequence[P]:
         return self._endpoints
 
-    def add(self, endpoint: Endpoint) -> None:
+    def add(self, endpoint: P) -> None:
         with self._lock:
             self._endpoints = (*self._endpoints, endpoint)
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
 
-    def remove(self, endpoint: Endpoint) -> None:
+    def remove(self, endpoint: P) -> None:
         """Stop serving ``endpoint``; returns once the thread has left it (at most one sweep or park)."""
         with self._lock:
             if endpoint not in self._endpoints:
@@ -144,23 +167,50 @@ class PollThread:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
+    def _poll(self, endpoints: Sequence[P], now: int) -> bool:
+        """Poll every endpoint, then ``flush`` if any found work; True if one did."""
+        worked = False
+        for endpoint in endpoints:
+            try:
+                worked = endpoint.poll(now) or worked
+            except Exception:  # one broken link must not stop the others
+                logger.exception("%s: polling a %s link failed", self.name, self.link)
+        if worked and self._flush is not None:
+            try:
+                self._flush()
+            except Exception:
+                logger.exception("%s: handing work on failed", self.name)
+        return worked
+
+    def _count_sweep(self) -> None:
+        with self._lock:
+            self._sweeps += 1
+            self._swept.notify_all()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class PollThread(Sweeper[Endpoint]):
+    """A daemon thread that polls its endpoints, ticks them and parks on their doorbells."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        flush: Callable[[], None] | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        super().__init__(name, flush=flush)
+        self._backoff = backoff()
+
     def _run(self) -> None:
         backoff = self._backoff
         last_tick = 0
         while not self._stopped:
             endpoints = self._endpoints
             now = time.monotonic_ns()
-            worked = False
-            for endpoint in endpoints:
-                try:
-                    worked = endpoint.poll(now) or worked
-                except Exception:  # one broken link must not stop the others
-                    logger.exception("%s: polling a fast link failed", self.name)
-            if worked and self._flush is not None:
-                try:
-                    self._flush()
-                except Exception:
-                    logger.exception("%s: handing work on failed", self.name)
+            worked = self._poll(endpoints, now)
             if now - last_tick >= TICK_NS:
                 last_tick = now
                 for endpoint in endpoints:
@@ -168,9 +218,7 @@ class PollThread:
                         endpoint.tick(now)
                     except Exception:
                         logger.exception("%s: heartbeat of a fast link failed", self.name)
-            with self._lock:
-                self._sweeps += 1
-                self._swept.notify_all()
+            self._count_sweep()
             endpoints = self._endpoints  # a tick may have removed some (a retired region)
             if worked:
                 backoff.reset()

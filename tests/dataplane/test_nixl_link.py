@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from asap.dataplane.fastlink import LinkGeometry, SlotHeader
+from asap.dataplane.nixl_attention import fill_slot
 from asap.dataplane.nixl_link import NixlEnd, nixl_missing
-from asap.dataplane.nixl_plane import fill_slot
 from asap.errors import InvalidArgument
 from asap.v1 import expert_pb2
 
