@@ -125,8 +125,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return _response(self._count(await self.core.submit(scheduled)), scheduled)
         arrival_ns = time.time_ns()
         scheduled = self._scheduled(request, timeout_s)
-        with request_spans(request, scheduled, self.config.core.mode, arrival_ns):
-            return _response(self._count(await self.core.submit(scheduled)), scheduled)
+        with request_spans(request, scheduled, self.config.core.mode, arrival_ns) as answered:
+            result = self._count(await self.core.submit(scheduled))
+            answered.at_ttft(result.ttft_ms)
+            return _response(result, scheduled)
 
     def _count(self, result: RequestResult) -> RequestResult:
         self.stats.record_success(result)

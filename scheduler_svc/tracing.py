@@ -55,18 +55,32 @@ def _mark_failed(span: Span, exc: BaseException) -> None:
     spans.set_error(span, exc.message if isinstance(exc, AsapError) else type(exc).__name__)
 
 
+class RequestAnswered:
+    """Where ``scheduler.request`` ends: at the request's result when it has one (its TTFT as the
+    scheduler reports it: the span and ``ttft_ms`` are one measure), else when the failure is raised."""
+
+    def __init__(self, arrival_ns: int) -> None:
+        self._arrival_ns = arrival_ns
+        self.end_ns: int | None = None
+
+    def at_ttft(self, ttft_ms: float) -> None:
+        self.end_ns = self._arrival_ns + round(ttft_ms * 1e6)
+
+
 @contextmanager
 def request_spans(
     request: scheduler_pb2.PrefillRequest, scheduled: ScheduledRequest, mode: str, arrival_ns: int
-) -> Iterator[None]:
+) -> Iterator[RequestAnswered]:
     """The request's spans around its scheduling (tracing on): opened at ``arrival_ns``, marked failed if
-    it fails, ended (its queue span too, if no batch ended it) when it is answered."""
+    it fails, ended (its queue span too, if no batch ended it) at its result's time (``RequestAnswered``),
+    or when it fails."""
     span = _start_request_spans(request, scheduled, mode, arrival_ns)
+    answered = RequestAnswered(arrival_ns)
     try:
-        yield
+        yield answered
     except BaseException as exc:
         _mark_failed(span, exc)
         raise
     finally:
         scheduled.end_queue_span()
-        span.end()
+        span.end(end_time=answered.end_ns)
