@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_fast14.sh tests dataplane      # tests/gpu + benchmarks/gpu_dataplane.py
 #   bash benchmarks/gpu_fast14.sh headline              # gpu_headline.py 1+1 (auto = fast) + gpu_monolithic.py
+#   TESTS=tests/gpu/test_gpu_graph.py bash benchmarks/gpu_fast14.sh tests graphs
+#                                   # the fast plane's round trip, captured expert steps off then on
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
 # starts its own through asap.mps). Everything lands in $OUT.
@@ -29,13 +31,22 @@ for stage in $stages; do
     case $stage in
     tests)
         start_mps
-        timeout 300 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
+        timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
             -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
         stop_mps ;;
     dataplane)
         start_mps
         timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
         ps -eo pid,comm | grep -i mps
+        stop_mps ;;
+    graphs)  # the fast plane's round trip with eager expert steps, then captured ones (expert_svc.gpu_graph)
+        start_mps
+        for g in 0 1; do
+            echo "--- ASAP_GPU_STEP_GRAPHS=$g"
+            ASAP_GPU_STEP_GRAPHS=$g timeout "${GRAPHS_TIMEOUT:-120}" python3 benchmarks/gpu_dataplane.py --planes fast \
+                --iters "${ITERS:-30}" --json "$OUT/gpu_dataplane_graphs$g.json" 2>&1 | tee "$OUT/gpu_dataplane_graphs$g.log" \
+                | grep -v '^ *[]}"{]' | tail -8
+        done
         stop_mps ;;
     dataplane-nospin)  # the fast plane with poll threads that park at once
         start_mps

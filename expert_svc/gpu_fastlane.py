@@ -16,6 +16,11 @@ for the device on every layer, which is what this plane removes.
 
 A link whose peer is gone (stream ended, region retired) is detached with its flags poisoned, so the
 compute stream never stays blocked on a request flag a dead attention rank will not write.
+
+Captured steps (``expert_svc.gpu_graph``, on by default, ``ASAP_GPU_STEP_GRAPHS=0`` turns them off): a
+dispatch whose rows fall in a captured bucket is enqueued by the poll thread that took its descriptor
+(flag wait, two stream writes, one graph launch, the done flag) and answered there, with no hand-off to
+the compute thread; the compute thread merges and computes the rest eagerly.
 """
 
 from __future__ import annotations
@@ -27,15 +32,25 @@ import time
 import torch
 
 from asap.dataplane.cuda_ipc import CudaAttachments
-from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Request, SlotHeader
-from asap.dataplane.gpu_fast import GPU_POLL_SPIN_S
+from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
+from asap.dataplane.gpu_fast import GPU_POLL_SPIN_S, gpu_layout_rows
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
-from asap.errors import InternalError, InvalidArgument
+from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
+from asap.model.grouped import BUCKETS
+from asap.telemetry import setup
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
-from expert_svc.fastlane import ExpertLinkEnd, FastLane, _Item
+from expert_svc.fastlane import ExpertLinkEnd, FastLane, _Item, _record_spans
+from expert_svc.gpu_graph import (
+    StepGraphs,
+    StepKey,
+    graph_buckets,
+    step_graph_rows,
+    step_graphs_enabled,
+    step_key,
+)
 
 __all__ = ["GpuExpertLinkEnd", "GpuFastLane"]
 
@@ -55,6 +70,9 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         self.slots_buf = self._attachments.buffer(cuda_region.name)
         self._last_seq = 0
         self._poisoned = False
+        self.buckets: tuple[int, ...] = ()
+        self.graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
+        """The captured steps of this link's slots (``expert_svc.gpu_graph``), made before it is served."""
         try:
             super().__init__(lane, link)
         except BaseException:
@@ -65,6 +83,27 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             raise InvalidArgument(
                 f"fast link GPU memory of {self.slots_buf.numel()} bytes for slots of {self.geometry.device_nbytes}"
             )
+        steps = lane.steps
+        if steps is not None:
+            try:
+                self.buckets = graph_buckets(self.geometry, steps.largest)
+                self.graphs = steps.capture(self.slots_buf, self.geometry, self.buckets, self._beat)
+            except Exception:  # the eager path serves the link: slower, never wrong
+                logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
+                self.buckets, self.graphs = (), {}
+
+    def _beat(self) -> None:
+        """The heartbeat while the steps are captured (the poll thread does not serve the link yet)."""
+        beat(self._buf, HEARTBEAT_EXPERT, time.monotonic_ns())
+
+    def _take(self, request: Request, now_ns: int) -> None:
+        item = self._admit(request, lambda: self._item(request, now_ns))
+        if item is None:
+            return
+        if request.not_before_ns > now_ns:
+            self._delayed.hold(item)
+        elif not self.lane.step(item):
+            self.lane.enqueue(item)
 
     def flag(self, slot: int, at: int) -> int:
         return int(self.slots_buf.data_ptr()) + self.geometry.device_slot_at(slot) + at
@@ -83,7 +122,7 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         self.lane.check_layer(request.layer)
         self._last_seq = max(self._last_seq, request.seq)
         rows, top_k = request.rows, g.top_k
-        hidden_at, ids_at, weights_at, _ = g.payload(rows, shape_only=False)
+        hidden_at, ids_at, weights_at, _ = g.payload(gpu_layout_rows(g, rows), shape_only=False)
         return _Item(
             self,
             request,
@@ -127,6 +166,8 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
 
     def _close(self) -> None:
         super()._close()
+        self.lane.retire(self.graphs)  # launches may still be queued on the stream
+        self.graphs = {}
         self.slots_buf = torch.empty(0, dtype=torch.uint8)
         self._attachments.close()
 
@@ -155,6 +196,12 @@ class GpuFastLane(FastLane):
         self._checks_lock = threading.Lock()
         self.bad_id_calls = 0
         """Computations in which some id was neither -1 nor hosted here (those slots were skipped)."""
+        self.steps: StepGraphs | None = None
+        """The captured step (set by ``warm`` when on and supported; None: every step eager)."""
+        self.graph_steps = 0
+        """Dispatches answered by a captured step."""
+        self._launch_lock = threading.Lock()
+        self._retired: list[tuple[torch.cuda.Event, object]] = []
 
     def check_layer(self, layer: int) -> None:
         if layer not in self._moe_layers:
@@ -187,6 +234,69 @@ class GpuFastLane(FastLane):
         self._read_at = 0.0
         self._collect()  # the pinned copy and the event, once
         self.stream.synchronize()
+        if step_graphs_enabled() and StepGraphs.supported(part):
+            steps = StepGraphs(part, self._bad_calls, largest=step_graph_rows())
+            steps.warm([b for b in BUCKETS if b <= steps.largest])
+            self.steps = steps
+
+    def step(self, item: _Item) -> bool:
+        """On the poll thread: enqueue ``item``'s captured step and answer it; False if it has none (the
+        compute thread then takes it)."""
+        steps, end, request = self.steps, item.end, item.request
+        if steps is None or not isinstance(end, GpuExpertLinkEnd) or not end.graphs:
+            return False
+        window, inner = steps.locate(request.layer)
+        key = step_key(end.geometry, end.buckets, request.slot, request.rows, window)
+        graph = end.graphs.get(key) if key is not None else None
+        if graph is None:
+            return False
+        started, started_unix = time.monotonic_ns(), time.time_ns()
+        error: AsapError | None = None
+        try:
+            if end._poisoned:
+                raise Unavailable("the fast link was retired (its peer is gone)")
+            stream = self.stream
+            with self._launch_lock, torch.cuda.stream(stream):
+                self._collect()
+                self.flags.wait(stream, end.flag(request.slot, REQUEST_FLAG_AT), request.seq)
+                self.flags.write(stream, steps.rows_at, request.rows)
+                self.flags.write(stream, steps.inner_at, inner)
+                graph.replay()
+        except AsapError as exc:
+            error = exc
+        except Exception as exc:  # a failed launch fails its dispatch, never the rank
+            logger.exception("captured expert step failed for layer %d", request.layer)
+            error = InternalError(f"expert compute failed: {exc}")
+        compute_ns = time.monotonic_ns() - started
+        if error is None:
+            stats = self.executor.stats
+            stats.calls += 1
+            stats.busy_ns += compute_ns
+            stats.chunks += 1
+            stats.rows += request.rows
+            self.graph_steps += 1
+        end.answer(  # the done flag after the graph (same stream), then the completion
+            request,
+            None,
+            error=error,
+            queue_ns=started - item.picked_ns,
+            compute_ns=compute_ns,
+            picked_unix_ns=item.picked_unix_ns,
+        )
+        if error is None and setup.TRACING_ENABLED:
+            _record_spans(item, started_unix, compute_ns, time.time_ns())
+        item.hidden = item.expert_ids = item.weights = torch.empty(0)
+        end.release()
+        return True
+
+    def retire(self, graphs: object) -> None:
+        """Keep a closed link's graphs until the stream has passed its queued launches."""
+        with self._launch_lock:
+            self._retired = [(e, g) for e, g in self._retired if not e.query()]  # type: ignore[no-untyped-call]
+            if graphs:
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(self.stream)
+                self._retired.append((event, graphs))
 
     def _watch(self, bad: torch.Tensor) -> None:
         """Count on the device whether ``bad`` [N, K] has any id set (read later by ``_collect``)."""

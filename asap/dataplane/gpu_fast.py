@@ -46,6 +46,7 @@ from asap.dataplane.poller import OnePerProcess, PollThread
 from asap.dataplane.ring import Backoff
 from asap.devices import attach_ready, attached_ready
 from asap.errors import AsapError, Unavailable
+from asap.model.grouped import BUCKETS, bucket_for
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
@@ -55,6 +56,7 @@ __all__ = [
     "GpuAttentionLinkEnd",
     "GpuFastPlane",
     "Timing",
+    "gpu_layout_rows",
     "gpu_poller",
     "gpu_slot_bytes_for",
 ]
@@ -92,6 +94,21 @@ class Timing:
     """This side's poll thread took the completion."""
     settled: int = 0
     """The loop enqueued the copy out and woke the exchange."""
+
+
+def gpu_layout_rows(geometry: LinkGeometry, rows: int) -> int:
+    """The row count a GPU slot's payload is laid out for (``LinkGeometry.payload``) when it carries
+    ``rows`` rows: the next token bucket where that fits the slot, else ``rows``. Both ends lay out by
+    it, so a slot's ids and weights lie where the expert rank's captured step for the bucket reads them
+    (``expert_svc.gpu_graph``); the rows past ``rows`` are left as they were."""
+    bucket = bucket_for(rows)
+    if (
+        rows <= 0
+        or bucket not in BUCKETS
+        or geometry.payload(bucket, shape_only=False)[3] > geometry.slot_bytes
+    ):
+        return rows
+    return bucket
 
 
 def gpu_slot_bytes_for(spec: LinkSpec, slots: int) -> int:
@@ -139,7 +156,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         g = self.geometry
         header.write(self._buf, g.slot_at(slot))
         rows, top_k = header.rows, g.top_k
-        hidden_at, ids_at, weights_at, _ = g.payload(rows, shape_only=False)
+        hidden_at, ids_at, weights_at, _ = g.payload(gpu_layout_rows(g, rows), shape_only=False)
         tx = self.tx
         if dispatch.ready is not None:
             tx.wait_event(dispatch.ready)

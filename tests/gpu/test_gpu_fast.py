@@ -1,6 +1,7 @@
 """The GPU fast plane end to end (expert ranks in their own processes on the GPUs, attention on cuda:0):
 first tokens and logprobs bitwise equal to gRPC bytes and CUDA IPC, auto picks it, the rings carry the
-dispatches; and a poisoned flag releases a stream that waits on it."""
+dispatches (the captured expert steps of every bucket with auto, and mixed with the eager path above 256
+rows with fast); and a poisoned flag releases a stream that waits on it."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(gpu_model_dir: Path, ranks: int) -> None:
+async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(
+    gpu_model_dir: Path, ranks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 9, 200, 1500)]
     via_grpc, _ = await _run(gpu_model_dir, "grpc", prompts, ranks)
     via_ipc, _ = await _run(gpu_model_dir, "cuda-ipc", prompts, ranks)
-    via_fast, fast = await _run(gpu_model_dir, "fast", prompts, ranks)
+    with monkeypatch.context() as env:  # captured steps up to 256 rows, the eager path above
+        env.setenv("ASAP_GPU_STEP_GRAPH_ROWS", "256")
+        via_fast, fast = await _run(gpu_model_dir, "fast", prompts, ranks)
     via_auto, auto = await _run(gpu_model_dir, "auto", prompts, ranks)  # asserts auto chose "fast"
     print("fast", via_fast, fast, "\nauto", auto)
     assert fast["fast_exchanges"] > 0 and auto["fast_exchanges"] > 0
