@@ -11,7 +11,9 @@ device time of the graph replay alone). On GPUs the planes are gRPC bytes, CUDA 
 messages (``cuda-ipc``) and the descriptor rings with slots in CUDA IPC memory and stream flags
 (``fast``); a ``fast`` round trip ends when its result's ready event has passed. ``--cpu`` runs the same comparison for CPU ranks: gRPC bytes,
 POSIX shared memory referenced from gRPC messages (``shm``), and the descriptor rings with fixed slots
-(``fast``, no gRPC per layer).
+(``fast``, no gRPC per layer). ``--direct`` posts the fast plane's dispatches as the attention rank's
+hot path does (``asap.dataplane.direct``: a compute thread posts, polls and parks on the completion
+doorbell; GPU links offer it with ``ASAP_GPU_HOT_PATH=1``), instead of ``exchange`` on the event loop.
 
     python3 benchmarks/gpu_dataplane.py --json $OUT/gpu_dataplane.json
 """
@@ -31,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from asap.dataplane.direct import DirectLink, Ticket, Wake
+from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.devices import attached_ready
+from asap.errors import AsapError
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
@@ -60,8 +66,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _direct_once(link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch) -> torch.Tensor:
+    """One dispatch on the hot path, on the calling thread (as ``attention_svc.direct_runner`` does):
+    post, then poll and park on the completion doorbell until its ticket settles."""
+    ticket = Ticket(wake)
+    ticket.posted_ns = time.monotonic_ns()
+    link.post(PlaneRequest(mb, 0, dispatch), ticket)
+    poll, park = getattr(link, "poll", None), getattr(link, "park", None)
+    while not ticket.done:
+        wake.clear()
+        if poll is not None:
+            poll()
+        if ticket.done:
+            break
+        fds = list(park(True)) if park is not None else []
+        try:
+            if poll is not None:
+                poll()
+            if not ticket.done:
+                wake.wait(0.05 if fds else 200e-6, fds)
+        finally:
+            if park is not None:
+                park(False)
+    outcome = ticket.outcome
+    if isinstance(outcome, AsapError):
+        raise outcome
+    assert isinstance(outcome, ExchangeResult)
+    return outcome.hidden
+
+
 async def _time_plane(
-    target: str, plane: str, tokens: list[int], iters: int, device: str
+    target: str, plane: str, tokens: list[int], iters: int, device: str, direct: bool = False
 ) -> dict[str, dict[str, float]]:
     transport = GrpcExpertTransport(
         [target],
@@ -78,6 +113,13 @@ async def _time_plane(
         assert link.data_plane == plane, (link.data_plane, plane)
         out: dict[str, dict[str, float]] = {}
         mb = 0
+        hot: DirectLink | None = None
+        if direct:
+            links = transport.direct_links(TOP_K)
+            assert links is not None, f"the {plane} plane offers no hot path here"
+            hot = links[0]
+        wake = Wake()
+        loop = asyncio.get_running_loop()
         for n in tokens:
             dispatch = _dispatch(n, device)
             _sync(device)
@@ -85,12 +127,18 @@ async def _time_plane(
             returns: list[float] = []
             for i in range(iters + 3):  # 3 warm-up round trips (CUDA graph capture on the expert side)
                 mb += 1
-                start = time.perf_counter()
-                result = await transport.exchange(0, mb, 0, dispatch)
-                returned = time.perf_counter() - start
-                if result.ready is not None:  # the GPU fast plane returns before its copy out ran
-                    result.ready.synchronize()
-                elapsed = time.perf_counter() - start
+                if hot is not None:  # timed on the posting thread
+                    hidden, returned, elapsed = await loop.run_in_executor(
+                        None, _timed_direct, hot, wake, mb, dispatch
+                    )
+                    result = ExchangeResult(hidden)
+                else:
+                    start = time.perf_counter()
+                    result = await transport.exchange(0, mb, 0, dispatch)
+                    returned = time.perf_counter() - start
+                    if result.ready is not None:  # the GPU fast plane returns before its copy out ran
+                        result.ready.synchronize()
+                    elapsed = time.perf_counter() - start
                 if i >= 3:
                     times.append(elapsed)
                     returns.append(returned)
@@ -114,6 +162,19 @@ async def _time_plane(
         await transport.close()
 
 
+def _timed_direct(
+    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch
+) -> tuple[torch.Tensor, float, float]:
+    """``_direct_once`` timed on its thread: (result, until settled, until its copy out ran) in s."""
+    start = time.perf_counter()
+    hidden = _direct_once(link, wake, mb, dispatch)
+    returned = time.perf_counter() - start
+    event = attached_ready(hidden)
+    if event is not None:
+        event.synchronize()
+    return hidden, returned, time.perf_counter() - start
+
+
 def _hops(link: object, iters: int) -> dict[str, float]:
     """GPU fast plane: the median of each hop of the last ``iters`` round trips (µs)."""
     end = getattr(getattr(link, "plane", None), "_end", None)
@@ -125,9 +186,10 @@ def _hops(link: object, iters: int) -> dict[str, float]:
         "expert_handoff": [t.queue_ns for t in timings],
         "expert_enqueue": [t.compute_ns for t in timings],
         "to_attention_poll": [t.taken - t.picked - t.queue_ns - t.compute_ns for t in timings],
-        "poll_to_loop_settle": [t.settled - t.taken for t in timings],
-        "publish_to_settle": [t.settled - t.published for t in timings],
     }
+    if all(t.settled for t in timings):  # the hot path settles its tickets on the polling thread, no loop
+        hops["poll_to_loop_settle"] = [t.settled - t.taken for t in timings]
+        hops["publish_to_settle"] = [t.settled - t.published for t in timings]
     return {name: statistics.median(v) / 1e3 for name, v in hops.items()}
 
 
@@ -183,6 +245,9 @@ async def run() -> dict[str, object]:
     parser.add_argument(
         "--planes", help="comma-separated planes, gRPC bytes first (default: all of the kind)"
     )
+    parser.add_argument(
+        "--direct", action="store_true", help="the fast plane through the hot path (a posting thread)"
+    )
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     global DTYPE
@@ -231,7 +296,10 @@ async def run() -> dict[str, object]:
             try:
                 target = proc.wait_ready()
                 planes = {
-                    plane: await _time_plane(target, plane, tokens, args.iters, local) for plane in compared
+                    plane: await _time_plane(
+                        target, plane, tokens, args.iters, local, direct=args.direct and plane == "fast"
+                    )
+                    for plane in compared
                 }
             finally:
                 proc.stop()

@@ -32,20 +32,23 @@ for stage in $stages; do
     tests)
         start_mps
         timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
-            -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+            -s 2>&1 | tee "$OUT/${TESTS_LOG:-gpu_tests}.log" | tail -40
         stop_mps ;;
     dataplane)
         start_mps
         timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
         ps -eo pid,comm | grep -i mps
         stop_mps ;;
-    graphs)  # the fast plane's round trip with eager expert steps, then captured ones (expert_svc.gpu_graph)
+    graphs)  # the fast plane's round trip: eager expert steps, captured ones (expert_svc.gpu_graph), and
+             # captured ones through the attention rank's hot path (ASAP_GPU_HOT_PATH=1, --direct)
         start_mps
-        for g in 0 1; do
-            echo "--- ASAP_GPU_STEP_GRAPHS=$g"
-            ASAP_GPU_STEP_GRAPHS=$g timeout "${GRAPHS_TIMEOUT:-120}" python3 benchmarks/gpu_dataplane.py --planes fast \
-                --iters "${ITERS:-30}" --json "$OUT/gpu_dataplane_graphs$g.json" 2>&1 | tee "$OUT/gpu_dataplane_graphs$g.log" \
-                | grep -v '^ *[]}"{]' | tail -8
+        for variant in eager:0:0: graphs:1:0: graphs-direct:1:1:--direct; do
+            IFS=: read -r name graphs hot flag <<< "$variant"
+            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot $flag)"
+            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot timeout "${GRAPHS_TIMEOUT:-120}" \
+                python3 benchmarks/gpu_dataplane.py --planes fast $flag --iters "${ITERS:-30}" \
+                --json "$OUT/gpu_dataplane_$name.json" > "$OUT/gpu_dataplane_$name.log" 2>&1
+            grep -v '^ *[]}"{]' "$OUT/gpu_dataplane_$name.log" | tail -6
         done
         stop_mps ;;
     dataplane-nospin)  # the fast plane with poll threads that park at once

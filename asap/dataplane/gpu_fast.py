@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import threading
 import time
 from collections import deque
@@ -37,7 +38,8 @@ from typing import Any
 import torch
 
 from asap.dataplane.cuda_ipc import CudaRegion
-from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, FastPlane
+from asap.dataplane.direct import Ticket
+from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, FastPlane, _Direct
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, Outcome, _Pending
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
@@ -45,17 +47,19 @@ from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneReque
 from asap.dataplane.poller import OnePerProcess, PollThread
 from asap.dataplane.ring import Backoff
 from asap.devices import attach_ready, attached_ready
-from asap.errors import AsapError, Unavailable
+from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.grouped import BUCKETS, bucket_for
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
 __all__ = [
     "DEFAULT_GPU_SLOT_BYTES",
+    "GPU_HOT_PATH_ENV",
     "GPU_POLL_SPIN_S",
     "GpuAttentionLinkEnd",
     "GpuFastPlane",
     "Timing",
+    "gpu_hot_path_enabled",
     "gpu_layout_rows",
     "gpu_poller",
     "gpu_slot_bytes_for",
@@ -68,6 +72,17 @@ GPU_POLL_SPIN_S = float(os.environ.get("ASAP_GPU_POLL_SPIN_S", "0"))
 all). Measured on one H200 host: a 2 ms spin made every hand-off between the threads of a process wait
 for the GIL (the spinning thread holds it but for the 5 ms switch interval): 6.5 ms round trips against
 1.7 ms parked."""
+
+GPU_HOT_PATH_ENV = "ASAP_GPU_HOT_PATH"
+"""``1``: GPU fast links offer the attention rank's hot path (``asap.dataplane.direct``: the compute
+thread enqueues the fill and publishes, and takes its completions itself); default off, so async
+batches on GPU links take ``exchange`` through the event loop."""
+
+
+def gpu_hot_path_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(GPU_HOT_PATH_ENV, "0").strip().lower()
+    return value in ("1", "on", "true", "yes")
+
 
 _POLLER = OnePerProcess(
     lambda: PollThread("gpu-fast-completions", backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S))
@@ -295,11 +310,14 @@ class GpuFastPlane(FastPlane):
         self._end, self._session = end, session
         return end
 
-    def direct(self, top_k: int) -> None:  # type: ignore[override]
-        """No hot path on GPU links yet: their batches take ``exchange`` through the event loop (what the
-        one-GPU measurements of benchmarks/README.md ran); the compute-thread path of CPU links posts
-        host-memory fills, not the stream-ordered copies and flags these slots need."""
-        return None
+    def direct(self, top_k: int) -> _GpuDirect | None:  # type: ignore[override]
+        """The hot path for one batch where ``ASAP_GPU_HOT_PATH`` is on (on the event loop, at its
+        start), else None: the batch takes ``exchange`` through the event loop."""
+        if not gpu_hot_path_enabled():
+            return None
+        end = self._end_for(self.stream.open(), self._geometry(top_k))
+        assert isinstance(end, GpuAttentionLinkEnd)
+        return _GpuDirect(self, end, asyncio.get_running_loop())
 
     async def exchange(self, request: PlaneRequest) -> ExchangeResult:
         geometry = self._geometry(int(request.dispatch.expert_ids.shape[1]))
@@ -333,3 +351,30 @@ class GpuFastPlane(FastPlane):
                 end.give_back(slot)
             else:
                 end.abandon(seq)
+
+
+class _GpuDirect(_Direct):
+    """``DirectLink`` of a GPU fast link for one batch: the compute thread enqueues the slot's fill and
+    request flag on the tx stream and publishes; completions are taken by whichever thread polls (the
+    result carries its copy's event, which ``combine`` waits for on the compute stream)."""
+
+    end: GpuAttentionLinkEnd
+
+    def post(self, request: PlaneRequest, ticket: Ticket) -> None:
+        plane, end = self.plane, self.end
+        if request.rows == 0 or request.rows > plane.max_rows:  # the inner plane, via the loop
+            self._post_inner(request, ticket)
+            return
+        slot = end.take_slot_blocking(ticket)
+        seq = 0
+        try:
+            end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch)
+            seq, _ = plane._publish(end, slot, request, ticket)
+        except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
+            if end.broken is not None:
+                raise end.broken from None
+            raise InternalError(f"{end.peer}: filling a GPU fast link slot failed: {exc}") from exc
+        finally:
+            if seq == 0:
+                end.give_back(slot)
+        ticket.plane_data = seq

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, Request
-from asap.dataplane.gpu_fast import gpu_layout_rows
+from asap.dataplane.gpu_fast import gpu_hot_path_enabled, gpu_layout_rows
 from asap.errors import AsapError, Unavailable
 from expert_svc.core import ExpertStats
 from expert_svc.fastlane import LaneItem
@@ -58,6 +58,11 @@ def test_the_switches_default_on_and_16k_rows() -> None:
     assert not step_graphs_enabled({"ASAP_GPU_STEP_GRAPHS": "0"})
     assert not step_graphs_enabled({"ASAP_GPU_STEP_GRAPHS": "off"})
     assert step_graph_rows({}) == 16384 and step_graph_rows({"ASAP_GPU_STEP_GRAPH_ROWS": "2048"}) == 2048
+
+
+def test_the_gpu_hot_path_is_off_unless_asked_for() -> None:
+    assert not gpu_hot_path_enabled({}) and not gpu_hot_path_enabled({"ASAP_GPU_HOT_PATH": "0"})
+    assert gpu_hot_path_enabled({"ASAP_GPU_HOT_PATH": "1"})
 
 
 @dataclass

@@ -67,6 +67,7 @@ async def _run(
             "region": sum(link.region_hidden_bytes for link in links),
             "inline": sum(link.inline_hidden_bytes for link in links),
             "results_by_ref": sum(link.result_ref_bytes for link in links),
+            "direct_batches": attention.executor.direct_batches,
         }
         firsts = [o.first for o in outcome.results]
         assert all(f is not None for f in firsts)

@@ -1,7 +1,8 @@
 """The GPU fast plane end to end (expert ranks in their own processes on the GPUs, attention on cuda:0):
 first tokens and logprobs bitwise equal to gRPC bytes and CUDA IPC, auto picks it, the rings carry the
 dispatches (the captured expert steps of every bucket with auto, and mixed with the eager path above 256
-rows with fast); and a poisoned flag releases a stream that waits on it."""
+rows with fast), and through the attention rank's hot path (``ASAP_GPU_HOT_PATH=1``); and a poisoned
+flag releases a stream that waits on it."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(
     assert via_fast == via_grpc == via_ipc == via_auto
     reference = _reference(gpu_model_dir, prompts, ranks)
     assert [t for t, _ in via_fast] == [t for t, _ in reference]
+    with monkeypatch.context() as env:  # the attention rank's hot path (compute thread posts and polls)
+        env.setenv("ASAP_GPU_HOT_PATH", "1")
+        via_hot, hot = await _run(gpu_model_dir, "fast", prompts, ranks)
+    assert hot["direct_batches"] > 0 and fast["direct_batches"] == 0
+    assert via_hot == via_grpc
 
 
 def test_poison_releases_a_waiting_stream() -> None:
