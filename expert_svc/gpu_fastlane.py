@@ -86,8 +86,15 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         steps = lane.steps
         if steps is not None:
             try:
+                started = time.monotonic()
                 self.buckets = graph_buckets(self.geometry, steps.largest)
                 self.graphs = steps.capture(self.slots_buf, self.geometry, self.buckets, self._beat)
+                logger.info(
+                    "GPU fast link: %d expert steps captured (buckets %s) in %.0f ms",
+                    len(self.graphs),
+                    list(self.buckets),
+                    (time.monotonic() - started) * 1e3,
+                )
             except Exception:  # the eager path serves the link: slower, never wrong
                 logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
                 self.buckets, self.graphs = (), {}

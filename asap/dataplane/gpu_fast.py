@@ -7,12 +7,17 @@ Per dispatch, nothing waits for a GPU on either host:
    slot's previous results to be copied out, copy rows, ids and weights into the slot, write the slot's
    request flag = seq; then it publishes the descriptor (rows, layer, seq: the counts the expert's host
    needs) in the request ring and returns to the loop;
-2. the expert rank's poll thread takes the descriptor; its compute thread enqueues a wait for the request
-   flag, the expert computation, the results over the rows and the slot's done flag = seq, and publishes
-   the completion (status only) at once (``expert_svc.gpu_fastlane``);
+2. the expert rank's poll thread takes the descriptor and enqueues a wait for the request flag, the
+   expert step captured for the slot and the rows' bucket (one graph launch: the results over the rows)
+   and the slot's done flag = seq, and publishes the completion (status only) at once; other shapes go to
+   its compute thread, which enqueues the same eagerly (``expert_svc.gpu_fastlane``, ``gpu_graph``);
 3. this side's poll thread takes the completion; on the loop the *rx* stream waits for the done flag and
    copies the results out of the slot; the result tensor carries that copy's event
    (``asap.devices.attach_ready``), which ``combine`` waits for on the compute stream.
+
+A slot's payload is laid out for the rows' token bucket (``gpu_layout_rows``), so the captured step's
+views of a slot are fixed per bucket. With ``ASAP_GPU_HOT_PATH=1`` the attention compute thread does
+step 1 itself and takes its completions (``direct``, ``asap.dataplane.direct``) instead of the loop.
 
 Every wait is for a flag whose write the peer had already enqueued, so no two streams wait on each other.
 A peer that dies with work enqueued never writes its flags: the host that learns of it (stream break,
