@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from asap.bench.faultload import OK, Load, open_loop, summarize
+from asap.child_process import ChildProcess
 from asap.client import AsapClient
-from asap.cluster import ChildProcess, ClusterSpec, LocalCluster, RankSpec
+from asap.cluster import ClusterSpec, LocalCluster, RankSpec
 from tests.waiting import until
 
 pytestmark = pytest.mark.slow
