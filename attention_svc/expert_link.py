@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 import torch
@@ -227,7 +227,7 @@ class ExpertLink:
         if direct is None:
             return None
         link: DirectLink | None = direct(top_k)
-        return None if link is None else _MeteredLink(link, self)
+        return None if link is None else _metered(link, self)
 
     async def close(self) -> None:
         try:
@@ -237,13 +237,41 @@ class ExpertLink:
             self.plane.close()
 
 
-class _MeteredLink:
+@runtime_checkable
+class _PollingLink(DirectLink, Protocol):
+    """A hot-path link whose results the waiting thread can take itself (``DirectLink.poll``)."""
+
+    def poll(self) -> None: ...
+
+
+@runtime_checkable
+class _ParkingLink(_PollingLink, Protocol):
+    """A polling link whose waiting thread can also sleep on the peer's doorbell (``DirectLink.park``)."""
+
+    def park(self, on: bool) -> Sequence[int]: ...
+
+
+L = TypeVar("L", bound=DirectLink)
+P = TypeVar("P", bound=_PollingLink)
+
+
+def _metered(link: DirectLink, owner: ExpertLink) -> DirectLink:
+    """``link`` with its round trips and failures recorded on ``owner``, offering the same optional calls
+    as ``link`` and no others: the direct runner polls and parks only links that have ``poll`` / ``park``."""
+    if isinstance(link, _ParkingLink):
+        return _MeteredParkingLink(link, owner)
+    if isinstance(link, _PollingLink):
+        return _MeteredPollingLink(link, owner)
+    return _MeteredLink(link, owner)
+
+
+class _MeteredLink(Generic[L]):
     """A plane's hot-path link that records each settled dispatch's round trip and failures on the
     ``ExpertLink`` (what ``exchange`` records on the loop path), so the metrics see both paths."""
 
     __slots__ = ("_inner", "_owner")
 
-    def __init__(self, inner: DirectLink, owner: ExpertLink) -> None:
+    def __init__(self, inner: L, owner: ExpertLink) -> None:
         self._inner = inner
         self._owner = owner
 
@@ -260,5 +288,20 @@ class _MeteredLink:
     def abandon(self, ticket: Ticket) -> None:
         self._inner.abandon(ticket)
 
-    def __getattr__(self, name: str) -> object:  # the optional ``poll`` / ``park`` of the plane's link
-        return getattr(self._inner, name)
+
+class _MeteredPollingLink(_MeteredLink[P]):
+    """A metered link of a plane whose results the waiting thread takes itself."""
+
+    __slots__ = ()
+
+    def poll(self) -> None:
+        self._inner.poll()
+
+
+class _MeteredParkingLink(_MeteredPollingLink[_ParkingLink]):
+    """A metered link of a plane whose waiting thread polls and sleeps on the peer's doorbell."""
+
+    __slots__ = ()
+
+    def park(self, on: bool) -> Sequence[int]:
+        return self._inner.park(on)

@@ -28,16 +28,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cluster_load import capacity, prompt, warm_up
 
 from asap.bench.faultload import OK, Call, Load, one_call, open_loop, summarize
+from asap.child_process import ChildProcess
 from asap.client import AsapClient
-from asap.cluster import ChildProcess, ClusterSpec, LocalCluster, RankSpec
+from asap.cluster import ClusterSpec, LocalCluster, RankSpec
 
 FAULTS = (("expert", "stop"), ("expert", "kill"), ("attention", "stop"), ("attention", "kill"))
-
-
-def prompt(rng: random.Random) -> list[int]:
-    return [rng.randrange(256) for _ in range(rng.randint(16, 96))]
 
 
 def start_cluster(mode: str, plane: str, out: io.TextIOBase) -> LocalCluster:
@@ -52,24 +52,6 @@ def start_cluster(mode: str, plane: str, out: io.TextIOBase) -> LocalCluster:
     cluster = LocalCluster(spec, out=out)  # type: ignore[arg-type]
     cluster.start()
     return cluster
-
-
-async def capacity(client: AsapClient, seconds: float, concurrency: int = 4) -> float:
-    """Completed calls per second of a closed loop of ``concurrency`` callers."""
-    rng = random.Random(1)
-    end = time.monotonic() + seconds
-    done = 0
-
-    async def caller() -> None:
-        nonlocal done
-        while time.monotonic() < end:
-            call = Call(start=time.monotonic())
-            await one_call(client, prompt(rng), 30.0, call)
-            done += call.status == OK
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return done / (time.monotonic() - started)
 
 
 def child(cluster: LocalCluster, name: str) -> ChildProcess:
@@ -153,7 +135,7 @@ async def one_fault(
 async def run_cluster(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     assert cluster.address is not None
     async with AsapClient(cluster.address, timeout_s=args.deadline_s, retries=0) as client:
-        await asyncio.gather(*(client.prefill(tokens=[i + 1] * (8 + i)) for i in range(16)))
+        await warm_up(client)
         cap = await capacity(client, args.capacity_s)
         rate = max(0.5, args.load * cap)
         results = []

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,32 +24,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from asap.bench.faultload import OK, Call, Load, one_call, open_loop
+from cluster_load import capacity, prompt, warm_up
+
+from asap.bench.faultload import OK, Load, open_loop
 from asap.bench.procstats import ProcSample, per_hour, sample
 from asap.client import AsapClient
 from asap.cluster import ClusterSpec, LocalCluster
-
-
-def prompt(rng: random.Random) -> list[int]:
-    return [rng.randrange(256) for _ in range(rng.randint(16, 96))]
-
-
-async def capacity(client: AsapClient, seconds: float, concurrency: int = 4) -> float:
-    rng = random.Random(1)
-    end = time.monotonic() + seconds
-    done = 0
-
-    async def caller() -> None:
-        nonlocal done
-        while time.monotonic() < end:
-            call = Call(start=time.monotonic())
-            await one_call(client, prompt(rng), 30.0, call)
-            done += call.status == OK
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return done / (time.monotonic() - started)
 
 
 async def soak(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +40,7 @@ async def soak(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any
     pids["client"] = os.getpid()
     samples: dict[str, list[ProcSample]] = {name: [] for name in pids}
     async with AsapClient(cluster.address, timeout_s=30.0, retries=0) as client:
-        await asyncio.gather(*(client.prefill(tokens=[i + 1] * (8 + i)) for i in range(16)))
+        await warm_up(client)
         cap = await capacity(client, args.capacity_s)
         rate = args.load * cap
         print(f"capacity {cap:.1f} rps; soaking at {rate:.1f} rps for {args.duration_s:.0f} s", flush=True)

@@ -21,8 +21,9 @@ Release rules, checked in order whenever a healthy rank has a free slot (otherwi
 Under load (no idle rank) a request waits at most its wait bound (a small fraction of its SLO) while
 the batch fills towards the knee.
 
-Times: ``now`` is event-loop time and ``ScheduledRequest.arrival`` is ``time.monotonic()``; both are the
-same clock under asyncio's default loop (``loop.time()`` is ``time.monotonic()``).
+Times: ``now`` is event-loop time and ``ScheduledRequest.arrival`` is ``asap.clock.monotonic()``; both are
+the same clock under asyncio's default loop (``loop.time()`` is ``time.monotonic()``) and under
+``asap simulate``'s virtual one.
 """
 
 from __future__ import annotations

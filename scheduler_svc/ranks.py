@@ -53,7 +53,7 @@ class RankBatch:
     requests: list[ScheduledRequest]
     predicted_ms: float
     sent: float | None = None
-    """``time.monotonic()`` when it went to the rank."""
+    """``asap.clock.monotonic()`` when it went to the rank."""
     task: asyncio.Task[Any] | None = None
 
     @property

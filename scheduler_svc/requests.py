@@ -134,7 +134,7 @@ class RequestResult:
     def of(
         cls, request: ScheduledRequest, item: RankResultItem, rank: int, sent: float, done: float
     ) -> RequestResult:
-        """The result of ``request`` answered by ``rank``; ``sent`` and ``done`` are ``time.monotonic()``."""
+        """The result of ``request`` answered by ``rank``; ``sent`` and ``done`` are ``asap.clock.monotonic()``."""
         return cls(
             request_id=request.request_id,
             first_token_id=item.first_token_id,

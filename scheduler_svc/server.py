@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from asap import clock
 from asap.auth import TokenAuth
 from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.config import load_config
@@ -88,8 +89,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.stats = RequestStats()
         """Request outcomes and times of this front door (read by ``scheduler_svc.metrics``)."""
 
-    def _scheduled(self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None) -> ScheduledRequest:
-        arrival = time.monotonic()
+    def _scheduled(
+        self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None, arrival: float
+    ) -> ScheduledRequest:
         ids = self.validator.token_ids(request)
         traceparent, tracestate = trace_context(request)
         loop = asyncio.get_running_loop()
@@ -120,11 +122,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _answer(
         self, request: scheduler_pb2.PrefillRequest, timeout_s: float | None
     ) -> scheduler_pb2.PrefillResponse:
+        # Arrival on the services' clock (asap.clock: virtual under `asap simulate`), which the queue and
+        # TTFT times are measured from; the request's spans start at the same moment on the wall clock
+        # (span timestamps are wall time) and end TTFT later (``RequestAnswered``).
+        arrival = clock.monotonic()
         if not setup.TRACING_ENABLED:
-            scheduled = self._scheduled(request, timeout_s)
+            scheduled = self._scheduled(request, timeout_s, arrival)
             return _response(self._count(await self.core.submit(scheduled)), scheduled)
         arrival_ns = time.time_ns()
-        scheduled = self._scheduled(request, timeout_s)
+        scheduled = self._scheduled(request, timeout_s, arrival)
         with request_spans(request, scheduled, self.config.core.mode, arrival_ns) as answered:
             result = self._count(await self.core.submit(scheduled))
             answered.at_ttft(result.ttft_ms)

@@ -18,6 +18,14 @@ GPU = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
 ENV = read_env_file(DOCKER / ".env")
 
 
+def up_spec(dtype: str, device: str) -> ClusterSpec:
+    """What `asap up` would start for the compose cluster: 2+2 ranks, the scheduler's HTTP door on."""
+    return ClusterSpec(
+        attention=2, experts=2, mode=ENV["ASAP_MODE"], dtype=dtype, device=device,
+        http_port=int(ENV["SCHEDULER_HTTP_PORT"]),
+    )  # fmt: skip
+
+
 def compose_config(tool: Callable[[str], str], files: list[Path], *extra: str) -> list[str]:
     argv = [tool("docker-compose"), "--project-directory", str(DOCKER)]
     for path in files:
@@ -55,8 +63,7 @@ def test_compose_config_rejects_a_broken_copy(
                                                        (GPU, "bfloat16", "cuda")], ids=["cpu", "gpu"])  # fmt: skip
 def test_compose_runs_what_asap_up_runs(files: list[Path], dtype: str, device: str) -> None:
     argvs = compose_argvs(compose_services(files, DOCKER / ".env"))
-    spec = ClusterSpec(attention=2, experts=2, mode=ENV["ASAP_MODE"], dtype=dtype, device=device)
-    assert topology(argvs) == asap_up_topology(spec, ENV["ASAP_MODEL"])
+    assert topology(argvs) == asap_up_topology(up_spec(dtype, device), ENV["ASAP_MODEL"])
     assert {a.argv[a.argv.index("--host") + 1] for a in argvs} == {
         "0.0.0.0"
     }  # reachable from other containers
@@ -103,3 +110,33 @@ def test_services_are_wired_for_start_order_health_and_traces() -> None:
         }
     assert {"attention-0", "attention-1"} <= set(services["scheduler"]["depends_on"])
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
+@pytest.mark.parametrize("files", [BASE, GPU], ids=["cpu", "gpu"])
+def test_scheduler_publishes_its_openai_http_port(files: list[Path]) -> None:
+    scheduler = compose_services(files, DOCKER / ".env")["scheduler"]
+    command = scheduler["command"]
+    port = int(command[command.index("--http-port") + 1])
+    assert port == int(ENV["SCHEDULER_HTTP_PORT"]) > 0  # fixed: the port mapping names it
+    assert f"{ENV['SCHEDULER_HTTP_PUBLISHED_PORT']}:{port}" in scheduler["ports"]
+    assert f"{ENV['SCHEDULER_PUBLISHED_PORT']}:{ENV['SCHEDULER_PORT']}" in scheduler["ports"]
+
+
+def test_docker_compose_publishes_the_http_port(tool: Callable[[str], str]) -> None:
+    """docker-compose's own reading of the port mapping (the test above reads the file itself)."""
+    result = run(compose_config(tool, BASE))
+    assert result.returncode == 0, output(result)
+    ports = yaml.safe_load(result.stdout)["services"]["scheduler"]["ports"]
+    published = {(int(p["published"]), int(p["target"])) for p in ports}
+    http = int(ENV["SCHEDULER_HTTP_PORT"])
+    assert (int(ENV["SCHEDULER_HTTP_PUBLISHED_PORT"]), http) in published
+
+
+def test_compose_topology_check_catches_a_scheduler_without_its_http_port(tmp_path: Path) -> None:
+    text = (DOCKER / "compose.yaml").read_text()
+    flag = ',\n              "--http-port", "${SCHEDULER_HTTP_PORT:-8000}"'
+    assert flag in text
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(text.replace(flag, "", 1))
+    ours = topology(compose_argvs(compose_services([broken], DOCKER / ".env")))
+    assert ours != asap_up_topology(up_spec(ENV["ASAP_DTYPE"], ENV["ASAP_DEVICE"]), ENV["ASAP_MODEL"])

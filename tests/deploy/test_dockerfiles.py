@@ -3,12 +3,13 @@ final stage is the small non-root runtime the issue asks for."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import DOCKER, output, run
+from tests.deploy.conftest import DOCKER, REPO, output, run
 
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 
@@ -75,3 +76,30 @@ def test_base_images_are_pinned(path: Path) -> None:
     for image in images:
         tag = image.rsplit(":", 1)[1]
         assert tag != "latest" and any(c.isdigit() for c in tag), image
+
+
+@pytest.mark.parametrize(
+    ("path", "choice"),
+    [
+        (DOCKER / "Dockerfile", '1) project=".[nixl]" ;;'),
+        (DOCKER / "Dockerfile.cuda", '1) nixl="nixl-cu12" ;;'),
+    ],
+    ids=["Dockerfile", "Dockerfile.cuda"],
+)
+def test_nixl_is_an_opt_in_build_arg(path: Path, choice: str) -> None:
+    text = path.read_text()
+    assert "ARG WITH_NIXL=0\n" in text  # off unless asked for
+    assert choice in text
+    assert not any("WITH_NIXL" in line for line in final_stage(path))  # a build-stage choice only
+
+
+def test_the_nixl_packages_the_images_install_are_pinned() -> None:
+    pins = {
+        line.split("==")[0]
+        for line in (REPO / "constraints" / "ci.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (nixl,) = extras["nixl"]
+    assert nixl.split(">=")[0] in pins  # the CPU image's asap-serve[nixl]
+    assert "nixl-cu12" in pins  # the CUDA image's

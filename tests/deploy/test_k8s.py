@@ -17,6 +17,7 @@ from tests.deploy.topology import asap_up_topology, topology
 
 # 1.28: the oldest Kubernetes the manifests support (pod-index label); 1.37: the newest schema bundled.
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
+HTTP_PORT = 8000  # the scheduler's OpenAI HTTP API (--http-port)
 
 
 def render(tool: Callable[[str], str], overlay: str, tmp_path: Path) -> Path:
@@ -80,14 +81,17 @@ def test_base_runs_what_asap_up_runs() -> None:
     docs = base_docs()
     env = cluster_env(docs)
     spec = ClusterSpec(
-        attention=2, experts=2, mode=env["ASAP_MODE"], dtype=env["ASAP_DTYPE"], device=env["ASAP_DEVICE"]
-    )
+        attention=2, experts=2, mode=env["ASAP_MODE"], dtype=env["ASAP_DTYPE"], device=env["ASAP_DEVICE"],
+        http_port=HTTP_PORT,
+    )  # fmt: skip
     assert topology(k8s_argvs(docs)) == asap_up_topology(spec, env["ASAP_MODEL"])
 
 
 def test_gpu_overlay_runs_what_asap_up_runs(tool: Callable[[str], str], tmp_path: Path) -> None:
     docs = load_yaml_docs([render(tool, "gpu", tmp_path)])
-    spec = ClusterSpec(attention=2, experts=2, mode="async", dtype="bfloat16", device="cuda")
+    spec = ClusterSpec(
+        attention=2, experts=2, mode="async", dtype="bfloat16", device="cuda", http_port=HTTP_PORT
+    )
     assert topology(k8s_argvs(docs)) == asap_up_topology(spec, "tiny")
     for workload in (d for d in docs if d["kind"] == "StatefulSet"):
         (container,) = workload["spec"]["template"]["spec"]["containers"]
@@ -148,3 +152,16 @@ def test_pods_drain_within_their_termination_grace_period() -> None:
         pre_stop_s = float(command[1])
         assert pre_stop_s >= 1, f"{name}: endpoints need a moment to drop the pod before SIGTERM"
         assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + 2 * drain_s[name], name
+
+
+def test_the_scheduler_service_exposes_the_openai_http_port() -> None:
+    docs = base_docs()
+    (scheduler,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "scheduler"]
+    (container,) = scheduler["spec"]["template"]["spec"]["containers"]
+    args = [str(a) for a in container["args"]]
+    assert int(args[args.index("--http-port") + 1]) == HTTP_PORT
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["http"] == HTTP_PORT
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "scheduler"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["http"] == {"name": "http", "port": HTTP_PORT, "targetPort": "http"}
+    assert ports["grpc"]["port"] == 50051  # the gRPC endpoint stays where it was

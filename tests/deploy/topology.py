@@ -3,7 +3,8 @@
 Every argv is parsed by the real `asap.cli.build_parser()`. Addresses in `--experts` / `--attention` are
 resolved to (kind, rank) through the host names and `--port` of the deployment's own services, so a
 list that names a wrong port, an unknown host or the ranks out of order shows up as a different topology.
-Host, port and thread flags are where deployments legitimately differ from `asap up`; they are left out.
+Host, port and thread flags are where deployments legitimately differ from `asap up`; they are left out
+(whether the scheduler serves the OpenAI HTTP API, and under which model name, is kept).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from asap.cli import build_parser
 from asap.cluster import ClusterSpec, attention_commands, expert_commands, scheduler_command
+from asap.openai_protocol import served_model_name
 from tests.deploy.deployments import ServiceArgv
 
 
@@ -34,6 +36,8 @@ class Process:
     mode: str | None = None
     dtype: str | None = None
     device: str | None = None
+    served_model: str | None = None
+    """the scheduler's OpenAI HTTP model name, None without --http-port"""
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -76,7 +80,10 @@ def topology(services: Sequence[ServiceArgv]) -> set[Process]:
             process = Process("attention", args.rank, args.model, dtype=args.dtype, device=args.device,
                               experts=ranks(args.experts, "expert", service.name))  # fmt: skip
         else:
-            process = Process("scheduler", 0, args.model, mode=args.mode,
+            served = None
+            if args.http_port is not None:
+                served = args.served_model_name or served_model_name(args.model)
+            process = Process("scheduler", 0, args.model, mode=args.mode, served_model=served,
                               attention=ranks(args.attention, "attention", service.name))  # fmt: skip
         if process in processes:
             raise ValueError(f"{service.name}: a second {process.kind} rank {process.rank}")

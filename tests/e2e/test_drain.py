@@ -15,13 +15,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from asap.client import AsapClient
 from asap.errors import AsapError, Unavailable
+from asap.rpc.health import check_health_async
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +81,7 @@ def test_sigterm_under_load_drains_and_leaves_nothing_behind(qwen3_dir: Path, tm
         assert finished, "the drain let no request in flight finish"
         assert all(isinstance(o, Unavailable) for o in refused), refused
         assert up.wait(90) == 0
-        deadline = time.monotonic() + 10
-        while _processes_with(str(model)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        asyncio.run(until(lambda: not _processes_with(str(model)), timeout_s=10, interval_s=0.2))
         assert not _processes_with(str(model)), "a service outlived asap up"
         assert _shm() - shm_before <= _other_users_segments(shm_before), "shared memory left behind"
     finally:
@@ -103,14 +103,29 @@ async def _load_through_sigterm(
             asyncio.create_task(client.prefill(tokens=[(7 * i + j) % 256 for j in range(200 + 10 * i)]))
             for i in range(24)
         ]
-        await asyncio.sleep(0.3)
+
+        # SIGTERM once the scheduler has work in flight (or, on a fast host, all of it is already done).
+        async def working() -> bool:
+            state = await client.cluster_state()
+            queued = sum(r.queued_requests + r.running_batches for r in state.attention_ranks)
+            return state.pending_requests + queued > 0 or all(t.done() for t in in_flight)
+
+        assert await until(working, timeout_s=30, interval_s=0.02)
         up.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)  # the scheduler is draining now: it refuses new work
+        # SIGTERM turns the scheduler's grpc health NOT_SERVING, then its drain refuses new work.
+        async with grpc.aio.insecure_channel(address) as channel:
+            draining = await until(lambda: _not_serving(channel), timeout_s=30, interval_s=0.02)
+        assert draining, "the scheduler never began to drain"
         refused = await asyncio.gather(
             *(client.prefill(tokens=[5, 6]) for _ in range(5)), return_exceptions=True
         )
         outcomes = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 90)
     return list(outcomes), list(refused)
+
+
+async def _not_serving(channel: grpc.aio.Channel) -> bool:
+    serving, _ = await check_health_async(channel)
+    return not serving
 
 
 def _other_users_segments(before: set[str]) -> set[str]:

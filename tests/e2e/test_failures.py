@@ -13,6 +13,7 @@ import pytest
 
 from asap.client import AsapClient, Unavailable
 from tests.procs import ServiceProcess, start_cluster_services
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +56,11 @@ async def test_a_dead_attention_rank_is_taken_out_of_placement(qwen3_dir: Path) 
                 assert not isinstance(outcome, BaseException) or isinstance(outcome, Unavailable), outcome
 
             # once the health monitor has noticed, everything lands on the live rank
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                state = await client.cluster_state()
-                if not state.attention_ranks[1].healthy:
-                    break
-                await asyncio.sleep(0.2)
+            async def rank_1_marked_down() -> bool:
+                return not (await client.cluster_state()).attention_ranks[1].healthy
+
+            await until(rank_1_marked_down, timeout_s=10, interval_s=0.2)
+            state = await client.cluster_state()
             assert not state.attention_ranks[1].healthy and state.attention_ranks[0].healthy
             after = await asyncio.gather(*(client.prefill(tokens=[9] * (10 + i)) for i in range(10)))
             assert {r.attention_rank for r in after} == {0}

@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 
 from asap.bench.faultload import OK, Load, open_loop, summarize
+from asap.child_process import ChildProcess
 from asap.client import AsapClient
-from asap.cluster import ChildProcess, ClusterSpec, LocalCluster, RankSpec
+from asap.cluster import ClusterSpec, LocalCluster, RankSpec
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +46,20 @@ def _child(cluster: LocalCluster, name: str) -> ChildProcess:
 async def _until_served(client: AsapClient, *, on_rank: int | None, ranks: set[int]) -> None:
     """Until calls succeed (on ``on_rank``, or on every rank of ``ranks``); four at a time, so that
     placement spreads them over the ranks."""
-    async with asyncio.timeout(120):
-        while True:
-            try:
-                results = await asyncio.gather(
-                    *(client.prefill(tokens=[3, 4, 5 + i], timeout_s=10) for i in range(4))
-                )
-            except Exception:
-                await asyncio.sleep(0.2)
-                continue
-            seen = {r.attention_rank for r in results}
-            if (on_rank is not None and on_rank in seen) or (on_rank is None and seen >= ranks):
-                return
+
+    async def served() -> bool:
+        try:
+            results = await asyncio.gather(
+                *(client.prefill(tokens=[3, 4, 5 + i], timeout_s=10) for i in range(4))
+            )
+        except Exception:
+            return False
+        seen = {r.attention_rank for r in results}
+        return (on_rank is not None and on_rank in seen) or (on_rank is None and seen >= ranks)
+
+    assert await until(served, timeout_s=120, interval_s=0.2), (
+        f"not served (on rank {on_rank}, ranks {ranks})"
+    )
 
 
 async def _fault(cluster: LocalCluster, client: AsapClient, name: str, how: str) -> None:

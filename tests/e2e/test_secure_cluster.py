@@ -27,6 +27,7 @@ from asap.model.sampling import first_token
 from asap.rpc.channels import aio_channel
 from asap.rpc.health import check_health_async
 from asap.v1 import expert_pb2, expert_pb2_grpc
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -153,13 +154,16 @@ async def test_sighup_to_asap_up_reloads_the_schedulers_tokens(cluster: SecureCl
         with pytest.raises(Unauthenticated):  # not yet: the file is read on SIGHUP only
             await client.prefill(tokens=[1])
         cluster.up.send_signal(signal.SIGHUP)
-        for _ in range(300):  # the signal travels asap up -> scheduler; wait for it to land
+
+        async def accepted() -> bool:  # the signal travels asap up -> scheduler; wait for it to land
             try:
-                assert (await client.prefill(tokens=[1, 2])).prompt_tokens == 2
-                break
+                result = await client.prefill(tokens=[1, 2])
             except Unauthenticated:
-                await asyncio.sleep(0.1)
-        else:
+                return False
+            assert result.prompt_tokens == 2
+            return True
+
+        if not await until(accepted, timeout_s=30, interval_s=0.1):
             pytest.fail("the scheduler never accepted the token added before SIGHUP")
     assert cluster.up.poll() is None  # asap up handled the signal and runs on
     async with AsapClient(cluster.address, tls=tls, token=TOKEN) as old:

@@ -11,6 +11,7 @@ import pytest
 
 from asap.errors import InvalidArgument, Unavailable
 from asap.rpc.duplex import DuplexStream, Outbox
+from tests.waiting import until
 
 _END = object()
 
@@ -87,20 +88,12 @@ class Chunks:
         return "+".join(self.parts)
 
 
-async def _until(predicate: object) -> None:
-    for _ in range(1000):
-        if callable(predicate) and predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
-
-
 async def test_request_gets_the_answer_of_its_key() -> None:
     calls = Calls()
     stream: DuplexStream[str, str, str] = DuplexStream(calls, key_of=_key, peer="peer 0")
     first = asyncio.create_task(stream.request("a", "a:ping"))
     second = asyncio.create_task(stream.request("b", "b:ping"))
-    await _until(lambda: len(calls.opened) == 1 and len(calls.opened[0].sent) == 2)
+    assert await until(lambda: len(calls.opened) == 1 and len(calls.opened[0].sent) == 2)
     calls.opened[0].answer("b:two")
     calls.opened[0].answer("a:one")
     assert await first == "a:one"
@@ -120,7 +113,7 @@ async def test_collector_takes_several_answers_and_its_error_fails_only_its_requ
     call = calls.opened[0]
     call.answer("a:x")
     call.answer("b:bad")
-    await _until(lambda: stream.answered("a") == 1)
+    assert await until(lambda: stream.answered("a") == 1)
     assert not whole.done()
     call.answer("a:y")
     assert await whole == "x+y"
@@ -140,7 +133,7 @@ async def test_unmatched_answers_go_to_the_callback() -> None:
     future = stream.expect("a")
     stream.forget("a")
     calls.opened[0].answer("a:late")
-    await _until(lambda: bool(late))
+    assert await until(lambda: bool(late))
     assert late == [("a", "a:late")]
     assert not future.done()
     await stream.close()
@@ -192,7 +185,7 @@ async def test_close_is_idempotent_half_closes_and_fails_waiters() -> None:
     session = stream.open()
     waiter = stream.expect("a")
     session.send("a:x")
-    await _until(lambda: calls.opened[0].sent == ["a:x"])
+    assert await until(lambda: calls.opened[0].sent == ["a:x"])
     await stream.close()
     await stream.close()
     assert calls.opened[0].half_closed.is_set()

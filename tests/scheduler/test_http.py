@@ -31,6 +31,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.requests import RequestQueue
 from scheduler_svc.server import SchedulerService, SchedulerServiceConfig
+from tests.waiting import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
@@ -252,8 +253,8 @@ async def test_health_and_requests_are_503_until_the_cluster_serves(qwen3_dir: P
     attention: AttentionService | None = None
     try:
         # start() runs in the task above and binds HTTP part-way, before it waits for the rank.
-        while scheduler.http is None or not scheduler.http.port:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        assert await until(lambda: scheduler.http is not None and bool(scheduler.http.port), timeout_s=60)
+        assert scheduler.http is not None
         http = f"http://127.0.0.1:{scheduler.http.port}"
         status, answer = await _get(f"{http}/health")
         assert status == 503 and answer["error"]["type"] == "service_unavailable_error"

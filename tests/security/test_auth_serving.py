@@ -22,6 +22,7 @@ from asap.rpc.health import check_health_async
 from asap.rpc.server import ServiceHandle, serve_until_signalled
 from asap.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.client.fake_scheduler import FakeScheduler, start_fake_scheduler
+from tests.waiting import until
 
 TOKEN = "tok-4f1c9a7e-right"
 
@@ -134,7 +135,7 @@ async def test_sighup_reloads_the_token_file(
     async with AsapClient(target, token=TOKEN, timeout_s=10) as before:
         assert (await before.prefill(tokens=[1])).first_token_id == 1
     serving = asyncio.create_task(serve_until_signalled(handle, grace_s=0))
-    await asyncio.sleep(0)  # let it install its signal handlers
+    assert await until(lambda: signal.getsignal(signal.SIGHUP) != signal.SIG_DFL)  # its handlers are in
     try:
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.wait_for(reloaded.wait(), timeout=10)

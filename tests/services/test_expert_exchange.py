@@ -22,6 +22,7 @@ from asap.v1 import expert_pb2
 from asap.wire.chunks import CombineAssembler, dispatch_chunks
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange, Outbound
+from tests.waiting import until
 
 HOSTED = [0, 1, 2, 3]
 
@@ -146,8 +147,7 @@ async def test_sync_chunks_wait_for_every_participant_and_an_empty_one_is_answer
     step = SyncStep(4, 2)
     chunk, expected = _chunk(executor, 3, micro_batch=1, attention_rank=0, sync=step)
     busy.chunks.put(chunk)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    assert await until(lambda: exchange.barrier.open_groups == 1)
     assert busy.answers.empty() and exchange.barrier.open_groups == 1  # held for attention rank 1
     empty, _ = _chunk(executor, 0, micro_batch=9, attention_rank=1, sync=step)
     idle.chunks.put(empty)
@@ -202,8 +202,7 @@ async def test_a_cancelled_session_abandons_its_replies(
     stream = Stream(exchange)
     chunk, _ = _chunk(executor, 3, micro_batch=1, sync=SyncStep(1, 2))  # waits at the barrier forever
     stream.chunks.put(chunk)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await until(lambda: exchange.barrier.open_groups == 1)
     assert exchange.barrier.open_groups == 1
     stream.task.cancel()
     with pytest.raises(asyncio.CancelledError):
