@@ -104,6 +104,11 @@ class SimCluster:
     """Sync modes: host cost charged at every barrier release (``asap.sim.hostcost``; 0 = none)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
+    cost_model: Any = None
+    """The scheduler's calibrated ``AttentionCostModel``: set after ``start``; given before it, the
+    scheduler takes it instead of calibrating (``asap.sim.run`` reuses a mode's calibration for its
+    tuned variants: the probes go straight to rank 0, past the flags being tuned, so on the virtual
+    clock they measure the same)."""
     core: Any = None
     """The ``SchedulerCore``."""
     model_config: Any = None
@@ -212,9 +217,11 @@ class SimCluster:
         self._closers.append(client.close)
         core = SchedulerCore(service.core, spec.attention, client)
         if service.calibrate:
-            core.set_cost_model(
-                await calibrate_cost_model(client, self.model_config, on_rank_down=core.mark_rank_down)
-            )
+            if self.cost_model is None:
+                self.cost_model = await calibrate_cost_model(
+                    client, self.model_config, on_rank_down=core.mark_rank_down
+                )
+            core.set_cost_model(self.cost_model)
         await core.start()
         self.core = core
 

@@ -8,7 +8,8 @@ fresh local cluster per mode, and the workload builds the identical request sequ
 Tuned baselines: a mode given several values of a scheduler flag (``--chunk-tokens`` of
 ``sync-chunked``, ``--max-batch-tokens`` of ``sync``) runs once per value and reports the best one: the
 highest max SLO-compliant rate, ties broken by the lower mean TTFT at the lowest rate. Every variant's
-headline is kept in the mode's ``cluster.tuning``.
+headline is kept in the mode's ``cluster.tuning``. A mode's variants share one scheduler calibration
+(the first variant's): its probes go straight to attention rank 0, past the flags being tuned.
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ def simulate_one(
     label: str | None = None,
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[SweepResult, RunStats]:
-    """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``."""
+    """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``.
+
+    ``calibration``: a mode's scheduler cost model, shared by its runs: empty, it receives this run's
+    calibration; holding one, this run's scheduler takes it instead of calibrating again (start-up is
+    most of a short run's cost at scale; the router's draws then differ from a calibrating run's)."""
     spec = cluster_spec(mode, fields)
     spec.scheduler_args = [*spec.scheduler_args, *scheduler_args]
     compute = compute_label(fields)
@@ -85,7 +91,11 @@ def simulate_one(
         cluster = SimCluster(
             spec, layout, dispatch_overhead_s=dispatch_overhead_s, barrier_overhead_s=barrier_overhead_s
         )
+        if calibration is not None:
+            cluster.cost_model = calibration.get(mode)
         await cluster.start()
+        if calibration is not None and cluster.cost_model is not None:
+            calibration.setdefault(mode, cluster.cost_model)
         started = cluster_time = 0.0
         before: list[float] = []
         try:
@@ -154,6 +164,7 @@ def simulate_compare(
         best: tuple[SweepResult, RunStats, int] | None = None
         headlines: dict[str, float | None] = {}
         total = RunStats(0.0, 0.0, 0, 0.0)
+        calibration: dict[str, Any] = {}
         for value in tried:
             logger.info("simulate: %s with %s %d", mode, flag, value)
             sweep, run_stats = simulate_one(
@@ -164,6 +175,7 @@ def simulate_compare(
                 [flag, str(value)],
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                calibration=calibration,
             )
             headlines[str(value)] = sweep.max_slo_rps
             total.wall_s += run_stats.wall_s
