@@ -22,6 +22,9 @@ devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` 
 Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
 ``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
 
+Host costs (calibration knobs, default 0: devices and links only): ``--dispatch-overhead-us`` on every
+dispatch's link, ``--barrier-overhead-us`` once per sync barrier release (``asap.sim.hostcost``).
+
 Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
 """
 
