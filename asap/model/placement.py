@@ -120,7 +120,8 @@ def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankD
 
     With one expert rank every row goes there (every valid id is that rank's), so the split needs no
     count from the device: no host synchronisation per layer on GPUs. Several ranks need the row counts
-    (``nonzero``), which waits for the router."""
+    (``nonzero``), which waits for the router. Routing tables in host memory (CPU and emulated compute)
+    are split with numpy (``_split_on_host``), the same dispatches at a fraction of the cost."""
     if placement.num_ranks == 1 and request.hidden.shape[0] > 0:
         tokens = request.hidden.shape[0]
         return [
