@@ -18,6 +18,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from asap import clock
@@ -108,7 +109,7 @@ class ExpertExecutor:
             initargs=(part.device,),
         )
         self._worker: asyncio.Task[None] | None = None
-        self._hosted = torch.zeros(part.config.num_experts + 1, dtype=torch.bool)
+        self._hosted = np.zeros(part.config.num_experts + 1, dtype=np.bool_)
         self._hosted[list(part.hosted)] = True
         self._hosted[-1] = True  # index -1: a slot for another rank
         self._moe_layers = set(part.config.moe_layer_ids)
@@ -160,14 +161,15 @@ class ExpertExecutor:
         """Reject work this rank cannot do, before it is queued (so one bad chunk never spoils a merge)."""
         if layer not in self._moe_layers:
             raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
-        ids = expert_ids.to(torch.int64)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
+        # numpy on the host: the routing table is small, and a torch op's dispatch costs more than its work
+        ids = expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False)
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
             raise InvalidArgument(
                 f"expert ids must be in [-1, {self.part.config.num_experts}), got "
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )
-        if ids.numel() and not bool(self._hosted[ids].all()):
-            bad = sorted({int(i) for i in ids.flatten().tolist() if i >= 0 and not self._hosted[i]})
+        if ids.size and not bool(self._hosted[ids].all()):
+            bad = sorted({int(i) for i in ids.ravel().tolist() if i >= 0 and not self._hosted[i]})
             raise InvalidArgument(
                 f"experts {bad} are not hosted by this rank (hosts {list(self.part.hosted)})"
             )

@@ -22,6 +22,9 @@ devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` 
 Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
 ``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
 
+Host costs (calibration knobs, default 0: devices and links only): ``--dispatch-overhead-us`` on every
+dispatch's link, ``--barrier-overhead-us`` once per sync barrier release (``asap.sim.hostcost``).
+
 Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Any
 
 from asap.commands import add_documented_parser, comma_separated
@@ -98,6 +102,14 @@ def add_parser(subparsers: Any) -> None:
         help="host cost added to every dispatch's link time (default 0: devices and links only); to "
         "compare with the multi-process emulated cluster, its measured per-layer cost beyond the model",
     )
+    sim.add_argument(
+        "--barrier-overhead-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="sync modes: host cost charged once at every barrier release (default 0); to compare with the "
+        "multi-process emulated cluster, its measured per-barrier excess over async (benchmarks/README.md)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the results as JSON")
     out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")
@@ -140,11 +152,17 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         import cProfile
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.process_time)  # CPU time: meaningful on a shared host
         profiler.enable()
     try:
         sweeps, stats = simulate_compare(
-            args.compare, fields, config, layout, tuning, dispatch_overhead_s=args.dispatch_overhead_us * 1e-6
+            args.compare,
+            fields,
+            config,
+            layout,
+            tuning,
+            dispatch_overhead_s=args.dispatch_overhead_us * 1e-6,
+            barrier_overhead_s=args.barrier_overhead_us * 1e-6,
         )
     finally:
         if profiler is not None:
@@ -161,13 +179,14 @@ def run(args: argparse.Namespace) -> int:
         "tune_chunk_tokens": args.tune_chunk_tokens,
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,
+        "barrier_overhead_us": args.barrier_overhead_us,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
     print("SIMULATED (virtual clock) " + format_table(sweeps, config.slo_ttft_ms), flush=True)
     for mode, run_stats in stats.items():
         print(
-            f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall, "
-            f"{run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
+            f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall "
+            f"({run_stats.cpu_s:.1f} s CPU), {run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
             f"{run_stats.device_busy:.0%} busy",
             file=sys.stderr,
         )

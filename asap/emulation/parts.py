@@ -16,6 +16,7 @@ import threading
 from collections.abc import Generator, Sequence
 from typing import cast
 
+import numpy as np
 import torch
 
 from asap.dtypes import dtype_bytes
@@ -197,28 +198,62 @@ class EmulatedExpertPart(ExpertPart):
         self.profile = profile
         self._bytes = dtype_bytes(dtype)
         self.sleeper = sleeper if sleeper is not None else Sleeper()
-        self._hosted_index = torch.tensor(self.hosted, dtype=torch.int64)
+        self._hosted_index = np.array(self.hosted, dtype=np.int64)
+        self._foreign = np.ones(config.num_experts, dtype=np.bool_)  # [E] experts hosted elsewhere
+        self._foreign[self._hosted_index] = False
 
     def rows_per_expert(self, expert_ids: torch.Tensor) -> list[int]:
         """Rows routed to each hosted expert (in ``hosted`` order) by ids [N, K] (-1 slots skipped)."""
-        ids = expert_ids.to(device="cpu", dtype=torch.int64).flatten()
-        counts = torch.bincount(ids[ids >= 0], minlength=self.config.num_experts)  # [E]
-        return [int(c) for c in counts[self._hosted_index].tolist()]
+        ids = _host_ids(expert_ids)
+        counts = np.bincount(ids[ids >= 0], minlength=self.config.num_experts)  # [E]
+        return cast(list[int], counts[self._hosted_index].tolist())
 
     def call_s(self, expert_ids: torch.Tensor) -> float:
         """Modelled time (s) of ``compute`` for these ids."""
         return costs.expert_call_s(self.rows_per_expert(expert_ids), self.config, self.profile, self._bytes)
+
+    def checked_rows_per_expert(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> list[int]:
+        """``rows_per_expert`` after the real part's checks of ``compute`` (the same ``InvalidArgument``s):
+        one host pass over the ids, since they are the only data an emulated call has (the real part's
+        torch checks cost more than the modelled call's bookkeeping in a simulation)."""
+        e = self.config.num_experts
+        n = hidden.shape[0] if hidden.ndim == 2 else -1
+        if (
+            n < 0
+            or hidden.shape[1] != self.config.hidden_size
+            or expert_ids.ndim != 2
+            or expert_ids.shape[0] != n
+            or weights.shape != expert_ids.shape
+            or expert_ids.dtype.is_floating_point
+            or expert_ids.dtype == torch.bool
+        ):
+            self._local_ids(hidden, expert_ids, weights)  # raises the real part's error
+        ids = _host_ids(expert_ids)
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= e):
+            self._local_ids(hidden, expert_ids, weights)  # raises: ids outside the model
+        counts = np.bincount(ids + 1, minlength=e + 1)[1:]  # [E], -1 slots dropped
+        if counts[self._foreign].any():
+            self._local_ids(hidden, expert_ids, weights)  # raises: ids hosted elsewhere
+        return cast(list[int], counts[self._hosted_index].tolist())
 
     def compute(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """Validate as ``ExpertPart.compute``, sleep the modelled time, return a meta [N, H] tensor."""
         self._slot(layer)
-        self._local_ids(hidden, expert_ids, weights)  # raises InvalidArgument like the real part
+        rows = self.checked_rows_per_expert(hidden, expert_ids, weights)
         extra = (
             0.0
             if self.layer_agnostic
             else PER_LAYER_CALL_OVERHEAD_S * self.profile.launch_us / H200_LAUNCH_US
         )
-        self.sleeper.sleep(self.call_s(expert_ids) + extra)
+        call = costs.expert_call_s(rows, self.config, self.profile, self._bytes)
+        self.sleeper.sleep(call + extra)
         return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")
+
+
+def _host_ids(expert_ids: torch.Tensor) -> np.ndarray:
+    """Flat int64 ids in host memory (a view when they are already there)."""
+    return cast(np.ndarray, expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False).ravel())

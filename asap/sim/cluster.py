@@ -33,6 +33,7 @@ from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
 from asap.optimizations import parse_optimizations
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
+from asap.sim.hostcost import HostCostBarrier
 from asap.sim.transport import InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
 
@@ -99,8 +100,15 @@ class SimCluster:
     dispatch_overhead_s: float = 0.0
     """Host cost charged on every dispatch's link on top of its transfer time (RPC, Python, thread
     hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
+    barrier_overhead_s: float = 0.0
+    """Sync modes: host cost charged at every barrier release (``asap.sim.hostcost``; 0 = none)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
+    cost_model: Any = None
+    """The scheduler's calibrated ``AttentionCostModel``: set after ``start``; given before it, the
+    scheduler takes it instead of calibrating (``asap.sim.run`` reuses a mode's calibration for its
+    tuned variants: the probes go straight to rank 0, past the flags being tuned, so on the virtual
+    clock they measure the same)."""
     core: Any = None
     """The ``SchedulerCore``."""
     model_config: Any = None
@@ -152,9 +160,14 @@ class SimCluster:
             self._closers.append(executor.stop)
             source = PartSource.of(config.model, config.dtype, config.compute)
             exchange = ExpertExchange(
-                executor, Inline(), overlap="expert-overlap" in config.optimizations, profile=source.profile
+                executor,
+                Inline(),
+                barrier=HostCostBarrier(self.barrier_overhead_s),
+                overlap="expert-overlap" in config.optimizations,
+                profile=source.profile,
             )
             exchange.barrier.timeout_s = config.sync_timeout_s
+            exchange.barrier.supersede = True  # as the expert service sets it: one step at a time
             expert_servicers.append(ExpertServicer(exchange, config.rank, config.device))
 
         attention_servicers: list[AttentionServicer] = []
@@ -204,9 +217,11 @@ class SimCluster:
         self._closers.append(client.close)
         core = SchedulerCore(service.core, spec.attention, client)
         if service.calibrate:
-            core.set_cost_model(
-                await calibrate_cost_model(client, self.model_config, on_rank_down=core.mark_rank_down)
-            )
+            if self.cost_model is None:
+                self.cost_model = await calibrate_cost_model(
+                    client, self.model_config, on_rank_down=core.mark_rank_down
+                )
+            core.set_cost_model(self.cost_model)
         await core.start()
         self.core = core
 

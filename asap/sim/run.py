@@ -8,7 +8,8 @@ fresh local cluster per mode, and the workload builds the identical request sequ
 Tuned baselines: a mode given several values of a scheduler flag (``--chunk-tokens`` of
 ``sync-chunked``, ``--max-batch-tokens`` of ``sync``) runs once per value and reports the best one: the
 highest max SLO-compliant rate, ties broken by the lower mean TTFT at the lowest rate. Every variant's
-headline is kept in the mode's ``cluster.tuning``.
+headline is kept in the mode's ``cluster.tuning``. A mode's variants share one scheduler calibration
+(the first variant's): its probes go straight to attention rank 0, past the flags being tuned.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class RunStats:
     events: int
     device_busy: float
     """Mean busy fraction of the devices over the virtual time."""
+    cpu_s: float = 0.0
+    """CPU time of this process during the run: on a shared host, what the run would take alone."""
 
     @property
     def events_per_s(self) -> float:
@@ -58,6 +61,8 @@ class RunStats:
             "virtual_s": round(self.virtual_s, 3),
             "events": self.events,
             "events_per_s": round(self.events_per_s),
+            "cpu_s": round(self.cpu_s, 3),
+            "events_per_cpu_s": round(self.events / self.cpu_s) if self.cpu_s > 0 else 0,
             "device_busy": round(self.device_busy, 4),
         }
 
@@ -70,15 +75,27 @@ def simulate_one(
     scheduler_args: Sequence[str] = (),
     label: str | None = None,
     dispatch_overhead_s: float = 0.0,
+    barrier_overhead_s: float = 0.0,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[SweepResult, RunStats]:
-    """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``."""
+    """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``.
+
+    ``calibration``: a mode's scheduler cost model, shared by its runs: empty, it receives this run's
+    calibration; holding one, this run's scheduler takes it instead of calibrating again (start-up is
+    most of a short run's cost at scale; the router's draws then differ from a calibrating run's)."""
     spec = cluster_spec(mode, fields)
     spec.scheduler_args = [*spec.scheduler_args, *scheduler_args]
     compute = compute_label(fields)
 
     async def main() -> tuple[SweepResult, float, list[float]]:
-        cluster = SimCluster(spec, layout, dispatch_overhead_s=dispatch_overhead_s)
+        cluster = SimCluster(
+            spec, layout, dispatch_overhead_s=dispatch_overhead_s, barrier_overhead_s=barrier_overhead_s
+        )
+        if calibration is not None:
+            cluster.cost_model = calibration.get(mode)
         await cluster.start()
+        if calibration is not None and cluster.cost_model is not None:
+            calibration.setdefault(mode, cluster.cost_model)
         started = cluster_time = 0.0
         before: list[float] = []
         try:
@@ -99,11 +116,11 @@ def simulate_one(
         sweep.cluster["simulated"] = True
         return sweep, cluster_time, busy
 
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     (sweep, span, busy), loop = run(main())
-    wall = time.perf_counter() - wall
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     device_busy = sum(busy) / (len(busy) * span) if busy and span > 0 else 0.0
-    return sweep, RunStats(wall, loop.now, loop.iterations, device_busy)
+    return sweep, RunStats(wall, loop.now, loop.iterations, device_busy, cpu)
 
 
 def _score(sweep: SweepResult) -> tuple[float, float]:
@@ -118,6 +135,7 @@ def simulate_compare(
     layout: Layout,
     tuning: Tuning | None = None,
     dispatch_overhead_s: float = 0.0,
+    barrier_overhead_s: float = 0.0,
 ) -> tuple[dict[str, SweepResult], dict[str, RunStats]]:
     """Every mode in turn (tuned ones once per value, the best kept); results and run costs by mode.
 
@@ -134,20 +152,34 @@ def simulate_compare(
         tried = values.get(mode) or []
         if not tried:
             sweeps[mode], stats[mode] = simulate_one(
-                mode, fields, config, layout, dispatch_overhead_s=dispatch_overhead_s
+                mode,
+                fields,
+                config,
+                layout,
+                dispatch_overhead_s=dispatch_overhead_s,
+                barrier_overhead_s=barrier_overhead_s,
             )
             continue
         flag = TUNED_FLAGS[mode]
         best: tuple[SweepResult, RunStats, int] | None = None
         headlines: dict[str, float | None] = {}
         total = RunStats(0.0, 0.0, 0, 0.0)
+        calibration: dict[str, Any] = {}
         for value in tried:
             logger.info("simulate: %s with %s %d", mode, flag, value)
             sweep, run_stats = simulate_one(
-                mode, fields, config, layout, [flag, str(value)], dispatch_overhead_s=dispatch_overhead_s
+                mode,
+                fields,
+                config,
+                layout,
+                [flag, str(value)],
+                dispatch_overhead_s=dispatch_overhead_s,
+                barrier_overhead_s=barrier_overhead_s,
+                calibration=calibration,
             )
             headlines[str(value)] = sweep.max_slo_rps
             total.wall_s += run_stats.wall_s
+            total.cpu_s += run_stats.cpu_s
             total.virtual_s += run_stats.virtual_s
             total.events += run_stats.events
             if best is None or _score(sweep) > _score(best[0]):
