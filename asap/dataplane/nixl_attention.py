@@ -25,10 +25,12 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from asap.dataplane.direct import Ticket
@@ -162,13 +164,19 @@ class NixlAttentionEnd:
         self._free = list(range(end.geometry.slots))[::-1]
         self._waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a lease's finalizer may run on a thread that holds it
         self._slot_freed = threading.Condition(self._lock)
         self._seq = 0
         self.polled_elsewhere = 0
         """Compute threads taking this end's completions themselves now (the poll thread then leaves
         them to those)."""
         self.broken: AsapError | None = None
+        self._leased = 0
+        self.lease_cap = end.geometry.slots // 2 if end.buf is not None else 0
+        """Results handed out as views of their slot at most at once (the other slots keep cycling, so
+        a consumer holding results cannot starve the senders); 0 on GPU slots (copied out)."""
+        self.leases = 0
+        """Results handed out as views of their slot (not copied)."""
         self.expert_ns = 0
         """The expert rank's own time (queue + computation, from the completions) of the answers this
         end took: what a round trip spent beyond the data path."""
@@ -219,9 +227,9 @@ class NixlAttentionEnd:
             logger.warning("%s: completion for unknown dispatch seq=%d ignored", self.peer, completion.seq)
             return
         self.expert_ns += completion.queue_ns + completion.compute_ns
-        g = self.end.geometry
         slot = self.end.slot(pending.slot)
         outcome: torch.Tensor | AsapError
+        leased = False
         if completion.status:
             header = memoryview(slot[:SLOT_HEADER_BYTES].cpu().numpy())  # type: ignore[arg-type]
             outcome = error_of(completion.status, read_slot_error(header, 0))
@@ -230,17 +238,44 @@ class NixlAttentionEnd:
                 f"{self.peer}: a completion of {completion.rows} rows in slot {completion.slot} for a "
                 f"dispatch of {pending.rows} in slot {pending.slot}"
             )
-        else:  # results were written over the rows: copied out (on the consuming thread) before reuse
-            at = g.payload(pending.rows, shape_only=False)[0]
-            n = pending.rows * g.hidden_size * self.dtype.itemsize
-            outcome = slot[at : at + n].view(self.dtype).view(pending.rows, g.hidden_size).clone()
+        else:  # results were written over the rows
+            outcome, leased = self._results(pending)
         sink = pending.sink
         if isinstance(sink, Ticket):
-            self._release(pending.slot)
+            if not leased:
+                self._release(pending.slot)
             if not pending.abandoned:
                 sink.settle(outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome))
         else:
-            self._loop.call_soon_threadsafe(self._settle, pending, outcome)
+            self._loop.call_soon_threadsafe(self._settle, pending, outcome, leased)
+
+    def _results(self, pending: _Pending) -> tuple[torch.Tensor, bool]:
+        """The results in ``pending``'s slot: a view of the slot that keeps it taken until the last
+        tensor on it is freed (a lease: no copy of N x H, which costs as much as the WRITE here, page
+        faults of a fresh buffer included), or a copy when ``lease_cap`` slots are leased already; whether
+        it is a lease."""
+        g = self.end.geometry
+        rows = pending.rows
+        at = pending.slot * g.slot_bytes + g.payload(rows, shape_only=False)[0]
+        n = rows * g.hidden_size * self.dtype.itemsize
+        buf = self.end.buf
+        with self._lock:
+            lease = buf is not None and rows > 0 and self._leased < self.lease_cap
+            if lease:
+                self._leased += 1
+                self.leases += 1
+        if not lease or buf is None:
+            view = self.end.slots[at : at + n]
+            return view.view(self.dtype).view(rows, g.hidden_size).clone(), False
+        holder = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)  # the tensor's storage owns it
+        weakref.finalize(holder, self._unlease, pending.slot)
+        return torch.from_numpy(holder).view(self.dtype).view(rows, g.hidden_size), True
+
+    def _unlease(self, slot: int) -> None:
+        """The last tensor on a leased slot was freed (any thread)."""
+        with self._lock:
+            self._leased -= 1
+        self._release(slot)
 
     # --- credits (any thread) ---------------------------------------------------------------------
 
@@ -351,8 +386,9 @@ class NixlAttentionEnd:
             if pending is not None:
                 pending.abandoned = True
 
-    def _settle(self, pending: _Pending, outcome: torch.Tensor | AsapError) -> None:
-        self._release(pending.slot)
+    def _settle(self, pending: _Pending, outcome: torch.Tensor | AsapError, leased: bool = False) -> None:
+        if not leased:  # a lease's slot comes back when its last tensor is freed
+            self._release(pending.slot)
         future = pending.sink
         assert not isinstance(future, Ticket)
         if future.done():
