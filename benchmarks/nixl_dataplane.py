@@ -56,6 +56,7 @@ class common:
 
 
 _expert_compute_ns = [0]  # the expert's own compute_ns of the completions this process took
+_last: list[fastlink.Completion | int] = [0, 0]  # the last completion unpacked and when (time.time_ns)
 
 
 def _count_compute() -> None:
@@ -65,6 +66,7 @@ def _count_compute() -> None:
     def counted(cls: type, raw: bytes) -> fastlink.Completion:
         completion: fastlink.Completion = unpack(cls, raw)
         _expert_compute_ns[0] += completion.compute_ns
+        _last[:] = [completion, time.time_ns()]
         return completion
 
     fastlink.Completion.unpack = classmethod(counted)  # type: ignore[method-assign, assignment]
@@ -81,6 +83,27 @@ def _dispatch(n: int) -> RankDispatch:
         expert_ids=torch.full((n, common.TOP_K), -1, dtype=torch.int32),
         weights=torch.full((n, common.TOP_K), 1.0 / common.TOP_K),
     )
+
+
+def _legs(start_unix: int, end_unix: int) -> dict[str, float]:
+    """Where a NIXL round trip went (ms; one host, one clock): until the expert took the request, its
+    wait and computation, until its completion was unpacked here, and the rest until the caller had
+    the results."""
+    completion, arrived = _last
+    if (
+        not isinstance(completion, fastlink.Completion)
+        or not isinstance(arrived, int)
+        or arrived < start_unix
+    ):
+        return {}
+    picked = completion.picked_unix_ns
+    answered = picked + completion.queue_ns + completion.compute_ns
+    return {
+        "leg_out_ms": (picked - start_unix) / 1e6,
+        "leg_expert_queue_ms": completion.queue_ns / 1e6,
+        "leg_back_ms": (arrived - answered) / 1e6,
+        "leg_after_ms": (end_unix - arrived) / 1e6,
+    }
 
 
 def _hot_round_trip(link: object, request: object) -> None:
@@ -132,10 +155,11 @@ async def _time_paths(
             out: dict[str, dict[str, float]] = {}
             for n in tokens:
                 dispatch = _dispatch(n)
-                times, computed = [], []
+                times, computed, legs = [], [], []
                 for i in range(iters + _WARMUP):
                     mb += 1
                     before = _expert_compute_ns[0]
+                    start_unix = time.time_ns()
                     start = time.perf_counter()
                     if path == "loop":
                         result = await transport.exchange(0, mb, 0, dispatch)
@@ -149,6 +173,7 @@ async def _time_paths(
                     if i >= _WARMUP:
                         times.append(time.perf_counter() - start)
                         computed.append((_expert_compute_ns[0] - before) / 1e9)
+                        legs.append(_legs(start_unix, time.time_ns()))
                 if not times:
                     break
                 ms = statistics.median(times) * 1e3
@@ -158,6 +183,7 @@ async def _time_paths(
                     "p10_ms": sorted(times)[len(times) // 10] * 1e3,
                     "GB_s": payload / ms / 1e6,
                     "expert_compute_ms": statistics.median(computed) * 1e3,
+                    **({k: statistics.median(leg[k] for leg in legs) for k in legs[0]} if legs[0] else {}),
                     "transfer_ms": statistics.median(t - c for t, c in zip(times, computed, strict=True))
                     * 1e3,
                 }

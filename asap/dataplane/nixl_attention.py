@@ -186,17 +186,17 @@ class NixlAttentionEnd:
     def poll(self, now_ns: int, *, sweeper: bool = True) -> bool:
         """Take arrived notifications (``sweeper``: the process's poll thread, which leaves them to a
         compute thread polling this end itself); whether anything is under way."""
-        if not (sweeper and self.polled_elsewhere):
-            error = self.end.reap()
-            if error:
-                self._loop.call_soon_threadsafe(self.fail, Unavailable(f"{self.peer}: {error}"))
-            got = self.end.notifications()
-            if got:
-                self._heard_ns = now_ns
-            for raw in got:
-                self._take(raw)
-        else:
-            got = []
+        if sweeper and self.polled_elsewhere:  # that thread moves the WRITEs on: no close polling here
+            self._check_peer(now_ns)
+            return False
+        error = self.end.reap()
+        if error:
+            self._loop.call_soon_threadsafe(self.fail, Unavailable(f"{self.peer}: {error}"))
+        got = self.end.notifications()
+        if got:
+            self._heard_ns = now_ns
+        for raw in got:
+            self._take(raw)
         self._check_peer(now_ns)
         return bool(got) or self.end.writing
 
