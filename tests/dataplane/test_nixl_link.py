@@ -104,12 +104,14 @@ def test_rows_are_written_from_the_memory_they_live_in() -> None:
         ids = torch.tensor([[0, 1], [1, -1], [2, 3], [3, 0], [-1, -1]], dtype=torch.int32)
         weights = torch.rand(rows, 2)
         header = SlotHeader(3, 9, 1, rows, 456, "00-abc", "")
+        a.slots.zero_()
         write_dispatch(a, 0, torch.float32, header, hidden, ids, weights, b"R-zero-copy")
         assert _notes(b, a) == [b"R-zero-copy"]
         expected = torch.zeros(GEOMETRY.slot_bytes, dtype=torch.uint8)
         end = fill_slot(expected, GEOMETRY, torch.float32, header, hidden, ids, weights)
-        at, ids_at, _, _ = GEOMETRY.payload(rows, shape_only=False)
-        pieces = ((0, SLOT_HEADER_BYTES), (at, at + rows * 16 * 4), (ids_at, end))
+        at, ids_at, weights_at, _ = GEOMETRY.payload(rows, shape_only=False)
+        k = rows * 2 * 4
+        pieces = ((0, SLOT_HEADER_BYTES), (at, at + rows * 16 * 4), (ids_at, ids_at + k), (weights_at, end))
         for start, stop in pieces:  # (the padding between them is never written)
             assert torch.equal(b.slot(0)[start:stop], expected[start:stop])
         assert not a.slot(0)[at : at + rows * 16 * 4].any()  # the rows were not copied into a's slot
