@@ -15,7 +15,8 @@ Like with like: the reference is UCX's own speed between two processes of this h
 transports (``UCX_TLS`` as set; ``UCX_TLS=tcp`` is what two hosts without RDMA would use), two bare NIXL
 agents configured as the plane's (no progress thread, strict thread sync) that WRITE exactly the bytes
 the plane moves (out: slot header + rows + ids + weights; back: the result rows), one WRITE plus
-notification each way, polled with the planes' back-off, nothing of ASAP around them. "Transfer" is a
+notification each way, nothing of ASAP around them, polled with the planes' back-off ("bare UCX") and
+spinning ("bare UCX spinning": the most UCX gives here, a core per waiting process). "Transfer" is a
 plane's round trip minus the expert rank's own computation time of it (``compute_ns`` of its
 completions, read from the same round trips), so the expert call is taken out as the rank measured it.
 
@@ -262,20 +263,23 @@ def _write(agent: object, buf: torch.Tensor, address: int, n: int, peer: str, no
     handle.release()
 
 
-def _wait_note(agent: object, peer: str) -> bytes:
-    backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)  # the planes' poll threads' discipline
+def _wait_note(agent: object, peer: str, spin: bool) -> bytes:
+    """The peer's next notification: polled with the planes' poll threads' back-off, or spinning (the
+    most UCX gives here, at the price of a core per waiting process)."""
+    backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)
     while True:
         got = agent.get_new_notifs().get(peer)  # type: ignore[attr-defined]
         if got:
             return bytes(got[0])
-        backoff.idle([], [])
+        if not spin:
+            backoff.idle([], [])
 
 
-def _pong(folder: str, nbytes: int, rounds: int) -> None:
+def _pong(folder: str, nbytes: int, rounds: int, spin: bool) -> None:
     """The child of the bare ping-pong: answer every WRITE with a WRITE of the size it names."""
     agent, buf, address = _agent("pong", nbytes, folder)
     for _ in range(rounds):
-        _write(agent, buf, int(address), int(_wait_note(agent, "ping").decode()), "ping", b"pong")
+        _write(agent, buf, int(address), int(_wait_note(agent, "ping", spin).decode()), "ping", b"pong")
 
 
 def _sizes(n: int) -> tuple[int, int]:
@@ -284,11 +288,12 @@ def _sizes(n: int) -> tuple[int, int]:
     return fastlink.SLOT_HEADER_BYTES + rows + n * common.TOP_K * 8, rows
 
 
-def _bare_ucx(tokens: list[int], iters: int) -> dict[str, dict[str, float]]:
+def _bare_ucx(tokens: list[int], iters: int, spin: bool) -> dict[str, dict[str, float]]:
     biggest = max(sum(_sizes(n)) for n in tokens)
     rounds = len(tokens) * (iters + _WARMUP)
     with tempfile.TemporaryDirectory() as folder:
         argv = [__file__, "--pong", folder, "--pong-bytes", str(biggest), "--pong-rounds", str(rounds)]
+        argv += ["--pong-spin"] if spin else []
         child = subprocess.Popen([sys.executable, *argv])
         try:
             agent, buf, address = _agent("ping", biggest, folder)
@@ -299,12 +304,16 @@ def _bare_ucx(tokens: list[int], iters: int) -> dict[str, dict[str, float]]:
                 for i in range(iters + _WARMUP):
                     start = time.perf_counter()
                     _write(agent, buf, int(address), size_out, "pong", str(size_back).encode())
-                    _wait_note(agent, "pong")
+                    _wait_note(agent, "pong", spin)
                     if i >= _WARMUP:
                         times.append(time.perf_counter() - start)
                 ms = statistics.median(times) * 1e3
                 out[str(n)] = {"ms": ms, "GB_s": 2 * n * common.HIDDEN * common.DTYPE.itemsize / ms / 1e6}
-                print(f"    bare UCX  {n:6d} tokens: {ms:8.3f} ms", file=sys.stderr, flush=True)
+                print(
+                    f"    bare UCX{' spin' if spin else ''} {n:6d} tokens: {ms:8.3f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return out
         finally:
             try:
@@ -356,7 +365,10 @@ def run(args: argparse.Namespace, tokens: list[int]) -> dict[str, object]:
         rounds: list[dict[str, object]] = []
         for r in range(args.rounds):
             print(f"  round {r + 1}: bare UCX", file=sys.stderr, flush=True)
-            one: dict[str, object] = {"bare UCX": _bare_ucx(tokens, args.iters)}
+            one: dict[str, object] = {
+                "bare UCX": _bare_ucx(tokens, args.iters, spin=False),
+                "bare UCX spinning": _bare_ucx(tokens, args.iters, spin=True),
+            }
             for name, root in trees.items():
                 print(f"  round {r + 1}: {name}", file=sys.stderr, flush=True)
                 one[name] = _measure(root, args)
@@ -372,22 +384,24 @@ def _summary(rounds: list[dict[str, object]], tokens: list[int]) -> list[str]:
     lines = []
     for r, one in enumerate(rounds):
         bare: dict[str, dict[str, float]] = one["bare UCX"]  # type: ignore[assignment]
+        spin: dict[str, dict[str, float]] = one["bare UCX spinning"]  # type: ignore[assignment]
         for tree, paths in one.items():
-            if tree == "bare UCX":
+            if tree.startswith("bare UCX"):
                 continue
             assert isinstance(paths, dict)
             for path, figures in paths.items():
                 if path == "code":
                     continue
                 for n in tokens:
-                    f, b = figures[str(n)], bare[str(n)]
+                    f, b, sb = figures[str(n)], bare[str(n)], spin[str(n)]
                     grpc = paths["grpc"][str(n)]["ms"]
                     lines.append(
                         f"round {r + 1} {tree:4s} {path:9s} {n:5d}: {f['ms']:8.2f} ms round trip "
                         f"({f['GB_s']:.2f} GB/s), grpc/this {grpc / f['ms']:5.2f}x, "
                         f"{b['ms'] / f['ms']:6.1%} of bare UCX ({b['ms']:.2f} ms); transfer (expert compute "
                         f"{f['expert_compute_ms']:.2f} ms out) {f['transfer_ms']:.2f} ms = "
-                        f"{b['ms'] / f['transfer_ms']:6.1%} of bare UCX"
+                        f"{b['ms'] / f['transfer_ms']:6.1%} of bare UCX, "
+                        f"{sb['ms'] / f['transfer_ms']:6.1%} of it spinning ({sb['ms']:.2f} ms)"
                     )
     return lines
 
@@ -406,11 +420,12 @@ def main() -> None:
     parser.add_argument("--pong", help=argparse.SUPPRESS)
     parser.add_argument("--pong-bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pong-rounds", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pong-spin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     common.DTYPE = getattr(torch, args.dtype)
     if args.pong:
-        _pong(args.pong, args.pong_bytes, args.pong_rounds)
+        _pong(args.pong, args.pong_bytes, args.pong_rounds, args.pong_spin)
         return
     if args.child:
         Path(args.child).write_text(json.dumps(asyncio.run(_child(args, tokens))))
