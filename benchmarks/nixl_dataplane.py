@@ -7,7 +7,7 @@ links when NIXL is installed) with a model whose experts are almost free to comp
 experts of intermediate width 16, one layer, top-8), as in ``benchmarks/gpu_dataplane.py``, and every
 row's expert slots say -1 (another rank's), so it computes next to nothing. The attention side is the real
 ``GrpcExpertTransport`` in a child process of this one: one layer's dispatch of N rows and its combined
-result, timed per path: ``grpc`` (bytes), ``nixl loop`` (``exchange`` on the event loop: sync modes and
+result (fresh tensors every layer, as ``split_by_rank`` makes them), timed per path: ``grpc`` (bytes), ``nixl loop`` (``exchange`` on the event loop: sync modes and
 other callers) and ``nixl hot`` (the async-mode path: the compute thread posts and polls,
 ``DirectLink``), the latter only where the code has it.
 
@@ -16,7 +16,8 @@ transports (``UCX_TLS`` as set; ``UCX_TLS=tcp`` is what two hosts without RDMA w
 agents configured as the plane's (no progress thread, strict thread sync) that WRITE exactly the bytes
 the plane moves (out: slot header + rows + ids + weights; back: the result rows), one WRITE plus
 notification each way, nothing of ASAP around them, polled with the planes' back-off ("bare UCX") and
-spinning ("bare UCX spinning": the most UCX gives here, a core per waiting process). "Transfer" is a
+spinning ("bare UCX spinning": a core per waiting process; on a loaded 2-core host the two spinners
+starve each other and it is slower, measured). "Transfer" is a
 plane's round trip minus the expert rank's own computation time of it (``compute_ns`` of its
 completions, read from the same round trips), so the expert call is taken out as the rank measured it.
 
@@ -84,6 +85,12 @@ def _dispatch(n: int) -> RankDispatch:
         expert_ids=torch.full((n, common.TOP_K), -1, dtype=torch.int32),
         weights=torch.full((n, common.TOP_K), 1.0 / common.TOP_K),
     )
+
+
+def _fresh(d: RankDispatch) -> RankDispatch:
+    """The same rows in newly allocated tensors (``split_by_rank`` gathers every layer's dispatch anew:
+    a plane that reads the dispatch's memory must not be timed on memory it saw before)."""
+    return RankDispatch(d.rank, d.rows, d.hidden.clone(), d.expert_ids.clone(), d.weights.clone())
 
 
 def _legs(start_unix: int, end_unix: int) -> dict[str, float]:
@@ -155,10 +162,11 @@ async def _time_paths(
         for path in ("loop", "hot") if plane == "nixl" else ("loop",):
             out: dict[str, dict[str, float]] = {}
             for n in tokens:
-                dispatch = _dispatch(n)
+                rows = _dispatch(n)
                 times, computed, legs = [], [], []
                 for i in range(iters + _WARMUP):
                     mb += 1
+                    dispatch = _fresh(rows)  # (untimed) fresh tensors every layer, as split_by_rank makes
                     before = _expert_compute_ns[0]
                     start_unix = time.time_ns()
                     start = time.perf_counter()
@@ -264,8 +272,8 @@ def _write(agent: object, buf: torch.Tensor, address: int, n: int, peer: str, no
 
 
 def _wait_note(agent: object, peer: str, spin: bool) -> bytes:
-    """The peer's next notification: polled with the planes' poll threads' back-off, or spinning (the
-    most UCX gives here, at the price of a core per waiting process)."""
+    """The peer's next notification: polled with the planes' poll threads' back-off, or spinning (a core
+    per waiting process)."""
     backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)
     while True:
         got = agent.get_new_notifs().get(peer)  # type: ignore[attr-defined]

@@ -188,7 +188,8 @@ class NixlLane(ServedEnds[NixlExpertEnd]):
         self.ends: set[NixlExpertEnd] = set()
         self._stop = threading.Event()
         self._beats = threading.Thread(target=self._beat, name="nixl-beats", daemon=True)
-        self._beats.start()
+        """Started with the first link (most ranks never get one)."""
+        self._start_lock = threading.Lock()
 
     def take(self, item: LaneItem) -> None:
         """A dispatch taken by the poll thread (computed at the end of its sweep)."""
@@ -233,4 +234,7 @@ class NixlLane(ServedEnds[NixlExpertEnd]):
             local.close()
             raise
         end = self._serve(NixlExpertEnd(self, local))
+        with self._start_lock:
+            if self._beats.ident is None and not self._stop.is_set():
+                self._beats.start()
         return end, local.announcement()
