@@ -4,9 +4,11 @@ the peer it writes to) and the poll thread that takes notifications (DESIGN.md Â
 NIXL (``nixl-cu13`` on PyPI, UCX inside) gives registered memory, one-sided WRITEs and notifications
 delivered after the written data, over NVLink, InfiniBand/RoCE, TCP or shared memory: the fast plane's
 slot/descriptor protocol (``asap.dataplane.fastlink``) maps onto it without a second definition. Each end
-registers K slots of the fast link's layout (slot header, rows, ids, weights); a dispatch is one WRITE of
-the attention slot's used bytes into the same slot of the expert end, with the packed ``Request`` as the
+registers K slots of the fast link's layout (slot header, rows, ids, weights), the WRITEs' destinations;
+a dispatch is one WRITE into the same slot of the expert end, with the packed ``Request`` as the
 notification; the answer is one WRITE of the results (over the rows) back, with the packed ``Completion``.
+A WRITE reads from the slot or, for host rows, from the memory they already live in (``register``ed for
+that WRITE and deregistered once it is over: no copy into the slot first).
 The agents' metadata travel once per stream on the link's authenticated gRPC stream (``NixlLink``).
 
 NIXL is optional (``pip install asap-serve[nixl]``): ``nixl_missing()`` says why it cannot be used here,
