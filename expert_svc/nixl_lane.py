@@ -1,7 +1,10 @@
 """The expert rank's end of its NIXL links (DESIGN.md §10): one poll thread takes the request
-notifications of every link, validates them as the fast lane does and hands the rows to the compute
-thread through the rank's ``FastLane`` (the same merging of one layer's rows across links); the compute
-thread writes the results over the rows and WRITEs them back with the completion as the notification.
+notifications of every link, validates them as the fast lane does and computes the rows where the WRITE
+put them (a view of the registered slot), merged by layer across links as the fast lane merges; on a CPU
+rank on the poll thread itself, on a GPU rank on the compute thread (through the rank's ``FastLane``).
+The results are WRITTEN back over the rows of the attention rank's slot, with the completion as the
+notification: on a CPU rank straight from the tensor the computation made (registered for the WRITE,
+not copied into this end's slot first).
 
 Set-up: ``connect`` answers a link announcement (``NixlLink``, on an ``Exchange`` stream) with this
 rank's end (an agent and K slots of the announced fast-link geometry, in host memory on a CPU rank, GPU
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
 
 import numpy as np
@@ -54,12 +58,8 @@ class NixlExpertEnd(LaneEnd):
         self.lane = lane
         self.end = end
         self.geometry = end.geometry
-        self._beat_ns = 0
 
     def poll(self, now_ns: int) -> bool:
-        if now_ns - self._beat_ns >= BEAT_NS:
-            self._beat_ns = now_ns
-            self.end.beat()
         error = self.end.reap()
         if error:
             logger.warning("NIXL link of %s: %s", self.end.peer, error)
@@ -75,7 +75,7 @@ class NixlExpertEnd(LaneEnd):
         request = Request.unpack(raw[1:])
         item = self._admit(request, lambda: self._item(request))
         if item is not None:
-            self.lane.fast.enqueue(item)
+            self.lane.take(item)
 
     def _host(self, slot: int, start: int, end: int) -> memoryview:
         """Bytes ``start..end`` of ``slot`` on the host (a view on CPU ranks, a copy on GPU ranks)."""
@@ -129,6 +129,9 @@ class NixlExpertEnd(LaneEnd):
         else:
             start = g.payload(request.rows, shape_only=False)[0]
             end = start + request.rows * g.hidden_size * self.lane.fast.dtype.itemsize
+            if out is not None and request.rows and self.end.buf is not None:
+                self._write_from(request, out, start, completion)  # host rows: from where they are
+                return
             if out is not None and request.rows:
                 view = slot[start:end].view(self.lane.fast.dtype).view(request.rows, g.hidden_size)
                 view.copy_(out)
@@ -137,9 +140,23 @@ class NixlExpertEnd(LaneEnd):
         try:
             self.end.write(request.slot, start, max(end, start + 1), completion_notification(completion))
         except Unavailable as exc:
-            logger.warning(
-                "NIXL link of %s: answer of seq=%d lost: %s", self.end.peer, request.seq, exc.message
+            self._lost(request, exc)
+
+    def _write_from(self, request: Request, out: torch.Tensor, start: int, completion: Completion) -> None:
+        """One WRITE of the results from the memory the computation made them in (registered for it)
+        over the rows of the attention rank's slot: no copy into this end's slot."""
+        source = out.detach().to(dtype=self.lane.fast.dtype).contiguous()  # [rows, H]
+        try:
+            registered = self.end.register(source)
+            piece = (int(source.data_ptr()), source.numel() * source.element_size(), start)
+            self.end.post(
+                request.slot, [piece], completion_notification(completion), registered=registered, hold=source
             )
+        except Unavailable as exc:
+            self._lost(request, exc)
+
+    def _lost(self, request: Request, exc: Unavailable) -> None:
+        logger.warning("NIXL link of %s: answer of seq=%d lost: %s", self.end.peer, request.seq, exc.message)
 
     def detach(self) -> None:
         with self._lock:
@@ -156,13 +173,49 @@ class NixlExpertEnd(LaneEnd):
 
 
 class NixlLane(ServedEnds[NixlExpertEnd]):
-    """All NIXL links of one expert rank: their poll thread; compute through the rank's ``fast`` lane."""
+    """All NIXL links of one expert rank: their poll thread, which on a CPU rank also computes what it
+    took (merged by layer as the fast lane merges; no hand-off to the compute thread, whose wake costs
+    100-300 µs on a loaded host), and a thread sending every end's heartbeat (a long computation on the
+    poll thread must not look like a frozen rank). A GPU rank hands its rows to the compute thread (its
+    streams and graphs live there) through the rank's ``fast`` lane."""
 
     def __init__(self, fast: FastLane, device: torch.device) -> None:
         self.fast = fast
         self.device = device
-        self.poller = NixlPoller("nixl-requests", flush=fast.hand_off)
+        self.inline = device.type == "cpu"
+        self._taken: list[LaneItem] = []
+        self.poller = NixlPoller("nixl-requests", flush=self._flush)
         self.ends: set[NixlExpertEnd] = set()
+        self._stop = threading.Event()
+        self._beats = threading.Thread(target=self._beat, name="nixl-beats", daemon=True)
+        """Started with the first link (most ranks never get one)."""
+        self._start_lock = threading.Lock()
+
+    def take(self, item: LaneItem) -> None:
+        """A dispatch taken by the poll thread (computed at the end of its sweep)."""
+        if self.inline:
+            self._taken.append(item)
+        else:
+            self.fast.enqueue(item)
+
+    def _flush(self) -> None:
+        """After a sweep (poll thread): compute what it took, here on a CPU rank, else on the compute
+        thread."""
+        if not self.inline:
+            self.fast.hand_off()
+            return
+        items, self._taken = self._taken, []
+        for group in self.fast._groups(items):  # the fast lane's merging and answering, on this thread
+            self.fast._compute(group)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(BEAT_NS / 1e9):
+            for end in list(self.ends):
+                end.end.beat()
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
 
     def connect(self, link: expert_pb2.NixlLink) -> tuple[NixlExpertEnd, expert_pb2.NixlLink]:
         """This rank's end of an announced link and its answer; ``InvalidArgument`` if unusable,
@@ -181,4 +234,7 @@ class NixlLane(ServedEnds[NixlExpertEnd]):
             local.close()
             raise
         end = self._serve(NixlExpertEnd(self, local))
+        with self._start_lock:
+            if self._beats.ident is None and not self._stop.is_set():
+                self._beats.start()
         return end, local.announcement()

@@ -1,11 +1,21 @@
 """The attention rank's end of one NIXL link (DESIGN.md §10; the plane that drives it is
 ``asap.dataplane.nixl_plane``, the link's memory ``asap.dataplane.nixl_link``): its K slots as credits,
-filling a slot in the fast link's layout, the WRITE of a dispatch with its ``Request`` as the
-notification and, on the process's NIXL poll thread, the ``Completion`` notifications that follow the
-expert's WRITE of the results over the rows (copied out before the slot is reused; the waiting
-coroutine is woken on the event loop). A missing heartbeat for ``peer_timeout_s`` while dispatches wait
-fails them all with ``Unavailable``; an abandoned dispatch keeps its slot until its completion arrives
-or the end is replaced (the quarantine rule of ``asap.dataplane.link``).
+the WRITE of a dispatch with its ``Request`` as the notification, and the ``Completion`` notifications
+that follow the expert's WRITE of the results over the rows (copied out before the slot is reused).
+
+Zero-copy on host memory: the dispatch's rows are not copied into the slot; the tensor they already live
+in is registered for the WRITE (tens of µs, against a copy of N x 4 KiB on a loaded host) and one WRITE
+carries the slot header and the routing (ids, weights: 64 bytes a row, copied into the slot) from the
+slot and the rows from the tensor, into the expert's slot in the fast link's layout, with one
+notification. GPU slots keep the copy into the slot (registering GPU memory per call pins it).
+
+Completions are taken by whichever thread polls first: the attention compute thread itself on the hot
+path (``asap.dataplane.nixl_direct``: it settles its own tickets, no thread hop), else the process's NIXL
+poll thread, which wakes the waiting coroutine on the event loop. While a compute thread polls an end,
+the poll thread leaves its notifications to it (and only watches its heartbeat). A missing heartbeat for
+``peer_timeout_s`` while dispatches wait fails them all with ``Unavailable``; an abandoned dispatch keeps
+its slot until its completion arrives or the end is replaced (the quarantine rule of
+``asap.dataplane.link``).
 """
 
 from __future__ import annotations
@@ -15,26 +25,36 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
+import numpy as np
 import torch
 
+from asap.dataplane.direct import Ticket
 from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
-from asap.dataplane.plane import PlaneRequest
+from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
-__all__ = ["NixlAttentionEnd", "completion_notification", "fill_slot", "request_notification"]
+__all__ = [
+    "NixlAttentionEnd",
+    "completion_notification",
+    "fill_slot",
+    "request_notification",
+    "write_dispatch",
+]
 
 logger = logging.getLogger(__name__)
 
 _REQUEST_TAG = b"R"
 _COMPLETION_TAG = b"C"
 _COMPLETION_BYTES = 1 + struct.calcsize("<QIIIIQQQQ")
+Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
 
 
 def request_notification(request: Request) -> bytes:
@@ -43,6 +63,25 @@ def request_notification(request: Request) -> bytes:
 
 def completion_notification(completion: Completion) -> bytes:
     return _COMPLETION_TAG + completion.pack()
+
+
+def _routing_into(
+    slot: torch.Tensor, geometry: LinkGeometry, rows: int, ids: torch.Tensor, w: torch.Tensor
+) -> None:
+    _, ids_at, weights_at, _ = geometry.payload(rows, shape_only=False)
+    k = rows * geometry.top_k * 4
+    slot[ids_at : ids_at + k].copy_(
+        ids.detach().to(dtype=torch.int32).contiguous().view(-1).view(torch.uint8)
+    )
+    slot[weights_at : weights_at + k].copy_(
+        w.detach().to(dtype=torch.float32).contiguous().view(-1).view(torch.uint8)
+    )
+
+
+def _header_into(slot: torch.Tensor, header: SlotHeader) -> None:
+    raw = bytearray(SLOT_HEADER_BYTES)
+    header.write(memoryview(raw), 0)
+    slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
 
 
 def fill_slot(
@@ -55,21 +94,48 @@ def fill_slot(
     weights: torch.Tensor,
 ) -> int:
     """Write one dispatch into ``slot`` (its bytes, host or GPU) in the fast link's layout; returns the
-    end of what was written (the WRITE's length)."""
+    end of what was written (the WRITE's length). The GPU path; host slots use ``write_dispatch``."""
     rows = header.rows
-    hidden_at, ids_at, weights_at, end = geometry.payload(rows, shape_only=False)
-    raw = bytearray(SLOT_HEADER_BYTES)
-    header.write(memoryview(raw), 0)
-    slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
+    hidden_at, _, _, end = geometry.payload(rows, shape_only=False)
+    _header_into(slot, header)
     if rows:
         n = rows * geometry.hidden_size * dtype.itemsize
         slot[hidden_at : hidden_at + n].view(dtype).view(rows, geometry.hidden_size).copy_(hidden)
-        k = rows * geometry.top_k * 4
-        ids = expert_ids.detach().to(dtype=torch.int32).contiguous().view(-1).view(torch.uint8)
-        slot[ids_at : ids_at + k].copy_(ids)
-        w = weights.detach().to(dtype=torch.float32).contiguous().view(-1).view(torch.uint8)
-        slot[weights_at : weights_at + k].copy_(w)
+        _routing_into(slot, geometry, rows, expert_ids, weights)
     return end
+
+
+def write_dispatch(
+    end: NixlEnd,
+    slot: int,
+    dtype: torch.dtype,
+    header: SlotHeader,
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    notification: bytes,
+) -> None:
+    """One WRITE of a dispatch from host memory into the peer's ``slot``: header and routing from this
+    end's slot, the rows from the memory they already live in (registered for the WRITE; copied only when
+    they are not ``dtype`` rows in one block). Any thread."""
+    g = end.geometry
+    rows = header.rows
+    hidden_at, ids_at, _, stop = g.payload(rows, shape_only=False)
+    view = end.slot(slot)
+    _header_into(view, header)
+    base = end.slot_address(slot)
+    if not rows:
+        end.post(slot, [(base, SLOT_HEADER_BYTES, 0)], notification)
+        return
+    _routing_into(view, g, rows, expert_ids, weights)
+    source = hidden.detach().to(dtype=dtype).contiguous()  # [rows, H]: the dispatch's own rows as a rule
+    registered = end.register(source)
+    pieces = [
+        (base, SLOT_HEADER_BYTES, 0),
+        (int(source.data_ptr()), rows * g.hidden_size * dtype.itemsize, hidden_at),
+        (base + ids_at, stop - ids_at, ids_at),
+    ]
+    end.post(slot, pieces, notification, registered=registered, hold=source)
 
 
 @dataclass(slots=True, eq=False)
@@ -77,12 +143,12 @@ class _Pending:
     seq: int
     slot: int
     rows: int
-    future: asyncio.Future[torch.Tensor]
+    sink: Sink
     abandoned: bool = False
 
 
 class NixlAttentionEnd:
-    """One connected NIXL end of a link, attention side (served by the process's NIXL poll thread)."""
+    """One connected NIXL end of a link, attention side (see the module doc)."""
 
     def __init__(
         self, end: NixlEnd, *, peer: str, dtype: torch.dtype, rank: int, loop: Any, peer_timeout_s: float
@@ -98,13 +164,31 @@ class NixlAttentionEnd:
         self._free = list(range(end.geometry.slots))[::-1]
         self._waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a lease's finalizer may run on a thread that holds it
+        self._slot_freed = threading.Condition(self._lock)
         self._seq = 0
+        self.polled_elsewhere = 0
+        """Compute threads taking this end's completions themselves now (the poll thread then leaves
+        them to those)."""
         self.broken: AsapError | None = None
+        self._leased = 0
+        self.lease_cap = end.geometry.slots // 2 if end.buf is not None else 0
+        """Results handed out as views of their slot at most at once (the other slots keep cycling, so
+        a consumer holding results cannot starve the senders); 0 on GPU slots (copied out)."""
+        self.leases = 0
+        """Results handed out as views of their slot (not copied)."""
+        self.expert_ns = 0
+        """The expert rank's own time (queue + computation, from the completions) of the answers this
+        end took: what a round trip spent beyond the data path."""
 
-    # --- poll thread ------------------------------------------------------------------------------
+    # --- whichever thread polls -------------------------------------------------------------------
 
-    def poll(self, now_ns: int) -> bool:
+    def poll(self, now_ns: int, *, sweeper: bool = True) -> bool:
+        """Take arrived notifications (``sweeper``: the process's poll thread, which leaves them to a
+        compute thread polling this end itself); whether anything is under way."""
+        if sweeper and self.polled_elsewhere:  # that thread moves the WRITEs on: no close polling here
+            self._check_peer(now_ns)
+            return False
         error = self.end.reap()
         if error:
             self._loop.call_soon_threadsafe(self.fail, Unavailable(f"{self.peer}: {error}"))
@@ -142,9 +226,10 @@ class NixlAttentionEnd:
         if pending is None:
             logger.warning("%s: completion for unknown dispatch seq=%d ignored", self.peer, completion.seq)
             return
-        g = self.end.geometry
+        self.expert_ns += completion.queue_ns + completion.compute_ns
         slot = self.end.slot(pending.slot)
         outcome: torch.Tensor | AsapError
+        leased = False
         if completion.status:
             header = memoryview(slot[:SLOT_HEADER_BYTES].cpu().numpy())  # type: ignore[arg-type]
             outcome = error_of(completion.status, read_slot_error(header, 0))
@@ -153,37 +238,103 @@ class NixlAttentionEnd:
                 f"{self.peer}: a completion of {completion.rows} rows in slot {completion.slot} for a "
                 f"dispatch of {pending.rows} in slot {pending.slot}"
             )
-        else:  # results were written over the rows: copy them out before the slot is reused
-            at = g.payload(pending.rows, shape_only=False)[0]
-            n = pending.rows * g.hidden_size * self.dtype.itemsize
-            outcome = slot[at : at + n].view(self.dtype).view(pending.rows, g.hidden_size).clone()
-        self._loop.call_soon_threadsafe(self._settle, pending, outcome)
+        else:  # results were written over the rows
+            outcome, leased = self._results(pending)
+        sink = pending.sink
+        if isinstance(sink, Ticket):
+            if not leased:
+                self._release(pending.slot)
+            if not pending.abandoned:
+                sink.settle(outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome))
+        else:
+            self._loop.call_soon_threadsafe(self._settle, pending, outcome, leased)
 
-    # --- event loop -------------------------------------------------------------------------------
+    def _results(self, pending: _Pending) -> tuple[torch.Tensor, bool]:
+        """The results in ``pending``'s slot: a view of the slot that keeps it taken until the last
+        tensor on it is freed (a lease: no copy of N x H, which costs as much as the WRITE here, page
+        faults of a fresh buffer included), or a copy when ``lease_cap`` slots are leased already; whether
+        it is a lease."""
+        g = self.end.geometry
+        rows = pending.rows
+        at = pending.slot * g.slot_bytes + g.payload(rows, shape_only=False)[0]
+        n = rows * g.hidden_size * self.dtype.itemsize
+        buf = self.end.buf
+        with self._lock:
+            lease = buf is not None and rows > 0 and self._leased < self.lease_cap
+            if lease:
+                self._leased += 1
+                self.leases += 1
+        if not lease or buf is None:
+            view = self.end.slots[at : at + n]
+            return view.view(self.dtype).view(rows, g.hidden_size).clone(), False
+        holder = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)  # the tensor's storage owns it
+        weakref.finalize(holder, self._unlease, pending.slot)
+        return torch.from_numpy(holder).view(self.dtype).view(rows, g.hidden_size), True
+
+    def _unlease(self, slot: int) -> None:
+        """The last tensor on a leased slot was freed (any thread)."""
+        with self._lock:
+            self._leased -= 1
+        self._release(slot)
+
+    # --- credits (any thread) ---------------------------------------------------------------------
 
     async def take_slot(self) -> int:
-        if self.broken is not None:
-            raise self.broken
-        if self._free:
-            return self._free.pop()
-        waiter: asyncio.Future[int] = self._loop.create_future()
-        self._waiters.append(waiter)
+        """A free slot (a credit) on the event loop; waits while every slot is in use."""
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            if self._free:
+                return self._free.pop()
+            waiter: asyncio.Future[int] = self._loop.create_future()
+            self._waiters.append(waiter)
         return await await_credit(waiter, self.give_back)
 
+    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
+        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
+        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
+        with self._lock:
+            while True:
+                if self.broken is not None:
+                    raise self.broken
+                if ticket.cancelled:
+                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
+                if self._free and not self._waiters:
+                    return self._free.pop()
+                self._slot_freed.wait(poll_s)
+
     def give_back(self, slot: int) -> None:
-        if self.broken is not None:
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(slot)
+        """A slot taken but never published (or answered)."""
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            if self.broken is not None:
                 return
-        self._free.append(slot)
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
+                    return
+            self._free.append(slot)
+            self._slot_freed.notify_all()
+
+    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
+        if waiter.done():
+            self._release(slot)
+        else:
+            waiter.set_result(slot)
+
+    # --- senders (the event loop, or a compute thread with a ticket) ------------------------------
 
     def header(self, request: PlaneRequest) -> SlotHeader:
+        """The header of the next dispatch, its sequence number taken (``publish`` gets it back)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
         return SlotHeader(
             request.micro_batch,
-            self._seq + 1,
+            seq,
             request.layer,
             request.rows,
             time.time_ns(),
@@ -191,34 +342,43 @@ class NixlAttentionEnd:
             request.tracestate,
         )
 
-    def publish(
-        self, slot: int, request: PlaneRequest, end_byte: int
-    ) -> tuple[int, asyncio.Future[torch.Tensor]]:
-        if self.broken is not None:
-            raise self.broken
-        self._seq += 1
-        seq = self._seq
-        future: asyncio.Future[torch.Tensor] = self._loop.create_future()
-        with self._lock:
-            self._pending[seq] = _Pending(seq, slot, request.rows, future)
-        descriptor = Request(
-            micro_batch=request.micro_batch,
-            layer=request.layer,
-            slot=slot,
-            rows=request.rows,
-            flags=0,
-            seq=seq,
-            sent_unix_ns=time.time_ns(),
-            not_before_ns=0,
-            attention_rank=self.rank,
+    def descriptor(self, slot: int, request: PlaneRequest, seq: int) -> bytes:
+        return request_notification(
+            Request(
+                micro_batch=request.micro_batch,
+                layer=request.layer,
+                slot=slot,
+                rows=request.rows,
+                flags=0,
+                seq=seq,
+                sent_unix_ns=time.time_ns(),
+                not_before_ns=0,
+                attention_rank=self.rank,
+            )
         )
-        try:
-            self.end.write(slot, 0, end_byte, request_notification(descriptor))
-        except AsapError:
-            with self._lock:
-                self._pending.pop(seq, None)
-            raise
-        return seq, future
+
+    def expect(
+        self, slot: int, header: SlotHeader, ticket: Ticket | None = None
+    ) -> asyncio.Future[torch.Tensor] | None:
+        """Register the answer awaited for ``header``'s dispatch in ``slot`` before its WRITE is posted
+        (a quick peer may answer before ``post`` returns): its future (on the loop), or None when
+        ``ticket`` is to be settled instead."""
+        future: asyncio.Future[torch.Tensor] | None = None
+        sink: Sink
+        if ticket is None:
+            future = sink = self._loop.create_future()
+        else:
+            sink = ticket
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            self._pending[header.seq] = _Pending(header.seq, slot, header.rows, sink)
+        return future
+
+    def unexpect(self, seq: int) -> None:
+        """The WRITE of ``seq`` was never posted."""
+        with self._lock:
+            self._pending.pop(seq, None)
 
     def abandon(self, seq: int) -> None:
         with self._lock:
@@ -226,31 +386,43 @@ class NixlAttentionEnd:
             if pending is not None:
                 pending.abandoned = True
 
-    def _settle(self, pending: _Pending, outcome: torch.Tensor | AsapError) -> None:
-        self.give_back(pending.slot)
-        if pending.future.done():
+    def _settle(self, pending: _Pending, outcome: torch.Tensor | AsapError, leased: bool = False) -> None:
+        if not leased:  # a lease's slot comes back when its last tensor is freed
+            self._release(pending.slot)
+        future = pending.sink
+        assert not isinstance(future, Ticket)
+        if future.done():
             return
         if isinstance(outcome, AsapError):
-            pending.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            pending.future.set_result(outcome)
+            future.set_result(outcome)
 
     def fail(self, error: AsapError) -> None:
-        """Break this end: every waiting dispatch fails with ``error``; its slots are never reused."""
-        if self.broken is not None:
-            return
-        self.broken = error
+        """Break this end (on the event loop): every waiting dispatch fails with ``error``; its slots are
+        never reused."""
         with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = error
             pending, self._pending = self._pending, {}
+            self._slot_freed.notify_all()
+        failed = 0
         for entry in pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            sink = entry.sink
+            if isinstance(sink, Ticket):
+                if not sink.done and not entry.abandoned:
+                    sink.settle(error)
+                    failed += 1
+            elif not sink.done():
+                sink.set_exception(error)
+                failed += 1
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         self._waiters.clear()
-        if pending:
-            logger.warning("%s; failed %d waiting dispatches", error.message, len(pending))
+        if failed:
+            logger.warning("%s; failed %d waiting dispatches", error.message, failed)
         self.close()
 
     def close(self) -> None:

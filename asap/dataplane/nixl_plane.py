@@ -6,10 +6,13 @@ Set-up, once per stream: a fresh link end (agent + K slots of the fast link's la
 ranks, GPU memory for GPU ranks) is announced on the link's gRPC stream (``DispatchChunk.nixl_link``,
 micro-batch ``HANDSHAKE_MICRO_BATCH``); the expert rank answers with its own end, or an error
 (``InvalidArgument`` for an announcement it cannot use) that fails the exchange. Per layer: take a slot
-(a credit), fill it (slot header, rows, ids, weights), one WRITE of its used bytes into the expert's same
-slot with the packed ``Request`` as the notification; the poll thread takes the ``Completion``
-notification that follows the expert's WRITE of the results over the rows, copies them out and wakes the
-waiting coroutine. Nothing per layer goes through gRPC or protobuf.
+(a credit), one WRITE into the expert's same slot of the slot header and routing and of the rows from
+the memory they already live in (registered for it; GPU rows are copied into the GPU slot), with the
+packed ``Request`` as the notification; the ``Completion`` notification follows the expert's WRITE of
+the results over the rows; they are copied out by the thread that takes it. On the hot path
+(``direct``, async mode, once the stream has a connected end) the attention compute thread posts and
+takes the completions itself (``asap.dataplane.nixl_direct``); on the loop path the process's poll
+thread takes them and wakes the waiting coroutine. Nothing per layer goes through gRPC or protobuf.
 
 The stream stays for what the slots do not carry (``inner``, gRPC bytes: sync-mode dispatches and
 dispatches larger than a slot) and its break is how a dead expert rank is noticed: every waiting dispatch
@@ -24,15 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import torch
 
-from asap.dataplane.fastlink import LinkGeometry
-from asap.dataplane.nixl_attention import NixlAttentionEnd, fill_slot
+from asap.dataplane.direct import Ticket
+from asap.dataplane.fastlink import LinkGeometry, SlotHeader
+from asap.dataplane.nixl_attention import NixlAttentionEnd, fill_slot, write_dispatch
+from asap.dataplane.nixl_direct import NixlDirect
 from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, NixlEnd, nixl_poller
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, PlaneRequest
-from asap.dataplane.slot_plane import CODEC_FILL_BYTES, SlotPlane
+from asap.dataplane.slot_plane import SlotPlane
 from asap.errors import InvalidArgument, Unavailable
 from asap.rpc.status import error_from_wire
 from asap.v1 import expert_pb2
@@ -50,6 +54,8 @@ class NixlPlane(SlotPlane[NixlAttentionEnd]):
     """The end being connected, which concurrent dispatches wait for."""
     nixl_exchanges = 0
     """Dispatches carried by NIXL (the others went through ``inner``)."""
+    direct_exchanges = 0
+    """Those of them posted on the hot path (by the attention compute thread, ``direct``)."""
 
     async def _end_for(self, geometry: LinkGeometry) -> NixlAttentionEnd:
         """The connected end of the live stream; a fresh one (announced on it) after a break."""
@@ -118,32 +124,17 @@ class NixlPlane(SlotPlane[NixlAttentionEnd]):
         if request.sync is not None or request.rows > self.max_rows:
             return await self.inner.exchange(request)
         end = await self._end_for(geometry)
-        dispatch = request.dispatch
         slot = await end.take_slot()
         seq = 0
         try:
-            header = end.header(request)
             nbytes = request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
-            args = (
-                end.end.slot(slot),
-                geometry,
-                self.spec.dtype,
-                header,
-                dispatch.hidden,
-                dispatch.expert_ids,
-                dispatch.weights,
-            )
-            on_gpu = self.spec.device.type == "cuda"
-            if on_gpu or nbytes > CODEC_FILL_BYTES:
-                end_byte = await asyncio.get_running_loop().run_in_executor(
-                    self._codec, self._fill, dispatch.ready, args
+            if self.spec.device.type == "cuda" and nbytes:  # the copy into GPU slots off the loop
+                seq, future = await asyncio.get_running_loop().run_in_executor(
+                    self._codec, self.send, end, slot, request, None
                 )
-            else:
-                end_byte = fill_slot(*args)
-            seq, future = end.publish(slot, request, end_byte)
-            self._hidden_bytes += nbytes
-            self.nixl_exchanges += 1
-            request.sent()
+            else:  # host memory: nothing is copied but the routing (64 bytes a row)
+                seq, future = self.send(end, slot, request, None)
+            assert future is not None
             return ExchangeResult(await future)
         finally:
             if seq == 0:
@@ -151,16 +142,58 @@ class NixlPlane(SlotPlane[NixlAttentionEnd]):
             else:
                 end.abandon(seq)
 
-    def _fill(self, ready: torch.cuda.Event | None, args: tuple[Any, ...]) -> int:
-        """On the codec thread: the rows into the slot (after the compute stream made them, on GPU)."""
-        if self.spec.device.type != "cuda":
-            return fill_slot(*args)
+    def send(
+        self, end: NixlAttentionEnd, slot: int, request: PlaneRequest, ticket: Ticket | None
+    ) -> tuple[int, asyncio.Future[torch.Tensor] | None]:
+        """Post one dispatch in ``slot`` (any thread): its sequence number and the future of its result
+        (None when ``ticket`` is settled instead); counts it and calls ``request.sent``."""
+        dispatch = request.dispatch
+        header = end.header(request)
+        future = end.expect(slot, header, ticket)
+        note = end.descriptor(slot, request, header.seq)
+        try:
+            if self.spec.device.type == "cuda":
+                self._fill_gpu(end, slot, header, request)
+                end.end.write(slot, 0, end.end.geometry.payload(request.rows, shape_only=False)[3], note)
+            else:
+                write_dispatch(
+                    end.end, slot, self.spec.dtype, header, dispatch.hidden, dispatch.expert_ids,
+                    dispatch.weights, note,
+                )  # fmt: skip
+        except BaseException:
+            end.unexpect(header.seq)
+            raise
+        self._hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
+        self.nixl_exchanges += 1
+        self.direct_exchanges += ticket is not None
+        request.sent()
+        return header.seq, future
+
+    def _fill_gpu(self, end: NixlAttentionEnd, slot: int, header: SlotHeader, request: PlaneRequest) -> None:
+        """The rows into the GPU slot after the compute stream made them; in GPU memory before NIXL
+        reads them."""
+        d = request.dispatch
         stream = torch.cuda.current_stream(self.spec.device)
-        if ready is not None:
-            stream.wait_event(ready)
-        end_byte = fill_slot(*args)
-        stream.synchronize()  # the slot's bytes are in GPU memory before NIXL reads them
-        return end_byte
+        if d.ready is not None:
+            stream.wait_event(d.ready)
+        g = end.end.geometry
+        fill_slot(end.end.slot(slot), g, self.spec.dtype, header, d.hidden, d.expert_ids, d.weights)
+        stream.synchronize()
+
+    def direct(self, top_k: int) -> NixlDirect | None:
+        """The hot path for one batch (on the event loop, at its start): the compute thread posts the
+        WRITEs and takes the completions itself (``asap.dataplane.nixl_direct``). None until the live
+        stream has a connected end (the batch then goes through ``exchange``, which connects one)."""
+        geometry = self._geometry(top_k)
+        end = self._end
+        if (
+            end is None
+            or end.broken is not None
+            or self._session is not self.stream.open()
+            or end.end.geometry is not geometry
+        ):
+            return None
+        return NixlDirect(self, end, asyncio.get_running_loop())
 
     def answer_dropped(self, key: ExchangeKey) -> None:
         if key[0] != HANDSHAKE_MICRO_BATCH:

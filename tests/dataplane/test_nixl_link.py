@@ -1,18 +1,24 @@
 """Two NIXL link ends in one process (UCX loopback): a WRITE of a slot's bytes arrives before its
-notification, slots use the fast link's layout, and an end refuses announcements it cannot use with
-``InvalidArgument``. Skipped where NIXL is not importable."""
+notification, slots use the fast link's layout, rows are WRITTEN from the tensor they live in, results
+are leased as views of their slot (at most half the slots; the slot comes back when the last view is
+freed), and an end refuses announcements it cannot use with ``InvalidArgument``. Skipped where NIXL is
+not importable."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
 import torch
 
-from asap.dataplane.fastlink import LinkGeometry, SlotHeader
-from asap.dataplane.nixl_attention import fill_slot
+from asap.dataplane.direct import Ticket, Wake
+from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader
+from asap.dataplane.nixl_attention import NixlAttentionEnd, completion_notification, fill_slot, write_dispatch
 from asap.dataplane.nixl_link import NixlEnd, nixl_missing
+from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.errors import InvalidArgument
+from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
 pytestmark = pytest.mark.skipif(bool(nixl_missing()), reason=nixl_missing() or "NIXL")
@@ -78,4 +84,101 @@ def test_unusable_announcements_are_refused() -> None:
         assert a.peer == good.agent
     finally:
         a.close()
+        b.close()
+
+
+def _pair(geometry: LinkGeometry = GEOMETRY) -> tuple[NixlEnd, NixlEnd]:
+    a, b = NixlEnd("ta", geometry, torch.device("cpu")), NixlEnd("tb", geometry, torch.device("cpu"))
+    a.connect(b.announcement())
+    b.connect(a.announcement())
+    return a, b
+
+
+def test_rows_are_written_from_the_memory_they_live_in() -> None:
+    """One WRITE of header, rows (from the dispatch's own tensor, registered for it) and routing lands
+    in the peer's slot exactly as a slot filled by copies would, and the registration goes with it."""
+    a, b = _pair()
+    try:
+        rows = 5
+        hidden = torch.randn(rows, 16)
+        ids = torch.tensor([[0, 1], [1, -1], [2, 3], [3, 0], [-1, -1]], dtype=torch.int32)
+        weights = torch.rand(rows, 2)
+        header = SlotHeader(3, 9, 1, rows, 456, "00-abc", "")
+        a.slots.zero_()
+        write_dispatch(a, 0, torch.float32, header, hidden, ids, weights, b"R-zero-copy")
+        assert _notes(b, a) == [b"R-zero-copy"]
+        expected = torch.zeros(GEOMETRY.slot_bytes, dtype=torch.uint8)
+        end = fill_slot(expected, GEOMETRY, torch.float32, header, hidden, ids, weights)
+        at, ids_at, weights_at, _ = GEOMETRY.payload(rows, shape_only=False)
+        k = rows * 2 * 4
+        pieces = ((0, SLOT_HEADER_BYTES), (at, at + rows * 16 * 4), (ids_at, ids_at + k), (weights_at, end))
+        for start, stop in pieces:  # (the padding between them is never written)
+            assert torch.equal(b.slot(0)[start:stop], expected[start:stop])
+        assert not a.slot(0)[at : at + rows * 16 * 4].any()  # the rows were not copied into a's slot
+        deadline = time.monotonic() + 30
+        while a.writing and time.monotonic() < deadline:  # reaped: handle released, memory deregistered
+            assert a.reap() == ""
+        assert not a.writing
+    finally:
+        a.close()
+        b.close()
+
+
+def _answer(expert: NixlEnd, note: bytes, results: torch.Tensor) -> None:
+    """The expert end's answer to the request ``note``: the results over the rows, then the completion."""
+    request = Request.unpack(note[1:])
+    at = GEOMETRY.payload(request.rows, shape_only=False)[0]
+    completion = Completion.answering(request, None, queue_ns=0, compute_ns=7, picked_unix_ns=0)
+    registered = expert.register(results)
+    piece = (int(results.data_ptr()), results.numel() * 4, at)
+    expert.post(
+        request.slot, [piece], completion_notification(completion), registered=registered, hold=results
+    )
+
+
+def _round_trip(end: NixlAttentionEnd, expert: NixlEnd, rows: int) -> tuple[Ticket, torch.Tensor, int]:
+    ticket = Ticket(Wake())
+    slot = end.take_slot_blocking(ticket)
+    request = PlaneRequest(1, 0, RankDispatch(0, torch.arange(rows), torch.randn(rows, 16),
+                                              torch.zeros(rows, 2, dtype=torch.int32), torch.ones(rows, 2)))  # fmt: skip
+    header = end.header(request)
+    end.expect(slot, header, ticket)
+    d = request.dispatch
+    write_dispatch(end.end, slot, torch.float32, header, d.hidden, d.expert_ids, d.weights,
+                   end.descriptor(slot, request, header.seq))  # fmt: skip
+    results = torch.randn(rows, 16)
+    [note] = _notes(expert, end.end)
+    _answer(expert, note, results)
+    deadline = time.monotonic() + 30
+    while not ticket.done and time.monotonic() < deadline:
+        expert.reap()
+        end.poll(time.monotonic_ns(), sweeper=False)
+    assert ticket.done
+    return ticket, results, slot
+
+
+def test_results_lease_their_slot_until_freed_and_half_the_slots_at_most() -> None:
+    a, b = _pair()
+    end = NixlAttentionEnd(a, peer="tb", dtype=torch.float32, rank=0, loop=None, peer_timeout_s=60)
+    try:
+        assert end.lease_cap == 1  # of 2 slots
+        first, expected, slot = _round_trip(end, b, 3)
+        assert isinstance(first.outcome, ExchangeResult)
+        leased = first.outcome.hidden
+        assert torch.equal(leased, expected) and end.leases == 1
+        assert slot not in end._free  # a view of the slot's memory: the slot stays taken
+        second, expected2, slot2 = _round_trip(end, b, 4)  # the other slot; one lease out already
+        assert isinstance(second.outcome, ExchangeResult)
+        assert torch.equal(second.outcome.hidden, expected2) and end.leases == 1  # copied, not leased
+        assert slot2 != slot and slot2 in end._free
+        view = leased[1:]
+        first.outcome = None
+        del leased
+        gc.collect()
+        assert slot not in end._free  # a view of the lease still holds it
+        del view
+        gc.collect()
+        assert slot in end._free and end.expert_ns == 14
+    finally:
+        end.close()
         b.close()

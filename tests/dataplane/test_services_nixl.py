@@ -32,25 +32,34 @@ pytestmark = pytest.mark.skipif(bool(nixl_missing()), reason=nixl_missing() or "
 _HANG_GUARD_S = 60  # only there so a regression fails instead of hanging the suite
 
 
-async def _firsts(model: str, plane: str, prompts: list[list[int]]) -> tuple[list[object], list[int]]:
+async def _firsts(
+    model: str, plane: str, prompts: list[list[int]]
+) -> tuple[list[list[object]], list[int], list[int]]:
+    """The first tokens of ``prompts`` run twice (the second batch takes the hot path on a NIXL link:
+    the first one connected it), and the dispatches NIXL carried per link, and of those the hot path's."""
     async with cluster(model, plane) as attention:
         executor, transport = attention.executor, attention.transport
         assert executor is not None and transport is not None
-        outcome = await executor.run_batch(
-            [executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
-        )
+        runs = []
+        for _ in range(2):
+            outcome = await executor.run_batch(
+                [executor.make_prompt(f"p{i}", p, top_logprobs=3) for i, p in enumerate(prompts)]
+            )
+            runs.append([(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcome.results])  # type: ignore[union-attr]
         carried = [getattr(link.plane, "nixl_exchanges", 0) for link in transport.links]
-        firsts = [(o.first.token_id, o.first.logprob, o.first.top_logprobs) for o in outcome.results]  # type: ignore[union-attr]
-        return firsts, carried
+        direct = [getattr(link.plane, "direct_exchanges", 0) for link in transport.links]
+        return runs, carried, direct
 
 
 async def test_nixl_plane_outputs_match_grpc_bytes(arch_dir: Path) -> None:  # noqa: F811
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 60, 130)]
-    via_grpc, none = await _firsts(str(arch_dir), "grpc", prompts)
-    via_nixl, carried = await _firsts(str(arch_dir), "nixl", prompts)
-    assert via_nixl == via_grpc  # identical first tokens and logprobs
+    via_grpc, none, _ = await _firsts(str(arch_dir), "grpc", prompts)
+    via_nixl, carried, direct = await _firsts(str(arch_dir), "nixl", prompts)
+    assert via_nixl[0] == via_grpc[0]  # identical first tokens and logprobs
+    assert via_nixl[1] == via_grpc[1]  # also on the hot path (compute thread posts and polls)
     assert none == [0, 0] and all(n > 0 for n in carried)  # dispatches really went through NIXL
+    assert all(n > 0 for n in direct)  # and the second batch's through the hot path
 
 
 async def test_auto_keeps_same_host_planes_and_forced_nixl_needs_the_expert(qwen3_dir: Path) -> None:
