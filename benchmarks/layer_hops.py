@@ -25,6 +25,7 @@ import asyncio
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of each live Python thread of this process, by thread name."""
+    out = {}
+    for thread in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[thread.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _modeled_us(experts: int, compute: str, tokens: int) -> tuple[float, float, float]:
     """Modelled attention MoE layer, the slowest expert rank's call and the LM head (µs), one prompt."""
     import torch
@@ -175,8 +188,10 @@ async def main() -> None:
     procs = [
         ServiceProcess(
             f"expert-{r}",
-            [*("-m", "expert_svc", *common), *("--rank", str(r), "--num-ranks", str(args.experts))]
-            + ["--data-plane", "fast"],
+            [
+                *("-m", "expert_svc", *common),
+                *("--rank", str(r), "--num-ranks", str(args.experts), "--data-plane", "fast"),
+            ],
         )
         for r in range(args.experts)
     ]
@@ -195,6 +210,7 @@ async def main() -> None:
             rec.on = i >= args.warmup
             if i == args.warmup:
                 cpu_start = (time.process_time(), sum(_cpu_s(p.proc.pid) for p in procs))
+                threads_start = _thread_cpu_s()
             posts = len(rec.layer_posts)
             start, start_ns = time.perf_counter(), time.time_ns()
             await executor.run_batch([executor.make_prompt("p", list(range(1, args.tokens + 1)))])
@@ -205,6 +221,9 @@ async def main() -> None:
         layers = args.requests * len(load_config(MODEL).moe_layer_ids)
         cpu_attention = (time.process_time() - cpu_start[0]) / layers * 1e6
         cpu_experts = (sum(_cpu_s(p.proc.pid) for p in procs) - cpu_start[1]) / layers * 1e6
+        threads = {
+            name: (cpu - threads_start.get(name, 0.0)) / layers * 1e6 for name, cpu in _thread_cpu_s().items()
+        }
         await attention.stop(grace_s=0)
     finally:
         for p in procs:
@@ -233,6 +252,8 @@ async def main() -> None:
         f"  CPU per MoE layer: attention process {cpu_attention:.0f} µs, expert processes "
         f"{cpu_experts:.0f} µs (all threads)"
     )
+    busiest = sorted(threads.items(), key=lambda kv: -kv[1])[:4]
+    print("  attention threads, CPU per layer: " + ", ".join(f"{n} {us:.0f} µs" for n, us in busiest))
     print(f"  batch wall p50 {statistics.median(walls):.2f} ms; load average {os.getloadavg()}")
 
 

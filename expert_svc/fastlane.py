@@ -48,7 +48,7 @@ from asap.dataplane.fastlink import (
     beat,
     write_error,
 )
-from asap.dataplane.poller import HeldUntil, PollThread, drain
+from asap.dataplane.poller import HeldUntil, PollThread, doorbell_backoff, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion
 from asap.errors import AsapError, InternalError, InvalidArgument
@@ -249,7 +249,7 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         self._lock = threading.Lock()
         self._waiting: list[_Item] = []
         self._busy = False
-        self.poller = PollThread("fast-requests", flush=self._flush)
+        self.poller = PollThread("fast-requests", flush=self._flush, backoff=doorbell_backoff)
         self.ends: set[ExpertLinkEnd] = set()
 
     def validate(self, layer: int, ids: np.ndarray) -> None:  # type: ignore[type-arg]
