@@ -196,6 +196,13 @@ class ExpertExecutor:
             raise Unavailable("expert rank is shutting down")
         self._thread.submit(fn)
 
+    def run_inline(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the calling thread now (a fast lane computing where it took its descriptors);
+        ``Unavailable`` once the executor is stopping, as ``run_on_compute_thread``."""
+        if self._closed:
+            raise Unavailable("expert rank is shutting down")
+        fn()
+
     def compute_rows(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int]:
         """One computation over ``group`` (same layer), its outputs per item and the host time it took;
         counted in ``stats`` as the queued path counts its own. On the compute thread, or on any thread

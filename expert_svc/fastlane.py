@@ -3,13 +3,20 @@ and feeds the compute thread directly; the compute thread writes results over th
 completions itself. No event loop, no protobuf, no thread hop beyond poll thread -> compute thread.
 
 Validation on the poll thread uses numpy views of the slot (a few µs), not torch ops (tens of µs each).
-Computing on the poll thread itself (sparing the hand-off, 100-300 µs on a loaded 2-core host) was
-measured and rejected: the emulated computation took 1.5-2x longer there (0.86 -> 1.5-2.0 ms for a
-0.48 ms modelled call), and a real computation of seconds would stop the heartbeat.
 
-The compute thread takes *everything* waiting when it becomes free and merges the rows of one layer into
-one expert call (as ``ExpertExecutor``'s queued path does), so concurrent attention ranks still share a
-computation. A malformed descriptor or slot header, or rows this rank cannot compute, is answered with
+Emulated ranks (shape-only slots, ``inline``) compute on the poll thread itself: their computation is a
+timed sleep of about a millisecond, so the hand-off to the compute thread (a thread wake, 70-200 µs per
+layer on this 2-core host, more under load) cost more than it spared. Measured on the emulated cluster
+(benchmarks/README.md, "CPU per-layer cost: expert hand-off and emulated-call fixes"). An earlier
+measurement that rejected it (the emulated call 1.5-2x longer on the poll thread) predates the
+emulated call's own fixes (``asap.emulation.clock.Sleeper.begin``, one validation pass); it did not
+recur. While it computes the poll thread neither sweeps nor beats the heartbeat: emulated calls take
+milliseconds (even dilated, far below the peer timeout of seconds). Real computations (seconds on a CPU)
+keep the hand-off, so the heartbeat goes on.
+
+Whoever computes takes *everything* waiting and merges the rows of one layer into one expert call (as
+``ExpertExecutor``'s queued path does), so concurrent attention ranks still share a computation; it holds
+the executor's compute lock, so the gRPC path's computations (sync mode, the barrier) never overlap it. A malformed descriptor or slot header, or rows this rank cannot compute, is answered with
 an ``InvalidArgument`` completion for that dispatch only; the link and the rank go on.
 
 Lifecycle: ``attach`` (the announcement on an ``Exchange`` stream) maps the region and starts the
@@ -41,7 +48,7 @@ from asap.dataplane.fastlink import (
     beat,
     write_error,
 )
-from asap.dataplane.poller import HeldUntil, PollThread, drain
+from asap.dataplane.poller import HeldUntil, PollThread, doorbell_backoff, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion
 from asap.errors import AsapError, InternalError, InvalidArgument
@@ -214,8 +221,19 @@ class ExpertLinkEnd(LaneEnd):
 class FastLane(ServedEnds[ExpertLinkEnd]):
     """All fast links of one expert rank: their poll thread and the hand-off to the compute thread."""
 
-    def __init__(self, executor: ExpertExecutor, *, shape_only: bool, max_merge_rows: int = 16384) -> None:
+    def __init__(
+        self,
+        executor: ExpertExecutor,
+        *,
+        shape_only: bool,
+        max_merge_rows: int = 16384,
+        inline: bool | None = None,
+    ) -> None:
         self.executor = executor
+        self.inline = shape_only if inline is None else inline
+        """Compute on the thread that took the descriptors (the poll thread) instead of handing them to
+        the compute thread: the default for emulated (shape-only) ranks, whose computation is a timed
+        sleep (see the module doc)."""
         part = executor.part
         self.hidden_size = part.config.hidden_size
         self.top_k = part.config.top_k
@@ -231,7 +249,7 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         self._lock = threading.Lock()
         self._waiting: list[_Item] = []
         self._busy = False
-        self.poller = PollThread("fast-requests", flush=self._flush)
+        self.poller = PollThread("fast-requests", flush=self._flush, backoff=doorbell_backoff)
         self.ends: set[ExpertLinkEnd] = set()
 
     def validate(self, layer: int, ids: np.ndarray) -> None:  # type: ignore[type-arg]
@@ -292,13 +310,17 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         self._flush()
 
     def _flush(self) -> None:
-        """After a sweep (poll thread): wake the compute thread unless it is already draining."""
+        """After a sweep (poll thread): compute what was taken here (``inline``), or wake the compute
+        thread unless it is already draining."""
         with self._lock:
             if self._busy or not self._waiting:
                 return
             self._busy = True
         try:
-            self.executor.run_on_compute_thread(self._drain)
+            if self.inline:
+                self.executor.run_inline(self._drain)
+            else:
+                self.executor.run_on_compute_thread(self._drain)
         except AsapError as exc:
             with self._lock:
                 items, self._waiting, self._busy = self._waiting, [], False

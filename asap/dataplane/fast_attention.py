@@ -50,7 +50,7 @@ from asap.dataplane.fastlink import (
     read_error,
 )
 from asap.dataplane.plane import ExchangeResult
-from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, drain
+from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, doorbell_backoff, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.dataplane.slot_plane import await_credit
@@ -61,7 +61,7 @@ __all__ = ["ATTACH_S", "AttentionLinkEnd", "shared_poller"]
 
 logger = logging.getLogger(__name__)
 
-_POLLER = OnePerProcess(lambda: PollThread("fast-completions"))
+_POLLER = OnePerProcess(lambda: PollThread("fast-completions", backoff=doorbell_backoff))
 
 
 def shared_poller() -> PollThread:
@@ -195,7 +195,8 @@ class AttentionLinkEnd:
                 due = self._delayed.release(now_ns)
             for d in due:
                 self._deliver(d.pending, d.outcome)
-            return worked or bool(due)
+            # results still held for their modelled transfer: keep sweeping closely (no doorbell comes)
+            return worked or bool(due) or bool(self._delayed)
         finally:
             self._consume.release()
 

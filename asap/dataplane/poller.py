@@ -22,7 +22,17 @@ from typing import Generic, Protocol, TypeVar
 
 from asap.dataplane.ring import Backoff, Doorbell, Ring
 
-__all__ = ["Endpoint", "HeldUntil", "OnePerProcess", "PollThread", "Polled", "Sweeper", "drain"]
+__all__ = [
+    "DOORBELL_FIRST_SLEEP_S",
+    "Endpoint",
+    "HeldUntil",
+    "OnePerProcess",
+    "PollThread",
+    "Polled",
+    "Sweeper",
+    "doorbell_backoff",
+    "drain",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +41,20 @@ T = TypeVar("T")
 TICK_NS = 1_000_000
 """How often endpoints get ``tick`` (heartbeats, peer checks): every millisecond at most, and at least
 once per park (``Backoff.park_s``)."""
+
+
+DOORBELL_FIRST_SLEEP_S = 1e-3
+"""The first park timeout of a CPU fast link's poll thread. Its peers ring the doorbell of a parked
+consumer, so the timeout bounds only a wake-up lost to the flag race (and paces the heartbeat): park
+timeouts starting at 50 µs woke each poll thread five or six times in the ~1 ms between two layers,
+~15% of the attention process's CPU per layer and ~10% of the expert's on the 2-core host
+(``benchmarks/layer_hops.py``)."""
+
+
+def doorbell_backoff() -> Backoff:
+    """How a CPU fast link's poll thread waits: no spin (the host's cores belong to the ranks' compute),
+    parks on the doorbells from ``DOORBELL_FIRST_SLEEP_S``."""
+    return Backoff(first_sleep_s=DOORBELL_FIRST_SLEEP_S)
 
 
 class Endpoint(Protocol):

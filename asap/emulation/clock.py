@@ -4,9 +4,16 @@
 latency. An emulated cluster runs ~10 processes on a couple of cores, so busy-waiting to hide that would
 steal CPU from the other ranks. ``Sleeper`` instead (1) sets the calling thread's timer slack to 1 ns
 (``prctl(PR_SET_TIMERSLACK)``, Linux only, best effort) and (2) sleeps for the target minus the median
-overshoot it measured at start-up. Measured on a 2-core VM: plain ``time.sleep`` overshoots by ~75 µs
-(median, 0.1-1 ms targets); with 1 ns slack by ~40 µs; with the bias removed the median error is a few µs.
-The error is never accumulated across calls: each call sleeps toward its own deadline.
+overshoot it measured (at start-up, then learned from every sleep), spinning the few µs it may wake
+early. Measured on a 2-core VM: plain ``time.sleep`` overshoots by ~75 µs (median, 0.1-1 ms targets);
+with 1 ns slack by ~40 µs; with the bias removed the median error is a few µs. The error is never
+accumulated across calls: each call sleeps toward its own deadline, and never returns before it.
+
+``begin`` moves that deadline to when the modelled work started: host work done between ``begin`` and
+``sleep`` (an emulated part validating its ids, counting rows per expert, drawing routing) then runs
+inside the modelled time instead of being added to it, as a device's kernels run while the host prepares
+the next launch. The full modelled time is still charged: ``sleep`` never returns before ``begin`` +
+its ``seconds``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ import time
 from collections.abc import Callable
 
 _PR_SET_TIMERSLACK = 29
+_MAX_BIAS_S = 2e-4
+_UP_S = 1e-6
+_DOWN_S = 9e-6
+"""The bias moves up by ``_UP_S`` after a sleep that overshot it and down by ``_DOWN_S`` after one that
+did not: it settles where one sleep in ten overshoots less than the bias (and spins the difference)."""
 _local = threading.local()
 
 
@@ -53,8 +65,9 @@ class Sleeper:
     """Sleeps for modelled durations, compensating the measured overshoot of ``time.sleep``.
 
     ``bias_s``: seconds subtracted from every sleep; ``None`` measures it now (~5 ms), clamped to
-    [0, 200 µs] so a noisy start-up cannot make sleeps much too short. ``clock`` and ``sleep`` are
-    injectable for tests.
+    [0, 200 µs]; each sleep then moves it toward a low quantile of the overshoots it observed. A sleep that woke before its
+    deadline spins the rest (at most about the bias), so it never returns early. ``clock`` and
+    ``sleep`` are injectable for tests.
     """
 
     def __init__(
@@ -64,24 +77,38 @@ class Sleeper:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.bias_s = min(max(measure_overshoot() if bias_s is None else bias_s, 0.0), 2e-4)
+        self.bias_s = min(max(measure_overshoot() if bias_s is None else bias_s, 0.0), _MAX_BIAS_S)
         self._clock = clock
         self._sleep = sleep
         self.requested_s = 0.0
         """Total seconds requested so far (for reports)."""
+        self._began = threading.local()
+
+    def begin(self) -> None:
+        """The modelled work of the calling thread starts now: its next ``sleep`` ends at this time plus
+        its ``seconds`` (see the module doc), not at the time of that call plus them."""
+        self._began.at = self._clock()
 
     def sleep(self, seconds: float) -> None:
-        """Block the calling thread for about ``seconds`` (no-op for <= 0)."""
+        """Block the calling thread for about ``seconds`` (no-op for <= 0), counted from the thread's last
+        ``begin`` when there was one since its last ``sleep``."""
+        began: float | None = getattr(self._began, "at", None)
+        self._began.at = None
         if seconds <= 0:
             return
         self.requested_s += seconds
         reduce_timer_slack()
-        deadline = self._clock() + seconds
-        remaining = seconds - self.bias_s
+        now = self._clock()
+        deadline = (now if began is None else min(began, now)) + seconds
+        remaining = deadline - now - self.bias_s
         if remaining > 0:
             self._sleep(remaining)
-        # A sleep cut short by a signal is resumed by Python; an early wake-up beyond the bias is not
-        # re-slept for less than the bias, so the error stays within [-bias, +overshoot].
-        late = deadline - self._clock() - self.bias_s
-        if late > 0:
-            self._sleep(late)
+            woke = self._clock()
+            # Track a low quantile of the overshoot as the host's load changes (the start-up figure
+            # drifts by tens of µs): a bias at the mean would wake early half the time and spin.
+            step = _UP_S if woke - (now + remaining) > self.bias_s else -_DOWN_S
+            self.bias_s = min(max(self.bias_s + step, 0.0), _MAX_BIAS_S)
+        # Woken before the deadline (the bias was too large, or a signal): spin the rest, at most about
+        # the bias, so the full modelled time is always charged.
+        while self._clock() < deadline:
+            pass

@@ -140,19 +140,21 @@ class EmulatedAttentionPart(SteppedPart[ChunkCache]):
         g = torch.Generator().manual_seed(hash((self.router.seed, call)) & 0x7FFF_FFFF_FFFF_FFFF)
         cost: dict[bool, float] = {}  # is-MoE -> seconds: the cost depends only on the layer kind
         for layer, is_moe in enumerate(cfg.moe_layers):
+            _begin(self.sleeper)  # the layer's host work below runs inside its modelled time
             if is_moe not in cost:
                 cost[is_moe] = self.layer_s(layer, lengths, prefixes)
-            self.sleeper.sleep(cost[is_moe])
             for n, cache in zip(lengths, caches, strict=True):
                 if cache is not None:
                     heads, key_width, value_width = cfg.kv_cache_layout
                     k = torch.empty((heads, n, key_width), dtype=self.dtype, device="meta")
                     v = torch.empty((heads, n, value_width), dtype=self.dtype, device="meta")
                     cache.stage(layer, k, v)
+            if is_moe:
+                ids, weights = self.router.route(layer, tokens, g)  # [T, K] each
+                hidden = torch.empty((tokens, cfg.hidden_size), dtype=self.dtype, device="meta")  # [T, H]
+            self.sleeper.sleep(cost[is_moe])
             if not is_moe:
                 continue
-            ids, weights = self.router.route(layer, tokens, g)  # [T, K] each
-            hidden = torch.empty((tokens, cfg.hidden_size), dtype=self.dtype, device="meta")  # [T, H]
             routed = yield MoERequest(layer=layer, hidden=hidden, topk_ids=ids, topk_weights=weights)
             if not isinstance(routed, torch.Tensor) or routed.shape != hidden.shape:
                 shape = tuple(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
@@ -198,15 +200,18 @@ class EmulatedExpertPart(ExpertPart):
         self.profile = profile
         self._bytes = dtype_bytes(dtype)
         self.sleeper = sleeper if sleeper is not None else Sleeper()
-        self._hosted_index = np.array(self.hosted, dtype=np.int64)
-        self._foreign = np.ones(config.num_experts, dtype=np.bool_)  # [E] experts hosted elsewhere
+        self._hosted_index = np.asarray(self.hosted, dtype=np.int64)
+        self._foreign = np.ones(config.num_experts, dtype=bool)  # [E] experts hosted elsewhere
         self._foreign[self._hosted_index] = False
 
     def rows_per_expert(self, expert_ids: torch.Tensor) -> list[int]:
         """Rows routed to each hosted expert (in ``hosted`` order) by ids [N, K] (-1 slots skipped)."""
-        ids = _host_ids(expert_ids)
-        counts = np.bincount(ids[ids >= 0], minlength=self.config.num_experts)  # [E]
-        return cast(list[int], counts[self._hosted_index].tolist())
+        counts = self._counts(_int64_ids(expert_ids))
+        return [int(c) for c in counts[self._hosted_index].tolist()]
+
+    def _counts(self, ids: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        """Rows per global expert [E] of flat int64 ids (-1 skipped); numpy: a few µs, not tens."""
+        return np.bincount(ids[ids >= 0], minlength=self.config.num_experts)
 
     def call_s(self, expert_ids: torch.Tensor) -> float:
         """Modelled time (s) of ``compute`` for these ids."""
@@ -216,32 +221,26 @@ class EmulatedExpertPart(ExpertPart):
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> list[int]:
         """``rows_per_expert`` after the real part's checks of ``compute`` (the same ``InvalidArgument``s):
-        one host pass over the ids, since they are the only data an emulated call has (the real part's
-        torch checks cost more than the modelled call's bookkeeping in a simulation)."""
-        e = self.config.num_experts
-        n = hidden.shape[0] if hidden.ndim == 2 else -1
-        if (
-            n < 0
-            or hidden.shape[1] != self.config.hidden_size
-            or expert_ids.ndim != 2
-            or expert_ids.shape[0] != n
-            or weights.shape != expert_ids.shape
-            or expert_ids.dtype.is_floating_point
-            or expert_ids.dtype == torch.bool
-        ):
-            self._local_ids(hidden, expert_ids, weights)  # raises the real part's error
-        ids = _host_ids(expert_ids)
-        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= e):
-            self._local_ids(hidden, expert_ids, weights)  # raises: ids outside the model
-        counts = np.bincount(ids + 1, minlength=e + 1)[1:]  # [E], -1 slots dropped
+        one numpy pass over the ids validates them and counts the rows per expert (the real part's torch
+        checks cost more than the modelled call's bookkeeping)."""
+        self._check_shapes(hidden, expert_ids, weights)
+        ids = _int64_ids(expert_ids)
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.config.num_experts):
+            self._reject(ids)
+        counts = self._counts(ids)
         if counts[self._foreign].any():
-            self._local_ids(hidden, expert_ids, weights)  # raises: ids hosted elsewhere
-        return cast(list[int], counts[self._hosted_index].tolist())
+            self._reject(ids)
+        return [int(c) for c in counts[self._hosted_index].tolist()]
 
     def compute(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Validate as ``ExpertPart.compute``, sleep the modelled time, return a meta [N, H] tensor."""
+        """Validate as ``ExpertPart.compute``, sleep the modelled time, return a meta [N, H] tensor.
+
+        The modelled time counts from the call's start (``Sleeper.begin``): the validation and the row
+        counts run inside it. One numpy pass over the ids both validates them (the real part's rules and
+        messages) and counts the rows per expert."""
+        _begin(self.sleeper)
         self._slot(layer)
         rows = self.checked_rows_per_expert(hidden, expert_ids, weights)
         extra = (
@@ -249,11 +248,40 @@ class EmulatedExpertPart(ExpertPart):
             if self.layer_agnostic
             else PER_LAYER_CALL_OVERHEAD_S * self.profile.launch_us / H200_LAUNCH_US
         )
-        call = costs.expert_call_s(rows, self.config, self.profile, self._bytes)
-        self.sleeper.sleep(call + extra)
+        self.sleeper.sleep(costs.expert_call_s(rows, self.config, self.profile, self._bytes) + extra)
         return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")
 
+    def _check_shapes(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """The real part's shape and dtype checks (``ExpertPart._local_ids``), same messages."""
+        h = self.config.hidden_size
+        if hidden.ndim != 2 or hidden.shape[1] != h:
+            raise InvalidArgument(f"hidden has shape {tuple(hidden.shape)}, expected [N, {h}]")
+        n = hidden.shape[0]
+        if expert_ids.ndim != 2 or expert_ids.shape[0] != n or weights.shape != expert_ids.shape:
+            raise InvalidArgument(
+                f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} "
+                f"must both be [{n}, K]"
+            )
+        if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+            raise InvalidArgument(f"expert_ids must be integers, got dtype {expert_ids.dtype}")
 
-def _host_ids(expert_ids: torch.Tensor) -> np.ndarray:
-    """Flat int64 ids in host memory (a view when they are already there)."""
-    return cast(np.ndarray, expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False).ravel())
+    def _reject(self, ids: np.ndarray) -> None:  # type: ignore[type-arg]
+        """The real part's error for ids that are out of range or hosted elsewhere."""
+        e = self.config.num_experts
+        bad = (ids < -1) | (ids >= e)
+        inside = (ids >= 0) & (ids < e)
+        bad[inside] = self._foreign[ids[inside]]
+        wrong = sorted({int(x) for x in ids[bad].tolist()})
+        raise InvalidArgument(f"expert ids {wrong} are not hosted here (hosted: {list(self.hosted)})")
+
+
+def _begin(sleeper: Sleeper) -> None:
+    """``sleeper.begin()``; a duck-typed sleeper with ``sleep`` alone (a test's) counts from ``sleep``."""
+    begin = getattr(sleeper, "begin", None)
+    if begin is not None:
+        begin()
+
+
+def _int64_ids(expert_ids: torch.Tensor) -> np.ndarray:  # type: ignore[type-arg]
+    """Flat int64 numpy ids of a CPU (or any) integer tensor [N, K]."""
+    return expert_ids.detach().to(device="cpu", dtype=torch.int64).reshape(-1).numpy()

@@ -181,3 +181,31 @@ def test_chunked_prefill_advances_the_cache(config_only: ModelConfig) -> None:
     assert cache.length == 80 and sleeper.requested_s - first > first  # the second chunk also attends to 40
     with pytest.raises(InvalidArgument):
         part.forward_steps([[1], [2]], caches=[cache, cache])
+
+
+def test_expert_validation_of_out_of_range_ids_matches_the_real_part(
+    qwen3_dir: Path, config_only: ModelConfig
+) -> None:
+    """The one numpy pass that validates and counts gives the real part's errors for ids out of range,
+    below -1 and of the wrong dtype too."""
+    with CheckpointReader(qwen3_dir) as reader:
+        real = ExpertPart.from_source(reader, config_only, [1, 3])
+    fake = EmulatedExpertPart(config_only, [3, 1], H200, sleeper=RecordingSleeper())
+    h, e, layer = config_only.hidden_size, config_only.num_experts, config_only.moe_layer_ids[0]
+    cases = [
+        torch.tensor([[1, e]]),
+        torch.tensor([[-2, 3]]),
+        torch.tensor([[e + 5, 0], [1, -3]]),
+        torch.tensor([[1.0, 3.0]]),
+        torch.tensor([[True, False]]),
+    ]
+    for ids in cases:
+        with pytest.raises(InvalidArgument) as real_err:
+            real.compute(layer, torch.zeros(ids.shape[0], h), ids, torch.ones(ids.shape))
+        with pytest.raises(InvalidArgument) as fake_err:
+            fake.compute(layer, torch.zeros(ids.shape[0], h), ids, torch.ones(ids.shape))
+        assert str(fake_err.value) == str(real_err.value)
+    out = fake.compute(
+        layer, torch.zeros(2, h), torch.tensor([[1, -1], [3, 1]], dtype=torch.int32), torch.ones(2, 2)
+    )
+    assert out.shape == (2, h) and fake.rows_per_expert(torch.tensor([[1, -1], [3, 1]])) == [2, 1]
