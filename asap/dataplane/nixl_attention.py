@@ -23,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import threading
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -36,9 +34,9 @@ import torch
 from asap.dataplane.direct import Ticket
 from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
+from asap.dataplane.nixl_credits import NixlSlotCredits
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
-from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
 __all__ = [
@@ -147,36 +145,26 @@ class _Pending:
     abandoned: bool = False
 
 
-class NixlAttentionEnd:
-    """One connected NIXL end of a link, attention side (see the module doc)."""
+class NixlAttentionEnd(NixlSlotCredits):
+    """One connected NIXL end of a link, attention side (see the module doc; its slots as credits and
+    its leased results: ``NixlSlotCredits``)."""
 
     def __init__(
         self, end: NixlEnd, *, peer: str, dtype: torch.dtype, rank: int, loop: Any, peer_timeout_s: float
     ) -> None:
+        slots = end.geometry.slots
+        super().__init__(slots, peer=peer, loop=loop, lease_cap=slots // 2 if end.buf is not None else 0)
         self.end = end
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
         self._heard_ns = time.monotonic_ns()
         """When the peer was last heard from (any notification: completions and its heartbeats)."""
-        self.peer = peer
         self.dtype = dtype
         self.rank = rank
-        self._loop = loop
-        self._free = list(range(end.geometry.slots))[::-1]
-        self._waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.RLock()  # a lease's finalizer may run on a thread that holds it
-        self._slot_freed = threading.Condition(self._lock)
         self._seq = 0
         self.polled_elsewhere = 0
         """Compute threads taking this end's completions themselves now (the poll thread then leaves
         them to those)."""
-        self.broken: AsapError | None = None
-        self._leased = 0
-        self.lease_cap = end.geometry.slots // 2 if end.buf is not None else 0
-        """Results handed out as views of their slot at most at once (the other slots keep cycling, so
-        a consumer holding results cannot starve the senders); 0 on GPU slots (copied out)."""
-        self.leases = 0
-        """Results handed out as views of their slot (not copied)."""
         self.expert_ns = 0
         """The expert rank's own time (queue + computation, from the completions) of the answers this
         end took: what a round trip spent beyond the data path."""
@@ -270,60 +258,6 @@ class NixlAttentionEnd:
         holder = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)  # the tensor's storage owns it
         weakref.finalize(holder, self._unlease, pending.slot)
         return torch.from_numpy(holder).view(self.dtype).view(rows, g.hidden_size), True
-
-    def _unlease(self, slot: int) -> None:
-        """The last tensor on a leased slot was freed (any thread)."""
-        with self._lock:
-            self._leased -= 1
-        self._release(slot)
-
-    # --- credits (any thread) ---------------------------------------------------------------------
-
-    async def take_slot(self) -> int:
-        """A free slot (a credit) on the event loop; waits while every slot is in use."""
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            if self._free:
-                return self._free.pop()
-            waiter: asyncio.Future[int] = self._loop.create_future()
-            self._waiters.append(waiter)
-        return await await_credit(waiter, self.give_back)
-
-    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
-        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
-        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
-        with self._lock:
-            while True:
-                if self.broken is not None:
-                    raise self.broken
-                if ticket.cancelled:
-                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
-                if self._free and not self._waiters:
-                    return self._free.pop()
-                self._slot_freed.wait(poll_s)
-
-    def give_back(self, slot: int) -> None:
-        """A slot taken but never published (or answered)."""
-        self._release(slot)
-
-    def _release(self, slot: int) -> None:
-        with self._lock:
-            if self.broken is not None:
-                return
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
-                    return
-            self._free.append(slot)
-            self._slot_freed.notify_all()
-
-    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
-        if waiter.done():
-            self._release(slot)
-        else:
-            waiter.set_result(slot)
 
     # --- senders (the event loop, or a compute thread with a ticket) ------------------------------
 
