@@ -7,7 +7,9 @@ Zero-copy on host memory: the dispatch's rows are not copied into the slot; the 
 in is registered for the WRITE (tens of µs, against a copy of N x 4 KiB on a loaded host) and one WRITE
 carries the slot header and the routing (ids, weights: 64 bytes a row, copied into the slot) from the
 slot and the rows from the tensor, into the expert's slot in the fast link's layout, with one
-notification. GPU slots keep the copy into the slot (registering GPU memory per call pins it).
+notification. GPU slots keep the copy into the slot (registering GPU memory per call pins it). That wire
+is ``asap.dataplane.nixl_dispatch``; the slots as credits and the leased results,
+``asap.dataplane.nixl_credits``.
 
 Completions are taken by whichever thread polls first: the attention compute thread itself on the hot
 path (``asap.dataplane.nixl_direct``: it settles its own tickets, no thread hop), else the process's NIXL
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 import weakref
 from dataclasses import dataclass
@@ -32,9 +33,17 @@ import numpy as np
 import torch
 
 from asap.dataplane.direct import Ticket
-from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader, error_of
+from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, Request, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
 from asap.dataplane.nixl_credits import NixlSlotCredits
+from asap.dataplane.nixl_dispatch import (
+    COMPLETION_BYTES,
+    COMPLETION_TAG,
+    completion_notification,
+    fill_slot,
+    request_notification,
+    write_dispatch,
+)
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.errors import AsapError, InvalidArgument, Unavailable
@@ -49,91 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_TAG = b"R"
-_COMPLETION_TAG = b"C"
-_COMPLETION_BYTES = 1 + struct.calcsize("<QIIIIQQQQ")
 Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
-
-
-def request_notification(request: Request) -> bytes:
-    return _REQUEST_TAG + request.pack()
-
-
-def completion_notification(completion: Completion) -> bytes:
-    return _COMPLETION_TAG + completion.pack()
-
-
-def _routing_into(
-    slot: torch.Tensor, geometry: LinkGeometry, rows: int, ids: torch.Tensor, w: torch.Tensor
-) -> None:
-    _, ids_at, weights_at, _ = geometry.payload(rows, shape_only=False)
-    k = rows * geometry.top_k * 4
-    slot[ids_at : ids_at + k].copy_(
-        ids.detach().to(dtype=torch.int32).contiguous().view(-1).view(torch.uint8)
-    )
-    slot[weights_at : weights_at + k].copy_(
-        w.detach().to(dtype=torch.float32).contiguous().view(-1).view(torch.uint8)
-    )
-
-
-def _header_into(slot: torch.Tensor, header: SlotHeader) -> None:
-    raw = bytearray(SLOT_HEADER_BYTES)
-    header.write(memoryview(raw), 0)
-    slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
-
-
-def fill_slot(
-    slot: torch.Tensor,
-    geometry: LinkGeometry,
-    dtype: torch.dtype,
-    header: SlotHeader,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-) -> int:
-    """Write one dispatch into ``slot`` (its bytes, host or GPU) in the fast link's layout; returns the
-    end of what was written (the WRITE's length). The GPU path; host slots use ``write_dispatch``."""
-    rows = header.rows
-    hidden_at, _, _, end = geometry.payload(rows, shape_only=False)
-    _header_into(slot, header)
-    if rows:
-        n = rows * geometry.hidden_size * dtype.itemsize
-        slot[hidden_at : hidden_at + n].view(dtype).view(rows, geometry.hidden_size).copy_(hidden)
-        _routing_into(slot, geometry, rows, expert_ids, weights)
-    return end
-
-
-def write_dispatch(
-    end: NixlEnd,
-    slot: int,
-    dtype: torch.dtype,
-    header: SlotHeader,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    notification: bytes,
-) -> None:
-    """One WRITE of a dispatch from host memory into the peer's ``slot``: header and routing from this
-    end's slot, the rows from the memory they already live in (registered for the WRITE; copied only when
-    they are not ``dtype`` rows in one block). Any thread."""
-    g = end.geometry
-    rows = header.rows
-    hidden_at, ids_at, _, stop = g.payload(rows, shape_only=False)
-    view = end.slot(slot)
-    _header_into(view, header)
-    base = end.slot_address(slot)
-    if not rows:
-        end.post(slot, [(base, SLOT_HEADER_BYTES, 0)], notification)
-        return
-    _routing_into(view, g, rows, expert_ids, weights)
-    source = hidden.detach().to(dtype=dtype).contiguous()  # [rows, H]: the dispatch's own rows as a rule
-    registered = end.register(source)
-    pieces = [
-        (base, SLOT_HEADER_BYTES, 0),
-        (int(source.data_ptr()), rows * g.hidden_size * dtype.itemsize, hidden_at),
-        (base + ids_at, stop - ids_at, ids_at),
-    ]
-    end.post(slot, pieces, notification, registered=registered, hold=source)
 
 
 @dataclass(slots=True, eq=False)
@@ -205,7 +130,7 @@ class NixlAttentionEnd(NixlSlotCredits):
     def _take(self, raw: bytes) -> None:
         if raw == HEARTBEAT:
             return
-        if len(raw) != _COMPLETION_BYTES or raw[:1] != _COMPLETION_TAG:
+        if len(raw) != COMPLETION_BYTES or raw[:1] != COMPLETION_TAG:
             logger.warning("%s: a NIXL notification that is not a completion ignored", self.peer)
             return
         completion = Completion.unpack(raw[1:])
