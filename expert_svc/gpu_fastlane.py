@@ -33,8 +33,8 @@ import torch
 
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
-from asap.dataplane.gpu_fast import GPU_POLL_SPIN_S, gpu_layout_rows
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
+from asap.dataplane.gpu_layout import GPU_POLL_SPIN_S, gpu_layout_rows
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
