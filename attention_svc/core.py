@@ -15,109 +15,45 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from asap import clock
 from asap.dataplane.direct import DirectLink
-from asap.dataplane.plane import ExchangeResult
 from asap.devices import ready_event, use_own_stream
-from asap.errors import AsapError, InternalError
-from asap.metrics import BusyClock
 from asap.model.attention_part import AttentionModel, MoERequest
 from asap.model.kvcache import KVCache
 from asap.model.placement import ExpertPlacement, RankDispatch, combine, split_by_rank
-from asap.model.sampling import FirstToken, first_token
+from asap.model.sampling import FirstToken
 from asap.sampling_options import check_sampling
 from asap.syncstep import SyncStep
 from asap.telemetry import setup, spans
+from attention_svc.batch import (
+    AttentionStats,
+    BatchOutcome,
+    PromptOutcome,
+    PromptSpec,
+    prompt_outcomes,
+    sample_all,
+)
 from attention_svc.direct_runner import DirectBatch, DirectRunner
+from attention_svc.exchange import ExpertTransport, exchange_all, with_empty_dispatches
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
+__all__ = [
+    "AttentionExecutor",
+    "AttentionStats",
+    "BatchOutcome",
+    "ExpertTransport",
+    "PromptOutcome",
+    "PromptSpec",
+]
+
 logger = logging.getLogger(__name__)
-
-
-class ExpertTransport(Protocol):
-    """How an attention rank reaches expert ranks (one link per expert rank, each over its data plane,
-    ``asap.dataplane.plane.DataPlane``)."""
-
-    async def exchange(
-        self,
-        rank: int,
-        micro_batch: int,
-        layer: int,
-        dispatch: RankDispatch,
-        *,
-        sync: SyncStep | None = None,
-        trace: Context | None = None,
-    ) -> ExchangeResult:
-        """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
-
-        ``sync`` marks a step of the sync modes: the expert rank waits for the dispatches of its
-        ``participants`` attention ranks for (step, ``layer``) before computing, and ``dispatch`` may have
-        0 rows.
-        ``trace`` (tracing on): the batch's context, parent of the ``attention.dispatch`` span whose
-        context travels in the chunks.
-        """
-        ...
-
-
-@dataclass(slots=True)
-class PromptSpec:
-    """A validated prompt of a batch."""
-
-    request_id: str
-    token_ids: torch.Tensor  # [n] int64
-    temperature: float = 0.0
-    seed: int | None = None
-    top_logprobs: int = 0
-    cache: KVCache | None = None
-    """Chunked prefill: K/V of the prompt's earlier chunks (extended by this chunk); None = whole prompt."""
-    more_chunks: bool = False
-    """More chunks of this prompt follow: keep the cache, sample nothing."""
-
-
-@dataclass(slots=True)
-class PromptOutcome:
-    request_id: str
-    prompt_tokens: int
-    first: FirstToken | None = None
-    """None for a chunk with more to come (``partial``)."""
-    error: AsapError | None = None
-    partial: bool = False
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    results: list[PromptOutcome]
-    micro_batch: int
-    started_ns: int = 0
-    finished_ns: int = 0
-    expert_wait_ns: int = 0
-    barrier_wait_ns: int = 0
-    """Sync mode: part of ``expert_wait_ns`` the dispatches spent at the expert ranks' barriers (per layer
-    the longest over the expert ranks, summed over layers)."""
-
-
-@dataclass(slots=True)
-class AttentionStats:
-    """What a rank has run so far (read by the metrics at scrape time; updated once per batch)."""
-
-    batches: int = 0
-    """Batches finished (sync steps with nothing for this rank included)."""
-    failed_batches: int = 0
-    prompts: int = 0
-    tokens: int = 0
-    """Prompt tokens (chunk tokens in sync-chunked mode) of the finished batches."""
-    busy: BusyClock = field(default_factory=BusyClock)
-    """Time with at least one batch in flight on the rank."""
-
 
 _Step = tuple[MoERequest, list[RankDispatch]]
 _T = TypeVar("_T")
@@ -205,31 +141,6 @@ class AttentionExecutor:
             stats.tokens += sum(int(p.token_ids.numel()) for p in prompts)
             return outcome
 
-    async def _exchange_all(
-        self,
-        outcome: BatchOutcome,
-        layer: int,
-        dispatches: list[RankDispatch],
-        sync: SyncStep | None,
-        trace: Context | None,
-    ) -> list[torch.Tensor]:
-        """One layer's exchanges with every expert rank it needs; the waits are added to ``outcome``."""
-        micro_batch = outcome.micro_batch
-        started_ns = time.time_ns() if trace is not None else 0
-        waited = clock.monotonic_ns()
-        results = await _all_or_cancel(
-            [
-                self.transport.exchange(d.rank, micro_batch, layer, d, sync=sync, trace=trace)
-                for d in dispatches
-            ]
-        )
-        outcome.expert_wait_ns += clock.monotonic_ns() - waited
-        outcome.barrier_wait_ns += max((r.barrier_ns for r in results), default=0)
-        if trace is not None:
-            attributes = {spans.LAYER: layer, spans.MICRO_BATCH: micro_batch}
-            spans.record(spans.ATTENTION_COMBINE_WAIT, trace, started_ns, time.time_ns(), attributes)
-        return [r.hidden for r in results]
-
     async def on_compute_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` on the compute thread, where per-thread state lives (cuDNN keeps its graphs per
         thread): what the service's warm-up runs before SERVING."""
@@ -278,22 +189,19 @@ class AttentionExecutor:
                         spans.TOKENS: int(request.hidden.shape[0]),
                     }
                     spans.record(spans.ATTENTION_LAYER, trace, start_ns, end_ns, attributes)
-                partials = await self._exchange_all(outcome, request.layer, dispatches, sync, trace)
+                partials = await exchange_all(self.transport, outcome, request.layer, dispatches, sync, trace)
                 previous = (request, dispatches, partials)
                 step, start_ns, end_ns = await self._on_thread(timed, self._advance, gen, previous, all_ranks)
             logits = step  # [B, V] float32
         finally:
             await loop.run_in_executor(self._thread, gen.close)
         # The last advance (combine, final norm, lm_head) and sampling make up ``attention.sample``.
-        firsts, _, sampled_ns = await self._on_thread(timed, _sample_all, logits, prompts)
+        firsts, _, sampled_ns = await self._on_thread(timed, sample_all, logits, prompts)
         if trace is not None:
             spans.record(
                 spans.ATTENTION_SAMPLE, trace, start_ns, sampled_ns, {spans.MICRO_BATCH: micro_batch}
             )
-        outcome.results = [
-            PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
-            for p, first in zip(prompts, firsts, strict=True)
-        ]
+        outcome.results = prompt_outcomes(prompts, firsts)
         outcome.finished_ns = time.time_ns()
         return outcome
 
@@ -319,7 +227,7 @@ class AttentionExecutor:
         batch: DirectBatch
 
         def finish(logits: torch.Tensor) -> list[FirstToken | None]:
-            firsts = _sample_all(logits, prompts)
+            firsts = sample_all(logits, prompts)
             if trace is not None:
                 attributes = {spans.MICRO_BATCH: micro_batch}
                 batch.records.append(
@@ -331,34 +239,18 @@ class AttentionExecutor:
         self.direct_batches += 1
         firsts = await self._runner.run(batch)
         outcome.expert_wait_ns = batch.expert_wait_ns
-        outcome.results = [
-            PromptOutcome(p.request_id, int(p.token_ids.numel()), first, partial=first is None)
-            for p, first in zip(prompts, firsts, strict=True)
-        ]
+        outcome.results = prompt_outcomes(prompts, firsts)
         outcome.finished_ns = time.time_ns()
         return outcome
 
     async def _run_empty(self, sync: SyncStep, outcome: BatchOutcome, trace: Context | None) -> None:
         """An idle rank in a sync step: empty dispatches to every expert rank at every MoE layer."""
         for layer in self.part.config.moe_layer_ids:
-            await self._exchange_all(outcome, layer, self._with_empty_dispatches([]), sync, trace)
+            await exchange_all(self.transport, outcome, layer, self._with_empty_dispatches([]), sync, trace)
 
     def _with_empty_dispatches(self, present: list[RankDispatch]) -> list[RankDispatch]:
         """``present`` plus an empty dispatch for every other expert rank (sync mode talks to all of them)."""
-        cfg = self.part.config
-        have = {d.rank for d in present}
-        empty = [
-            RankDispatch(
-                rank=rank,
-                rows=torch.zeros(0, dtype=torch.int64),
-                hidden=torch.zeros(0, cfg.hidden_size, dtype=self.part.dtype),
-                expert_ids=torch.zeros(0, cfg.top_k, dtype=torch.int32),
-                weights=torch.zeros(0, cfg.top_k, dtype=torch.float32),
-            )
-            for rank in range(self.placement.num_ranks)
-            if rank not in have
-        ]
-        return sorted([*present, *empty], key=lambda d: d.rank)
+        return with_empty_dispatches(present, self.placement.num_ranks, self.part.config, self.part.dtype)
 
     def _advance(
         self,
@@ -393,30 +285,3 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, int, int]:
     start = time.time_ns()
     result = fn(*args)
     return result, start, time.time_ns()
-
-
-def _sample_all(logits: torch.Tensor, prompts: Sequence[PromptSpec]) -> list[FirstToken | None]:
-    return [
-        None
-        if p.more_chunks
-        else first_token(logits[i], temperature=p.temperature, seed=p.seed, top_logprobs=p.top_logprobs)
-        for i, p in enumerate(prompts)
-    ]
-
-
-async def _all_or_cancel(calls: Sequence[Awaitable[ExchangeResult]]) -> list[ExchangeResult]:
-    """Await all calls; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-        if pending:
-            raise InternalError("expert exchange finished with pending calls")
-        return [task.result() for task in tasks]
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()

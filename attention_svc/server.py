@@ -32,8 +32,9 @@ from asap.warmup import (
     warm_attention_kernels,
     warm_attention_rank,
 )
+from attention_svc.batch import AttentionStats, BatchOutcome, PromptOutcome, PromptSpec
 from attention_svc.config import AttentionServiceConfig
-from attention_svc.core import AttentionExecutor, AttentionStats, BatchOutcome, PromptOutcome, PromptSpec
+from attention_svc.core import AttentionExecutor
 from attention_svc.kvcaches import ChunkCaches
 from attention_svc.transport import GrpcExpertTransport
 

@@ -31,10 +31,9 @@ import time
 
 import torch
 
-from asap.dataplane.cuda_ipc import CudaAttachments
-from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
-from asap.dataplane.gpu_fast import GPU_POLL_SPIN_S, gpu_layout_rows
-from asap.dataplane.gpu_flags import StreamFlags, driver_flags, poison_value
+from asap.dataplane.fastlink import REQUEST_FLAG_AT
+from asap.dataplane.gpu_flags import StreamFlags, driver_flags
+from asap.dataplane.gpu_layout import GPU_POLL_SPIN_S
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
@@ -43,140 +42,12 @@ from asap.telemetry import setup
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.core import ExpertExecutor
 from expert_svc.fastlane import ExpertLinkEnd, FastLane, _Item, _record_spans
-from expert_svc.gpu_graph import (
-    StepGraphs,
-    StepKey,
-    graph_buckets,
-    step_graph_rows,
-    step_graphs_enabled,
-    step_key,
-)
+from expert_svc.gpu_graph import StepGraphs, step_graph_rows, step_graphs_enabled, step_key
+from expert_svc.gpu_link_end import GpuExpertLinkEnd
 
 __all__ = ["GpuExpertLinkEnd", "GpuFastLane"]
 
 logger = logging.getLogger(__name__)
-
-
-class GpuExpertLinkEnd(ExpertLinkEnd):
-    """One attached GPU fast link: the shared-memory region (rings, headers) and the slots' GPU memory."""
-
-    lane: GpuFastLane
-
-    def __init__(
-        self, lane: GpuFastLane, link: expert_pb2.FastLink, cuda_region: common_pb2.CudaRegion
-    ) -> None:
-        self._attachments = CudaAttachments()
-        self._attachments.announce(cuda_region)
-        self.slots_buf = self._attachments.buffer(cuda_region.name)
-        self._last_seq = 0
-        self._poisoned = False
-        self.buckets: tuple[int, ...] = ()
-        self.graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
-        """The captured steps of this link's slots (``expert_svc.gpu_graph``), made before it is served."""
-        try:
-            super().__init__(lane, link)
-        except BaseException:
-            self._attachments.close()
-            raise
-        if int(self.slots_buf.numel()) < self.geometry.device_nbytes:
-            self._close()
-            raise InvalidArgument(
-                f"fast link GPU memory of {self.slots_buf.numel()} bytes for slots of {self.geometry.device_nbytes}"
-            )
-        steps = lane.steps
-        if steps is not None:
-            try:
-                started = time.monotonic()
-                self.buckets = graph_buckets(self.geometry, steps.largest)
-                self.graphs = steps.capture(self.slots_buf, self.geometry, self.buckets, self._beat)
-                logger.info(
-                    "GPU fast link: %d expert steps captured (buckets %s) in %.0f ms",
-                    len(self.graphs),
-                    list(self.buckets),
-                    (time.monotonic() - started) * 1e3,
-                )
-            except Exception:  # the eager path serves the link: slower, never wrong
-                logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
-                self.buckets, self.graphs = (), {}
-
-    def _beat(self) -> None:
-        """The heartbeat while the steps are captured (the poll thread does not serve the link yet)."""
-        beat(self._buf, HEARTBEAT_EXPERT, time.monotonic_ns())
-
-    def _take(self, request: Request, now_ns: int) -> None:
-        item = self._admit(request, lambda: self._item(request, now_ns))
-        if item is None:
-            return
-        if request.not_before_ns > now_ns:
-            self._delayed.hold(item)
-        elif not self.lane.step(item):
-            self.lane.enqueue(item)
-
-    def flag(self, slot: int, at: int) -> int:
-        return int(self.slots_buf.data_ptr()) + self.geometry.device_slot_at(slot) + at
-
-    def _view(self, slot: int, offset: int, dtype: torch.dtype, dims: list[int]) -> torch.Tensor:
-        start = self.geometry.device_slot_at(slot) + offset
-        nbytes = dims[0] * dims[1] * dtype.itemsize
-        return self.slots_buf[start : start + nbytes].view(dtype).view(dims)
-
-    def _item(self, request: Request, now_ns: int) -> _Item:
-        g = self.geometry
-        request.check(g)
-        if request.shape_only:
-            raise InvalidArgument("a dispatch without row values on a GPU fast link")
-        header = SlotHeader.read(self._buf, g.slot_at(request.slot), request)
-        self.lane.check_layer(request.layer)
-        self._last_seq = max(self._last_seq, request.seq)
-        rows, top_k = request.rows, g.top_k
-        hidden_at, ids_at, weights_at, _ = g.payload(gpu_layout_rows(g, rows), shape_only=False)
-        return _Item(
-            self,
-            request,
-            header,
-            request.layer,
-            self._view(request.slot, hidden_at, self.lane.dtype, [rows, g.hidden_size]),
-            self._view(request.slot, ids_at, torch.int32, [rows, top_k]),
-            self._view(request.slot, weights_at, torch.float32, [rows, top_k]),
-            time.time_ns(),
-            now_ns,
-        )
-
-    def _write_back(self, request: Request, out: torch.Tensor | None, valid_slot: bool) -> None:
-        if not valid_slot or self._poisoned:
-            return
-        stream = self.lane.stream
-        g = self.geometry
-        if out is not None and request.rows:
-            hidden_at = g.payload(request.rows, shape_only=False)[0]
-            with torch.cuda.stream(stream):
-                dst = self._view(request.slot, hidden_at, self.lane.dtype, [request.rows, g.hidden_size])
-                dst.copy_(out, non_blocking=True)
-        self.lane.flags.write(stream, self.flag(request.slot, DONE_FLAG_AT), request.seq)
-
-    def poison(self) -> None:
-        """Release the compute stream from waits on this link's request flags (and the peer's streams
-        from its done flags): its peer is gone or retired the region."""
-        with self._lock:
-            if self._poisoned or self._closed:
-                return
-            self._poisoned = True
-        value = poison_value(self._last_seq)
-        stream = self.lane.poison_stream
-        for slot in range(self.geometry.slots):
-            self.lane.flags.write(stream, self.flag(slot, REQUEST_FLAG_AT), value)
-            self.lane.flags.write(stream, self.flag(slot, DONE_FLAG_AT), value)
-
-    def detach(self) -> None:
-        self.poison()
-        super().detach()
-
-    def _close(self) -> None:
-        super()._close()
-        self.lane.retire(self.graphs)  # launches may still be queued on the stream
-        self.graphs = {}
-        self.slots_buf = torch.empty(0, dtype=torch.uint8)
-        self._attachments.close()
 
 
 class GpuFastLane(FastLane):

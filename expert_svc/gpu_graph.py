@@ -8,7 +8,7 @@ device words the graph reads), the graph launch, and the done flag.
 
 The graph reads the rows, ids and weights straight from the slot and writes the results over the rows.
 For that the slot's layout must depend on the bucket only: both ends of a GPU link lay a dispatch of
-``rows`` rows out as one of ``gpu_layout_rows(geometry, rows)`` (``asap.dataplane.gpu_fast``), the next
+``rows`` rows out as one of ``gpu_layout_rows(geometry, rows)`` (``asap.dataplane.gpu_layout``), the next
 token bucket when it fits the slot. The rows past ``rows`` hold whatever the slot held before: the
 graph masks their ids to -1 (skipped: never gathered nor computed) by the row count it reads on the
 device, so they cannot reach the results, nor count as ids not hosted here. The results equal the eager
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from asap.dataplane.fastlink import LinkGeometry
-from asap.dataplane.gpu_fast import gpu_layout_rows
+from asap.dataplane.gpu_layout import gpu_layout_rows
 from asap.model.expert_part import ExpertPart
 from asap.model.grouped import BUCKETS, LayerAgnosticExperts, bucket_for, grouped_mm_available
 

@@ -32,7 +32,7 @@ from asap.dataplane.fastlink import (
     SlotHeader,
     write_error,
 )
-from asap.dataplane.nixl_attention import completion_notification
+from asap.dataplane.nixl_dispatch import completion_notification
 from asap.dataplane.nixl_link import BEAT_NS, NixlEnd, NixlPoller, nixl_missing
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2

@@ -7,7 +7,9 @@ Zero-copy on host memory: the dispatch's rows are not copied into the slot; the 
 in is registered for the WRITE (tens of µs, against a copy of N x 4 KiB on a loaded host) and one WRITE
 carries the slot header and the routing (ids, weights: 64 bytes a row, copied into the slot) from the
 slot and the rows from the tensor, into the expert's slot in the fast link's layout, with one
-notification. GPU slots keep the copy into the slot (registering GPU memory per call pins it).
+notification. GPU slots keep the copy into the slot (registering GPU memory per call pins it). That wire
+is ``asap.dataplane.nixl_dispatch``; the slots as credits and the leased results,
+``asap.dataplane.nixl_credits``.
 
 Completions are taken by whichever thread polls first: the attention compute thread itself on the hot
 path (``asap.dataplane.nixl_direct``: it settles its own tickets, no thread hop), else the process's NIXL
@@ -22,11 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-import threading
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -34,11 +33,19 @@ import numpy as np
 import torch
 
 from asap.dataplane.direct import Ticket
-from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, LinkGeometry, Request, SlotHeader, error_of
+from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, Request, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
+from asap.dataplane.nixl_credits import NixlSlotCredits
+from asap.dataplane.nixl_dispatch import (
+    COMPLETION_BYTES,
+    COMPLETION_TAG,
+    completion_notification,
+    fill_slot,
+    request_notification,
+    write_dispatch,
+)
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
-from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
 __all__ = [
@@ -51,91 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_TAG = b"R"
-_COMPLETION_TAG = b"C"
-_COMPLETION_BYTES = 1 + struct.calcsize("<QIIIIQQQQ")
 Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
-
-
-def request_notification(request: Request) -> bytes:
-    return _REQUEST_TAG + request.pack()
-
-
-def completion_notification(completion: Completion) -> bytes:
-    return _COMPLETION_TAG + completion.pack()
-
-
-def _routing_into(
-    slot: torch.Tensor, geometry: LinkGeometry, rows: int, ids: torch.Tensor, w: torch.Tensor
-) -> None:
-    _, ids_at, weights_at, _ = geometry.payload(rows, shape_only=False)
-    k = rows * geometry.top_k * 4
-    slot[ids_at : ids_at + k].copy_(
-        ids.detach().to(dtype=torch.int32).contiguous().view(-1).view(torch.uint8)
-    )
-    slot[weights_at : weights_at + k].copy_(
-        w.detach().to(dtype=torch.float32).contiguous().view(-1).view(torch.uint8)
-    )
-
-
-def _header_into(slot: torch.Tensor, header: SlotHeader) -> None:
-    raw = bytearray(SLOT_HEADER_BYTES)
-    header.write(memoryview(raw), 0)
-    slot[:SLOT_HEADER_BYTES].copy_(torch.frombuffer(raw, dtype=torch.uint8))
-
-
-def fill_slot(
-    slot: torch.Tensor,
-    geometry: LinkGeometry,
-    dtype: torch.dtype,
-    header: SlotHeader,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-) -> int:
-    """Write one dispatch into ``slot`` (its bytes, host or GPU) in the fast link's layout; returns the
-    end of what was written (the WRITE's length). The GPU path; host slots use ``write_dispatch``."""
-    rows = header.rows
-    hidden_at, _, _, end = geometry.payload(rows, shape_only=False)
-    _header_into(slot, header)
-    if rows:
-        n = rows * geometry.hidden_size * dtype.itemsize
-        slot[hidden_at : hidden_at + n].view(dtype).view(rows, geometry.hidden_size).copy_(hidden)
-        _routing_into(slot, geometry, rows, expert_ids, weights)
-    return end
-
-
-def write_dispatch(
-    end: NixlEnd,
-    slot: int,
-    dtype: torch.dtype,
-    header: SlotHeader,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    notification: bytes,
-) -> None:
-    """One WRITE of a dispatch from host memory into the peer's ``slot``: header and routing from this
-    end's slot, the rows from the memory they already live in (registered for the WRITE; copied only when
-    they are not ``dtype`` rows in one block). Any thread."""
-    g = end.geometry
-    rows = header.rows
-    hidden_at, ids_at, _, stop = g.payload(rows, shape_only=False)
-    view = end.slot(slot)
-    _header_into(view, header)
-    base = end.slot_address(slot)
-    if not rows:
-        end.post(slot, [(base, SLOT_HEADER_BYTES, 0)], notification)
-        return
-    _routing_into(view, g, rows, expert_ids, weights)
-    source = hidden.detach().to(dtype=dtype).contiguous()  # [rows, H]: the dispatch's own rows as a rule
-    registered = end.register(source)
-    pieces = [
-        (base, SLOT_HEADER_BYTES, 0),
-        (int(source.data_ptr()), rows * g.hidden_size * dtype.itemsize, hidden_at),
-        (base + ids_at, stop - ids_at, ids_at),
-    ]
-    end.post(slot, pieces, notification, registered=registered, hold=source)
 
 
 @dataclass(slots=True, eq=False)
@@ -147,36 +70,26 @@ class _Pending:
     abandoned: bool = False
 
 
-class NixlAttentionEnd:
-    """One connected NIXL end of a link, attention side (see the module doc)."""
+class NixlAttentionEnd(NixlSlotCredits):
+    """One connected NIXL end of a link, attention side (see the module doc; its slots as credits and
+    its leased results: ``NixlSlotCredits``)."""
 
     def __init__(
         self, end: NixlEnd, *, peer: str, dtype: torch.dtype, rank: int, loop: Any, peer_timeout_s: float
     ) -> None:
+        slots = end.geometry.slots
+        super().__init__(slots, peer=peer, loop=loop, lease_cap=slots // 2 if end.buf is not None else 0)
         self.end = end
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
         self._heard_ns = time.monotonic_ns()
         """When the peer was last heard from (any notification: completions and its heartbeats)."""
-        self.peer = peer
         self.dtype = dtype
         self.rank = rank
-        self._loop = loop
-        self._free = list(range(end.geometry.slots))[::-1]
-        self._waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.RLock()  # a lease's finalizer may run on a thread that holds it
-        self._slot_freed = threading.Condition(self._lock)
         self._seq = 0
         self.polled_elsewhere = 0
         """Compute threads taking this end's completions themselves now (the poll thread then leaves
         them to those)."""
-        self.broken: AsapError | None = None
-        self._leased = 0
-        self.lease_cap = end.geometry.slots // 2 if end.buf is not None else 0
-        """Results handed out as views of their slot at most at once (the other slots keep cycling, so
-        a consumer holding results cannot starve the senders); 0 on GPU slots (copied out)."""
-        self.leases = 0
-        """Results handed out as views of their slot (not copied)."""
         self.expert_ns = 0
         """The expert rank's own time (queue + computation, from the completions) of the answers this
         end took: what a round trip spent beyond the data path."""
@@ -217,7 +130,7 @@ class NixlAttentionEnd:
     def _take(self, raw: bytes) -> None:
         if raw == HEARTBEAT:
             return
-        if len(raw) != _COMPLETION_BYTES or raw[:1] != _COMPLETION_TAG:
+        if len(raw) != COMPLETION_BYTES or raw[:1] != COMPLETION_TAG:
             logger.warning("%s: a NIXL notification that is not a completion ignored", self.peer)
             return
         completion = Completion.unpack(raw[1:])
@@ -270,60 +183,6 @@ class NixlAttentionEnd:
         holder = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)  # the tensor's storage owns it
         weakref.finalize(holder, self._unlease, pending.slot)
         return torch.from_numpy(holder).view(self.dtype).view(rows, g.hidden_size), True
-
-    def _unlease(self, slot: int) -> None:
-        """The last tensor on a leased slot was freed (any thread)."""
-        with self._lock:
-            self._leased -= 1
-        self._release(slot)
-
-    # --- credits (any thread) ---------------------------------------------------------------------
-
-    async def take_slot(self) -> int:
-        """A free slot (a credit) on the event loop; waits while every slot is in use."""
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            if self._free:
-                return self._free.pop()
-            waiter: asyncio.Future[int] = self._loop.create_future()
-            self._waiters.append(waiter)
-        return await await_credit(waiter, self.give_back)
-
-    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
-        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
-        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
-        with self._lock:
-            while True:
-                if self.broken is not None:
-                    raise self.broken
-                if ticket.cancelled:
-                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
-                if self._free and not self._waiters:
-                    return self._free.pop()
-                self._slot_freed.wait(poll_s)
-
-    def give_back(self, slot: int) -> None:
-        """A slot taken but never published (or answered)."""
-        self._release(slot)
-
-    def _release(self, slot: int) -> None:
-        with self._lock:
-            if self.broken is not None:
-                return
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
-                    return
-            self._free.append(slot)
-            self._slot_freed.notify_all()
-
-    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
-        if waiter.done():
-            self._release(slot)
-        else:
-            waiter.set_result(slot)
 
     # --- senders (the event loop, or a compute thread with a ticket) ------------------------------
 

@@ -32,8 +32,9 @@ import torch
 
 from asap.dataplane.direct import Ticket
 from asap.dataplane.fastlink import LinkGeometry, SlotHeader
-from asap.dataplane.nixl_attention import NixlAttentionEnd, fill_slot, write_dispatch
+from asap.dataplane.nixl_attention import NixlAttentionEnd
 from asap.dataplane.nixl_direct import NixlDirect
+from asap.dataplane.nixl_dispatch import fill_slot, write_dispatch
 from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, NixlEnd, nixl_poller
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, PlaneRequest
 from asap.dataplane.slot_plane import SlotPlane
