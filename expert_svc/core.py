@@ -203,11 +203,14 @@ class ExpertExecutor:
             raise Unavailable("expert rank is shutting down")
         fn()
 
-    def compute_rows(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int]:
+    def compute_rows(
+        self, group: Sequence[Rows], out: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], int]:
         """One computation over ``group`` (same layer), its outputs per item and the host time it took;
         counted in ``stats`` as the queued path counts its own. On the compute thread, or on any thread
-        for a part without a device (computations never overlap: they hold one lock)."""
-        outs, compute_ns, _ = self._compute(group)
+        for a part without a device (computations never overlap: they hold one lock). ``out`` ([rows of
+        the group, H]): computed there (``ExpertPart.compute_into``), the outputs are views of it."""
+        outs, compute_ns, _ = self._compute(group, out)
         self.stats.calls += 1
         self.stats.busy_ns += compute_ns
         self.stats.chunks += len(group)
@@ -236,26 +239,42 @@ class ExpertExecutor:
             place(self._queue.get_nowait())
         return list(order)
 
-    def _compute(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
+    def _compute(
+        self, group: Sequence[Rows], out: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], int, _Events]:
         with self._compute_lock:  # the fast plane's poll thread may compute too (emulated compute)
-            return self._compute_locked(group)
+            return self._compute_locked(group, out)
 
-    def _compute_locked(self, group: Sequence[Rows]) -> tuple[list[torch.Tensor], int, _Events]:
+    def _compute_locked(
+        self, group: Sequence[Rows], out: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], int, _Events]:
         start = clock.monotonic_ns()
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:
             w = group[0]
-            outs = [self.part.compute(w.layer, w.hidden, w.expert_ids, w.weights)]
+            outs = [self._part_compute(w.layer, w.hidden, w.expert_ids, w.weights, out)]
         else:
             # Rows may lie in regions of different GPUs (CUDA IPC from several attention ranks): bring them
             # to this rank's device first.
             hidden = torch.cat([w.hidden.to(self.part.device) for w in group])  # [sum n, H]
             ids = torch.cat([w.expert_ids for w in group])
             weights = torch.cat([w.weights for w in group])
-            merged = self.part.compute(group[0].layer, hidden, ids, weights)
+            merged = self._part_compute(group[0].layer, hidden, ids, weights, out)
             outs = list(torch.split(merged, [w.hidden.shape[0] for w in group]))
         # Compute time is host time: on CUDA the kernels may still run; ``ready`` marks their end.
         return outs, clock.monotonic_ns() - start, (started, ready_event(self.part.device, timing=True))
+
+    def _part_compute(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if out is None:
+            return self.part.compute(layer, hidden, ids, weights)
+        return self.part.compute_into(layer, hidden, ids, weights, out)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -353,8 +353,10 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         return order
 
     def _run_group(self, group: list[_Item]) -> tuple[list[torch.Tensor], int]:
-        """The computation of one group: its outputs per item and the host time it took."""
-        return self.executor.compute_rows(group)
+        """The computation of one group: its outputs per item and the host time it took (a lone item
+        into the memory its end sends results from, where the end has such: ``LaneEnd.result_rows``)."""
+        out = group[0].end.result_rows(group[0].request) if len(group) == 1 else None
+        return self.executor.compute_rows(group, out)
 
     def _compute(self, group: list[_Item]) -> None:
         started = time.monotonic_ns()

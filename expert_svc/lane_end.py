@@ -76,6 +76,11 @@ class LaneEnd:
                 return
             self._deliver(request, out, error, completion)
 
+    def result_rows(self, request: Request) -> torch.Tensor | None:
+        """Where to compute ``request``'s results ([rows, H], the model dtype), if this end sends them
+        from memory of its own (the NIXL end: registered, reused); ``None``: a new tensor per call."""
+        return None
+
     def _deliver(
         self, request: Request, out: torch.Tensor | None, error: AsapError | None, completion: Completion
     ) -> None:

@@ -112,6 +112,19 @@ class NixlExpertEnd(LaneEnd):
             time.monotonic_ns(),
         )
 
+    def result_rows(self, request: Request) -> torch.Tensor | None:
+        """On a CPU rank: a view of this end's registered buffer of the request's slot, so the results
+        are computed into warm, registered memory and WRITTEN from it (no fresh tensor to fault in and
+        register per layer)."""
+        g = self.geometry
+        if self.end.buf is None or request.slot >= g.slots:
+            return None
+        dtype = self.lane.fast.dtype
+        n = request.rows * g.hidden_size * dtype.itemsize
+        if n > self.end.buffers.nbytes:
+            return None
+        return self.end.buffers.get(request.slot)[:n].view(dtype).view(request.rows, g.hidden_size)
+
     def _deliver(
         self, request: Request, out: torch.Tensor | None, error: AsapError | None, completion: Completion
     ) -> None:
@@ -147,7 +160,8 @@ class NixlExpertEnd(LaneEnd):
         over the rows of the attention rank's slot: no copy into this end's slot."""
         source = out.detach().to(dtype=self.lane.fast.dtype).contiguous()  # [rows, H]
         try:
-            registered = self.end.register(source)
+            # computed into this end's buffer (``result_rows``): registered already, kept registered
+            registered = None if self.end.buffers.owns(source) else self.end.register(source)
             piece = (int(source.data_ptr()), source.numel() * source.element_size(), start)
             self.end.post(
                 request.slot, [piece], completion_notification(completion), registered=registered, hold=source

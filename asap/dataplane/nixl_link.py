@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from asap.dataplane.fastlink import LinkGeometry
+from asap.dataplane.nixl_pool import RegisteredBuffers
 from asap.dataplane.poller import OnePerProcess, Polled, Sweeper
 from asap.dataplane.ring import Backoff
 from asap.errors import InvalidArgument, Unavailable
@@ -146,6 +147,8 @@ class NixlEnd:
         self._lock = threading.Lock()
         self.closed = False
         self.bytes_written = 0
+        self.buffers = RegisteredBuffers(geometry.slot_bytes, device, self.register, self._deregister)
+        """A registered buffer per slot that answers are computed into and WRITTEN from (``nixl_pool``)."""
 
     def announcement(self) -> expert_pb2.NixlLink:
         g = self.geometry
@@ -312,6 +315,7 @@ class NixlEnd:
             except Exception:  # a WRITE still in progress to a dead peer: the agent's teardown frees it
                 logger.debug("NIXL handle release failed", exc_info=True)
             self._deregister(registered)
+        self.buffers.close()
         try:
             if self.peer is not None:
                 self.agent.remove_remote_agent(self.peer)

@@ -105,24 +105,54 @@ class ExpertPart:
         local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
         return self.compute_local(layer, hidden, local, weights)
 
+    def compute_into(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``compute`` with the results written into ``out`` ([N, H], the model dtype, this part's
+        device), which is returned: a caller that sends them from registered memory (the NIXL lane)
+        neither copies them nor faults in a fresh [N, H] tensor per call (22-25 ms at 8k rows here).
+        Same values as ``compute``. A subclass computing its own way (``compute`` overridden: the
+        emulated part's modelled time and meta result) is called as it is, ``out`` left alone."""
+        if type(self).compute is not ExpertPart.compute:
+            return self.compute(layer, hidden, expert_ids, weights)
+        local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
+        if out.shape != hidden.shape or out.dtype != self.dtype or out.device != self.device:
+            raise InvalidArgument(
+                f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                f"{tuple(hidden.shape)} {self.dtype} on {self.device}"
+            )
+        return self.compute_local(layer, hidden, local, weights, out=out)
+
     def compute_local(
-        self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        local: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``compute`` with the ids already translated to this part's local indices ([N, K], -1 to skip,
         on the device; ``device_local_ids``), so nothing waits for the device: the GPU fast plane's path.
-        The caller guarantees the shapes."""
+        The caller guarantees the shapes (and those of ``out``, as ``compute`` takes it)."""
         slot = self._slot(layer)
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         weights = weights.to(device=self.device, dtype=torch.float32)
         if self._grouped_gemm:
-            return self._compute_grouped(slot, hidden, local, weights)
+            result = self._compute_grouped(slot, hidden, local, weights)
+            return result if out is None else out.copy_(result)
         if not self.layer_agnostic:
             if self._per_layer is None:
                 self._per_layer = [
                     _LayerExperts(self.gate_up[i], self.down[i]) for i in range(self.gate_up.shape[0])
                 ]
-            return self._per_layer[slot](hidden, local, weights)
-        return _experts_loop(self.gate_up[slot], self.down[slot], hidden, local, weights)
+            return self._per_layer[slot](hidden, local, weights, out)
+        return _experts_loop(self.gate_up[slot], self.down[slot], hidden, local, weights, out)
 
     def prepare(self, max_rows: int) -> int:
         """Capture now the CUDA graph of every token bucket up to ``max_rows`` for every window of layers,
@@ -225,9 +255,11 @@ def _experts_loop(
     hidden: torch.Tensor,
     local: torch.Tensor,
     weights: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One layer's experts, looping over the experts present: gate_up [E, 2I, H], down [E, H, I]."""
-    out = torch.zeros_like(hidden)  # [N, H]
+    """One layer's experts, looping over the experts present: gate_up [E, 2I, H], down [E, H, I];
+    accumulated into ``out`` (zeroed first) when given, else into a new tensor."""
+    out = torch.zeros_like(hidden) if out is None else out.zero_()  # [N, H]
     present = torch.unique(local[local >= 0]).tolist()  # sorted local = ascending global ids
     inter = down.shape[-1]
     for e in present:
@@ -247,5 +279,7 @@ class _LayerExperts:
         self.gate_up = gate_up  # [E, 2I, H], a view of the stack (no copy)
         self.down = down  # [E, H, I]
 
-    def __call__(self, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return _experts_loop(self.gate_up, self.down, hidden, local, weights)
+    def __call__(
+        self, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        return _experts_loop(self.gate_up, self.down, hidden, local, weights, out)

@@ -203,3 +203,31 @@ def test_device_local_ids_mask_bad_ids_and_match_the_checked_path(
     assert bad.tolist() == [[f, f, f], [f, f, f], [f, f, f], [t, f, f], [t, t, f]]
     good = torch.where(bad, -1, ids).to(torch.int32)  # what the checked path computes for the good slots
     torch.testing.assert_close(part.compute_local(0, x, local, w), part.compute(0, x, good, w))
+
+
+@pytest.mark.parametrize("layer_agnostic", [True, False])
+def test_out_receives_the_same_values_as_a_new_tensor(
+    config: ModelConfig, source: DictTensorSource, layer_agnostic: bool
+) -> None:
+    part = ExpertPart.from_source(source, config, range(EXPERTS))
+    part.layer_agnostic = layer_agnostic
+    x, ids, w = _routing(9, seed=4)
+    ids[2] = -1  # a row no expert here computes: zero in ``out`` too, whatever it held
+    out = torch.full_like(x, 7.0)  # stale values, as a reused buffer holds
+    got = part.compute_into(3, x, ids, w, out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, part.compute(3, x, ids, w))
+    assert bool((out[2] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "out",
+    [torch.zeros(4, HIDDEN), torch.zeros(5, HIDDEN + 1), torch.zeros(5, HIDDEN, dtype=torch.bfloat16)],
+)
+def test_out_of_the_wrong_shape_or_dtype_is_rejected(
+    config: ModelConfig, source: DictTensorSource, out: torch.Tensor
+) -> None:
+    part = ExpertPart.from_source(source, config, range(EXPERTS))
+    x, ids, w = _routing(5, seed=5)
+    with pytest.raises(InvalidArgument, match="out is"):
+        part.compute_into(0, x, ids, w, out)
