@@ -129,14 +129,16 @@ def _answer(expert: NixlEnd, note: bytes, results: torch.Tensor) -> None:
     request = Request.unpack(note[1:])
     at = GEOMETRY.payload(request.rows, shape_only=False)[0]
     completion = Completion.answering(request, None, queue_ns=0, compute_ns=7, picked_unix_ns=0)
-    registered = expert.register(results)
+    registered = None if expert.buffers.owns(results) else expert.register(results)
     piece = (int(results.data_ptr()), results.numel() * 4, at)
     expert.post(
         request.slot, [piece], completion_notification(completion), registered=registered, hold=results
     )
 
 
-def _round_trip(end: NixlAttentionEnd, expert: NixlEnd, rows: int) -> tuple[Ticket, torch.Tensor, int]:
+def _round_trip(
+    end: NixlAttentionEnd, expert: NixlEnd, rows: int, from_buffer: bool = False
+) -> tuple[Ticket, torch.Tensor, int]:
     ticket = Ticket(Wake())
     slot = end.take_slot_blocking(ticket)
     request = PlaneRequest(1, 0, RankDispatch(0, torch.arange(rows), torch.randn(rows, 16),
@@ -148,6 +150,9 @@ def _round_trip(end: NixlAttentionEnd, expert: NixlEnd, rows: int) -> tuple[Tick
                    end.descriptor(slot, request, header.seq))  # fmt: skip
     results = torch.randn(rows, 16)
     [note] = _notes(expert, end.end)
+    if from_buffer:  # computed into the expert end's registered buffer of that slot (the CPU rank's way)
+        into = expert.buffers.get(Request.unpack(note[1:]).slot)[: rows * 16 * 4].view(torch.float32)
+        results = into.view(rows, 16).copy_(results)
     _answer(expert, note, results)
     deadline = time.monotonic() + 30
     while not ticket.done and time.monotonic() < deadline:
@@ -182,3 +187,25 @@ def test_results_lease_their_slot_until_freed_and_half_the_slots_at_most() -> No
     finally:
         end.close()
         b.close()
+
+
+def test_answers_from_an_ends_slot_buffers_are_registered_once_per_slot() -> None:
+    """Results computed into the expert end's buffer of the slot arrive as from any tensor, and the
+    buffer is registered once (kept for the next answer on that slot), not per WRITE."""
+    a, b = _pair()
+    end = NixlAttentionEnd(a, peer="tb", dtype=torch.float32, rank=0, loop=None, peer_timeout_s=60)
+    try:
+        slots = set()
+        for rows in (3, 5, 2, 4):
+            ticket, expected, slot = _round_trip(end, b, rows, from_buffer=True)
+            assert isinstance(ticket.outcome, ExchangeResult)
+            assert torch.equal(ticket.outcome.hidden, expected)
+            assert b.buffers.owns(expected)
+            slots.add(slot)
+            ticket.outcome = None
+            gc.collect()
+        assert b.buffers.registrations == len(slots) <= GEOMETRY.slots
+    finally:
+        end.close()
+        b.close()
+    assert not b.buffers.owns(expected)  # closing the end dropped its buffers
