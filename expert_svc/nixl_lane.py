@@ -115,7 +115,8 @@ class NixlExpertEnd(LaneEnd):
     def result_rows(self, request: Request) -> torch.Tensor | None:
         """On a CPU rank: a view of this end's registered buffer of the request's slot, so the results
         are computed into warm, registered memory and WRITTEN from it (no fresh tensor to fault in and
-        register per layer)."""
+        register per layer); ``None`` (a new tensor, registered per WRITE as before) where there is no
+        such buffer or it cannot be registered."""
         g = self.geometry
         if self.end.buf is None or request.slot >= g.slots:
             return None
@@ -123,7 +124,12 @@ class NixlExpertEnd(LaneEnd):
         n = request.rows * g.hidden_size * dtype.itemsize
         if n > self.end.buffers.nbytes:
             return None
-        return self.end.buffers.get(request.slot)[:n].view(dtype).view(request.rows, g.hidden_size)
+        try:
+            buf = self.end.buffers.get(request.slot)
+        except Unavailable as exc:
+            logger.warning("NIXL link of %s: no registered answer buffer: %s", self.end.peer, exc.message)
+            return None
+        return buf[:n].view(dtype).view(request.rows, g.hidden_size)
 
     def _deliver(
         self, request: Request, out: torch.Tensor | None, error: AsapError | None, completion: Completion
