@@ -29,7 +29,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -53,7 +52,7 @@ from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, doorbell_backoff, drain
 from asap.dataplane.ring import Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
-from asap.dataplane.slot_plane import await_credit
+from asap.dataplane.slot_credits import SlotCredits
 from asap.errors import AsapError, InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
@@ -119,8 +118,9 @@ def _bytes_of(t: torch.Tensor, dtype: torch.dtype) -> memoryview:
     return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
 
-class AttentionLinkEnd:
-    """One region of a fast link, attention side; ``announcement()`` goes out on the link's stream."""
+class AttentionLinkEnd(SlotCredits):
+    """One region of a fast link, attention side; ``announcement()`` goes out on the link's stream (its
+    slots as credits: ``SlotCredits``)."""
 
     def __init__(
         self,
@@ -136,15 +136,14 @@ class AttentionLinkEnd:
         loop: asyncio.AbstractEventLoop,
         poller: PollThread,
     ) -> None:
+        super().__init__(geometry.slots, peer=peer, loop=loop)
         self.geometry = geometry
         self.dtype = dtype
-        self.peer = peer
         self.attention_rank = attention_rank
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
         self.attach_ns = int(attach_s * 1e9)
         self._result_link_s = result_link_s
         """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
-        self._loop = loop
         self._poller = poller
         name = region_name(attention_rank, expert_rank)
         self.region = ShmRegion.create(name, geometry.nbytes)
@@ -156,12 +155,7 @@ class AttentionLinkEnd:
         self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
         self.completions = _SharedWaitRing(self._buf, geometry.completions_at, geometry.slots)
         self.inbound, self.bell = self.completions, self.completion_bell  # what the poll thread parks on
-        self._free: list[int] = list(range(geometry.slots))[::-1]
-        self._slot_waiters: deque[asyncio.Future[int]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
-        self._slot_freed = threading.Condition(self._lock)
-        """Notified when a slot comes back or the end breaks (hot-path senders wait on it)."""
         self._reserved: dict[int, int] = {}
         """slot -> the sequence number its header was written with (``header``), taken by ``publish``."""
         self.quarantined = 0
@@ -169,8 +163,6 @@ class AttentionLinkEnd:
         self._consume = threading.Lock()
         """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
-        self.held_back = 0
-        """Hot-path sends that waited for a free slot (backpressure; for tests and benchmarks)."""
         self.parked_elsewhere = 0
         """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
@@ -178,7 +170,6 @@ class AttentionLinkEnd:
         self.announced_ns = time.monotonic_ns()
         self.attached = False
         self._zero_beat_logged = False
-        self.broken: AsapError | None = None
         poller.add(self)
 
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
@@ -299,54 +290,6 @@ class AttentionLinkEnd:
         self.region.unlink()
         self.request_bell.unlink()
         self.completion_bell.unlink()
-
-    async def take_slot(self) -> int:
-        """A free slot (a credit); waits while every slot is in use (on the event loop)."""
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            if self._free:
-                return self._free.pop()
-            waiter: asyncio.Future[int] = self._loop.create_future()
-            self._slot_waiters.append(waiter)
-        return await await_credit(waiter, self._release)
-
-    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
-        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
-        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
-        held = False
-        with self._lock:
-            while True:
-                if self.broken is not None:
-                    raise self.broken
-                if ticket.cancelled:
-                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
-                if self._free and not self._slot_waiters:
-                    return self._free.pop()
-                if not held:
-                    held = True
-                    self.held_back += 1
-                self._slot_freed.wait(poll_s)
-
-    def _release(self, slot: int) -> None:
-        """Give ``slot`` back (any thread): to a waiting coroutine first, else to the free list."""
-        with self._lock:
-            if self.broken is not None:
-                return
-            while self._slot_waiters:
-                waiter = self._slot_waiters.popleft()
-                if not waiter.done():
-                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
-                    return
-            self._free.append(slot)
-            self._slot_freed.notify_all()
-
-    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
-        """On the loop: ``slot`` to ``waiter``, or back to the pool if it gave up meanwhile."""
-        if waiter.done():
-            self._release(slot)
-        else:
-            waiter.set_result(slot)
 
     def fill(
         self,
@@ -481,10 +424,7 @@ class AttentionLinkEnd:
             elif not sink.done():
                 sink.set_exception(error)
                 failed += 1
-        for waiter in self._slot_waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._slot_waiters.clear()
+        self._fail_waiters(error)
         if failed:
             logger.warning("%s; failed %d waiting dispatches", error.message, failed)
         self.close()
