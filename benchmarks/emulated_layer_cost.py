@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from asap.bench.modeled import slowest_expert_call_s
 from asap.client import AsapClient
-from asap.emulation import EmulatedAttentionPart, EmulatedExpertPart, parse_compute
+from asap.emulation import EmulatedAttentionPart, parse_compute
 from asap.model.config import load_config
-from asap.model.placement import ExpertPlacement
 from tests.procs import ServiceProcess
 
 MODEL = Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l"
@@ -43,16 +43,7 @@ def modeled_ms(model: Path, compute: str, experts: int, tokens: int, samples: in
     profile = parse_compute(compute)[1]
     assert profile is not None
     attention = EmulatedAttentionPart(config, profile)
-    placement = ExpertPlacement(config.num_experts, experts)
-    parts = [EmulatedExpertPart(config, placement.experts_of(r), profile) for r in range(experts)]
-    g = torch.Generator().manual_seed(0)
-    per_layer = []
-    for _ in range(samples):
-        ids = torch.stack(
-            [torch.randperm(config.num_experts, generator=g)[: config.top_k] for _ in range(tokens)]
-        )
-        per_layer.append(max(part.call_s(ids) for part in parts))
-    moe = statistics.mean(per_layer) * len(config.moe_layer_ids)
+    moe = slowest_expert_call_s(config, profile, experts, tokens, samples=samples) * len(config.moe_layer_ids)
     return (attention.modeled_s([tokens]) + moe) * 1e3
 
 

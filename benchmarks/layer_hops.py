@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asap.bench.modeled import slowest_expert_call_s
 from asap.dataplane import fast_attention
-from asap.emulation import EmulatedAttentionPart, EmulatedExpertPart, parse_compute
+from asap.emulation import EmulatedAttentionPart, parse_compute
 from asap.model.config import load_config
-from asap.model.placement import ExpertPlacement
 from attention_svc import direct_runner
 from attention_svc.config import AttentionServiceConfig
 from attention_svc.server import AttentionService
@@ -150,26 +150,16 @@ def _thread_cpu_s() -> dict[str, float]:
 
 def _modeled_us(experts: int, compute: str, tokens: int) -> tuple[float, float, float]:
     """Modelled attention MoE layer, the slowest expert rank's call and the LM head (µs), one prompt."""
-    import torch
-
     config = load_config(MODEL)
     profile = parse_compute(compute)[1]
     assert profile is not None
     attention = EmulatedAttentionPart(config, profile)
-    placement = ExpertPlacement(config.num_experts, experts)
-    parts = [EmulatedExpertPart(config, placement.experts_of(r), profile) for r in range(experts)]
-    g = torch.Generator().manual_seed(0)
-    calls = []
-    for _ in range(20):
-        ids = torch.stack(
-            [torch.randperm(config.num_experts, generator=g)[: config.top_k] for _ in range(tokens)]
-        )
-        calls.append(max(part.call_s(ids) for part in parts))
+    call_s = slowest_expert_call_s(config, profile, experts, tokens)
     layer = config.moe_layer_ids[0]
     lm_head = attention.modeled_s([tokens]) - sum(
         attention.layer_s(i, [tokens]) for i in range(config.num_layers)
     )
-    return attention.layer_s(layer, [tokens]) * 1e6, statistics.mean(calls) * 1e6, lm_head * 1e6
+    return attention.layer_s(layer, [tokens]) * 1e6, call_s * 1e6, lm_head * 1e6
 
 
 async def main() -> None:

@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import threading
-import time
 import timeit
 import urllib.request
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from asap.client import AsapClient
+from asap.bench.closed_loop import closed_loop
 from asap.cluster import ClusterSpec, LocalCluster
 from asap.metrics import EXCHANGE_BUCKETS_S, BusyClock, Distribution
 
@@ -87,28 +86,6 @@ class Scraper:
         self._thread.join()
 
 
-async def closed_loop(
-    address: str, requests: int, concurrency: int, tokens: int
-) -> tuple[float, list[float]]:
-    async with AsapClient(address, timeout_s=120) as client:
-        prompt = [(7 * j) % 200 + 1 for j in range(tokens)]
-        for _ in range(2 * concurrency):  # warm-up, not measured
-            await client.prefill(tokens=prompt)
-        remaining = requests
-        ttfts: list[float] = []
-
-        async def worker(w: int) -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                result = await client.prefill(tokens=[(t + w) % 200 + 1 for t in prompt])
-                ttfts.append(result.ttft_ms)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        return time.perf_counter() - started, ttfts
-
-
 def measure(args: argparse.Namespace, metrics: bool) -> dict[str, Any]:
     spec = ClusterSpec(
         model=args.model, attention=args.attention, experts=args.experts, port=0, threads=1,
@@ -122,11 +99,17 @@ def measure(args: argparse.Namespace, metrics: bool) -> dict[str, Any]:
         if metrics and args.scrape_interval > 0:
             with Scraper(list(cluster.metrics_urls().values()), args.scrape_interval) as scraper:
                 seconds, ttfts = asyncio.run(
-                    closed_loop(address, args.requests, args.concurrency, args.tokens)
+                    closed_loop(
+                        address, args.requests, args.concurrency, args.tokens, warmup=2 * args.concurrency
+                    )
                 )
             scrapes = scraper.scrapes
         else:
-            seconds, ttfts = asyncio.run(closed_loop(address, args.requests, args.concurrency, args.tokens))
+            seconds, ttfts = asyncio.run(
+                closed_loop(
+                    address, args.requests, args.concurrency, args.tokens, warmup=2 * args.concurrency
+                )
+            )
     except BaseException:
         print(log.getvalue()[-4000:], file=sys.stderr)
         raise

@@ -24,38 +24,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asap.client import AsapClient
+from asap.bench.closed_loop import closed_loop
 from asap.cluster import ClusterSpec, LocalCluster
 from asap.telemetry.otlpjson import load_spans
-
-
-async def _closed_loop(
-    address: str, requests: int, concurrency: int, tokens: int
-) -> tuple[float, list[float]]:
-    """(seconds, client TTFTs in ms) of ``requests`` prefill calls from ``concurrency`` workers."""
-    async with AsapClient(address, timeout_s=120) as client:
-        prompt = [(7 * j) % 200 + 1 for j in range(tokens)]
-        for _ in range(concurrency):  # warm-up, not measured
-            await client.prefill(tokens=prompt)
-        remaining = requests
-        ttfts: list[float] = []
-
-        async def worker(w: int) -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                result = await client.prefill(tokens=[(t + w) % 200 + 1 for t in prompt])
-                ttfts.append(result.ttft_ms)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        return time.perf_counter() - started, ttfts
 
 
 def _measure(args: argparse.Namespace, trace: Path | None) -> dict[str, Any]:
@@ -67,7 +43,9 @@ def _measure(args: argparse.Namespace, trace: Path | None) -> dict[str, Any]:
     cluster = LocalCluster(spec, out=log)
     try:
         address = cluster.start()
-        seconds, ttfts = asyncio.run(_closed_loop(address, args.requests, args.concurrency, args.tokens))
+        seconds, ttfts = asyncio.run(
+            closed_loop(address, args.requests, args.concurrency, args.tokens, warmup=args.concurrency)
+        )
     except BaseException:
         print(log.getvalue()[-4000:], file=sys.stderr)
         raise

@@ -21,7 +21,6 @@ memory layout ``asap.dataplane.fastlink``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import struct
 import time
@@ -36,6 +35,7 @@ from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
+from asap.dataplane.slot_direct import SlotDirect
 from asap.dataplane.slot_plane import (
     CODEC_FILL_BYTES,
     DEFAULT_PEER_TIMEOUT_S,
@@ -43,7 +43,7 @@ from asap.dataplane.slot_plane import (
     SlotPlane,
     slot_bytes_for,
 )
-from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
+from asap.errors import InternalError, InvalidArgument, Unavailable
 
 __all__ = [
     "ATTACH_S",
@@ -221,21 +221,11 @@ class FastPlane(SlotPlane[AttentionLinkEnd]):
         self.inner.close()
 
 
-class _Direct:
+class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
     """``DirectLink`` of a fast plane for one batch: posts from the compute thread into one link end."""
 
-    def __init__(self, plane: FastPlane, end: AttentionLinkEnd, loop: asyncio.AbstractEventLoop) -> None:
-        self.plane = plane
-        self.end = end
-        self.loop = loop
-
-    def post(self, request: PlaneRequest, ticket: Ticket) -> None:
+    def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
         plane, end = self.plane, self.end
-        if request.rows > plane.max_rows:  # more rows than a slot holds: the inner plane, via the loop
-            self._post_inner(request, ticket)
-            return
-        slot = end.take_slot_blocking(ticket)
-        seq = 0
         try:
             plane._fill(end, slot, plane._header(end, slot, request), request)
             seq, _ = plane._publish(end, slot, request, ticket)
@@ -243,26 +233,7 @@ class _Direct:
             if end.broken is not None:
                 raise end.broken from None
             raise InternalError(f"{end.peer}: filling a fast link slot failed: {exc}") from exc
-        finally:
-            if seq == 0:
-                end.give_back(slot)
-        ticket.plane_data = seq
-
-    def _post_inner(self, request: PlaneRequest, ticket: Ticket) -> None:
-        future = asyncio.run_coroutine_threadsafe(self.plane.inner.exchange(request), self.loop)
-
-        def settle(f: concurrent.futures.Future[ExchangeResult]) -> None:
-            if f.cancelled():
-                ticket.settle(Unavailable(f"{self.end.peer}: dispatch cancelled"))
-                return
-            exc = f.exception()
-            if exc is None:
-                ticket.settle(f.result())
-            else:
-                ticket.settle(exc if isinstance(exc, AsapError) else InternalError(str(exc)))
-
-        future.add_done_callback(settle)
-        ticket.plane_data = future
+        return seq
 
     def poll(self) -> None:
         """Take the link end's arrived completions on this thread (``DirectLink.poll``)."""
@@ -288,10 +259,3 @@ class _Direct:
             return [end.completion_bell.fileno()] if on else []
         except (ValueError, IndexError, struct.error):  # the end was closed meanwhile
             return []
-
-    def abandon(self, ticket: Ticket) -> None:
-        data = ticket.plane_data
-        if isinstance(data, concurrent.futures.Future):
-            data.cancel()
-        elif isinstance(data, int) and data:
-            self.end.abandon(data)

@@ -1,61 +1,52 @@
-"""The attention rank's end of a fast link: slots it fills, descriptors it publishes, completions its
-poll thread takes.
+"""The attention rank's end of a fast link: the dispatches it publishes into its region and the
+completions its poll thread takes (the region, its layout and heartbeat words: ``fast_region``; the slots
+as credits: ``slot_credits``; who waits for a dispatch: ``pending``).
 
 Per layer nothing but stores into shared memory happens on the sending thread: a dispatch takes a slot
 (a credit: with every slot in use the dispatch waits, nothing is dropped), writes the slot header, ids,
 weights and rows, publishes one descriptor and rings the expert's doorbell only if its poll thread is
 parked. The process's poll thread (``shared_poller``) takes completions, copies results out of the slot and
-settles the dispatch's *sink*: an asyncio future (``FastPlane.exchange`` on the event loop: woken once with
-``call_soon_threadsafe``) or a hot-path ``Ticket`` (``asap.dataplane.direct``: the attention compute thread
-posted it and is woken directly, no event loop). Slots, sequence numbers and pending dispatches are
-guarded by one lock, so both kinds of sender may share a link end.
+settles the dispatch's *sink*: an asyncio future (``FastPlane.exchange``: woken once with
+``call_soon_threadsafe``) or a hot-path ``Ticket`` (the attention compute thread is woken directly, no
+event loop). Slots, sequence numbers and pending dispatches share one lock, so both kinds of sender may
+share a link end.
 
 Failure: a link end is *broken* when the stream breaks (``stream_ended``), when the expert rank's
 heartbeat is older than ``peer_timeout_s`` while dispatches wait (a frozen or dead process), or when the
-expert never attached the region within the attach bound (``attach_s``, default ``ATTACH_S``). Every waiting dispatch then fails with
-``Unavailable`` at once, the region is retired (its slots are never reused: whatever the expert might
-still write lands in memory nobody reads) and the next exchange announces a fresh region. A dispatch
-abandoned while the expert may still write its slot keeps that slot until its completion arrives or the
-region is retired (the quarantine rule of ``asap.dataplane.link``); such dispatches are counted in
-``quarantined``.
+expert never attached the region within ``attach_s`` (default ``ATTACH_S``). Every waiting dispatch then
+fails with ``Unavailable`` at once, the region is retired (its slots are never reused: whatever the
+expert might still write lands in memory nobody reads) and the next exchange announces a fresh region. A
+dispatch abandoned while the expert may still write its slot keeps that slot until its completion
+arrives or the region is retired (the quarantine rule of ``asap.dataplane.link``); such dispatches are
+counted in ``quarantined``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
 from asap.dataplane.direct import Ticket
+from asap.dataplane.fast_region import AttentionRegion
 from asap.dataplane.fastlink import (
     FLAG_SHAPE_ONLY,
-    HEARTBEAT_ATTENTION,
     HEARTBEAT_EXPERT,
     Completion,
     LinkGeometry,
     Request,
     SlotHeader,
-    beat,
-    error_of,
     heartbeat,
-    read_error,
 )
+from asap.dataplane.pending import Outcome, PendingDispatch, Sink, fail_pending, settle_future
 from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, doorbell_backoff, drain
-from asap.dataplane.ring import Doorbell, Ring
-from asap.dataplane.shm import ShmRegion, region_name
-from asap.dataplane.slot_plane import await_credit
+from asap.dataplane.slot_credits import SlotCredits
 from asap.errors import AsapError, InvalidArgument, Unavailable
-from asap.v1 import expert_pb2
 
 __all__ = ["ATTACH_S", "AttentionLinkEnd", "shared_poller"]
 
@@ -69,58 +60,21 @@ def shared_poller() -> PollThread:
     return _POLLER.get()
 
 
-Outcome = torch.Tensor | AsapError
-
-
 ATTACH_S = 30.0
 """How long an announced region may wait for the expert rank's first heartbeat while dispatches wait
 (default of ``--fast-attach-timeout``)."""
-
-Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
-"""Who waits for a dispatch: a coroutine (its future) or a compute thread (its hot-path ticket)."""
-
-
-class _SharedWaitRing(Ring):
-    """The completion ring, whose consumer may be two threads (the poll thread and a waiting compute
-    thread): its ``waiting`` flag is set while *either* is parked, so one of them clearing it cannot hide
-    a completion from the other's doorbell."""
-
-    def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
-        super().__init__(buf, offset, capacity)
-        self._parked = 0
-        self._parked_lock = threading.Lock()
-
-    def set_waiting(self, waiting: bool) -> None:
-        with self._parked_lock:
-            self._parked = self._parked + 1 if waiting else max(0, self._parked - 1)
-            super().set_waiting(self._parked > 0)
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    seq: int
-    slot: int
-    rows: int
-    sink: Sink
-    abandoned: bool = False
-    """The exchange gave up (cancelled or failed elsewhere): the slot waits for the completion."""
 
 
 @dataclass(slots=True)
 class _Delayed:
     due_ns: int
-    pending: _Pending
+    pending: PendingDispatch
     outcome: Outcome = field(compare=False)
 
 
-def _bytes_of(t: torch.Tensor, dtype: torch.dtype) -> memoryview:
-    """The row-major bytes of ``t`` as ``dtype`` (a view when it already is one, on the CPU)."""
-    t = t.detach().to(device="cpu", dtype=dtype).contiguous()
-    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
-
-
-class AttentionLinkEnd:
-    """One region of a fast link, attention side; ``announcement()`` goes out on the link's stream."""
+class AttentionLinkEnd(SlotCredits, AttentionRegion):
+    """One region of a fast link, attention side; ``announcement()`` goes out on the link's stream (its
+    slots as credits: ``SlotCredits``; its shared memory: ``AttentionRegion``)."""
 
     def __init__(
         self,
@@ -136,32 +90,17 @@ class AttentionLinkEnd:
         loop: asyncio.AbstractEventLoop,
         poller: PollThread,
     ) -> None:
-        self.geometry = geometry
-        self.dtype = dtype
-        self.peer = peer
+        SlotCredits.__init__(self, geometry.slots, peer=peer, loop=loop)
+        AttentionRegion.__init__(
+            self, geometry, attention_rank=attention_rank, expert_rank=expert_rank, dtype=dtype
+        )
         self.attention_rank = attention_rank
         self.peer_timeout_ns = int(peer_timeout_s * 1e9)
         self.attach_ns = int(attach_s * 1e9)
         self._result_link_s = result_link_s
         """Emulated compute: seconds per result byte of the modelled link (charged on delivery)."""
-        self._loop = loop
         self._poller = poller
-        name = region_name(attention_rank, expert_rank)
-        self.region = ShmRegion.create(name, geometry.nbytes)
-        self._buf = self.region._buf()
-        geometry.write(self._buf)
-        base = os.path.join(tempfile.gettempdir(), name)
-        self.request_bell = Doorbell.create(base + ".req")
-        self.completion_bell = Doorbell.create(base + ".cmp")
-        self.requests = Ring(self._buf, geometry.requests_at, geometry.slots)
-        self.completions = _SharedWaitRing(self._buf, geometry.completions_at, geometry.slots)
-        self.inbound, self.bell = self.completions, self.completion_bell  # what the poll thread parks on
-        self._free: list[int] = list(range(geometry.slots))[::-1]
-        self._slot_waiters: deque[asyncio.Future[int]] = deque()
-        self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
-        self._slot_freed = threading.Condition(self._lock)
-        """Notified when a slot comes back or the end breaks (hot-path senders wait on it)."""
+        self._pending: dict[int, PendingDispatch] = {}
         self._reserved: dict[int, int] = {}
         """slot -> the sequence number its header was written with (``header``), taken by ``publish``."""
         self.quarantined = 0
@@ -169,16 +108,12 @@ class AttentionLinkEnd:
         self._consume = threading.Lock()
         """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
-        self.held_back = 0
-        """Hot-path sends that waited for a free slot (backpressure; for tests and benchmarks)."""
         self.parked_elsewhere = 0
         """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
         self.attached = False
-        self._zero_beat_logged = False
-        self.broken: AsapError | None = None
         poller.add(self)
 
     # --- the poll thread's side (Endpoint) --------------------------------------------------------
@@ -211,9 +146,8 @@ class AttentionLinkEnd:
             logger.warning("%s: completion for unknown dispatch seq=%d ignored", self.peer, completion.seq)
             return
         outcome: Outcome
-        at = self.geometry.slot_at(pending.slot)
         if completion.status:
-            outcome = error_of(completion.status, read_error(self._buf, at))
+            outcome = self._error_in(pending.slot, completion.status)
         elif completion.rows != pending.rows:
             outcome = InvalidArgument(
                 f"{self.peer}: a completion of {completion.rows} rows for a dispatch of {pending.rows}"
@@ -229,14 +163,11 @@ class AttentionLinkEnd:
                 with self._lock:
                     self._delayed.hold(_Delayed(due, pending, outcome))
                 return
-        else:  # results were written over the rows: copy them out before the slot is reused
-            hidden_at = at + self.geometry.payload(pending.rows, shape_only=False)[0]
-            nbytes = pending.rows * self.geometry.hidden_size * self.dtype.itemsize
-            raw = torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=hidden_at)
-            outcome = raw.view(self.dtype).view(pending.rows, self.geometry.hidden_size).clone()
+        else:  # results were written over the rows
+            outcome = self._results_in(pending.slot, pending.rows)
         self._deliver(pending, outcome)
 
-    def _deliver(self, pending: _Pending, outcome: Outcome, *, not_before_ns: int = 0) -> None:
+    def _deliver(self, pending: PendingDispatch, outcome: Outcome, *, not_before_ns: int = 0) -> None:
         with self._lock:
             if self._pending.pop(pending.seq, None) is None:
                 return  # the link broke meanwhile: already failed
@@ -261,13 +192,7 @@ class AttentionLinkEnd:
         return max(0, now_ns - self.announced_ns)
 
     def tick(self, now_ns: int) -> None:
-        beat(self._buf, HEARTBEAT_ATTENTION, now_ns)
-        expert_beat = heartbeat(self._buf, HEARTBEAT_EXPERT)
-        if self.attached and not expert_beat and not self._zero_beat_logged:
-            # Should never happen (nothing zeroes the word); logged to pin down the rare "never
-            # attached" failures of ends that had served traffic (benchmarks/README.md, Soak).
-            self._zero_beat_logged = True
-            logger.warning("%s: the expert's heartbeat word reads 0 after it attached", self.peer)
+        expert_beat = self._beat(now_ns, attached=self.attached)
         if expert_beat and not self.attached:
             self.attached = True
             self._loop.call_soon_threadsafe(self._unlink_names)
@@ -284,95 +209,6 @@ class AttentionLinkEnd:
             self._loop.call_soon_threadsafe(self.fail, error)
 
     # --- the event loop's side ---------------------------------------------------------------------
-
-    def announcement(self) -> expert_pb2.DispatchChunk:
-        return expert_pb2.DispatchChunk(
-            fast_link=expert_pb2.FastLink(
-                region=self.region.name,
-                request_bell=self.request_bell.path,
-                completion_bell=self.completion_bell.path,
-            )
-        )
-
-    def _unlink_names(self) -> None:
-        """The expert attached: the names may go, so nothing is left behind if a process is killed."""
-        self.region.unlink()
-        self.request_bell.unlink()
-        self.completion_bell.unlink()
-
-    async def take_slot(self) -> int:
-        """A free slot (a credit); waits while every slot is in use (on the event loop)."""
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            if self._free:
-                return self._free.pop()
-            waiter: asyncio.Future[int] = self._loop.create_future()
-            self._slot_waiters.append(waiter)
-        return await await_credit(waiter, self._release)
-
-    def take_slot_blocking(self, ticket: Ticket, poll_s: float = 0.05) -> int:
-        """A free slot for a hot-path sender (compute thread); blocks while every slot is in use, until
-        one comes back, the end breaks (raised) or ``ticket`` is cancelled (``Unavailable``)."""
-        held = False
-        with self._lock:
-            while True:
-                if self.broken is not None:
-                    raise self.broken
-                if ticket.cancelled:
-                    raise Unavailable(f"{self.peer}: dispatch cancelled while waiting for a slot")
-                if self._free and not self._slot_waiters:
-                    return self._free.pop()
-                if not held:
-                    held = True
-                    self.held_back += 1
-                self._slot_freed.wait(poll_s)
-
-    def _release(self, slot: int) -> None:
-        """Give ``slot`` back (any thread): to a waiting coroutine first, else to the free list."""
-        with self._lock:
-            if self.broken is not None:
-                return
-            while self._slot_waiters:
-                waiter = self._slot_waiters.popleft()
-                if not waiter.done():
-                    self._loop.call_soon_threadsafe(self._hand, waiter, slot)
-                    return
-            self._free.append(slot)
-            self._slot_freed.notify_all()
-
-    def _hand(self, waiter: asyncio.Future[int], slot: int) -> None:
-        """On the loop: ``slot`` to ``waiter``, or back to the pool if it gave up meanwhile."""
-        if waiter.done():
-            self._release(slot)
-        else:
-            waiter.set_result(slot)
-
-    def fill(
-        self,
-        slot: int,
-        header: SlotHeader,
-        hidden: torch.Tensor | None,
-        expert_ids: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> None:
-        """Write one dispatch into ``slot`` (any thread): header, rows (None: shapes only), ids, weights."""
-        g = self.geometry
-        at = g.slot_at(slot)
-        rows = header.rows
-        hidden_at, ids_at, weights_at, _ = g.payload(rows, shape_only=hidden is None)
-        header.write(self._buf, at)
-        if rows == 0:
-            return
-        top_k = g.top_k
-        if hidden is not None:
-            nbytes = rows * g.hidden_size * self.dtype.itemsize
-            dst = torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=at + hidden_at)
-            dst.view(self.dtype).view(rows, g.hidden_size).copy_(hidden)
-        # plain byte copies (a few µs) rather than torch copies into frombuffer views (tens of µs each)
-        n = rows * top_k * 4
-        self._buf[at + ids_at : at + ids_at + n] = _bytes_of(expert_ids, torch.int32)
-        self._buf[at + weights_at : at + weights_at + n] = _bytes_of(weights, torch.float32)
 
     def publish(
         self,
@@ -400,7 +236,7 @@ class AttentionLinkEnd:
             if not seq:
                 self._seq += 1
                 seq = self._seq
-            self._pending[seq] = _Pending(seq, slot, rows, sink)
+            self._pending[seq] = PendingDispatch(seq, slot, rows, sink)
         not_before = time.monotonic_ns() + int(link_s * 1e9) if link_s > 0 else 0
         request = Request(
             micro_batch=micro_batch,
@@ -450,16 +286,11 @@ class AttentionLinkEnd:
             self._reserved.pop(slot, None)
         self._release(slot)
 
-    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
+    def _settle(self, pending: PendingDispatch, outcome: Outcome) -> None:
         self._release(pending.slot)
         future = pending.sink
         assert not isinstance(future, Ticket)
-        if future.done():
-            return
-        if isinstance(outcome, AsapError):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        settle_future(future, outcome)
 
     def fail(self, error: AsapError) -> None:
         """Break this link end: every waiting dispatch fails with ``error``; the region is retired."""
@@ -471,20 +302,8 @@ class AttentionLinkEnd:
             pending, self._pending = self._pending, {}
             self._delayed.clear()
             self._slot_freed.notify_all()
-        failed = 0
-        for entry in pending.values():
-            sink = entry.sink
-            if isinstance(sink, Ticket):
-                if not sink.done and not entry.abandoned:
-                    sink.settle(error)
-                    failed += 1
-            elif not sink.done():
-                sink.set_exception(error)
-                failed += 1
-        for waiter in self._slot_waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._slot_waiters.clear()
+        failed = fail_pending(pending.values(), error)
+        self._fail_waiters(error)
         if failed:
             logger.warning("%s; failed %d waiting dispatches", error.message, failed)
         self.close()
@@ -497,10 +316,4 @@ class AttentionLinkEnd:
         self._poller.remove(self)
         self._unlink_names()
         with self._consume:  # a compute thread taking its results is done with the mapping first
-            self.requests.release()
-            self.completions.release()
-            self._buf = memoryview(b"")
-            with contextlib.suppress(BufferError):  # a result view still alive: the mapping goes with it
-                self.region.close()
-            self.request_bell.close()
-            self.completion_bell.close()
+            self._unmap()

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from asap.dataplane.cuda_ipc import CudaRegion
-from asap.dataplane.fast_attention import AttentionLinkEnd, Outcome, _Pending
+from asap.dataplane.fast_attention import AttentionLinkEnd
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, poison_value
 from asap.dataplane.gpu_layout import gpu_layout_rows
+from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
 from asap.errors import AsapError
 from asap.model.placement import RankDispatch
@@ -144,7 +145,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self.timings.append(timing)
         self._deliver(pending, attach_ready(result, event))
 
-    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
+    def _settle(self, pending: PendingDispatch, outcome: Outcome) -> None:
         timing = self.timings[-1] if self.timings else None
         if timing is not None and not timing.settled:
             timing.settled = time.time_ns()

@@ -188,13 +188,11 @@ class _GpuDirect(_Direct):
 
     end: GpuAttentionLinkEnd
 
-    def post(self, request: PlaneRequest, ticket: Ticket) -> None:
+    def _to_inner(self, request: PlaneRequest) -> bool:
+        return request.rows == 0 or super()._to_inner(request)
+
+    def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
         plane, end = self.plane, self.end
-        if request.rows == 0 or request.rows > plane.max_rows:  # the inner plane, via the loop
-            self._post_inner(request, ticket)
-            return
-        slot = end.take_slot_blocking(ticket)
-        seq = 0
         try:
             end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch)
             seq, _ = plane._publish(end, slot, request, ticket)
@@ -202,7 +200,4 @@ class _GpuDirect(_Direct):
             if end.broken is not None:
                 raise end.broken from None
             raise InternalError(f"{end.peer}: filling a GPU fast link slot failed: {exc}") from exc
-        finally:
-            if seq == 0:
-                end.give_back(slot)
-        ticket.plane_data = seq
+        return seq

@@ -176,7 +176,7 @@ async def test_full_slots_hold_senders_back_and_lose_nothing(qwen3_dir: Path) ->
         waited = 0
         calls = [asyncio.ensure_future(link.exchange(200 + i, layer, d)) for i, d in enumerate(dispatches)]
         while not all(c.done() for c in calls):
-            waited = max(waited, len(plane._end._slot_waiters))
+            waited = max(waited, len(plane._end._waiters))
             await asyncio.sleep(0)
         together = [c.result().hidden for c in calls]
         assert waited > 0  # senders were held back by the credits
