@@ -74,22 +74,25 @@ def _share(part: float, whole: float) -> float:
 
 
 def breakdown(
-    ttfts: Iterable[tuple[str, int, float]],
+    ttfts: Iterable[tuple[str, int, float, float]],
     waits: Mapping[str, RequestWaits],
     split_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Per-class barrier share of TTFT from ``(request_id, prompt_tokens, ttft_ms)`` and the tap's waits.
+    """Per-class barrier share of TTFT from ``(request_id, prompt_tokens, ttft_ms, queue_ms)`` and the
+    tap's waits. ``queue_ms`` (the scheduler's: arrival -> batch sent; in sync modes it includes waiting
+    for the running step to end) is reported beside it, not counted as barrier wait.
 
     Classes: ``short`` (prompt below ``split_tokens``; default the median prompt length) and ``long``.
     Each class reports the mean of the per-request shares and the share of the summed TTFTs."""
     rows: list[dict[str, Any]] = []
-    for request_id, tokens, ttft_ms in ttfts:
+    for request_id, tokens, ttft_ms, queue_ms in ttfts:
         w = waits.get(request_id, RequestWaits())
         rows.append(
             {
                 "request_id": request_id,
                 "prompt_tokens": tokens,
                 "ttft_ms": round(ttft_ms, 3),
+                "queue_ms": round(queue_ms, 3),
                 "barrier_ms": round(w.barrier_ns / 1e6, 3),
                 "expert_wait_ms": round(w.expert_wait_ns / 1e6, 3),
                 "barrier_share": round(_share(w.barrier_ns / 1e6, ttft_ms), 4),
@@ -111,12 +114,15 @@ def breakdown(
         ttft = sum(r["ttft_ms"] for r in members)
         barrier = sum(r["barrier_ms"] for r in members)
         expert = sum(r["expert_wait_ms"] for r in members)
+        queue = sum(r["queue_ms"] for r in members)
         classes[name] = {
             "requests": len(members),
             "prompt_tokens_mean": round(statistics.fmean(r["prompt_tokens"] for r in members)),
             "ttft_ms_mean": round(ttft / len(members), 2),
             "barrier_ms_mean": round(barrier / len(members), 2),
             "expert_wait_ms_mean": round(expert / len(members), 2),
+            "queue_ms_mean": round(queue / len(members), 2),
+            "queue_share_of_total": round(_share(queue, ttft), 4),
             "barrier_share_mean": round(statistics.fmean(r["barrier_share"] for r in members), 4),
             "barrier_share_of_total": round(_share(barrier, ttft), 4),
         }

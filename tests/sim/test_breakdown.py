@@ -49,19 +49,24 @@ def test_the_tap_adds_up_each_requests_batches_and_passes_results_through() -> N
 
 def test_breakdown_splits_short_and_long_prompts() -> None:
     waits = {"s": RequestWaits(60_000_000, 70_000_000, 1), "l": RequestWaits(0, 100_000_000, 1)}
-    ttfts = [("s", 100, 100.0), ("l", 5000, 400.0), ("x", 200, 50.0)]  # x: no batch seen, no wait
+    ttfts = [
+        ("s", 100, 100.0, 10.0),
+        ("l", 5000, 400.0, 40.0),
+        ("x", 200, 50.0, 5.0),
+    ]  # x: no batch seen, no wait
     table = breakdown(ttfts, waits, split_tokens=1000)
     short, long_ = table["classes"]["short"], table["classes"]["long"]
     assert short["requests"] == 2 and long_["requests"] == 1
     assert short["barrier_share_mean"] == 0.3  # (0.6 + 0.0) / 2
     assert short["barrier_share_of_total"] == 0.4  # 60 / 150
     assert long_["barrier_share_mean"] == 0.0 and long_["expert_wait_ms_mean"] == 100.0
+    assert short["queue_ms_mean"] == 7.5 and long_["queue_share_of_total"] == 0.1
     assert table["classes"]["all"]["requests"] == 3
     assert [r["request_id"] for r in table["requests"]] == ["s", "l", "x"]
 
 
 def test_breakdown_defaults_to_the_median_prompt_and_handles_no_requests() -> None:
     assert breakdown([], {})["classes"] == {}
-    table = breakdown([("a", 10, 1.0), ("b", 30, 1.0), ("c", 50, 1.0)], {})
+    table = breakdown([("a", 10, 1.0, 0.0), ("b", 30, 1.0, 0.0), ("c", 50, 1.0, 0.0)], {})
     assert table["split_tokens"] == 30
     assert table["classes"]["short"]["requests"] == 1 and table["classes"]["long"]["requests"] == 2
