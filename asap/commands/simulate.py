@@ -190,6 +190,14 @@ def run(args: argparse.Namespace) -> int:
             f"{run_stats.device_busy:.0%} busy",
             file=sys.stderr,
         )
+        for name, row in run_stats.breakdown.get("classes", {}).items():
+            print(
+                f"{mode} {name} (prompt < / >= {run_stats.breakdown['split_tokens']} tokens): "
+                f"{row['requests']} requests, TTFT mean {row['ttft_ms_mean']:.1f} ms, barrier wait mean "
+                f"{row['barrier_ms_mean']:.1f} ms ({row['barrier_share_mean']:.0%} of TTFT per request, "
+                f"{row['barrier_share_of_total']:.0%} of the summed TTFT), queue mean {row['queue_ms_mean']:.1f} ms",
+                file=sys.stderr,
+            )
     if args.json:
         write_json(document, args.json)
     if args.plot:

@@ -23,6 +23,8 @@ class SimClient:
     def __init__(self, cluster: SimCluster) -> None:
         self.cluster = cluster
         self._ids = itertools.count()
+        self.ttfts: list[tuple[str, int, float, float]] = []
+        """``(request_id, prompt_tokens, ttft_ms, queue_ms)`` of every answered request (``asap.sim.breakdown``)."""
 
     async def prefill(
         self,
@@ -42,6 +44,7 @@ class SimClient:
             arrival=clock.monotonic(),
         )
         result = await self.cluster.core.submit(request)
+        self.ttfts.append((result.request_id, result.prompt_tokens, result.ttft_ms, result.queue_ms))
         return PrefillResult(
             request_id=result.request_id,
             first_token_id=result.first_token_id,

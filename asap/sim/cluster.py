@@ -32,6 +32,7 @@ from asap.emulation.parallel import TensorParallelAttentionPart
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
 from asap.optimizations import parse_optimizations
+from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
 from asap.sim.hostcost import HostCostBarrier
 from asap.sim.transport import InProcessExpertTransport, servicer_opener
@@ -114,6 +115,8 @@ class SimCluster:
     model_config: Any = None
     model: str = ""
     profile: DeviceProfile | None = None
+    tap: BatchTap = field(default_factory=BatchTap)
+    """Every ``BatchResult`` the scheduler received, by request (``asap.sim.breakdown``)."""
     _closers: list[Any] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -212,7 +215,7 @@ class SimCluster:
         client = AttentionClient(
             attention_targets,
             mode=service.core.mode,
-            open_calls=[servicer_opener(s.Run) for s in attention_servicers],  # type: ignore[arg-type]
+            open_calls=[self.tap.wrap(servicer_opener(s.Run)) for s in attention_servicers],  # type: ignore[arg-type]
         )
         self._closers.append(client.close)
         core = SchedulerCore(service.core, spec.attention, client)

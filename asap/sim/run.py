@@ -22,6 +22,7 @@ from typing import Any
 
 from asap.bench.compare import cluster_spec, compute_label
 from asap.bench.sweep import BenchConfig, SweepResult, bench_client
+from asap.sim.breakdown import breakdown
 from asap.sim.client import SimClient
 from asap.sim.cluster import Layout, SimCluster
 from asap.sim.loop import run
@@ -50,6 +51,8 @@ class RunStats:
     """Mean busy fraction of the devices over the virtual time."""
     cpu_s: float = 0.0
     """CPU time of this process during the run: on a shared host, what the run would take alone."""
+    breakdown: dict[str, Any] = field(default_factory=dict)
+    """The barrier share of TTFT by prompt-length class (``asap.sim.breakdown``); sync modes only."""
 
     @property
     def events_per_s(self) -> float:
@@ -64,6 +67,7 @@ class RunStats:
             "cpu_s": round(self.cpu_s, 3),
             "events_per_cpu_s": round(self.events / self.cpu_s) if self.cpu_s > 0 else 0,
             "device_busy": round(self.device_busy, 4),
+            **({"ttft_breakdown": self.breakdown} if self.breakdown else {}),
         }
 
 
@@ -77,6 +81,7 @@ def simulate_one(
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
     calibration: dict[str, Any] | None = None,
+    breakdown_split_tokens: int | None = None,
 ) -> tuple[SweepResult, RunStats]:
     """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``.
 
@@ -86,6 +91,8 @@ def simulate_one(
     spec = cluster_spec(mode, fields)
     spec.scheduler_args = [*spec.scheduler_args, *scheduler_args]
     compute = compute_label(fields)
+
+    waits: dict[str, Any] = {}
 
     async def main() -> tuple[SweepResult, float, list[float]]:
         cluster = SimCluster(
@@ -103,11 +110,12 @@ def simulate_one(
 
             started = asyncio.get_running_loop().time()
             before = [d.busy_s for d in cluster.devices()]  # start-up (calibration) is not the run's
-            sweep = await bench_client(
-                SimClient(cluster), config, label or mode, compute=compute, host_checks=False
-            )
+            client = SimClient(cluster)
+            sweep = await bench_client(client, config, label or mode, compute=compute, host_checks=False)
             cluster_time = asyncio.get_running_loop().time() - started
             busy = [d.busy_s - b for d, b in zip(cluster.devices(), before, strict=True)]
+            if mode != "async":
+                waits["breakdown"] = breakdown(client.ttfts, cluster.tap.requests, breakdown_split_tokens)
         finally:
             await cluster.stop()
         sweep.cluster.update(layout.describe(spec.attention, spec.experts))
@@ -120,7 +128,7 @@ def simulate_one(
     (sweep, span, busy), loop = run(main())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     device_busy = sum(busy) / (len(busy) * span) if busy and span > 0 else 0.0
-    return sweep, RunStats(wall, loop.now, loop.iterations, device_busy, cpu)
+    return sweep, RunStats(wall, loop.now, loop.iterations, device_busy, cpu, waits.get("breakdown", {}))
 
 
 def _score(sweep: SweepResult) -> tuple[float, float]:

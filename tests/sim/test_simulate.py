@@ -70,6 +70,9 @@ def test_colocated_with_attention_tp_shares_devices(model: Path, tmp_path: Path)
         4,  # 2 attention ranks x 2 devices; the 2 expert ranks on those devices
     )
     assert all(result["failed"] == 0 for result in run["results"])
+    breakdown = document["simulation"]["runs"]["sync"]["ttft_breakdown"]
+    assert breakdown["classes"]["all"]["requests"] == 28  # (12 + 2 warm-up) x 2 rates, with their waits
+    assert all(0 <= r["barrier_ms"] <= r["expert_wait_ms"] for r in breakdown["requests"])
 
 
 def test_help_documents_the_command(capsys: pytest.CaptureFixture[str]) -> None:
