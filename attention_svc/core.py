@@ -264,6 +264,9 @@ class AttentionExecutor:
                 request = next(gen)
             else:
                 last, dispatches, partials = previous
+                inputs_ready = getattr(self.part, "inputs_ready", None)  # emulated: the layer's clock
+                if inputs_ready is not None:
+                    inputs_ready()
                 routed = combine(last.hidden.shape[0], last.hidden, dispatches, partials)  # [T, H]
                 for partial in partials:
                     if partial.is_cuda:  # made on the transport's streams, read on this one

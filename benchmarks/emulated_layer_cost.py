@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,8 +48,10 @@ def modeled_ms(model: Path, compute: str, experts: int, tokens: int, samples: in
     return (attention.modeled_s([tokens]) + moe) * 1e3
 
 
-def _start(plane: str, attention: int, experts: int, compute: str) -> list[ServiceProcess]:
-    common = ["--model", str(MODEL), "--port", "0", "--compute", compute, "--dtype", "bfloat16",
+def _start(
+    plane: str, attention: int, experts: int, compute: str, model: Path = MODEL
+) -> list[ServiceProcess]:
+    common = ["--model", str(model), "--port", "0", "--compute", compute, "--dtype", "bfloat16",
               "--optimizations", OPTIMIZATIONS]  # fmt: skip
     procs = []
     try:
@@ -91,7 +94,7 @@ def _start(plane: str, attention: int, experts: int, compute: str) -> list[Servi
         procs += tops
         heads = ",".join(p.wait_ready() for p in tops)
         scheduler = ServiceProcess(
-            "scheduler", ["-m", "scheduler_svc", "--port", "0", "--attention", heads, "--model", str(MODEL),
+            "scheduler", ["-m", "scheduler_svc", "--port", "0", "--attention", heads, "--model", str(model),
                           "--optimizations", OPTIMIZATIONS])  # fmt: skip
         procs.append(scheduler)
         scheduler.wait_ready()
@@ -125,18 +128,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL,
+        help="model directory (default the 16-layer one; benchmarks/models/qwen3-30b-a3b-8l with it "
+        "separates what a request costs once from what each layer costs)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
-    config = load_config(MODEL)
+    model: Path = args.model
+    config = load_config(model)
     layers = config.num_layers
-    results: dict[str, object] = {"model": str(MODEL), "compute": args.compute, "tokens": args.tokens,
+    results: dict[str, object] = {"model": str(model), "compute": args.compute, "tokens": args.tokens,
                                   "layers": layers, "requests": args.requests, "runs": []}  # fmt: skip
     runs: list[dict[str, object]] = []
     for shape in args.shapes.split(","):
         attention, experts = (int(x) for x in shape.split("x"))
-        modeled = modeled_ms(MODEL, args.compute, experts, args.tokens)
+        modeled = modeled_ms(model, args.compute, experts, args.tokens)
         for plane in args.planes.split(","):
-            procs = _start(plane, attention, experts, args.compute)
+            procs = _start(plane, attention, experts, args.compute, model)
             try:
                 target = procs[-1].address
                 ttfts = asyncio.run(
@@ -154,11 +165,13 @@ def main() -> None:
                 "ttft_ms_p10": sorted(ttfts)[len(ttfts) // 10],
                 "modeled_ms": modeled,
                 "per_layer_overhead_ms": (p50 - modeled) / layers,
+                "load_average": os.getloadavg(),
             }
             runs.append(run)
             print(
                 f"{shape:5s} {plane:5s} TTFT p50 {p50:7.2f} ms  modeled {modeled:6.2f} ms  "
-                f"per-layer cost beyond the model {run['per_layer_overhead_ms']:.3f} ms",
+                f"per-layer cost beyond the model {run['per_layer_overhead_ms']:.3f} ms  "
+                f"({layers} layers, load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
     results["runs"] = runs

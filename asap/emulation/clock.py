@@ -84,9 +84,13 @@ class Sleeper:
         """Total seconds requested so far (for reports)."""
         self._began = threading.local()
 
-    def begin(self) -> None:
+    def begin(self, *, keep_pending: bool = False) -> None:
         """The modelled work of the calling thread starts now: its next ``sleep`` ends at this time plus
-        its ``seconds`` (see the module doc), not at the time of that call plus them."""
+        its ``seconds`` (see the module doc), not at the time of that call plus them. ``keep_pending``: a
+        ``begin`` of this thread that no ``sleep`` has used yet stands (an earlier start, set by the
+        caller that prepared the work's inputs)."""
+        if keep_pending and getattr(self._began, "at", None) is not None:
+            return
         self._began.at = self._clock()
 
     def sleep(self, seconds: float) -> None:

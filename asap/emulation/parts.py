@@ -108,6 +108,14 @@ class EmulatedAttentionPart(SteppedPart[ChunkCache]):
         layers = sum(self.layer_s(i, prompt_lengths) for i in range(self.config.num_layers))
         return layers + costs.lm_head_s(len(prompt_lengths), self.config, self.profile, self._bytes)
 
+    def inputs_ready(self) -> None:
+        """The caller (on the thread that drives ``forward_steps``) has the experts' results of the last
+        MoE layer and starts combining them: the next layer's modelled time counts from now. A device
+        runs the combine and the layer's kernels while the host launches them, so the host work of the
+        combine runs inside that time rather than before it; the layer's full modelled time is still
+        charged from here."""
+        _begin(self.sleeper)
+
     def forward_steps(
         self,
         prompts: Sequence[Sequence[int] | torch.Tensor],
@@ -140,7 +148,9 @@ class EmulatedAttentionPart(SteppedPart[ChunkCache]):
         g = torch.Generator().manual_seed(hash((self.router.seed, call)) & 0x7FFF_FFFF_FFFF_FFFF)
         cost: dict[bool, float] = {}  # is-MoE -> seconds: the cost depends only on the layer kind
         for layer, is_moe in enumerate(cfg.moe_layers):
-            _begin(self.sleeper)  # the layer's host work below runs inside its modelled time
+            # the layer's host work below runs inside its modelled time; after a MoE layer that time may
+            # have started earlier, when the caller took the experts' results (``inputs_ready``)
+            _begin(self.sleeper, keep_pending=layer > 0 and cfg.moe_layers[layer - 1])
             if is_moe not in cost:
                 cost[is_moe] = self.layer_s(layer, lengths, prefixes)
             for n, cache in zip(lengths, caches, strict=True):
@@ -275,10 +285,14 @@ class EmulatedExpertPart(ExpertPart):
         raise InvalidArgument(f"expert ids {wrong} are not hosted here (hosted: {list(self.hosted)})")
 
 
-def _begin(sleeper: Sleeper) -> None:
+def _begin(sleeper: Sleeper, *, keep_pending: bool = False) -> None:
     """``sleeper.begin()``; a duck-typed sleeper with ``sleep`` alone (a test's) counts from ``sleep``."""
     begin = getattr(sleeper, "begin", None)
-    if begin is not None:
+    if begin is None:
+        return
+    if keep_pending:
+        begin(keep_pending=True)
+    else:
         begin()
 
 

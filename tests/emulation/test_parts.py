@@ -209,3 +209,34 @@ def test_expert_validation_of_out_of_range_ids_matches_the_real_part(
         layer, torch.zeros(2, h), torch.tensor([[1, -1], [3, 1]], dtype=torch.int32), torch.ones(2, 2)
     )
     assert out.shape == (2, h) and fake.rows_per_expert(torch.tensor([[1, -1], [3, 1]])) == [2, 1]
+
+
+class BeginRecordingSleeper(RecordingSleeper):
+    """Records each ``begin``: whether it asked to keep a pending one, and whether one was pending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begins: list[tuple[bool, bool]] = []
+        self.pending = False
+
+    def begin(self, *, keep_pending: bool = False) -> None:
+        self.begins.append((keep_pending, self.pending))
+        self.pending = True
+
+    def sleep(self, seconds: float) -> None:
+        self.pending = False
+        super().sleep(seconds)
+
+
+def test_inputs_ready_starts_the_next_layers_modelled_time(config_only: ModelConfig) -> None:
+    assert all(config_only.moe_layers)
+    sleeper = BeginRecordingSleeper()
+    part = EmulatedAttentionPart(config_only, H200, seed=0, sleeper=sleeper)
+    gen = part.forward_steps([[1, 2, 3]])
+    request = next(gen)
+    assert sleeper.begins == [(False, False)]  # the first layer starts its own clock
+    part.inputs_ready()  # the caller took the results and combines them
+    gen.send(torch.empty_like(request.hidden))
+    # the next layer keeps the caller's begin: its modelled time counts from the results' take
+    assert sleeper.begins == [(False, False), (False, False), (True, True)]
+    assert len(sleeper.calls) == 2  # the full modelled time of both layers is charged

@@ -71,3 +71,20 @@ def test_a_bias_too_large_is_spun_off_not_returned_early() -> None:
     sleeper.sleep(5e-4)
     assert t.now >= start + 5e-4
     assert sleeper.bias_s < 2e-4  # it learned that this host wakes on time
+
+
+def test_keep_pending_keeps_an_earlier_unused_begin() -> None:
+    t = FakeTime(overshoot=0.0, tick=0.0)
+    sleeper = Sleeper(bias_s=0.0, clock=t.clock, sleep=t.sleep)
+    sleeper.begin()  # the caller took the inputs: the work starts here
+    start = t.now
+    t.now += 2e-4  # the caller's host work (combining the inputs)
+    sleeper.begin(keep_pending=True)  # the part's own begin: the earlier one stands
+    sleeper.sleep(1e-3)
+    assert t.now == pytest.approx(start + 1e-3)
+    assert sleeper.requested_s == pytest.approx(1e-3)
+    t.now += 1e-4
+    sleeper.begin(keep_pending=True)  # nothing pending (the sleep used it): starts now
+    start = t.now
+    sleeper.sleep(1e-3)
+    assert t.now == pytest.approx(start + 1e-3)
