@@ -257,5 +257,5 @@ class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
             if on and end.held():  # a result waits for its modelled transfer: no bell will come
                 return []
             return [end.completion_bell.fileno()] if on else []
-        except (ValueError, IndexError, struct.error):  # the end was closed meanwhile
-            return []
+        except (ValueError, IndexError, TypeError, struct.error):  # the end was closed meanwhile
+            return []  # (a released region's views raise any of these; ``poll`` and the fill catch the same)
