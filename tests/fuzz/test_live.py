@@ -115,6 +115,7 @@ def mesh(qwen3_dir: Path) -> Iterator[Mesh]:
         asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()  # its self-pipe sockets too: left open, the final gc reports an unclosed loop
 
 
 def _still_serving(mesh: Mesh, kind: str, target: str) -> None:
