@@ -261,20 +261,6 @@ class EmulatedExpertPart(ExpertPart):
         self.sleeper.sleep(costs.expert_call_s(rows, self.config, self.profile, self._bytes) + extra)
         return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")
 
-    def _check_shapes(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """The real part's shape and dtype checks (``ExpertPart._local_ids``), same messages."""
-        h = self.config.hidden_size
-        if hidden.ndim != 2 or hidden.shape[1] != h:
-            raise InvalidArgument(f"hidden has shape {tuple(hidden.shape)}, expected [N, {h}]")
-        n = hidden.shape[0]
-        if expert_ids.ndim != 2 or expert_ids.shape[0] != n or weights.shape != expert_ids.shape:
-            raise InvalidArgument(
-                f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} "
-                f"must both be [{n}, K]"
-            )
-        if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
-            raise InvalidArgument(f"expert_ids must be integers, got dtype {expert_ids.dtype}")
-
     def _reject(self, ids: np.ndarray) -> None:  # type: ignore[type-arg]
         """The real part's error for ids that are out of range or hosted elsewhere."""
         e = self.config.num_experts

@@ -212,9 +212,8 @@ class ExpertPart:
         bad = local == -2
         return local.masked_fill_(bad, -1), bad
 
-    def _local_ids(
-        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
+    def _check_shapes(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """The shape and dtype rules of ``compute``'s inputs (the emulated part checks by them too)."""
         h = self.config.hidden_size
         if hidden.ndim != 2 or hidden.shape[1] != h:
             raise InvalidArgument(f"hidden has shape {tuple(hidden.shape)}, expected [N, {h}]")
@@ -226,6 +225,11 @@ class ExpertPart:
             )
         if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
             raise InvalidArgument(f"expert_ids must be integers, got dtype {expert_ids.dtype}")
+
+    def _local_ids(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        self._check_shapes(hidden, expert_ids, weights)
         ids = expert_ids.to(device="cpu", dtype=torch.int64)
         bad = (ids < -1) | (ids >= self.config.num_experts)
         valid = ids >= 0
