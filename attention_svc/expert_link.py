@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span
 
-logger = logging.getLogger(__name__)
-
 
 class ExpertLink:
     """The stream to one expert rank and the data plane of that link."""
