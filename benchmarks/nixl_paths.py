@@ -94,12 +94,16 @@ def _legs(start_unix: int, end_unix: int) -> dict[str, float]:
     }
 
 
-def _hot_round_trip(link: object, request: object) -> None:
-    """One dispatch on the hot path, waited for as the attention compute thread waits (poll, park)."""
+def _hot_round_trip(link: object, request: object) -> tuple[float, int, int]:
+    """One dispatch on the hot path, waited for as the attention compute thread waits (poll, park);
+    its seconds, start and end (``time.time_ns``), timed on this thread (as a compute thread that is already
+    running posts it: the executor hop that brought the benchmark here is not the plane's)."""
     from asap.dataplane.direct import SHORT_PARK_S, Ticket, Wake
 
     wake = Wake()
     ticket = Ticket(wake)
+    start_unix = time.time_ns()
+    start = time.perf_counter()
     ticket.posted_ns = time.monotonic_ns()
     link.post(request, ticket)  # type: ignore[attr-defined]
     while not ticket.done:
@@ -114,9 +118,12 @@ def _hot_round_trip(link: object, request: object) -> None:
                 wake.wait(SHORT_PARK_S if not fds else 1.0, fds)
         finally:
             link.park(False)  # type: ignore[attr-defined]
+    took = time.perf_counter() - start
+    end_unix = time.time_ns()
     wake.close()
     if not hasattr(ticket.outcome, "hidden"):
         raise SystemExit(f"hot-path dispatch failed: {ticket.outcome}")
+    return took, start_unix, end_unix
 
 
 def _q(values: list[float], q: float) -> float:
@@ -209,19 +216,22 @@ async def time_paths(
                         if shape.device.type == "cuda":
                             torch.cuda.synchronize(shape.device)
                         assert result.hidden.shape == (n, shape.hidden)
+                        took = time.perf_counter() - start
+                        end_unix = time.time_ns()
                     else:
                         direct = transport.direct_links(shape.top_k)
                         if direct is None:  # this code has no hot path for NIXL
                             break
                         request = PlaneRequest(mb, 0, d)
-                        await loop.run_in_executor(None, _hot_round_trip, direct[0], request)
-                    took = time.perf_counter() - start
+                        took, start_unix, end_unix = await loop.run_in_executor(
+                            None, _hot_round_trip, direct[0], request
+                        )
                     if bare is not None and i % 2 == 1:
                         reference = bare.round_trip(*shape.sizes(n))  # type: ignore[attr-defined]
                     if i >= WARMUP:
                         times.append(took)
                         computed.append((_expert_compute_ns[0] - before) / 1e9)
-                        legs.append(_legs(start_unix, time.time_ns()))
+                        legs.append(_legs(start_unix, end_unix))
                         if bare is not None:
                             paired.append(reference)
                 if not times:
