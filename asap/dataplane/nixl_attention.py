@@ -95,7 +95,8 @@ class NixlAttentionEnd(NixlSlotCredits):
 
     def poll(self, now_ns: int, *, sweeper: bool = True) -> bool:
         """Take arrived notifications (``sweeper``: the process's poll thread, which leaves them to a
-        compute thread polling this end itself); whether anything is under way."""
+        compute thread polling this end itself); whether notifications came (``writing`` says whether
+        WRITEs are still in progress)."""
         if sweeper and self.polled_elsewhere:  # that thread moves the WRITEs on: no close polling here
             self._check_peer(now_ns)
             return False
@@ -108,7 +109,12 @@ class NixlAttentionEnd(NixlSlotCredits):
         for raw in got:
             self._take(raw)
         self._check_peer(now_ns)
-        return bool(got) or self.end.writing
+        return bool(got)
+
+    @property
+    def writing(self) -> bool:
+        """Whether WRITEs of this end are in progress and the poll thread is the one to move them on."""
+        return self.end.writing and not self.polled_elsewhere
 
     def _check_peer(self, now_ns: int) -> None:
         """Fail the waiting dispatches when the peer's heartbeats stopped (frozen or dead host)."""
