@@ -47,21 +47,33 @@ fi
 source benchmarks/gpu_env.sh  # .whl/ into /tmp/site, PYTHONPATH, OUT
 ls .nixlwhl/nixl_cu13-*.whl >/dev/null 2>&1 || { echo "no .nixlwhl/nixl_cu13-*.whl: run 'bash benchmarks/gpu_nixl.sh fetch' here and carry .nixlwhl" >&2; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .nixlwhl/nixl_cu13-*.whl
+# UCX's CUDA memory hooks (libucm_cuda) need libcudart.so.13, which the wheel does not bundle: torch's
+# CUDA 13 runtime wheel (nvidia/.../lib) has it, off the loader's default path
+cudart="$(python3 - <<'PY'
+import glob, os, site
+for d in [*site.getsitepackages(), site.getusersitepackages()]:
+    for p in sorted(glob.glob(os.path.join(d, "nvidia", "**", "libcudart.so.13*"), recursive=True)):
+        print(os.path.dirname(p))
+        raise SystemExit
+PY
+)"
+if [ -n "$cudart" ]; then export LD_LIBRARY_PATH="$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
   python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
+  echo "libcudart.so.13 from: ${cudart:-(not found: the CUDA memory hooks of UCX stay off)}"
   python3 -c "from asap.dataplane.nixl_link import nixl_missing; m = nixl_missing(); print('nixl:', m or 'importable'); raise SystemExit(1 if m else 0)"
   uptime
 } 2>&1 | tee "$OUT/nixl_env.txt"
 
 status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider -s tests/gpu/test_nixl_gpu.py \
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider -s tests/gpu/test_nixl_gpu.py \
     2>&1 | tee "$OUT/test_nixl_gpu.log" || status=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   # both ranks on cuda:0 (slots in GPU memory, UCX's CUDA transports); the bare reference in GPU memory too
-  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/nixl_dataplane.py --device cuda:0 --iters "${ITERS:-20}" \
+  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/nixl_dataplane.py --device cuda:0 --iters "${ITERS:-20}" \
     --json "$OUT/nixl_dataplane_gpu.json" 2>&1 | tee "$OUT/nixl_dataplane_gpu.log" || status=1
   uptime | tee -a "$OUT/nixl_dataplane_gpu.log"
 fi
