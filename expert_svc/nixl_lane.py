@@ -66,7 +66,12 @@ class NixlExpertEnd(LaneEnd):
         got = self.end.notifications()
         for raw in got:
             self._take(raw)
-        return bool(got) or self.end.writing
+        return bool(got)
+
+    @property
+    def writing(self) -> bool:
+        """Whether this end's answers are still being written (the poll thread moves them on)."""
+        return self.end.writing
 
     def _take(self, raw: bytes) -> None:
         if len(raw) != _REQUEST_BYTES or raw[:1] != b"R":

@@ -38,11 +38,18 @@ from asap.dataplane.fastlink import (
     HEARTBEAT_EXPERT,
     Completion,
     LinkGeometry,
-    Request,
     SlotHeader,
     heartbeat,
 )
-from asap.dataplane.pending import Outcome, PendingDispatch, Sink, fail_pending, settle_future
+from asap.dataplane.pending import (
+    Outcome,
+    PendingDispatch,
+    dispatch_header,
+    dispatch_request,
+    fail_pending,
+    settle_future,
+    sink_for,
+)
 from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, doorbell_backoff, drain
 from asap.dataplane.slot_credits import SlotCredits
@@ -223,12 +230,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
     ) -> tuple[int, asyncio.Future[torch.Tensor] | None]:
         """Publish the filled ``slot``; returns its sequence number and the future of its result (on the
         event loop), or None when ``ticket`` (a hot-path sender, any thread) is to be settled instead."""
-        future: asyncio.Future[torch.Tensor] | None = None
-        sink: Sink
-        if ticket is None:
-            future = sink = self._loop.create_future()
-        else:
-            sink = ticket
+        future, sink = sink_for(self._loop, ticket)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
@@ -238,16 +240,15 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
                 seq = self._seq
             self._pending[seq] = PendingDispatch(seq, slot, rows, sink)
         not_before = time.monotonic_ns() + int(link_s * 1e9) if link_s > 0 else 0
-        request = Request(
+        request = dispatch_request(
+            slot=slot,
+            seq=seq,
             micro_batch=micro_batch,
             layer=layer,
-            slot=slot,
             rows=rows,
-            flags=FLAG_SHAPE_ONLY if shape_only else 0,
-            seq=seq,
-            sent_unix_ns=time.time_ns(),
-            not_before_ns=not_before,
             attention_rank=self.attention_rank,
+            flags=FLAG_SHAPE_ONLY if shape_only else 0,
+            not_before_ns=not_before,
         )
         if not self.requests.try_push(request.pack()):  # cannot happen: slots bound the records
             with self._lock:
@@ -269,7 +270,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
                 self._reserved[slot] = seq
             else:
                 self._seq -= 1  # only a look at the next number (tests build headers this way)
-        return SlotHeader(micro_batch, seq, layer, rows, time.time_ns(), traceparent, tracestate)
+        return dispatch_header(micro_batch, seq, layer, rows, traceparent, tracestate)
 
     def abandon(self, seq: int) -> None:
         """The exchange of ``seq`` gave up: its slot stays taken until its completion arrives (its settle

@@ -26,14 +26,13 @@ import asyncio
 import logging
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from asap.dataplane.direct import Ticket
-from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, Request, SlotHeader, error_of
+from asap.dataplane.fastlink import SLOT_HEADER_BYTES, Completion, SlotHeader, error_of
 from asap.dataplane.fastlink import read_error as read_slot_error
 from asap.dataplane.nixl_credits import NixlSlotCredits
 from asap.dataplane.nixl_dispatch import (
@@ -45,6 +44,15 @@ from asap.dataplane.nixl_dispatch import (
     write_dispatch,
 )
 from asap.dataplane.nixl_link import HEARTBEAT, NixlEnd, nixl_poller
+from asap.dataplane.pending import (
+    Outcome,
+    PendingDispatch,
+    dispatch_header,
+    dispatch_request,
+    fail_pending,
+    settle_future,
+    sink_for,
+)
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
@@ -57,17 +65,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-Sink = Union["asyncio.Future[torch.Tensor]", Ticket]
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    seq: int
-    slot: int
-    rows: int
-    sink: Sink
-    abandoned: bool = False
 
 
 class NixlAttentionEnd(NixlSlotCredits):
@@ -85,7 +82,7 @@ class NixlAttentionEnd(NixlSlotCredits):
         """When the peer was last heard from (any notification: completions and its heartbeats)."""
         self.dtype = dtype
         self.rank = rank
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, PendingDispatch] = {}
         self._seq = 0
         self.polled_elsewhere = 0
         """Compute threads taking this end's completions themselves now (the poll thread then leaves
@@ -98,7 +95,8 @@ class NixlAttentionEnd(NixlSlotCredits):
 
     def poll(self, now_ns: int, *, sweeper: bool = True) -> bool:
         """Take arrived notifications (``sweeper``: the process's poll thread, which leaves them to a
-        compute thread polling this end itself); whether anything is under way."""
+        compute thread polling this end itself); whether notifications came (``writing`` says whether
+        WRITEs are still in progress)."""
         if sweeper and self.polled_elsewhere:  # that thread moves the WRITEs on: no close polling here
             self._check_peer(now_ns)
             return False
@@ -111,7 +109,12 @@ class NixlAttentionEnd(NixlSlotCredits):
         for raw in got:
             self._take(raw)
         self._check_peer(now_ns)
-        return bool(got) or self.end.writing
+        return bool(got)
+
+    @property
+    def writing(self) -> bool:
+        """Whether WRITEs of this end are in progress and the poll thread is the one to move them on."""
+        return self.end.writing and not self.polled_elsewhere
 
     def _check_peer(self, now_ns: int) -> None:
         """Fail the waiting dispatches when the peer's heartbeats stopped (frozen or dead host)."""
@@ -141,7 +144,7 @@ class NixlAttentionEnd(NixlSlotCredits):
             return
         self.expert_ns += completion.queue_ns + completion.compute_ns
         slot = self.end.slot(pending.slot)
-        outcome: torch.Tensor | AsapError
+        outcome: Outcome
         leased = False
         if completion.status:
             header = memoryview(slot[:SLOT_HEADER_BYTES].cpu().numpy())  # type: ignore[arg-type]
@@ -162,7 +165,7 @@ class NixlAttentionEnd(NixlSlotCredits):
         else:
             self._loop.call_soon_threadsafe(self._settle, pending, outcome, leased)
 
-    def _results(self, pending: _Pending) -> tuple[torch.Tensor, bool]:
+    def _results(self, pending: PendingDispatch) -> tuple[torch.Tensor, bool]:
         """The results in ``pending``'s slot: a view of the slot that keeps it taken until the last
         tensor on it is freed (a lease: no copy of N x H, which costs as much as the WRITE here, page
         faults of a fresh buffer included), or a copy when ``lease_cap`` slots are leased already; whether
@@ -191,27 +194,18 @@ class NixlAttentionEnd(NixlSlotCredits):
         with self._lock:
             self._seq += 1
             seq = self._seq
-        return SlotHeader(
-            request.micro_batch,
-            seq,
-            request.layer,
-            request.rows,
-            time.time_ns(),
-            request.traceparent,
-            request.tracestate,
+        return dispatch_header(
+            request.micro_batch, seq, request.layer, request.rows, request.traceparent, request.tracestate
         )
 
     def descriptor(self, slot: int, request: PlaneRequest, seq: int) -> bytes:
         return request_notification(
-            Request(
+            dispatch_request(
+                slot=slot,
+                seq=seq,
                 micro_batch=request.micro_batch,
                 layer=request.layer,
-                slot=slot,
                 rows=request.rows,
-                flags=0,
-                seq=seq,
-                sent_unix_ns=time.time_ns(),
-                not_before_ns=0,
                 attention_rank=self.rank,
             )
         )
@@ -222,16 +216,11 @@ class NixlAttentionEnd(NixlSlotCredits):
         """Register the answer awaited for ``header``'s dispatch in ``slot`` before its WRITE is posted
         (a quick peer may answer before ``post`` returns): its future (on the loop), or None when
         ``ticket`` is to be settled instead."""
-        future: asyncio.Future[torch.Tensor] | None = None
-        sink: Sink
-        if ticket is None:
-            future = sink = self._loop.create_future()
-        else:
-            sink = ticket
+        future, sink = sink_for(self._loop, ticket)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
-            self._pending[header.seq] = _Pending(header.seq, slot, header.rows, sink)
+            self._pending[header.seq] = PendingDispatch(header.seq, slot, header.rows, sink)
         return future
 
     def unexpect(self, seq: int) -> None:
@@ -245,17 +234,12 @@ class NixlAttentionEnd(NixlSlotCredits):
             if pending is not None:
                 pending.abandoned = True
 
-    def _settle(self, pending: _Pending, outcome: torch.Tensor | AsapError, leased: bool = False) -> None:
+    def _settle(self, pending: PendingDispatch, outcome: Outcome, leased: bool = False) -> None:
         if not leased:  # a lease's slot comes back when its last tensor is freed
             self._release(pending.slot)
         future = pending.sink
         assert not isinstance(future, Ticket)
-        if future.done():
-            return
-        if isinstance(outcome, AsapError):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        settle_future(future, outcome)
 
     def fail(self, error: AsapError) -> None:
         """Break this end (on the event loop): every waiting dispatch fails with ``error``; its slots are
@@ -266,20 +250,8 @@ class NixlAttentionEnd(NixlSlotCredits):
             self.broken = error
             pending, self._pending = self._pending, {}
             self._slot_freed.notify_all()
-        failed = 0
-        for entry in pending.values():
-            sink = entry.sink
-            if isinstance(sink, Ticket):
-                if not sink.done and not entry.abandoned:
-                    sink.settle(error)
-                    failed += 1
-            elif not sink.done():
-                sink.set_exception(error)
-                failed += 1
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._waiters.clear()
+        failed = fail_pending(pending.values(), error)
+        self._fail_waiters(error)
         if failed:
             logger.warning("%s; failed %d waiting dispatches", error.message, failed)
         self.close()

@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -325,19 +325,38 @@ class NixlEnd:
         self.buf = None
 
 
-class NixlPoller(Sweeper[Polled]):
+WRITE_NAP_S = 50e-6
+"""How long a poll thread sleeps between its looks at WRITEs still in progress (its calls are what moves
+them on). Not a spin: on a loaded host a spinning poll thread takes the core the peer process, or this
+process's sender, needs to finish the very transfer it waits for."""
+
+
+class NixlPolled(Polled, Protocol):
+    """A NIXL link end the poll thread serves: ``poll`` says whether notifications came, ``writing``
+    whether WRITEs of the end are still in progress."""
+
+    @property
+    def writing(self) -> bool: ...
+
+
+class NixlPoller(Sweeper[NixlPolled]):
     """One daemon thread per process side taking the notifications of every NIXL link end it holds
-    (there is no doorbell to park on: it sleeps with back-off when nothing came)."""
+    (there is no doorbell to park on: it sleeps with back-off when nothing came, and naps
+    ``WRITE_NAP_S`` between looks while WRITEs are in progress)."""
 
     link = "NIXL"
 
     def _run(self) -> None:
         backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)
         while not self._stopped:
-            worked = self._poll(self._endpoints, time.monotonic_ns())
+            endpoints = self._endpoints
+            worked = self._poll(endpoints, time.monotonic_ns())
             self._count_sweep()
             if worked:
                 backoff.reset()
+            elif any(end.writing for end in endpoints):
+                backoff.reset()
+                time.sleep(WRITE_NAP_S)
             else:
                 backoff.idle([], [])
 

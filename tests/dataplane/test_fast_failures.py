@@ -5,10 +5,8 @@ with ``InvalidArgument`` and the rank goes on; a full set of slots holds senders
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,70 +15,11 @@ import torch
 from asap.dataplane.fast import FastPlane
 from asap.dataplane.fastlink import SlotHeader
 from asap.errors import InvalidArgument, Unavailable
-from asap.model.placement import RankDispatch
-from attention_svc.config import AttentionServiceConfig
-from attention_svc.server import AttentionService
+from tests.dataplane.expert_ranks import HANG_GUARD_S as _HANG_GUARD_S
+from tests.dataplane.expert_ranks import dispatch as _dispatch
+from tests.dataplane.expert_ranks import expert_processes as _with_expert_processes
+from tests.dataplane.expert_ranks import prompt as _prompt
 from tests.dataplane.test_services_fast import cluster
-from tests.procs import ServiceProcess
-
-_HANG_GUARD_S = 60  # generous: only there so a regression fails instead of hanging the suite
-
-
-@contextlib.asynccontextmanager
-async def _with_expert_processes(
-    model: Path, ranks: int
-) -> AsyncIterator[tuple[AttentionService, list[ServiceProcess]]]:
-    procs = [
-        ServiceProcess(
-            f"expert-{r}",
-            [
-                "-m",
-                "expert_svc",
-                "--model",
-                str(model),
-                "--port",
-                "0",
-                "--rank",
-                str(r),
-                "--num-ranks",
-                str(ranks),
-            ],
-        )
-        for r in range(ranks)
-    ]
-    attention = None
-    try:
-        targets = [p.wait_ready() for p in procs]
-        attention = AttentionService(
-            AttentionServiceConfig(model=str(model), expert_targets=targets, data_plane="fast")
-        )
-        await attention.start()
-        yield attention, procs
-    finally:
-        if attention is not None:
-            await attention.stop(grace_s=0)
-        for p in procs:
-            with contextlib.suppress(Exception):
-                os.killpg(p.proc.pid, signal.SIGCONT)
-            p.stop()
-
-
-def _prompt(n: int = 40) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-
-
-def _dispatch(rank: int, rows: int, hidden: int, top_k: int, expert: int) -> RankDispatch:
-    ids = torch.full((rows, top_k), -1, dtype=torch.int32)
-    ids[:, 0] = expert
-    weights = torch.zeros(rows, top_k)
-    weights[:, 0] = 1.0
-    return RankDispatch(
-        rank=rank,
-        rows=torch.arange(rows),
-        hidden=torch.randn(rows, hidden, generator=torch.Generator().manual_seed(rows)),
-        expert_ids=ids,
-        weights=weights,
-    )
 
 
 async def test_frozen_expert_fails_typed_and_serving_resumes(qwen3_dir: Path) -> None:

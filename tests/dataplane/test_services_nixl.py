@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,15 +20,15 @@ import torch
 from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, nixl_missing
 from asap.errors import InvalidArgument, Unavailable
 from asap.v1 import expert_pb2, expert_pb2_grpc
-from attention_svc.config import AttentionServiceConfig
 from attention_svc.server import AttentionService
-from tests.dataplane.test_fast_failures import _dispatch, _prompt
+from tests.dataplane.expert_ranks import HANG_GUARD_S as _HANG_GUARD_S
+from tests.dataplane.expert_ranks import dispatch as _dispatch
+from tests.dataplane.expert_ranks import expert_processes
+from tests.dataplane.expert_ranks import prompt as _prompt
 from tests.dataplane.test_services_fast import arch_dir, cluster  # noqa: F401  (arch_dir: a fixture)
 from tests.procs import ServiceProcess
 
 pytestmark = pytest.mark.skipif(bool(nixl_missing()), reason=nixl_missing() or "NIXL")
-
-_HANG_GUARD_S = 60  # only there so a regression fails instead of hanging the suite
 
 
 async def _firsts(
@@ -71,28 +70,10 @@ async def test_auto_keeps_same_host_planes_and_forced_nixl_needs_the_expert(qwen
             pass
 
 
-@contextlib.asynccontextmanager
-async def _expert_processes(
+def _expert_processes(
     model: Path, ranks: int
-) -> AsyncIterator[tuple[AttentionService, list[ServiceProcess]]]:
-    argv = ["-m", "expert_svc", "--model", str(model), "--port", "0", "--num-ranks", str(ranks)]
-    argv += ["--data-plane", "nixl"]
-    procs = [ServiceProcess(f"expert-{r}", [*argv, "--rank", str(r)]) for r in range(ranks)]
-    attention = None
-    try:
-        targets = [p.wait_ready() for p in procs]
-        attention = AttentionService(
-            AttentionServiceConfig(model=str(model), expert_targets=targets, data_plane="nixl")
-        )
-        await attention.start()
-        yield attention, procs
-    finally:
-        if attention is not None:
-            await attention.stop(grace_s=0)
-        for p in procs:
-            with contextlib.suppress(Exception):
-                os.killpg(p.proc.pid, signal.SIGCONT)
-            p.stop()
+) -> contextlib.AbstractAsyncContextManager[tuple[AttentionService, list[ServiceProcess]]]:
+    return expert_processes(model, ranks, "nixl", expert_plane="nixl")
 
 
 async def test_between_processes_then_a_killed_expert_fails_typed(qwen3_dir: Path) -> None:
