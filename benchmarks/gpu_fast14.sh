@@ -39,13 +39,15 @@ for stage in $stages; do
         timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
         ps -eo pid,comm | grep -i mps
         stop_mps ;;
-    graphs)  # the fast plane's round trip: eager expert steps, captured ones (expert_svc.gpu_graph), and
-             # captured ones through the attention rank's hot path (ASAP_GPU_HOT_PATH=1, --direct)
+    graphs)  # the fast plane's round trip: eager expert steps, captured ones launched when the descriptor
+             # arrives, captured ones armed before it (expert_svc.gpu_link_end), armed through the attention
+             # rank's hot path (ASAP_GPU_HOT_PATH=1, --direct), and armed with device timing events
         start_mps
-        for variant in eager:0:0: graphs:1:0: graphs-direct:1:1:--direct; do
-            IFS=: read -r name graphs hot flag <<< "$variant"
-            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot $flag)"
-            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot timeout "${GRAPHS_TIMEOUT:-120}" \
+        for variant in ${VARIANTS:-eager:0:0:0:0: graphs:1:0:0:0: armed:1:1:0:0: armed-direct:1:1:1:0:--direct armed-timed:1:1:0:1: graphs-timed:1:0:0:1:}; do
+            IFS=: read -r name graphs armed hot timed flag <<< "$variant"
+            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed $flag)"
+            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed \
+                timeout "${GRAPHS_TIMEOUT:-120}" \
                 python3 benchmarks/gpu_dataplane.py --planes fast $flag --iters "${ITERS:-30}" \
                 --json "$OUT/gpu_dataplane_$name.json" > "$OUT/gpu_dataplane_$name.log" 2>&1
             grep -v '^ *[]}"{]' "$OUT/gpu_dataplane_$name.log" | tail -6

@@ -4,6 +4,17 @@ Its slots lie in the attention rank's CUDA IPC memory: a descriptor is checked a
 into views of its slot's rows, ids and weights (laid out by ``gpu_layout_rows``); the results go back over
 the rows and the slot's done flag is written on the compute stream. When the peer is gone the link's
 flags are poisoned, so neither side's streams stay blocked on a flag that will not be written.
+
+Armed steps (``ASAP_GPU_ARMED_STEPS``, default on, with captured steps): each slot has a stream of its
+own on which the slot's *next* step is enqueued before its descriptor arrives: a wait for the request
+flag to pass the slot's last sequence number, then the captured step of the slot's last (bucket,
+window). The attention stream's flag write starts the expert computation with no host in between; the
+step checks the slot's words on the device and does nothing when they name another bucket or window
+(the host, on the descriptor, then launches the right graph behind it on the same stream) or when the
+flag was poisoned. Every done flag of such a link is written on the slot's stream, after the armed step,
+and the slot is re-armed before the completion is published, so the next descriptor always finds the
+slot's state as the stream has it. ``_armed[slot]``: the key of the step pending on the slot's stream
+(None: nothing pending); any request of the slot consumes it.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import torch
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
 from asap.dataplane.gpu_flags import poison_value
-from asap.dataplane.gpu_layout import gpu_layout_rows
+from asap.dataplane.gpu_layout import armed_steps_enabled, gpu_layout_rows
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.fastlane import ExpertLinkEnd, _Item
@@ -47,6 +58,13 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         self.buckets: tuple[int, ...] = ()
         self.graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
         """The captured steps of this link's slots (``expert_svc.gpu_graph``), made before it is served."""
+        self.arm_streams: list[torch.cuda.Stream] = []
+        """Per slot, the stream its armed steps run on (empty: steps are not armed on this link)."""
+        self._armed: list[StepKey | None] = []
+        self._armed_after: list[torch.cuda.Event | None] = []
+        """Per slot: recorded after its armed step (the eager path waits for it before using the slot)."""
+        self._launched: dict[int, StepKey] = {}
+        """seq -> the captured step that computes it on its slot's stream (re-armed with that key)."""
         try:
             super().__init__(lane, link)
         except BaseException:
@@ -62,7 +80,14 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             try:
                 started = time.monotonic()
                 self.buckets = graph_buckets(self.geometry, steps.largest)
-                self.graphs = steps.capture(self.slots_buf, self.geometry, self.buckets, self._beat)
+                armed = armed_steps_enabled() and bool(self.buckets)
+                self.graphs = steps.capture(
+                    self.slots_buf, self.geometry, self.buckets, self._beat, pool_per_slot=armed
+                )
+                if armed:
+                    slots = self.geometry.slots
+                    self.arm_streams = [torch.cuda.Stream(lane.device) for _ in range(slots)]  # type: ignore[no-untyped-call]
+                    self._armed, self._armed_after = [None] * slots, [None] * slots
                 logger.info(
                     "GPU fast link: %d expert steps captured (buckets %s) in %.0f ms",
                     len(self.graphs),
@@ -71,7 +96,7 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
                 )
             except Exception:  # the eager path serves the link: slower, never wrong
                 logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
-                self.buckets, self.graphs = (), {}
+                self.buckets, self.graphs, self.arm_streams = (), {}, []
 
     def _beat(self) -> None:
         """The heartbeat while the steps are captured (the poll thread does not serve the link yet)."""
@@ -116,8 +141,53 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             now_ns,
         )
 
+    def launch(self, slot: int, key: StepKey, seq: int) -> bool:
+        """On the poll thread, under the lane's launch lock: have ``key``'s captured step compute the
+        dispatch ``seq`` of ``slot``; False if there is none (the eager path). On an armed link the slot's
+        armed step computes it if its key is ``key`` (nothing to enqueue: the hit); else the graph goes
+        on the slot's stream behind it (after the flag wait where nothing was armed)."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            return False
+        if not self.arm_streams:
+            stream = self.lane.stream
+            self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq)
+            self.lane.replay(graph, stream)
+            return True
+        armed = self._armed[slot]
+        if armed == key:
+            self.lane.armed_hits += 1
+        else:
+            stream = self.arm_streams[slot]
+            if armed is None:
+                self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq)
+            else:
+                self.lane.armed_misses += 1
+            self.lane.replay(graph, stream)
+        self._launched[seq] = key
+        return True
+
+    def armed_after(self, slot: int) -> torch.cuda.Event | None:
+        """For the eager path: the event after the slot's armed step (None if nothing is armed)."""
+        if not self.arm_streams or slot >= len(self._armed_after) or self._armed[slot] is None:
+            return None
+        return self._armed_after[slot]
+
+    def _arm(self, slot: int, key: StepKey, seq: int) -> None:
+        """Enqueue ``slot``'s next step (``key``) on its stream: it runs once the request flag passes
+        ``seq``; the device check makes it a no-op for another bucket or window, or a poisoned flag."""
+        graph = self.graphs.get(key)
+        stream = self.arm_streams[slot]
+        if graph is None:
+            self._armed[slot] = None
+            return
+        self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq + 1)
+        self.lane.replay(graph, stream)
+        self._armed[slot], self._armed_after[slot] = key, self.lane.mark(stream)
+
     def _write_back(self, request: Request, out: torch.Tensor | None, valid_slot: bool) -> None:
         if not valid_slot or self._poisoned:
+            self._launched.pop(request.seq, None)
             return
         stream = self.lane.stream
         g = self.geometry
@@ -126,7 +196,18 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             with torch.cuda.stream(stream):
                 dst = self._view(request.slot, hidden_at, self.lane.dtype, [request.rows, g.hidden_size])
                 dst.copy_(out, non_blocking=True)
-        self.lane.flags.write(stream, self.flag(request.slot, DONE_FLAG_AT), request.seq)
+        if not self.arm_streams:
+            self.lane.flags.write(stream, self.flag(request.slot, DONE_FLAG_AT), request.seq)
+            return
+        slot, key = request.slot, self._launched.pop(request.seq, None)
+        armed = self.arm_streams[slot]
+        if key is None:  # the compute thread's stream had the slot (eager step, or an error answer)
+            self.lane.order(armed, stream)
+        self.lane.flags.write(armed, self.flag(slot, DONE_FLAG_AT), request.seq)
+        if key is not None:  # before the completion is published: the next dispatch finds it armed
+            self._arm(slot, key, request.seq)
+        else:
+            self._armed[slot] = None
 
     def poison(self) -> None:
         """Release the compute stream from waits on this link's request flags (and the peer's streams
@@ -147,6 +228,8 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
 
     def _close(self) -> None:
         super()._close()
+        for stream in self.arm_streams:  # the flags are poisoned: armed steps drain, then unmap
+            stream.synchronize()  # type: ignore[no-untyped-call]
         self.lane.retire(self.graphs)  # launches may still be queued on the stream
         self.graphs = {}
         self.slots_buf = torch.empty(0, dtype=torch.uint8)

@@ -9,6 +9,7 @@ of the region, so no stream is left waiting.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -21,14 +22,18 @@ from asap.dataplane.cuda_ipc import CudaRegion
 from asap.dataplane.fast_attention import AttentionLinkEnd
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, poison_value
-from asap.dataplane.gpu_layout import gpu_layout_rows
+from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows
 from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
 from asap.errors import AsapError
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
-__all__ = ["GpuAttentionLinkEnd", "Timing"]
+__all__ = ["DEVICE_TIMING_ENV", "GpuAttentionLinkEnd", "Timing"]
+
+DEVICE_TIMING_ENV = "ASAP_GPU_DEVICE_TIMING"
+"""``1``: each dispatch also records timing events on the tx and rx streams (``Timing.device_us``), for
+the benchmarks' breakdown of where the GPU round trip goes; default off (events cost driver calls)."""
 
 
 @dataclass(slots=True)
@@ -46,6 +51,21 @@ class Timing:
     """This side's poll thread took the completion."""
     settled: int = 0
     """The loop enqueued the copy out and woke the exchange."""
+    events: list[Any] | None = None
+    """With ``ASAP_GPU_DEVICE_TIMING=1``: timing events on this side's streams: the fill started (tx),
+    the request flag written (tx), the done flag seen (rx, after its wait), the copy out over (rx)."""
+
+    def device_us(self) -> dict[str, float]:
+        """Device-side hops of a finished dispatch (µs; the events have passed): fill, flag -> done flag
+        seen (the expert's part: its start latency plus its computation), copy out."""
+        if self.events is None or len(self.events) < 4:
+            return {}
+        start, flagged, done, copied = self.events
+        return {
+            "gpu_fill": start.elapsed_time(flagged) * 1e3,
+            "gpu_flag_to_done": flagged.elapsed_time(done) * 1e3,
+            "gpu_copy_out": done.elapsed_time(copied) * 1e3,
+        }
 
 
 class GpuAttentionLinkEnd(AttentionLinkEnd):
@@ -70,6 +90,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self.timings: deque[Timing] = deque(maxlen=256)
         """The last dispatches' hops (``Timing``)."""
         self._timing: dict[int, Timing] = {}
+        self._device_timing = os.environ.get(DEVICE_TIMING_ENV, "0") == "1"
         super().__init__(geometry, **kw)
 
     def _flag(self, slot: int, at: int) -> int:
@@ -95,6 +116,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         free = self._free_after[slot]
         if free is not None:
             tx.wait_event(free)
+        events = self._timing_event(tx, None)
         with torch.cuda.stream(tx):
             for src in (dispatch.hidden, dispatch.expert_ids, dispatch.weights):
                 if src.is_cuda:
@@ -106,8 +128,20 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self._view(slot, weights_at, torch.float32, [rows, top_k]).copy_(
                 dispatch.weights, non_blocking=True
             )
+        words = self._flag(slot, STEP_WORDS_AT)  # what the expert's captured step checks on the device
+        self.flags.write(tx, words, rows)
+        self.flags.write(tx, words + 4, header.layer)
+        self.flags.write(tx, words + 8, header.seq)
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
-        self._timing[header.seq] = Timing(time.time_ns())
+        self._timing[header.seq] = Timing(time.time_ns(), events=self._timing_event(tx, events))
+
+    def _timing_event(self, stream: torch.cuda.Stream, events: list[Any] | None) -> list[Any] | None:
+        """With device timing on: a timing event recorded on ``stream``, appended to ``events``."""
+        if not self._device_timing:
+            return None
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record(stream)
+        return [*(events or []), event]
 
     def _take(self, completion: Completion, now_ns: int) -> None:
         """On the poll thread, before the slot can be handed on: the rx stream waits for the expert's done
@@ -125,6 +159,8 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
                 return  # the link broke meanwhile: the dispatch has failed already
             rx = self.rx
             self.flags.wait(rx, self._flag(pending.slot, DONE_FLAG_AT), pending.seq)
+            if timing is not None and timing.events is not None:
+                timing.events = self._timing_event(rx, timing.events)
             result = None
             if ok:
                 g = self.geometry
@@ -133,8 +169,10 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
                     src = self._view(pending.slot, hidden_at, self.dtype, [pending.rows, g.hidden_size])
                     result = torch.empty_like(src)
                     result.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event = torch.cuda.Event(enable_timing=self._device_timing)  # type: ignore[no-untyped-call]
             event.record(rx)
+            if timing is not None and timing.events is not None:
+                timing.events.append(event)
             self._free_after[pending.slot] = event  # read by the loop after the settle below
         if result is None:
             super()._take(completion, now_ns)  # the base's error outcomes

@@ -11,9 +11,33 @@ import os
 
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import LinkSpec
+from asap.dataplane.ring import LINE
 from asap.model.grouped import BUCKETS, bucket_for
 
-__all__ = ["DEFAULT_GPU_SLOT_BYTES", "GPU_POLL_SPIN_S", "gpu_layout_rows", "gpu_slot_bytes_for"]
+__all__ = [
+    "ARMED_STEPS_ENV",
+    "DEFAULT_GPU_SLOT_BYTES",
+    "GPU_POLL_SPIN_S",
+    "STEP_WORDS_AT",
+    "armed_steps_enabled",
+    "gpu_layout_rows",
+    "gpu_slot_bytes_for",
+]
+
+STEP_WORDS_AT = 2 * LINE
+"""Offset in a device slot (after the two flags) of three int32 words the attention's tx stream writes
+before the request flag: the dispatch's row count, its layer and its sequence number. The expert's
+captured step reads them on the device, so it can be enqueued before the descriptor arrives (armed):
+it computes only when the words name its bucket and window and the request flag holds their seq."""
+ARMED_STEPS_ENV = "ASAP_GPU_ARMED_STEPS"
+"""``0`` (or ``off``): the expert rank enqueues each captured step when its descriptor arrives; default
+on: each slot's next step waits, pre-enqueued, on the slot's own stream (``expert_svc.gpu_fastlane``)."""
+
+
+def armed_steps_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
+
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024
 """Bytes per GPU slot: 16k rows at hidden 2048 or 8k at 4096 in bf16, with top-8 ids and weights."""

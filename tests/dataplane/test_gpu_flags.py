@@ -62,6 +62,7 @@ def _expert_end(flags: FakeFlags) -> GpuExpertLinkEnd:
     end._closed = False
     end._poisoned = False
     end._last_seq = 41
+    end.arm_streams, end._launched = [], {}
     return end
 
 
