@@ -36,7 +36,7 @@ import torch
 
 from asap.dataplane.fastlink import REQUEST_FLAG_AT
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags
-from asap.dataplane.gpu_layout import GPU_POLL_SPIN_S
+from asap.dataplane.gpu_layout import GPU_EXPERT_SPIN_S
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
@@ -63,7 +63,7 @@ class GpuFastLane(FastLane):
     ) -> None:
         super().__init__(executor, shape_only=False, max_merge_rows=max_merge_rows)
         self.poller = PollThread(  # not started yet: it spins before parking (GPU hosts have cores)
-            "gpu-fast-requests", flush=self._flush, backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S)
+            "gpu-fast-requests", flush=self._flush, backoff=lambda: Backoff(spin_s=GPU_EXPERT_SPIN_S)
         )
         self.device = executor.part.device
         self.flags = flags if flags is not None else driver_flags()
@@ -163,6 +163,7 @@ class GpuFastLane(FastLane):
             compute_ns=compute_ns,
             picked_unix_ns=item.picked_unix_ns,
         )
+        end.rearm()
         if error is None and setup.TRACING_ENABLED:
             _record_spans(item, started_unix, compute_ns, time.time_ns())
         item.hidden = item.expert_ids = item.weights = torch.empty(0)

@@ -41,6 +41,9 @@ __all__ = ["GpuExpertLinkEnd"]
 
 logger = logging.getLogger(__name__)
 
+_NO_VIEW = torch.empty(0)
+"""An item's rows, ids and weights until the eager path asks for its views (``_with_views``)."""
+
 
 class GpuExpertLinkEnd(ExpertLinkEnd):
     """One attached GPU fast link: the shared-memory region (rings, headers) and the slots' GPU memory."""
@@ -65,6 +68,8 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         """Per slot: recorded after its armed step (the eager path waits for it before using the slot)."""
         self._launched: dict[int, StepKey] = {}
         """seq -> the captured step that computes it on its slot's stream (re-armed with that key)."""
+        self._rearm: tuple[int, StepKey, int] | None = None
+        """(slot, key, seq) to arm once the completion is published (``rearm``, on the poll thread)."""
         try:
             super().__init__(lane, link)
         except BaseException:
@@ -107,9 +112,9 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         if item is None:
             return
         if request.not_before_ns > now_ns:
-            self._delayed.hold(item)
-        elif not self.lane.step(item):
-            self.lane.enqueue(item)
+            self._delayed.hold(self._with_views(item))
+        elif not self.lane.step(item):  # a captured step reads the slot itself: no views needed
+            self.lane.enqueue(self._with_views(item))
 
     def flag(self, slot: int, at: int) -> int:
         return int(self.slots_buf.data_ptr()) + self.geometry.device_slot_at(slot) + at
@@ -127,19 +132,19 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         header = SlotHeader.read(self._buf, g.slot_at(request.slot), request)
         self.lane.check_layer(request.layer)
         self._last_seq = max(self._last_seq, request.seq)
+        return _Item(
+            self, request, header, request.layer, _NO_VIEW, _NO_VIEW, _NO_VIEW, time.time_ns(), now_ns
+        )
+
+    def _with_views(self, item: _Item) -> _Item:
+        """``item`` with its views of the slot's rows, ids and weights (for the eager path)."""
+        g, request = self.geometry, item.request
         rows, top_k = request.rows, g.top_k
         hidden_at, ids_at, weights_at, _ = g.payload(gpu_layout_rows(g, rows), shape_only=False)
-        return _Item(
-            self,
-            request,
-            header,
-            request.layer,
-            self._view(request.slot, hidden_at, self.lane.dtype, [rows, g.hidden_size]),
-            self._view(request.slot, ids_at, torch.int32, [rows, top_k]),
-            self._view(request.slot, weights_at, torch.float32, [rows, top_k]),
-            time.time_ns(),
-            now_ns,
-        )
+        item.hidden = self._view(request.slot, hidden_at, self.lane.dtype, [rows, g.hidden_size])
+        item.expert_ids = self._view(request.slot, ids_at, torch.int32, [rows, top_k])
+        item.weights = self._view(request.slot, weights_at, torch.float32, [rows, top_k])
+        return item
 
     def launch(self, slot: int, key: StepKey, seq: int) -> bool:
         """On the poll thread, under the lane's launch lock: have ``key``'s captured step compute the
@@ -204,10 +209,18 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         if key is None:  # the compute thread's stream had the slot (eager step, or an error answer)
             self.lane.order(armed, stream)
         self.lane.flags.write(armed, self.flag(slot, DONE_FLAG_AT), request.seq)
-        if key is not None:  # before the completion is published: the next dispatch finds it armed
-            self._arm(slot, key, request.seq)
-        else:
-            self._armed[slot] = None
+        self._armed[slot] = None  # consumed by this dispatch
+        if key is not None:  # re-armed by the poll thread once the completion is out (``rearm``)
+            self._rearm = (slot, key, request.seq)
+
+    def rearm(self) -> None:
+        """On the poll thread, right after a captured step's answer: arm its slot's next step. After the
+        completion, so the launch is off the round trip; the next descriptor of the slot is taken by
+        this same thread, after this (if the flag is already written, the armed step just runs)."""
+        with self._lock:
+            pending, self._rearm = self._rearm, None
+            if pending is not None and not self._closed and not self._poisoned:
+                self._arm(*pending)
 
     def poison(self) -> None:
         """Release the compute stream from waits on this link's request flags (and the peer's streams

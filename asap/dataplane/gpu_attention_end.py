@@ -2,8 +2,9 @@
 by CUDA streams that write and wait on the slots' flags (the protocol: ``asap.dataplane.gpu_fast``).
 
 The event loop or a hot-path compute thread enqueues a dispatch's fill and request flag on the *tx*
-stream; the poll thread, on a completion, has the *rx* stream wait for the done flag and copy the results
-out, and the slot's next fill waits for that copy on the GPU. A broken or retired link poisons every flag
+stream, publishes the descriptor, and then (``prefetch``) has the slot's *rx* stream wait for the done
+flag and copy the results out; the poll thread, on a completion, hands that result on (or enqueues the
+copy itself if the completion came first), and the slot's next fill waits for that copy on the GPU. A broken or retired link poisons every flag
 of the region, so no stream is left waiting.
 """
 
@@ -81,6 +82,11 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         torch.cuda.current_stream(device).synchronize()  # once per region: zero before the peer looks
         self.tx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.rx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.rx_slots = [torch.cuda.Stream(device) for _ in range(geometry.slots)]  # type: ignore[no-untyped-call]
+        """Per slot: the stream its results are copied out on (``prefetch``)."""
+        self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._taken: set[int] = set()
+        """Completions taken before their prefetch (which then does nothing)."""
         self.poison_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
@@ -143,40 +149,62 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         event.record(stream)
         return [*(events or []), event]
 
+    def prefetch(self, slot: int, seq: int, rows: int) -> None:
+        """Right after publishing ``seq``: enqueue on the slot's own rx stream the wait for its done flag
+        and the copy of its results out of the slot, so the copy runs as soon as the expert's stream
+        writes the flag, with no host in between, and the enqueueing is done while the expert works
+        (``_take`` then only hands the result on). Per-slot streams: no dispatch's copy waits behind
+        another slot's flag."""
+        with self._gpu_lock:
+            if self._poisoned or seq in self._taken:  # the completion came first (``_take`` copied)
+                self._taken.discard(seq)
+                return
+            self._prefetched[seq] = self._copy_out(self.rx_slots[slot], slot, seq, rows)
+
+    def _copy_out(
+        self, rx: torch.cuda.Stream, slot: int, seq: int, rows: int
+    ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Under ``_gpu_lock``: on ``rx``, wait for the slot's done flag and copy the results out; the
+        slot's next fill waits for that copy on the GPU (the result carries its event)."""
+        self.flags.wait(rx, self._flag(slot, DONE_FLAG_AT), seq)
+        timing = self._timing.get(seq)
+        if timing is not None and timing.events is not None:
+            timing.events = self._timing_event(rx, timing.events)
+        g = self.geometry
+        with torch.cuda.stream(rx):
+            hidden_at = g.payload(rows, shape_only=False)[0]
+            src = self._view(slot, hidden_at, self.dtype, [rows, g.hidden_size])
+            result = torch.empty_like(src)
+            result.copy_(src, non_blocking=True)
+        event = torch.cuda.Event(enable_timing=self._device_timing)  # type: ignore[no-untyped-call]
+        event.record(rx)
+        if timing is not None and timing.events is not None:
+            timing.events.append(event)
+        self._free_after[slot] = event  # read by the next fill of the slot, after the settle
+        return result, event
+
     def _take(self, completion: Completion, now_ns: int) -> None:
-        """On the poll thread, before the slot can be handed on: the rx stream waits for the expert's done
-        flag (after errors too: the expert writes it once its GPU work of the slot is over) and copies the
-        results out; the slot's next fill waits for that copy on the GPU, the result carries its event."""
+        """On the poll thread, before the slot can be handed on: the results' copy out, prefetched at
+        publication (or enqueued here if the completion came first: the rx stream waits for the
+        expert's done flag, written after errors too, then copies) is handed on with its event."""
         with self._lock:
             pending = self._pending.get(completion.seq)
         if pending is None:
             super()._take(completion, now_ns)  # logs the unknown completion
             return
         ok = not completion.status and completion.rows == pending.rows
-        timing = self._timing.pop(completion.seq, None)
         with self._gpu_lock:
             if self._poisoned:
                 return  # the link broke meanwhile: the dispatch has failed already
-            rx = self.rx
-            self.flags.wait(rx, self._flag(pending.slot, DONE_FLAG_AT), pending.seq)
-            if timing is not None and timing.events is not None:
-                timing.events = self._timing_event(rx, timing.events)
-            result = None
-            if ok:
-                g = self.geometry
-                with torch.cuda.stream(rx):
-                    hidden_at = g.payload(pending.rows, shape_only=False)[0]
-                    src = self._view(pending.slot, hidden_at, self.dtype, [pending.rows, g.hidden_size])
-                    result = torch.empty_like(src)
-                    result.copy_(src, non_blocking=True)
-            event = torch.cuda.Event(enable_timing=self._device_timing)  # type: ignore[no-untyped-call]
-            event.record(rx)
-            if timing is not None and timing.events is not None:
-                timing.events.append(event)
-            self._free_after[pending.slot] = event  # read by the loop after the settle below
-        if result is None:
+            copied = self._prefetched.pop(pending.seq, None)
+            if copied is None:
+                self._taken.add(pending.seq)
+                copied = self._copy_out(self.rx, pending.slot, pending.seq, pending.rows)
+        timing = self._timing.pop(completion.seq, None)
+        if not ok:
             super()._take(completion, now_ns)  # the base's error outcomes
             return
+        result, event = copied
         if timing is not None:
             timing.picked, timing.taken = completion.picked_unix_ns, time.time_ns()
             timing.queue_ns, timing.compute_ns = completion.queue_ns, completion.compute_ns
@@ -195,6 +223,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             if self._poisoned or self.cuda.size == 0:
                 return
             self._poisoned = True
+            self._prefetched.clear()
             value = poison_value(self._seq)
             stream = self.poison_stream
             for slot in range(self.geometry.slots):
@@ -210,6 +239,6 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         super().close()
         buf = self.cuda.buf
         if buf.numel():
-            for stream in (self.tx, self.rx):  # the memory outlives the copies still queued on them
+            for stream in (self.tx, self.rx, *self.rx_slots):  # the memory outlives the copies queued on them
                 buf.record_stream(stream)
             self.cuda.close()

@@ -168,6 +168,7 @@ class GpuFastPlane(FastPlane):
             seq, future = end.publish(
                 slot, request.micro_batch, request.layer, request.rows, shape_only=False, link_s=0.0
             )
+            end.prefetch(slot, seq, request.rows)
             self._hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             self.fast_exchanges += 1
             request.sent()
@@ -196,6 +197,7 @@ class _GpuDirect(_Direct):
         try:
             end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch)
             seq, _ = plane._publish(end, slot, request, ticket)
+            end.prefetch(slot, seq, request.rows)
         except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
             if end.broken is not None:
                 raise end.broken from None

@@ -17,6 +17,7 @@ from asap.model.grouped import BUCKETS, bucket_for
 __all__ = [
     "ARMED_STEPS_ENV",
     "DEFAULT_GPU_SLOT_BYTES",
+    "GPU_EXPERT_SPIN_S",
     "GPU_POLL_SPIN_S",
     "STEP_WORDS_AT",
     "armed_steps_enabled",
@@ -46,6 +47,10 @@ GPU_POLL_SPIN_S = float(os.environ.get("ASAP_GPU_POLL_SPIN_S", "0"))
 all). Measured on one H200 host: a 2 ms spin made every hand-off between the threads of a process wait
 for the GIL (the spinning thread holds it but for the 5 ms switch interval): 6.5 ms round trips against
 1.7 ms parked."""
+GPU_EXPERT_SPIN_S = float(os.environ.get("ASAP_GPU_EXPERT_SPIN_S", str(GPU_POLL_SPIN_S)))
+"""The same for the expert rank's poll thread alone (default: ``GPU_POLL_SPIN_S``). With captured and
+armed steps that thread answers the dispatches itself (no hand-off to the compute thread that a spin
+would hold the GIL from), so its doorbell wake-up is the only thing a spin can save there."""
 
 
 def gpu_layout_rows(geometry: LinkGeometry, rows: int) -> int:

@@ -109,7 +109,8 @@ def _lane_and_end(log: _Log) -> tuple[GpuFastLane, GpuExpertLinkEnd, list[tuple[
     end.buckets = (16, 32)
     end.graphs = {(1, 32, 0): _Graph(log, "s1b32")}  # type: ignore[dict-item]
     end._poisoned = False
-    end.arm_streams, end._armed, end._armed_after, end._launched = [], [], [], {}
+    end.arm_streams, end._armed, end._armed_after, end._launched, end._rearm = [], [], [], {}, None
+    end._lock, end._closed = threading.Lock(), False
     answers: list[tuple[int, AsapError | None]] = []
     end.answer = lambda request, out, error=None, **_: answers.append((request.seq, error))  # type: ignore[method-assign]
     end.release = lambda: log.ops.append(("release",))  # type: ignore[method-assign]
