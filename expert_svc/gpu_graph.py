@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from asap.dataplane.fastlink import REQUEST_FLAG_AT, LinkGeometry
+from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry
 from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows
 from asap.model.expert_part import ExpertPart
 from asap.model.grouped import BUCKETS, LayerAgnosticExperts, bucket_for, grouped_mm_available
@@ -161,10 +161,12 @@ class StepGraphs:
         weights: torch.Tensor,
         words: torch.Tensor,
         flag: torch.Tensor,
+        done: torch.Tensor | None = None,
     ) -> None:
         """The step on ``bucket`` rows (views of a slot) if the slot's ``words`` (rows, layer, seq) name
         this bucket and window and ``flag`` holds their seq, else a no-op; rows past the count skipped,
-        the results written over ``hidden``. Only stream-ordered device work: capturable."""
+        the results written over ``hidden``, then (``done`` given) the slot's done flag set to the seq.
+        Only stream-ordered device work: capturable."""
         bucket = hidden.shape[0]
         rows, layer = words[0].to(torch.int64), words[1].to(torch.int64)
         top = self._table.shape[0] - 1
@@ -178,7 +180,9 @@ class StepGraphs:
         self.bad_calls.add_(bad.any())
         kept = torch.where(valid, weights, 0.0)
         out = self.routine.run_window(window, inner, hidden, local, kept)
-        hidden.copy_(torch.where(valid, out, hidden))
+        torch.where(valid, out, hidden, out=hidden)  # (rows left as they were where not valid)
+        if done is not None:  # after the results (stream order, same GPU): the peer may copy them out
+            torch.where(match, flag, done, out=done)
 
     def warm(self, buckets: Sequence[int]) -> None:
         """Run every (bucket, window) step once on scratch memory (kernel loads, Triton compilation,
@@ -208,24 +212,28 @@ class StepGraphs:
         between: Callable[[], None] = lambda: None,
         *,
         pool_per_slot: bool = False,
+        device_done: bool = False,
     ) -> dict[StepKey, torch.cuda.CUDAGraph]:
         """The graphs of every (slot, bucket, window) of a link whose slots' memory is ``buf``; nothing
         runs (``between`` after each capture: the caller's heartbeat). Any thread: captures on a side
         stream in thread-local mode, so other threads' launches meanwhile are fine. ``pool_per_slot``:
         one memory pool per slot (each slot's graphs replayed on the slot's own stream, concurrently
-        with other slots'), else the lane's one pool (every graph replayed on one stream)."""
+        with other slots'), else the lane's one pool (every graph replayed on one stream). ``device_done``:
+        the step writes the slot's done flag itself when it computed (the slots on this GPU)."""
         graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             for slot in range(geometry.slots):
                 pool = torch.cuda.graph_pool_handle() if pool_per_slot else self._pool
                 words, flag = slot_words(buf, geometry, slot)
+                base = geometry.device_slot_at(slot) + DONE_FLAG_AT
+                done = buf[base : base + 4].view(torch.int32) if device_done else None
                 for bucket in buckets:
                     hidden, ids, weights = _views(buf, geometry, slot, bucket, self.part.dtype)
                     for window in range(self.windows):
                         graph = torch.cuda.CUDAGraph()
                         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                         try:
-                            self.run(window, hidden, ids, weights, words, flag)
+                            self.run(window, hidden, ids, weights, words, flag, done)
                         finally:
                             graph.capture_end()
                         graphs[(slot, bucket, window)] = graph

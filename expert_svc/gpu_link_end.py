@@ -14,7 +14,9 @@ step checks the slot's words on the device and does nothing when they name anoth
 flag was poisoned. Every done flag of such a link is written on the slot's stream, after the armed step,
 and the slot is re-armed before the completion is published, so the next descriptor always finds the
 slot's state as the stream has it. ``_armed[slot]``: the key of the step pending on the slot's stream
-(None: nothing pending); any request of the slot consumes it.
+(None: nothing pending); any request of the slot consumes it. Where the slots lie on this GPU the step
+also writes the done flag itself right after the results (``ASAP_GPU_DEVICE_DONE``, default on), so
+the attention's prefetched copy out starts when the step ends, not when this host took the descriptor.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
 from asap.dataplane.gpu_flags import poison_value
-from asap.dataplane.gpu_layout import armed_steps_enabled, gpu_layout_rows
+from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, gpu_layout_rows
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.fastlane import ExpertLinkEnd, _Item
@@ -86,8 +88,14 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
                 started = time.monotonic()
                 self.buckets = graph_buckets(self.geometry, steps.largest)
                 armed = armed_steps_enabled() and bool(self.buckets)
+                same_gpu = self.slots_buf.device == torch.device(lane.device)  # (ordering across GPUs)
                 self.graphs = steps.capture(
-                    self.slots_buf, self.geometry, self.buckets, self._beat, pool_per_slot=armed
+                    self.slots_buf,
+                    self.geometry,
+                    self.buckets,
+                    self._beat,
+                    pool_per_slot=armed,
+                    device_done=armed and same_gpu and device_done_enabled(),
                 )
                 if armed:
                     slots = self.geometry.slots

@@ -37,6 +37,12 @@ DEVICE_TIMING_ENV = "ASAP_GPU_DEVICE_TIMING"
 the benchmarks' breakdown of where the GPU round trip goes; default off (events cost driver calls)."""
 
 
+def _int32(value: int) -> int:
+    """``value``'s low 32 bits as a signed int32 (how the device words and flags compare them)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 @dataclass(slots=True)
 class Timing:
     """One dispatch's hops (``time.time_ns`` of both processes), for the benchmarks' breakdown."""
@@ -91,6 +97,14 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
         """Per slot: the copy out of its last results (the next fill waits for it on the GPU)."""
+        pinned = torch.zeros(geometry.slots, 3, dtype=torch.int32, pin_memory=True)
+        self._words_pinned = list(pinned)
+        self._words_host = pinned.numpy()
+        self._words_device = [
+            self.cuda.view(geometry.device_slot_at(slot) + STEP_WORDS_AT, torch.int32, [3])
+            for slot in range(geometry.slots)
+        ]
+        """Per slot: its step words (rows, layer, seq) in pinned host memory and in the slot."""
         self._poisoned = False
         self._gpu_lock = threading.Lock()
         self.timings: deque[Timing] = deque(maxlen=256)
@@ -134,10 +148,10 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self._view(slot, weights_at, torch.float32, [rows, top_k]).copy_(
                 dispatch.weights, non_blocking=True
             )
-        words = self._flag(slot, STEP_WORDS_AT)  # what the expert's captured step checks on the device
-        self.flags.write(tx, words, rows)
-        self.flags.write(tx, words + 4, header.layer)
-        self.flags.write(tx, words + 8, header.seq)
+            # what the expert's captured step checks on the device, from the slot's pinned words (not
+            # rewritten before this copy ran: the slot's next fill comes after this dispatch's answer)
+            self._words_host[slot] = (rows, header.layer, _int32(header.seq))
+            self._words_device[slot].copy_(self._words_pinned[slot], non_blocking=True)
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
         self._timing[header.seq] = Timing(time.time_ns(), events=self._timing_event(tx, events))
 

@@ -17,10 +17,12 @@ from asap.model.grouped import BUCKETS, bucket_for
 __all__ = [
     "ARMED_STEPS_ENV",
     "DEFAULT_GPU_SLOT_BYTES",
+    "DEVICE_DONE_ENV",
     "GPU_EXPERT_SPIN_S",
     "GPU_POLL_SPIN_S",
     "STEP_WORDS_AT",
     "armed_steps_enabled",
+    "device_done_enabled",
     "gpu_layout_rows",
     "gpu_slot_bytes_for",
 ]
@@ -33,6 +35,17 @@ it computes only when the words name its bucket and window and the request flag 
 ARMED_STEPS_ENV = "ASAP_GPU_ARMED_STEPS"
 """``0`` (or ``off``): the expert rank enqueues each captured step when its descriptor arrives; default
 on: each slot's next step waits, pre-enqueued, on the slot's own stream (``expert_svc.gpu_fastlane``)."""
+
+
+DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"
+"""``0``: the done flag of an armed step is written only by the expert host once it took the descriptor;
+default on where the slots lie on the expert's GPU: the captured step writes it itself right after the
+results (the host's later write of the same value stays), so the peer's copy out starts with no host."""
+
+
+def device_done_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(DEVICE_DONE_ENV, "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
 
 
 def armed_steps_enabled(environ: dict[str, str] | None = None) -> bool:

@@ -2,7 +2,8 @@
 holding garbage past the dispatch's rows, it writes over the rows exactly what the eager path computes
 (``device_local_ids`` + ``compute_local``), for every bucket, slot and layer, and counts ids not hosted
 here; replayed for another bucket or window than the slot's words name, or with the request flag not
-holding their seq (poisoned), it changes nothing."""
+holding their seq (poisoned), it changes nothing, its done flag included; when it computes, it writes the
+slot's done flag itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asap.dataplane.fastlink import LinkGeometry
+from asap.dataplane.fastlink import DONE_FLAG_AT, LinkGeometry
 from asap.dataplane.gpu_fast import gpu_layout_rows
 from asap.dataplane.gpu_flags import driver_flags, flags_available
 from asap.model.checkpoint import CheckpointReader
@@ -42,7 +43,7 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
     buckets = graph_buckets(g, 256)
     assert buckets == (16, 32, 64, 128, 256)
     steps.warm(buckets)
-    graphs = steps.capture(buf, g, buckets)
+    graphs = steps.capture(buf, g, buckets, device_done=True)
     assert len(graphs) == g.slots * len(buckets) * steps.windows
     flags, stream = driver_flags(), torch.cuda.current_stream(dev)
     gen = torch.Generator(device=dev).manual_seed(3)
@@ -74,15 +75,19 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
         flags.write(stream, int(flag.data_ptr()), seq + 1)  # not this seq (a poisoned flag): a no-op
         rows_view = buf[base + hidden_at : base + hidden_at + rows * h * 2]
         untouched = rows_view.clone()
+        done = buf[base + DONE_FLAG_AT : base + DONE_FLAG_AT + 4].view(torch.int32)
+        done_before = done.clone()
         graphs[(slot, layout, window)].replay()
         other = 16 if layout != 16 else 32  # a step armed for another bucket: a no-op as well
         graphs[(slot, other, window)].replay()
         torch.cuda.synchronize()
         assert torch.equal(rows_view, untouched), (rows, slot, layer)
+        assert torch.equal(done, done_before)  # no done flag from a step that did not compute
         assert int(bad_calls) == before
         flags.write(stream, int(flag.data_ptr()), seq)
         graphs[(slot, layout, window)].replay()
         torch.cuda.synchronize()
         got = rows_view.view(torch.bfloat16).view(rows, h)
         assert torch.equal(got, expected), (rows, slot, layer)
+        assert int(done) == seq  # written by the step itself, after the results
         assert int(bad_calls) == before + int(foreign)  # odd ids: counted once, skipped
