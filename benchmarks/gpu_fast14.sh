@@ -21,8 +21,8 @@ start_mps() {
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     nvidia-cuda-mps-control -d && echo "MPS daemon started in $mps_dir"
 }
-stop_mps() {
-    echo quit | nvidia-cuda-mps-control 2>/dev/null
+stop_mps() {  # bounded: a quit waits for the daemon's clients, and a cut test run can leave some behind
+    echo quit | timeout 20 nvidia-cuda-mps-control 2>/dev/null || echo "MPS quit did not return in 20 s"
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 export CUDA_MODULE_LOADING=EAGER

@@ -14,9 +14,9 @@ step checks the slot's words on the device and does nothing when they name anoth
 flag was poisoned. Every done flag of such a link is written on the slot's stream, after the armed step,
 and the slot is re-armed before the completion is published, so the next descriptor always finds the
 slot's state as the stream has it. ``_armed[slot]``: the key of the step pending on the slot's stream
-(None: nothing pending); any request of the slot consumes it. Where the slots lie on this GPU the step
-also writes the done flag itself right after the results (``ASAP_GPU_DEVICE_DONE``, default on), so
-the attention's prefetched copy out starts when the step ends, not when this host took the descriptor.
+(None: nothing pending); any request of the slot consumes it. With ``ASAP_GPU_DEVICE_DONE=1``, where the
+slots lie on this GPU, the step also writes the done flag itself right after the results, so the
+attention's prefetched copy out starts when the step ends, not when this host took the descriptor.
 """
 
 from __future__ import annotations
