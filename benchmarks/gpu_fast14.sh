@@ -5,7 +5,10 @@
 #   bash benchmarks/gpu_fast14.sh tests dataplane      # tests/gpu + benchmarks/gpu_dataplane.py
 #   bash benchmarks/gpu_fast14.sh headline              # gpu_headline.py 1+1 (auto = fast) + gpu_monolithic.py
 #   TESTS=tests/gpu/test_gpu_graph.py bash benchmarks/gpu_fast14.sh tests graphs
-#                                   # the fast plane's round trip, captured expert steps off then on
+#                                   # the fast plane's round trip: eager, captured, armed steps (see graphs)
+#   VARIANTS="armed:1:1:0:0: armed-direct:1:1:1:0:--direct" bash benchmarks/gpu_fast14.sh graphs
+#                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag
+# The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
 # starts its own through asap.mps). Everything lands in $OUT.
