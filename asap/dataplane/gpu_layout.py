@@ -33,8 +33,13 @@ before the request flag: the dispatch's row count, its layer and its sequence nu
 captured step reads them on the device, so it can be enqueued before the descriptor arrives (armed):
 it computes only when the words name its bucket and window and the request flag holds their seq."""
 ARMED_STEPS_ENV = "ASAP_GPU_ARMED_STEPS"
-"""``0`` (or ``off``): the expert rank enqueues each captured step when its descriptor arrives; default
-on: each slot's next step waits, pre-enqueued, on the slot's own stream (``expert_svc.gpu_fastlane``)."""
+"""``1`` (or ``on``): each slot's next captured step waits, pre-enqueued, on the slot's own stream
+(``expert_svc.gpu_link_end``), so the attention stream's flag write starts it with no host in between.
+Default off: the expert rank enqueues each captured step when its descriptor arrives. A pending wait
+holds its stream, and CUDA multiplexes streams onto ``CUDA_DEVICE_MAX_CONNECTIONS`` hardware queues
+(PyTorch hands out a pool of 32 streams round robin), so with several links another slot's step can
+queue behind a wait whose flag comes only after that step's answer: a stall the peer deadline would
+end as UNAVAILABLE. Until that is ruled out on multi-link experts, arming is opt-in."""
 
 
 DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"
@@ -51,8 +56,8 @@ def device_done_enabled(environ: dict[str, str] | None = None) -> bool:
 
 
 def armed_steps_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "1").strip().lower()
-    return value not in ("0", "off", "false", "no")
+    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "0").strip().lower()
+    return value in ("1", "on", "true", "yes")
 
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024

@@ -248,6 +248,6 @@ def test_an_error_on_an_armed_slot_writes_its_done_flag_on_the_slot_stream_and_d
     assert end._armed[1] is None
 
 
-def test_armed_steps_default_on_and_the_device_done_flag_off() -> None:
-    assert armed_steps_enabled({}) and not armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "0"})
+def test_armed_steps_and_the_device_done_flag_default_off() -> None:
+    assert not armed_steps_enabled({}) and armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "1"})
     assert not device_done_enabled({}) and device_done_enabled({"ASAP_GPU_DEVICE_DONE": "1"})
