@@ -253,8 +253,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             with self._lock:
                 self._pending.pop(seq, None)
             raise Unavailable(f"{self.peer}: fast link request ring is full")
-        if self.requests.consumer_waiting:
-            self.request_bell.ring()
+        self.requests.wake(self.request_bell)  # held until the layer's last post inside ``wakes_deferred``
         return seq, future
 
     def header(
