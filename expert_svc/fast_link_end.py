@@ -114,14 +114,15 @@ class ExpertLinkEnd(LaneEnd):
         if request.shape_only:
             if not self.lane.shape_only:
                 raise InvalidArgument("a dispatch without row values to a rank that computes them")
-            hidden = torch.empty(rows, g.hidden_size, dtype=dtype, device="meta")
+            hidden = self.lane.meta_rows(rows)
         elif self.lane.shape_only:
             raise InvalidArgument("row values sent to an emulated expert rank")
         else:
             count = rows * g.hidden_size
             hidden = torch.frombuffer(self._buf, dtype=dtype, count=count, offset=at + hidden_at)
             hidden = hidden.view(rows, g.hidden_size)
-        ids = np.frombuffer(self._buf, dtype=np.int32, count=rows * top_k, offset=at + ids_at)
+        shape = (rows, top_k)  # numpy views shaped first: one torch call each, not two
+        ids = np.frombuffer(self._buf, dtype=np.int32, count=rows * top_k, offset=at + ids_at).reshape(shape)
         weights = np.frombuffer(self._buf, dtype=np.float32, count=rows * top_k, offset=at + weights_at)
         self.lane.validate(request.layer, ids)
         return LaneItem(
@@ -130,8 +131,8 @@ class ExpertLinkEnd(LaneEnd):
             header,
             request.layer,
             hidden,
-            torch.from_numpy(ids).view(rows, top_k),  # type: ignore[arg-type]
-            torch.from_numpy(weights).view(rows, top_k),  # type: ignore[arg-type]
+            torch.from_numpy(ids),
+            torch.from_numpy(weights.reshape(shape)),
             time.time_ns(),
             now_ns,
         )
