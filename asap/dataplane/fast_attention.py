@@ -110,6 +110,9 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
         self.parked_elsewhere = 0
         """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
+        self.loop_senders = False
+        """Whether a dispatch was ever published with a future to settle (``exchange``, the event-loop
+        path); until then every sender is a hot-path compute thread, which takes its own answers."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
@@ -134,6 +137,17 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             return worked or bool(due) or bool(self._delayed)
         finally:
             self._consume.release()
+
+    @property
+    def park_here(self) -> bool:
+        """Whether the poll thread parks on this end's doorbell (``PollThread``): not while a compute
+        thread sleeps on it, and not while only hot-path senders used it. Their compute thread takes
+        its own answers (``DirectLink.poll`` when it is busy, its own park when idle), so the poll
+        thread woken by every completion too (one per expert rank and layer, while it sat in a park
+        begun before the compute thread's) cost CPU and bought nothing: 0.16 ms CPU per layer with
+        one expert rank, 0.7 ms with four (``benchmarks/layer_hops.py``, thread ``fast-completions``).
+        It still sweeps and ticks the end at its park timeout (heartbeats, abandoned slots)."""
+        return self.parked_elsewhere == 0 and self.loop_senders
 
     def held(self) -> int:
         """Results held back for their modelled transfer time (the poller must look again soon)."""
@@ -227,6 +241,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         sink: Sink
         if ticket is None:
             future = sink = self._loop.create_future()
+            self.loop_senders = True  # the poll thread settles these: it parks on the doorbell now
         else:
             sink = ticket
         with self._lock:
