@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake
+from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake, wakes_deferred
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.emulation.clock import reduce_timer_slack
 from asap.errors import AsapError, InternalError, Unavailable
@@ -266,6 +266,10 @@ class DirectRunner:
 
     def _post(self, batch: DirectBatch, layer: int, dispatches: list[RankDispatch]) -> None:
         batch.posted_unix_ns = time.time_ns() if batch.trace is not None else 0
+        with wakes_deferred():  # every dispatch of the layer published before any expert rank is woken
+            self._post_each(batch, layer, dispatches)
+
+    def _post_each(self, batch: DirectBatch, layer: int, dispatches: list[RankDispatch]) -> None:
         for dispatch in dispatches:
             request = PlaneRequest(batch.micro_batch, layer, dispatch)
             if batch.trace is not None:

@@ -24,7 +24,9 @@ The interface (what a plane implements to take part):
     an ``ExchangeResult`` or an ``AsapError`` (the same errors as ``exchange``: ``Unavailable`` when the
     path broke, within the plane's failure bound; the expert's in-band error; ``InvalidArgument``).
     Raises ``AsapError`` when it cannot send (the path is broken). ``ticket.cancelled`` set by the caller
-    must end a blocked ``post`` promptly (``Unavailable`` raised).
+    must end a blocked ``post`` promptly (``Unavailable`` raised). The caller posts a layer's dispatches
+    inside ``wakes_deferred()``: a plane that wakes its peer through ``asap.dataplane.ring`` then wakes
+    them all after the last post (and before any ``post`` blocks for a credit).
 
 ``DirectLink.abandon(ticket)``
     Any thread: the batch gave up on a posted dispatch (cancelled, or another dispatch of the layer
@@ -58,9 +60,10 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.dataplane.ring import wakes_deferred
 from asap.errors import AsapError
 
-__all__ = ["SHORT_PARK_S", "DirectCapable", "DirectLink", "Ticket", "Wake"]
+__all__ = ["SHORT_PARK_S", "DirectCapable", "DirectLink", "Ticket", "Wake", "wakes_deferred"]
 
 SHORT_PARK_S = 200e-6
 """How long a waiter sleeps at most on a link that gave no file descriptor to wait on."""

@@ -117,6 +117,9 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
         self.parked_elsewhere = 0
         """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
+        self.loop_senders = False
+        """Whether a dispatch was ever published with a future to settle (``exchange``, the event-loop
+        path); until then every sender is a hot-path compute thread, which takes its own answers."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
@@ -141,6 +144,17 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             return worked or bool(due) or bool(self._delayed)
         finally:
             self._consume.release()
+
+    @property
+    def park_here(self) -> bool:
+        """Whether the poll thread parks on this end's doorbell (``PollThread``): not while a compute
+        thread sleeps on it, and not while only hot-path senders used it. Their compute thread takes
+        its own answers (``DirectLink.poll`` when it is busy, its own park when idle), so the poll
+        thread woken by every completion too (one per expert rank and layer, while it sat in a park
+        begun before the compute thread's) cost CPU and bought nothing: 0.16 ms CPU per layer with
+        one expert rank, 0.7 ms with four (``benchmarks/layer_hops.py``, thread ``fast-completions``).
+        It still sweeps and ticks the end at its park timeout (heartbeats, abandoned slots)."""
+        return self.parked_elsewhere == 0 and self.loop_senders
 
     def held(self) -> int:
         """Results held back for their modelled transfer time (the poller must look again soon)."""
@@ -231,6 +245,8 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         """Publish the filled ``slot``; returns its sequence number and the future of its result (on the
         event loop), or None when ``ticket`` (a hot-path sender, any thread) is to be settled instead."""
         future, sink = sink_for(self._loop, ticket)
+        if ticket is None:
+            self.loop_senders = True  # the poll thread settles these: it parks on the doorbell now
         with self._lock:
             if self.broken is not None:
                 raise self.broken
@@ -254,8 +270,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             with self._lock:
                 self._pending.pop(seq, None)
             raise Unavailable(f"{self.peer}: fast link request ring is full")
-        if self.requests.consumer_waiting:
-            self.request_bell.ring()
+        self.requests.wake(self.request_bell)  # held until the layer's last post inside ``wakes_deferred``
         return seq, future
 
     def header(

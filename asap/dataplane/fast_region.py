@@ -27,7 +27,7 @@ from asap.dataplane.fastlink import (
     heartbeat,
     read_error,
 )
-from asap.dataplane.ring import Doorbell, Ring
+from asap.dataplane.ring import WAIT_BELL, Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.errors import AsapError
 from asap.v1 import expert_pb2
@@ -47,10 +47,10 @@ class SharedWaitRing(Ring):
         self._parked = 0
         self._parked_lock = threading.Lock()
 
-    def set_waiting(self, waiting: bool) -> None:
+    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
         with self._parked_lock:
             self._parked = self._parked + 1 if waiting else max(0, self._parked - 1)
-            super().set_waiting(self._parked > 0)
+            super().set_waiting(self._parked > 0, WAIT_BELL)  # both of its waiters sleep on the doorbell
 
 
 def _bytes_of(t: torch.Tensor, dtype: torch.dtype) -> memoryview:

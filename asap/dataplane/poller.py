@@ -8,8 +8,8 @@ endpoint, so its memory may then be unmapped.
 
 An endpoint may be waited on by another thread too (the attention compute thread on the hot path,
 ``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell). While its
-``parked_elsewhere`` is non-zero the poll thread still sweeps and ticks it but does not park on its
-doorbell, so one answer wakes one thread.
+``park_here`` is False the poll thread still sweeps and ticks it but does not park on its doorbell, so
+one answer wakes one thread.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class PollThread(Sweeper[Endpoint]):
             if worked:
                 backoff.reset()
             elif endpoints:
-                parkable = [e for e in endpoints if not getattr(e, "parked_elsewhere", 0)]
+                parkable = [e for e in endpoints if getattr(e, "park_here", True)]
                 try:
                     backoff.idle([e.inbound for e in parkable], [e.bell for e in parkable])
                 except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again

@@ -22,6 +22,13 @@ refuses the record (``try_push`` returns False): the producer holds it back, not
 Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting`` and blocks in
 ``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. A wake-up lost to
 the race between the two (store-load reordering) costs at most the park timeout, never a record.
+
+A ring made with ``futex_wait`` (the expert's request rings) lets its consumer park on the ``waiting``
+word itself instead (``WAIT_FUTEX``, a shared futex: ``asap.dataplane.futex``); the producer
+(``Ring.wake``) then clears the word and wakes it with ``FUTEX_WAKE``, an ordinary wake-up, where a pipe
+write is a synchronous one that made the attention compute thread wait behind the woken poll threads.
+The word's value says how the consumer waits, so the producer needs no configuration. A sender of
+several records in a row may hold its wake-ups back until all are published (``wakes_deferred``).
 """
 
 from __future__ import annotations
@@ -30,13 +37,25 @@ import contextlib
 import os
 import select
 import struct
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+from asap.dataplane import futex
 from asap.emulation.clock import reduce_timer_slack
 from asap.errors import InvalidArgument
 
-__all__ = ["LINE", "RECORD_BYTES", "Backoff", "Doorbell", "Ring"]
+__all__ = [
+    "LINE",
+    "RECORD_BYTES",
+    "WAIT_BELL",
+    "WAIT_FUTEX",
+    "Backoff",
+    "Doorbell",
+    "Ring",
+    "flush_deferred_wakes",
+    "wakes_deferred",
+]
 
 LINE = 64
 RECORD_BYTES = 64
@@ -44,12 +63,17 @@ RECORD_BYTES = 64
 _HEADER = 3 * LINE
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_WAITING = 2 * LINE
+WAIT_BELL = 1
+"""``waiting``: the consumer sleeps on the doorbell FIFO."""
+WAIT_FUTEX = 2
+"""``waiting``: the consumer sleeps on the word itself (a shared futex)."""
 
 
 class Ring:
     """One SPSC ring over ``buf[offset:offset + Ring.nbytes(capacity)]``; one side pushes, the other pops."""
 
-    def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
+    def __init__(self, buf: memoryview, offset: int, capacity: int, *, futex_wait: bool = False) -> None:
         if capacity <= 0:
             raise InvalidArgument(f"ring capacity must be > 0, got {capacity}")
         if offset % LINE or offset + self.nbytes(capacity) > len(buf):
@@ -60,6 +84,11 @@ class Ring:
         self._records = offset + _HEADER
         self._head = self._load(0)  # the producer's own copy (only it writes head)
         self._tail = self._load(LINE)  # the consumer's own copy (only it writes tail)
+        self.futex_wait = futex_wait and futex.available()
+        """The consumer parks on the ``waiting`` word (``Backoff``), not on the doorbell."""
+        self._waiting_address = 0
+        with contextlib.suppress(TypeError, ValueError, BufferError):  # a read-only buffer: no futex
+            self._waiting_address = futex.address_of(buf, offset + _WAITING)
 
     @staticmethod
     def nbytes(capacity: int) -> int:
@@ -92,7 +121,31 @@ class Ring:
 
     @property
     def consumer_waiting(self) -> bool:
-        return bool(_U32.unpack_from(self._buf, self.offset + 2 * LINE)[0])
+        return bool(_U32.unpack_from(self._buf, self.offset + _WAITING)[0])
+
+    def wake(self, bell: Doorbell) -> None:
+        """After publishing: wake the consumer if it is parked, the way it parked (its doorbell or its
+        futex). Inside ``wakes_deferred`` on this thread, held until the block ends."""
+        held: list[tuple[Ring, Doorbell]] | None = getattr(_deferred, "wakes", None)
+        if held is None:
+            self._wake_now(bell)
+        elif not any(ring is self for ring, _ in held):
+            held.append((self, bell))
+
+    def _wake_now(self, bell: Doorbell) -> None:
+        state = _U32.unpack_from(self._buf, self.offset + _WAITING)[0]
+        if not state:
+            return
+        if state == WAIT_FUTEX and self._waiting_address:
+            _U32.pack_into(self._buf, self.offset + _WAITING, 0)  # a wait not yet entered returns at once
+            if futex.wake(self._waiting_address) >= 0:
+                return
+        bell.ring()
+
+    @property
+    def waiting_address(self) -> int:
+        """The address of the ``waiting`` word (0: unknown), for ``futex.wait_any``."""
+        return self._waiting_address
 
     # consumer side
 
@@ -112,8 +165,8 @@ class Ring:
         at = self._records + (self._tail % self.capacity) * RECORD_BYTES
         return bool(_U64.unpack_from(self._buf, at)[0] == self._tail + 1)
 
-    def set_waiting(self, waiting: bool) -> None:
-        _U32.pack_into(self._buf, self.offset + 2 * LINE, int(waiting))
+    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
+        _U32.pack_into(self._buf, self.offset + _WAITING, how if waiting else 0)
 
     # either side
 
@@ -127,6 +180,39 @@ class Ring:
     def release(self) -> None:
         """Forget the buffer (the mapping can then be closed)."""
         self._buf = memoryview(b"")
+        self._waiting_address = 0
+
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def wakes_deferred() -> Iterator[None]:
+    """Hold this thread's consumer wake-ups (``Ring.wake``) until the block ends, then give them, one per
+    ring. A sender posting one record per peer (the attention compute thread, one dispatch per expert
+    rank of a layer) publishes them all before it wakes anyone, so no woken peer delays the next post.
+    Nested blocks join the outer one."""
+    if getattr(_deferred, "wakes", None) is not None:
+        yield
+        return
+    _deferred.wakes = []
+    try:
+        yield
+    finally:
+        flush_deferred_wakes()
+        _deferred.wakes = None
+
+
+def flush_deferred_wakes() -> None:
+    """Give this thread's held wake-ups now (a sender about to block, e.g. for a credit: a peer it has
+    not woken yet may be the one that frees it). The block goes on holding later ones."""
+    held: list[tuple[Ring, Doorbell]] | None = getattr(_deferred, "wakes", None)
+    if not held:
+        return
+    _deferred.wakes = []
+    for ring, bell in held:
+        with contextlib.suppress(ValueError, IndexError, TypeError, struct.error):  # retired meanwhile
+            ring._wake_now(bell)
 
 
 class Doorbell:
@@ -201,15 +287,21 @@ class Backoff:
             time.sleep(self._sleep_s)
             self._sleep_s = min(self._sleep_s * 2, self.park_s)
             return
+        on_futex = all(ring.futex_wait and ring.waiting_address for ring in rings)
+        how = WAIT_FUTEX if on_futex else WAIT_BELL
         for ring in rings:
-            ring.set_waiting(True)
+            ring.set_waiting(True, how)
         try:
-            if any(ring.ready() for ring in rings):  # published before the flag was seen: no bell comes
+            if any(ring.ready() for ring in rings):  # published before the flag was seen: no wake comes
                 return
             self.parks += 1
-            woken, _, _ = select.select(bells, [], [], self._sleep_s)
-            for bell in woken:
-                bell.drain()
+            if on_futex:
+                if not futex.wait_any([ring.waiting_address for ring in rings], WAIT_FUTEX, self._sleep_s):
+                    time.sleep(self._sleep_s)  # the call failed: sleep the timeout instead
+            else:
+                woken, _, _ = select.select(bells, [], [], self._sleep_s)
+                for bell in woken:
+                    bell.drain()
             self._sleep_s = min(self._sleep_s * 2, self.park_s)
         finally:
             for ring in rings:

@@ -16,6 +16,7 @@ import threading
 from collections import deque
 
 from asap.dataplane.direct import Ticket
+from asap.dataplane.ring import flush_deferred_wakes
 from asap.dataplane.slot_plane import await_credit
 from asap.errors import AsapError, Unavailable
 
@@ -73,6 +74,7 @@ class SlotCredits:
                 if not held:
                     held = True
                     self.held_back += 1
+                    flush_deferred_wakes()  # a peer not woken yet may be the one to free a slot
                 self._slot_freed.wait(poll_s)
 
     def give_back(self, slot: int) -> None:
