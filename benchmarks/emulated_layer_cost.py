@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,8 +50,15 @@ def modeled_ms(model: Path, compute: str, experts: int, tokens: int, samples: in
 
 
 def _start(
-    plane: str, attention: int, experts: int, compute: str, model: Path = MODEL
+    plane: str,
+    attention: int,
+    experts: int,
+    compute: str,
+    model: Path = MODEL,
+    run: Sequence[str] = ("-m",),
 ) -> list[ServiceProcess]:
+    """The cluster's processes, the scheduler last; ``run`` is what precedes each service's module name
+    on the interpreter's command line (``request_breakdown.py`` runs them through a wrapper)."""
     common = ["--model", str(model), "--port", "0", "--compute", compute, "--dtype", "bfloat16",
               "--optimizations", OPTIMIZATIONS]  # fmt: skip
     procs = []
@@ -59,7 +67,7 @@ def _start(
             ServiceProcess(
                 f"expert-{r}",
                 [
-                    "-m",
+                    *run,
                     "expert_svc",
                     *common,
                     "--rank",
@@ -78,7 +86,7 @@ def _start(
             ServiceProcess(
                 f"attention-{r}",
                 [
-                    "-m",
+                    *run,
                     "attention_svc",
                     *common,
                     "--rank",
@@ -94,7 +102,7 @@ def _start(
         procs += tops
         heads = ",".join(p.wait_ready() for p in tops)
         scheduler = ServiceProcess(
-            "scheduler", ["-m", "scheduler_svc", "--port", "0", "--attention", heads, "--model", str(model),
+            "scheduler", [*run, "scheduler_svc", "--port", "0", "--attention", heads, "--model", str(model),
                           "--optimizations", OPTIMIZATIONS])  # fmt: skip
         procs.append(scheduler)
         scheduler.wait_ready()

@@ -240,3 +240,23 @@ def test_inputs_ready_starts_the_next_layers_modelled_time(config_only: ModelCon
     # the next layer keeps the caller's begin: its modelled time counts from the results' take
     assert sleeper.begins == [(False, False), (False, False), (True, True)]
     assert len(sleeper.calls) == 2  # the full modelled time of both layers is charged
+
+
+def test_router_takes_the_same_rows_as_gathering_through_the_layer_permutation(
+    config_only: ModelConfig,
+) -> None:
+    """The per-layer pools computed once give what the two gathers per call gave: the same ids and
+    weights, dtypes and shapes, for every MoE layer and the same generator state."""
+    from asap.emulation.parts import RandomRouter
+
+    router = RandomRouter(config_only, seed=3, skew=0.5, pool_rows=64)
+    for layer in config_only.moe_layer_ids:
+        g_new, g_old = torch.Generator().manual_seed(layer), torch.Generator().manual_seed(layer)
+        ids, weights = router.route(layer, 37, g_new)
+        rows = torch.randint(64, (37,), generator=g_old)
+        expected_ids = router._expert_of_rank[layer][router._pool_ids[rows]]
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        assert ids.shape == (37, config_only.top_k) and weights.shape == (37, config_only.top_k)
+        assert torch.equal(ids, expected_ids)
+        assert torch.equal(weights, router._pool_weights[rows])
+        assert all(len(set(row)) == config_only.top_k for row in ids.tolist())
