@@ -244,9 +244,11 @@ class EmulatedExpertPart(ExpertPart):
         checks cost more than the modelled call's bookkeeping)."""
         self._check_shapes(hidden, expert_ids, weights)
         ids = _int64_ids(expert_ids)
-        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.config.num_experts):
+        low = int(ids.min()) if ids.size else 0
+        if ids.size and (low < -1 or int(ids.max()) >= self.config.num_experts):
             self._reject(ids)
-        counts = self._counts(ids)
+        # no -1 slot (the usual case): count without masking them out first
+        counts = np.bincount(ids, minlength=self.config.num_experts) if low >= 0 else self._counts(ids)
         if counts[self._foreign].any():
             self._reject(ids)
         return [int(c) for c in counts[self._hosted_index].tolist()]
@@ -292,5 +294,8 @@ def _begin(sleeper: Sleeper, *, keep_pending: bool = False) -> None:
 
 
 def _int64_ids(expert_ids: torch.Tensor) -> np.ndarray:  # type: ignore[type-arg]
-    """Flat int64 numpy ids of a CPU (or any) integer tensor [N, K]."""
+    """Flat int64 numpy ids of a CPU (or any) integer tensor [N, K]. A CPU int64 / int32 tensor (what
+    the planes deliver) is read in place through numpy (~5 µs, against ~15 µs for the torch calls)."""
+    if expert_ids.device.type == "cpu" and expert_ids.dtype in (torch.int64, torch.int32):
+        return expert_ids.detach().numpy().reshape(-1).astype(np.int64, copy=False)
     return expert_ids.detach().to(device="cpu", dtype=torch.int64).reshape(-1).numpy()

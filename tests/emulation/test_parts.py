@@ -260,3 +260,21 @@ def test_router_takes_the_same_rows_as_gathering_through_the_layer_permutation(
         assert torch.equal(ids, expected_ids)
         assert torch.equal(weights, router._pool_weights[rows])
         assert all(len(set(row)) == config_only.top_k for row in ids.tolist())
+
+
+def test_expert_rows_counted_alike_with_and_without_empty_slots_and_for_int32_ids(
+    config_only: ModelConfig,
+) -> None:
+    """The count without masking (no -1 slot) and the numpy read of int32 / int64 CPU ids give what the
+    masked count of int64 ids gives."""
+    part = EmulatedExpertPart(config_only, [1, 3], H200, sleeper=RecordingSleeper())
+    hidden = torch.empty((3, config_only.hidden_size), device="meta", dtype=torch.bfloat16)
+    weights = torch.ones(3, 2)
+    full = torch.tensor([[1, 3], [3, 3], [1, 1]])
+    with_empty = torch.tensor([[1, 3], [3, -1], [-1, 1]])
+    for ids, expected in ((full, [3, 3]), (with_empty, [2, 2])):
+        for dtype in (torch.int64, torch.int32):
+            typed = ids.to(dtype)
+            assert part.checked_rows_per_expert(hidden, typed, weights) == expected
+            assert part.rows_per_expert(typed) == expected
+        assert part.checked_rows_per_expert(hidden, ids.t().contiguous().t(), weights) == expected
