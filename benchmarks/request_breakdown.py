@@ -181,7 +181,9 @@ def main() -> None:
         print(f"  {name:30s} {hops[name]:7.3f} ms")
     print("  CPU per request: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items()))
     for name, per in thread_ms.items():
-        print(f"    {name}: " + ", ".join(f"{t} {ms:.2f}" for t, ms in sorted(per.items(), key=lambda x: -x[1])))
+        print(
+            f"    {name}: " + ", ".join(f"{t} {ms:.2f}" for t, ms in sorted(per.items(), key=lambda x: -x[1]))
+        )
     report = {"cpu_ms_per_request": cpu_ms, "thread_cpu_ms_per_request": thread_ms, "shape": args.shape, "plane": args.plane, "model": str(args.model), "modeled_ms": modeled,
               "ttft_ms_p50": ttft, "scheduler_ttft_ms_p50": statistics.median(reported),
               "hops_ms_p50": hops, "load_average": load}  # fmt: skip

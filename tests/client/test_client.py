@@ -408,6 +408,11 @@ def test_token_ids_checked_as_before_whatever_their_types() -> None:
 
     assert PrefillRequestSpec(tokens=(0, 5, 2**31 - 1)).tokens == (0, 5, 2**31 - 1)
     assert PrefillRequestSpec(tokens=(Token(3), 4)).tokens == (3, 4)
-    for tokens, named in (((1, True, 2), "True"), ((1, 2.0), "2.0"), ((3, -1, -2), "-1"), ((2**31, 0), "2147483648")):
+    for tokens, named in (
+        ((1, True, 2), "True"),
+        ((1, 2.0), "2.0"),
+        ((3, -1, -2), "-1"),
+        ((2**31, 0), "2147483648"),
+    ):
         with pytest.raises(InvalidArgument, match=rf"token id {named} is not an int"):
             PrefillRequestSpec(tokens=tokens)
