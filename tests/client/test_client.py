@@ -397,3 +397,22 @@ def test_sync_client_from_plain_code(fake_thread: FakeSchedulerThread) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         client.prefill(tokens=[1])
     assert fake_thread.fake.prefill_calls == 4
+
+
+def test_token_ids_checked_as_before_whatever_their_types() -> None:
+    """Plain ints pass in one pass; a bool, a float, a negative or too large id is refused, named first
+    in prompt order; an int subclass other than bool is accepted (token by token)."""
+
+    class Token(int):
+        pass
+
+    assert PrefillRequestSpec(tokens=(0, 5, 2**31 - 1)).tokens == (0, 5, 2**31 - 1)
+    assert PrefillRequestSpec(tokens=(Token(3), 4)).tokens == (3, 4)
+    for tokens, named in (
+        ((1, True, 2), "True"),
+        ((1, 2.0), "2.0"),
+        ((3, -1, -2), "-1"),
+        ((2**31, 0), "2147483648"),
+    ):
+        with pytest.raises(InvalidArgument, match=rf"token id {named} is not an int"):
+            PrefillRequestSpec(tokens=tokens)

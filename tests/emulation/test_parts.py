@@ -240,3 +240,41 @@ def test_inputs_ready_starts_the_next_layers_modelled_time(config_only: ModelCon
     # the next layer keeps the caller's begin: its modelled time counts from the results' take
     assert sleeper.begins == [(False, False), (False, False), (True, True)]
     assert len(sleeper.calls) == 2  # the full modelled time of both layers is charged
+
+
+def test_router_takes_the_same_rows_as_gathering_through_the_layer_permutation(
+    config_only: ModelConfig,
+) -> None:
+    """The per-layer pools computed once give what the two gathers per call gave: the same ids and
+    weights, dtypes and shapes, for every MoE layer and the same generator state."""
+    from asap.emulation.parts import RandomRouter
+
+    router = RandomRouter(config_only, seed=3, skew=0.5, pool_rows=64)
+    for layer in config_only.moe_layer_ids:
+        g_new, g_old = torch.Generator().manual_seed(layer), torch.Generator().manual_seed(layer)
+        ids, weights = router.route(layer, 37, g_new)
+        rows = torch.randint(64, (37,), generator=g_old)
+        expected_ids = router._expert_of_rank[layer][router._pool_ids[rows]]
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        assert ids.shape == (37, config_only.top_k) and weights.shape == (37, config_only.top_k)
+        assert torch.equal(ids, expected_ids)
+        assert torch.equal(weights, router._pool_weights[rows])
+        assert all(len(set(row)) == config_only.top_k for row in ids.tolist())
+
+
+def test_expert_rows_counted_alike_with_and_without_empty_slots_and_for_int32_ids(
+    config_only: ModelConfig,
+) -> None:
+    """The count without masking (no -1 slot) and the numpy read of int32 / int64 CPU ids give what the
+    masked count of int64 ids gives."""
+    part = EmulatedExpertPart(config_only, [1, 3], H200, sleeper=RecordingSleeper())
+    hidden = torch.empty((3, config_only.hidden_size), device="meta", dtype=torch.bfloat16)
+    weights = torch.ones(3, 2)
+    full = torch.tensor([[1, 3], [3, 3], [1, 1]])
+    with_empty = torch.tensor([[1, 3], [3, -1], [-1, 1]])
+    for ids, expected in ((full, [3, 3]), (with_empty, [2, 2])):
+        for dtype in (torch.int64, torch.int32):
+            typed = ids.to(dtype)
+            assert part.checked_rows_per_expert(hidden, typed, weights) == expected
+            assert part.rows_per_expert(typed) == expected
+        assert part.checked_rows_per_expert(hidden, ids.t().contiguous().t(), weights) == expected

@@ -56,3 +56,12 @@ def test_bad_requests_are_refused_saying_why(
 ) -> None:
     with pytest.raises(InvalidArgument, match=match):
         PromptValidator(config, None).token_ids(request_factory(config))
+
+
+def test_the_first_token_outside_the_vocabulary_is_named(config: ModelConfig) -> None:
+    """The min / max pass finds that something is out of range; the message names the first bad id."""
+    vocab = config.vocab_size
+    validator = PromptValidator(config, None)
+    assert validator.token_ids(_tokens([0, vocab - 1, 5])) == [0, vocab - 1, 5]
+    with pytest.raises(InvalidArgument, match=rf"token id {vocab + 7} outside the vocabulary"):
+        validator.token_ids(_tokens([1, vocab + 7, 2, vocab + 1]))
