@@ -122,7 +122,10 @@ def _tree(rev: str, into: str) -> str:
 
 def _measure(root: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        env = dict(os.environ, ASAP_BENCH_ROOT=root, PYTHONPATH=root, UCX_PROTO_INFO="y")
+        # the tree measured first on the path; the rest kept (packages installed with --target, as on
+        # the GPU machine, live there)
+        path = os.pathsep.join([root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+        env = dict(os.environ, ASAP_BENCH_ROOT=root, PYTHONPATH=path, UCX_PROTO_INFO="y")
         argv = ["--child", out.name, "--tokens", args.tokens, "--iters", str(args.iters)]
         argv += ["--dtype", args.dtype, "--device", args.device]
         done = subprocess.run(
