@@ -92,12 +92,15 @@ def _trace_of_a_busy_system(debug: bool) -> tuple[list[tuple[float, str]], int]:
         loop.set_debug(debug)
         queue: asyncio.Queue[int | None] = asyncio.Queue()
 
+        def note(what: str) -> None:
+            seen.append((loop.time(), what))
+
         async def producer(name: str, gaps: list[float]) -> None:
             for i, gap in enumerate(gaps):
                 await asyncio.sleep(gap)
                 seen.append((loop.time(), f"{name} put {i}"))
                 queue.put_nowait(i)
-                loop.call_soon(lambda n=name, j=i: seen.append((loop.time(), f"{n} soon {j}")))
+                loop.call_soon(note, f"{name} soon {i}")
 
         async def consumer() -> None:
             while (item := await queue.get()) is not None:
@@ -106,9 +109,9 @@ def _trace_of_a_busy_system(debug: bool) -> tuple[list[tuple[float, str]], int]:
                 seen.append((loop.time(), f"got {item} -> {await done}"))
 
         for delay in (0.25, 0.5, 0.75):
-            loop.call_later(delay, lambda d=delay: seen.append((loop.time(), f"timer {d}"))).cancel()
+            loop.call_later(delay, note, f"timer {delay}").cancel()
         for delay in (0.3, 0.3, 1.0):
-            loop.call_later(delay, lambda d=delay: seen.append((loop.time(), f"timer {d}")))
+            loop.call_later(delay, note, f"timer {delay}")
         work = asyncio.gather(consumer(), consumer())
         await asyncio.gather(producer("a", [0.1, 0.0, 0.2, 0.2]), producer("b", [0.1, 0.1, 0.0, 0.3]))
         queue.put_nowait(None)
