@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from concurrent.futures import Executor
+from typing import Any, Protocol
 
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.shm import ShmAttachments
@@ -43,12 +44,19 @@ from expert_svc.nixl_lane import NixlExpertEnd, NixlLane
 from expert_svc.regions import StreamRegions
 from expert_svc.tracing import ChunkTrace
 
-__all__ = ["ExchangeSession", "ExpertExchange", "Outbound"]
+__all__ = ["Answers", "ExchangeSession", "ExpertExchange", "Outbound"]
 
 logger = logging.getLogger(__name__)
 
 Outbound = asyncio.Queue[expert_pb2.CombineChunk | None]
 """A session's answers, in completion order; ``None`` ends the stream."""
+
+
+class Answers(Protocol):
+    """Where ``ExchangeSession.accept`` puts a chunk's answer: the stream's ``Outbound`` queue, or an
+    in-process caller's sink (``asap.sim``), which may also take what its ``answer`` hook made."""
+
+    async def put(self, item: Any) -> None: ...
 
 
 class ExpertExchange:
@@ -101,8 +109,13 @@ class ExpertExchange:
         if self.shm is not None:
             self.shm.close()
 
-    def session(self) -> ExchangeSession:
-        return ExchangeSession(self, StreamRegions(self.shm, CudaAttachments() if self.cuda_ipc else None))
+    def session(
+        self, answer: Callable[[chunks.Dispatch, ExpertResult, int], Any] | None = None
+    ) -> ExchangeSession:
+        """One stream's session; ``answer`` replaces how computed chunks are answered (``ExchangeSession``)."""
+        return ExchangeSession(
+            self, StreamRegions(self.shm, CudaAttachments() if self.cuda_ipc else None), answer
+        )
 
     def decode(self, msg: expert_pb2.DispatchChunk, regions: StreamRegions) -> chunks.Dispatch:
         """Decode and validate one chunk against this rank's model (``InvalidArgument`` if malformed)."""
@@ -131,9 +144,17 @@ def _error_reply(
 class ExchangeSession:
     """One ``Exchange`` stream: ``run`` reads its chunks and queues their answers; ``close`` at the end."""
 
-    def __init__(self, shared: ExpertExchange, regions: StreamRegions) -> None:
+    def __init__(
+        self,
+        shared: ExpertExchange,
+        regions: StreamRegions,
+        answer: Callable[[chunks.Dispatch, ExpertResult, int], Any] | None = None,
+    ) -> None:
         self.shared = shared
         self.regions = regions
+        self.answer = answer if answer is not None else regions.answer
+        """On the codec thread: a computed chunk's answer (by default its ``CombineChunk``; an
+        in-process caller may take the result as it is)."""
         self._replies: set[asyncio.Task[None]] = set()
         self._fast_ends: list[ExpertLinkEnd] = []
         self._nixl_ends: list[NixlExpertEnd] = []
@@ -144,8 +165,12 @@ class ExchangeSession:
         try:
             await self._read(messages, outbound)
         except asyncio.CancelledError:
-            await cancel_all(self._replies)
+            await self.abandon()
             raise
+
+    async def abandon(self) -> None:
+        """Cancel the chunks in progress (the attention rank went away) and wait until they are gone."""
+        await cancel_all(self._replies)
 
     def close(self) -> None:
         self.regions.close()
@@ -186,7 +211,6 @@ class ExchangeSession:
             logger.warning("rejected fast link %s: %s", msg.fast_link.region, exc.message)
 
     async def _read(self, messages: AsyncIterable[expert_pb2.DispatchChunk], outbound: Outbound) -> None:
-        shared = self.shared
         async for msg in messages:
             if msg.HasField("fast_link"):
                 self._attach_fast(msg)
@@ -194,30 +218,39 @@ class ExchangeSession:
             if msg.HasField("nixl_link"):
                 await outbound.put(await self._connect_nixl(msg))
                 continue
-            async with shared.serial if not shared.overlap else contextlib.nullcontext():
-                try:
-                    dispatch = shared.decode(msg, self.regions)
-                    trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
-                    future: asyncio.Future[ExpertResult] | None
-                    if dispatch.sync is not None:
-                        shared.executor.validate(dispatch.layer, dispatch.expert_ids)
-                        future = None  # queued after the step barrier
-                    else:
-                        future = await self._submit(dispatch)
-                except AsapError as exc:
-                    logger.warning(
-                        "rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message
-                    )
-                    await outbound.put(
-                        _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
-                    )
-                    continue
-                if not shared.overlap and future is not None:
-                    await self._reply(dispatch, future, trace, outbound)
-                    continue
-            task = asyncio.create_task(self._reply(dispatch, future, trace, outbound))
-            self._replies.add(task)
-            task.add_done_callback(self._replies.discard)
+            await self.accept(msg, outbound)
+        await self.finish(outbound)
+
+    async def accept(self, msg: expert_pb2.DispatchChunk | chunks.Dispatch, outbound: Answers) -> None:
+        """One dispatch chunk of this stream, answered on ``outbound`` (now, or by a reply task). An
+        in-process caller (``asap.sim``) may hand the chunk already decoded, as a ``chunks.Dispatch`` of
+        its own tensors: the same handling without the message round trip."""
+        shared = self.shared
+        async with shared.serial if not shared.overlap else contextlib.nullcontext():
+            try:
+                dispatch = msg if isinstance(msg, chunks.Dispatch) else shared.decode(msg, self.regions)
+                trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
+                future: asyncio.Future[ExpertResult] | None
+                if dispatch.sync is not None:
+                    shared.executor.validate(dispatch.layer, dispatch.expert_ids)
+                    future = None  # queued after the step barrier
+                else:
+                    future = await self._submit(dispatch)
+            except AsapError as exc:
+                logger.warning("rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message)
+                await outbound.put(
+                    _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
+                )
+                return
+            if not shared.overlap and future is not None:
+                await self._reply(dispatch, future, trace, outbound)
+                return
+        task = asyncio.create_task(self._reply(dispatch, future, trace, outbound))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def finish(self, outbound: Outbound) -> None:
+        """The stream ended: wait for the answers still being computed, then end ``outbound``."""
         if self._replies:
             await asyncio.gather(*self._replies)
         await outbound.put(None)
@@ -232,7 +265,7 @@ class ExchangeSession:
         dispatch: chunks.Dispatch,
         future: asyncio.Future[ExpertResult] | None,
         trace: ChunkTrace | None,
-        outbound: Outbound,
+        outbound: Answers,
     ) -> None:
         shared = self.shared
         loop = asyncio.get_running_loop()
@@ -262,9 +295,7 @@ class ExchangeSession:
                 result = await future
                 if trace is not None:
                     trace.computed(result)
-                msg = await loop.run_in_executor(
-                    shared.codec, self.regions.answer, dispatch, result, barrier_ns
-                )
+                msg = await loop.run_in_executor(shared.codec, self.answer, dispatch, result, barrier_ns)
             except AsapError as exc:
                 msg = _error_reply(
                     dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc

@@ -110,6 +110,14 @@ def add_parser(subparsers: Any) -> None:
         help="sync modes: host cost charged once at every barrier release (default 0); to compare with the "
         "multi-process emulated cluster, its measured per-barrier excess over async (benchmarks/README.md)",
     )
+    sim.add_argument(
+        "--sim-transport",
+        choices=("direct", "stream"),
+        default="direct",
+        help="how attention ranks reach expert ranks in the simulation: direct (default; the expert "
+        "sessions' own handling, dispatches handed over without messages) or stream (the expert "
+        "servicers' Exchange streams with shape-only protobuf chunks, as over gRPC; slower, same logic)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the results as JSON")
     out.add_argument("--plot", metavar="OUT.png", help="TTFT p90 and SLO attainment vs rate")
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             tuning,
             dispatch_overhead_s=args.dispatch_overhead_us * 1e-6,
             barrier_overhead_s=args.barrier_overhead_us * 1e-6,
+            transport=args.sim_transport,
         )
     finally:
         if profiler is not None:
@@ -180,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,
         "barrier_overhead_us": args.barrier_overhead_us,
+        "transport": args.sim_transport,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
     print("SIMULATED (virtual clock) " + format_table(sweeps, config.slo_ttft_ms), flush=True)

@@ -6,8 +6,9 @@ wires them as the services' ``start`` methods do, with three substitutions:
 
 - compute: each rank's compute thread is a ``DeviceQueue`` on virtual devices and its emulated part
   charges a ``ChargeSleeper`` (``asap.sim.devices``);
-- transport: the scheduler's ``AttentionClient`` and each attention rank's links open their streams
-  straight into the in-process servicers (``asap.sim.transport``);
+- transport: the scheduler's ``AttentionClient`` opens its streams straight into the in-process
+  attention servicers; each attention rank's links hand their dispatches to the expert ranks' exchange
+  sessions directly, or (``transport="stream"``) over the expert servicers' streams (``asap.sim.transport``);
 - devices: ``Layout`` says which devices each rank occupies (disaggregated: its own; colocated: the
   expert ranks share the attention ranks' devices; ``attention_tp``: an attention rank spans N devices
   and its layers are modelled with tensor parallelism, ``asap.emulation.parallel``).
@@ -35,12 +36,13 @@ from asap.optimizations import parse_optimizations
 from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
 from asap.sim.hostcost import HostCostBarrier
-from asap.sim.transport import InProcessExpertTransport, servicer_opener
+from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("disaggregated", "colocated")
+TRANSPORTS = ("direct", "stream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,10 @@ class SimCluster:
     hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
     barrier_overhead_s: float = 0.0
     """Sync modes: host cost charged at every barrier release (``asap.sim.hostcost``; 0 = none)."""
+    transport: str = "direct"
+    """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
+    expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
+    the ``grpc`` plane's shape-only chunks, as a real link carries them)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
     cost_model: Any = None
@@ -151,7 +157,10 @@ class SimCluster:
         attention_targets = [f"sim-attention-{r}:0" for r in range(spec.attention)]
         self.attention_devices, self.expert_devices = self.layout.devices(spec.attention, spec.experts)
 
+        if self.transport not in TRANSPORTS:
+            raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         expert_servicers: list[ExpertServicer] = []
+        exchanges: list[ExpertExchange] = []
         for command in expert_commands(spec, model_dir):
             config = expert_config(service_args(command.argv))
             sleeper = ChargeSleeper()
@@ -171,6 +180,7 @@ class SimCluster:
             )
             exchange.barrier.timeout_s = config.sync_timeout_s
             exchange.barrier.supersede = True  # as the expert service sets it: one step at a time
+            exchanges.append(exchange)
             expert_servicers.append(ExpertServicer(exchange, config.rank, config.device))
 
         attention_servicers: list[AttentionServicer] = []
@@ -191,14 +201,18 @@ class SimCluster:
                 sleeper=sleeper,
                 tensor_parallel=self.layout.attention_tp,
             )
-            transport = InProcessExpertTransport(
-                expert_servicers,
-                attention_rank=config.rank,
-                hidden_size=source.config.hidden_size,
-                dtype=source.dtype,
-                max_chunk_bytes=config.max_chunk_bytes,
-                link_s=_link(profile, self.dispatch_overhead_s),
-            )
+            transport: InProcessExpertTransport | DirectExpertTransport
+            link = {
+                "attention_rank": config.rank,
+                "hidden_size": source.config.hidden_size,
+                "dtype": source.dtype,
+                "max_chunk_bytes": config.max_chunk_bytes,
+                "link_s": _link(profile, self.dispatch_overhead_s),
+            }
+            if self.transport == "direct":
+                transport = DirectExpertTransport(exchanges, **link)
+            else:
+                transport = InProcessExpertTransport(expert_servicers, **link)
             self._closers.append(transport.close)
             infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
             attention = AttentionExecutor(

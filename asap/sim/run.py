@@ -82,6 +82,7 @@ def simulate_one(
     barrier_overhead_s: float = 0.0,
     calibration: dict[str, Any] | None = None,
     breakdown_split_tokens: int | None = None,
+    transport: str = "direct",
 ) -> tuple[SweepResult, RunStats]:
     """One cluster of ``mode`` (``fields`` as for ``asap bench --compare``) with the sweep of ``config``.
 
@@ -96,7 +97,11 @@ def simulate_one(
 
     async def main() -> tuple[SweepResult, float, list[float]]:
         cluster = SimCluster(
-            spec, layout, dispatch_overhead_s=dispatch_overhead_s, barrier_overhead_s=barrier_overhead_s
+            spec,
+            layout,
+            dispatch_overhead_s=dispatch_overhead_s,
+            barrier_overhead_s=barrier_overhead_s,
+            transport=transport,
         )
         if calibration is not None:
             cluster.cost_model = calibration.get(mode)
@@ -144,6 +149,7 @@ def simulate_compare(
     tuning: Tuning | None = None,
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
+    transport: str = "direct",
 ) -> tuple[dict[str, SweepResult], dict[str, RunStats]]:
     """Every mode in turn (tuned ones once per value, the best kept); results and run costs by mode.
 
@@ -166,6 +172,7 @@ def simulate_compare(
                 layout,
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                transport=transport,
             )
             continue
         flag = TUNED_FLAGS[mode]
@@ -184,6 +191,7 @@ def simulate_compare(
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
                 calibration=calibration,
+                transport=transport,
             )
             headlines[str(value)] = sweep.max_slo_rps
             total.wall_s += run_stats.wall_s

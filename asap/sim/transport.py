@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -22,16 +23,26 @@ from asap.dataplane.plane import ExchangeKey, ExchangeResult, LinkSpec, PlaneReq
 from asap.dataplane.planes import ExchangeStream, StreamPlane
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
+from asap.rpc.status import error_from_wire
 from asap.sim.devices import Inline
 from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
+from asap.wire.chunks import Dispatch, dispatch_bytes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
+    from expert_svc.core import ExpertResult
+    from expert_svc.exchange import ExchangeSession, ExpertExchange
     from expert_svc.server import ExpertServicer
 
-__all__ = ["InProcessExpertTransport", "ServicerCall", "servicer_opener"]
+__all__ = [
+    "DirectExpertTransport",
+    "DirectPlane",
+    "InProcessExpertTransport",
+    "ServicerCall",
+    "servicer_opener",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -126,3 +137,139 @@ class InProcessExpertTransport:
 
 def _key_of(message: expert_pb2.CombineChunk) -> ExchangeKey:
     return (message.micro_batch, message.layer)
+
+
+class _Answer:
+    """A computed chunk's answer as the in-process plane takes it: the result tensor, no message."""
+
+    __slots__ = ("barrier_ns", "hidden", "key")
+
+    def __init__(self, key: ExchangeKey, hidden: torch.Tensor, barrier_ns: int) -> None:
+        self.key = key
+        self.hidden = hidden
+        self.barrier_ns = barrier_ns
+
+
+def _answer(dispatch: Dispatch, result: ExpertResult, barrier_ns: int) -> _Answer:
+    """The expert session's ``answer`` hook for the in-process plane (replaces the ``CombineChunk``)."""
+    return _Answer((dispatch.micro_batch, dispatch.layer), result.hidden, barrier_ns)
+
+
+class DirectPlane:
+    """One attention -> expert link in process without messages: a dispatch, after its modelled link
+    time, goes to the expert rank's ``ExchangeSession.accept`` as a ``chunks.Dispatch`` of the attention
+    rank's own (shape-only) tensors, and the answer comes back through this plane's ``put`` as the
+    result tensor. Everything in between is the expert service's code (barrier, queue, merging,
+    expert-overlap lock, result link time); only the protobuf chunks and the stream's queue and task
+    hops are gone. One chunk per dispatch, as the ``grpc`` plane sends shape-only rows."""
+
+    name = "direct"
+
+    def __init__(self, spec: LinkSpec, session: ExchangeSession) -> None:
+        self.spec = spec
+        self.session = session
+        self._waiting: dict[ExchangeKey, asyncio.Future[_Answer]] = {}
+
+    async def exchange(self, request: PlaneRequest) -> ExchangeResult:
+        key = request.key
+        if key in self._waiting:
+            raise ValueError(
+                f"expert rank {self.spec.expert_rank}: a request under key {key!r} is already waiting"
+            )
+        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = future
+        try:
+            dispatch = request.dispatch
+            rows = request.rows
+            link_s = self.spec.link_s
+            if link_s is not None and rows:
+                top_k = int(dispatch.expert_ids.shape[1])
+                nbytes = dispatch_bytes(rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
+                await asyncio.sleep(link_s(nbytes))
+            chunk = Dispatch(
+                micro_batch=request.micro_batch,
+                layer=request.layer,
+                attention_rank=self.spec.attention_rank,
+                row_offset=0,
+                total_rows=rows,
+                hidden=dispatch.hidden,
+                expert_ids=dispatch.expert_ids.to(torch.int32),
+                weights=dispatch.weights.to(torch.float32),
+                traceparent=request.traceparent,
+                tracestate=request.tracestate,
+                sent_unix_nanos=time.time_ns(),
+                sync=request.sync,
+            )
+            await self.session.accept(chunk, self)
+            request.sent()
+            answer = await future
+            return ExchangeResult(answer.hidden, answer.barrier_ns)
+        finally:
+            self._waiting.pop(key, None)
+
+    async def put(self, item: _Answer | expert_pb2.CombineChunk | None) -> None:
+        """The session's answer for one chunk (``expert_svc.exchange.Answers``): a result, or an error
+        message as the expert rank answers a chunk it rejected or failed to compute."""
+        if item is None:
+            return
+        if isinstance(item, _Answer):
+            future = self._waiting.get(item.key)
+            if future is not None and not future.done():
+                future.set_result(item)
+            return
+        future = self._waiting.get((item.micro_batch, item.layer))
+        if future is not None and not future.done():
+            where = f"combine chunk (micro_batch {item.micro_batch}, layer {item.layer}, rows from {item.row_offset})"
+            future.set_exception(error_from_wire(item.error, f"{where} failed on the expert rank"))
+
+    async def close(self) -> None:
+        await self.session.abandon()
+        self.session.close()
+
+
+class DirectExpertTransport:
+    """An attention rank's ``ExpertTransport`` to in-process expert ranks over ``DirectPlane`` links:
+    per expert rank one ``ExchangeSession`` of its ``ExpertExchange`` (as one stream would have)."""
+
+    def __init__(
+        self,
+        exchanges: Sequence[ExpertExchange],
+        *,
+        attention_rank: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        max_chunk_bytes: int,
+        link_s: Callable[[int], float],
+    ) -> None:
+        self.planes = [
+            DirectPlane(
+                LinkSpec(
+                    attention_rank=attention_rank,
+                    expert_rank=rank,
+                    hidden_size=hidden_size,
+                    dtype=dtype,
+                    device=torch.device("cpu"),
+                    max_chunk_bytes=max_chunk_bytes,
+                    link_s=link_s,
+                ),
+                exchange.session(answer=_answer),
+            )
+            for rank, exchange in enumerate(exchanges)
+        ]
+
+    async def exchange(
+        self,
+        rank: int,
+        micro_batch: int,
+        layer: int,
+        dispatch: RankDispatch,
+        *,
+        sync: SyncStep | None = None,
+        trace: Context | None = None,
+    ) -> ExchangeResult:
+        return await self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
+
+    async def close(self) -> None:
+        for plane in self.planes:
+            with contextlib.suppress(Exception):
+                await plane.close()

@@ -80,3 +80,51 @@ def test_the_loop_never_goes_back() -> None:
         assert loop.time() == 5.0
     finally:
         loop.close()
+
+
+def _trace_of_a_busy_system(debug: bool) -> tuple[list[tuple[float, str]], int]:
+    """Tasks, queues, timers (some cancelled), callbacks and futures interleaved at equal and distinct
+    virtual times; the order everything happened in, and the loop's iteration count."""
+    seen: list[tuple[float, str]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(debug)
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def note(what: str) -> None:
+            seen.append((loop.time(), what))
+
+        async def producer(name: str, gaps: list[float]) -> None:
+            for i, gap in enumerate(gaps):
+                await asyncio.sleep(gap)
+                seen.append((loop.time(), f"{name} put {i}"))
+                queue.put_nowait(i)
+                loop.call_soon(note, f"{name} soon {i}")
+
+        async def consumer() -> None:
+            while (item := await queue.get()) is not None:
+                done = loop.create_future()
+                loop.call_later(0.5 * (item % 3), done.set_result, item)
+                seen.append((loop.time(), f"got {item} -> {await done}"))
+
+        for delay in (0.25, 0.5, 0.75):
+            loop.call_later(delay, note, f"timer {delay}").cancel()
+        for delay in (0.3, 0.3, 1.0):
+            loop.call_later(delay, note, f"timer {delay}")
+        work = asyncio.gather(consumer(), consumer())
+        await asyncio.gather(producer("a", [0.1, 0.0, 0.2, 0.2]), producer("b", [0.1, 0.1, 0.0, 0.3]))
+        queue.put_nowait(None)
+        queue.put_nowait(None)
+        await work
+
+    _, loop = run(main())
+    return seen, loop.iterations
+
+
+def test_the_lean_iteration_keeps_the_stdlib_order() -> None:
+    # Debug mode runs the stdlib's own iteration and call_soon (``VirtualLoop._run_once``): same order.
+    lean, lean_iterations = _trace_of_a_busy_system(debug=False)
+    stdlib, stdlib_iterations = _trace_of_a_busy_system(debug=True)
+    assert lean == stdlib and lean_iterations == stdlib_iterations
+    assert len(lean) > 20

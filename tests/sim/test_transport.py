@@ -13,13 +13,14 @@ import torch
 
 from asap.emulation.costs import transfer_s
 from asap.emulation.profiles import load_profile
+from asap.errors import InvalidArgument
 from asap.model.config import load_config
 from asap.model.placement import RankDispatch
 from asap.optimizations import OPTIMIZATIONS
 from asap.rpc.duplex import DuplexStream
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
 from asap.sim.loop import run
-from asap.sim.transport import InProcessExpertTransport, servicer_opener
+from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
 from asap.syncstep import SyncStep
 from asap.wire.chunks import dispatch_bytes
 from expert_svc.build import build_executor
@@ -59,8 +60,18 @@ def _expert(model: Path) -> ExpertServicer:
     return ExpertServicer(exchange, 0, "cpu")
 
 
+def _transport(kind: str, servicer: ExpertServicer, hidden: int, link_s: Any) -> Any:
+    """The stream transport (the servicer's ``Exchange`` handler) or the direct one (its exchange)."""
+    link: dict[str, Any] = {"attention_rank": 0, "hidden_size": hidden, "dtype": torch.float32}
+    link.update(max_chunk_bytes=2 * 1024 * 1024, link_s=link_s)
+    if kind == "direct":
+        return DirectExpertTransport([servicer.exchange], **link)
+    return InProcessExpertTransport([servicer], **link)
+
+
+@pytest.mark.parametrize("kind", ["stream", "direct"])
 @pytest.mark.parametrize("sync", [None, SyncStep(step=1, participants=1)])
-def test_round_trip_costs_its_modelled_time(qwen3_dir: Path, sync: SyncStep | None) -> None:
+def test_round_trip_costs_its_modelled_time(qwen3_dir: Path, sync: SyncStep | None, kind: str) -> None:
     cfg = load_config(qwen3_dir)
     profile = load_profile("h200")
     rows, h, k = 100, cfg.hidden_size, cfg.top_k
@@ -68,14 +79,7 @@ def test_round_trip_costs_its_modelled_time(qwen3_dir: Path, sync: SyncStep | No
     async def main() -> tuple[tuple[int, ...], float, float]:
         servicer = _expert(qwen3_dir)
         await servicer.exchange.executor.start()
-        transport = InProcessExpertTransport(
-            [servicer],
-            attention_rank=0,
-            hidden_size=h,
-            dtype=torch.float32,
-            max_chunk_bytes=2 * 1024 * 1024,
-            link_s=lambda nbytes: transfer_s(nbytes, profile),
-        )
+        transport = _transport(kind, servicer, h, lambda nbytes: transfer_s(nbytes, profile))
         g = torch.Generator().manual_seed(0)
         ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:k] for _ in range(rows)])
         dispatch = RankDispatch(
@@ -98,3 +102,43 @@ def test_round_trip_costs_its_modelled_time(qwen3_dir: Path, sync: SyncStep | No
     (shape, elapsed, expected), _ = run(main())
     assert shape == (rows, h)
     assert elapsed == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["stream", "direct"])
+@pytest.mark.parametrize("sync", [None, SyncStep(step=1, participants=1)])
+def test_an_expert_rank_rejection_fails_that_exchange_only(
+    qwen3_dir: Path, sync: SyncStep | None, kind: str
+) -> None:
+    cfg = load_config(qwen3_dir)
+    rows, h, k = 4, cfg.hidden_size, cfg.top_k
+
+    def dispatch(bad: bool) -> RankDispatch:
+        ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+        if bad:
+            ids[0, 0] = cfg.num_experts + 3  # no such expert: the expert rank's validation refuses it
+        return RankDispatch(
+            rank=0,
+            rows=torch.arange(rows),
+            hidden=torch.empty((rows, h), device="meta"),
+            expert_ids=ids,
+            weights=torch.full((rows, k), 1.0 / k),
+        )
+
+    async def main() -> tuple[str, tuple[int, ...]]:
+        servicer = _expert(qwen3_dir)
+        await servicer.exchange.executor.start()
+        transport = _transport(kind, servicer, h, lambda nbytes: 1e-6)
+        layer = cfg.moe_layer_ids[0]
+        try:
+            with pytest.raises(InvalidArgument) as refused:
+                await transport.exchange(0, 1, layer, dispatch(True), sync=sync)
+            step = SyncStep(step=2, participants=1) if sync is not None else None
+            result = await transport.exchange(0, 2, layer, dispatch(False), sync=step)
+            return refused.value.message, tuple(result.hidden.shape)
+        finally:
+            await transport.close()
+            await servicer.exchange.executor.stop()
+
+    (message, shape), _ = run(main())
+    assert "failed on the expert rank" in message and str(cfg.num_experts + 3) in message
+    assert shape == (rows, h)
