@@ -115,7 +115,12 @@ def grouped_mlp(rows_per_expert: Sequence[int], hidden: int, inter: int, dtype_b
     it has; experts with no rows cost nothing.
     """
     used = [r for r in rows_per_expert if r > 0]
-    rows, n_used = sum(used), len(used)
+    return grouped_mlp_totals(sum(used), len(used), hidden, inter, dtype_bytes)
+
+
+def grouped_mlp_totals(rows: int, n_used: int, hidden: int, inter: int, dtype_bytes: int) -> list[Kernel]:
+    """``grouped_mlp`` from its two totals: ``rows`` routed in all, over ``n_used`` experts with rows (the
+    kernels depend on nothing else; an emulated expert rank counts both in numpy)."""
     gate_up = Kernel(
         4.0 * rows * inter * hidden,
         float(rows * hidden + n_used * 2 * inter * hidden + rows * 2 * inter) * dtype_bytes,
@@ -237,11 +242,23 @@ def expert_call_s(
     if any(r < 0 for r in tokens_per_local_expert):
         raise InvalidArgument(f"negative row count in {list(tokens_per_local_expert)}")
     rows = sum(tokens_per_local_expert)
+    used = sum(1 for r in tokens_per_local_expert if r > 0)
+    return expert_call_totals_s(rows, used, config, profile, dtype_bytes)
+
+
+def expert_call_totals_s(
+    rows: int, experts_used: int, config: ModelConfig, profile: DeviceProfile, dtype_bytes: int
+) -> float:
+    """``expert_call_s`` from its two totals (``rows`` routed, over ``experts_used`` experts with rows):
+    what the call's kernels depend on, so an emulated rank may count them in numpy and reuse the result
+    per pair instead of building five kernels from a Python list of every hosted expert each layer."""
+    if rows < 0 or experts_used < 0:
+        raise InvalidArgument(f"negative row or expert count: {rows}, {experts_used}")
     if rows == 0:
         return 0.0
     h, b = config.hidden_size, dtype_bytes
     kernels = [elementwise(rows * h, rows * h, b)]
-    kernels += grouped_mlp(tokens_per_local_expert, h, config.expert_intermediate_size, b)
+    kernels += grouped_mlp_totals(rows, experts_used, h, config.expert_intermediate_size, b)
     kernels.append(elementwise(rows * h, rows * h, b))  # weighted scatter-add of the outputs
     return stream_s(kernels, profile)
 

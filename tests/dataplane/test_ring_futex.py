@@ -161,3 +161,50 @@ def test_a_real_futex_wake_outside_a_parked_wait_is_harmless() -> None:
     if ring.waiting_address:
         assert futex.wake(ring.waiting_address) in (0, -1)  # nobody waits: nobody woken
     assert futex.wait_any([], WAIT_FUTEX, 0.0) is False
+
+
+@needs_futex
+def test_wait_any_reuses_its_arguments_and_still_waits_and_wakes() -> None:
+    """``futex.wait_any`` builds its ctypes arguments once per (words, value): a repeated wait on the
+    same words reuses them, a wait for another value gets its own, and both still return at once when
+    the word differs, time out when nothing wakes them, and wake on ``futex.wake``."""
+    import ctypes
+    import time
+
+    word = ctypes.c_uint32(0)
+    address = ctypes.addressof(word)
+    assert futex.wait_any([address], 1, 1.0)  # the word is 0, not 1: returns at once (EAGAIN)
+    first = futex._waits[((address,), 1)]
+    assert futex.wait_any([address], 1, 1.0)
+    assert futex._waits[((address,), 1)] is first
+    word.value = 1
+    started = time.monotonic()
+    assert futex.wait_any([address], 1, 0.02)  # times out: nothing wakes it
+    assert time.monotonic() - started >= 0.015
+    assert futex._waits[((address,), 1)] is first
+    woken = threading.Event()
+
+    def waiter() -> None:
+        futex.wait_any([address], 1, 30.0)
+        woken.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not woken.is_set():  # the wake may come before the wait is entered: wake until it returns
+        futex.wake(address)
+        woken.wait(0.01)
+    thread.join()
+    word.value = 2
+    assert futex.wait_any([address], 1, 1.0)  # 2, not 1: at once
+    assert futex.wait_any([address], 3, 1.0)  # another value: its own arguments, still at once
+    assert futex._waits[((address,), 3)] is not first
+
+
+@needs_futex
+def test_wait_any_argument_cache_is_bounded() -> None:
+    import ctypes
+
+    words = [ctypes.c_uint32(0) for _ in range(300)]
+    for word in words:
+        assert futex.wait_any([ctypes.addressof(word)], 1, 1.0)
+    assert len(futex._waits) <= 256

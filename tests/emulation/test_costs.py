@@ -97,3 +97,22 @@ def test_a_request_alone_costs_its_layers_experts_and_head() -> None:
     assert costs.request_s(cfg, 4096, H200, 2, 4) > four_ranks
     with pytest.raises(InvalidArgument):
         costs.request_s(cfg, 0, H200, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "rows", [[0] * 8, [1] + [0] * 7, [3, 0, 5, 0, 0, 9, 1, 0], [64] * 8, [0, 0, 4096, 1, 0, 0, 0, 2]]
+)
+def test_expert_call_from_totals_is_the_call_from_the_list(rows: list[int]) -> None:
+    cfg = qwen3()
+    used = sum(1 for r in rows if r > 0)
+    assert costs.expert_call_totals_s(sum(rows), used, cfg, H200, 2) == costs.expert_call_s(
+        rows, cfg, H200, 2
+    )
+    assert costs.grouped_mlp_totals(sum(rows), used, 2048, 768, 2) == costs.grouped_mlp(rows, 2048, 768, 2)
+
+
+def test_expert_call_from_totals_rejects_negative_counts() -> None:
+    with pytest.raises(InvalidArgument):
+        costs.expert_call_totals_s(-1, 1, qwen3(), H200, 2)
+    with pytest.raises(InvalidArgument):
+        costs.expert_call_totals_s(4, -1, qwen3(), H200, 2)

@@ -278,3 +278,29 @@ def test_expert_rows_counted_alike_with_and_without_empty_slots_and_for_int32_id
             assert part.checked_rows_per_expert(hidden, typed, weights) == expected
             assert part.rows_per_expert(typed) == expected
         assert part.checked_rows_per_expert(hidden, ids.t().contiguous().t(), weights) == expected
+
+
+def test_expert_part_sleeps_the_modelled_call_of_every_routing(config_only: ModelConfig) -> None:
+    """The modelled time comes from two totals, cached per pair: each call still sleeps exactly what
+    ``costs.expert_call_s`` gives for its rows per hosted expert (repeated and new pairs alike)."""
+    from asap.emulation import costs
+    from asap.emulation.parts import H200_LAUNCH_US, PER_LAYER_CALL_OVERHEAD_S
+
+    sleeper = RecordingSleeper()
+    hosted = list(range(0, config_only.num_experts, 2))
+    part = EmulatedExpertPart(config_only, hosted, H200, sleeper=sleeper)
+    hidden = torch.empty((4, config_only.hidden_size), device="meta", dtype=torch.bfloat16)
+    layer = config_only.moe_layer_ids[0]
+    k = config_only.top_k
+    draws = [
+        torch.tensor([[hosted[0]] * k] * 4),
+        torch.tensor([[hosted[1]] * k] * 4),  # same totals as the first: the cached pair
+        torch.tensor([[hosted[i % len(hosted)] for i in range(r, r + k)] for r in range(4)]),
+        torch.full((4, k), -1),
+    ]
+    for ids in draws:
+        sleeper.calls.clear()
+        part.compute(layer, hidden, ids, torch.ones(4, k))
+        expected = costs.expert_call_s(part.rows_per_expert(ids), part.config, part.profile, 2)
+        extra = 0.0 if part.layer_agnostic else PER_LAYER_CALL_OVERHEAD_S * H200.launch_us / H200_LAUNCH_US
+        assert sleeper.calls == [expected + extra]
