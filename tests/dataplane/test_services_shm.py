@@ -18,6 +18,7 @@ from attention_svc.config import AttentionServiceConfig
 from attention_svc.server import AttentionService
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.server import ExpertService
+from tests.waiting import until
 
 
 def _segments() -> set[str]:
@@ -158,6 +159,11 @@ async def test_cancelled_dispatch_keeps_its_slots_until_answered(qwen3_dir: Path
         for r, event in zip((r for r in regions if r is not None), freed, strict=True):
             if r.in_quarantine:  # the late answers arrive and free the slots
                 await asyncio.wait_for(event.wait(), 30)
-        assert all(r is not None and r.in_quarantine == 0 and r.bytes_in_use == 0 for r in regions)
+        # A region whose dispatch was still in flight when the others' answers freed theirs frees its
+        # slots when its own answer lands: wait for that, not for a fixed time.
+        assert await until(
+            lambda: all(r is not None and r.in_quarantine == 0 and r.bytes_in_use == 0 for r in regions),
+            timeout_s=30,
+        ), [(r.in_quarantine, r.bytes_in_use) for r in regions if r is not None]
         again = (await executor.run_batch([executor.make_prompt("again", prompt)])).results[0].first
         assert again == expected
