@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
@@ -81,7 +81,29 @@ def servicer_opener(
     return open_call
 
 
-class InProcessExpertTransport:
+class _RankPlane(Protocol):
+    async def exchange(self, request: PlaneRequest) -> ExchangeResult: ...
+
+
+class _PerRankPlanes:
+    """What both simulated transports share: one plane per expert rank, an exchange goes to its rank's."""
+
+    planes: Sequence[_RankPlane]
+
+    async def exchange(
+        self,
+        rank: int,
+        micro_batch: int,
+        layer: int,
+        dispatch: RankDispatch,
+        *,
+        sync: SyncStep | None = None,
+        trace: Context | None = None,
+    ) -> ExchangeResult:
+        return await self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
+
+
+class InProcessExpertTransport(_PerRankPlanes):
     """An attention rank's ``ExpertTransport`` to in-process expert servicers: per expert rank one
     ``DuplexStream`` into its ``Exchange`` handler, carrying the ``grpc`` plane's shape-only chunks."""
 
@@ -116,18 +138,6 @@ class InProcessExpertTransport:
             )
             self.streams.append(stream)
             self.planes.append(StreamPlane(spec, stream, self._codec))
-
-    async def exchange(
-        self,
-        rank: int,
-        micro_batch: int,
-        layer: int,
-        dispatch: RankDispatch,
-        *,
-        sync: SyncStep | None = None,
-        trace: Context | None = None,
-    ) -> ExchangeResult:
-        return await self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
 
     async def close(self) -> None:
         for stream in self.streams:
@@ -227,7 +237,7 @@ class DirectPlane:
         self.session.close()
 
 
-class DirectExpertTransport:
+class DirectExpertTransport(_PerRankPlanes):
     """An attention rank's ``ExpertTransport`` to in-process expert ranks over ``DirectPlane`` links:
     per expert rank one ``ExchangeSession`` of its ``ExpertExchange`` (as one stream would have)."""
 
@@ -241,7 +251,7 @@ class DirectExpertTransport:
         max_chunk_bytes: int,
         link_s: Callable[[int], float],
     ) -> None:
-        self.planes = [
+        self.planes: list[DirectPlane] = [
             DirectPlane(
                 LinkSpec(
                     attention_rank=attention_rank,
@@ -256,18 +266,6 @@ class DirectExpertTransport:
             )
             for rank, exchange in enumerate(exchanges)
         ]
-
-    async def exchange(
-        self,
-        rank: int,
-        micro_batch: int,
-        layer: int,
-        dispatch: RankDispatch,
-        *,
-        sync: SyncStep | None = None,
-        trace: Context | None = None,
-    ) -> ExchangeResult:
-        return await self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
 
     async def close(self) -> None:
         for plane in self.planes:
