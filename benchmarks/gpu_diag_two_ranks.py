@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from asap.model.tiny import make_tiny
+from tests.gpu.conftest import make_gpu_model
 from tests.gpu.test_cuda_dataplane import _run
 
 
@@ -29,18 +29,7 @@ def main() -> None:
     parser.add_argument("dump_after_s", type=float, help="dump every thread's stack and exit after this")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.dump_after_s, exit=True)
-    model = make_tiny(
-        Path(tempfile.mkdtemp()) / "m",
-        arch="qwen3_moe",
-        layers=4,
-        hidden=256,
-        experts=16,
-        top_k=4,
-        heads=4,
-        kv_heads=2,
-        expert_intermediate=128,
-        seed=7,
-    )
+    model = make_gpu_model(Path(tempfile.mkdtemp()) / "m")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 9, 200, 1500)]
     started = time.monotonic()

@@ -9,11 +9,10 @@ import pytest
 from asap.model.tiny import make_tiny
 
 
-@pytest.fixture(scope="session")
-def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_gpu_model(path: Path) -> Path:
     """A qwen3_moe checkpoint with GEMM-friendly sizes (multiples of 64) for bf16 grouped GEMMs."""
     return make_tiny(
-        tmp_path_factory.mktemp("gpu") / "m",
+        path,
         arch="qwen3_moe",
         layers=4,
         hidden=256,
@@ -24,3 +23,8 @@ def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         expert_intermediate=128,
         seed=7,
     )
+
+
+@pytest.fixture(scope="session")
+def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_gpu_model(tmp_path_factory.mktemp("gpu") / "m")
