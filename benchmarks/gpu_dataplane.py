@@ -14,6 +14,9 @@ POSIX shared memory referenced from gRPC messages (``shm``), and the descriptor 
 (``fast``, no gRPC per layer). ``--direct`` posts the fast plane's dispatches as the attention rank's
 hot path does (``asap.dataplane.direct``: a compute thread posts, polls and parks on the completion
 doorbell; GPU links offer it with ``ASAP_GPU_HOT_PATH=1``), instead of ``exchange`` on the event loop.
+With ``ASAP_GPU_DEVICE_TIMING=1`` the hops also hold the device side, from timing events on the attention
+rank's tx and rx streams: ``gpu_fill``, ``gpu_flag_to_done`` (request flag written -> the expert's done
+flag seen: the expert's start latency plus its computation) and ``gpu_copy_out``.
 
     python3 benchmarks/gpu_dataplane.py --json $OUT/gpu_dataplane.json
 """
@@ -190,7 +193,11 @@ def _hops(link: object, iters: int) -> dict[str, float]:
     if all(t.settled for t in timings):  # the hot path settles its tickets on the polling thread, no loop
         hops["poll_to_loop_settle"] = [t.settled - t.taken for t in timings]
         hops["publish_to_settle"] = [t.settled - t.published for t in timings]
-    return {name: statistics.median(v) / 1e3 for name, v in hops.items()}
+    out = {name: statistics.median(v) / 1e3 for name, v in hops.items()}
+    device = [t.device_us() for t in timings]  # ASAP_GPU_DEVICE_TIMING=1: events on the tx / rx streams
+    if device and all(device):
+        out.update({name: statistics.median(d[name] for d in device) for name in device[0]})
+    return out
 
 
 def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:

@@ -5,7 +5,10 @@
 #   bash benchmarks/gpu_fast14.sh tests dataplane      # tests/gpu + benchmarks/gpu_dataplane.py
 #   bash benchmarks/gpu_fast14.sh headline              # gpu_headline.py 1+1 (auto = fast) + gpu_monolithic.py
 #   TESTS=tests/gpu/test_gpu_graph.py bash benchmarks/gpu_fast14.sh tests graphs
-#                                   # the fast plane's round trip, captured expert steps off then on
+#                                   # the fast plane's round trip: eager, captured, armed steps (see graphs)
+#   VARIANTS="armed:1:1:0:0: armed-direct:1:1:1:0:--direct" bash benchmarks/gpu_fast14.sh graphs
+#                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag
+# The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
 # starts its own through asap.mps). Everything lands in $OUT.
@@ -21,8 +24,8 @@ start_mps() {
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     nvidia-cuda-mps-control -d && echo "MPS daemon started in $mps_dir"
 }
-stop_mps() {
-    echo quit | nvidia-cuda-mps-control 2>/dev/null
+stop_mps() {  # bounded: a quit waits for the daemon's clients, and a cut test run can leave some behind
+    echo quit | timeout 20 nvidia-cuda-mps-control 2>/dev/null || echo "MPS quit did not return in 20 s"
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 export CUDA_MODULE_LOADING=EAGER
@@ -39,13 +42,15 @@ for stage in $stages; do
         timeout 240 python3 benchmarks/gpu_dataplane.py --json "$OUT/gpu_dataplane_fast.json" 2>&1 | tee "$OUT/gpu_dataplane.log" | grep -v '^ *[]}"{]' | tail -30
         ps -eo pid,comm | grep -i mps
         stop_mps ;;
-    graphs)  # the fast plane's round trip: eager expert steps, captured ones (expert_svc.gpu_graph), and
-             # captured ones through the attention rank's hot path (ASAP_GPU_HOT_PATH=1, --direct)
+    graphs)  # the fast plane's round trip: eager expert steps, captured ones launched when the descriptor
+             # arrives, captured ones armed before it (expert_svc.gpu_link_end), armed through the attention
+             # rank's hot path (ASAP_GPU_HOT_PATH=1, --direct), and armed with device timing events
         start_mps
-        for variant in eager:0:0: graphs:1:0: graphs-direct:1:1:--direct; do
-            IFS=: read -r name graphs hot flag <<< "$variant"
-            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot $flag)"
-            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_HOT_PATH=$hot timeout "${GRAPHS_TIMEOUT:-120}" \
+        for variant in ${VARIANTS:-eager:0:0:0:0: graphs:1:0:0:0: armed:1:1:0:0: armed-direct:1:1:1:0:--direct armed-timed:1:1:0:1: graphs-timed:1:0:0:1:}; do
+            IFS=: read -r name graphs armed hot timed flag <<< "$variant"
+            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed $flag)"
+            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed \
+                timeout "${GRAPHS_TIMEOUT:-120}" \
                 python3 benchmarks/gpu_dataplane.py --planes fast $flag --iters "${ITERS:-30}" \
                 --json "$OUT/gpu_dataplane_$name.json" > "$OUT/gpu_dataplane_$name.log" 2>&1
             grep -v '^ *[]}"{]' "$OUT/gpu_dataplane_$name.log" | tail -6

@@ -19,8 +19,11 @@ compute stream never stays blocked on a request flag a dead attention rank will 
 
 Captured steps (``expert_svc.gpu_graph``, on by default, ``ASAP_GPU_STEP_GRAPHS=0`` turns them off): a
 dispatch whose rows fall in a captured bucket is enqueued by the poll thread that took its descriptor
-(flag wait, two stream writes, one graph launch, the done flag) and answered there, with no hand-off to
-the compute thread; the compute thread merges and computes the rest eagerly.
+(flag wait, one graph launch, the done flag) and answered there, with no hand-off to the compute thread;
+the compute thread merges and computes the rest eagerly. Armed steps (``gpu_link_end``, default on):
+the step of each slot's next dispatch is already enqueued, waiting on the request flag, so the
+descriptor's arrival only confirms it (``armed_hits``) or launches the right bucket behind it
+(``armed_misses``); the GPU starts computing when the attention stream writes the flag.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from asap.dataplane.fastlink import REQUEST_FLAG_AT
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags
-from asap.dataplane.gpu_layout import GPU_POLL_SPIN_S
+from asap.dataplane.gpu_layout import GPU_EXPERT_SPIN_S
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
@@ -60,7 +63,7 @@ class GpuFastLane(FastLane):
     ) -> None:
         super().__init__(executor, shape_only=False, max_merge_rows=max_merge_rows)
         self.poller = PollThread(  # not started yet: it spins before parking (GPU hosts have cores)
-            "gpu-fast-requests", flush=self._flush, backoff=lambda: Backoff(spin_s=GPU_POLL_SPIN_S)
+            "gpu-fast-requests", flush=self._flush, backoff=lambda: Backoff(spin_s=GPU_EXPERT_SPIN_S)
         )
         self.device = executor.part.device
         self.flags = flags if flags is not None else driver_flags()
@@ -78,6 +81,10 @@ class GpuFastLane(FastLane):
         """The captured step (set by ``warm`` when on and supported; None: every step eager)."""
         self.graph_steps = 0
         """Dispatches answered by a captured step."""
+        self.armed_hits = 0
+        """Of those, computed by the step armed before the descriptor arrived (no launch on arrival)."""
+        self.armed_misses = 0
+        """Of those, whose armed step was for another bucket or window (launched behind it)."""
         self._launch_lock = threading.Lock()
         self._retired: list[tuple[torch.cuda.Event, object]] = []
 
@@ -123,23 +130,18 @@ class GpuFastLane(FastLane):
         steps, end, request = self.steps, item.end, item.request
         if steps is None or not isinstance(end, GpuExpertLinkEnd) or not end.graphs:
             return False
-        window, inner = steps.locate(request.layer)
+        window, _ = steps.locate(request.layer)
         key = step_key(end.geometry, end.buckets, request.slot, request.rows, window)
-        graph = end.graphs.get(key) if key is not None else None
-        if graph is None:
+        if key is None or key not in end.graphs:
             return False
         started, started_unix = time.monotonic_ns(), time.time_ns()
         error: AsapError | None = None
         try:
             if end._poisoned:
                 raise Unavailable("the fast link was retired (its peer is gone)")
-            stream = self.stream
-            with self._launch_lock, torch.cuda.stream(stream):
+            with self._launch_lock, torch.cuda.stream(self.stream):
                 self._collect()
-                self.flags.wait(stream, end.flag(request.slot, REQUEST_FLAG_AT), request.seq)
-                self.flags.write(stream, steps.rows_at, request.rows)
-                self.flags.write(stream, steps.inner_at, inner)
-                graph.replay()
+                end.launch(request.slot, key, request.seq)
         except AsapError as exc:
             error = exc
         except Exception as exc:  # a failed launch fails its dispatch, never the rank
@@ -161,11 +163,27 @@ class GpuFastLane(FastLane):
             compute_ns=compute_ns,
             picked_unix_ns=item.picked_unix_ns,
         )
+        end.rearm()
         if error is None and setup.TRACING_ENABLED:
             _record_spans(item, started_unix, compute_ns, time.time_ns())
         item.hidden = item.expert_ids = item.weights = torch.empty(0)
         end.release()
         return True
+
+    def replay(self, graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> None:
+        """Launch ``graph`` on ``stream``."""
+        with torch.cuda.stream(stream):
+            graph.replay()
+
+    def mark(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        """An event recorded on ``stream`` now."""
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+        return event
+
+    def order(self, later: torch.cuda.Stream, earlier: torch.cuda.Stream) -> None:
+        """``later``'s next work waits for what ``earlier`` has enqueued so far."""
+        later.wait_stream(earlier)
 
     def retire(self, graphs: object) -> None:
         """Keep a closed link's graphs until the stream has passed its queued launches."""
@@ -211,6 +229,9 @@ class GpuFastLane(FastLane):
             end = item.end
             if not isinstance(end, GpuExpertLinkEnd):
                 raise InternalError("a host-slot item on the GPU fast lane")
+            armed = end.armed_after(item.request.slot)
+            if armed is not None:  # the slot's armed step (a no-op for this dispatch) must be over
+                stream.wait_event(armed)
             self.flags.wait(stream, end.flag(item.request.slot, REQUEST_FLAG_AT), item.request.seq)
         part = self.executor.part
         if len(group) == 1:

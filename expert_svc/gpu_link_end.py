@@ -4,6 +4,19 @@ Its slots lie in the attention rank's CUDA IPC memory: a descriptor is checked a
 into views of its slot's rows, ids and weights (laid out by ``gpu_layout_rows``); the results go back over
 the rows and the slot's done flag is written on the compute stream. When the peer is gone the link's
 flags are poisoned, so neither side's streams stay blocked on a flag that will not be written.
+
+Armed steps (``ASAP_GPU_ARMED_STEPS=1``, opt-in, with captured steps): each slot has a stream of its
+own on which the slot's *next* step is enqueued before its descriptor arrives: a wait for the request
+flag to pass the slot's last sequence number, then the captured step of the slot's last (bucket,
+window). The attention stream's flag write starts the expert computation with no host in between; the
+step checks the slot's words on the device and does nothing when they name another bucket or window
+(the host, on the descriptor, then launches the right graph behind it on the same stream) or when the
+flag was poisoned. Every done flag of such a link is written on the slot's stream, after the armed step,
+and the slot is re-armed before the completion is published, so the next descriptor always finds the
+slot's state as the stream has it. ``_armed[slot]``: the key of the step pending on the slot's stream
+(None: nothing pending); any request of the slot consumes it. With ``ASAP_GPU_DEVICE_DONE=1``, where the
+slots lie on this GPU, the step also writes the done flag itself right after the results, so the
+attention's prefetched copy out starts when the step ends, not when this host took the descriptor.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import torch
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
 from asap.dataplane.gpu_flags import poison_value
-from asap.dataplane.gpu_layout import gpu_layout_rows
+from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, gpu_layout_rows
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.fastlane import ExpertLinkEnd, _Item
@@ -29,6 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["GpuExpertLinkEnd"]
 
 logger = logging.getLogger(__name__)
+
+_NO_VIEW = torch.empty(0)
+"""An item's rows, ids and weights until the eager path asks for its views (``_with_views``)."""
 
 
 class GpuExpertLinkEnd(ExpertLinkEnd):
@@ -47,6 +63,15 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         self.buckets: tuple[int, ...] = ()
         self.graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
         """The captured steps of this link's slots (``expert_svc.gpu_graph``), made before it is served."""
+        self.arm_streams: list[torch.cuda.Stream] = []
+        """Per slot, the stream its armed steps run on (empty: steps are not armed on this link)."""
+        self._armed: list[StepKey | None] = []
+        self._armed_after: list[torch.cuda.Event | None] = []
+        """Per slot: recorded after its armed step (the eager path waits for it before using the slot)."""
+        self._launched: dict[int, StepKey] = {}
+        """seq -> the captured step that computes it on its slot's stream (re-armed with that key)."""
+        self._rearm: tuple[int, StepKey, int] | None = None
+        """(slot, key, seq) to arm once the completion is published (``rearm``, on the poll thread)."""
         try:
             super().__init__(lane, link)
         except BaseException:
@@ -62,7 +87,20 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             try:
                 started = time.monotonic()
                 self.buckets = graph_buckets(self.geometry, steps.largest)
-                self.graphs = steps.capture(self.slots_buf, self.geometry, self.buckets, self._beat)
+                armed = armed_steps_enabled() and bool(self.buckets)
+                same_gpu = self.slots_buf.device == torch.device(lane.device)  # (ordering across GPUs)
+                self.graphs = steps.capture(
+                    self.slots_buf,
+                    self.geometry,
+                    self.buckets,
+                    self._beat,
+                    pool_per_slot=armed,
+                    device_done=armed and same_gpu and device_done_enabled(),
+                )
+                if armed:
+                    slots = self.geometry.slots
+                    self.arm_streams = [torch.cuda.Stream(lane.device) for _ in range(slots)]  # type: ignore[no-untyped-call]
+                    self._armed, self._armed_after = [None] * slots, [None] * slots
                 logger.info(
                     "GPU fast link: %d expert steps captured (buckets %s) in %.0f ms",
                     len(self.graphs),
@@ -71,7 +109,7 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
                 )
             except Exception:  # the eager path serves the link: slower, never wrong
                 logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
-                self.buckets, self.graphs = (), {}
+                self.buckets, self.graphs, self.arm_streams = (), {}, []
 
     def _beat(self) -> None:
         """The heartbeat while the steps are captured (the poll thread does not serve the link yet)."""
@@ -82,9 +120,9 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         if item is None:
             return
         if request.not_before_ns > now_ns:
-            self._delayed.hold(item)
-        elif not self.lane.step(item):
-            self.lane.enqueue(item)
+            self._delayed.hold(self._with_views(item))
+        elif not self.lane.step(item):  # a captured step reads the slot itself: no views needed
+            self.lane.enqueue(self._with_views(item))
 
     def flag(self, slot: int, at: int) -> int:
         return int(self.slots_buf.data_ptr()) + self.geometry.device_slot_at(slot) + at
@@ -102,22 +140,67 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         header = SlotHeader.read(self._buf, g.slot_at(request.slot), request)
         self.lane.check_layer(request.layer)
         self._last_seq = max(self._last_seq, request.seq)
+        return _Item(
+            self, request, header, request.layer, _NO_VIEW, _NO_VIEW, _NO_VIEW, time.time_ns(), now_ns
+        )
+
+    def _with_views(self, item: _Item) -> _Item:
+        """``item`` with its views of the slot's rows, ids and weights (for the eager path)."""
+        g, request = self.geometry, item.request
         rows, top_k = request.rows, g.top_k
         hidden_at, ids_at, weights_at, _ = g.payload(gpu_layout_rows(g, rows), shape_only=False)
-        return _Item(
-            self,
-            request,
-            header,
-            request.layer,
-            self._view(request.slot, hidden_at, self.lane.dtype, [rows, g.hidden_size]),
-            self._view(request.slot, ids_at, torch.int32, [rows, top_k]),
-            self._view(request.slot, weights_at, torch.float32, [rows, top_k]),
-            time.time_ns(),
-            now_ns,
-        )
+        item.hidden = self._view(request.slot, hidden_at, self.lane.dtype, [rows, g.hidden_size])
+        item.expert_ids = self._view(request.slot, ids_at, torch.int32, [rows, top_k])
+        item.weights = self._view(request.slot, weights_at, torch.float32, [rows, top_k])
+        return item
+
+    def launch(self, slot: int, key: StepKey, seq: int) -> bool:
+        """On the poll thread, under the lane's launch lock: have ``key``'s captured step compute the
+        dispatch ``seq`` of ``slot``; False if there is none (the eager path). On an armed link the slot's
+        armed step computes it if its key is ``key`` (nothing to enqueue: the hit); else the graph goes
+        on the slot's stream behind it (after the flag wait where nothing was armed)."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            return False
+        if not self.arm_streams:
+            stream = self.lane.stream
+            self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq)
+            self.lane.replay(graph, stream)
+            return True
+        armed = self._armed[slot]
+        if armed == key:
+            self.lane.armed_hits += 1
+        else:
+            stream = self.arm_streams[slot]
+            if armed is None:
+                self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq)
+            else:
+                self.lane.armed_misses += 1
+            self.lane.replay(graph, stream)
+        self._launched[seq] = key
+        return True
+
+    def armed_after(self, slot: int) -> torch.cuda.Event | None:
+        """For the eager path: the event after the slot's armed step (None if nothing is armed)."""
+        if not self.arm_streams or slot >= len(self._armed_after) or self._armed[slot] is None:
+            return None
+        return self._armed_after[slot]
+
+    def _arm(self, slot: int, key: StepKey, seq: int) -> None:
+        """Enqueue ``slot``'s next step (``key``) on its stream: it runs once the request flag passes
+        ``seq``; the device check makes it a no-op for another bucket or window, or a poisoned flag."""
+        graph = self.graphs.get(key)
+        stream = self.arm_streams[slot]
+        if graph is None:
+            self._armed[slot] = None
+            return
+        self.lane.flags.wait(stream, self.flag(slot, REQUEST_FLAG_AT), seq + 1)
+        self.lane.replay(graph, stream)
+        self._armed[slot], self._armed_after[slot] = key, self.lane.mark(stream)
 
     def _write_back(self, request: Request, out: torch.Tensor | None, valid_slot: bool) -> None:
         if not valid_slot or self._poisoned:
+            self._launched.pop(request.seq, None)
             return
         stream = self.lane.stream
         g = self.geometry
@@ -126,7 +209,26 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             with torch.cuda.stream(stream):
                 dst = self._view(request.slot, hidden_at, self.lane.dtype, [request.rows, g.hidden_size])
                 dst.copy_(out, non_blocking=True)
-        self.lane.flags.write(stream, self.flag(request.slot, DONE_FLAG_AT), request.seq)
+        if not self.arm_streams:
+            self.lane.flags.write(stream, self.flag(request.slot, DONE_FLAG_AT), request.seq)
+            return
+        slot, key = request.slot, self._launched.pop(request.seq, None)
+        armed = self.arm_streams[slot]
+        if key is None:  # the compute thread's stream had the slot (eager step, or an error answer)
+            self.lane.order(armed, stream)
+        self.lane.flags.write(armed, self.flag(slot, DONE_FLAG_AT), request.seq)
+        self._armed[slot] = None  # consumed by this dispatch
+        if key is not None:  # re-armed by the poll thread once the completion is out (``rearm``)
+            self._rearm = (slot, key, request.seq)
+
+    def rearm(self) -> None:
+        """On the poll thread, right after a captured step's answer: arm its slot's next step. After the
+        completion, so the launch is off the round trip; the next descriptor of the slot is taken by
+        this same thread, after this (if the flag is already written, the armed step just runs)."""
+        with self._lock:
+            pending, self._rearm = self._rearm, None
+            if pending is not None and not self._closed and not self._poisoned:
+                self._arm(*pending)
 
     def poison(self) -> None:
         """Release the compute stream from waits on this link's request flags (and the peer's streams
@@ -147,6 +249,8 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
 
     def _close(self) -> None:
         super()._close()
+        for stream in self.arm_streams:  # the flags are poisoned: armed steps drain, then unmap
+            stream.synchronize()  # type: ignore[no-untyped-call]
         self.lane.retire(self.graphs)  # launches may still be queued on the stream
         self.graphs = {}
         self.slots_buf = torch.empty(0, dtype=torch.uint8)

@@ -2,13 +2,15 @@
 by CUDA streams that write and wait on the slots' flags (the protocol: ``asap.dataplane.gpu_fast``).
 
 The event loop or a hot-path compute thread enqueues a dispatch's fill and request flag on the *tx*
-stream; the poll thread, on a completion, has the *rx* stream wait for the done flag and copy the results
-out, and the slot's next fill waits for that copy on the GPU. A broken or retired link poisons every flag
+stream, publishes the descriptor, and then (``prefetch``) has the slot's *rx* stream wait for the done
+flag and copy the results out; the poll thread, on a completion, hands that result on (or enqueues the
+copy itself if the completion came first), and the slot's next fill waits for that copy on the GPU. A broken or retired link poisons every flag
 of the region, so no stream is left waiting.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -21,14 +23,24 @@ from asap.dataplane.cuda_ipc import CudaRegion
 from asap.dataplane.fast_attention import AttentionLinkEnd
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
 from asap.dataplane.gpu_flags import StreamFlags, poison_value
-from asap.dataplane.gpu_layout import gpu_layout_rows
+from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows
 from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
 from asap.errors import AsapError
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
-__all__ = ["GpuAttentionLinkEnd", "Timing"]
+__all__ = ["DEVICE_TIMING_ENV", "GpuAttentionLinkEnd", "Timing"]
+
+DEVICE_TIMING_ENV = "ASAP_GPU_DEVICE_TIMING"
+"""``1``: each dispatch also records timing events on the tx and rx streams (``Timing.device_us``), for
+the benchmarks' breakdown of where the GPU round trip goes; default off (events cost driver calls)."""
+
+
+def _int32(value: int) -> int:
+    """``value``'s low 32 bits as a signed int32 (how the device words and flags compare them)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 @dataclass(slots=True)
@@ -46,6 +58,21 @@ class Timing:
     """This side's poll thread took the completion."""
     settled: int = 0
     """The loop enqueued the copy out and woke the exchange."""
+    events: list[Any] | None = None
+    """With ``ASAP_GPU_DEVICE_TIMING=1``: timing events on this side's streams: the fill started (tx),
+    the request flag written (tx), the done flag seen (rx, after its wait), the copy out over (rx)."""
+
+    def device_us(self) -> dict[str, float]:
+        """Device-side hops of a finished dispatch (µs; the events have passed): fill, flag -> done flag
+        seen (the expert's part: its start latency plus its computation), copy out."""
+        if self.events is None or len(self.events) < 4:
+            return {}
+        start, flagged, done, copied = self.events
+        return {
+            "gpu_fill": start.elapsed_time(flagged) * 1e3,
+            "gpu_flag_to_done": flagged.elapsed_time(done) * 1e3,
+            "gpu_copy_out": done.elapsed_time(copied) * 1e3,
+        }
 
 
 class GpuAttentionLinkEnd(AttentionLinkEnd):
@@ -61,15 +88,29 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         torch.cuda.current_stream(device).synchronize()  # once per region: zero before the peer looks
         self.tx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.rx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.rx_slots = [torch.cuda.Stream(device) for _ in range(geometry.slots)]  # type: ignore[no-untyped-call]
+        """Per slot: the stream its results are copied out on (``prefetch``)."""
+        self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._taken: set[int] = set()
+        """Completions taken before their prefetch (which then does nothing)."""
         self.poison_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
         """Per slot: the copy out of its last results (the next fill waits for it on the GPU)."""
+        pinned = torch.zeros(geometry.slots, 3, dtype=torch.int32, pin_memory=True)
+        self._words_pinned = list(pinned)
+        self._words_host = pinned.numpy()
+        self._words_device = [
+            self.cuda.view(geometry.device_slot_at(slot) + STEP_WORDS_AT, torch.int32, [3])
+            for slot in range(geometry.slots)
+        ]
+        """Per slot: its step words (rows, layer, seq) in pinned host memory and in the slot."""
         self._poisoned = False
         self._gpu_lock = threading.Lock()
         self.timings: deque[Timing] = deque(maxlen=256)
         """The last dispatches' hops (``Timing``)."""
         self._timing: dict[int, Timing] = {}
+        self._device_timing = os.environ.get(DEVICE_TIMING_ENV, "0") == "1"
         super().__init__(geometry, **kw)
 
     def _flag(self, slot: int, at: int) -> int:
@@ -95,6 +136,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         free = self._free_after[slot]
         if free is not None:
             tx.wait_event(free)
+        events = self._timing_event(tx, None)
         with torch.cuda.stream(tx):
             for src in (dispatch.hidden, dispatch.expert_ids, dispatch.weights):
                 if src.is_cuda:
@@ -106,39 +148,77 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self._view(slot, weights_at, torch.float32, [rows, top_k]).copy_(
                 dispatch.weights, non_blocking=True
             )
+            # what the expert's captured step checks on the device, from the slot's pinned words (not
+            # rewritten before this copy ran: the slot's next fill comes after this dispatch's answer)
+            self._words_host[slot] = (rows, header.layer, _int32(header.seq))
+            self._words_device[slot].copy_(self._words_pinned[slot], non_blocking=True)
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
-        self._timing[header.seq] = Timing(time.time_ns())
+        self._timing[header.seq] = Timing(time.time_ns(), events=self._timing_event(tx, events))
+
+    def _timing_event(self, stream: torch.cuda.Stream, events: list[Any] | None) -> list[Any] | None:
+        """With device timing on: a timing event recorded on ``stream``, appended to ``events``."""
+        if not self._device_timing:
+            return None
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record(stream)
+        return [*(events or []), event]
+
+    def prefetch(self, slot: int, seq: int, rows: int) -> None:
+        """Right after publishing ``seq``: enqueue on the slot's own rx stream the wait for its done flag
+        and the copy of its results out of the slot, so the copy runs as soon as the expert's stream
+        writes the flag, with no host in between, and the enqueueing is done while the expert works
+        (``_take`` then only hands the result on). Per-slot streams: no dispatch's copy waits behind
+        another slot's flag."""
+        with self._gpu_lock:
+            if self._poisoned or seq in self._taken:  # the completion came first (``_take`` copied)
+                self._taken.discard(seq)
+                return
+            self._prefetched[seq] = self._copy_out(self.rx_slots[slot], slot, seq, rows)
+
+    def _copy_out(
+        self, rx: torch.cuda.Stream, slot: int, seq: int, rows: int
+    ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Under ``_gpu_lock``: on ``rx``, wait for the slot's done flag and copy the results out; the
+        slot's next fill waits for that copy on the GPU (the result carries its event)."""
+        self.flags.wait(rx, self._flag(slot, DONE_FLAG_AT), seq)
+        timing = self._timing.get(seq)
+        if timing is not None and timing.events is not None:
+            timing.events = self._timing_event(rx, timing.events)
+        g = self.geometry
+        with torch.cuda.stream(rx):
+            hidden_at = g.payload(rows, shape_only=False)[0]
+            src = self._view(slot, hidden_at, self.dtype, [rows, g.hidden_size])
+            result = torch.empty_like(src)
+            result.copy_(src, non_blocking=True)
+        event = torch.cuda.Event(enable_timing=self._device_timing)  # type: ignore[no-untyped-call]
+        event.record(rx)
+        if timing is not None and timing.events is not None:
+            timing.events.append(event)
+        self._free_after[slot] = event  # read by the next fill of the slot, after the settle
+        return result, event
 
     def _take(self, completion: Completion, now_ns: int) -> None:
-        """On the poll thread, before the slot can be handed on: the rx stream waits for the expert's done
-        flag (after errors too: the expert writes it once its GPU work of the slot is over) and copies the
-        results out; the slot's next fill waits for that copy on the GPU, the result carries its event."""
+        """On the poll thread, before the slot can be handed on: the results' copy out, prefetched at
+        publication (or enqueued here if the completion came first: the rx stream waits for the
+        expert's done flag, written after errors too, then copies) is handed on with its event."""
         with self._lock:
             pending = self._pending.get(completion.seq)
         if pending is None:
             super()._take(completion, now_ns)  # logs the unknown completion
             return
         ok = not completion.status and completion.rows == pending.rows
-        timing = self._timing.pop(completion.seq, None)
         with self._gpu_lock:
             if self._poisoned:
                 return  # the link broke meanwhile: the dispatch has failed already
-            rx = self.rx
-            self.flags.wait(rx, self._flag(pending.slot, DONE_FLAG_AT), pending.seq)
-            result = None
-            if ok:
-                g = self.geometry
-                with torch.cuda.stream(rx):
-                    hidden_at = g.payload(pending.rows, shape_only=False)[0]
-                    src = self._view(pending.slot, hidden_at, self.dtype, [pending.rows, g.hidden_size])
-                    result = torch.empty_like(src)
-                    result.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(rx)
-            self._free_after[pending.slot] = event  # read by the loop after the settle below
-        if result is None:
+            copied = self._prefetched.pop(pending.seq, None)
+            if copied is None:
+                self._taken.add(pending.seq)
+                copied = self._copy_out(self.rx, pending.slot, pending.seq, pending.rows)
+        timing = self._timing.pop(completion.seq, None)
+        if not ok:
             super()._take(completion, now_ns)  # the base's error outcomes
             return
+        result, event = copied
         if timing is not None:
             timing.picked, timing.taken = completion.picked_unix_ns, time.time_ns()
             timing.queue_ns, timing.compute_ns = completion.queue_ns, completion.compute_ns
@@ -157,6 +237,7 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             if self._poisoned or self.cuda.size == 0:
                 return
             self._poisoned = True
+            self._prefetched.clear()
             value = poison_value(self._seq)
             stream = self.poison_stream
             for slot in range(self.geometry.slots):
@@ -172,6 +253,6 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         super().close()
         buf = self.cuda.buf
         if buf.numel():
-            for stream in (self.tx, self.rx):  # the memory outlives the copies still queued on them
+            for stream in (self.tx, self.rx, *self.rx_slots):  # the memory outlives the copies queued on them
                 buf.record_stream(stream)
             self.cuda.close()

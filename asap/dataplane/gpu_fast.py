@@ -154,7 +154,7 @@ class GpuFastPlane(FastPlane):
         end = self._end_for(self.stream.open(), geometry)
         assert isinstance(end, GpuAttentionLinkEnd)
         slot = await end.take_slot()
-        seq = 0
+        seq, filled = 0, False
         try:
             header = end.header(
                 request.micro_batch,
@@ -165,9 +165,11 @@ class GpuFastPlane(FastPlane):
                 slot,
             )
             end.enqueue_fill(slot, header, request.dispatch)
+            filled = True
             seq, future = end.publish(
                 slot, request.micro_batch, request.layer, request.rows, shape_only=False, link_s=0.0
             )
+            end.prefetch(slot, seq, request.rows)
             self._hidden_bytes += request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             self.fast_exchanges += 1
             request.sent()
@@ -177,8 +179,16 @@ class GpuFastPlane(FastPlane):
         finally:
             if seq == 0:
                 end.give_back(slot)
+                if filled:
+                    _unpublished(end)
             else:
                 end.abandon(seq)
+
+
+def _unpublished(end: GpuAttentionLinkEnd) -> None:
+    """A slot was filled (its request flag will pass) but its descriptor never published: the expert's
+    step armed on that slot would compute it and miss the next one, so the region is retired."""
+    end.fail(Unavailable(f"{end.peer}: a filled fast link slot was not published; region retired"))
 
 
 class _GpuDirect(_Direct):
@@ -195,7 +205,12 @@ class _GpuDirect(_Direct):
         plane, end = self.plane, self.end
         try:
             end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch)
-            seq, _ = plane._publish(end, slot, request, ticket)
+            try:
+                seq, _ = plane._publish(end, slot, request, ticket)
+            except BaseException:
+                _unpublished(end)
+                raise
+            end.prefetch(slot, seq, request.rows)
         except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
             if end.broken is not None:
                 raise end.broken from None

@@ -81,43 +81,50 @@ class DriverFlags:
 
     def __init__(self) -> None:
         self._d = _driver()
+        self._success = self._d.CUresult.CUDA_SUCCESS
         self._check(self._d.cuInit(0), "cuInit")
         self._geq = int(self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
         self._default = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         self._threads = threading.local()
+        self._handles: dict[int, tuple[Any, int]] = {}
+        """Stream handle (``cuda_stream``) -> (its driver ``CUstream``, its device index)."""
 
-    def _on_this_thread(self, stream: torch.cuda.Stream) -> None:
+    def _on_this_thread(self, stream: torch.cuda.Stream) -> Any:
         """The driver API needs a current context on the calling thread (a poll thread may never have
-        made a CUDA call): make the stream's device's primary context current, once per thread."""
+        made a CUDA call): make the stream's device's primary context current, once per thread. Returns
+        the stream's driver handle (cached: these calls are on the per-layer path)."""
+        handle = self._handles.get(stream.cuda_stream)
+        ready: set[int] | None = getattr(self._threads, "devices", None)
+        if handle is not None and ready is not None and handle[1] in ready:
+            return handle[0]
         index = stream.device.index if stream.device.index is not None else 0
-        ready: set[int] = getattr(self._threads, "devices", set())
+        if ready is None:
+            ready = self._threads.devices = set()
         if index not in ready:
             torch.cuda.set_device(index)
             ready.add(index)
-            self._threads.devices = ready
+        handle = (self._d.CUstream(stream.cuda_stream), index)
+        self._handles[stream.cuda_stream] = handle
+        return handle[0]
 
     def _check(self, result: Any, what: str) -> None:
         err = result[0] if isinstance(result, tuple) else result
-        if err != self._d.CUresult.CUDA_SUCCESS:
+        if err != self._success:
             raise InternalError(f"{what} failed: {err}")
 
     def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d
-        self._on_this_thread(stream)
+        handle = self._on_this_thread(stream)
         self._check(
-            d.cuStreamWriteValue32(
-                d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._default
-            ),
+            d.cuStreamWriteValue32(handle, d.CUdeviceptr(address), value & _MASK, self._default),
             "cuStreamWriteValue32",
         )
 
     def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d
-        self._on_this_thread(stream)
+        handle = self._on_this_thread(stream)
         self._check(
-            d.cuStreamWaitValue32(
-                d.CUstream(stream.cuda_stream), d.CUdeviceptr(address), value & _MASK, self._geq
-            ),
+            d.cuStreamWaitValue32(handle, d.CUdeviceptr(address), value & _MASK, self._geq),
             "cuStreamWaitValue32",
         )
 

@@ -62,6 +62,7 @@ def _expert_end(flags: FakeFlags) -> GpuExpertLinkEnd:
     end._closed = False
     end._poisoned = False
     end._last_seq = 41
+    end.arm_streams, end._launched = [], {}
     return end
 
 
@@ -99,6 +100,7 @@ def test_attention_poisons_every_flag_once_when_the_link_breaks() -> None:
     end.poison_stream = "poison"  # type: ignore[assignment]
     end._gpu_lock = threading.Lock()
     end._poisoned = False
+    end._prefetched = {}
     end._seq = 9
     end.poison()
     end.poison()
@@ -106,3 +108,26 @@ def test_attention_poisons_every_flag_once_when_the_link_breaks() -> None:
     assert len(flags.writes) == 2 * _GEOMETRY.slots
     assert {a for _, a, _ in flags.writes} == _slot_flags(base)
     assert all(passes(v, seq) for _, _, v in flags.writes for seq in range(1, 10))
+
+
+def test_results_are_prefetched_on_the_slot_stream_unless_the_completion_came_first() -> None:
+    end = GpuAttentionLinkEnd.__new__(GpuAttentionLinkEnd)
+    end._gpu_lock = threading.Lock()
+    end._poisoned = False
+    end._prefetched, end._taken = {}, set()
+    end.rx_slots = ["rx0", "rx1"]  # type: ignore[list-item]
+    copies: list[tuple[Any, int, int, int]] = []
+
+    def copy_out(rx: Any, slot: int, seq: int, rows: int) -> tuple[Any, Any]:
+        copies.append((rx, slot, seq, rows))
+        return ("result", seq), ("event", seq)
+
+    end._copy_out = copy_out  # type: ignore[method-assign,assignment]
+    end.prefetch(1, 5, 20)
+    assert copies == [("rx1", 1, 5, 20)] and end._prefetched == {5: (("result", 5), ("event", 5))}
+    end._taken.add(6)  # its completion was taken (and copied there) before the prefetch
+    end.prefetch(0, 6, 20)
+    assert len(copies) == 1 and end._taken == set()
+    end._poisoned = True  # a retired link: nothing more is enqueued
+    end.prefetch(0, 7, 20)
+    assert len(copies) == 1 and 7 not in end._prefetched

@@ -13,6 +13,7 @@ import torch
 
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, Request
 from asap.dataplane.gpu_fast import gpu_hot_path_enabled, gpu_layout_rows
+from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled
 from asap.errors import AsapError, Unavailable
 from expert_svc.core import ExpertStats
 from expert_svc.fastlane import LaneItem
@@ -85,21 +86,32 @@ class _Graph:
         self.log.ops.append(("replay", self.name))
 
 
+def _fake_streams(lane: GpuFastLane, log: _Log) -> None:
+    """The lane's stream operations recorded instead of run (no GPU)."""
+    lane.replay = lambda graph, stream: log.ops.append(("replay", graph.name, stream))  # type: ignore[assignment,attr-defined,method-assign]
+    lane.mark = lambda stream: ("event", stream)  # type: ignore[assignment,method-assign,return-value]
+    lane.order = lambda later, earlier: log.ops.append(("order", later, earlier))  # type: ignore[assignment,method-assign]
+
+
 def _lane_and_end(log: _Log) -> tuple[GpuFastLane, GpuExpertLinkEnd, list[tuple[int, AsapError | None]]]:
     lane = GpuFastLane.__new__(GpuFastLane)
     lane.flags = log
     lane.stream = None  # type: ignore[assignment]  # torch.cuda.stream(None) does nothing
-    lane.steps = SimpleNamespace(rows_at=1000, inner_at=1008, locate=lambda layer: (0, layer))  # type: ignore[assignment]
+    lane.steps = SimpleNamespace(locate=lambda layer: (0, layer))  # type: ignore[assignment]
     lane.executor = SimpleNamespace(stats=ExpertStats())  # type: ignore[assignment]
-    lane.graph_steps = 0
+    lane.graph_steps = lane.armed_hits = lane.armed_misses = 0
     lane._launch_lock = threading.Lock()
     lane._collect = lambda: None  # type: ignore[method-assign]
+    _fake_streams(lane, log)
     end = GpuExpertLinkEnd.__new__(GpuExpertLinkEnd)
+    end.lane = lane
     end.geometry = _GEOMETRY
     end.slots_buf = torch.zeros(16, dtype=torch.uint8)
     end.buckets = (16, 32)
     end.graphs = {(1, 32, 0): _Graph(log, "s1b32")}  # type: ignore[dict-item]
     end._poisoned = False
+    end.arm_streams, end._armed, end._armed_after, end._launched, end._rearm = [], [], [], {}, None
+    end._lock, end._closed = threading.Lock(), False
     answers: list[tuple[int, AsapError | None]] = []
     end.answer = lambda request, out, error=None, **_: answers.append((request.seq, error))  # type: ignore[method-assign]
     end.release = lambda: log.ops.append(("release",))  # type: ignore[method-assign]
@@ -119,11 +131,9 @@ def test_a_captured_step_is_launched_and_answered_by_the_poll_thread() -> None:
     lane, end, answers = _lane_and_end(log)
     assert lane.step(_item(end, 1, 20, seq=7))
     request_flag = end.flag(1, REQUEST_FLAG_AT)
-    assert log.ops == [
+    assert log.ops == [  # (the row count, layer and seq the graph checks: written by the attention stream)
         ("wait", request_flag, 7),
-        ("write", 1000, 20),  # the row count the graph masks by
-        ("write", 1008, 3),  # the layer within its window
-        ("replay", "s1b32"),
+        ("replay", "s1b32", None),
         ("release",),
     ]
     assert answers == [(7, None)] and lane.graph_steps == 1 and lane.executor.stats.rows == 20
@@ -148,3 +158,96 @@ def test_a_retired_link_fails_the_dispatch_unavailable_without_a_launch() -> Non
     assert [op for op in log.ops if op[0] == "replay"] == []
     assert len(answers) == 1 and isinstance(answers[0][1], Unavailable)
     assert lane.graph_steps == 0
+
+
+def _armed_end(log: _Log) -> tuple[GpuFastLane, GpuExpertLinkEnd, list[tuple[int, AsapError | None]]]:
+    """An armed link of two slots: slot 1 has the steps of buckets 16 and 32; answers write back."""
+    lane, end, answers = _lane_and_end(log)
+    lane.stream = "compute"  # type: ignore[assignment]
+    lane.dtype = torch.bfloat16
+    end.graphs = {(1, 32, 0): _Graph(log, "s1b32"), (1, 16, 0): _Graph(log, "s1b16")}  # type: ignore[dict-item]
+    end.arm_streams = ["arm0", "arm1"]  # type: ignore[list-item]
+    end._armed, end._armed_after = [None, None], [None, None]
+
+    def answer(request: Request, out: object, error: AsapError | None = None, **_: object) -> None:
+        end._write_back(request, None, request.slot < _GEOMETRY.slots)
+        answers.append((request.seq, error))
+
+    end.answer = answer  # type: ignore[method-assign,assignment]
+    return lane, end, answers
+
+
+def test_an_armed_slot_computes_its_next_dispatch_before_the_descriptor_arrives() -> None:
+    log = _Log()
+    lane, end, answers = _armed_end(log)
+    request_flag, done_flag = end.flag(1, REQUEST_FLAG_AT), end.flag(1, DONE_FLAG_AT)
+    assert lane.step(_item(end, 1, 20, seq=7))  # nothing armed yet: launched on arrival, then armed
+    assert log.ops == [
+        ("wait", request_flag, 7),
+        ("replay", "s1b32", "arm1"),
+        ("write", done_flag, 7),
+        ("wait", request_flag, 8),  # the slot's next dispatch: any seq past this one
+        ("replay", "s1b32", "arm1"),
+        ("release",),
+    ]
+    assert end._armed == [None, (1, 32, 0)] and end.armed_after(1) == ("event", "arm1")
+    log.ops.clear()
+    assert lane.step(_item(end, 1, 25, seq=9))  # same bucket: already enqueued, only the done flag
+    assert log.ops == [
+        ("write", done_flag, 9),
+        ("wait", request_flag, 10),
+        ("replay", "s1b32", "arm1"),
+        ("release",),
+    ]
+    assert (lane.armed_hits, lane.armed_misses) == (1, 0)
+    log.ops.clear()
+    assert lane.step(_item(end, 1, 10, seq=11))  # another bucket: its step behind the armed one
+    assert log.ops == [
+        ("replay", "s1b16", "arm1"),  # no wait: the armed step's wait is ahead of it on the stream
+        ("write", done_flag, 11),
+        ("wait", request_flag, 12),
+        ("replay", "s1b16", "arm1"),  # armed for the bucket just seen
+        ("release",),
+    ]
+    assert (lane.armed_hits, lane.armed_misses) == (1, 1)
+    assert answers == [(7, None), (9, None), (11, None)] and lane.graph_steps == 3
+
+
+def test_an_eager_dispatch_on_an_armed_slot_waits_for_the_armed_step_and_disarms_it() -> None:
+    log = _Log()
+    lane, end, answers = _armed_end(log)
+    request_flag, done_flag = end.flag(1, REQUEST_FLAG_AT), end.flag(1, DONE_FLAG_AT)
+    assert lane.step(_item(end, 1, 20, seq=3))
+    log.ops.clear()
+    assert not lane.step(_item(end, 1, 40, seq=4))  # bucket 64 not captured: the compute thread's
+    assert end.armed_after(1) == ("event", "arm1")  # what its stream waits for before using the slot
+    end._write_back(_item(end, 1, 40, seq=4).request, None, True)  # its answer, from the compute thread
+    assert log.ops == [("order", "arm1", "compute"), ("write", done_flag, 4)]  # the done flag after it
+    assert end._armed[1] is None and end.armed_after(1) is None  # consumed, not re-armed
+    log.ops.clear()
+    assert lane.step(_item(end, 1, 20, seq=5))  # launched on arrival again (wait + step), re-armed
+    assert log.ops[:2] == [("wait", request_flag, 5), ("replay", "s1b32", "arm1")]
+    assert end._armed[1] == (1, 32, 0)
+    assert [seq for seq, _ in answers] == [3, 5]
+
+
+def test_an_error_on_an_armed_slot_writes_its_done_flag_on_the_slot_stream_and_disarms() -> None:
+    log = _Log()
+    lane, end, answers = _armed_end(log)
+    done_flag = end.flag(1, DONE_FLAG_AT)
+    assert lane.step(_item(end, 1, 20, seq=3))
+    log.ops.clear()
+    end._poisoned = True
+    assert lane.step(_item(end, 1, 20, seq=5))  # retired meanwhile: Unavailable, nothing launched
+    assert isinstance(answers[-1][1], Unavailable)
+    assert [op for op in log.ops if op[0] in ("replay", "wait")] == []
+    end._poisoned = False
+    log.ops.clear()
+    end._write_back(_item(end, 1, 20, seq=6).request, None, True)  # a rejected descriptor's answer
+    assert log.ops == [("order", "arm1", "compute"), ("write", done_flag, 6)]
+    assert end._armed[1] is None
+
+
+def test_armed_steps_and_the_device_done_flag_default_off() -> None:
+    assert not armed_steps_enabled({}) and armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "1"})
+    assert not device_done_enabled({}) and device_done_enabled({"ASAP_GPU_DEVICE_DONE": "1"})

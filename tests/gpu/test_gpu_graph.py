@@ -1,7 +1,9 @@
 """The captured expert step of GPU fast links (``expert_svc.gpu_graph``) on a GPU: replayed from a slot
 holding garbage past the dispatch's rows, it writes over the rows exactly what the eager path computes
 (``device_local_ids`` + ``compute_local``), for every bucket, slot and layer, and counts ids not hosted
-here."""
+here; replayed for another bucket or window than the slot's words name, or with the request flag not
+holding their seq (poisoned), it changes nothing, its done flag included; when it computes, it writes the
+slot's done flag itself."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from asap.dataplane.fastlink import LinkGeometry
+from asap.dataplane.fastlink import DONE_FLAG_AT, LinkGeometry
 from asap.dataplane.gpu_fast import gpu_layout_rows
 from asap.dataplane.gpu_flags import driver_flags, flags_available
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.grouped import bucket_for
-from expert_svc.gpu_graph import StepGraphs, graph_buckets
+from expert_svc.gpu_graph import StepGraphs, graph_buckets, slot_words
 
 pytestmark = pytest.mark.skipif(
     not flags_available(), reason="needs a CUDA GPU and cuda.bindings (stream flags)"
@@ -41,11 +43,12 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
     buckets = graph_buckets(g, 256)
     assert buckets == (16, 32, 64, 128, 256)
     steps.warm(buckets)
-    graphs = steps.capture(buf, g, buckets)
+    graphs = steps.capture(buf, g, buckets, device_done=True)
     assert len(graphs) == g.slots * len(buckets) * steps.windows
     flags, stream = driver_flags(), torch.cuda.current_stream(dev)
     gen = torch.Generator(device=dev).manual_seed(3)
-    for rows, slot, layer in [(1, 0, 0), (9, 1, 1), (16, 0, 2), (100, 1, 3), (256, 0, 1)]:
+    cases = [(1, 0, 0), (9, 1, 1), (16, 0, 2), (100, 1, 3), (256, 0, 1)]
+    for seq, (rows, slot, layer) in enumerate(cases, start=1):
         layer = config.moe_layer_ids[layer % len(config.moe_layer_ids)]
         hidden = torch.randn(rows, h, device=dev, generator=gen).to(torch.bfloat16)
         ids = torch.randint(-1, config.num_experts, (rows, k), device=dev, generator=gen, dtype=torch.int32)
@@ -64,12 +67,27 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
         buf[base + hidden_at : base + hidden_at + rows * h * 2].copy_(hidden.view(-1).view(torch.uint8))
         buf[base + ids_at : base + ids_at + rows * k * 4].copy_(ids.view(-1).view(torch.uint8))
         buf[base + weights_at : base + weights_at + rows * k * 4].copy_(weights.view(-1).view(torch.uint8))
-        window, inner = steps.locate(layer)
+        window, _ = steps.locate(layer)
         before = int(bad_calls)
-        flags.write(stream, steps.rows_at, rows)
-        flags.write(stream, steps.inner_at, inner)
+        words, flag = slot_words(buf, g, slot)
+        for at, value in ((0, rows), (4, layer), (8, seq)):  # as the attention's tx stream writes them
+            flags.write(stream, int(words.data_ptr()) + at, value)
+        flags.write(stream, int(flag.data_ptr()), seq + 1)  # not this seq (a poisoned flag): a no-op
+        rows_view = buf[base + hidden_at : base + hidden_at + rows * h * 2]
+        untouched = rows_view.clone()
+        done = buf[base + DONE_FLAG_AT : base + DONE_FLAG_AT + 4].view(torch.int32)
+        done_before = done.clone()
+        graphs[(slot, layout, window)].replay()
+        other = 16 if layout != 16 else 32  # a step armed for another bucket: a no-op as well
+        graphs[(slot, other, window)].replay()
+        torch.cuda.synchronize()
+        assert torch.equal(rows_view, untouched), (rows, slot, layer)
+        assert torch.equal(done, done_before)  # no done flag from a step that did not compute
+        assert int(bad_calls) == before
+        flags.write(stream, int(flag.data_ptr()), seq)
         graphs[(slot, layout, window)].replay()
         torch.cuda.synchronize()
-        got = buf[base + hidden_at : base + hidden_at + rows * h * 2].view(torch.bfloat16).view(rows, h)
+        got = rows_view.view(torch.bfloat16).view(rows, h)
         assert torch.equal(got, expected), (rows, slot, layer)
+        assert int(done) == seq  # written by the step itself, after the results
         assert int(bad_calls) == before + int(foreign)  # odd ids: counted once, skipped
