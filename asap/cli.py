@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args_list[0] if args_list and args_list[0] in SUMMARIES else None
     parser = build_parser([command] if command else [])
     args = parser.parse_args(args_list)
+    if command in ("serve", "up"):  # rank processes (and the ones `up` starts): before CUDA initialises
+        from asap.dataplane.gpu_streams import configure_cuda_connections
+
+        configure_cuda_connections()
     try:
         code: int = args.func(args)
     except AsapError as exc:

@@ -25,7 +25,11 @@ def use_own_stream(device: str | torch.device) -> None:
     if dev.type == "cuda" and torch.cuda.is_available():
         if dev.index is not None:
             torch.cuda.set_device(dev)
-        torch.cuda.set_stream(torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
+        stream = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+        torch.cuda.set_stream(stream)
+        from asap.dataplane.gpu_streams import critical  # (the data plane imports this module)
+
+        critical(stream)  # no GPU fast-plane wait may share its hardware queue
 
 
 def ready_event(device: str | torch.device, *, timing: bool = False) -> torch.cuda.Event | None:

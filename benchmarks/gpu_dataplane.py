@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from asap.dataplane.direct import DirectLink, Ticket, Wake
+from asap.dataplane.gpu_streams import configure_cuda_connections
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.devices import attached_ready
 from asap.errors import AsapError
@@ -321,6 +322,7 @@ async def run() -> dict[str, object]:
 
 
 def main() -> None:
+    configure_cuda_connections()  # as rank processes do: the attention end runs in this process
     results = asyncio.run(run())
     out = results.pop("json")
     print(json.dumps(results, indent=1))

@@ -20,7 +20,7 @@ compute stream never stays blocked on a request flag a dead attention rank will 
 Captured steps (``expert_svc.gpu_graph``, on by default, ``ASAP_GPU_STEP_GRAPHS=0`` turns them off): a
 dispatch whose rows fall in a captured bucket is enqueued by the poll thread that took its descriptor
 (flag wait, one graph launch, the done flag) and answered there, with no hand-off to the compute thread;
-the compute thread merges and computes the rest eagerly. Armed steps (``gpu_link_end``, default on):
+the compute thread merges and computes the rest eagerly. Armed steps (``gpu_link_end``, opt-in):
 the step of each slot's next dispatch is already enqueued, waiting on the request flag, so the
 descriptor's arrival only confirms it (``armed_hits``) or launches the right bucket behind it
 (``armed_misses``); the GPU starts computing when the attention stream writes the flag.
@@ -37,6 +37,7 @@ import torch
 from asap.dataplane.fastlink import REQUEST_FLAG_AT
 from asap.dataplane.gpu_flags import StreamFlags, driver_flags
 from asap.dataplane.gpu_layout import GPU_EXPERT_SPIN_S
+from asap.dataplane.gpu_streams import critical, writer
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff
 from asap.errors import AsapError, InternalError, InvalidArgument, Unavailable
@@ -69,7 +70,8 @@ class GpuFastLane(FastLane):
         self.flags = flags if flags is not None else driver_flags()
         self.stream = torch.cuda.current_stream(self.device)
         """The compute thread's stream (set by ``warm``, which runs there)."""
-        self.poison_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self.poison_stream = writer(torch.device(self.device))
+        """Poisons: the process's stream that never waits (``asap.dataplane.gpu_streams``, rule 3)."""
         self._bad_calls = torch.zeros((), dtype=torch.int64, device=self.device)
         self._pinned = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         self._reading: torch.cuda.Event | None = None
@@ -102,6 +104,7 @@ class GpuFastLane(FastLane):
         (CUDA loads modules lazily; a first load while a stream waits on a flag can hang, DESIGN §9)."""
         dev = self.device
         self.stream = torch.cuda.current_stream(dev)
+        critical(self.stream)  # no armed wait may share its hardware queue
         part = self.executor.part
         scratch = torch.zeros(2 * 64, dtype=torch.uint8, device=dev)
         self.flags.write(self.stream, int(scratch.data_ptr()), 1)

@@ -31,6 +31,7 @@ from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.fastlink import DONE_FLAG_AT, HEARTBEAT_EXPERT, REQUEST_FLAG_AT, Request, SlotHeader, beat
 from asap.dataplane.gpu_flags import poison_value
 from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, gpu_layout_rows
+from asap.dataplane.gpu_streams import wait_streams
 from asap.errors import InvalidArgument
 from asap.v1 import common_pb2, expert_pb2
 from expert_svc.fastlane import ExpertLinkEnd, _Item
@@ -98,9 +99,7 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
                     device_done=armed and same_gpu and device_done_enabled(),
                 )
                 if armed:
-                    slots = self.geometry.slots
-                    self.arm_streams = [torch.cuda.Stream(lane.device) for _ in range(slots)]  # type: ignore[no-untyped-call]
-                    self._armed, self._armed_after = [None] * slots, [None] * slots
+                    self._take_arm_streams()
                 logger.info(
                     "GPU fast link: %d expert steps captured (buckets %s) in %.0f ms",
                     len(self.graphs),
@@ -110,6 +109,21 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
             except Exception:  # the eager path serves the link: slower, never wrong
                 logger.exception("capturing the expert steps of a GPU fast link failed; eager steps")
                 self.buckets, self.graphs, self.arm_streams = (), {}, []
+
+    def _take_arm_streams(self) -> None:
+        """One wait stream per slot (``asap.dataplane.gpu_streams``: a hardware queue of its own, so an
+        armed wait holds nothing else); if any slot gets none, the link is not armed (all given back)."""
+        pool = wait_streams(torch.device(self.lane.device))
+        streams = [pool.take() for _ in range(self.geometry.slots)]
+        if any(s is None for s in streams):
+            for stream in streams:
+                if stream is not None:
+                    pool.give_back(stream)
+            logger.warning("GPU fast link: no wait streams left for armed steps; launched on arrival")
+            return
+        slots = self.geometry.slots
+        self.arm_streams = [s for s in streams if s is not None]
+        self._armed, self._armed_after = [None] * slots, [None] * slots
 
     def _beat(self) -> None:
         """The heartbeat while the steps are captured (the poll thread does not serve the link yet)."""
@@ -248,9 +262,14 @@ class GpuExpertLinkEnd(ExpertLinkEnd):
         super().detach()
 
     def _close(self) -> None:
+        if self.arm_streams:  # nothing armed may stay waiting on a flag no one will write
+            self.poison()
         super()._close()
-        for stream in self.arm_streams:  # the flags are poisoned: armed steps drain, then unmap
-            stream.synchronize()  # type: ignore[no-untyped-call]
+        pool = wait_streams(torch.device(self.lane.device)) if self.arm_streams else None
+        for stream in self.arm_streams:  # the flags are poisoned: armed steps drain (bounded), then unmap
+            assert pool is not None
+            pool.give_back(stream)
+        self.arm_streams = []
         self.lane.retire(self.graphs)  # launches may still be queued on the stream
         self.graphs = {}
         self.slots_buf = torch.empty(0, dtype=torch.uint8)

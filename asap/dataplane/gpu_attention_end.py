@@ -21,9 +21,18 @@ import torch
 
 from asap.dataplane.cuda_ipc import CudaRegion
 from asap.dataplane.fast_attention import AttentionLinkEnd
-from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, Completion, LinkGeometry, SlotHeader
+from asap.dataplane.fastlink import (
+    DONE_FLAG_AT,
+    HEARTBEAT_EXPERT,
+    REQUEST_FLAG_AT,
+    Completion,
+    LinkGeometry,
+    SlotHeader,
+    heartbeat,
+)
 from asap.dataplane.gpu_flags import StreamFlags, poison_value
-from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows
+from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows, prefetch_enabled
+from asap.dataplane.gpu_streams import wait_streams, writer
 from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
 from asap.errors import AsapError
@@ -84,17 +93,23 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self.device = device
         self.flags = flags
         self.cuda = CudaRegion.create(device, geometry.device_nbytes, label="fast_")
-        self.cuda.buf.zero_()  # flags start at 0: no sequence number has passed
-        torch.cuda.current_stream(device).synchronize()  # once per region: zero before the peer looks
-        self.tx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        self.rx = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        self.rx_slots = [torch.cuda.Stream(device) for _ in range(geometry.slots)]  # type: ignore[no-untyped-call]
-        """Per slot: the stream its results are copied out on (``prefetch``)."""
+        self._streams = wait_streams(device)
+        self.poison_stream = writer(device)
+        """Poisons and the region's zeroing: a stream that never waits (``asap.dataplane.gpu_streams``)."""
+        with torch.cuda.stream(self.poison_stream):
+            self.cuda.buf.zero_()  # flags start at 0: no sequence number has passed
+        # once per region: zeroed before the peer looks. On the writer, which no pending wait of this
+        # process holds (a synchronize of a shared stream here once queued behind another link's wait)
+        self.poison_stream.synchronize()  # type: ignore[no-untyped-call]
+        self.tx = self._streams.plain()
+        self.rx = self._streams.plain()
+        """Copies out enqueued on completions (their done flag already enqueued by the expert)."""
+        self.rx_slots: list[torch.cuda.Stream | None] = []
+        """Per slot: the wait stream its results are prefetched on (``prefetch``; None: no prefetch,
+        the copy out is enqueued on the completion). Empty until the expert attached."""
         self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._taken: set[int] = set()
         """Completions taken before their prefetch (which then does nothing)."""
-        self.poison_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        self.tx.wait_stream(torch.cuda.current_stream(device))  # the zeroed flags first
         self._free_after: list[torch.cuda.Event | None] = [None] * geometry.slots
         """Per slot: the copy out of its last results (the next fill waits for it on the GPU)."""
         pinned = torch.zeros(geometry.slots, 3, dtype=torch.int32, pin_memory=True)
@@ -164,16 +179,29 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         return [*(events or []), event]
 
     def prefetch(self, slot: int, seq: int, rows: int) -> None:
-        """Right after publishing ``seq``: enqueue on the slot's own rx stream the wait for its done flag
-        and the copy of its results out of the slot, so the copy runs as soon as the expert's stream
+        """Right after publishing ``seq``: enqueue on the slot's own wait stream the wait for its done
+        flag and the copy of its results out of the slot, so the copy runs as soon as the expert's stream
         writes the flag, with no host in between, and the enqueueing is done while the expert works
-        (``_take`` then only hands the result on). Per-slot streams: no dispatch's copy waits behind
-        another slot's flag."""
+        (``_take`` then only hands the result on). Only once the expert attached (its heartbeat seen):
+        before that the done flag would wait on this host sending the announcement, and a wait must
+        never depend on this process (``asap.dataplane.gpu_streams``); on a stream of its own, so no
+        other work queues behind it. Without one, nothing is prefetched."""
         with self._gpu_lock:
             if self._poisoned or seq in self._taken:  # the completion came first (``_take`` copied)
                 self._taken.discard(seq)
                 return
-            self._prefetched[seq] = self._copy_out(self.rx_slots[slot], slot, seq, rows)
+            rx = self._rx_slot(slot)
+            if rx is not None:
+                self._prefetched[seq] = self._copy_out(rx, slot, seq, rows)
+
+    def _rx_slot(self, slot: int) -> torch.cuda.Stream | None:
+        """Under ``_gpu_lock``: ``slot``'s wait stream, taken on the first prefetch after the expert
+        attached (None: not attached yet, prefetch off, or no stream with a queue of its own)."""
+        if not self.rx_slots:
+            if not prefetch_enabled() or not heartbeat(self._buf, HEARTBEAT_EXPERT):
+                return None
+            self.rx_slots = [self._streams.take() for _ in range(self.geometry.slots)]
+        return self.rx_slots[slot]
 
     def _copy_out(
         self, rx: torch.cuda.Stream, slot: int, seq: int, rows: int
@@ -249,10 +277,18 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         super().fail(error)
 
     def close(self) -> None:
+        """Poison (every wait of the region passes), then give the wait streams back once they drained
+        (``gpu_streams``: bounded), then free the region."""
         self.poison()
         super().close()
+        for stream in self.rx_slots:
+            if stream is not None:
+                self._streams.give_back(stream)
+        self.rx_slots = []
         buf = self.cuda.buf
         if buf.numel():
-            for stream in (self.tx, self.rx, *self.rx_slots):  # the memory outlives the copies queued on them
+            for stream in (self.tx, self.rx):  # the memory outlives the copies queued on them
                 buf.record_stream(stream)
             self.cuda.close()
+        for stream in (self.tx, self.rx):
+            self._streams.give_back(stream)

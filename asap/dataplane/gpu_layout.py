@@ -20,11 +20,13 @@ __all__ = [
     "DEVICE_DONE_ENV",
     "GPU_EXPERT_SPIN_S",
     "GPU_POLL_SPIN_S",
+    "PREFETCH_ENV",
     "STEP_WORDS_AT",
     "armed_steps_enabled",
     "device_done_enabled",
     "gpu_layout_rows",
     "gpu_slot_bytes_for",
+    "prefetch_enabled",
 ]
 
 STEP_WORDS_AT = 2 * LINE
@@ -35,11 +37,19 @@ it computes only when the words name its bucket and window and the request flag 
 ARMED_STEPS_ENV = "ASAP_GPU_ARMED_STEPS"
 """``1`` (or ``on``): each slot's next captured step waits, pre-enqueued, on the slot's own stream
 (``expert_svc.gpu_link_end``), so the attention stream's flag write starts it with no host in between.
-Default off: the expert rank enqueues each captured step when its descriptor arrives. A pending wait
-holds its stream, and CUDA multiplexes streams onto ``CUDA_DEVICE_MAX_CONNECTIONS`` hardware queues
-(PyTorch hands out a pool of 32 streams round robin), so with several links another slot's step can
-queue behind a wait whose flag comes only after that step's answer: a stall the peer deadline would
-end as UNAVAILABLE. Until that is ruled out on multi-link experts, arming is opt-in."""
+``0``: the expert rank enqueues each captured step when its descriptor arrives. A pending wait holds
+its hardware queue, not only its stream: armed steps wait on streams of their own, probed for a queue
+no other stream of the process uses (``asap.dataplane.gpu_streams``, which says why that is
+deadlock-free); a slot that gets no such stream is not armed."""
+PREFETCH_ENV = "ASAP_GPU_PREFETCH"
+"""``0``: the attention end copies results out when their completion arrives; default ``1``: the wait
+for the done flag and the copy out are enqueued at publication on the slot's own wait stream
+(``asap.dataplane.gpu_attention_end``, once the expert attached, while wait streams are left)."""
+
+
+def prefetch_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(PREFETCH_ENV, "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
 
 
 DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"

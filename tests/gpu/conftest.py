@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from asap.dataplane.gpu_streams import configure_cuda_connections
 from asap.model.tiny import make_tiny
+
+configure_cuda_connections()  # as rank processes do (attention ranks run in this process), before CUDA
 
 
 def make_gpu_model(path: Path) -> Path:
