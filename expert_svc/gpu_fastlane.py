@@ -20,7 +20,7 @@ compute stream never stays blocked on a request flag a dead attention rank will 
 Captured steps (``expert_svc.gpu_graph``, on by default, ``ASAP_GPU_STEP_GRAPHS=0`` turns them off): a
 dispatch whose rows fall in a captured bucket is enqueued by the poll thread that took its descriptor
 (flag wait, one graph launch, the done flag) and answered there, with no hand-off to the compute thread;
-the compute thread merges and computes the rest eagerly. Armed steps (``gpu_link_end``, opt-in):
+the compute thread merges and computes the rest eagerly. Armed steps (``gpu_link_end``, default on):
 the step of each slot's next dispatch is already enqueued, waiting on the request flag, so the
 descriptor's arrival only confirms it (``armed_hits``) or launches the right bucket behind it
 (``armed_misses``); the GPU starts computing when the attention stream writes the flag.

@@ -5,7 +5,7 @@ into views of its slot's rows, ids and weights (laid out by ``gpu_layout_rows``)
 the rows and the slot's done flag is written on the compute stream. When the peer is gone the link's
 flags are poisoned, so neither side's streams stay blocked on a flag that will not be written.
 
-Armed steps (``ASAP_GPU_ARMED_STEPS=1``, opt-in, with captured steps): each slot has a stream of its
+Armed steps (default on with captured steps, ``ASAP_GPU_ARMED_STEPS=0`` turns them off): each slot has a stream of its
 own on which the slot's *next* step is enqueued before its descriptor arrives: a wait for the request
 flag to pass the slot's last sequence number, then the captured step of the slot's last (bucket,
 window). The attention stream's flag write starts the expert computation with no host in between; the

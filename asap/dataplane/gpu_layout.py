@@ -35,9 +35,9 @@ before the request flag: the dispatch's row count, its layer and its sequence nu
 captured step reads them on the device, so it can be enqueued before the descriptor arrives (armed):
 it computes only when the words name its bucket and window and the request flag holds their seq."""
 ARMED_STEPS_ENV = "ASAP_GPU_ARMED_STEPS"
-"""``1`` (or ``on``): each slot's next captured step waits, pre-enqueued, on the slot's own stream
+"""Default ``1``: each slot's next captured step waits, pre-enqueued, on the slot's own stream
 (``expert_svc.gpu_link_end``), so the attention stream's flag write starts it with no host in between.
-``0``: the expert rank enqueues each captured step when its descriptor arrives. A pending wait holds
+``0`` (or ``off``): the expert rank enqueues each captured step when its descriptor arrives. A pending wait holds
 its hardware queue, not only its stream: armed steps wait on streams of their own, probed for a queue
 no other stream of the process uses (``asap.dataplane.gpu_streams``, which says why that is
 deadlock-free); a slot that gets no such stream is not armed."""
@@ -66,8 +66,8 @@ def device_done_enabled(environ: dict[str, str] | None = None) -> bool:
 
 
 def armed_steps_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "0").strip().lower()
-    return value in ("1", "on", "true", "yes")
+    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
 
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024

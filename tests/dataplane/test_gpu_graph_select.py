@@ -13,7 +13,7 @@ import torch
 
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, Request
 from asap.dataplane.gpu_fast import gpu_hot_path_enabled, gpu_layout_rows
-from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled
+from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, prefetch_enabled
 from asap.errors import AsapError, Unavailable
 from expert_svc.core import ExpertStats
 from expert_svc.fastlane import LaneItem
@@ -248,6 +248,8 @@ def test_an_error_on_an_armed_slot_writes_its_done_flag_on_the_slot_stream_and_d
     assert end._armed[1] is None
 
 
-def test_armed_steps_and_the_device_done_flag_default_off() -> None:
-    assert not armed_steps_enabled({}) and armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "1"})
+def test_armed_steps_and_prefetch_default_on_the_device_done_flag_off() -> None:
+    assert armed_steps_enabled({}) and armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "1"})
+    assert not armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "0"})
+    assert prefetch_enabled({}) and not prefetch_enabled({"ASAP_GPU_PREFETCH": "0"})
     assert not device_done_enabled({}) and device_done_enabled({"ASAP_GPU_DEVICE_DONE": "1"})

@@ -1,8 +1,8 @@
 """The GPU fast plane end to end (expert ranks in their own processes on the GPUs, attention on cuda:0):
 first tokens and logprobs bitwise equal to gRPC bytes and CUDA IPC, auto picks it, the rings carry the
 dispatches (the captured expert steps of every bucket with auto, and mixed with the eager path above 256
-rows with fast; launched on the descriptor's arrival by default, armed before it with
-``ASAP_GPU_ARMED_STEPS=1``), and through the attention rank's hot path (``ASAP_GPU_HOT_PATH=1``); and a poisoned
+rows with fast; armed before the descriptor by default, launched on its arrival with
+``ASAP_GPU_ARMED_STEPS=0``), and through the attention rank's hot path (``ASAP_GPU_HOT_PATH=1``); and a poisoned
 flag releases a stream that waits on it."""
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(
         env.setenv("ASAP_GPU_STEP_GRAPH_ROWS", "256")
         via_fast, fast = await _run(gpu_model_dir, "fast", prompts, ranks)
     via_auto, auto = await _run(gpu_model_dir, "auto", prompts, ranks)  # asserts auto chose "fast"
-    with monkeypatch.context() as env:  # captured steps armed before the descriptor, not launched on it
-        env.setenv("ASAP_GPU_ARMED_STEPS", "1")
-        via_armed, _ = await _run(gpu_model_dir, "auto", prompts, ranks)
-    assert via_armed == via_auto
+    with monkeypatch.context() as env:  # captured steps launched on arrival, copied out on completion
+        env.setenv("ASAP_GPU_ARMED_STEPS", "0")
+        env.setenv("ASAP_GPU_PREFETCH", "0")
+        via_on_arrival, _ = await _run(gpu_model_dir, "auto", prompts, ranks)
+    assert via_on_arrival == via_auto
     print("fast", via_fast, fast, "\nauto", auto)
     assert fast["fast_exchanges"] > 0 and auto["fast_exchanges"] > 0
     assert fast["inline"] == 0 and fast["region"] > 0
