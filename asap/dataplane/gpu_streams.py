@@ -1,14 +1,17 @@
 """The streams of the GPU fast plane that may hold a wait on a flag, and why they cannot deadlock.
 
-Why this module: a ``cuStreamWaitValue32`` that has not passed holds more than its stream. The driver
-multiplexes a context's streams onto ``CUDA_DEVICE_MAX_CONNECTIONS`` hardware queues (default 8) and a
-queue executes its work in order, so work of *another* stream that shares the queue stalls behind the
-wait. PyTorch's ``torch.cuda.Stream()`` makes this worse: it hands out a per-device pool of 32 streams
-round robin, so two "different" torch streams can be one CUDA stream. A wait whose release needs work
-queued behind it (directly, or through a host that blocks on that work) never passes: the merged
-armed-step tree hung that way (a link's zero-and-synchronize on the event loop queued behind another
-link's prefetched copy out, whose done flag the expert could only write once that same event loop had
-sent it the link's announcement).
+Why this module: a ``cuStreamWaitValue32`` that has not passed holds its stream, and may hold more.
+PyTorch's ``torch.cuda.Stream()`` hands out a per-device pool of 32 streams round robin, so two
+"different" torch streams can be one CUDA stream (measured: of 40 pool streams, a wait on stream i
+holds stream i+32). And the driver multiplexes a context's streams onto ``CUDA_DEVICE_MAX_CONNECTIONS``
+hardware queues (default 8) that execute in order: on one H200 (driver 580, with and without MPS) a
+wait on a stream made here held none of 40 others at 8 or at 32 queues (``benchmarks/gpu_queue_probe.py``),
+but nothing documents that, so rule 2 checks it for every wait stream instead of assuming it. A wait
+whose release needs work queued behind it (directly, or through a host that blocks on that work) never
+passes: the merged armed-step tree hung in its third cluster of one process, in a link's
+zero-and-synchronize on the event loop, while another link's prefetched copy out waited on pool
+streams for a done flag that the expert could write only after that event loop had sent it the link's
+announcement.
 
 The rules, each kept here or by the callers named:
 
