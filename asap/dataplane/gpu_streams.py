@@ -81,10 +81,8 @@ logger = logging.getLogger(__name__)
 CONNECTIONS_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
 RANK_CONNECTIONS = 32
 """Hardware queues a rank process asks for (the driver's maximum; its default is 8)."""
-_PROBE_S = 0.002
+_PROBE_S = 0.05
 """How long a probe lets an event on a critical stream pass while the candidate waits."""
-_SETTLE_S = 0.05
-"""How long a probe first lets the other streams' queued work pass."""
 _TRIES = 3
 _MAX_REJECTED = 16
 """Candidates a process puts aside at most (each a stream nobody uses)."""
@@ -197,15 +195,15 @@ class WaitStreams:
         return candidate
 
     def _shares_a_queue(self, candidate: torch.cuda.Stream, others: list[torch.cuda.Stream]) -> bool:
-        """Block ``candidate`` on a pinned host word; does an event on any other stream of the probe
-        (critical, handed-out wait streams, the default stream) stop passing? First let what those
-        streams hold pass (bounded), so a busy stream reads as busy, not as sharing a queue."""
+        """Block ``candidate`` on a pinned host word; does an event recorded on any other stream of the
+        probe (critical, handed-out wait streams, the default stream) then fail to pass within
+        ``_PROBE_S``? That long, so a stream busy with its own work (a layer: milliseconds) reads as
+        busy, not as sharing the candidate's queue; one that passes at once costs no wait at all."""
         others = [*others, torch.cuda.default_stream(self.device)]
         if self._flags is None:
             self._flags = driver_flags()
         if self._word is None:
             self._word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        _passes([_mark(s) for s in others], _SETTLE_S)
         word = self._word.numpy()
         word[0] = 0
         self._flags.wait(candidate, int(self._word.data_ptr()), 1)
@@ -251,6 +249,7 @@ def _passes(events: list[torch.cuda.Event], within_s: float) -> bool:
     while not all(e.query() for e in events):  # type: ignore[no-untyped-call]
         if time.monotonic() > deadline:
             return False
+        time.sleep(0.0001)  # (lets other threads have the GIL)
     return True
 
 
@@ -284,7 +283,9 @@ def writer(device: torch.device) -> torch.cuda.Stream:
 
 
 def critical(stream: torch.cuda.Stream) -> None:
-    """Register ``stream`` as one no wait stream may share a hardware queue with (rule 2)."""
+    """Register ``stream`` as one no wait stream may share a hardware queue with (rule 2): wait streams
+    taken later are probed against it (the compute threads register theirs when they start, before any
+    link exists; streams made by ``plain`` are themselves probed against the wait streams already out)."""
     pool = wait_streams(stream.device)
     with pool._lock:
         if all(s.cuda_stream != stream.cuda_stream for s in pool.critical):
