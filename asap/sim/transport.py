@@ -203,8 +203,8 @@ class DirectPlane:
                 row_offset=0,
                 total_rows=rows,
                 hidden=dispatch.hidden,
-                expert_ids=dispatch.expert_ids.to(torch.int32),
-                weights=dispatch.weights.to(torch.float32),
+                expert_ids=_as(dispatch.expert_ids, torch.int32),
+                weights=_as(dispatch.weights, torch.float32),
                 traceparent=request.traceparent,
                 tracestate=request.tracestate,
                 sent_unix_nanos=time.time_ns(),
@@ -235,6 +235,12 @@ class DirectPlane:
     async def close(self) -> None:
         await self.session.abandon()
         self.session.close()
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, without the call when it already is (what the split makes: per dispatch,
+    a torch call costs more than the rest of the hand-off)."""
+    return tensor if tensor.dtype is dtype else tensor.to(dtype)
 
 
 class DirectExpertTransport(_PerRankPlanes):
