@@ -253,11 +253,12 @@ class EmulatedExpertPart(ExpertPart):
         self._check_shapes(hidden, expert_ids, weights)
         e = self.config.num_experts
         if expert_ids.dtype is torch.int32 and expert_ids.device.type == "cpu" and expert_ids.numel():
-            # What the planes deliver, in one pass (as ``ExpertExecutor.validate``): ``id + 1`` read as
-            # unsigned puts -1 at 0 and every id outside [-1, E) above E; counted per slot, every id is
-            # hosted here when the hosted experts' rows are all the rows that are not -1.
-            shifted = (expert_ids.numpy().reshape(-1) + 1).view(np.uint32)
-            if int(np.maximum.reduce(shifted)) <= e:
+            # What the planes deliver, in one pass (as ``ExpertExecutor.validate``): ``id + 1`` (intp)
+            # read as unsigned puts -1 at 0 and every id outside [-1, E) above E; counted per slot, every
+            # id is hosted here when the hosted experts' rows are all the rows that are not -1.
+            shifted = expert_ids.numpy().astype(np.intp).ravel()
+            shifted += 1
+            if int(np.maximum.reduce(shifted.view(np.uintp))) <= e:
                 slots = np.bincount(shifted, minlength=e + 1)
                 hosted = slots[1:].take(self._hosted_index)
                 if int(np.add.reduce(hosted)) == shifted.size - int(slots[0]):

@@ -105,6 +105,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.now = 0.0
         self.iterations = 0
         """Loop iterations so far (each runs every callback that was ready): the simulator's events."""
+        self._woken = False
         self._timers: list[tuple[float, _Timer]] = []
         """The lean path's timers (``call_at``): a heap of ``(when, timer)``; debug mode uses the stdlib's
         ``_scheduled`` heap of handles instead (``set_debug`` moves them over)."""
@@ -115,6 +116,11 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.now
+
+    def _write_to_self(self) -> None:
+        """The wake-up pipe is written (``call_soon_threadsafe``): the next clock advance polls it."""
+        self._woken = True
+        super()._write_to_self()  # type: ignore[misc]
 
     def set_debug(self, enabled: bool) -> None:
         """As the stdlib's; the pending timers move to the heap the new mode's iteration reads."""
@@ -223,7 +229,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
                     base._process_events(selectors.DefaultSelector.select(selector, 0))
             elif timers:
                 timeout = min(max(0.0, timers[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
-                base._process_events(selector.select(timeout))
+                if len(fd_to_key) > 1 or self._woken:
+                    self._woken = False
+                    base._process_events(selector.select(timeout))
+                else:
+                    # Only the loop's wake-up pipe is watched and nothing was written to it since the
+                    # last poll (``_write_to_self``): nothing to poll, the clock advances.
+                    self.iterations += 1
+                    if timeout > 0:
+                        self.now += timeout
             else:
                 base._process_events(selector.select(None))
             end_time = self.now + resolution
