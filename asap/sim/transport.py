@@ -195,7 +195,7 @@ class DirectPlane:
             if link_s is not None and rows:
                 top_k = int(dispatch.expert_ids.shape[1])
                 nbytes = dispatch_bytes(rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
-                await asyncio.sleep(link_s(nbytes))
+                await _charge(link_s(nbytes))
             chunk = Dispatch(
                 micro_batch=request.micro_batch,
                 layer=request.layer,
@@ -235,6 +235,27 @@ class DirectPlane:
     async def close(self) -> None:
         await self.session.abandon()
         self.session.close()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the waiting task was cancelled meanwhile
+        future.set_result(None)
+
+
+async def _charge(seconds: float) -> None:
+    """``asyncio.sleep(seconds)`` with the same loop steps (a timer, then the task's wake-up), without the
+    sleep's own coroutine and the cancellation of its spent timer on every dispatch."""
+    if seconds <= 0:
+        await asyncio.sleep(seconds)
+        return
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    timer = loop.call_at(loop.time() + seconds, _wake, future)
+    try:
+        await future
+    except asyncio.CancelledError:
+        timer.cancel()
+        raise
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
