@@ -106,7 +106,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.iterations = 0
         """Loop iterations so far (each runs every callback that was ready): the simulator's events."""
         self._woken = False
-        self._timers: list[tuple[float, _Timer]] = []
+        self._timers: list[tuple[float, Any]] = []  # (when, _Timer); Any: the stdlib's private fields
         """The lean path's timers (``call_at``): a heap of ``(when, timer)``; debug mode uses the stdlib's
         ``_scheduled`` heap of handles instead (``set_debug`` moves them over)."""
         super().__init__(selector=_VirtualSelector(self))
@@ -207,7 +207,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         popleft = ready.popleft
         heappop = heapq.heappop
         while True:
-            timers = self._timers
+            timers: list[tuple[float, Any]] = self._timers
             count = len(timers)
             if count > _MIN_SCHEDULED and base._timer_cancelled_count / count > _MIN_CANCELLED_FRACTION:
                 kept = []

@@ -47,7 +47,7 @@ def _tables(config: ModelConfig, hosted: list[int]) -> list[torch.Tensor]:
     return [torch.from_numpy(t.astype(np.int64)) for t in tables]
 
 
-def _outcome(fn: object, *args: object) -> object:
+def _outcome(fn: object, *args: object) -> tuple[str, object]:
     try:
         result = fn(*args)  # type: ignore[operator]
     except InvalidArgument as exc:

@@ -136,8 +136,12 @@ def test_timers_pending_across_a_debug_switch_keep_their_order() -> None:
     async def main() -> list[tuple[float, int]]:
         loop = asyncio.get_running_loop()
         fired: list[tuple[float, int]] = []
+
+        def fire(i: int) -> None:
+            fired.append((loop.time(), i))
+
         for i, delay in enumerate((3.0, 1.0, 2.0, 1.0, 5.0, 4.0)):
-            loop.call_later(delay, lambda i=i: fired.append((loop.time(), i)))
+            loop.call_later(delay, fire, i)
         loop.call_later(0.5, loop.set_debug, True)
         loop.call_later(2.5, loop.set_debug, False)
         loop.call_later(3.5, loop.set_debug, True)
