@@ -112,7 +112,6 @@ class ExpertExecutor:
         self._hosted = np.zeros(part.config.num_experts + 1, dtype=np.bool_)
         self._hosted[list(part.hosted)] = True
         self._hosted[-1] = True  # index -1: a slot for another rank
-        self._hosted_at_id_plus_1 = np.concatenate(([True], self._hosted[:-1]))  # index id + 1
         self._moe_layers = set(part.config.moe_layer_ids)
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
@@ -163,14 +162,6 @@ class ExpertExecutor:
         if layer not in self._moe_layers:
             raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
         # numpy on the host: the routing table is small, and a torch op's dispatch costs more than its work
-        if expert_ids.dtype is torch.int32 and expert_ids.device.type == "cpu" and expert_ids.numel():
-            # What every plane delivers, in one pass (as ``FastLane.validate``): ``id + 1`` read as
-            # unsigned puts -1 at 0 and every id outside [-1, E) above E; then the hosted lookup.
-            shifted = (expert_ids.numpy() + 1).view(np.uint32)
-            if int(np.maximum.reduce(shifted, axis=None)) <= self.part.config.num_experts and bool(
-                np.logical_and.reduce(self._hosted_at_id_plus_1[shifted], axis=None)
-            ):
-                return
         ids = expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False)
         if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
             raise InvalidArgument(
