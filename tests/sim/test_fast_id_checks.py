@@ -1,8 +1,8 @@
-"""The one-pass checks of int32 routing tables (what the planes deliver) against the general path.
+"""The one-pass check of int32 routing tables (what the planes deliver) against the general path.
 
-``ExpertExecutor.validate`` and ``EmulatedExpertPart``'s checked counts take a shortcut for CPU int32
-ids; the same ids as int64 take the general path. Both must accept, count and reject alike, with the
-same messages."""
+``EmulatedExpertPart``'s checked counts take a shortcut for CPU int32 ids; the same ids as int64 take
+the general path. Both must accept, count and reject alike, with the same messages, and agree with the
+expert executor's own validation (which the chunk passes first)."""
 
 from __future__ import annotations
 
