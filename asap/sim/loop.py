@@ -13,8 +13,10 @@ Speed: a simulation is millions of loop iterations, most of them one or two call
 bookkeeping shows. ``VirtualLoop`` therefore runs its iterations itself (``_run_once``) and makes its
 handles itself (``call_soon``), in the stdlib's order exactly (same callbacks, same iterations, same
 timer arithmetic: results do not move), without what only a real clock needs: no selector call unless a
-real file besides the loop's wake-up pipe is watched, no debug checks per handle (debug mode falls back
-to the stdlib's iteration).
+real file besides the loop's wake-up pipe is watched (or that pipe was written), no debug checks per
+handle (debug mode falls back to the stdlib's iteration). Its timers are a heap of ``(when, timer)``
+tuples, compared in C (``_Timer`` says why the order is the stdlib's), and its ready handles run inline,
+iteration after iteration within one ``_run_once`` call until the loop is asked to stop.
 
 ``run(main)`` runs a coroutine on a fresh virtual loop with ``asap.clock`` reading the virtual clock, so
 the services' own duration stamps are virtual too.
