@@ -251,6 +251,18 @@ class EmulatedExpertPart(ExpertPart):
     ) -> np.ndarray:  # type: ignore[type-arg]
         """``checked_rows_per_expert`` as a numpy array (no Python list of every hosted expert)."""
         self._check_shapes(hidden, expert_ids, weights)
+        e = self.config.num_experts
+        if expert_ids.dtype is torch.int32 and expert_ids.device.type == "cpu" and expert_ids.numel():
+            # What the planes deliver, in one pass (as ``ExpertExecutor.validate``): ``id + 1`` (intp)
+            # read as unsigned puts -1 at 0 and every id outside [-1, E) above E; counted per slot, every
+            # id is hosted here when the hosted experts' rows are all the rows that are not -1.
+            shifted = expert_ids.numpy().astype(np.intp).ravel()
+            shifted += 1
+            if int(np.maximum.reduce(shifted.view(np.uintp))) <= e:
+                slots = np.bincount(shifted, minlength=e + 1)
+                hosted = slots[1:].take(self._hosted_index)
+                if int(np.add.reduce(hosted)) == shifted.size - int(slots[0]):
+                    return hosted
         ids = _int64_ids(expert_ids)
         low = int(ids.min()) if ids.size else 0
         if ids.size and (low < -1 or int(ids.max()) >= self.config.num_experts):

@@ -195,7 +195,7 @@ class DirectPlane:
             if link_s is not None and rows:
                 top_k = int(dispatch.expert_ids.shape[1])
                 nbytes = dispatch_bytes(rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
-                await asyncio.sleep(link_s(nbytes))
+                await _charge(link_s(nbytes))
             chunk = Dispatch(
                 micro_batch=request.micro_batch,
                 layer=request.layer,
@@ -203,8 +203,8 @@ class DirectPlane:
                 row_offset=0,
                 total_rows=rows,
                 hidden=dispatch.hidden,
-                expert_ids=dispatch.expert_ids.to(torch.int32),
-                weights=dispatch.weights.to(torch.float32),
+                expert_ids=_as(dispatch.expert_ids, torch.int32),
+                weights=_as(dispatch.weights, torch.float32),
                 traceparent=request.traceparent,
                 tracestate=request.tracestate,
                 sent_unix_nanos=time.time_ns(),
@@ -235,6 +235,33 @@ class DirectPlane:
     async def close(self) -> None:
         await self.session.abandon()
         self.session.close()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the waiting task was cancelled meanwhile
+        future.set_result(None)
+
+
+async def _charge(seconds: float) -> None:
+    """``asyncio.sleep(seconds)`` with the same loop steps (a timer, then the task's wake-up), without the
+    sleep's own coroutine and the cancellation of its spent timer on every dispatch."""
+    if seconds <= 0:
+        await asyncio.sleep(seconds)
+        return
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    timer = loop.call_at(loop.time() + seconds, _wake, future)
+    try:
+        await future
+    except asyncio.CancelledError:
+        timer.cancel()
+        raise
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, without the call when it already is (what the split makes: per dispatch,
+    a torch call costs more than the rest of the hand-off)."""
+    return tensor if tensor.dtype is dtype else tensor.to(dtype)
 
 
 class DirectExpertTransport(_PerRankPlanes):

@@ -128,3 +128,46 @@ def test_the_lean_iteration_keeps_the_stdlib_order() -> None:
     stdlib, stdlib_iterations = _trace_of_a_busy_system(debug=True)
     assert lean == stdlib and lean_iterations == stdlib_iterations
     assert len(lean) > 20
+
+
+def test_timers_pending_across_a_debug_switch_keep_their_order() -> None:
+    # The lean path keeps timers in a heap of tuples, debug mode in the stdlib's heap of handles:
+    # switching moves them over, in both directions, without losing or reordering any.
+    async def main() -> list[tuple[float, int]]:
+        loop = asyncio.get_running_loop()
+        fired: list[tuple[float, int]] = []
+
+        def fire(i: int) -> None:
+            fired.append((loop.time(), i))
+
+        for i, delay in enumerate((3.0, 1.0, 2.0, 1.0, 5.0, 4.0)):
+            loop.call_later(delay, fire, i)
+        loop.call_later(0.5, loop.set_debug, True)
+        loop.call_later(2.5, loop.set_debug, False)
+        loop.call_later(3.5, loop.set_debug, True)
+        await asyncio.sleep(6.0)
+        loop.set_debug(False)
+        return fired
+
+    fired, _ = run(main())
+    assert [t for t, _ in fired] == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [i for _, i in fired][2:] == [2, 0, 5, 4]
+
+
+def test_a_failing_callback_goes_to_the_exception_handler() -> None:
+    seen: list[dict[str, object]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: seen.append(context))
+
+        def fail() -> None:
+            raise ValueError("boom")
+
+        loop.call_soon(fail)
+        loop.call_later(1.0, fail)
+        await asyncio.sleep(2.0)
+
+    run(main())
+    assert [type(c["exception"]) for c in seen] == [ValueError, ValueError]
+    assert all(str(c["message"]).startswith("Exception in callback") for c in seen)

@@ -1,0 +1,85 @@
+"""The one-pass check of int32 routing tables (what the planes deliver) against the general path.
+
+``EmulatedExpertPart``'s checked counts take a shortcut for CPU int32 ids; the same ids as int64 take
+the general path. Both must accept, count and reject alike, with the same messages, and agree with the
+expert executor's own validation (which the chunk passes first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asap.emulation.parts import EmulatedExpertPart
+from asap.emulation.profiles import load_profile
+from asap.errors import InvalidArgument
+from asap.model.config import ModelConfig, load_config
+from expert_svc.core import ExpertExecutor
+
+H200 = load_profile("h200")
+
+
+@pytest.fixture()
+def config_only(qwen3_dir: Path) -> ModelConfig:
+    return load_config(qwen3_dir)
+
+
+def _tables(config: ModelConfig, hosted: list[int]) -> list[torch.Tensor]:
+    """Routing tables [N, K]: valid ones (hosted ids and -1 slots), foreign ids, out-of-range ids."""
+    gen = np.random.default_rng(7)
+    e, k = config.num_experts, config.top_k
+    tables = []
+    for rows in (1, 3, 17, 64):
+        valid = gen.choice(np.array([*hosted, -1]), size=(rows, k))
+        tables.append(valid)
+        no_skip = gen.choice(np.array(hosted), size=(rows, k))
+        tables.append(no_skip)
+        foreign = valid.copy()
+        foreign[gen.integers(rows), gen.integers(k)] = next(i for i in range(e) if i not in hosted)
+        tables.append(foreign)
+        for bad in (-2, e, e + 5, np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+            out = valid.copy()
+            out[gen.integers(rows), gen.integers(k)] = bad
+            tables.append(out)
+    tables.append(np.full((4, k), -1))
+    return [torch.from_numpy(t.astype(np.int64)) for t in tables]
+
+
+def _outcome(fn: object, *args: object) -> tuple[str, object]:
+    try:
+        result = fn(*args)  # type: ignore[operator]
+    except InvalidArgument as exc:
+        return ("error", str(exc))
+    return ("ok", None if result is None else np.asarray(result).tolist())
+
+
+def test_int32_shortcuts_agree_with_the_general_checks(config_only: ModelConfig) -> None:
+    hosted = [1, 3, 4]
+    part = EmulatedExpertPart(config_only, hosted, H200)
+    executor = ExpertExecutor(part)
+    layer = config_only.moe_layer_ids[0]
+    h = config_only.hidden_size
+    seen = set()
+    for ids in _tables(config_only, hosted):
+        hidden = torch.empty((ids.shape[0], h), device="meta")
+        weights = torch.ones(ids.shape, dtype=torch.float32)
+        narrow = ids.to(torch.int32)
+        general = _outcome(executor.validate, layer, ids)
+        assert _outcome(executor.validate, layer, narrow) == general
+        counted = _outcome(part._checked_counts, hidden, ids, weights)
+        assert _outcome(part._checked_counts, hidden, narrow, weights) == counted
+        seen.add((general[0], counted[0]))
+    assert seen == {("ok", "ok"), ("error", "error")}
+
+
+def test_an_empty_table_passes_both(config_only: ModelConfig) -> None:
+    part = EmulatedExpertPart(config_only, [0], H200)
+    ids = torch.zeros((0, config_only.top_k), dtype=torch.int32)
+    ExpertExecutor(part).validate(config_only.moe_layer_ids[0], ids)
+    hidden = torch.empty((0, config_only.hidden_size), device="meta")
+    counts = part._checked_counts(hidden, ids, torch.zeros(ids.shape))
+    assert counts.tolist() == [0]
+    with pytest.raises(InvalidArgument):
+        ExpertExecutor(part).validate(config_only.num_layers, ids)
