@@ -13,8 +13,9 @@ are in the host's byte order (every word here is in memory that both processes s
 
 Each access casts a fresh one-item view and drops it at once (as ``struct`` held the buffer only for
 its call): a view kept would pin the mapping, which then could not be closed while, say, a ring over
-it is still referenced. After the mapping is let go (the buffer replaced by an empty one) an access
-raises ``IndexError``, and an unaligned offset ``ValueError``.
+it is still referenced. After the mapping is let go (the buffer replaced by an empty one) a load
+raises ``IndexError`` and a store ``TypeError`` (where ``struct`` raised ``struct.error``: the callers
+that may race a retirement catch all of them); an unaligned offset raises ``ValueError``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from asap.dataplane.nixl_link import AWAITED_PARK_S, WRITE_NAP_S, NixlPoller
+from asap.dataplane.nixl_link import WRITE_NAP_S, NixlPoller
 
 
 class _End:
@@ -27,8 +27,6 @@ class _End:
     def writing(self) -> bool:
         return self.script[self.sweep][1]
 
-    awaited = False
-
 
 def test_naps_while_writing_and_backs_off_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
@@ -41,30 +39,3 @@ def test_naps_while_writing_and_backs_off_when_idle(monkeypatch: pytest.MonkeyPa
     # 3 naps while writing; a notification: straight on; idle: 20, 40, 80 µs; writing again: a nap and
     # the back-off starts over
     assert slept == pytest.approx([WRITE_NAP_S] * 3 + [20e-6, 40e-6, 80e-6] + [WRITE_NAP_S] + [20e-6])
-
-
-class _AwaitedEnd(_End):
-    """Nothing comes for a while, and a coroutine waits for an answer in the sweeps ``awaited_in``."""
-
-    def __init__(self, poller: NixlPoller, sweeps: int, awaited_in: range) -> None:
-        super().__init__(poller, [(False, False)] * sweeps)
-        self.awaited_in = awaited_in
-
-    @property
-    def awaited(self) -> bool:  # type: ignore[override]
-        return self.sweep in self.awaited_in
-
-
-def test_looks_as_often_as_a_waiting_compute_thread_while_a_coroutine_waits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)
-    poller = NixlPoller("test-nixl")
-    end = _AwaitedEnd(poller, 20, range(0, 10))
-    poller._endpoints = (end,)
-    poller._run()
-    waiting, after = slept[:10], slept[10:]
-    assert max(waiting) == pytest.approx(AWAITED_PARK_S) and waiting[0] == pytest.approx(20e-6)
-    # nobody waits any more: the idle back-off starts over and grows past the waiting cap to 1 ms
-    assert after[0] == pytest.approx(20e-6) and max(after) == pytest.approx(1e-3)
