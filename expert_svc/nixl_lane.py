@@ -73,11 +73,6 @@ class NixlExpertEnd(LaneEnd):
         """Whether this end's answers are still being written (the poll thread moves them on)."""
         return self.end.writing
 
-    @property
-    def awaited(self) -> bool:
-        """No coroutine waits on this side: requests arrive when they arrive (the idle back-off)."""
-        return False
-
     def _take(self, raw: bytes) -> None:
         if len(raw) != _REQUEST_BYTES or raw[:1] != b"R":
             logger.warning("NIXL link of %s: a notification that is not a request ignored", self.end.peer)

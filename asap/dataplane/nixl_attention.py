@@ -13,8 +13,7 @@ is ``asap.dataplane.nixl_dispatch``; the slots as credits and the leased results
 
 Completions are taken by whichever thread polls first: the attention compute thread itself on the hot
 path (``asap.dataplane.nixl_direct``: it settles its own tickets, no thread hop), else the process's NIXL
-poll thread, which hands the coroutines' answers of one look to the event loop with one wake-up, and
-looks as often as a waiting compute thread would while a coroutine waits (``NixlPoller``). While a
+poll thread, which hands the coroutines' answers of one look to the event loop with one wake-up. While a
 compute thread polls an end, the poll thread leaves its notifications to it (and only watches its
 heartbeat). A missing heartbeat for ``peer_timeout_s`` while dispatches wait fails them all with
 ``Unavailable``; an abandoned dispatch keeps its slot until its completion arrives or the end is
@@ -124,15 +123,6 @@ class NixlAttentionEnd(NixlSlotCredits):
     def writing(self) -> bool:
         """Whether WRITEs of this end are in progress and the poll thread is the one to move them on."""
         return self.end.writing and not self.polled_elsewhere
-
-    @property
-    def awaited(self) -> bool:
-        """Whether a coroutine waits for an answer of this end (``exchange``, the event-loop path) and
-        no compute thread polls it: the poll thread then looks as often as a waiting compute thread."""
-        if self.polled_elsewhere:
-            return False
-        with self._lock:
-            return any(not isinstance(p.sink, Ticket) and not p.abandoned for p in self._pending.values())
 
     def _check_peer(self, now_ns: int) -> None:
         """Fail the waiting dispatches when the peer's heartbeats stopped (frozen or dead host)."""

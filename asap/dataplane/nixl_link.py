@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 import torch
 
-from asap.dataplane.direct import SHORT_PARK_S
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.nixl_pool import RegisteredBuffers
 from asap.dataplane.poller import OnePerProcess, Polled, Sweeper
@@ -39,7 +38,6 @@ from asap.errors import InvalidArgument, Unavailable
 from asap.v1 import expert_pb2
 
 __all__ = [
-    "AWAITED_PARK_S",
     "BEAT_NS",
     "HANDSHAKE_MICRO_BATCH",
     "HEARTBEAT",
@@ -337,23 +335,12 @@ them on). Not a spin: on a loaded host a spinning poll thread takes the core the
 process's sender, needs to finish the very transfer it waits for."""
 
 
-AWAITED_PARK_S = SHORT_PARK_S
-"""The poll thread's longest sleep while a coroutine waits for an answer on one of its ends (the event-
-loop path): what a compute thread waiting on the hot path sleeps at most between its own looks, so the
-loop path learns of an answer as soon (the idle ``park_s`` of 1 ms cost it 0.5 ms a round trip on
-average, measured as the time from the completion's arrival to the caller's wake-up)."""
-
-
 class NixlPolled(Polled, Protocol):
     """A NIXL link end the poll thread serves: ``poll`` says whether notifications came, ``writing``
-    whether WRITEs of the end are still in progress, ``awaited`` whether a coroutine waits for one of
-    its answers (the thread then looks at least every ``AWAITED_PARK_S``)."""
+    whether WRITEs of the end are still in progress."""
 
     @property
     def writing(self) -> bool: ...
-
-    @property
-    def awaited(self) -> bool: ...
 
 
 class NixlPoller(Sweeper[NixlPolled]):
@@ -364,25 +351,18 @@ class NixlPoller(Sweeper[NixlPolled]):
     link = "NIXL"
 
     def _run(self) -> None:
-        idle = Backoff(first_sleep_s=20e-6, park_s=1e-3)
-        awaited = Backoff(first_sleep_s=20e-6, park_s=AWAITED_PARK_S)
+        backoff = Backoff(first_sleep_s=20e-6, park_s=1e-3)
         while not self._stopped:
             endpoints = self._endpoints
             worked = self._poll(endpoints, time.monotonic_ns())
             self._count_sweep()
             if worked:
-                idle.reset()
-                awaited.reset()
+                backoff.reset()
             elif any(end.writing for end in endpoints):
-                idle.reset()
-                awaited.reset()
+                backoff.reset()
                 time.sleep(WRITE_NAP_S)
-            elif any(end.awaited for end in endpoints):
-                idle.reset()  # (so the idle back-off starts over once nobody waits)
-                awaited.idle([], [])
             else:
-                awaited.reset()
-                idle.idle([], [])
+                backoff.idle([], [])
 
 
 _POLLER = OnePerProcess(lambda: NixlPoller("nixl-completions"))
