@@ -10,6 +10,8 @@ so it computes next to nothing. The attention side (``benchmarks/nixl_paths.py``
 process with the tree under test: ``grpc`` (bytes), ``nixl loop`` (``exchange`` on the event loop: sync
 modes and other callers) and ``nixl hot`` (the async-mode path: the compute thread posts and polls), the
 latter only where the code has it; fresh dispatch tensors every layer, as ``split_by_rank`` makes them.
+The two NIXL paths are timed after ``LINK_WARMUP`` untimed round trips of both, in an order that
+alternates by round (the first round trips after set-up cost more on either path).
 
 Like with like (``benchmarks/nixl_bare.py``): the reference is two bare NIXL agents configured as the
 plane's, between that child and a child of its own, with the same UCX environment, WRITing exactly the
@@ -70,7 +72,9 @@ async def _child(args: argparse.Namespace, tokens: list[int]) -> dict[str, objec
             for plane in ("grpc", "nixl"):
                 if plane == "nixl":
                     bare = BarePair(max(sum(shape.sizes(n)) for n in tokens), shape.device)
-                figures = await time_paths(target, plane, tokens, args.iters, shape, bare)
+                figures = await time_paths(
+                    target, plane, tokens, args.iters, shape, bare, hot_first=args.hot_first
+                )
                 for path, by_tokens in figures.items():
                     results[f"{plane} {path}" if plane == "nixl" else plane] = by_tokens
             import asap.dataplane.nixl_plane as tree
@@ -120,14 +124,14 @@ def _tree(rev: str, into: str) -> str:
     return into
 
 
-def _measure(root: str, args: argparse.Namespace) -> dict[str, object]:
+def _measure(root: str, args: argparse.Namespace, hot_first: bool = False) -> dict[str, object]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         # the tree measured first on the path; the rest kept (packages installed with --target, as on
         # the GPU machine, live there)
         path = os.pathsep.join([root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
         env = dict(os.environ, ASAP_BENCH_ROOT=root, PYTHONPATH=path, UCX_PROTO_INFO="y")
         argv = ["--child", out.name, "--tokens", args.tokens, "--iters", str(args.iters)]
-        argv += ["--dtype", args.dtype, "--device", args.device]
+        argv += ["--dtype", args.dtype, "--device", args.device] + (["--hot-first"] if hot_first else [])
         done = subprocess.run(
             [sys.executable, __file__, *argv], env=env, check=True, stdout=subprocess.PIPE, text=True
         )
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace, tokens: list[int]) -> dict[str, object]:
             order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
             for name, root in order:
                 print(f"  round {r + 1}: {name} (load {_load()})", file=sys.stderr, flush=True)
-                one[name] = _measure(root, args)
+                one[name] = _measure(root, args, hot_first=r % 2 == 1)  # NIXL paths' order alternates
             rounds.append(one)
     results["rounds"] = rounds
     results["load_after"] = _load()
@@ -210,6 +214,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternations of base and head")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--hot-first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.child:

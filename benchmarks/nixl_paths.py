@@ -21,6 +21,10 @@ from asap.dataplane import fastlink
 from asap.model.placement import RankDispatch
 
 WARMUP = 3
+LINK_WARMUP = 8
+"""Untimed round trips on both NIXL paths, alternating, before any is timed: the first round trips after
+the link is set up cost more on either path (round 4 in benchmarks/README.md); without them they fell
+on whichever path is measured first."""
 
 
 @dataclass(slots=True)
@@ -171,11 +175,35 @@ def figures(
     return out
 
 
+async def _warm_link(transport: object, shape: Shape, n: int, mb: int) -> int:
+    """``LINK_WARMUP`` untimed round trips of ``n`` rows, loop and hot path alternating (the first one on
+    the loop path connects the end); the last micro-batch number used."""
+    from asap.dataplane.plane import PlaneRequest
+
+    rows = dispatch(shape, n)
+    loop = asyncio.get_running_loop()
+    for i in range(LINK_WARMUP):
+        mb += 1
+        direct = transport.direct_links(shape.top_k) if i % 2 else None  # type: ignore[attr-defined]
+        if direct is None:
+            await transport.exchange(0, mb, 0, fresh(rows))  # type: ignore[attr-defined]
+        else:
+            await loop.run_in_executor(None, _hot_round_trip, direct[0], PlaneRequest(mb, 0, fresh(rows)))
+    return mb
+
+
 async def time_paths(
-    target: str, plane: str, tokens: list[int], iters: int, shape: Shape, bare: object | None
+    target: str,
+    plane: str,
+    tokens: list[int],
+    iters: int,
+    shape: Shape,
+    bare: object | None,
+    hot_first: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per path of ``plane`` and per row count, the figures of ``iters`` round trips after ``WARMUP``;
-    ``bare`` (a ``BarePair``) is paired with every NIXL round trip."""
+    ``bare`` (a ``BarePair``) is paired with every NIXL round trip. NIXL's two paths are measured after
+    ``LINK_WARMUP`` round trips of both, the hot one first with ``hot_first`` (the driver alternates)."""
     from asap.dataplane.plane import PlaneRequest
     from attention_svc.transport import GrpcExpertTransport
 
@@ -192,7 +220,11 @@ async def time_paths(
         await transport.infos(60)
         link = transport.links[0]
         assert link.data_plane == plane, (link.data_plane, plane)
-        for path in ("loop", "hot") if plane == "nixl" else ("loop",):
+        order = ("loop",)
+        if plane == "nixl":
+            mb = await _warm_link(transport, shape, max(tokens), mb)
+            order = ("hot", "loop") if hot_first else ("loop", "hot")
+        for path in order:
             out: dict[str, dict[str, float]] = {}
             for n in tokens:
                 rows = dispatch(shape, n)

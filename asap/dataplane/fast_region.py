@@ -103,8 +103,10 @@ class AttentionRegion:
         beat(self._buf, HEARTBEAT_ATTENTION, now_ns)
         expert_beat = heartbeat(self._buf, HEARTBEAT_EXPERT)
         if attached and not expert_beat and not self._zero_beat_logged:
-            # Should never happen (nothing zeroes the word); logged to pin down the rare "never
-            # attached" failures of ends that had served traffic (benchmarks/README.md, Soak).
+            # Should never happen: nothing zeroes the word once the expert wrote it. It did while
+            # heartbeats were written with ``struct.pack_into`` (zeroed, then filled byte by byte: a
+            # load in between read 0, and an end older than ``attach_s`` failed as "never attached",
+            # benchmarks/README.md, Soak); words are now stored whole (``asap.dataplane.words``).
             self._zero_beat_logged = True
             logger.warning("%s: the expert's heartbeat word reads 0 after it attached", self.peer)
         return expert_beat

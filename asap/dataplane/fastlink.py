@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from asap.dataplane.ring import LINE, Ring
+from asap.dataplane.words import load_u64, store_u64
 from asap.errors import ERRORS_BY_CODE, AsapError, InternalError, InvalidArgument
 
 __all__ = [
@@ -49,7 +50,6 @@ REQUEST_FLAG_AT = 0
 """GPU links: offset in a device slot of the u32 the attention stream writes once the rows are in."""
 DONE_FLAG_AT = LINE
 """GPU links: offset in a device slot of the u32 the expert stream writes once the results are in."""
-_U64 = struct.Struct("<Q")
 
 HEARTBEAT_ATTENTION = 1 * LINE
 HEARTBEAT_EXPERT = 2 * LINE
@@ -187,13 +187,14 @@ class LinkGeometry:
 
 
 def beat(buf: memoryview, at: int, now_ns: int) -> None:
-    """Write a heartbeat word (``time.monotonic_ns``, comparable across processes of one host)."""
-    _U64.pack_into(buf, at, now_ns)
+    """Write a heartbeat word (``time.monotonic_ns``, comparable across processes of one host), in one
+    store: the other process loads it meanwhile (``asap.dataplane.words``)."""
+    store_u64(buf, at, now_ns)
 
 
 def heartbeat(buf: memoryview, at: int) -> int:
-    value: int = _U64.unpack_from(buf, at)[0]
-    return value
+    """A heartbeat word (0: never written), loaded in one move."""
+    return load_u64(buf, at)
 
 
 _REQUEST = struct.Struct("<QIIIIQQQI")

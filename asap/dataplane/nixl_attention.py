@@ -13,11 +13,11 @@ is ``asap.dataplane.nixl_dispatch``; the slots as credits and the leased results
 
 Completions are taken by whichever thread polls first: the attention compute thread itself on the hot
 path (``asap.dataplane.nixl_direct``: it settles its own tickets, no thread hop), else the process's NIXL
-poll thread, which wakes the waiting coroutine on the event loop. While a compute thread polls an end,
-the poll thread leaves its notifications to it (and only watches its heartbeat). A missing heartbeat for
-``peer_timeout_s`` while dispatches wait fails them all with ``Unavailable``; an abandoned dispatch keeps
-its slot until its completion arrives or the end is replaced (the quarantine rule of
-``asap.dataplane.link``).
+poll thread, which hands the coroutines' answers of one look to the event loop with one wake-up. While a
+compute thread polls an end, the poll thread leaves its notifications to it (and only watches its
+heartbeat). A missing heartbeat for ``peer_timeout_s`` while dispatches wait fails them all with
+``Unavailable``; an abandoned dispatch keeps its slot until its completion arrives or the end is
+replaced (the quarantine rule of ``asap.dataplane.link``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_Answer = tuple[PendingDispatch, Outcome, bool]
+"""A coroutine's answer taken off the wire: its dispatch, the outcome, whether the result is a lease."""
+
 
 class NixlAttentionEnd(NixlSlotCredits):
     """One connected NIXL end of a link, attention side (see the module doc; its slots as credits and
@@ -106,8 +109,13 @@ class NixlAttentionEnd(NixlSlotCredits):
         got = self.end.notifications()
         if got:
             self._heard_ns = now_ns
+        answers: list[_Answer] = []
         for raw in got:
-            self._take(raw)
+            answer = self._take(raw)
+            if answer is not None:
+                answers.append(answer)
+        if answers:  # the coroutines' answers of this look: one wake-up of the loop for all of them
+            self._loop.call_soon_threadsafe(self._settle_all, answers)
         self._check_peer(now_ns)
         return bool(got)
 
@@ -130,18 +138,20 @@ class NixlAttentionEnd(NixlSlotCredits):
             self._heard_ns = now_ns  # once
             self._loop.call_soon_threadsafe(self.fail, error)
 
-    def _take(self, raw: bytes) -> None:
+    def _take(self, raw: bytes) -> _Answer | None:
+        """Take one notification: a hot-path ticket is settled here; a coroutine's answer is returned,
+        for ``poll`` to hand to the loop with the others of its look."""
         if raw == HEARTBEAT:
-            return
+            return None
         if len(raw) != COMPLETION_BYTES or raw[:1] != COMPLETION_TAG:
             logger.warning("%s: a NIXL notification that is not a completion ignored", self.peer)
-            return
+            return None
         completion = Completion.unpack(raw[1:])
         with self._lock:
             pending = self._pending.pop(completion.seq, None)
         if pending is None:
             logger.warning("%s: completion for unknown dispatch seq=%d ignored", self.peer, completion.seq)
-            return
+            return None
         self.expert_ns += completion.queue_ns + completion.compute_ns
         slot = self.end.slot(pending.slot)
         outcome: Outcome
@@ -162,8 +172,8 @@ class NixlAttentionEnd(NixlSlotCredits):
                 self._release(pending.slot)
             if not pending.abandoned:
                 sink.settle(outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome))
-        else:
-            self._loop.call_soon_threadsafe(self._settle, pending, outcome, leased)
+            return None
+        return pending, outcome, leased
 
     def _results(self, pending: PendingDispatch) -> tuple[torch.Tensor, bool]:
         """The results in ``pending``'s slot: a view of the slot that keeps it taken until the last
@@ -234,12 +244,14 @@ class NixlAttentionEnd(NixlSlotCredits):
             if pending is not None:
                 pending.abandoned = True
 
-    def _settle(self, pending: PendingDispatch, outcome: Outcome, leased: bool = False) -> None:
-        if not leased:  # a lease's slot comes back when its last tensor is freed
-            self._release(pending.slot)
-        future = pending.sink
-        assert not isinstance(future, Ticket)
-        settle_future(future, outcome)
+    def _settle_all(self, answers: list[_Answer]) -> None:
+        """On the loop: the answers one look took, to their coroutines' futures."""
+        for pending, outcome, leased in answers:
+            if not leased:  # a lease's slot comes back when its last tensor is freed
+                self._release(pending.slot)
+            future = pending.sink
+            assert not isinstance(future, Ticket)
+            settle_future(future, outcome)
 
     def fail(self, error: AsapError) -> None:
         """Break this end (on the event loop): every waiting dispatch fails with ``error``; its slots are

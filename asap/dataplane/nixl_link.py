@@ -249,6 +249,10 @@ class NixlEnd:
             self._deregister(registered)
             raise Unavailable(f"NIXL WRITE to {self.peer} failed")
         self.bytes_written += sum(n for _, n, _ in pieces)
+        if state == "DONE":  # over within the call (host memory over ``cma``: the copy is the call)
+            handle.release()  # nothing for the poll thread to move on or reap: no naps while "writing"
+            self._deregister(registered)
+            return
         with self._lock:
             self._posted.append((handle, registered, hold))
 

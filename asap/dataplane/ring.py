@@ -15,8 +15,10 @@ same cache line):
                             position + 1), written after the rest of the record
 
 The consumer takes the record at ``tail`` only once its sequence number says it is complete, so a record
-is never read half-written. This relies on stores becoming visible in program order (x86-64 TSO; an ARM
-port needs a release store for the sequence number and an acquire load for the check). A full ring
+is never read half-written; every word is stored and loaded whole (``asap.dataplane.words``: written
+with ``struct``, the other process saw them torn). This relies on stores becoming visible in program
+order (x86-64 TSO; an ARM port needs a release store for the sequence number and an acquire load for
+the check). A full ring
 refuses the record (``try_push`` returns False): the producer holds it back, nothing is dropped.
 
 Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting`` and blocks in
@@ -42,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from asap.dataplane import futex
+from asap.dataplane.words import load_u32, load_u64, store_u32, store_u64
 from asap.emulation.clock import reduce_timer_slack
 from asap.errors import InvalidArgument
 
@@ -61,9 +64,8 @@ LINE = 64
 RECORD_BYTES = 64
 """Bytes of one record (8 of them the sequence number)."""
 _HEADER = 3 * LINE
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _WAITING = 2 * LINE
+_CLOSED = 2 * LINE + 4
 WAIT_BELL = 1
 """``waiting``: the consumer sleeps on the doorbell FIFO."""
 WAIT_FUTEX = 2
@@ -95,8 +97,7 @@ class Ring:
         return _HEADER + capacity * RECORD_BYTES
 
     def _load(self, field: int) -> int:
-        value: int = _U64.unpack_from(self._buf, self.offset + field)[0]
-        return value
+        return load_u64(self._buf, self.offset + field)
 
     # producer side
 
@@ -109,9 +110,9 @@ class Ring:
             return False
         at = self._records + (head % self.capacity) * RECORD_BYTES
         self._buf[at + 8 : at + 8 + len(payload)] = payload
-        _U64.pack_into(self._buf, at, head + 1)  # the record is complete once its sequence number is
+        store_u64(self._buf, at, head + 1)  # the record is complete once its sequence number is
         self._head = head + 1
-        _U64.pack_into(self._buf, self.offset, head + 1)
+        store_u64(self._buf, self.offset, head + 1)
         return True
 
     @property
@@ -121,7 +122,7 @@ class Ring:
 
     @property
     def consumer_waiting(self) -> bool:
-        return bool(_U32.unpack_from(self._buf, self.offset + _WAITING)[0])
+        return bool(load_u32(self._buf, self.offset + _WAITING))
 
     def wake(self, bell: Doorbell) -> None:
         """After publishing: wake the consumer if it is parked, the way it parked (its doorbell or its
@@ -133,11 +134,11 @@ class Ring:
             held.append((self, bell))
 
     def _wake_now(self, bell: Doorbell) -> None:
-        state = _U32.unpack_from(self._buf, self.offset + _WAITING)[0]
+        state = load_u32(self._buf, self.offset + _WAITING)
         if not state:
             return
         if state == WAIT_FUTEX and self._waiting_address:
-            _U32.pack_into(self._buf, self.offset + _WAITING, 0)  # a wait not yet entered returns at once
+            store_u32(self._buf, self.offset + _WAITING, 0)  # a wait not yet entered returns at once
             if futex.wake(self._waiting_address) >= 0:
                 return
         bell.ring()
@@ -153,29 +154,29 @@ class Ring:
         """The next complete record (its payload, ``RECORD_BYTES - 8`` bytes), or None."""
         tail = self._tail
         at = self._records + (tail % self.capacity) * RECORD_BYTES
-        if _U64.unpack_from(self._buf, at)[0] != tail + 1:
+        if load_u64(self._buf, at) != tail + 1:
             return None
         payload = bytes(self._buf[at + 8 : at + RECORD_BYTES])
         self._tail = tail + 1
-        _U64.pack_into(self._buf, self.offset + LINE, tail + 1)
+        store_u64(self._buf, self.offset + LINE, tail + 1)
         return payload
 
     def ready(self) -> bool:
         """Whether ``pop`` would return a record now."""
         at = self._records + (self._tail % self.capacity) * RECORD_BYTES
-        return bool(_U64.unpack_from(self._buf, at)[0] == self._tail + 1)
+        return bool(load_u64(self._buf, at) == self._tail + 1)
 
     def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
-        _U32.pack_into(self._buf, self.offset + _WAITING, how if waiting else 0)
+        store_u32(self._buf, self.offset + _WAITING, how if waiting else 0)
 
     # either side
 
     def close(self) -> None:
-        _U32.pack_into(self._buf, self.offset + 2 * LINE + 4, 1)
+        store_u32(self._buf, self.offset + _CLOSED, 1)
 
     @property
     def closed(self) -> bool:
-        return bool(_U32.unpack_from(self._buf, self.offset + 2 * LINE + 4)[0])
+        return bool(load_u32(self._buf, self.offset + _CLOSED))
 
     def release(self) -> None:
         """Forget the buffer (the mapping can then be closed)."""
