@@ -23,11 +23,13 @@ Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting
 ``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. A wake-up lost to
 the race between the two (store-load reordering) costs at most the park timeout, never a record.
 
-A ring made with ``futex_wait`` (the expert's request rings) lets its consumer park on the ``waiting``
-word itself instead (``WAIT_FUTEX``, a shared futex: ``asap.dataplane.futex``); the producer
-(``Ring.wake``) then clears the word and wakes it with ``FUTEX_WAKE``, an ordinary wake-up, where a pipe
-write is a synchronous one that made the attention compute thread wait behind the woken poll threads.
-The word's value says how the consumer waits, so the producer needs no configuration. A sender of
+A ring made with ``futex_wait`` (the expert's request rings, the attention rank's completion rings)
+lets its consumer park on the ``waiting`` word itself instead (``WAIT_FUTEX``, a shared futex:
+``asap.dataplane.futex``); the producer (``Ring.wake``) then clears the word and wakes every thread on
+it with ``FUTEX_WAKE``, an ordinary wake-up, where a pipe write is a synchronous one that made the
+attention compute thread wait behind the woken poll threads. The word's bits say how the consumers wait
+(``WAIT_BELL``, ``WAIT_FUTEX``; a ring with two consumers may have both), so the producer needs no
+configuration. A sender of
 several records in a row may hold its wake-ups back until all are published (``wakes_deferred``).
 """
 
@@ -65,9 +67,9 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _WAITING = 2 * LINE
 WAIT_BELL = 1
-"""``waiting``: the consumer sleeps on the doorbell FIFO."""
+"""``waiting`` bit: a consumer sleeps on the doorbell FIFO."""
 WAIT_FUTEX = 2
-"""``waiting``: the consumer sleeps on the word itself (a shared futex)."""
+"""``waiting`` bit: a consumer sleeps on the word itself (a shared futex)."""
 
 
 class Ring:
@@ -136,9 +138,10 @@ class Ring:
         state = _U32.unpack_from(self._buf, self.offset + _WAITING)[0]
         if not state:
             return
-        if state == WAIT_FUTEX and self._waiting_address:
+        if state & WAIT_FUTEX and self._waiting_address:
             _U32.pack_into(self._buf, self.offset + _WAITING, 0)  # a wait not yet entered returns at once
-            if futex.wake(self._waiting_address) >= 0:
+            # every thread on the word: a completion ring's two consumers may both sleep on it
+            if futex.wake(self._waiting_address, futex.WAKE_ALL) >= 0 and not state & WAIT_BELL:
                 return
         bell.ring()
 
@@ -165,8 +168,12 @@ class Ring:
         at = self._records + (self._tail % self.capacity) * RECORD_BYTES
         return bool(_U64.unpack_from(self._buf, at)[0] == self._tail + 1)
 
-    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
-        _U32.pack_into(self._buf, self.offset + _WAITING, how if waiting else 0)
+    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> int:
+        """Say whether (and how: ``WAIT_BELL``, ``WAIT_FUTEX``) the consumer sleeps; the word written,
+        which a futex wait must expect (re-reading it could see the producer's clear and sleep on it)."""
+        state = how if waiting else 0
+        _U32.pack_into(self._buf, self.offset + _WAITING, state)
+        return state
 
     # either side
 
@@ -289,14 +296,13 @@ class Backoff:
             return
         on_futex = all(ring.futex_wait and ring.waiting_address for ring in rings)
         how = WAIT_FUTEX if on_futex else WAIT_BELL
-        for ring in rings:
-            ring.set_waiting(True, how)
+        states = [ring.set_waiting(True, how) for ring in rings]
         try:
             if any(ring.ready() for ring in rings):  # published before the flag was seen: no wake comes
                 return
             self.parks += 1
             if on_futex:
-                if not futex.wait_any([ring.waiting_address for ring in rings], WAIT_FUTEX, self._sleep_s):
+                if not futex.wait_any([ring.waiting_address for ring in rings], states, self._sleep_s):
                     time.sleep(self._sleep_s)  # the call failed: sleep the timeout instead
             else:
                 woken, _, _ = select.select(bells, [], [], self._sleep_s)
@@ -305,4 +311,4 @@ class Backoff:
             self._sleep_s = min(self._sleep_s * 2, self.park_s)
         finally:
             for ring in rings:
-                ring.set_waiting(False)
+                ring.set_waiting(False, how)
