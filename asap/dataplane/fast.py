@@ -35,7 +35,7 @@ from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
-from asap.dataplane.ring import WAIT_BELL, WAIT_FUTEX
+from asap.dataplane.ring import WAIT_BELL, WAIT_FUTEX, full_fence
 from asap.dataplane.slot_direct import SlotDirect
 from asap.dataplane.slot_plane import (
     CODEC_FILL_BYTES,
@@ -255,6 +255,7 @@ class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
             end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
         try:
             end.completions.set_waiting(on, WAIT_BELL)
+            full_fence()  # the flag's store before the caller's look at the ring
             if on and end.held():  # a result waits for its modelled transfer: no bell will come
                 return []
             return [end.completion_bell.fileno()] if on else []
@@ -272,6 +273,7 @@ class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
             end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
         try:
             state = ring.set_waiting(on, WAIT_FUTEX)
+            full_fence()  # the word's store before the caller's look at the ring
             if not on or end.held() or not ring.waiting_address:  # held: no wake-up will come
                 return None
             return ring.waiting_address, state

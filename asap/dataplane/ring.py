@@ -20,8 +20,11 @@ port needs a release store for the sequence number and an acquire load for the c
 refuses the record (``try_push`` returns False): the producer holds it back, nothing is dropped.
 
 Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting`` and blocks in
-``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. A wake-up lost to
-the race between the two (store-load reordering) costs at most the park timeout, never a record.
+``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. Each side puts a
+full barrier (``full_fence``) between its store (the flag; the record) and its load (the record; the
+flag), so at least one of them sees the other's store and no wake-up is lost to store-load reordering
+(x86-64 TSO allows it otherwise); the park timeout then only paces the heartbeats, and a lost wake-up
+(were the fence missing) would cost at most that timeout, never a record.
 
 A ring made with ``futex_wait`` (the expert's request rings, the attention rank's completion rings)
 lets its consumer park on the ``waiting`` word itself instead (``WAIT_FUTEX``, a shared futex:
@@ -56,6 +59,7 @@ __all__ = [
     "Doorbell",
     "Ring",
     "flush_deferred_wakes",
+    "full_fence",
     "wakes_deferred",
 ]
 
@@ -135,6 +139,7 @@ class Ring:
             held.append((self, bell))
 
     def _wake_now(self, bell: Doorbell) -> None:
+        full_fence()  # the record's stores before the flag's load (see the module doc)
         state = _U32.unpack_from(self._buf, self.offset + _WAITING)[0]
         if not state:
             return
@@ -188,6 +193,17 @@ class Ring:
         """Forget the buffer (the mapping can then be closed)."""
         self._buf = memoryview(b"")
         self._waiting_address = 0
+
+
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier between this thread's stores before it and its loads after it: taking and
+    giving back a lock is an atomic read-modify-write (a ``lock``-prefixed instruction on x86-64), which
+    no store before it passes and no load after it overtakes. ~0.1 µs; the GIL keeps it uncontended."""
+    with _FENCE:
+        pass
 
 
 _deferred = threading.local()
@@ -262,7 +278,8 @@ class Backoff:
     (``select``) with timeouts growing from ``first_sleep_s`` to ``park_s``. Spinning keeps back-to-back
     records at a few µs; past it the producer rings (the ``waiting`` flag), so the wake latency is the
     kernel's wake-up, whatever the timeout, and an idle rank stays off the CPU. The timeout only bounds
-    a wake-up lost to the flag race. ``reset`` after work."""
+    a wake-up lost to the flag race (``full_fence`` closes it) and paces the heartbeats. ``reset``
+    after work."""
 
     def __init__(
         self,
@@ -297,6 +314,7 @@ class Backoff:
         on_futex = all(ring.futex_wait and ring.waiting_address for ring in rings)
         how = WAIT_FUTEX if on_futex else WAIT_BELL
         states = [ring.set_waiting(True, how) for ring in rings]
+        full_fence()  # the flags' stores before the records' loads (see the module doc)
         try:
             if any(ring.ready() for ring in rings):  # published before the flag was seen: no wake comes
                 return
