@@ -7,9 +7,9 @@ added and removed from any thread; ``remove`` returns only once the thread no lo
 endpoint, so its memory may then be unmapped.
 
 An endpoint may be waited on by another thread too (the attention compute thread on the hot path,
-``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell). While its
-``park_here`` is False the poll thread still sweeps and ticks it but does not park on its doorbell, so
-one answer wakes one thread.
+``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell or futex
+word). While its ``park_here`` is False the poll thread still sweeps and ticks it but does not park on
+it, so one answer wakes one thread.
 """
 
 from __future__ import annotations
