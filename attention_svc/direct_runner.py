@@ -192,6 +192,9 @@ class DirectRunner:
             time.sleep(max(0, min(b.due_in_ns() for b in settled)) / 1e9)
             return
         parkable = [link for link in pollable if hasattr(link, "park")]
+        if parkable and self._wake.has_word and all(hasattr(link, "park_futex") for link in parkable):
+            self._park_on_words(parkable, poll)
+            return
         fds: list[int] = []
         timeout_s = _PARK_S
         try:
@@ -205,6 +208,25 @@ class DirectRunner:
         finally:
             for link in parkable:
                 link.park(False)
+        poll()
+
+    def _park_on_words(self, parkable: list[Any], poll: Callable[[], bool]) -> None:
+        """``_park`` on futex words (``DirectLink.park_futex``): the completion rings' waiting words and
+        the ``Wake``'s own, so an answer wakes this thread with ``FUTEX_WAKE``, not a pipe write."""
+        words: list[tuple[int, int]] = []
+        timeout_s = _PARK_S
+        try:
+            for link in parkable:
+                got = link.park_futex(True)
+                if got is None:
+                    timeout_s = SHORT_PARK_S
+                else:
+                    words.append(got)
+            if not poll():  # published before the flags were seen: no wake-up comes for those
+                self._wake.wait_words(timeout_s, words)
+        finally:
+            for link in parkable:
+                link.park_futex(False)
         poll()
 
     def _move(self, batch: DirectBatch) -> bool:

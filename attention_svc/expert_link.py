@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import grpc
 import torch
@@ -249,6 +249,13 @@ class _ParkingLink(_PollingLink, Protocol):
     def park(self, on: bool) -> Sequence[int]: ...
 
 
+@runtime_checkable
+class _FutexParkingLink(_ParkingLink, Protocol):
+    """A parking link whose waiting thread can sleep on futex words too (``DirectLink.park_futex``)."""
+
+    def park_futex(self, on: bool) -> tuple[int, int] | None: ...
+
+
 L = TypeVar("L", bound=DirectLink)
 P = TypeVar("P", bound=_PollingLink)
 
@@ -256,6 +263,8 @@ P = TypeVar("P", bound=_PollingLink)
 def _metered(link: DirectLink, owner: ExpertLink) -> DirectLink:
     """``link`` with its round trips and failures recorded on ``owner``, offering the same optional calls
     as ``link`` and no others: the direct runner polls and parks only links that have ``poll`` / ``park``."""
+    if isinstance(link, _FutexParkingLink):
+        return _MeteredFutexParkingLink(link, owner)
     if isinstance(link, _ParkingLink):
         return _MeteredParkingLink(link, owner)
     if isinstance(link, _PollingLink):
@@ -303,3 +312,12 @@ class _MeteredParkingLink(_MeteredPollingLink[_ParkingLink]):
 
     def park(self, on: bool) -> Sequence[int]:
         return self._inner.park(on)
+
+
+class _MeteredFutexParkingLink(_MeteredParkingLink):
+    """A metered link of a plane whose waiting thread may also sleep on the peer's futex word."""
+
+    __slots__ = ()
+
+    def park_futex(self, on: bool) -> tuple[int, int] | None:
+        return cast(_FutexParkingLink, self._inner).park_futex(on)

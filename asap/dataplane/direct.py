@@ -46,6 +46,14 @@ plane's poll thread, one thread wake per layer):
     ``on=False``: it woke up. A plane's own poll thread should not park on a link while it is parked
     elsewhere (it still sweeps it), so one answer wakes one thread.
 
+``DirectLink.park_futex(on) -> tuple[int, int] | None``
+    As ``park``, for a caller that sleeps on futex words (``asap.dataplane.futex``, ``Wake.wait_words``)
+    instead of file descriptors: ``on=True`` asks the peer to wake a word and returns its (address,
+    value) to wait on (None: look again soon); ``on=False``: it woke up. The caller uses it only when
+    every link it parks on offers it and its ``Wake`` has a word (``Wake.has_word``); otherwise ``park``.
+    Why: a pipe write wakes its reader synchronously (on the writer's core, which the writer then
+    yields); ``FUTEX_WAKE`` does not, and costs the writer one system call with no file behind it.
+
 A GPU plane implements the same calls: ``post`` enqueues the rows and the ready flag on its streams
 and publishes the descriptor; the settled ``ExchangeResult.hidden`` must be safe to read on the compute
 thread's stream (as ``exchange`` requires).
@@ -56,9 +64,11 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from asap.dataplane import futex
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.dataplane.ring import wakes_deferred
 from asap.errors import AsapError
@@ -69,27 +79,43 @@ SHORT_PARK_S = 200e-6
 """How long a waiter sleeps at most on a link that gave no file descriptor to wait on."""
 
 
+_ON_PIPE = 1
+_ON_WORD = 2
+
+
 class Wake:
     """What a compute thread waits on: set by whoever settles one of its tickets (or cancels a batch).
 
     The waiter ``clear``s before it checks its tickets and then ``wait``s: a ``set`` between the two
     makes ``wait`` return at once, so no wake-up is lost. ``wait`` may also watch file descriptors (a
-    plane's doorbells, ``DirectLink.park``); ``set`` writes into a pipe only while the waiter sleeps."""
+    plane's doorbells, ``DirectLink.park``), ``wait_words`` futex words (``DirectLink.park_futex``);
+    ``set`` writes into a pipe, or wakes the waiter's own word, only while the waiter sleeps."""
 
-    __slots__ = ("_flag", "_parked", "_read", "_write")
+    __slots__ = ("_flag", "_parked", "_read", "_word", "_write")
 
     def __init__(self) -> None:
         self._flag = False
-        self._parked = False
+        self._parked = 0
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._word = futex.Word() if futex.available() else None
+        """1 while the waiter sleeps in ``wait_words`` (``set`` clears it, then wakes it)."""
+
+    @property
+    def has_word(self) -> bool:
+        """Whether ``wait_words`` can be used (shared futexes work here; not ``ASAP_FAST_FUTEX=0``)."""
+        return self._word is not None
 
     def set(self) -> None:
         self._flag = True
-        if self._parked:
+        parked = self._parked
+        if parked == _ON_PIPE:
             with contextlib.suppress(BlockingIOError, OSError):  # full pipe: a wake-up is pending
                 os.write(self._write, b"\0")
+        elif parked == _ON_WORD and self._word is not None:
+            self._word.value = 0  # a wait not yet entered returns at once
+            futex.wake(self._word.address)
 
     def clear(self) -> None:
         self._flag = False
@@ -100,7 +126,7 @@ class Wake:
 
     def wait(self, timeout_s: float, fds: Sequence[int] = ()) -> bool:
         """Sleep until ``set``, one of ``fds`` is readable (drained here) or ``timeout_s``; whether set."""
-        self._parked = True
+        self._parked = _ON_PIPE
         try:
             if self._flag:
                 return True
@@ -114,7 +140,25 @@ class Wake:
                         pass
             return self._flag
         finally:
-            self._parked = False
+            self._parked = 0
+
+    def wait_words(self, timeout_s: float, words: Sequence[tuple[int, int]]) -> bool:
+        """Sleep until ``set``, one of ``words`` ((address, value) of a futex word, ``park_futex``) no
+        longer holds its value or is woken, or ``timeout_s``; whether set. Needs ``has_word``."""
+        word = self._word
+        if word is None:
+            return self.wait(min(timeout_s, SHORT_PARK_S))
+        word.value = 1
+        self._parked = _ON_WORD
+        try:
+            if self._flag:
+                return True
+            addresses = [word.address, *(address for address, _ in words)]
+            if not futex.wait_any(addresses, [1, *(value for _, value in words)], timeout_s):
+                time.sleep(min(timeout_s, SHORT_PARK_S))  # the call failed: look again soon
+            return self._flag
+        finally:
+            self._parked = 0
 
     def close(self) -> None:
         for fd in (self._read, self._write):

@@ -35,6 +35,7 @@ from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
+from asap.dataplane.ring import WAIT_BELL, WAIT_FUTEX, full_fence
 from asap.dataplane.slot_direct import SlotDirect
 from asap.dataplane.slot_plane import (
     CODEC_FILL_BYTES,
@@ -253,9 +254,28 @@ class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
         else:
             end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
         try:
-            end.completions.set_waiting(on)
+            end.completions.set_waiting(on, WAIT_BELL)
+            full_fence()  # the flag's store before the caller's look at the ring
             if on and end.held():  # a result waits for its modelled transfer: no bell will come
                 return []
             return [end.completion_bell.fileno()] if on else []
         except (ValueError, IndexError, TypeError, struct.error):  # the end was closed meanwhile
             return []  # (a released region's views raise any of these; ``poll`` and the fill catch the same)
+
+    def park_futex(self, on: bool) -> tuple[int, int] | None:
+        """``DirectLink.park_futex``: the completion ring's waiting word itself (the expert's
+        ``Ring.wake`` clears it and wakes whoever sleeps on it), counted as ``park`` counts."""
+        end = self.end
+        ring = end.completions
+        if on:
+            end.parked_elsewhere += 1
+        else:
+            end.parked_elsewhere = max(0, end.parked_elsewhere - 1)
+        try:
+            state = ring.set_waiting(on, WAIT_FUTEX)
+            full_fence()  # the word's store before the caller's look at the ring
+            if not on or end.held() or not ring.waiting_address:  # held: no wake-up will come
+                return None
+            return ring.waiting_address, state
+        except (ValueError, IndexError, TypeError, struct.error):  # the end was closed meanwhile
+            return None

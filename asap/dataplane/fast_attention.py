@@ -116,7 +116,8 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         """Held by whichever thread takes completions: the poll thread, or a hot-path compute thread
         waiting on this end (``asap.dataplane.direct``: it takes its results itself)."""
         self.parked_elsewhere = 0
-        """Compute threads sleeping on this end's doorbell: the poll thread does not park on it then."""
+        """Compute threads sleeping on this end (its doorbell or its completion ring's futex word): the poll
+        thread does not park on it then."""
         self.loop_senders = False
         """Whether a dispatch was ever published with a future to settle (``exchange``, the event-loop
         path); until then every sender is a hot-path compute thread, which takes its own answers."""

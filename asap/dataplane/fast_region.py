@@ -27,7 +27,7 @@ from asap.dataplane.fastlink import (
     heartbeat,
     read_error,
 )
-from asap.dataplane.ring import WAIT_BELL, Doorbell, Ring
+from asap.dataplane.ring import WAIT_BELL, WAIT_FUTEX, Doorbell, Ring
 from asap.dataplane.shm import ShmRegion, region_name
 from asap.errors import AsapError
 from asap.v1 import expert_pb2
@@ -39,18 +39,22 @@ logger = logging.getLogger(__name__)
 
 class SharedWaitRing(Ring):
     """The completion ring, whose consumer may be two threads (the poll thread and a waiting compute
-    thread): its ``waiting`` flag is set while *either* is parked, so one of them clearing it cannot hide
-    a completion from the other's doorbell."""
+    thread): its ``waiting`` word holds the bit of every way one of them sleeps (``WAIT_BELL``,
+    ``WAIT_FUTEX``), counted per way, so one of them clearing its flag cannot hide a completion from the
+    other. Both park on the word itself where shared futexes work (``futex_wait``)."""
 
     def __init__(self, buf: memoryview, offset: int, capacity: int) -> None:
-        super().__init__(buf, offset, capacity)
-        self._parked = 0
+        super().__init__(buf, offset, capacity, futex_wait=True)
+        self._parked = {WAIT_BELL: 0, WAIT_FUTEX: 0}
         self._parked_lock = threading.Lock()
 
-    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
+    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> int:
         with self._parked_lock:
-            self._parked = self._parked + 1 if waiting else max(0, self._parked - 1)
-            super().set_waiting(self._parked > 0, WAIT_BELL)  # both of its waiters sleep on the doorbell
+            parked = self._parked
+            parked[how] = parked[how] + 1 if waiting else max(0, parked[how] - 1)
+            state = (WAIT_BELL if parked[WAIT_BELL] else 0) | (WAIT_FUTEX if parked[WAIT_FUTEX] else 0)
+            super().set_waiting(bool(state), state)
+            return state
 
 
 def _bytes_of(t: torch.Tensor, dtype: torch.dtype) -> memoryview:

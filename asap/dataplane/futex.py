@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from functools import cache
 
-__all__ = ["address_of", "available", "wait_any", "wake"]
+__all__ = ["WAKE_ALL", "Word", "address_of", "available", "wait_any", "wake"]
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
 _SYS_FUTEX_WAITV = {"x86_64": 449, "aarch64": 449}
@@ -36,6 +36,8 @@ _FUTEX_WAKE = 1  # shared: no FUTEX_PRIVATE_FLAG (128)
 _FUTEX2_SIZE_U32 = 0x02
 _CLOCK_MONOTONIC = 1
 _L = ctypes.c_long
+WAKE_ALL = 0x7FFFFFFF
+"""``wake``'s count that wakes every waiter (a word two threads of one process may sleep on)."""
 
 
 class _Waitv(ctypes.Structure):
@@ -107,15 +109,18 @@ def wake(address: int, count: int = 1) -> int:
     return rc
 
 
-def wait_any(addresses: Sequence[int], value: int, timeout_s: float) -> bool:
-    """Sleep while every u32 at ``addresses`` holds ``value``, until one is woken or ``timeout_s``
-    passes; False if the call failed (the caller then waits another way)."""
+def wait_any(addresses: Sequence[int], value: int | Sequence[int], timeout_s: float) -> bool:
+    """Sleep while every u32 at ``addresses`` holds ``value`` (one for all, or one per address), until
+    one is woken or ``timeout_s`` passes; False if the call failed (the caller then waits another way)."""
     libc = _libc()
     if libc is None or not addresses or len(addresses) > 128:
         return False
-    call = _waits.get((tuple(addresses), value))
+    key = (tuple(addresses), value if isinstance(value, int) else tuple(value))
+    call = _waits.get(key)
     if call is None:
-        call = _wait_call(addresses, value)
+        call = _wait_call(key)
+        if call is None:
+            return False
     waiters, count, timeout, timeout_ref = call
     deadline = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(timeout_s * 1e9)
     timeout.tv_sec, timeout.tv_nsec = divmod(deadline, 1_000_000_000)
@@ -129,11 +134,13 @@ def wait_any(addresses: Sequence[int], value: int, timeout_s: float) -> bool:
 _ZERO = _L(0)
 _MONOTONIC = _L(_CLOCK_MONOTONIC)
 _WaitCall = tuple[ctypes.Array[_Waitv], ctypes.c_long, _Timespec, object]
-_waits: dict[tuple[tuple[int, ...], int], _WaitCall] = {}
-"""The arguments of ``wait_any`` per (addresses, value), built once: a poll thread parks on the same
+_WaitKey = tuple[tuple[int, ...], int | tuple[int, ...]]
+_waits: dict[_WaitKey, _WaitCall] = {}
+"""The arguments of ``wait_any`` per (addresses, values), built once: a poll thread parks on the same
 words every time, and building the ctypes structures was ~15 of the ~20 µs a park cost in Python. Each
-entry holds its own timeout, so only one thread may wait on one set of words at a time (a poll
-thread's own set: no two threads park on the same rings)."""
+entry holds its own timeout, so only one thread may wait on one set of words at a time: a poll
+thread's own set, or a compute thread's, which holds its own wake-up word (``asap.dataplane.direct``
+``Wake``) beside the completion words it shares with the poll thread."""
 
 
 @cache
@@ -141,13 +148,36 @@ def _waitv_nr() -> ctypes.c_long:
     return _L(_SYS_FUTEX_WAITV[platform.machine()])
 
 
-def _wait_call(addresses: Sequence[int], value: int) -> _WaitCall:
+def _wait_call(key: _WaitKey) -> _WaitCall | None:
+    addresses, value = key
+    values = (value,) * len(addresses) if isinstance(value, int) else value
+    if len(values) != len(addresses):
+        return None
     waiters = (_Waitv * len(addresses))(
-        *(_Waitv(value, address, _FUTEX2_SIZE_U32, 0) for address in addresses)
+        *(_Waitv(v, address, _FUTEX2_SIZE_U32, 0) for address, v in zip(addresses, values, strict=True))
     )
     timeout = _Timespec(0, 0)
     call = (waiters, _L(len(addresses)), timeout, ctypes.byref(timeout))
     if len(_waits) >= 256:  # links come and go: start over rather than grow
         _waits.clear()
-    _waits[(tuple(addresses), value)] = call
+    _waits[key] = call
     return call
+
+
+class Word:
+    """A u32 of this process's own memory to sleep on beside shared words (``wait_any``), e.g. a
+    thread's wake-up flag that other threads of the process set: its ``address`` and ``value``."""
+
+    __slots__ = ("_cell", "address")
+
+    def __init__(self) -> None:
+        self._cell = ctypes.c_uint32(0)
+        self.address = ctypes.addressof(self._cell)
+
+    @property
+    def value(self) -> int:
+        return self._cell.value
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self._cell.value = value

@@ -7,9 +7,9 @@ added and removed from any thread; ``remove`` returns only once the thread no lo
 endpoint, so its memory may then be unmapped.
 
 An endpoint may be waited on by another thread too (the attention compute thread on the hot path,
-``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell). While its
-``park_here`` is False the poll thread still sweeps and ticks it but does not park on its doorbell, so
-one answer wakes one thread.
+``asap.dataplane.direct``: it takes its own results and sleeps on the endpoint's doorbell or futex
+word). While its ``park_here`` is False the poll thread still sweeps and ticks it but does not park on
+it, so one answer wakes one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from asap.dataplane.ring import Backoff, Doorbell, Ring
 
 __all__ = [
     "DOORBELL_FIRST_SLEEP_S",
+    "DOORBELL_PARK_S",
     "Endpoint",
     "HeldUntil",
     "OnePerProcess",
@@ -43,18 +44,23 @@ TICK_NS = 1_000_000
 once per park (``Backoff.park_s``)."""
 
 
-DOORBELL_FIRST_SLEEP_S = 1e-3
-"""The first park timeout of a CPU fast link's poll thread. Its peers ring the doorbell of a parked
-consumer, so the timeout bounds only a wake-up lost to the flag race (and paces the heartbeat): park
-timeouts starting at 50 µs woke each poll thread five or six times in the ~1 ms between two layers,
-~15% of the attention process's CPU per layer and ~10% of the expert's on the 2-core host
-(``benchmarks/layer_hops.py``)."""
+DOORBELL_FIRST_SLEEP_S = 5e-3
+"""The first park timeout of a CPU fast link's poll thread. Its peers wake a parked consumer (doorbell
+or futex word, with a fence on both sides: ``asap.dataplane.ring``), so the timeout only paces the
+heartbeat (peers time out after seconds) and bounds a wake-up lost were the fence missing. Every
+timeout costs a sweep and a park (~0.1 ms CPU on the 2-core host): park timeouts starting at 50 µs woke
+each poll thread five or six times in the ~1 ms between two layers (~15% of the attention process's CPU
+per layer), and at 1 ms an expert rank of 4+4, with a request every ~5 ms, still parked ~3 times per
+request (``benchmarks/layer_profile.py``)."""
+DOORBELL_PARK_S = 10e-3
+"""The longest park of a CPU fast link's poll thread (the doubling stops here): heartbeats at least this
+often, and ``Sweeper.remove`` waits at most two of them."""
 
 
 def doorbell_backoff() -> Backoff:
     """How a CPU fast link's poll thread waits: no spin (the host's cores belong to the ranks' compute),
-    parks on the doorbells from ``DOORBELL_FIRST_SLEEP_S``."""
-    return Backoff(first_sleep_s=DOORBELL_FIRST_SLEEP_S)
+    parks on the doorbells from ``DOORBELL_FIRST_SLEEP_S`` to ``DOORBELL_PARK_S``."""
+    return Backoff(first_sleep_s=DOORBELL_FIRST_SLEEP_S, park_s=DOORBELL_PARK_S)
 
 
 class Endpoint(Protocol):

@@ -22,14 +22,19 @@ the check). A full ring
 refuses the record (``try_push`` returns False): the producer holds it back, nothing is dropped.
 
 Doorbell: a named FIFO. A consumer that found nothing for a while sets ``waiting`` and blocks in
-``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. A wake-up lost to
-the race between the two (store-load reordering) costs at most the park timeout, never a record.
+``select`` on it; a producer that sees ``waiting`` after publishing writes one byte. Each side puts a
+full barrier (``full_fence``) between its store (the flag; the record) and its load (the record; the
+flag), so at least one of them sees the other's store and no wake-up is lost to store-load reordering
+(x86-64 TSO allows it otherwise); the park timeout then only paces the heartbeats, and a lost wake-up
+(were the fence missing) would cost at most that timeout, never a record.
 
-A ring made with ``futex_wait`` (the expert's request rings) lets its consumer park on the ``waiting``
-word itself instead (``WAIT_FUTEX``, a shared futex: ``asap.dataplane.futex``); the producer
-(``Ring.wake``) then clears the word and wakes it with ``FUTEX_WAKE``, an ordinary wake-up, where a pipe
-write is a synchronous one that made the attention compute thread wait behind the woken poll threads.
-The word's value says how the consumer waits, so the producer needs no configuration. A sender of
+A ring made with ``futex_wait`` (the expert's request rings, the attention rank's completion rings)
+lets its consumer park on the ``waiting`` word itself instead (``WAIT_FUTEX``, a shared futex:
+``asap.dataplane.futex``); the producer (``Ring.wake``) then clears the word and wakes every thread on
+it with ``FUTEX_WAKE``, an ordinary wake-up, where a pipe write is a synchronous one that made the
+attention compute thread wait behind the woken poll threads. The word's bits say how the consumers wait
+(``WAIT_BELL``, ``WAIT_FUTEX``; a ring with two consumers may have both), so the producer needs no
+configuration. A sender of
 several records in a row may hold its wake-ups back until all are published (``wakes_deferred``).
 """
 
@@ -57,6 +62,7 @@ __all__ = [
     "Doorbell",
     "Ring",
     "flush_deferred_wakes",
+    "full_fence",
     "wakes_deferred",
 ]
 
@@ -67,9 +73,9 @@ _HEADER = 3 * LINE
 _WAITING = 2 * LINE
 _CLOSED = 2 * LINE + 4
 WAIT_BELL = 1
-"""``waiting``: the consumer sleeps on the doorbell FIFO."""
+"""``waiting`` bit: a consumer sleeps on the doorbell FIFO."""
 WAIT_FUTEX = 2
-"""``waiting``: the consumer sleeps on the word itself (a shared futex)."""
+"""``waiting`` bit: a consumer sleeps on the word itself (a shared futex)."""
 
 
 class Ring:
@@ -134,12 +140,14 @@ class Ring:
             held.append((self, bell))
 
     def _wake_now(self, bell: Doorbell) -> None:
+        full_fence()  # the record's stores before the flag's load (see the module doc)
         state = load_u32(self._buf, self.offset + _WAITING)
         if not state:
             return
-        if state == WAIT_FUTEX and self._waiting_address:
+        if state & WAIT_FUTEX and self._waiting_address:
             store_u32(self._buf, self.offset + _WAITING, 0)  # a wait not yet entered returns at once
-            if futex.wake(self._waiting_address) >= 0:
+            # every thread on the word: a completion ring's two consumers may both sleep on it
+            if futex.wake(self._waiting_address, futex.WAKE_ALL) >= 0 and not state & WAIT_BELL:
                 return
         bell.ring()
 
@@ -166,8 +174,12 @@ class Ring:
         at = self._records + (self._tail % self.capacity) * RECORD_BYTES
         return bool(load_u64(self._buf, at) == self._tail + 1)
 
-    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> None:
-        store_u32(self._buf, self.offset + _WAITING, how if waiting else 0)
+    def set_waiting(self, waiting: bool, how: int = WAIT_BELL) -> int:
+        """Say whether (and how: ``WAIT_BELL``, ``WAIT_FUTEX``) the consumer sleeps; the word written,
+        which a futex wait must expect (re-reading it could see the producer's clear and sleep on it)."""
+        state = how if waiting else 0
+        store_u32(self._buf, self.offset + _WAITING, state)
+        return state
 
     # either side
 
@@ -182,6 +194,17 @@ class Ring:
         """Forget the buffer (the mapping can then be closed)."""
         self._buf = memoryview(b"")
         self._waiting_address = 0
+
+
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier between this thread's stores before it and its loads after it: taking and
+    giving back a lock is an atomic read-modify-write (a ``lock``-prefixed instruction on x86-64), which
+    no store before it passes and no load after it overtakes. ~0.1 µs; the GIL keeps it uncontended."""
+    with _FENCE:
+        pass
 
 
 _deferred = threading.local()
@@ -256,7 +279,8 @@ class Backoff:
     (``select``) with timeouts growing from ``first_sleep_s`` to ``park_s``. Spinning keeps back-to-back
     records at a few µs; past it the producer rings (the ``waiting`` flag), so the wake latency is the
     kernel's wake-up, whatever the timeout, and an idle rank stays off the CPU. The timeout only bounds
-    a wake-up lost to the flag race. ``reset`` after work."""
+    a wake-up lost to the flag race (``full_fence`` closes it) and paces the heartbeats. ``reset``
+    after work."""
 
     def __init__(
         self,
@@ -290,14 +314,14 @@ class Backoff:
             return
         on_futex = all(ring.futex_wait and ring.waiting_address for ring in rings)
         how = WAIT_FUTEX if on_futex else WAIT_BELL
-        for ring in rings:
-            ring.set_waiting(True, how)
+        states = [ring.set_waiting(True, how) for ring in rings]
+        full_fence()  # the flags' stores before the records' loads (see the module doc)
         try:
             if any(ring.ready() for ring in rings):  # published before the flag was seen: no wake comes
                 return
             self.parks += 1
             if on_futex:
-                if not futex.wait_any([ring.waiting_address for ring in rings], WAIT_FUTEX, self._sleep_s):
+                if not futex.wait_any([ring.waiting_address for ring in rings], states, self._sleep_s):
                     time.sleep(self._sleep_s)  # the call failed: sleep the timeout instead
             else:
                 woken, _, _ = select.select(bells, [], [], self._sleep_s)
@@ -306,4 +330,4 @@ class Backoff:
             self._sleep_s = min(self._sleep_s * 2, self.park_s)
         finally:
             for ring in rings:
-                ring.set_waiting(False)
+                ring.set_waiting(False, how)

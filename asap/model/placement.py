@@ -215,8 +215,13 @@ def combine(
     """Sum the partial results [n_r, H] of each dispatch back into [T, H] (dtype/device of the hidden)."""
     if len(dispatches) != len(partials):
         raise InvalidArgument(f"{len(dispatches)} dispatches but {len(partials)} partial results")
-    out = torch.zeros(
-        (num_tokens, request_hidden.shape[-1]), dtype=request_hidden.dtype, device=request_hidden.device
+    shape, dtype, device = (num_tokens, request_hidden.shape[-1]), request_hidden.dtype, request_hidden.device
+    # shape-only (emulated): no values to zero; ``zeros`` on meta costs ~3x ``empty`` of host time per layer
+    meta = device.type == "meta"
+    out = (
+        torch.empty(shape, dtype=dtype, device=device)
+        if meta
+        else torch.zeros(shape, dtype=dtype, device=device)
     )
     for dispatch, partial in zip(dispatches, partials, strict=True):
         if partial.is_cuda:
@@ -226,7 +231,7 @@ def combine(
                 f"rank {dispatch.rank}: partial result {tuple(partial.shape)} does not match "
                 f"{dispatch.rows.numel()} rows of width {out.shape[1]}"
             )
-        if out.device.type == "meta":  # shape-only (emulated): nothing to add, and meta index_add_ is slow
+        if meta:  # shape-only (emulated): nothing to add, and meta index_add_ is slow
             continue
         out.index_add_(0, dispatch.rows.to(out.device), partial.to(device=out.device, dtype=out.dtype))
     return out

@@ -155,3 +155,17 @@ def test_combine_rejects_mismatched_partials() -> None:
         combine(9, request.hidden, dispatches, [torch.zeros(1, 6)] * len(dispatches))
     with pytest.raises(InvalidArgument):
         combine(9, request.hidden, dispatches, [])
+
+
+def test_combine_of_shape_only_rows_is_a_meta_tensor_of_the_layer_and_still_checks_shapes() -> None:
+    """Emulated compute: rows and results are meta tensors; the combined layer is one too (no values to
+    zero or add), shaped [T, H] in the hidden's dtype, and mismatched partials are still refused."""
+    request = _request()
+    meta_hidden = torch.empty(tuple(request.hidden.shape), dtype=torch.bfloat16, device="meta")
+    request.hidden = meta_hidden
+    dispatches = split_by_rank(ExpertPlacement(7, 2), request)
+    partials = [torch.empty(d.rows.numel(), 6, dtype=torch.bfloat16, device="meta") for d in dispatches]
+    out = combine(9, meta_hidden, dispatches, partials)
+    assert (out.shape, out.dtype, out.device.type) == ((9, 6), torch.bfloat16, "meta")
+    with pytest.raises(InvalidArgument):
+        combine(9, meta_hidden, dispatches, [torch.empty(1, 6, device="meta")] * len(dispatches))
