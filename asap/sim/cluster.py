@@ -226,7 +226,8 @@ class SimCluster:
             else:
                 transport = InProcessExpertTransport(expert_servicers, **link)
             if self.ports is not None:  # each link's transfers on its devices' ports
-                for e, plane in enumerate(transport.planes):
+                planes: Sequence[Any] = transport.planes
+                for e, plane in enumerate(planes):
                     plane.spec = dataclasses.replace(
                         plane.spec,
                         link_s=self.ports.link(
