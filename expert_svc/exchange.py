@@ -74,6 +74,7 @@ class ExpertExchange:
         cuda_ipc: bool = False,
         fast: FastLane | None = None,
         nixl: NixlLane | None = None,
+        result_link_s: Callable[[int, int], float] | None = None,
     ) -> None:
         self.executor = executor
         self.codec = codec
@@ -96,13 +97,20 @@ class ExpertExchange:
         """Fast data plane: the fast links announced on the streams, served by one poll thread."""
         self.nixl = nixl
         """NIXL data plane: the NIXL links announced on the streams (any host), served by one poll thread."""
+        self.result_link_s = result_link_s
+        """Emulated compute: link time of a result of (bytes, attention rank) in place of the profile's
+        ``link_gbps`` (the simulator's network ports, ``asap.sim.links``); None = ``link_gbps``."""
 
-    def transfer_s(self, rows: int) -> float:
-        """Emulated link time of a combine result of ``rows`` rows (0 with real compute)."""
+    def transfer_s(self, rows: int, attention_rank: int | None = None) -> float:
+        """Emulated link time of a combine result of ``rows`` rows to ``attention_rank`` (0 with real
+        compute)."""
         if self.profile is None:
             return 0.0
         part = self.executor.part
-        return transfer_s(rows * part.config.hidden_size * part.dtype.itemsize, self.profile)
+        nbytes = rows * part.config.hidden_size * part.dtype.itemsize
+        if self.result_link_s is not None and attention_rank is not None:
+            return self.result_link_s(nbytes, attention_rank)
+        return transfer_s(nbytes, self.profile)
 
     def close(self) -> None:
         """Detach the shared-memory regions of the attention ranks."""
@@ -302,7 +310,7 @@ class ExchangeSession:
                 )
                 trace = None
             if shared.profile is not None and dispatch.rows:
-                await asyncio.sleep(shared.transfer_s(dispatch.rows))
+                await asyncio.sleep(shared.transfer_s(dispatch.rows, dispatch.attention_rank))
             await outbound.put(msg)
         finally:
             if locked:

@@ -81,6 +81,15 @@ def add_parser(subparsers: Any) -> None:
     )
     sim.add_argument("--attention-tp", type=int, default=1, metavar="N", help="devices per attention rank")
     sim.add_argument(
+        "--links",
+        choices=("pair", "ports"),
+        default="pair",
+        help="how transfers are charged: pair (default; each dispatch and result at the profile's "
+        "link_gbps on its own, all in parallel, as the multi-process emulated cluster does) or ports (a "
+        "device's transfers to all its peers share its network port, port_gbps: a rank's all-to-all "
+        "takes its total bytes over the port, as across servers; asap/emulation/profiles.py)",
+    )
+    sim.add_argument(
         "--tune-chunk-tokens",
         type=_sizes,
         default=DEFAULT_CHUNKS,
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "optimizations": args.optimizations,
     }
-    layout = Layout(args.layout, args.attention_tp)
+    layout = Layout(args.layout, args.attention_tp, args.links)
     tuning = Tuning({"sync-chunked": args.tune_chunk_tokens, "sync": args.tune_sync_batch_tokens})
     profiler = None
     if args.profile:
@@ -185,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     document["simulation"] = {
         "layout": args.layout,
         "attention_tp": args.attention_tp,
+        "links": args.links,
         "tune_chunk_tokens": args.tune_chunk_tokens,
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,

@@ -24,6 +24,25 @@ Profiles (``PROFILES``):
     TFLOP/s FP16; 64 GB HBM2e at ~1.6 TB/s; HCCS 56 GB/s per link, 392 GB/s over 7 links). Values below
     are 320 TFLOP/s, 1.6 TB/s and 56 GB/s; efficiencies reuse the ``h200`` fit. Treat as approximate.
 
+Ports (``port_gbps``, ``link_latency_us``; used by ``asap simulate --links ports`` only). ``link_gbps`` is
+one device-to-device transfer; in an all-to-all over several servers (the MoE dispatch and combine of 32
+devices, 8 per server) a device's transfers to every peer share its network port, so a rank's dispatch
+takes its *total* bytes over the port, not its largest single transfer over ``link_gbps``:
+
+``h200``: one 400 Gbit/s InfiniBand NDR adapter (ConnectX-7) per GPU, 50 GB/s each way, as in NVIDIA
+    DGX H100/H200 systems; DeepEP's normal (prefill) kernels reach 43-58 GB/s per GPU over such RDMA
+    between nodes (github.com/deepseek-ai/DeepEP, README, later docs/legacy.md: 43 / 58 / 51 GB/s at EP 16 / 32 / 64, H800 + CX7 400 Gb/s). Inside one 8-GPU node
+    NVLink is faster (``link_gbps``); the port figure is for clusters beyond one node.
+``ascend910``: one 100 GE RoCE port per chip for communication between servers (Huawei: "the 100G ETH
+    ports provided by each training card are used for communication between servers", Atlas 300T training
+    card model 9000 documentation, support.huawei.com EDOC1100164821; the Atlas 900 cluster description:
+    "HCCS, PCIe 4.0, 100G Ethernet"), 12.5 GB/s each way. At 32 devices 24 of a device's 31 peers are on
+    other servers; the rest of its traffic (HCCS inside a 4-chip group, PCIe or RoCE across groups) is
+    charged at the same port, which overstates it by at most ~25%.
+``ascend910b``: 200 GE RoCE per chip (Atlas 800T A2, approximate), 25 GB/s.
+``link_latency_us`` 2 us: RDMA over a switch, the order of magnitude Huawei quotes for RoCE between
+    nodes (2 us, against 0.2 us for its A3 SuperPoD bus); small beside the transfers of a prefill batch.
+
 Units: TFLOP/s = 1e12 FLOP/s, GB/s = 1e9 B/s, microseconds for ``launch_us``.
 """
 
@@ -57,11 +76,22 @@ class DeviceProfile:
     """Fraction of ``hbm_gbps`` streaming kernels (weight reads, elementwise ops) reach."""
     source: str = ""
     """Where the figures come from."""
+    port_gbps: float | None = None
+    """A device's own network port, GB/s in one direction: what all of its transfers to and from other
+    devices share in an all-to-all across servers (``asap simulate --links ports``). ``None``: no port
+    model (every transfer at ``link_gbps``, independently, as ``--links pair`` and the emulated cluster
+    charge them)."""
+    link_latency_us: float = 0.0
+    """Latency of one transfer over the port, microseconds, added once per transfer (``--links ports``)."""
 
     def __post_init__(self) -> None:
         for field in ("peak_tflops", "hbm_gbps", "link_gbps"):
             if getattr(self, field) <= 0:
                 raise InvalidArgument(f"profile {self.name}: {field} must be positive")
+        if self.port_gbps is not None and self.port_gbps <= 0:
+            raise InvalidArgument(f"profile {self.name}: port_gbps must be positive")
+        if self.link_latency_us < 0:
+            raise InvalidArgument(f"profile {self.name}: link_latency_us must be >= 0")
         if self.launch_us < 0:
             raise InvalidArgument(f"profile {self.name}: launch_us must be >= 0, got {self.launch_us}")
         for field in (
@@ -85,11 +115,20 @@ class DeviceProfile:
             hbm_gbps=self.hbm_gbps / factor,
             link_gbps=self.link_gbps / factor,
             launch_us=self.launch_us * factor,
+            port_gbps=None if self.port_gbps is None else self.port_gbps / factor,
+            link_latency_us=self.link_latency_us * factor,
         )
 
 
 def _with_h200_fit(
-    name: str, peak_tflops: float, hbm_gbps: float, link_gbps: float, source: str
+    name: str,
+    peak_tflops: float,
+    hbm_gbps: float,
+    link_gbps: float,
+    source: str,
+    *,
+    port_gbps: float | None = None,
+    link_latency_us: float = 0.0,
 ) -> DeviceProfile:
     """A profile from datasheet figures and the efficiencies fitted on the H200 calibration file (see the
     module docstring): measured for ``h200``, reused uncalibrated for Ascend, so that relative speed
@@ -105,6 +144,8 @@ def _with_h200_fit(
         grouped_gemm_efficiency=0.55,
         memory_efficiency=0.65,
         source=source,
+        port_gbps=port_gbps,
+        link_latency_us=link_latency_us,
     )
 
 
@@ -117,6 +158,8 @@ PROFILES: dict[str, DeviceProfile] = {
             hbm_gbps=4800.0,
             link_gbps=450.0,
             source="NVIDIA H200 SXM datasheet; efficiencies fitted to a measured Qwen3-30B-A3B layer",
+            port_gbps=50.0,
+            link_latency_us=2.0,
         ),
         _with_h200_fit(
             "ascend910",
@@ -124,6 +167,8 @@ PROFILES: dict[str, DeviceProfile] = {
             hbm_gbps=1200.0,
             link_gbps=30.0,
             source="Huawei Ascend 910 (910A) launch figures and Hot Chips 31; efficiencies not calibrated",
+            port_gbps=12.5,
+            link_latency_us=2.0,
         ),
         _with_h200_fit(
             "ascend910b",
@@ -131,6 +176,8 @@ PROFILES: dict[str, DeviceProfile] = {
             hbm_gbps=1600.0,
             link_gbps=56.0,
             source="Ascend 910B third-party reported figures (approximate); efficiencies not calibrated",
+            port_gbps=25.0,
+            link_latency_us=2.0,
         ),
     )
 }

@@ -21,6 +21,8 @@ and cold-start effects do not exist here; the scheduler still calibrates its cos
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from asap.optimizations import parse_optimizations
 from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
 from asap.sim.hostcost import HostCostBarrier
+from asap.sim.links import LINK_MODELS, Ports
 from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
 
@@ -54,10 +57,15 @@ class Layout:
     expert ranks on the attention ranks' devices (DP+EP as vLLM and SGLang run it)."""
     attention_tp: int = 1
     """Devices one attention rank spans (tensor parallelism of attention)."""
+    links: str = "pair"
+    """How transfers are charged (``asap.sim.links``): ``pair`` (each at ``link_gbps`` on its own, as the
+    emulated cluster does) or ``ports`` (a device's transfers share its network port, ``port_gbps``)."""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
             raise InvalidArgument(f"layout must be one of {', '.join(LAYOUTS)}, got {self.kind!r}")
+        if self.links not in LINK_MODELS:
+            raise InvalidArgument(f"links must be one of {', '.join(LINK_MODELS)}, got {self.links!r}")
         if self.attention_tp < 1:
             raise InvalidArgument(f"attention tensor parallelism must be >= 1, got {self.attention_tp}")
 
@@ -81,6 +89,7 @@ class Layout:
         return {
             "layout": self.kind,
             "attention_tp": self.attention_tp,
+            "links": self.links,
             "devices": self.device_count(attention, experts),
         }
 
@@ -109,6 +118,8 @@ class SimCluster:
     """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
     expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
     the ``grpc`` plane's shape-only chunks, as a real link carries them)."""
+    ports: Ports | None = None
+    """The devices' ports with ``Layout.links == "ports"`` (set by ``start``)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
     cost_model: Any = None
@@ -177,6 +188,7 @@ class SimCluster:
                 barrier=HostCostBarrier(self.barrier_overhead_s),
                 overlap="expert-overlap" in config.optimizations,
                 profile=source.profile,
+                result_link_s=self._result_link(source.profile, config.rank),
             )
             exchange.barrier.timeout_s = config.sync_timeout_s
             exchange.barrier.supersede = True  # as the expert service sets it: one step at a time
@@ -213,6 +225,17 @@ class SimCluster:
                 transport = DirectExpertTransport(exchanges, **link)
             else:
                 transport = InProcessExpertTransport(expert_servicers, **link)
+            if self.ports is not None:  # each link's transfers on its devices' ports
+                planes: Sequence[Any] = transport.planes
+                for e, plane in enumerate(planes):
+                    plane.spec = dataclasses.replace(
+                        plane.spec,
+                        link_s=self.ports.link(
+                            self.attention_devices[config.rank],
+                            self.expert_devices[e],
+                            self.dispatch_overhead_s,
+                        ),
+                    )
             self._closers.append(transport.close)
             infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
             attention = AttentionExecutor(
@@ -249,6 +272,20 @@ class SimCluster:
             self.core = None
         while self._closers:
             await self._closers.pop()()
+
+    def _result_link(self, profile: DeviceProfile | None, expert_rank: int) -> Any:
+        """``links="ports"``: the expert rank's results leave on its device's port (``asap.sim.links``)."""
+        if self.layout.links != "ports" or profile is None:
+            return None
+        if self.ports is None:
+            self.ports = Ports(profile)
+        ports, sources = self.ports, self.expert_devices[expert_rank]
+
+        def result_link_s(nbytes: int, attention_rank: int) -> float:
+            now = asyncio.get_running_loop().time()
+            return ports.delay(now, sources, self.attention_devices[attention_rank], nbytes)
+
+        return result_link_s
 
     def devices(self) -> list[Device]:
         """Every device, each once."""

@@ -82,3 +82,24 @@ def test_help_documents_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for flag in ("--layout", "--attention-tp", "--tune-chunk-tokens", "--compare", "--trace", "--profile"):
         assert flag in text
+
+
+def test_ports_charge_a_rank_its_total_bytes(model: Path, tmp_path: Path) -> None:
+    """``--links ports``: a rank's transfers share its port, so the same sequence takes longer than with
+    every transfer at ``link_gbps`` in parallel (``--links pair``, the default)."""
+    runs = {
+        links: _simulate(model, tmp_path / f"{links}.json", "--compare", "sync", "--links", links)
+        for links in ("pair", "ports")
+    }
+    pair, ports = (runs[k]["modes"]["sync"] for k in ("pair", "ports"))
+    assert (pair["cluster"]["links"], ports["cluster"]["links"]) == ("pair", "ports")
+    assert runs["ports"]["simulation"]["links"] == "ports"
+    for slow, fast in zip(ports["results"], pair["results"], strict=True):
+        assert slow["sequence"] == fast["sequence"] and slow["failed"] == fast["failed"] == 0
+        assert slow["ttft_ms"]["mean"] > fast["ttft_ms"]["mean"]
+
+
+def test_help_documents_the_link_model(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    assert "--links" in capsys.readouterr().out
