@@ -20,11 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attention_svc.config import AttentionServiceConfig
-from attention_svc.server import AttentionService
-from tests.procs import ServiceProcess
-
-MODEL = str(Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l")
+from benchmarks._fast_experts import fast_experts
 
 
 async def main() -> None:
@@ -33,33 +29,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--compute", default="emulated:h200")
     args = parser.parse_args()
-    common = ["--model", MODEL, "--port", "0", "--compute", args.compute, "--dtype", "bfloat16"]
-    procs = [
-        ServiceProcess(
-            f"expert-{r}",
-            [
-                "-m",
-                "expert_svc",
-                *common,
-                "--rank",
-                str(r),
-                "--num-ranks",
-                str(args.experts),
-                "--data-plane",
-                "fast",
-            ],
-        )
-        for r in range(args.experts)
-    ]
-    try:
-        targets = [p.wait_ready() for p in procs]
-        config = AttentionServiceConfig(
-            model=MODEL, expert_targets=targets, data_plane="fast", compute=args.compute, dtype="bfloat16"
-        )
-        attention = AttentionService(config)
-        await attention.start()
-        executor = attention.executor
-        assert executor is not None
+    async with fast_experts(args.experts, args.compute) as (executor, _procs):
         wall: dict[str, list[float]] = {"loop": [], "hot": []}
         cpu: dict[str, list[float]] = {"loop": [], "hot": []}
         for i in range(args.requests + 5):
@@ -77,10 +47,6 @@ async def main() -> None:
                 f"cpu {statistics.median(cpu[path]) * 1e3:6.2f} ms/batch"
             )
         print(f"load average {os.getloadavg()}")
-        await attention.stop(grace_s=0)
-    finally:
-        for p in procs:
-            p.stop()
 
 
 if __name__ == "__main__":

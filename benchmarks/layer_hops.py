@@ -37,11 +37,7 @@ from asap.dataplane import fast_attention
 from asap.emulation import EmulatedAttentionPart, parse_compute
 from asap.model.config import load_config
 from attention_svc import direct_runner
-from attention_svc.config import AttentionServiceConfig
-from attention_svc.server import AttentionService
-from tests.procs import ServiceProcess
-
-MODEL = str(Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l")
+from benchmarks._fast_experts import MODEL, fast_experts
 
 HOPS = (
     "post -> published",
@@ -172,28 +168,9 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--compute", default="emulated:h200")
     args = parser.parse_args()
-    common = ["--model", MODEL, "--port", "0", "--compute", args.compute, "--dtype", "bfloat16"]
     rec = _Recorder()
     rec.install()
-    procs = [
-        ServiceProcess(
-            f"expert-{r}",
-            [
-                *("-m", "expert_svc", *common),
-                *("--rank", str(r), "--num-ranks", str(args.experts), "--data-plane", "fast"),
-            ],
-        )
-        for r in range(args.experts)
-    ]
-    try:
-        targets = [p.wait_ready() for p in procs]
-        config = AttentionServiceConfig(
-            model=MODEL, expert_targets=targets, data_plane="fast", compute=args.compute, dtype="bfloat16"
-        )
-        attention = AttentionService(config)
-        await attention.start()
-        executor = attention.executor
-        assert executor is not None
+    async with fast_experts(args.experts, args.compute) as (executor, procs):
         walls, heads, tails = [], [], []
         cpu_start = (0.0, 0.0)
         for i in range(args.warmup + args.requests):
@@ -214,10 +191,6 @@ async def main() -> None:
         threads = {
             name: (cpu - threads_start.get(name, 0.0)) / layers * 1e6 for name, cpu in _thread_cpu_s().items()
         }
-        await attention.stop(grace_s=0)
-    finally:
-        for p in procs:
-            p.stop()
     attention_us, expert_us, lm_head_us = _modeled_us(args.experts, args.compute, args.tokens)
     hops = rec.hops()
     total = 0.0

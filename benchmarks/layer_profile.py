@@ -30,11 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asap.model.config import load_config
 from attention_svc import direct_runner
-from attention_svc.config import AttentionServiceConfig
-from attention_svc.server import AttentionService
-from tests.procs import ServiceProcess
-
-MODEL = str(Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l")
+from benchmarks._fast_experts import MODEL, fast_experts
 
 BOOT = """
 import cProfile, os, runpy, sys, threading, time
@@ -96,7 +92,6 @@ async def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--side", choices=("attention", "expert", "both"), default="both")
     args = parser.parse_args()
-    common = ["--model", MODEL, "--port", "0", "--compute", args.compute, "--dtype", "bfloat16"]
     tmp = tempfile.mkdtemp(prefix="layer_profile_")
     flag, out = os.path.join(tmp, "done"), os.path.join(tmp, "expert.prof")
     os.environ["ASAP_PROF_FLAG"], os.environ["ASAP_PROF_OUT"] = flag, out
@@ -114,33 +109,11 @@ async def main() -> None:
                 prof.disable()
 
     direct_runner.DirectRunner._drive = drive_  # type: ignore[method-assign]
-    procs = [
-        ServiceProcess(
-            f"expert-{r}",
-            [
-                *("-c", BOOT, *common),
-                *("--rank", str(r), "--num-ranks", str(args.experts), "--data-plane", "fast"),
-            ],
-        )
-        for r in range(args.experts)
-    ]
-    try:
-        targets = [p.wait_ready() for p in procs]
-        config = AttentionServiceConfig(
-            model=MODEL, expert_targets=targets, data_plane="fast", compute=args.compute, dtype="bfloat16"
-        )
-        attention = AttentionService(config)
-        await attention.start()
-        executor = attention.executor
-        assert executor is not None
+    async with fast_experts(args.experts, args.compute, entry=("-c", BOOT)) as (executor, _procs):
         for i in range(args.warmup + args.requests):
             on[0] = args.side != "expert" and i >= args.warmup
             await executor.run_batch([executor.make_prompt("p", list(range(1, args.tokens + 1)))])
         await asyncio.to_thread(_collect, flag, tmp, args.experts)
-        await attention.stop(grace_s=0)
-    finally:
-        for p in procs:
-            p.stop()
     layers = args.requests * len(load_config(MODEL).moe_layer_ids)
     print(f"experts {args.experts}, {args.requests} prompts of {args.tokens} tokens, {args.compute}")
     if args.side != "expert":
