@@ -83,10 +83,20 @@ class DirectBatch:
     dispatch_spans: list[tuple[Span, list[int]]] = field(default_factory=list)
     last_start_ns: int = 0
     posted_unix_ns: int = 0
+    unconfirmed: list[tuple[DirectLink, Ticket]] = field(default_factory=list)
+    """Tickets of the last combined layer settled early (``Ticket.settle_early``) whose verdict is still
+    to come, with their links (watched while the batch waits)."""
+    held: Any = None
+    """The next step (a ``Step``, or the logits) computed but held until every ``unconfirmed`` verdict
+    came: its dispatches are not posted, nor the batch finished, before that."""
 
     def ready(self) -> bool:
-        """Whether the scheduler can move this batch on: nothing posted yet, every result in, or a
-        failure among them."""
+        """Whether the scheduler can move this batch on: nothing posted yet, every result in (and every
+        early result's verdict, for a held step), or a failure among them."""
+        if any(t.failure is not None for _, t in self.unconfirmed):
+            return True
+        if self.held is not None:
+            return all(t.confirmed for _, t in self.unconfirmed)
         tickets = self.tickets
         if any(t.done and isinstance(t.outcome, AsapError) for t in tickets):
             return True
@@ -231,16 +241,24 @@ class DirectRunner:
 
     def _move(self, batch: DirectBatch) -> bool:
         """One step of ``batch``: take its results, compute to the next MoE layer and post it (or finish).
-        True when the batch is over (done or failed)."""
-        timed = batch.trace is not None
+        True when the batch is over (done or failed). A step computed on early results is held until
+        their verdicts came (``DirectBatch.held``), then posted (or finished) by the next call."""
         try:
-            previous = None
-            if batch.step is not None:
-                previous = self._results(batch)
-            start = time.time_ns() if timed else 0
-            step = self._advance(batch.gen, previous)
-            end = time.time_ns() if timed else 0
-            batch.last_start_ns = start
+            if batch.held is not None:  # every verdict of its inputs is in now (``ready``)
+                _confirmed(batch)
+                step, batch.held = batch.held, None
+            else:
+                previous = None
+                if batch.step is not None:
+                    previous = self._results(batch)
+                start = time.time_ns() if batch.trace is not None else 0
+                step = self._advance(batch.gen, previous)
+                batch.last_start_ns = start
+                if batch.trace is not None and not isinstance(step, torch.Tensor):
+                    batch.records.append(_layer_record(batch, step[0], start, time.time_ns()))
+                if batch.unconfirmed and not _confirmed(batch):
+                    batch.held = step  # (the attention's device work is enqueued meanwhile)
+                    return False
             if isinstance(step, torch.Tensor):
                 result = batch.finish(step)
                 batch.gen.close()
@@ -248,13 +266,6 @@ class DirectRunner:
                 return True
             request, dispatches = step
             batch.step = step
-            if timed:
-                attributes = {
-                    spans.LAYER: request.layer,
-                    spans.MICRO_BATCH: batch.micro_batch,
-                    spans.TOKENS: int(request.hidden.shape[0]),
-                }
-                batch.records.append((spans.ATTENTION_LAYER, start, end, attributes))
             self._post(batch, request.layer, dispatches)
             return False
         except BaseException as exc:
@@ -273,6 +284,9 @@ class DirectRunner:
             if isinstance(ticket.outcome, AsapError):
                 raise ticket.outcome
         results = [t.outcome for t in batch.tickets]
+        batch.unconfirmed = [
+            (batch.links[dispatches[i].rank], t) for i, t in enumerate(batch.tickets) if t.verdict_pending
+        ]
         batch.tickets = []
         if batch.trace is not None:
             attributes = {spans.LAYER: request.layer, spans.MICRO_BATCH: batch.micro_batch}
@@ -329,6 +343,10 @@ class DirectRunner:
             if step is not None and ticket.plane_data is not None:  # posted: a no-op once answered
                 batch.links[step[1][i].rank].abandon(ticket)
         batch.tickets = []
+        for link, ticket in batch.unconfirmed:  # early results whose verdict may still come
+            if ticket.verdict_pending:
+                link.abandon(ticket)
+        batch.unconfirmed, batch.held = [], None
         try:
             batch.gen.close()
         except Exception:  # the generator's own clean-up failed: the batch is over anyway
@@ -345,15 +363,39 @@ class DirectRunner:
 
 
 def _waiting_links(batch: DirectBatch) -> list[DirectLink]:
-    """The links of ``batch``'s unsettled dispatches."""
+    """The links of ``batch``'s unsettled dispatches and of its early results still without a verdict."""
+    verdicts = [link for link, ticket in batch.unconfirmed if ticket.verdict_pending]
     if batch.step is None:
-        return []
+        return verdicts
     dispatches = batch.step[1]
-    return [
+    return verdicts + [
         batch.links[dispatches[i].rank]
         for i, ticket in enumerate(batch.tickets)
         if not ticket.done and i < len(dispatches)
     ]
+
+
+def _confirmed(batch: DirectBatch) -> bool:
+    """Whether every early result ``batch`` combined has its verdict (then forgotten); the first failed
+    verdict is raised (the batch computed on a result that is not one)."""
+    for _, ticket in batch.unconfirmed:
+        if ticket.failure is not None:
+            raise ticket.failure
+    if not all(t.confirmed for _, t in batch.unconfirmed):
+        return False
+    batch.unconfirmed = []
+    return True
+
+
+def _layer_record(
+    batch: DirectBatch, request: MoERequest, start: int, end: int
+) -> tuple[str, int, int, dict[str, Any]]:
+    attributes = {
+        spans.LAYER: request.layer,
+        spans.MICRO_BATCH: batch.micro_batch,
+        spans.TOKENS: int(request.hidden.shape[0]),
+    }
+    return (spans.ATTENTION_LAYER, start, end, attributes)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,28 +71,39 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_TICKETS: list[Ticket] = []
+"""The last hot-path ticket (``ASAP_GPU_HOST_FREE=1``: its verdict is waited for after its event)."""
+
+
+def _wait_for(link: DirectLink, wake: Wake, until: Callable[[], bool]) -> None:
+    """Poll and park on the link's completion doorbell (as ``attention_svc.direct_runner`` does) until
+    ``until()``."""
+    poll, park = getattr(link, "poll", None), getattr(link, "park", None)
+    while not until():
+        wake.clear()
+        if poll is not None:
+            poll()
+        if until():
+            break
+        fds = list(park(True)) if park is not None else []
+        try:
+            if poll is not None:
+                poll()
+            if not until():
+                wake.wait(0.05 if fds else 200e-6, fds)
+        finally:
+            if park is not None:
+                park(False)
+
+
 def _direct_once(link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch) -> torch.Tensor:
     """One dispatch on the hot path, on the calling thread (as ``attention_svc.direct_runner`` does):
     post, then poll and park on the completion doorbell until its ticket settles."""
     ticket = Ticket(wake)
     ticket.posted_ns = time.monotonic_ns()
     link.post(PlaneRequest(mb, 0, dispatch), ticket)
-    poll, park = getattr(link, "poll", None), getattr(link, "park", None)
-    while not ticket.done:
-        wake.clear()
-        if poll is not None:
-            poll()
-        if ticket.done:
-            break
-        fds = list(park(True)) if park is not None else []
-        try:
-            if poll is not None:
-                poll()
-            if not ticket.done:
-                wake.wait(0.05 if fds else 200e-6, fds)
-        finally:
-            if park is not None:
-                park(False)
+    _wait_for(link, wake, lambda: ticket.done)
+    _TICKETS.append(ticket)
     outcome = ticket.outcome
     if isinstance(outcome, AsapError):
         raise outcome
@@ -100,7 +112,13 @@ def _direct_once(link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch) 
 
 
 async def _time_plane(
-    target: str, plane: str, tokens: list[int], iters: int, device: str, direct: bool = False
+    target: str,
+    plane: str,
+    tokens: list[int],
+    iters: int,
+    device: str,
+    direct: bool = False,
+    refs: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     transport = GrpcExpertTransport(
         [target],
@@ -147,7 +165,15 @@ async def _time_plane(
                     times.append(elapsed)
                     returns.append(returned)
             assert result.hidden.shape == (n, HIDDEN)
+            wrong = -1.0
+            if refs is not None and n in refs:  # the last round trip's results against the part's own
+                ref = refs[n].float()
+                wrong = float((result.hidden.float() - ref).norm() / ref.norm().clamp_min(1e-30))
             hops = _hops(link, iters)
+            verdicts = _VERDICTS[-iters:]
+            _VERDICTS.clear()
+            if verdicts:
+                hops = {**hops, "post_to_verdict": statistics.median(verdicts) * 1e6}
             payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
             ms = statistics.median(times) * 1e3
             out[str(n)] = {
@@ -155,12 +181,14 @@ async def _time_plane(
                 "p10_ms": sorted(times)[len(times) // 10] * 1e3,
                 "GB_s": payload / ms / 1e6,
                 "returned_ms": statistics.median(returns) * 1e3,
+                "rel_err": wrong,
                 **({"hops_us": hops} if hops else {}),
             }
             if hops:
                 print(f"  {plane:9s} {n:6d} tokens: hops (µs, median) {hops}", flush=True)
             print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median "
-                  f"(exchange returned after {out[str(n)]['returned_ms']:.3f} ms)", flush=True)  # fmt: skip
+                  f"(exchange returned after {out[str(n)]['returned_ms']:.3f} ms; "
+                  f"rel. error against the part {wrong:.2e})", flush=True)  # fmt: skip
         return out
     finally:
         await transport.close()
@@ -176,7 +204,18 @@ def _timed_direct(
     event = attached_ready(hidden)
     if event is not None:
         event.synchronize()
-    return hidden, returned, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    ticket = _TICKETS.pop()
+    if ticket.provisional:  # settled early: the round trip is over, its verdict is still to come
+        _wait_for(link, wake, lambda: ticket.confirmed)
+        _VERDICTS.append(time.perf_counter() - start)
+        if ticket.failure is not None:
+            raise ticket.failure
+    return hidden, returned, elapsed
+
+
+_VERDICTS: list[float] = []
+"""Early-settled round trips: seconds from the post until the verdict came (for the report)."""
 
 
 def _hops(link: object, iters: int) -> dict[str, float]:
@@ -198,6 +237,20 @@ def _hops(link: object, iters: int) -> dict[str, float]:
     device = [t.device_us() for t in timings]  # ASAP_GPU_DEVICE_TIMING=1: events on the tx / rx streams
     if device and all(device):
         out.update({name: statistics.median(d[name] for d in device) for name in device[0]})
+    return out
+
+
+def _refs(model: Path, tokens: list[int], device: str) -> dict[int, torch.Tensor]:
+    """Each dispatch's results computed by the same part in this process (the planes are checked
+    against them: a wrong or skipped expert step shows, however fast it was)."""
+    config = load_config(model)
+    with CheckpointReader(model) as reader:
+        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
+    out = {}
+    for n in tokens:
+        d = _dispatch(n, device)
+        out[n] = part.compute(0, d.hidden, d.expert_ids, d.weights)
+    _sync(device)
     return out
 
 
@@ -293,6 +346,7 @@ async def run() -> dict[str, object]:
             results["expert_compute_device_ms"] = _device_compute_ms(model, tokens, local)
             print(f"expert compute: host-timed {results['expert_compute_ms']}, "
                   f"device {results['expert_compute_device_ms']}", flush=True)  # fmt: skip
+        refs = _refs(model, tokens, local)
         placements = {"same_device": local, **({"other_gpu": "cuda:1"} if gpus > 1 and not args.cpu else {})}
         for where, device in placements.items():
             print(f"expert rank on {device} ({where})", flush=True)
@@ -305,7 +359,13 @@ async def run() -> dict[str, object]:
                 target = proc.wait_ready()
                 planes = {
                     plane: await _time_plane(
-                        target, plane, tokens, args.iters, local, direct=args.direct and plane == "fast"
+                        target,
+                        plane,
+                        tokens,
+                        args.iters,
+                        local,
+                        direct=args.direct and plane == "fast",
+                        refs=refs,
                     )
                     for plane in compared
                 }

@@ -7,7 +7,7 @@
 #   TESTS=tests/gpu/test_gpu_graph.py bash benchmarks/gpu_fast14.sh tests graphs
 #                                   # the fast plane's round trip: eager, captured, armed steps (see graphs)
 #   VARIANTS="armed:1:1:0:0: armed-direct:1:1:1:0:--direct" bash benchmarks/gpu_fast14.sh graphs
-#                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag[:PREFETCH]
+#                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag[:PREFETCH[:VAR=V,VAR=V]]
 # The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
@@ -47,11 +47,12 @@ for stage in $stages; do
              # rank's hot path (ASAP_GPU_HOT_PATH=1, --direct), and armed with device timing events
         start_mps
         for variant in ${VARIANTS:-eager:0:0:0:0: graphs:1:0:0:0: armed:1:1:0:0: armed-direct:1:1:1:0:--direct armed-timed:1:1:0:1: graphs-timed:1:0:0:1:}; do
-            IFS=: read -r name graphs armed hot timed flag prefetch <<< "$variant"
+            IFS=: read -r name graphs armed hot timed flag prefetch extra <<< "$variant"
             prefetch=${prefetch:-1}
-            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed ASAP_GPU_PREFETCH=$prefetch $flag)"
-            ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed \
-                ASAP_GPU_PREFETCH=$prefetch \
+            extra=${extra//,/ }  # more VAR=VALUE settings, comma-separated (e.g. ASAP_GPU_HOST_FREE=1,ASAP_GPU_DEVICE_DONE=1)
+            echo "--- $name (ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed ASAP_GPU_PREFETCH=$prefetch $extra $flag)"
+            env ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed \
+                ASAP_GPU_PREFETCH=$prefetch $extra \
                 timeout "${GRAPHS_TIMEOUT:-120}" \
                 python3 benchmarks/gpu_dataplane.py --planes fast $flag --iters "${ITERS:-30}" \
                 --json "$OUT/gpu_dataplane_$name.json" > "$OUT/gpu_dataplane_$name.log" 2>&1

@@ -55,8 +55,17 @@ plane's poll thread, one thread wake per layer):
     yields); ``FUTEX_WAKE`` does not, and costs the writer one system call with no file behind it.
 
 A GPU plane implements the same calls: ``post`` enqueues the rows and the ready flag on its streams
-and publishes the descriptor; the settled ``ExchangeResult.hidden`` must be safe to read on the compute
-thread's stream (as ``exchange`` requires).
+(or on the caller's current stream, which made the dispatch) and publishes the descriptor; the settled
+``ExchangeResult.hidden`` must be safe to read on the compute thread's stream (as ``exchange`` requires).
+
+Early results (a GPU plane with ``ASAP_GPU_HOST_FREE=1``): ``post`` may settle its ticket at once with a
+result whose ``ready`` event passes only when the peer's device work has (``Ticket.settle_early``), so
+the compute thread enqueues the combine with no host waiting for the peer's completion. The plane's
+later ``settle`` is then the *verdict* (``Ticket.confirmed``, an error in ``Ticket.failure``): the
+caller must not post the next layer's dispatches nor finish the batch before every verdict of the
+layer came, and fails the batch on a failed one (``attention_svc.direct_runner``). So a host waits for
+a verdict only where it would have waited for the answer, one layer later, and a dead peer's poison
+(which releases the event) fails the batch within the plane's bound as before.
 """
 
 from __future__ import annotations
@@ -171,12 +180,15 @@ class Ticket:
 
     __slots__ = (
         "cancelled",
+        "confirmed",
         "done",
+        "failure",
         "not_before_ns",
         "observe",
         "outcome",
         "plane_data",
         "posted_ns",
+        "provisional",
         "wake",
     )
 
@@ -196,15 +208,45 @@ class Ticket:
         self.observe: Callable[[Ticket], None] | None = None
         """Called once when it settles, on the settling thread (the link's round-trip metrics); must
         be cheap and never raise."""
+        self.provisional = False
+        """Settled early (``settle_early``): the result is usable on the device once its event has
+        passed, but the peer's verdict (its completion, or the link's failure) is still to come."""
+        self.confirmed = False
+        """A provisional ticket's verdict came (``failure`` holds it when it was an error)."""
+        self.failure: AsapError | None = None
+        """The error a provisional ticket was confirmed with: the batch that used the result fails."""
+
+    @property
+    def verdict_pending(self) -> bool:
+        """Settled early and not confirmed yet (``settle`` confirms it)."""
+        return self.provisional and not self.confirmed
+
+    def settle_early(self, result: ExchangeResult) -> None:
+        """Settle with a result whose ``ready`` event passes only once the peer's device work (or a
+        poison) released it, before the peer's completion is seen: the next ``settle`` confirms it.
+        A no-op if already settled. The caller serialises it with the plane's ``settle`` (the end's
+        lock), so a verdict is never lost between the two."""
+        if self.done:
+            return
+        self.provisional = True
+        self.settle(result)
 
     def settle(self, outcome: ExchangeResult | AsapError, *, not_before_ns: int = 0) -> None:
-        """The plane's answer (first one wins); wakes the waiting compute thread."""
+        """The plane's answer (first one wins); wakes the waiting compute thread. On a provisional
+        ticket the next call is its verdict (``confirmed``; an error is kept in ``failure``)."""
         if self.done:
+            if self.provisional and not self.confirmed:
+                if isinstance(outcome, AsapError):
+                    self.failure = outcome
+                self.confirmed = True
+                if self.observe is not None:  # (the round trip ends with the verdict)
+                    self.observe(self)
+                self.wake.set()
             return
         self.outcome = outcome
         self.not_before_ns = not_before_ns
         self.done = True
-        if self.observe is not None:
+        if self.observe is not None and not self.provisional:
             self.observe(self)
         self.wake.set()
 

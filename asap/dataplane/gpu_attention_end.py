@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,13 @@ from asap.dataplane.fastlink import (
     SlotHeader,
     heartbeat,
 )
-from asap.dataplane.gpu_flags import StreamFlags, poison_value
-from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows, prefetch_enabled
+from asap.dataplane.gpu_flags import StreamFlags, poison_value, write_words
+from asap.dataplane.gpu_layout import (
+    STEP_WORDS_AT,
+    gpu_layout_rows,
+    lean_fill_enabled,
+    prefetch_enabled,
+)
 from asap.dataplane.gpu_streams import wait_streams, writer
 from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
@@ -120,6 +126,13 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             for slot in range(geometry.slots)
         ]
         """Per slot: its step words (rows, layer, seq) in pinned host memory and in the slot."""
+        self._lean = lean_fill_enabled()
+        """``ASAP_GPU_LEAN_FILL``: slot views cached, the step words and the request flag in one driver
+        call, and (hot path) the fill on the caller's stream (``enqueue_fill``)."""
+        self._fill_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """(slot, layout rows) -> that layout's rows, ids and weights views of the slot (lean fill)."""
+        self._out_views: dict[int, torch.Tensor] = {}
+        """slot -> the view of the slot's rows (results are copied out of its first rows)."""
         self._poisoned = False
         self._gpu_lock = threading.Lock()
         self.timings: deque[Timing] = deque(maxlen=256)
@@ -139,8 +152,19 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         chunk.cuda_region.CopyFrom(self.cuda.announcement())
         return chunk
 
-    def enqueue_fill(self, slot: int, header: SlotHeader, dispatch: RankDispatch) -> None:
-        """Write the header (host) and enqueue the rows' copy and the request flag on the tx stream."""
+    def enqueue_fill(
+        self,
+        slot: int,
+        header: SlotHeader,
+        dispatch: RankDispatch,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        """Write the header (host) and enqueue the rows' copy and the request flag on the tx stream, or
+        (lean fill, ``stream`` given: the caller's current stream, on which the dispatch's tensors were
+        made) on ``stream``, which then needs no ``record_stream`` for them."""
+        if self._lean:
+            self._lean_fill(slot, header, dispatch, stream)
+            return
         g = self.geometry
         header.write(self._buf, g.slot_at(slot))
         rows, top_k = header.rows, g.top_k
@@ -169,6 +193,50 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             self._words_device[slot].copy_(self._words_pinned[slot], non_blocking=True)
         self.flags.write(tx, self._flag(slot, REQUEST_FLAG_AT), header.seq)
         self._timing[header.seq] = Timing(time.time_ns(), events=self._timing_event(tx, events))
+
+    def _lean_fill(
+        self, slot: int, header: SlotHeader, dispatch: RankDispatch, stream: torch.cuda.Stream | None
+    ) -> None:
+        """``enqueue_fill`` with the fewest host calls: the slot's views for the rows' layout cached,
+        three copies, then the step words and the request flag in one ``write_words`` (the flag's write
+        carries the barrier that makes the rows and the words visible first)."""
+        g = self.geometry
+        header.write(self._buf, g.slot_at(slot))
+        rows = header.rows
+        layout = gpu_layout_rows(g, rows)
+        views = self._fill_views.get((slot, layout))
+        if views is None:
+            hidden_at, ids_at, weights_at, _ = g.payload(layout, shape_only=False)
+            views = self._fill_views[(slot, layout)] = (
+                self._view(slot, hidden_at, self.dtype, [layout, g.hidden_size]),
+                self._view(slot, ids_at, torch.int32, [layout, g.top_k]),
+                self._view(slot, weights_at, torch.float32, [layout, g.top_k]),
+            )
+        own = stream is None
+        target = self.tx if stream is None else stream
+        if dispatch.ready is not None:
+            target.wait_event(dispatch.ready)
+        free = self._free_after[slot]
+        if free is not None:
+            target.wait_event(free)
+        events = self._timing_event(target, None)
+        with torch.cuda.stream(target):
+            for dst, src in zip(views, (dispatch.hidden, dispatch.expert_ids, dispatch.weights), strict=True):
+                if own and src.is_cuda:
+                    src.record_stream(target)
+                (dst if rows == layout else dst[:rows]).copy_(src, non_blocking=True)
+        words = self._flag(slot, STEP_WORDS_AT)
+        write_words(
+            self.flags,
+            target,
+            [
+                (words, rows),
+                (words + 4, header.layer),
+                (words + 8, header.seq),
+                (self._flag(slot, REQUEST_FLAG_AT), header.seq),
+            ],
+        )
+        self._timing[header.seq] = Timing(time.time_ns(), events=self._timing_event(target, events))
 
     def _timing_event(self, stream: torch.cuda.Stream, events: list[Any] | None) -> list[Any] | None:
         """With device timing on: a timing event recorded on ``stream``, appended to ``events``."""
@@ -214,8 +282,18 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             timing.events = self._timing_event(rx, timing.events)
         g = self.geometry
         with torch.cuda.stream(rx):
-            hidden_at = g.payload(rows, shape_only=False)[0]
-            src = self._view(slot, hidden_at, self.dtype, [rows, g.hidden_size])
+            if self._lean:
+                full = self._out_views.get(slot)
+                if full is None:
+                    most = g.max_rows(shape_only=False)
+                    hidden_at = g.payload(most, shape_only=False)[0]
+                    full = self._out_views[slot] = self._view(
+                        slot, hidden_at, self.dtype, [most, g.hidden_size]
+                    )
+                src = full[:rows]
+            else:
+                hidden_at = g.payload(rows, shape_only=False)[0]
+                src = self._view(slot, hidden_at, self.dtype, [rows, g.hidden_size])
             result = torch.empty_like(src)
             result.copy_(src, non_blocking=True)
         event = torch.cuda.Event(enable_timing=self._device_timing)  # type: ignore[no-untyped-call]
@@ -224,6 +302,23 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
             timing.events.append(event)
         self._free_after[slot] = event  # read by the next fill of the slot, after the settle
         return result, event
+
+    def early_result(self, seq: int) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """The results of ``seq`` prefetched at publication (their event passes once the expert's done
+        flag, or a poison, let the copy run), or None (not prefetched, or already taken). For settling a
+        ticket before the completion (``ASAP_GPU_HOST_FREE``): call it under ``pending_lock``."""
+        with self._gpu_lock:
+            return self._prefetched.get(seq)
+
+    @property
+    def pending_lock(self) -> AbstractContextManager[Any]:
+        """The lock under which a dispatch's answer is delivered (``_deliver`` pops it under it): an
+        early settle made under it is never interleaved with the answer's settle."""
+        return self._lock
+
+    def is_pending(self, seq: int) -> bool:
+        """Under ``pending_lock``: whether ``seq`` still waits for its answer."""
+        return seq in self._pending
 
     def _take(self, completion: Completion, now_ns: int) -> None:
         """On the poll thread, before the slot can be handed on: the results' copy out, prefetched at
@@ -281,6 +376,8 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         (``gpu_streams``: bounded), then free the region."""
         self.poison()
         super().close()
+        self._fill_views.clear()  # (they hold the region's memory)
+        self._out_views.clear()
         for stream in self.rx_slots:
             if stream is not None:
                 self._streams.give_back(stream)

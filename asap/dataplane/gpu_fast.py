@@ -36,6 +36,8 @@ import struct
 from concurrent.futures import Executor
 from typing import Any
 
+import torch
+
 from asap.dataplane.direct import Ticket
 from asap.dataplane.fast import DEFAULT_PEER_TIMEOUT_S, DEFAULT_SLOTS, FastPlane, _Direct
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd
@@ -47,11 +49,12 @@ from asap.dataplane.gpu_layout import (
     GPU_POLL_SPIN_S,
     gpu_layout_rows,
     gpu_slot_bytes_for,
+    host_free_enabled,
 )
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.poller import OnePerProcess, PollThread
 from asap.dataplane.ring import Backoff
-from asap.devices import attached_ready
+from asap.devices import attach_ready, attached_ready
 from asap.errors import InternalError, Unavailable
 
 __all__ = [
@@ -110,6 +113,8 @@ class GpuFastPlane(FastPlane):
             spec, stream, codec, inner, slots=slots, peer_timeout_s=peer_timeout_s, attach_s=attach_s
         )
         self.flags = flags if flags is not None else driver_flags()
+        self.early_results = 0
+        """Hot-path dispatches settled early with their prefetched results (``ASAP_GPU_HOST_FREE``)."""
 
     def _slot_bytes(self) -> int:
         return gpu_slot_bytes_for(self.spec, self.slots)
@@ -145,7 +150,9 @@ class GpuFastPlane(FastPlane):
             return None
         end = self._end_for(self.stream.open(), self._geometry(top_k))
         assert isinstance(end, GpuAttentionLinkEnd)
-        return _GpuDirect(self, end, asyncio.get_running_loop())
+        link = _GpuDirect(self, end, asyncio.get_running_loop())
+        link.host_free = host_free_enabled()
+        return link
 
     async def exchange(self, request: PlaneRequest) -> ExchangeResult:
         geometry = self._geometry(int(request.dispatch.expert_ids.shape[1]))
@@ -185,6 +192,23 @@ class GpuFastPlane(FastPlane):
                 end.abandon(seq)
 
 
+def _settle_early(end: GpuAttentionLinkEnd, seq: int, ticket: Ticket) -> bool:
+    """Settle ``ticket`` with the results prefetched for ``seq`` (``Ticket.settle_early``): the compute
+    stream then waits for their copy's event, which the expert's done flag or a poison releases, and
+    the completion taken later is the verdict. Under the end's pending lock, so the completion's settle
+    comes strictly after (or, taken first, makes this a no-op). Nothing prefetched (no wait stream, not
+    attached yet): the ticket waits for the completion as usual."""
+    with end.pending_lock:
+        if not end.is_pending(seq):
+            return False
+        copied = end.early_result(seq)
+        if copied is None:
+            return False
+        result, event = copied
+        ticket.settle_early(ExchangeResult(attach_ready(result, event), ready=event))
+        return ticket.provisional
+
+
 def _unpublished(end: GpuAttentionLinkEnd) -> None:
     """A slot was filled (its request flag will pass) but its descriptor never published: the expert's
     step armed on that slot would compute it and miss the next one, so the region is retired."""
@@ -197,6 +221,9 @@ class _GpuDirect(_Direct):
     result carries its copy's event, which ``combine`` waits for on the compute stream)."""
 
     end: GpuAttentionLinkEnd
+    plane: GpuFastPlane
+    host_free = False
+    """``ASAP_GPU_HOST_FREE``: tickets settled early with their prefetched results (``_settle_early``)."""
 
     def _to_inner(self, request: PlaneRequest) -> bool:
         return request.rows == 0 or super()._to_inner(request)
@@ -204,13 +231,16 @@ class _GpuDirect(_Direct):
     def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
         plane, end = self.plane, self.end
         try:
-            end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch)
+            stream = torch.cuda.current_stream(end.device)  # the compute thread's: it made the dispatch
+            end.enqueue_fill(slot, plane._header(end, slot, request), request.dispatch, stream)
             try:
                 seq, _ = plane._publish(end, slot, request, ticket)
             except BaseException:
                 _unpublished(end)
                 raise
             end.prefetch(slot, seq, request.rows)
+            if self.host_free and _settle_early(end, seq, ticket):
+                plane.early_results += 1
         except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
             if end.broken is not None:
                 raise end.broken from None

@@ -18,6 +18,7 @@ poisoned region is retired, never reused.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Protocol
 
@@ -33,11 +34,13 @@ __all__ = [
     "flags_available",
     "passes",
     "poison_value",
+    "write_words",
 ]
 
 POISON_STEP = 1 << 30
 """How far ahead of the last sequence number a poison value lies (any wait of the link then passes)."""
 _MASK = 0xFFFFFFFF
+logger = logging.getLogger(__name__)
 
 
 def poison_value(last_seq: int) -> int:
@@ -85,6 +88,9 @@ class DriverFlags:
         self._check(self._d.cuInit(0), "cuInit")
         self._geq = int(self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
         self._default = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        self._no_barrier = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER)
+        self._batch_ok = True
+        """Whether ``cuStreamBatchMemOp`` works here (else ``write_words`` writes word by word)."""
         self._threads = threading.local()
         self._handles: dict[int, tuple[Any, int]] = {}
         """Stream handle (``cuda_stream``) -> (its driver ``CUstream``, its device index)."""
@@ -120,6 +126,45 @@ class DriverFlags:
             "cuStreamWriteValue32",
         )
 
+    def write_words(self, stream: torch.cuda.Stream, writes: list[tuple[int, int]]) -> None:
+        """Enqueue the 32-bit writes (address, value) in order, the last one (a flag) after a memory
+        barrier that makes the others and all earlier work of the stream visible first: one
+        ``cuStreamBatchMemOp`` (one driver call instead of a copy and a write), or, where that fails,
+        the writes one by one with the same barriers."""
+        d = self._d
+        handle = self._on_this_thread(stream)
+        last = len(writes) - 1
+        if self._batch_ok:
+            try:
+                op = d.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
+                params = []
+                for i, (address, value) in enumerate(writes):
+                    p = d.CUstreamBatchMemOpParams()
+                    p.operation = op
+                    p.writeValue.operation = op
+                    p.writeValue.address = d.CUdeviceptr(address)
+                    p.writeValue.value = value & _MASK
+                    p.writeValue.flags = self._default if i == last else self._no_barrier
+                    params.append(p)
+                result = d.cuStreamBatchMemOp(handle, len(params), params, 0)
+                err = result[0] if isinstance(result, tuple) else result
+                if err == self._success:
+                    return
+                raise RuntimeError(f"cuStreamBatchMemOp failed: {err}")  # (nothing was enqueued)
+            except Exception:
+                logger.warning("cuStreamBatchMemOp unusable here; stream writes one by one", exc_info=True)
+                self._batch_ok = False
+        for i, (address, value) in enumerate(writes):
+            self._check(
+                d.cuStreamWriteValue32(
+                    handle,
+                    d.CUdeviceptr(address),
+                    value & _MASK,
+                    self._default if i == last else self._no_barrier,
+                ),
+                "cuStreamWriteValue32",
+            )
+
     def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d
         handle = self._on_this_thread(stream)
@@ -127,6 +172,16 @@ class DriverFlags:
             d.cuStreamWaitValue32(handle, d.CUdeviceptr(address), value & _MASK, self._geq),
             "cuStreamWaitValue32",
         )
+
+
+def write_words(flags: StreamFlags, stream: torch.cuda.Stream, writes: list[tuple[int, int]]) -> None:
+    """``DriverFlags.write_words`` where ``flags`` has it, else its ``write`` for each (test fakes)."""
+    many = getattr(flags, "write_words", None)
+    if many is not None:
+        many(stream, writes)
+        return
+    for address, value in writes:
+        flags.write(stream, address, value)
 
 
 _FLAGS: DriverFlags | None = None

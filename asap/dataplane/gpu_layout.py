@@ -20,12 +20,16 @@ __all__ = [
     "DEVICE_DONE_ENV",
     "GPU_EXPERT_SPIN_S",
     "GPU_POLL_SPIN_S",
+    "HOST_FREE_ENV",
+    "LEAN_FILL_ENV",
     "PREFETCH_ENV",
     "STEP_WORDS_AT",
     "armed_steps_enabled",
     "device_done_enabled",
     "gpu_layout_rows",
     "gpu_slot_bytes_for",
+    "host_free_enabled",
+    "lean_fill_enabled",
     "prefetch_enabled",
 ]
 
@@ -50,6 +54,29 @@ for the done flag and the copy out are enqueued at publication on the slot's own
 def prefetch_enabled(environ: dict[str, str] | None = None) -> bool:
     value = (environ if environ is not None else os.environ).get(PREFETCH_ENV, "1").strip().lower()
     return value not in ("0", "off", "false", "no")
+
+
+LEAN_FILL_ENV = "ASAP_GPU_LEAN_FILL"
+"""Default ``1``: the attention end fills a slot with the fewest host calls (its views cached per
+layout, the step words and the request flag in one ``cuStreamBatchMemOp``) and, on the hot path, on the
+compute thread's own stream (no cross-stream wait, no ``record_stream``); ``0``: the fill of before
+(views per dispatch, the words copied from pinned memory, every fill on the link's tx stream)."""
+HOST_FREE_ENV = "ASAP_GPU_HOST_FREE"
+"""``1`` (hot path only, with prefetch): a dispatch's ticket is settled right after publication with
+its prefetched results (their event passes once the expert's done flag, or a poison, released the
+copy), so the combine is enqueued without a host waiting for the expert's completion; the completion
+is the verdict the compute thread checks before the next layer's dispatches
+(``asap.dataplane.direct``: early results). Default off."""
+
+
+def lean_fill_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(LEAN_FILL_ENV, "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
+
+
+def host_free_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get(HOST_FREE_ENV, "0").strip().lower()
+    return value in ("1", "on", "true", "yes")
 
 
 DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"

@@ -69,7 +69,7 @@ def fail_pending(entries: Iterable[PendingDispatch], error: AsapError) -> int:
     for entry in entries:
         sink = entry.sink
         if isinstance(sink, Ticket):
-            if not sink.done and not entry.abandoned:
+            if (not sink.done or sink.verdict_pending) and not entry.abandoned:
                 sink.settle(error)
                 failed += 1
         elif not sink.done():

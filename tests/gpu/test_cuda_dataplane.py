@@ -69,6 +69,7 @@ async def _run(
             "results_by_ref": sum(link.result_ref_bytes for link in links),
             "direct_batches": attention.executor.direct_batches,
             "nixl_exchanges": sum(getattr(link.plane, "nixl_exchanges", 0) for link in links),
+            "early_results": sum(getattr(link.plane, "early_results", 0) for link in links),
         }
         firsts = [o.first for o in outcome.results]
         assert all(f is not None for f in firsts)
