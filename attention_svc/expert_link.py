@@ -283,7 +283,8 @@ class _MeteredLink(Generic[L]):
         self._owner = owner
 
     def _observe(self, ticket: Ticket) -> None:
-        if isinstance(ticket.outcome, ExchangeResult):
+        # (an early result is observed at its verdict, which may be a failure: ``Ticket.settle``)
+        if ticket.failure is None and isinstance(ticket.outcome, ExchangeResult):
             self._owner.round_trip_s.observe((time.monotonic_ns() - ticket.posted_ns) * 1e-9)
         else:
             self._owner.failures += 1

@@ -18,6 +18,12 @@ Per dispatch, nothing waits for a GPU on either host:
 A slot's payload is laid out for the rows' token bucket (``gpu_layout_rows``), so the captured step's
 views of a slot are fixed per bucket. With ``ASAP_GPU_HOT_PATH=1`` the attention compute thread does
 step 1 itself and takes its completions (``direct``, ``asap.dataplane.direct``) instead of the loop.
+``ASAP_GPU_LEAN_FILL=1`` makes step 1 cheaper on the host (``gpu_attention_end``: cached views, one
+batched write of the step words and the flag; on the hot path the compute stream fills). With
+``ASAP_GPU_HOST_FREE=1`` too, a hot-path dispatch whose results were prefetched settles its ticket
+right after publication (early results, ``asap.dataplane.direct``): the combine waits on the device
+for the copy out that the done flag releases, and the completion, taken later, is the verdict the
+compute thread checks before the next layer's dispatches (``attention_svc.direct_runner``).
 
 Every wait is for a flag whose write the peer had already enqueued, so no two streams wait on each other.
 A peer that dies with work enqueued never writes its flags: the host that learns of it (stream break,

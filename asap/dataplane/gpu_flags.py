@@ -88,7 +88,6 @@ class DriverFlags:
         self._check(self._d.cuInit(0), "cuInit")
         self._geq = int(self._d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
         self._default = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-        self._no_barrier = int(self._d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER)
         self._batch_ok = True
         """Whether ``cuStreamBatchMemOp`` works here (else ``write_words`` writes word by word)."""
         self._threads = threading.local()
@@ -127,24 +126,24 @@ class DriverFlags:
         )
 
     def write_words(self, stream: torch.cuda.Stream, writes: list[tuple[int, int]]) -> None:
-        """Enqueue the 32-bit writes (address, value) in order, the last one (a flag) after a memory
-        barrier that makes the others and all earlier work of the stream visible first: one
-        ``cuStreamBatchMemOp`` (one driver call instead of a copy and a write), or, where that fails,
-        the writes one by one with the same barriers."""
+        """Enqueue the 32-bit writes (address, value) in order, each after the memory barrier of a
+        default stream write (so the last one, a flag, is seen only after the others and all earlier
+        work of the stream): one ``cuStreamBatchMemOp`` (one driver call instead of a copy and a
+        write), or, where that fails, the writes one by one. (``CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER``
+        is refused with ``CUDA_ERROR_INVALID_VALUE`` by driver 580 / cuda.bindings 13: not used.)"""
         d = self._d
         handle = self._on_this_thread(stream)
-        last = len(writes) - 1
         if self._batch_ok:
             try:
                 op = d.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
                 params = []
-                for i, (address, value) in enumerate(writes):
+                for address, value in writes:
                     p = d.CUstreamBatchMemOpParams()
                     p.operation = op
                     p.writeValue.operation = op
                     p.writeValue.address = d.CUdeviceptr(address)
                     p.writeValue.value = value & _MASK
-                    p.writeValue.flags = self._default if i == last else self._no_barrier
+                    p.writeValue.flags = self._default
                     params.append(p)
                 result = d.cuStreamBatchMemOp(handle, len(params), params, 0)
                 err = result[0] if isinstance(result, tuple) else result
@@ -154,13 +153,13 @@ class DriverFlags:
             except Exception:
                 logger.warning("cuStreamBatchMemOp unusable here; stream writes one by one", exc_info=True)
                 self._batch_ok = False
-        for i, (address, value) in enumerate(writes):
+        for address, value in writes:
             self._check(
                 d.cuStreamWriteValue32(
                     handle,
                     d.CUdeviceptr(address),
                     value & _MASK,
-                    self._default if i == last else self._no_barrier,
+                    self._default,
                 ),
                 "cuStreamWriteValue32",
             )

@@ -57,10 +57,12 @@ def prefetch_enabled(environ: dict[str, str] | None = None) -> bool:
 
 
 LEAN_FILL_ENV = "ASAP_GPU_LEAN_FILL"
-"""Default ``1``: the attention end fills a slot with the fewest host calls (its views cached per
-layout, the step words and the request flag in one ``cuStreamBatchMemOp``) and, on the hot path, on the
-compute thread's own stream (no cross-stream wait, no ``record_stream``); ``0``: the fill of before
-(views per dispatch, the words copied from pinned memory, every fill on the link's tx stream)."""
+"""``1``: the attention end fills a slot with the fewest host calls (its views cached per layout, the
+step words and the request flag in one ``cuStreamBatchMemOp``, or default stream writes where that is
+refused) and, on the hot path, on the compute thread's own stream (no cross-stream wait, no
+``record_stream``); default ``0``: the fill of before (views per dispatch, the words copied from pinned
+memory, every fill on the link's tx stream). Off by default until the full ``tests/gpu`` ran with it
+(benchmarks/README.md, "GPU fast plane: a lean fill and early results")."""
 HOST_FREE_ENV = "ASAP_GPU_HOST_FREE"
 """``1`` (hot path only, with prefetch): a dispatch's ticket is settled right after publication with
 its prefetched results (their event passes once the expert's done flag, or a poison, released the
@@ -70,8 +72,8 @@ is the verdict the compute thread checks before the next layer's dispatches
 
 
 def lean_fill_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(LEAN_FILL_ENV, "1").strip().lower()
-    return value not in ("0", "off", "false", "no")
+    value = (environ if environ is not None else os.environ).get(LEAN_FILL_ENV, "0").strip().lower()
+    return value in ("1", "on", "true", "yes")
 
 
 def host_free_enabled(environ: dict[str, str] | None = None) -> bool:

@@ -49,6 +49,19 @@ answers it needs, which come from the expert's *other* streams (not blocked: rul
 side). A peer that dies releases everything through the survivor's writer (rule 3), issued by a host
 thread that no GPU wait holds. No cycle is left: each wait depends on streams that no pending wait
 blocks.
+
+Early results (``ASAP_GPU_HOST_FREE=1``, hot path only) add one wait that is not on a wait stream: the
+attention compute stream waits (``wait_event``) for a slot's prefetched copy out, so it is blocked
+for the expert's whole computation, not only once the expert's done flag is already enqueued. It adds
+no cycle: that event depends on the slot's rx wait stream, whose done flag depends on the expert's
+streams and on this dispatch's request flag, written earlier on the same compute stream (ahead of the
+wait in its queue). A poison on the writer (a critical stream, probed against the compute threads'
+streams, which register before any link) releases the rx stream and with it the compute stream; the
+host that issues it (the event loop, on the poll thread's heartbeat tick) is never blocked by a GPU
+wait, and the compute thread itself waits for verdicts only by parking (``attention_svc.direct_runner``).
+Its cost: work enqueued on the compute stream behind the combine (another micro-batch's attention on
+the same thread) waits for that expert result too, so dual-batch overlap on one compute stream is lost;
+it stays opt-in.
 """
 
 from __future__ import annotations

@@ -55,14 +55,17 @@ async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(
 async def test_hot_path_early_results_and_fills_match_grpc(
     gpu_model_dir: Path, ranks: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hot path with early results (``ASAP_GPU_HOST_FREE=1``: tickets settled with the prefetched
-    copy, the completion checked one step later), with the device-written done flag too, and with the
-    fill of before (``ASAP_GPU_LEAN_FILL=0``): first tokens and logprobs bitwise equal to gRPC bytes."""
+    """The hot path with the lean fill (``ASAP_GPU_LEAN_FILL=1``), with early results on top
+    (``ASAP_GPU_HOST_FREE=1``: tickets settled with the prefetched copy, the completion checked one step
+    later), with the device-written done flag too, and the fill of before: first tokens and logprobs
+    bitwise equal to gRPC bytes."""
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 9, 200, 1500)]
     via_grpc, _ = await _run(gpu_model_dir, "grpc", prompts, ranks)
     with monkeypatch.context() as env:
         env.setenv("ASAP_GPU_HOT_PATH", "1")
+        env.setenv("ASAP_GPU_LEAN_FILL", "1")
+        via_lean, _ = await _run(gpu_model_dir, "fast", prompts, ranks)
         env.setenv("ASAP_GPU_HOST_FREE", "1")
         via_early, early = await _run(gpu_model_dir, "fast", prompts, ranks)
         env.setenv("ASAP_GPU_DEVICE_DONE", "1")
@@ -74,6 +77,7 @@ async def test_hot_path_early_results_and_fills_match_grpc(
     print("early", early, "\nearly + device done", early_done, "\nold fill", old_fill)
     assert early["direct_batches"] > 0 and early["early_results"] > 0
     assert early_done["early_results"] > 0 and old_fill["early_results"] == 0
+    assert via_lean == via_grpc
     assert via_early == via_grpc
     assert via_early_done == via_grpc
     assert via_old_fill == via_grpc

@@ -28,6 +28,11 @@ def _passes(event: torch.cuda.Event, within_s: float = 2.0) -> bool:
 
 def test_a_pending_wait_holds_only_its_own_stream_and_the_writer_releases_it() -> None:
     dev = torch.device("cuda", 0)
+    # The kernels and the cuBLAS handle used below first, before any stream waits: their first use
+    # while streams are blocked on flags hung this test when it ran alone (DESIGN §9, lazy loading).
+    warm = torch.randn(256, 256, device=dev) @ torch.randn(256, 256, device=dev)
+    warm[0, 1].fill_(1)
+    torch.cuda.synchronize()
     flags = driver_flags()
     pool = WaitStreams(dev, budget=6)
     compute = pool.plain()
