@@ -2,7 +2,7 @@
 # Device call 1 (run from a copy of the tree, `cd devwt && bash benchmarks/results/gpu14c/call1.sh`):
 # the new GPU test and the default-path e2e test, the round trip A/B (fill of before vs lean fill, early
 # results, device-written done flag; hot path and event-loop path), and test_gpu_streams.py alone with a
-# stack dump if it hangs. Everything lands in /tmp/o, packed into $OUT/res.tgz at the end.
+# stack dump if it hangs (as run: `timeout -s INT 70`, which did not end the hung test; TERM now). Everything lands in /tmp/o, packed into $OUT/res.tgz at the end.
 REAL=$OUT
 export OUT=/tmp/o
 mkdir -p $OUT
@@ -13,7 +13,7 @@ mkdir -p $OUT
     bash benchmarks/gpu_fast14.sh graphs
   echo "=== test_gpu_streams alone $(date -u +%T)"
   source benchmarks/gpu_env.sh
-  CUDA_MODULE_LOADING=EAGER timeout -s INT 70 python3 -X faulthandler -m pytest -q -x -p no:cacheprovider -s \
+  CUDA_MODULE_LOADING=EAGER timeout 70 python3 -X faulthandler -m pytest -q -x -p no:cacheprovider -s \
     -o faulthandler_timeout=55 tests/gpu/test_gpu_streams.py 2>&1 | tee $OUT/streams_alone.log | tail -60
   echo "=== end $(date -u +%T)"
 } 2>&1 | tee $OUT/call.log
