@@ -42,6 +42,7 @@ from asap.dataplane.gpu_streams import wait_streams, writer
 from asap.dataplane.pending import Outcome, PendingDispatch
 from asap.devices import attach_ready
 from asap.errors import AsapError
+from asap.model.grouped import BUCKETS
 from asap.model.placement import RankDispatch
 from asap.v1 import expert_pb2
 
@@ -207,11 +208,13 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         views = self._fill_views.get((slot, layout))
         if views is None:
             hidden_at, ids_at, weights_at, _ = g.payload(layout, shape_only=False)
-            views = self._fill_views[(slot, layout)] = (
+            views = (
                 self._view(slot, hidden_at, self.dtype, [layout, g.hidden_size]),
                 self._view(slot, ids_at, torch.int32, [layout, g.top_k]),
                 self._view(slot, weights_at, torch.float32, [layout, g.top_k]),
             )
+            if layout in BUCKETS:  # (other row counts are laid out as themselves: not kept)
+                self._fill_views[(slot, layout)] = views
         own = stream is None
         target = self.tx if stream is None else stream
         if dispatch.ready is not None:
