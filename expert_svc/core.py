@@ -25,6 +25,7 @@ from asap import clock
 from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
+from asap.model.hosted import HostedIds
 from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class ExpertExecutor:
         self._hosted = np.zeros(part.config.num_experts + 1, dtype=np.bool_)
         self._hosted[list(part.hosted)] = True
         self._hosted[-1] = True  # index -1: a slot for another rank
+        self._hosted_ids = HostedIds(part.hosted, part.config.num_experts)
         self._moe_layers = set(part.config.moe_layer_ids)
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
@@ -161,6 +163,14 @@ class ExpertExecutor:
         """Reject work this rank cannot do, before it is queued (so one bad chunk never spoils a merge)."""
         if layer not in self._moe_layers:
             raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
+        # what the planes deliver (CPU int32): two reductions (``HostedIds``); anything else, or a bad
+        # id, takes the checks below, whose messages say what is wrong
+        if (
+            expert_ids.dtype is torch.int32
+            and expert_ids.device.type == "cpu"
+            and self._hosted_ids.all_hosted(expert_ids.numpy())
+        ):
+            return
         # numpy on the host: the routing table is small, and a torch op's dispatch costs more than its work
         ids = expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False)
         if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
