@@ -192,7 +192,11 @@ class ExpertExecutor:
             raise Unavailable("expert rank is shutting down")
         self.validate(layer, expert_ids)
         future: asyncio.Future[ExpertResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Work(layer, hidden, expert_ids, weights, future))
+        work = _Work(layer, hidden, expert_ids, weights, future)
+        if self._queue.full():
+            await self._queue.put(work)
+        else:  # what ``put`` does when there is room, without its coroutine
+            self._queue.put_nowait(work)
         return future
 
     async def on_compute_thread(self, fn: Callable[[], _R]) -> _R:
@@ -229,6 +233,8 @@ class ExpertExecutor:
 
     def _take_waiting(self, first: _Work) -> list[list[_Work]]:
         """Everything waiting now, grouped by layer (first-arrival order), each group within max rows."""
+        if self._queue.empty():  # the usual case: one chunk
+            return [[first]]
         groups: dict[int, list[list[_Work]]] = {}
         order: deque[list[_Work]] = deque()
 
@@ -288,8 +294,10 @@ class ExpertExecutor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._queue
         while True:
-            first = await self._queue.get()
+            # what ``get`` does when something is queued, without its coroutine
+            first = queue.get_nowait() if not queue.empty() else await queue.get()
             groups = self._take_waiting(first)
             self._taken = [work for group in groups for work in group]
             for group in groups:
