@@ -35,7 +35,7 @@ def use_own_stream(device: str | torch.device) -> None:
 def ready_event(device: str | torch.device, *, timing: bool = False) -> torch.cuda.Event | None:
     """An event recorded on this thread's current stream of ``device`` (CUDA), else None; ``timing``:
     one that ``elapsed_time`` can measure from."""
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
     if dev.type != "cuda":
         return None
     event = torch.cuda.Event(enable_timing=timing)  # type: ignore[no-untyped-call]

@@ -97,15 +97,34 @@ def with_empty_dispatches(
 
 
 async def all_or_cancel(calls: Sequence[Awaitable[ExchangeResult]]) -> list[ExchangeResult]:
-    """Await all calls; on the first failure cancel the rest and raise it."""
+    """Await all calls; on the first failure cancel the rest and raise it.
+
+    What ``asyncio.wait(..., return_when=FIRST_EXCEPTION)`` does for this, in the same loop steps (each
+    finished call's completion callback, then this coroutine's wake-up once all are done or one failed),
+    without what a layer's 16-32 exchanges pay in it per call: the set of calls, the checks for bare
+    coroutines, the removal of every completion callback afterwards."""
     tasks = [asyncio.ensure_future(c) for c in calls]
+    if not tasks:
+        raise ValueError("Set of Tasks/Futures is empty.")  # as asyncio.wait
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(tasks)
+
+    def finished(task: asyncio.Future[ExchangeResult]) -> None:
+        nonlocal left
+        left -= 1
+        if (left <= 0 or (not task.cancelled() and task.exception() is not None)) and not waiter.done():
+            waiter.set_result(None)
+
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-        if pending:
+        for task in tasks:
+            task.add_done_callback(finished)
+        await waiter
+        for task in tasks:
+            if task.done():
+                exc = task.exception()
+                if exc is not None:
+                    raise exc
+        if not all(task.done() for task in tasks):
             raise InternalError("expert exchange finished with pending calls")
         return [task.result() for task in tasks]
     finally:

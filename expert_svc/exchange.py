@@ -22,15 +22,15 @@ chunk, in completion order, through a queue (the servicer relays that queue as t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from asap.dataplane.cuda_ipc import CudaAttachments
 from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile
+from asap.emulation.clock import charge
 from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, InvalidArgument
 from asap.rpc.streams import cancel_all
@@ -234,7 +234,10 @@ class ExchangeSession:
         in-process caller (``asap.sim``) may hand the chunk already decoded, as a ``chunks.Dispatch`` of
         its own tensors: the same handling without the message round trip."""
         shared = self.shared
-        async with shared.serial if not shared.overlap else contextlib.nullcontext():
+        serial = None if shared.overlap else shared.serial  # ``async with``, unrolled: no frames per chunk
+        if serial is not None:
+            await serial.acquire()
+        try:
             try:
                 dispatch = msg if isinstance(msg, chunks.Dispatch) else shared.decode(msg, self.regions)
                 trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
@@ -250,10 +253,13 @@ class ExchangeSession:
                     _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
                 )
                 return
-            if not shared.overlap and future is not None:
+            if serial is not None and future is not None:
                 await self._reply(dispatch, future, trace, outbound)
                 return
-        task = asyncio.create_task(self._reply(dispatch, future, trace, outbound))
+        finally:
+            if serial is not None:
+                serial.release()
+        task = asyncio.get_running_loop().create_task(self._reply(dispatch, future, trace, outbound))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
@@ -263,8 +269,9 @@ class ExchangeSession:
             await asyncio.gather(*self._replies)
         await outbound.put(None)
 
-    async def _submit(self, dispatch: chunks.Dispatch) -> asyncio.Future[ExpertResult]:
-        return await self.shared.executor.submit(
+    def _submit(self, dispatch: chunks.Dispatch) -> Coroutine[Any, Any, asyncio.Future[ExpertResult]]:
+        """The executor's ``submit`` of ``dispatch`` (its coroutine, awaited by the caller)."""
+        return self.shared.executor.submit(
             dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
         )
 
@@ -310,7 +317,7 @@ class ExchangeSession:
                 )
                 trace = None
             if shared.profile is not None and dispatch.rows:
-                await asyncio.sleep(shared.transfer_s(dispatch.rows, dispatch.attention_rank))
+                await charge(shared.transfer_s(dispatch.rows, dispatch.attention_rank))
             await outbound.put(msg)
         finally:
             if locked:

@@ -18,6 +18,7 @@ its ``seconds``.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import sys
 import threading
@@ -116,3 +117,25 @@ class Sleeper:
         # the bias, so the full modelled time is always charged.
         while self._clock() < deadline:
             pass
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the waiting task was cancelled meanwhile
+        future.set_result(None)
+
+
+async def charge(seconds: float) -> None:
+    """Wait ``seconds`` on the event loop: what ``asyncio.sleep(seconds)`` does, in the same loop steps
+    (a timer at ``loop.time() + seconds``, then the waiting task's wake-up), without cancelling the spent
+    timer afterwards. Emulated transfers are charged this way, once per dispatch and once per result."""
+    if seconds <= 0:
+        await asyncio.sleep(seconds)
+        return
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    timer = loop.call_at(loop.time() + seconds, _wake, future)
+    try:
+        await future
+    except asyncio.CancelledError:
+        timer.cancel()
+        raise

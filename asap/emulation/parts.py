@@ -27,6 +27,7 @@ from asap.errors import InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest, SteppedPart
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
+from asap.model.hosted import HostedIds
 from asap.model.kvcache import ChunkCache, check_caches
 
 
@@ -222,6 +223,7 @@ class EmulatedExpertPart(ExpertPart):
         self._hosted_index = np.asarray(self.hosted, dtype=np.int64)
         self._foreign = np.ones(config.num_experts, dtype=bool)  # [E] experts hosted elsewhere
         self._foreign[self._hosted_index] = False
+        self._hosted_ids = HostedIds(self.hosted, config.num_experts)
         self._call_s: dict[tuple[int, int], float] = {}
         """Modelled seconds per (rows, experts with rows): the same call's kernels, built once."""
 
@@ -273,15 +275,29 @@ class EmulatedExpertPart(ExpertPart):
             self._reject(ids)
         return counts[self._hosted_index]
 
-    def _modelled_call_s(self, counts: np.ndarray) -> float:  # type: ignore[type-arg]
-        """``costs.expert_call_s`` of these rows per hosted expert, from their two totals (cached per
-        pair: 2-5 µs a layer against ~60-100 µs for the kernels from a list of 128 counts under load)."""
-        key = (int(counts.sum()), int(np.count_nonzero(counts)))
-        seconds = self._call_s.get(key)
+    def _checked_totals(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[int, int]:
+        """(rows summed over the hosted experts, hosted experts with rows) after the checks of
+        ``_checked_counts`` (the same ``InvalidArgument``s): all a modelled call's time depends on. CPU
+        int32 ids of a contiguous block (what the planes deliver to a placement's rank) take
+        ``HostedIds``' two reductions and one count of the used slots; anything else the counts."""
+        if expert_ids.dtype is torch.int32 and expert_ids.device.type == "cpu":
+            ids = expert_ids.numpy()
+            if self._hosted_ids.all_hosted(ids):
+                self._check_shapes(hidden, expert_ids, weights)
+                return self._hosted_ids.totals(ids)
+        counts = self._checked_counts(hidden, expert_ids, weights)
+        return int(counts.sum()), int(np.count_nonzero(counts))
+
+    def _modelled_call_s(self, totals: tuple[int, int]) -> float:
+        """``costs.expert_call_s`` of a call from its two totals (``_checked_totals``), cached per pair:
+        2-5 µs a layer against ~60-100 µs for the kernels from a list of 128 counts under load."""
+        seconds = self._call_s.get(totals)
         if seconds is None:
-            seconds = costs.expert_call_totals_s(*key, self.config, self.profile, self._bytes)
+            seconds = costs.expert_call_totals_s(*totals, self.config, self.profile, self._bytes)
             if len(self._call_s) < 65536:
-                self._call_s[key] = seconds
+                self._call_s[totals] = seconds
         return seconds
 
     def compute(
@@ -294,13 +310,13 @@ class EmulatedExpertPart(ExpertPart):
         messages) and counts the rows per expert."""
         _begin(self.sleeper)
         self._slot(layer)
-        counts = self._checked_counts(hidden, expert_ids, weights)
+        totals = self._checked_totals(hidden, expert_ids, weights)
         extra = (
             0.0
             if self.layer_agnostic
             else PER_LAYER_CALL_OVERHEAD_S * self.profile.launch_us / H200_LAUNCH_US
         )
-        self.sleeper.sleep(self._modelled_call_s(counts) + extra)
+        self.sleeper.sleep(self._modelled_call_s(totals) + extra)
         return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")
 
     def _reject(self, ids: np.ndarray) -> None:  # type: ignore[type-arg]

@@ -9,9 +9,8 @@ process.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,39 +162,60 @@ def _split_on_device(placement: ExpertPlacement, request: MoERequest) -> list[Ra
 def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
     """``split_by_rank`` for routing tables in host memory, with numpy: the same dispatches, bit for bit,
     at a fraction of the cost (a dozen small torch ops per rank cost ~10 us each in dispatch alone, which
-    dominates emulated and simulated runs where these tables are the only real data)."""
-    ids = request.topk_ids.detach().numpy().astype(np.int64, copy=False).ravel()  # [T*K]
-    weights = request.topk_weights.detach().float().numpy().ravel()  # [T*K]
+    dominates emulated and simulated runs where these tables are the only real data).
+
+    No sort: a [ranks, tokens] presence table, set from every slot's rank, lists the (rank, token) rows
+    in rank-then-token order (its set positions) and, counted up, gives each slot its row; the ids and
+    weights are then scattered there, one flat write per table. Per rank the tensors are views."""
     k = request.topk_ids.shape[1] if request.topk_ids.ndim == 2 else 1
+    ids = request.topk_ids.detach().numpy().reshape(-1, k)  # [T, K]
     if ids.size == 0:
         return []
-    ranks = placement._table_np[ids]  # [T*K] rank of each slot
-    order = np.argsort(ranks, kind="stable")  # slots by rank, then token, then k
-    slot_rank, slot_token, slot_k = ranks[order], order // k, order % k
-    new_row = np.empty(order.size, dtype=np.bool_)  # the slot starts a (rank, token) row
-    new_row[0] = True
-    new_row[1:] = (slot_rank[1:] != slot_rank[:-1]) | (slot_token[1:] != slot_token[:-1])
-    row_of_slot = np.cumsum(new_row) - 1
-    rows = slot_token[new_row]  # [N] token of each row, ranks' rows one after another
-    row_rank = slot_rank[new_row]  # [N]
-    expert_ids = np.full((rows.size, k), -1, dtype=np.int32)  # [N, K]
-    expert_ids[row_of_slot, slot_k] = ids[order]
-    row_weights = np.zeros((rows.size, k), dtype=np.float32)  # [N, K]
-    row_weights[row_of_slot, slot_k] = weights[order]
-    starts = [0, *(np.flatnonzero(row_rank[1:] != row_rank[:-1]) + 1).tolist(), int(rows.size)]
-    dispatches = []
-    for start, end in itertools.pairwise(starts):
-        rank_rows = torch.from_numpy(rows[start:end])
-        dispatches.append(
-            RankDispatch(
-                rank=int(row_rank[start]),
-                rows=rank_rows,
-                hidden=_take_rows(request.hidden, rank_rows),
-                expert_ids=torch.from_numpy(expert_ids[start:end]),
-                weights=torch.from_numpy(row_weights[start:end]),
-            )
+    weights = request.topk_weights.detach().float().numpy().reshape(-1, k)  # [T, K]
+    tokens, num_ranks = ids.shape[0], placement.num_ranks
+    ranks = placement._table_np[ids]  # [T, K] rank of each slot
+    cell = np.multiply(ranks, tokens, dtype=np.intp)  # [T, K] r * T + t: the slot's (rank, token) row
+    cell += np.arange(tokens, dtype=np.intp)[:, None]
+    present = np.zeros(num_ranks * tokens, dtype=np.bool_)  # [R * T] rank r needs token t
+    present[cell] = True
+    where = np.flatnonzero(present)  # [N] the rows' cells, by rank then token
+    ends = np.cumsum(present)  # [R * T] rows up to each cell
+    flat = ends[cell]  # [T, K] 1 + the slot's row
+    flat -= 1
+    flat *= k
+    flat += np.arange(k, dtype=np.intp)  # [T, K] the slot's place in the [N, K] tables
+    expert_ids = np.full(where.size * k, -1, dtype=np.int32)  # [N * K]
+    expert_ids[flat] = ids.astype(np.int32, copy=False)
+    row_weights = np.zeros(where.size * k, dtype=np.float32)  # [N * K]
+    row_weights[flat] = weights
+    per_rank = np.diff(ends[tokens - 1 :: tokens], prepend=0)  # [R] rows of each rank
+    needed = np.flatnonzero(per_rank)
+    sizes = per_rank[needed].tolist()
+    rows = where - np.repeat(needed * tokens, sizes)  # [N] token of each row
+    rank_rows = torch.from_numpy(rows).split_with_sizes(sizes)
+    rank_ids = torch.from_numpy(expert_ids.reshape(-1, k)).split_with_sizes(sizes)
+    rank_weights = torch.from_numpy(row_weights.reshape(-1, k)).split_with_sizes(sizes)
+    take = _meta_rows(request.hidden) if request.hidden.device.type == "meta" else None
+    return [
+        RankDispatch(
+            rank=rank,
+            rows=rank_rows[i],
+            hidden=take(sizes[i]) if take is not None else request.hidden[rank_rows[i]],
+            expert_ids=rank_ids[i],
+            weights=rank_weights[i],
         )
-    return dispatches
+        for i, rank in enumerate(needed.tolist())
+    ]
+
+
+def _meta_rows(hidden: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """New meta tensors shaped like ``hidden``'s rows (``_take_rows`` of shape-only states)."""
+    tail, dtype = tuple(hidden.shape[1:]), hidden.dtype
+
+    def take(n: int) -> torch.Tensor:
+        return torch.empty((n, *tail), dtype=dtype, device="meta")
+
+    return take
 
 
 def _take_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

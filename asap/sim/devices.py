@@ -91,13 +91,17 @@ class DeviceQueue(concurrent.futures.Executor):
         except BaseException as exc:  # delivered to the awaiting task, as a thread's failure would be
             error = exc
         cost = self.sleeper.take() * self.scale
-        start = max([loop.time(), *(device.free_at for device in self.devices)])
+        now = loop.time()
+        start = now
+        for device in self.devices:
+            if device.free_at > start:
+                start = device.free_at
         end = start + cost
         for device in self.devices:
             device.free_at = end
             device.busy_s += cost
             device.jobs += 1
-        if end <= loop.time():
+        if end <= now:
             loop.call_soon(_settle, future, result, error)
         else:
             loop.call_at(end, _settle, future, result, error)

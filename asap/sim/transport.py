@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane
+from asap.emulation.clock import charge
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.status import error_from_wire
@@ -90,7 +91,7 @@ class _PerRankPlanes:
 
     planes: Sequence[_RankPlane]
 
-    async def exchange(
+    def exchange(
         self,
         rank: int,
         micro_batch: int,
@@ -99,8 +100,9 @@ class _PerRankPlanes:
         *,
         sync: SyncStep | None = None,
         trace: Context | None = None,
-    ) -> ExchangeResult:
-        return await self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
+    ) -> Coroutine[Any, Any, ExchangeResult]:
+        """The rank's plane's exchange (its coroutine, awaited by the caller: no frame of its own)."""
+        return self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
 
 
 class InProcessExpertTransport(_PerRankPlanes):
@@ -195,7 +197,7 @@ class DirectPlane:
             if link_s is not None and rows:
                 top_k = int(dispatch.expert_ids.shape[1])
                 nbytes = dispatch_bytes(rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
-                await _charge(link_s(nbytes))
+                await charge(link_s(nbytes))
             chunk = Dispatch(
                 micro_batch=request.micro_batch,
                 layer=request.layer,
@@ -235,27 +237,6 @@ class DirectPlane:
     async def close(self) -> None:
         await self.session.abandon()
         self.session.close()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():  # the waiting task was cancelled meanwhile
-        future.set_result(None)
-
-
-async def _charge(seconds: float) -> None:
-    """``asyncio.sleep(seconds)`` with the same loop steps (a timer, then the task's wake-up), without the
-    sleep's own coroutine and the cancellation of its spent timer on every dispatch."""
-    if seconds <= 0:
-        await asyncio.sleep(seconds)
-        return
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-    timer = loop.call_at(loop.time() + seconds, _wake, future)
-    try:
-        await future
-    except asyncio.CancelledError:
-        timer.cancel()
-        raise
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

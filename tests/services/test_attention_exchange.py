@@ -49,6 +49,29 @@ async def test_the_first_failure_is_raised_and_the_other_calls_are_cancelled() -
     assert cancelled.is_set()
 
 
+async def test_cancelling_the_wait_cancels_every_call() -> None:
+    """The batch cancelled while its layer waits: no call is left running behind it."""
+    started, cancelled = asyncio.Event(), []
+
+    async def waits(name: str) -> ExchangeResult:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+        raise AssertionError("unreachable")
+
+    waiting = asyncio.ensure_future(all_or_cancel([waits("a"), waits("b")]))
+    await started.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sorted(cancelled) == ["a", "b"]
+
+
 async def test_results_come_in_the_order_of_the_calls() -> None:
     async def answer(value: float, yields: int) -> ExchangeResult:
         for _ in range(yields):

@@ -145,3 +145,16 @@ async def test_stop_fails_queued_work_with_unavailable(qwen3_dir: Path) -> None:
     assert running.done()
     with pytest.raises(Unavailable):
         await executor.submit(0, *_chunk(gated.part, 1, 2))
+
+
+def test_merged_shape_only_rows_are_what_cat_makes() -> None:
+    """A merge of meta rows (emulated compute) is a meta tensor of cat's shape and dtype; anything else
+    is cat itself."""
+    from expert_svc.core import _merged_rows
+
+    meta = [torch.empty((n, 6), dtype=torch.bfloat16, device="meta") for n in (3, 0, 5)]
+    merged = _merged_rows(meta, torch.device("meta"))
+    want = torch.cat(meta)
+    assert merged.device == want.device and merged.shape == want.shape and merged.dtype == want.dtype
+    real = [torch.arange(6.0).reshape(3, 2), torch.ones(1, 2)]
+    assert torch.equal(_merged_rows(real, torch.device("cpu")), torch.cat(real))

@@ -83,3 +83,46 @@ def test_an_empty_table_passes_both(config_only: ModelConfig) -> None:
     assert counts.tolist() == [0]
     with pytest.raises(InvalidArgument):
         ExpertExecutor(part).validate(config_only.num_layers, ids)
+
+
+@pytest.mark.parametrize("hosted", [[0, 1, 2, 3], [4, 5, 6], [1, 3, 4], [0], [127]])
+def test_totals_and_validation_agree_for_blocks_and_scattered_sets(
+    config_only: ModelConfig, hosted: list[int]
+) -> None:
+    """``HostedIds``' two reductions (contiguous blocks) against the full checks: same outcome, same
+    message, and the modelled call's two totals equal to those of the full counts."""
+    hosted = [e for e in hosted if e < config_only.num_experts] or [0]
+    part = EmulatedExpertPart(config_only, hosted, H200)
+    executor = ExpertExecutor(part)
+    layer = config_only.moe_layer_ids[0]
+    h = config_only.hidden_size
+    for ids in _tables(config_only, hosted):
+        hidden = torch.empty((ids.shape[0], h), device="meta")
+        weights = torch.ones(ids.shape, dtype=torch.float32)
+        narrow = ids.to(torch.int32)
+        assert _outcome(executor.validate, layer, narrow) == _outcome(executor.validate, layer, ids)
+        general = _outcome(part._checked_counts, hidden, ids, weights)
+        totals = _outcome(part._checked_totals, hidden, narrow, weights)
+        if general[0] == "error":
+            assert totals == general
+        else:
+            counts = np.asarray(general[1])
+            assert totals == ("ok", [int(counts.sum()), int(np.count_nonzero(counts))])
+
+
+def test_hosted_ids_reductions_cover_the_edges() -> None:
+    """Ids just outside a block, -1 and the int32 extremes: only -1 and the block pass."""
+    from asap.model.hosted import HostedIds
+
+    block = HostedIds([4, 5, 6, 7], 16)
+    assert block.contiguous
+    for value, ok in [(-1, True), (4, True), (7, True), (3, False), (8, False), (0, False), (-2, False)]:
+        assert block.all_hosted(np.array([[value, -1]], dtype=np.int32)) is ok, value
+    for extreme in (np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+        assert not block.all_hosted(np.array([[extreme]], dtype=np.int32))
+    assert not block.all_hosted(np.array([[4]], dtype=np.int64))  # int64: the full check decides
+    assert block.all_hosted(np.zeros((0, 2), dtype=np.int32))
+    assert block.totals(np.array([[4, -1], [4, 6], [-1, -1]], dtype=np.int32)) == (3, 2)
+    assert block.totals(np.full((2, 2), -1, dtype=np.int32)) == (0, 0)
+    assert not HostedIds([1, 3], 16).contiguous
+    assert not HostedIds([1, 3], 16).all_hosted(np.array([[1]], dtype=np.int32))

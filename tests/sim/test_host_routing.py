@@ -31,7 +31,8 @@ def _request(tokens: int, experts: int, k: int, seed: int) -> MoERequest:
 
 
 @pytest.mark.parametrize(
-    ("tokens", "experts", "k", "ranks"), [(1, 8, 2, 4), (37, 16, 4, 5), (200, 64, 8, 16), (0, 8, 2, 2)]
+    ("tokens", "experts", "k", "ranks"),
+    [(1, 8, 2, 4), (37, 16, 4, 5), (200, 64, 8, 16), (0, 8, 2, 2), (2000, 256, 8, 16), (9, 8, 8, 8)],
 )
 def test_split_on_host_matches_torch(tokens: int, experts: int, k: int, ranks: int) -> None:
     placement = ExpertPlacement(experts, ranks)
@@ -43,6 +44,25 @@ def test_split_on_host_matches_torch(tokens: int, experts: int, k: int, ranks: i
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and x.shape == y.shape, name
             assert torch.equal(x, y), name
+
+
+def test_split_on_host_of_int32_ids_and_meta_rows() -> None:
+    """int32 routing ids and shape-only (meta) hidden states: the same dispatches, meta rows shaped."""
+    placement = ExpertPlacement(64, 8)
+    request = _request(300, 64, 8, seed=11)
+    meta = MoERequest(
+        layer=1,
+        hidden=torch.empty((300, 6), dtype=torch.bfloat16, device="meta"),
+        topk_ids=request.topk_ids.to(torch.int32),
+        topk_weights=request.topk_weights,
+    )
+    host, device = _split_on_host(placement, meta), _split_on_device(placement, request)
+    assert [d.rank for d in host] == [d.rank for d in device]
+    for a, b in zip(host, device, strict=True):
+        for name in ("rows", "expert_ids", "weights"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.hidden.device.type == "meta" and a.hidden.shape == (b.rows.numel(), 6)
+        assert a.hidden.dtype == torch.bfloat16
 
 
 def test_split_by_rank_uses_the_host_path_for_cpu_tables() -> None:
