@@ -82,7 +82,10 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         self._lock = threading.Lock()
         self._waiting: list[LaneItem] = []
         self._busy = False
-        self.poller = PollThread("fast-requests", flush=self._flush, backoff=doorbell_backoff)
+        spin = self.inline  # the poll thread is the hot path only when it computes (asap.dataplane.spin)
+        self.poller = PollThread(
+            "fast-requests", flush=self._flush, backoff=lambda: doorbell_backoff(spin=spin)
+        )
         self.ends: set[ExpertLinkEnd] = set()
 
     def validate(self, layer: int, ids: np.ndarray) -> None:  # type: ignore[type-arg]
