@@ -285,7 +285,8 @@ class Backoff:
 
     ``spin`` (a ``SpinBudget``): at the first look of each idle gap, spin on the rings' records for
     the budget before parking (the cross-core wake-up off the critical path when the next record is
-    due soon); every gap that idled is observed, from ``reset`` to the next ``reset``."""
+    due soon); every gap that idled is observed, from ``reset`` to the end of the last ``idle`` before
+    the next ``reset`` (the look that found the record, not the work done on it)."""
 
     def __init__(
         self,
@@ -299,6 +300,7 @@ class Backoff:
         self.spin_s = spin_s
         self.spin = spin
         self._idled = False
+        self._looked = 0.0  # when the last ``idle`` ended (the end of a gap that idled)
         self.first_sleep_s = first_sleep_s
         self.park_s = park_s
         self._clock = clock
@@ -308,11 +310,10 @@ class Backoff:
         """Times the thread waited on the doorbells (for tests and benchmarks)."""
 
     def reset(self) -> None:
-        now = self._clock()
-        if self._idled and self.spin is not None:
-            self.spin.observe(now - self._idle_since)
+        if self._idled and self.spin is not None:  # the gap: until the look that ended it, not now
+            self.spin.observe(self._looked - self._idle_since)
         self._idled = False
-        self._idle_since = now
+        self._idle_since = self._clock()
         self._sleep_s = self.first_sleep_s
 
     def idle(self, rings: Sequence[Ring], bells: Sequence[Doorbell]) -> None:
@@ -321,8 +322,14 @@ class Backoff:
             return
         first, self._idled = not self._idled, True
         spin = self.spin if first and rings else None
-        if spin is not None and spin.spin(lambda: any(ring.ready() for ring in rings), len(rings)):
-            return
+        try:
+            if spin is not None and spin.spin(lambda: any(ring.ready() for ring in rings), len(rings)):
+                return
+            self._park(rings, bells)
+        finally:
+            self._looked = self._clock()
+
+    def _park(self, rings: Sequence[Ring], bells: Sequence[Doorbell]) -> None:
         if not bells:
             reduce_timer_slack()
             time.sleep(self._sleep_s)
