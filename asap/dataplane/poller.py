@@ -261,7 +261,7 @@ class PollThread(Sweeper[Endpoint]):
                 parkable = [e for e in endpoints if getattr(e, "park_here", True)]
                 try:
                     backoff.idle([e.inbound for e in parkable], [e.bell for e in parkable])
-                except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
+                except (OSError, TypeError, ValueError, IndexError):  # closed meanwhile: sweep again
                     time.sleep(backoff.first_sleep_s)
             else:
                 time.sleep(backoff.park_s)

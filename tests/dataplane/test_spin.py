@@ -6,7 +6,7 @@ import pytest
 
 from asap.dataplane import spin as spin_mod
 from asap.dataplane.ring import Backoff, Ring
-from asap.dataplane.spin import MISS_LIMIT, REST_WAITS, SPAN, SpinBudget, spin_cap_s
+from asap.dataplane.spin import MISS_LIMIT, REST_WAITS, SPAN, SpinBudget, spin_cap_s, spin_setting
 from asap.errors import InvalidArgument
 
 
@@ -161,3 +161,30 @@ def test_backoff_without_rings_does_not_spin() -> None:
     backoff = Backoff(first_sleep_s=1e-6, park_s=1e-6, clock=clock, spin=budget)
     backoff.idle([], [])
     assert budget.spins == 0
+
+
+def test_setting_from_the_environment() -> None:
+    assert spin_setting({}) == (spin_mod.DEFAULT_CAP_S, True)  # auto: load-gated
+    assert spin_setting({"ASAP_FAST_SPIN_US": "800"}) == (pytest.approx(800e-6), False)
+    assert spin_setting({"ASAP_FAST_SPIN_US": "0"}) == (0.0, False)
+
+
+def test_the_load_gate_stops_the_spin_on_a_busy_host_and_reads_the_load_once_a_second() -> None:
+    clock = _Clock()
+    loads = [1.0]
+    reads: list[float] = []
+
+    def load() -> float:
+        reads.append(clock.now)
+        return loads[0]
+
+    budget = SpinBudget(1e-3, cores=2, load_gated=True, clock=clock, yield_=clock.yield_, load=load)
+    _learned(budget, 300e-6)
+    assert budget.budget_s(peers=1) > 0  # load 1 on two cores: a core is free
+    loads[0] = 3.5
+    assert budget.budget_s(peers=1) > 0  # the reading is a second old at most
+    clock.now += 1.0
+    assert budget.budget_s(peers=1) == 0.0  # busy: park at once
+    assert len(reads) == 2
+    ungated = _learned(SpinBudget(1e-3, cores=2, clock=clock, yield_=clock.yield_, load=load), 300e-6)
+    assert ungated.budget_s(peers=1) > 0  # an explicit cap is not load-gated
