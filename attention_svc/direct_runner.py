@@ -38,6 +38,7 @@ import torch
 
 from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake, wakes_deferred
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.dataplane.spin import SpinBudget
 from asap.emulation.clock import reduce_timer_slack
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.attention_part import MoERequest
@@ -118,6 +119,8 @@ class DirectRunner:
         self._lock = threading.Lock()
         self._incoming: list[DirectBatch] = []
         self._running = False
+        self.spin = SpinBudget()
+        """The bounded spin before a park on links that allow it (``spin_wait``; asap.dataplane.spin)."""
         self.most_active = 0
         """The most batches the scheduler served at once (2 with dual-batch; for tests)."""
 
@@ -201,6 +204,19 @@ class DirectRunner:
             reduce_timer_slack()
             time.sleep(max(0, min(b.due_in_ns() for b in settled)) / 1e9)
             return
+        spin = self.spin if pollable and all(getattr(link, "spin_wait", False) for link in links) else None
+        started = time.perf_counter()
+        if spin is not None:
+            peers = max(len(b.links) for b in active)
+            if spin.spin(poll, peers):
+                spin.observe(time.perf_counter() - started)
+                return
+        self._park_on(pollable, poll)
+        if spin is not None and any(b.ready() for b in active):
+            spin.observe(time.perf_counter() - started)
+
+    def _park_on(self, pollable: list[Any], poll: Callable[[], bool]) -> None:
+        """``_park``'s sleep: on futex words where every link offers them, else on the doorbells."""
         parkable = [link for link in pollable if hasattr(link, "park")]
         if parkable and self._wake.has_word and all(hasattr(link, "park_futex") for link in parkable):
             self._park_on_words(parkable, poll)

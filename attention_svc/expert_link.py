@@ -296,6 +296,11 @@ class _MeteredLink(Generic[L]):
     def abandon(self, ticket: Ticket) -> None:
         self._inner.abandon(ticket)
 
+    @property
+    def spin_wait(self) -> bool:
+        """The plane's ``spin_wait`` (whether its waiter may spin before parking: asap.dataplane.spin)."""
+        return bool(getattr(self._inner, "spin_wait", False))
+
 
 class _MeteredPollingLink(_MeteredLink[P]):
     """A metered link of a plane whose results the waiting thread takes itself."""

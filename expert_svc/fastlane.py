@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -82,7 +83,10 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         self._lock = threading.Lock()
         self._waiting: list[LaneItem] = []
         self._busy = False
-        self.poller = PollThread("fast-requests", flush=self._flush, backoff=doorbell_backoff)
+        spin = self.inline  # the poll thread is the hot path only when it computes (asap.dataplane.spin)
+        self.poller = PollThread(
+            "fast-requests", flush=self._flush, backoff=lambda: doorbell_backoff(spin=spin)
+        )
         self.ends: set[ExpertLinkEnd] = set()
 
     def validate(self, layer: int, ids: np.ndarray) -> None:  # type: ignore[type-arg]
@@ -217,9 +221,22 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
         out = group[0].end.result_rows(group[0].request) if len(group) == 1 else None
         return self.executor.compute_rows(group, out)
 
+    def _inputs_ready(self, group: list[LaneItem]) -> Callable[[float | None], None] | None:
+        """An emulated part computing inline: tell it when this group's rows were taken (the latest
+        pick, or modelled arrival where later), so its modelled time counts from there (``EmulatedExpertPart.inputs_ready``); what the
+        poll thread did since (descriptor, header, id checks, the merge) runs inside that time, as a
+        device's armed step starts when the rows land. Returns the call that forgets it afterwards."""
+        ready: Callable[[float | None], None] | None = getattr(self.executor.part, "inputs_ready", None)
+        if ready is None or not self.inline:
+            return None
+        picked_ns = max(max(item.picked_ns, item.request.not_before_ns) for item in group)  # and arrived
+        ready(time.perf_counter() - max(0, time.monotonic_ns() - picked_ns) / 1e9)
+        return ready
+
     def _compute(self, group: list[LaneItem]) -> None:
         started = time.monotonic_ns()
         started_unix = time.time_ns()
+        ready = self._inputs_ready(group)
         try:
             outs, compute_ns = self._run_group(group)
         except Exception as exc:  # a failed computation fails its dispatches, never the rank
@@ -231,6 +248,9 @@ class FastLane(ServedEnds[ExpertLinkEnd]):
                 item.end.answer(item.request, None, error=error)
                 item.end.release()
             return
+        finally:
+            if ready is not None:
+                ready(None)  # used by the call, or the call never came: no start left for the next
         sent = []
         for item, out in zip(group, outs, strict=True):
             item.end.answer(

@@ -225,6 +225,10 @@ class FastPlane(SlotPlane[AttentionLinkEnd]):
 class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
     """``DirectLink`` of a fast plane for one batch: posts from the compute thread into one link end."""
 
+    spin_wait = True
+    """The waiting compute thread may spin briefly before it parks (``asap.dataplane.spin``): a CPU
+    link, whose answers the compute thread takes itself (``poll``)."""
+
     def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
         plane, end = self.plane, self.end
         try:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from asap.dataplane.ring import Backoff, Doorbell, Ring
+from asap.dataplane.spin import SpinBudget
 
 __all__ = [
     "DOORBELL_FIRST_SLEEP_S",
@@ -57,10 +58,14 @@ DOORBELL_PARK_S = 10e-3
 often, and ``Sweeper.remove`` waits at most two of them."""
 
 
-def doorbell_backoff() -> Backoff:
-    """How a CPU fast link's poll thread waits: no spin (the host's cores belong to the ranks' compute),
-    parks on the doorbells from ``DOORBELL_FIRST_SLEEP_S`` to ``DOORBELL_PARK_S``."""
-    return Backoff(first_sleep_s=DOORBELL_FIRST_SLEEP_S, park_s=DOORBELL_PARK_S)
+def doorbell_backoff(*, spin: bool = False) -> Backoff:
+    """How a CPU fast link's poll thread waits: parks on the doorbells from ``DOORBELL_FIRST_SLEEP_S``
+    to ``DOORBELL_PARK_S``; with ``spin``, first a bounded adaptive spin (``asap.dataplane.spin``) when
+    the next record is due soon and the cores allow it: only for a thread that is its process's hot
+    path (an emulated expert rank's, which computes inline), never one that would hold the GIL from a
+    compute thread."""
+    budget = SpinBudget() if spin else None
+    return Backoff(first_sleep_s=DOORBELL_FIRST_SLEEP_S, park_s=DOORBELL_PARK_S, spin=budget)
 
 
 class Endpoint(Protocol):
@@ -256,7 +261,7 @@ class PollThread(Sweeper[Endpoint]):
                 parkable = [e for e in endpoints if getattr(e, "park_here", True)]
                 try:
                     backoff.idle([e.inbound for e in parkable], [e.bell for e in parkable])
-                except (OSError, TypeError, ValueError):  # an endpoint closed meanwhile: sweep again
+                except (OSError, TypeError, ValueError, IndexError):  # closed meanwhile: sweep again
                     time.sleep(backoff.first_sleep_s)
             else:
                 time.sleep(backoff.park_s)

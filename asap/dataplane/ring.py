@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from asap.dataplane import futex
+from asap.dataplane.spin import SpinBudget
 from asap.dataplane.words import load_u32, load_u64, store_u32, store_u64
 from asap.emulation.clock import reduce_timer_slack
 from asap.errors import InvalidArgument
@@ -280,7 +281,12 @@ class Backoff:
     records at a few µs; past it the producer rings (the ``waiting`` flag), so the wake latency is the
     kernel's wake-up, whatever the timeout, and an idle rank stays off the CPU. The timeout only bounds
     a wake-up lost to the flag race (``full_fence`` closes it) and paces the heartbeats. ``reset``
-    after work."""
+    after work.
+
+    ``spin`` (a ``SpinBudget``): at the first look of each idle gap, spin on the rings' records for
+    the budget before parking (the cross-core wake-up off the critical path when the next record is
+    due soon); every gap that idled is observed, from ``reset`` to the end of the last ``idle`` before
+    the next ``reset`` (the look that found the record, not the work done on it)."""
 
     def __init__(
         self,
@@ -289,8 +295,12 @@ class Backoff:
         first_sleep_s: float = 50e-6,
         park_s: float = 5e-3,
         clock: Callable[[], float] = time.perf_counter,
+        spin: SpinBudget | None = None,
     ) -> None:
         self.spin_s = spin_s
+        self.spin = spin
+        self._idled = False
+        self._looked = 0.0  # when the last ``idle`` ended (the end of a gap that idled)
         self.first_sleep_s = first_sleep_s
         self.park_s = park_s
         self._clock = clock
@@ -300,6 +310,9 @@ class Backoff:
         """Times the thread waited on the doorbells (for tests and benchmarks)."""
 
     def reset(self) -> None:
+        if self._idled and self.spin is not None:  # the gap: until the look that ended it, not now
+            self.spin.observe(self._looked - self._idle_since)
+        self._idled = False
         self._idle_since = self._clock()
         self._sleep_s = self.first_sleep_s
 
@@ -307,6 +320,16 @@ class Backoff:
         """Wait a little for a record on one of ``rings`` (the consumer's), according to the idle time."""
         if self._clock() - self._idle_since < self.spin_s:
             return
+        first, self._idled = not self._idled, True
+        spin = self.spin if first and rings else None
+        try:
+            if spin is not None and spin.spin(lambda: any(ring.ready() for ring in rings), len(rings)):
+                return
+            self._park(rings, bells)
+        finally:
+            self._looked = self._clock()
+
+    def _park(self, rings: Sequence[Ring], bells: Sequence[Doorbell]) -> None:
         if not bells:
             reduce_timer_slack()
             time.sleep(self._sleep_s)

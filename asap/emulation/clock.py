@@ -85,14 +85,16 @@ class Sleeper:
         """Total seconds requested so far (for reports)."""
         self._began = threading.local()
 
-    def begin(self, *, keep_pending: bool = False) -> None:
+    def begin(self, *, keep_pending: bool = False, at: float | None = None) -> None:
         """The modelled work of the calling thread starts now: its next ``sleep`` ends at this time plus
         its ``seconds`` (see the module doc), not at the time of that call plus them. ``keep_pending``: a
         ``begin`` of this thread that no ``sleep`` has used yet stands (an earlier start, set by the
-        caller that prepared the work's inputs)."""
+        caller that prepared the work's inputs). ``at`` (this sleeper's clock, never later than now):
+        it started then, e.g. when the work's inputs were taken."""
         if keep_pending and getattr(self._began, "at", None) is not None:
             return
-        self._began.at = self._clock()
+        now = self._clock()
+        self._began.at = now if at is None else min(at, now)
 
     def sleep(self, seconds: float) -> None:
         """Block the calling thread for about ``seconds`` (no-op for <= 0), counted from the thread's last

@@ -226,6 +226,15 @@ class EmulatedExpertPart(ExpertPart):
         self._hosted_ids = HostedIds(self.hosted, config.num_experts)
         self._call_s: dict[tuple[int, int], float] = {}
         """Modelled seconds per (rows, experts with rows): the same call's kernels, built once."""
+        self._ready = threading.local()
+
+    def inputs_ready(self, at_s: float | None) -> None:
+        """The rank took the next call's rows at ``at_s`` (``time.perf_counter``), on this thread: that
+        ``compute`` counts its modelled time from then, as a device whose step waits on the rows' ready
+        flag starts when they land while its host still reads the descriptor and checks the ids (the
+        fast lane, ``expert_svc.fastlane``). The full modelled time is still charged from there, and
+        host work longer than it is not hidden. ``None`` forgets it (the computation did not start)."""
+        self._ready.at = at_s
 
     def rows_per_expert(self, expert_ids: torch.Tensor) -> list[int]:
         """Rows routed to each hosted expert (in ``hosted`` order) by ids [N, K] (-1 slots skipped)."""
@@ -308,7 +317,9 @@ class EmulatedExpertPart(ExpertPart):
         The modelled time counts from the call's start (``Sleeper.begin``): the validation and the row
         counts run inside it. One numpy pass over the ids both validates them (the real part's rules and
         messages) and counts the rows per expert."""
-        _begin(self.sleeper)
+        at = getattr(self._ready, "at", None)
+        self._ready.at = None
+        _begin(self.sleeper, at=at)
         self._slot(layer)
         totals = self._checked_totals(hidden, expert_ids, weights)
         extra = (
@@ -329,12 +340,14 @@ class EmulatedExpertPart(ExpertPart):
         raise InvalidArgument(f"expert ids {wrong} are not hosted here (hosted: {list(self.hosted)})")
 
 
-def _begin(sleeper: Sleeper, *, keep_pending: bool = False) -> None:
+def _begin(sleeper: Sleeper, *, keep_pending: bool = False, at: float | None = None) -> None:
     """``sleeper.begin()``; a duck-typed sleeper with ``sleep`` alone (a test's) counts from ``sleep``."""
     begin = getattr(sleeper, "begin", None)
     if begin is None:
         return
-    if keep_pending:
+    if at is not None:
+        begin(at=at)
+    elif keep_pending:
         begin(keep_pending=True)
     else:
         begin()

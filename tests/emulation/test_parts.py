@@ -304,3 +304,30 @@ def test_expert_part_sleeps_the_modelled_call_of_every_routing(config_only: Mode
         expected = costs.expert_call_s(part.rows_per_expert(ids), part.config, part.profile, 2)
         extra = 0.0 if part.layer_agnostic else PER_LAYER_CALL_OVERHEAD_S * H200.launch_us / H200_LAUNCH_US
         assert sleeper.calls == [expected + extra]
+
+
+def test_expert_inputs_ready_starts_the_next_calls_modelled_time_once(config_only: ModelConfig) -> None:
+    t = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        t[0] += seconds
+
+    sleeper = Sleeper(bias_s=0.0, clock=lambda: t[0], sleep=sleep)
+    part = EmulatedExpertPart(config_only, [1, 3], H200, sleeper=sleeper)
+    ids = torch.tensor([[1, 3], [3, 1]], dtype=torch.int32)
+    weights = torch.full((2, 2), 0.5)
+    hidden = torch.empty(2, config_only.hidden_size, device="meta")
+    modelled = part.call_s(ids)
+    part.inputs_ready(t[0])
+    t[0] += modelled / 4  # the lane's descriptor work after the take
+    part.compute(0, hidden, ids, weights)
+    assert slept == [pytest.approx(modelled * 3 / 4)]  # counted from the take; the full time charged
+    part.compute(0, hidden, ids, weights)  # the start was used: the next call counts from its own
+    assert slept[1] == pytest.approx(modelled)
+    part.inputs_ready(t[0])
+    part.inputs_ready(None)  # forgotten (the computation never came)
+    t[0] += modelled / 4
+    part.compute(0, hidden, ids, weights)
+    assert slept[2] == pytest.approx(modelled)

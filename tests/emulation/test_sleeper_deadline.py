@@ -88,3 +88,18 @@ def test_keep_pending_keeps_an_earlier_unused_begin() -> None:
     start = t.now
     sleeper.sleep(1e-3)
     assert t.now == pytest.approx(start + 1e-3)
+
+
+def test_begin_at_an_earlier_time_counts_from_it_never_from_the_future() -> None:
+    t = FakeTime(overshoot=0.0, tick=0.0)
+    sleeper = Sleeper(bias_s=0.0, clock=t.clock, sleep=t.sleep)
+    start = t.now
+    t.now += 2e-4  # the inputs were taken 200 µs ago
+    sleeper.begin(at=start)
+    sleeper.sleep(1e-3)
+    assert t.now == pytest.approx(start + 1e-3)
+    assert sleeper.requested_s == pytest.approx(1e-3)
+    sleeper.begin(at=t.now + 5.0)  # a start in the future is now
+    now = t.now
+    sleeper.sleep(1e-3)
+    assert t.now == pytest.approx(now + 1e-3)

@@ -17,6 +17,7 @@ import torch
 from asap.dataplane import futex
 from asap.dataplane.direct import Ticket
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
+from asap.dataplane.spin import SpinBudget
 from attention_svc.direct_runner import DirectBatch, DirectRunner
 from tests.services.test_direct_runner import LAYERS, _advance, _gen
 
@@ -93,3 +94,29 @@ async def test_the_compute_thread_parks_on_words_when_it_can_and_is_woken(
     for link in links:
         assert link.calls, "the compute thread never parked"
         assert set(link.calls) == ({"park_futex"} if words else {"park"})
+
+
+class SpinLink(WordLink):
+    """A ``WordLink`` whose waiter may spin before parking (``spin_wait``, as the CPU fast plane's)."""
+
+    spin_wait = True
+
+
+@pytest.mark.parametrize("spins", [True, False], ids=["spin-link", "no-spin-link"])
+async def test_the_compute_thread_spins_before_parking_on_links_that_allow_it(
+    thread: ThreadPoolExecutor, spins: bool
+) -> None:
+    runner = DirectRunner(thread, _advance)
+    runner.spin = SpinBudget(5.0, cores=4)  # a long cap, so the answers (5 ms away) land in the spin
+    for _ in range(4):
+        runner.spin.observe(2.0)
+    links = [SpinLink(r) if spins else WordLink(r) for r in range(2)]
+    log: list[torch.Tensor] = []
+    batch = DirectBatch(0, _gen(log), links, lambda logits: logits.clone())
+    result = await asyncio.wait_for(runner.run(batch), 30)
+    assert [float(h[0, 0]) for h in log] == [1.0, 3.0, 7.0][:LAYERS]
+    assert torch.equal(result, log[-1])
+    if spins:  # every answer seen spinning, no park
+        assert runner.spin.hits >= LAYERS and all(link.calls == [] for link in links)
+    else:  # parked as before
+        assert runner.spin.spins == 0 and all(link.calls for link in links)
