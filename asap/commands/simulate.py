@@ -22,8 +22,11 @@ devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` 
 Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
 ``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
 
-Host costs (calibration knobs, default 0: devices and links only): ``--dispatch-overhead-us`` on every
-dispatch's link, ``--barrier-overhead-us`` once per sync barrier release (``asap.sim.hostcost``).
+Host costs (default 0: devices and links only; ``asap.sim.hostcost``): ``--dispatch-overhead-us`` is the
+mean host delay of a rank's layer (charged on its dispatches, empty ones included), ``--host-jitter-us``
+its spread (one draw per rank and layer: the sync barrier then waits for the slowest participant's),
+``--barrier-overhead-us`` a fitted constant per sync barrier release. The measured values for this
+host's emulated cluster are in benchmarks/README.md.
 
 Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
 """
@@ -112,6 +115,15 @@ def add_parser(subparsers: Any) -> None:
         "compare with the multi-process emulated cluster, its measured per-layer cost beyond the model",
     )
     sim.add_argument(
+        "--host-jitter-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="standard deviation of the per-layer host delay whose mean is --dispatch-overhead-us (default "
+        "0: the mean every time); one draw per attention rank and layer from a shifted exponential, so a "
+        "sync barrier pays the slowest of its participants' draws; at most --dispatch-overhead-us",
+    )
+    sim.add_argument(
         "--barrier-overhead-us",
         type=float,
         default=0.0,
@@ -181,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             dispatch_overhead_s=args.dispatch_overhead_us * 1e-6,
             barrier_overhead_s=args.barrier_overhead_us * 1e-6,
             transport=args.sim_transport,
+            host_jitter_s=args.host_jitter_us * 1e-6,
         )
     finally:
         if profiler is not None:
@@ -199,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,
         "barrier_overhead_us": args.barrier_overhead_us,
+        "host_jitter_us": args.host_jitter_us,
         "transport": args.sim_transport,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }

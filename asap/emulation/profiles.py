@@ -52,7 +52,6 @@ from dataclasses import dataclass, replace
 
 from asap.errors import InvalidArgument
 
-
 COLLECTIVE_STEP_US = 3.4
 """Per-step latency of a ring collective, microseconds: NCCL's cost model for a ring all-reduce with its
 bulk ("Simple") protocol over NVLink (``src/graph/tuning.cc``, ``hwLat[NVLINK][RING][SIMPLE]`` = 3.4; the

@@ -80,6 +80,7 @@ def simulate_one(
     label: str | None = None,
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
+    host_jitter_s: float = 0.0,
     calibration: dict[str, Any] | None = None,
     breakdown_split_tokens: int | None = None,
     transport: str = "direct",
@@ -101,6 +102,7 @@ def simulate_one(
             layout,
             dispatch_overhead_s=dispatch_overhead_s,
             barrier_overhead_s=barrier_overhead_s,
+            host_jitter_s=host_jitter_s,
             transport=transport,
         )
         if calibration is not None:
@@ -150,6 +152,7 @@ def simulate_compare(
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
     transport: str = "direct",
+    host_jitter_s: float = 0.0,
 ) -> tuple[dict[str, SweepResult], dict[str, RunStats]]:
     """Every mode in turn (tuned ones once per value, the best kept); results and run costs by mode.
 
@@ -172,6 +175,7 @@ def simulate_compare(
                 layout,
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                host_jitter_s=host_jitter_s,
                 transport=transport,
             )
             continue
@@ -190,6 +194,7 @@ def simulate_compare(
                 [flag, str(value)],
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                host_jitter_s=host_jitter_s,
                 calibration=calibration,
                 transport=transport,
             )
