@@ -44,6 +44,9 @@ from asap.commands.bench import _modes, add_load_arguments, workload_from_args
 from asap.dtypes import DTYPES
 
 DEFAULT_CHUNKS = "2048,4096,8192,16384"
+SERVER_DEVICES = 8
+"""Accelerators of one server (DGX H200, Atlas 800 with Ascend 910): beyond it, an all-to-all crosses
+every device's network port (``--links auto``)."""
 
 
 def _sizes(value: str) -> list[int]:
@@ -85,12 +88,15 @@ def add_parser(subparsers: Any) -> None:
     sim.add_argument("--attention-tp", type=int, default=1, metavar="N", help="devices per attention rank")
     sim.add_argument(
         "--links",
-        choices=("pair", "ports"),
-        default="pair",
-        help="how transfers are charged: pair (default; each dispatch and result at the profile's "
-        "link_gbps on its own, all in parallel, as the multi-process emulated cluster does) or ports (a "
-        "device's transfers to all its peers share its network port, port_gbps: a rank's all-to-all "
-        "takes its total bytes over the port, as across servers; asap/emulation/profiles.py)",
+        choices=("auto", "pair", "ports"),
+        default="auto",
+        help="how transfers are charged: pair (each dispatch and result at the profile's link_gbps on its "
+        "own, all in parallel, as the multi-process emulated cluster does) or ports (a device's transfers "
+        "to all its peers share its network port, port_gbps: a rank's all-to-all takes its total bytes "
+        "over the port, as across servers; asap/emulation/profiles.py). auto (default): ports when the "
+        f"cluster spans more than one {SERVER_DEVICES}-device server and the profile is a real device "
+        "(undilated, with a port figure); pair otherwise, so that a time-dilated profile (emulated:D/F, "
+        "the multi-process emulated cluster's setting) compares with that cluster",
     )
     sim.add_argument(
         "--tune-chunk-tokens",
@@ -175,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "optimizations": args.optimizations,
     }
-    layout = Layout(args.layout, args.attention_tp, args.links)
+    links = resolve_links(args)
+    layout = Layout(args.layout, args.attention_tp, links)
     tuning = Tuning({"sync-chunked": args.tune_chunk_tokens, "sync": args.tune_sync_batch_tokens})
     profiler = None
     if args.profile:
@@ -207,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     document["simulation"] = {
         "layout": args.layout,
         "attention_tp": args.attention_tp,
-        "links": args.links,
+        "links": links,
         "tune_chunk_tokens": args.tune_chunk_tokens,
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,
@@ -240,6 +247,30 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"asap simulate: no plot ({exc})", file=sys.stderr)
     return 1 if any(sweep.error is not None for sweep in sweeps.values()) else 0
+
+
+def resolve_links(args: argparse.Namespace) -> str:
+    """``--links`` with ``auto`` resolved (see its ``--help``)."""
+    from asap.emulation.profiles import emulated_device, parse_compute
+    from asap.errors import InvalidArgument
+
+    if args.links != "auto":
+        return str(args.links)
+    try:
+        device = emulated_device(args.compute)
+        if device is None or device[1] is not None:  # torch (rejected later) or a time-dilated profile
+            return "pair"
+        profile = parse_compute(args.compute)[1]
+    except InvalidArgument:  # reported where the cluster is built, as before
+        return "pair"
+    attention = args.attention if args.attention is not None else 2
+    experts = args.experts if args.experts is not None else 2
+    devices = attention * args.attention_tp + (experts if args.layout == "disaggregated" else 0)
+    return (
+        "ports"
+        if profile is not None and profile.port_gbps is not None and devices > SERVER_DEVICES
+        else "pair"
+    )
 
 
 def _report_profile(profiler: Any, path: str) -> None:
