@@ -25,7 +25,9 @@ Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and rep
 Host costs (default 0: devices and links only; ``asap.sim.hostcost``): ``--dispatch-overhead-us`` is the
 mean host delay of a rank's layer (charged on its dispatches, empty ones included), ``--host-jitter-us``
 its spread (one draw per rank and layer: the sync barrier then waits for the slowest participant's),
-``--barrier-overhead-us`` a fitted constant per sync barrier release. The measured values for this
+``--host-cores`` / ``--host-cpu-us`` the CPU part of it on a few shared host cores (the emulated
+cluster's processes share this host's), ``--barrier-overhead-us`` a fitted constant per sync barrier
+release. The measured values for this
 host's emulated cluster are in benchmarks/README.md.
 
 Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
@@ -130,6 +132,23 @@ def add_parser(subparsers: Any) -> None:
         "sync barrier pays the slowest of its participants' draws; at most --dispatch-overhead-us",
     )
     sim.add_argument(
+        "--host-cores",
+        type=int,
+        default=0,
+        metavar="N",
+        help="host CPU cores every rank's host path shares (default 0: a host per rank, as on real servers); "
+        "with it, --host-cpu-us of each rank's per-layer host delay is CPU work that waits for one of the N "
+        "cores (the multi-process emulated cluster: its processes on this host's cores)",
+    )
+    sim.add_argument(
+        "--host-cpu-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="with --host-cores: the CPU-work part of the per-layer host delay (at most "
+        "--dispatch-overhead-us; the rest is latency that needs no core)",
+    )
+    sim.add_argument(
         "--barrier-overhead-us",
         type=float,
         default=0.0,
@@ -200,7 +219,11 @@ def run(args: argparse.Namespace) -> int:
             dispatch_overhead_s=args.dispatch_overhead_us * 1e-6,
             barrier_overhead_s=args.barrier_overhead_us * 1e-6,
             transport=args.sim_transport,
-            host_jitter_s=args.host_jitter_us * 1e-6,
+            host_options={
+                "host_jitter_s": args.host_jitter_us * 1e-6,
+                "host_cores": args.host_cores,
+                "host_cpu_s": args.host_cpu_us * 1e-6,
+            },
         )
     finally:
         if profiler is not None:
@@ -220,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         "dispatch_overhead_us": args.dispatch_overhead_us,
         "barrier_overhead_us": args.barrier_overhead_us,
         "host_jitter_us": args.host_jitter_us,
+        "host_cores": args.host_cores,
+        "host_cpu_us": args.host_cpu_us,
         "transport": args.sim_transport,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
@@ -228,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall "
             f"({run_stats.cpu_s:.1f} s CPU), {run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
-            f"{run_stats.device_busy:.0%} busy",
+            f"{run_stats.device_busy:.0%} busy"
+            + (f", host cores {run_stats.host_busy:.0%} busy" if run_stats.host_busy is not None else ""),
             file=sys.stderr,
         )
         for name, row in run_stats.breakdown.get("classes", {}).items():

@@ -37,7 +37,7 @@ from asap.errors import InvalidArgument
 from asap.optimizations import parse_optimizations
 from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
-from asap.sim.hostcost import HostCostBarrier, HostDelay
+from asap.sim.hostcost import HostCores, HostCostBarrier, HostDelay
 from asap.sim.links import LINK_MODELS, Ports
 from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
@@ -114,6 +114,12 @@ class SimCluster:
     hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
     barrier_overhead_s: float = 0.0
     """Sync modes: host cost charged at every barrier release (``asap.sim.hostcost``; 0 = none)."""
+    host_cores: int = 0
+    """Host CPU cores the ranks' host paths share (``asap.sim.hostcost.HostCores``; 0 = a host per rank)."""
+    host_cpu_s: float = 0.0
+    """With ``host_cores``: the CPU-work part of each rank's per-layer host delay."""
+    cores: HostCores | None = None
+    """The shared host cores (set by ``start`` when ``host_cores`` > 0)."""
     host_jitter_s: float = 0.0
     """Standard deviation of the per-layer host delay whose mean is ``dispatch_overhead_s``: one draw per
     attention rank and layer (``asap.sim.hostcost.HostDelay``; 0 = the mean every time)."""
@@ -217,7 +223,11 @@ class SimCluster:
                 tensor_parallel=self.layout.attention_tp,
             )
             transport: InProcessExpertTransport | DirectExpertTransport
-            host = HostDelay(self.dispatch_overhead_s, self.host_jitter_s, seed=config.rank)
+            if self.host_cores > 0 and self.cores is None:
+                self.cores = HostCores(self.host_cores)
+            host = HostDelay(
+                self.dispatch_overhead_s, self.host_jitter_s, config.rank, self.cores, self.host_cpu_s
+            )
             link = {
                 "attention_rank": config.rank,
                 "hidden_size": source.config.hidden_size,
@@ -304,7 +314,7 @@ class SimCluster:
 
 
 def _link(profile: DeviceProfile, host: HostDelay) -> Any:
-    if host.jitter_s == 0:
+    if host.constant:
         overhead_s = host.mean_s
 
         def link_s(nbytes: int) -> float:

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from asap.errors import InvalidArgument
-from asap.sim.hostcost import HostDelay
+from asap.sim.hostcost import HostCores, HostDelay
 
 
 def test_no_jitter_is_the_mean_every_time() -> None:
@@ -38,3 +38,18 @@ def test_slowest_of_eight_pays_the_exponential_tail() -> None:
 def test_rejects_bad_values(mean_s: float, jitter_s: float) -> None:
     with pytest.raises(InvalidArgument):
         HostDelay(mean_s, jitter_s)
+
+
+def test_shared_cores_queue_the_cpu_part_of_ranks_that_run_together() -> None:
+    cores = HostCores(2)
+    ranks = [HostDelay(0.010, 0.0, rank, cores, cpu_s=0.004) for rank in range(4)]
+    # four ranks at the same instant (a sync barrier's release) on two cores: the last two wait 4 ms
+    assert [host(1.0) for host in ranks] == pytest.approx([0.010, 0.010, 0.014, 0.014])
+    assert [host(1.0) for host in ranks] == pytest.approx([0.010, 0.010, 0.014, 0.014])  # same layer
+    # staggered by more than the work (async ranks): no one waits
+    assert [host(2.0 + 0.005 * r) for r, host in enumerate(ranks)] == pytest.approx([0.010] * 4)
+    assert cores.busy_s == pytest.approx(8 * 0.004)
+    with pytest.raises(InvalidArgument):
+        HostCores(0)
+    with pytest.raises(InvalidArgument):
+        HostDelay(0.001, 0.0, 0, cores, cpu_s=0.002)
