@@ -9,5 +9,5 @@ if [ "$layout" = A ]; then L="--layout disaggregated --attention 4 --attention-t
 else L="--layout colocated --attention 8 --attention-tp 4 --experts 32"; fi
 out=benchmarks/results/r3/$name
 { echo "start $(date -u +%H:%M:%S) $(uptime)"; echo "asap simulate --compare $mode $M $L $W --rate $rate --duration $dur $* --json $out.json"; } > $out.log
-/usr/bin/time -v nice /work/main/.venv/bin/asap simulate --compare $mode $M $L $W --rate $rate --duration $dur "$@" --json $out.json >> $out.log 2>&1
+/usr/bin/time -v /work/main/.venv/bin/asap simulate --compare $mode $M $L $W --rate $rate --duration $dur "$@" --json $out.json >> $out.log 2>&1
 echo "end $(date -u +%H:%M:%S) $(uptime)" >> $out.log
