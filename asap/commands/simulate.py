@@ -22,8 +22,13 @@ devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` 
 Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
 ``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
 
-Host costs (calibration knobs, default 0: devices and links only): ``--dispatch-overhead-us`` on every
-dispatch's link, ``--barrier-overhead-us`` once per sync barrier release (``asap.sim.hostcost``).
+Host costs (default 0: devices and links only; ``asap.sim.hostcost``): ``--dispatch-overhead-us`` is the
+mean host delay of a rank's layer (charged on its dispatches, empty ones included), ``--host-jitter-us``
+its spread (one draw per rank and layer: the sync barrier then waits for the slowest participant's),
+``--host-cores`` / ``--host-cpu-us`` the CPU part of it on a few shared host cores (the emulated
+cluster's processes share this host's), ``--barrier-overhead-us`` a fitted constant per sync barrier
+release. The measured values for this
+host's emulated cluster are in benchmarks/README.md.
 
 Exit codes: 0 when every mode ran, 1 when one failed, 2 for bad flags.
 """
@@ -41,6 +46,9 @@ from asap.commands.bench import _modes, add_load_arguments, workload_from_args
 from asap.dtypes import DTYPES
 
 DEFAULT_CHUNKS = "2048,4096,8192,16384"
+SERVER_DEVICES = 8
+"""Accelerators of one server (DGX H200, Atlas 800 with Ascend 910): beyond it, an all-to-all crosses
+every device's network port (``--links auto``)."""
 
 
 def _sizes(value: str) -> list[int]:
@@ -82,12 +90,15 @@ def add_parser(subparsers: Any) -> None:
     sim.add_argument("--attention-tp", type=int, default=1, metavar="N", help="devices per attention rank")
     sim.add_argument(
         "--links",
-        choices=("pair", "ports"),
-        default="pair",
-        help="how transfers are charged: pair (default; each dispatch and result at the profile's "
-        "link_gbps on its own, all in parallel, as the multi-process emulated cluster does) or ports (a "
-        "device's transfers to all its peers share its network port, port_gbps: a rank's all-to-all "
-        "takes its total bytes over the port, as across servers; asap/emulation/profiles.py)",
+        choices=("auto", "pair", "ports"),
+        default="auto",
+        help="how transfers are charged: pair (each dispatch and result at the profile's link_gbps on its "
+        "own, all in parallel, as the multi-process emulated cluster does) or ports (a device's transfers "
+        "to all its peers share its network port, port_gbps: a rank's all-to-all takes its total bytes "
+        "over the port, as across servers; asap/emulation/profiles.py). auto (default): ports when the "
+        f"cluster spans more than one {SERVER_DEVICES}-device server and the profile is a real device "
+        "(undilated, with a port figure); pair otherwise, so that a time-dilated profile (emulated:D/F, "
+        "the multi-process emulated cluster's setting) compares with that cluster",
     )
     sim.add_argument(
         "--tune-chunk-tokens",
@@ -110,6 +121,32 @@ def add_parser(subparsers: Any) -> None:
         metavar="US",
         help="host cost added to every dispatch's link time (default 0: devices and links only); to "
         "compare with the multi-process emulated cluster, its measured per-layer cost beyond the model",
+    )
+    sim.add_argument(
+        "--host-jitter-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="standard deviation of the per-layer host delay whose mean is --dispatch-overhead-us (default "
+        "0: the mean every time); one draw per attention rank and layer from a shifted exponential, so a "
+        "sync barrier pays the slowest of its participants' draws; at most --dispatch-overhead-us",
+    )
+    sim.add_argument(
+        "--host-cores",
+        type=int,
+        default=0,
+        metavar="N",
+        help="host CPU cores every rank's host path shares (default 0: a host per rank, as on real servers); "
+        "with it, --host-cpu-us of each rank's per-layer host delay is CPU work that waits for one of the N "
+        "cores (the multi-process emulated cluster: its processes on this host's cores)",
+    )
+    sim.add_argument(
+        "--host-cpu-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="with --host-cores: the CPU-work part of the per-layer host delay (at most "
+        "--dispatch-overhead-us; the rest is latency that needs no core)",
     )
     sim.add_argument(
         "--barrier-overhead-us",
@@ -163,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "optimizations": args.optimizations,
     }
-    layout = Layout(args.layout, args.attention_tp, args.links)
+    links = resolve_links(args)
+    layout = Layout(args.layout, args.attention_tp, links)
     tuning = Tuning({"sync-chunked": args.tune_chunk_tokens, "sync": args.tune_sync_batch_tokens})
     profiler = None
     if args.profile:
@@ -181,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
             dispatch_overhead_s=args.dispatch_overhead_us * 1e-6,
             barrier_overhead_s=args.barrier_overhead_us * 1e-6,
             transport=args.sim_transport,
+            host_options={
+                "host_jitter_s": args.host_jitter_us * 1e-6,
+                "host_cores": args.host_cores,
+                "host_cpu_s": args.host_cpu_us * 1e-6,
+            },
         )
     finally:
         if profiler is not None:
@@ -194,11 +237,14 @@ def run(args: argparse.Namespace) -> int:
     document["simulation"] = {
         "layout": args.layout,
         "attention_tp": args.attention_tp,
-        "links": args.links,
+        "links": links,
         "tune_chunk_tokens": args.tune_chunk_tokens,
         "tune_sync_batch_tokens": args.tune_sync_batch_tokens,
         "dispatch_overhead_us": args.dispatch_overhead_us,
         "barrier_overhead_us": args.barrier_overhead_us,
+        "host_jitter_us": args.host_jitter_us,
+        "host_cores": args.host_cores,
+        "host_cpu_us": args.host_cpu_us,
         "transport": args.sim_transport,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
@@ -207,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall "
             f"({run_stats.cpu_s:.1f} s CPU), {run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
-            f"{run_stats.device_busy:.0%} busy",
+            f"{run_stats.device_busy:.0%} busy"
+            + (f", host cores {run_stats.host_busy:.0%} busy" if run_stats.host_busy is not None else ""),
             file=sys.stderr,
         )
         for name, row in run_stats.breakdown.get("classes", {}).items():
@@ -226,6 +273,30 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"asap simulate: no plot ({exc})", file=sys.stderr)
     return 1 if any(sweep.error is not None for sweep in sweeps.values()) else 0
+
+
+def resolve_links(args: argparse.Namespace) -> str:
+    """``--links`` with ``auto`` resolved (see its ``--help``)."""
+    from asap.emulation.profiles import emulated_device, parse_compute
+    from asap.errors import InvalidArgument
+
+    if args.links != "auto":
+        return str(args.links)
+    try:
+        device = emulated_device(args.compute)
+        if device is None or device[1] is not None:  # torch (rejected later) or a time-dilated profile
+            return "pair"
+        profile = parse_compute(args.compute)[1]
+    except InvalidArgument:  # reported where the cluster is built, as before
+        return "pair"
+    attention = args.attention if args.attention is not None else 2
+    experts = args.experts if args.experts is not None else 2
+    devices = attention * args.attention_tp + (experts if args.layout == "disaggregated" else 0)
+    return (
+        "ports"
+        if profile is not None and profile.port_gbps is not None and devices > SERVER_DEVICES
+        else "pair"
+    )
 
 
 def _report_profile(profiler: Any, path: str) -> None:

@@ -312,12 +312,22 @@ def _check_lengths(prompt_lengths: Sequence[int]) -> None:
 
 
 def all_reduce_s(nbytes: int, ranks: int, profile: DeviceProfile) -> float:
-    """Time (s) of a ring all-reduce of ``nbytes`` over ``ranks`` devices: each device sends and receives
-    ``2 (n - 1) / n`` of the buffer over its link at ``link_gbps``, plus one kernel launch per step (0 for
-    a single device)."""
+    """Time (s) of a ring all-reduce of ``nbytes`` over ``ranks`` devices (0 for a single device).
+
+    Each device sends and receives ``2 (n - 1) / n`` of the buffer over its link at ``link_gbps``, in
+    ``2 (n - 1)`` steps (reduce-scatter, then all-gather). The whole collective is **one** kernel: NCCL
+    and HCCL run the ring's steps as a loop inside one collective kernel that the host issues once, so the
+    host pays one ``launch_us``, and each step adds the link's per-step latency
+    (``DeviceProfile.collective_step_us``; NCCL's own cost model, ``src/graph/tuning.cc``: a ring
+    collective's latency is a base latency plus ``nsteps`` times the per-step hardware latency).
+    """
     if ranks < 1 or nbytes < 0:
         raise InvalidArgument(f"need ranks >= 1 and nbytes >= 0, got {ranks} and {nbytes}")
     if ranks == 1:
         return 0.0
     steps = 2 * (ranks - 1)
-    return transfer_s(round(nbytes * steps / ranks), profile) + steps * profile.launch_us * 1e-6
+    return (
+        transfer_s(round(nbytes * steps / ranks), profile)
+        + profile.launch_us * 1e-6
+        + steps * profile.collective_step_us * 1e-6
+    )

@@ -52,6 +52,13 @@ from dataclasses import dataclass, replace
 
 from asap.errors import InvalidArgument
 
+COLLECTIVE_STEP_US = 3.4
+"""Per-step latency of a ring collective, microseconds: NCCL's cost model for a ring all-reduce with its
+bulk ("Simple") protocol over NVLink (``src/graph/tuning.cc``, ``hwLat[NVLINK][RING][SIMPLE]`` = 3.4; the
+base latency of 8.4 us per collective is below the one kernel launch ``launch_us`` charges). Used for every
+profile: no HCCL figure is published for HCCS; at prefill sizes the transfer dominates (a 2,048-token
+DS-V3 all-reduce over 4 devices: 1.5 ms of transfer at 30 GB/s against 20 us of step latency)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceProfile:
@@ -83,6 +90,9 @@ class DeviceProfile:
     charge them)."""
     link_latency_us: float = 0.0
     """Latency of one transfer over the port, microseconds, added once per transfer (``--links ports``)."""
+    collective_step_us: float = COLLECTIVE_STEP_US
+    """Latency of one step of a ring collective over ``link_gbps`` (the attention ranks' tensor-parallel
+    all-reduce, ``costs.all_reduce_s``), microseconds; see ``COLLECTIVE_STEP_US``."""
 
     def __post_init__(self) -> None:
         for field in ("peak_tflops", "hbm_gbps", "link_gbps"):
@@ -92,6 +102,8 @@ class DeviceProfile:
             raise InvalidArgument(f"profile {self.name}: port_gbps must be positive")
         if self.link_latency_us < 0:
             raise InvalidArgument(f"profile {self.name}: link_latency_us must be >= 0")
+        if self.collective_step_us < 0:
+            raise InvalidArgument(f"profile {self.name}: collective_step_us must be >= 0")
         if self.launch_us < 0:
             raise InvalidArgument(f"profile {self.name}: launch_us must be >= 0, got {self.launch_us}")
         for field in (
@@ -117,6 +129,7 @@ class DeviceProfile:
             launch_us=self.launch_us * factor,
             port_gbps=None if self.port_gbps is None else self.port_gbps / factor,
             link_latency_us=self.link_latency_us * factor,
+            collective_step_us=self.collective_step_us * factor,
         )
 
 

@@ -37,7 +37,7 @@ from asap.errors import InvalidArgument
 from asap.optimizations import parse_optimizations
 from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
-from asap.sim.hostcost import HostCostBarrier
+from asap.sim.hostcost import HostCores, HostCostBarrier, HostDelay
 from asap.sim.links import LINK_MODELS, Ports
 from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
@@ -114,6 +114,15 @@ class SimCluster:
     hand-offs of a real process; 0 = devices and links only). A calibration knob, see ``--help``."""
     barrier_overhead_s: float = 0.0
     """Sync modes: host cost charged at every barrier release (``asap.sim.hostcost``; 0 = none)."""
+    host_cores: int = 0
+    """Host CPU cores the ranks' host paths share (``asap.sim.hostcost.HostCores``; 0 = a host per rank)."""
+    host_cpu_s: float = 0.0
+    """With ``host_cores``: the CPU-work part of each rank's per-layer host delay."""
+    cores: HostCores | None = None
+    """The shared host cores (set by ``start`` when ``host_cores`` > 0)."""
+    host_jitter_s: float = 0.0
+    """Standard deviation of the per-layer host delay whose mean is ``dispatch_overhead_s``: one draw per
+    attention rank and layer (``asap.sim.hostcost.HostDelay``; 0 = the mean every time)."""
     transport: str = "direct"
     """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
     expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
@@ -214,26 +223,34 @@ class SimCluster:
                 tensor_parallel=self.layout.attention_tp,
             )
             transport: InProcessExpertTransport | DirectExpertTransport
+            if self.host_cores > 0 and self.cores is None:
+                self.cores = HostCores(self.host_cores)
+            host = HostDelay(
+                self.dispatch_overhead_s, self.host_jitter_s, config.rank, self.cores, self.host_cpu_s
+            )
             link = {
                 "attention_rank": config.rank,
                 "hidden_size": source.config.hidden_size,
                 "dtype": source.dtype,
                 "max_chunk_bytes": config.max_chunk_bytes,
-                "link_s": _link(profile, self.dispatch_overhead_s),
+                "link_s": _link(profile, host),
             }
             if self.transport == "direct":
                 transport = DirectExpertTransport(exchanges, **link)
             else:
                 transport = InProcessExpertTransport(expert_servicers, **link)
+            planes: Sequence[Any] = transport.planes
+            if self.dispatch_overhead_s > 0 and self.transport == "direct":
+                for plane in planes:  # an idle rank's empty dispatches pay the host path too
+                    plane.charge_empty = True
             if self.ports is not None:  # each link's transfers on its devices' ports
-                planes: Sequence[Any] = transport.planes
                 for e, plane in enumerate(planes):
                     plane.spec = dataclasses.replace(
                         plane.spec,
                         link_s=self.ports.link(
                             self.attention_devices[config.rank],
                             self.expert_devices[e],
-                            self.dispatch_overhead_s,
+                            host,
                         ),
                     )
             self._closers.append(transport.close)
@@ -296,8 +313,16 @@ class SimCluster:
         return list(seen.values())
 
 
-def _link(profile: DeviceProfile, overhead_s: float) -> Any:
-    def link_s(nbytes: int) -> float:
-        return transfer_s(nbytes, profile) + overhead_s
+def _link(profile: DeviceProfile, host: HostDelay) -> Any:
+    if host.constant:
+        overhead_s = host.mean_s
 
-    return link_s
+        def link_s(nbytes: int) -> float:
+            return transfer_s(nbytes, profile) + overhead_s
+
+        return link_s
+
+    def jittered_link_s(nbytes: int) -> float:
+        return transfer_s(nbytes, profile) + host(asyncio.get_running_loop().time())
+
+    return jittered_link_s

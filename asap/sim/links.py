@@ -73,14 +73,19 @@ class Ports:
         return end - now + self.latency_s
 
     def link(
-        self, sources: Sequence[Device], targets: Sequence[Device], overhead_s: float = 0.0
+        self,
+        sources: Sequence[Device],
+        targets: Sequence[Device],
+        overhead_s: float | Callable[[float], float] = 0.0,
     ) -> Callable[[int], float]:
         """A plane's ``link_s`` for transfers from ``sources`` to ``targets`` (on the running loop's clock),
-        plus a fixed host ``overhead_s`` per transfer."""
+        plus a host ``overhead_s`` per transfer (a constant, or a function of the virtual time: a
+        ``asap.sim.hostcost.HostDelay``)."""
         sources, targets = list(sources), list(targets)
+        host = overhead_s if callable(overhead_s) else (lambda _now, fixed=overhead_s: fixed)
 
         def link_s(nbytes: int) -> float:
             now = asyncio.get_running_loop().time()
-            return self.delay(now, sources, targets, nbytes) + overhead_s
+            return self.delay(now, sources, targets, nbytes) + host(now)
 
         return link_s

@@ -53,6 +53,8 @@ class RunStats:
     """CPU time of this process during the run: on a shared host, what the run would take alone."""
     breakdown: dict[str, Any] = field(default_factory=dict)
     """The barrier share of TTFT by prompt-length class (``asap.sim.breakdown``); sync modes only."""
+    host_busy: float | None = None
+    """With shared host cores (``--host-cores``): their mean busy fraction over the run's virtual time."""
 
     @property
     def events_per_s(self) -> float:
@@ -67,6 +69,7 @@ class RunStats:
             "cpu_s": round(self.cpu_s, 3),
             "events_per_cpu_s": round(self.events / self.cpu_s) if self.cpu_s > 0 else 0,
             "device_busy": round(self.device_busy, 4),
+            **({"host_busy": round(self.host_busy, 4)} if self.host_busy is not None else {}),
             **({"ttft_breakdown": self.breakdown} if self.breakdown else {}),
         }
 
@@ -80,6 +83,7 @@ def simulate_one(
     label: str | None = None,
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
+    host_options: Mapping[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     breakdown_split_tokens: int | None = None,
     transport: str = "direct",
@@ -102,6 +106,7 @@ def simulate_one(
             dispatch_overhead_s=dispatch_overhead_s,
             barrier_overhead_s=barrier_overhead_s,
             transport=transport,
+            **(host_options or {}),
         )
         if calibration is not None:
             cluster.cost_model = calibration.get(mode)
@@ -115,10 +120,15 @@ def simulate_one(
 
             started = asyncio.get_running_loop().time()
             before = [d.busy_s for d in cluster.devices()]  # start-up (calibration) is not the run's
+            host_before = cluster.cores.busy_s if cluster.cores is not None else 0.0
             client = SimClient(cluster)
             sweep = await bench_client(client, config, label or mode, compute=compute, host_checks=False)
             cluster_time = asyncio.get_running_loop().time() - started
             busy = [d.busy_s - b for d, b in zip(cluster.devices(), before, strict=True)]
+            if cluster.cores is not None and cluster_time > 0:
+                waits["host_busy"] = (cluster.cores.busy_s - host_before) / (
+                    cluster.cores.cores * cluster_time
+                )
             if mode != "async":
                 waits["breakdown"] = breakdown(client.ttfts, cluster.tap.requests, breakdown_split_tokens)
         finally:
@@ -133,7 +143,9 @@ def simulate_one(
     (sweep, span, busy), loop = run(main())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     device_busy = sum(busy) / (len(busy) * span) if busy and span > 0 else 0.0
-    return sweep, RunStats(wall, loop.now, loop.iterations, device_busy, cpu, waits.get("breakdown", {}))
+    stats = RunStats(wall, loop.now, loop.iterations, device_busy, cpu, waits.get("breakdown", {}))
+    stats.host_busy = waits.get("host_busy")
+    return sweep, stats
 
 
 def _score(sweep: SweepResult) -> tuple[float, float]:
@@ -150,8 +162,11 @@ def simulate_compare(
     dispatch_overhead_s: float = 0.0,
     barrier_overhead_s: float = 0.0,
     transport: str = "direct",
+    host_options: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, SweepResult], dict[str, RunStats]]:
     """Every mode in turn (tuned ones once per value, the best kept); results and run costs by mode.
+    ``host_options``: ``SimCluster``'s host-cost fields beyond the dispatch and barrier overheads
+    (``host_jitter_s``, ``host_cores``, ``host_cpu_s``; ``asap.sim.hostcost``).
 
     torch runs on one intra-op thread from here on: the simulation is one thread, its tensors are small
     routing tables, and on a shared host more OpenMP threads only contend (10x slower on 2 busy cores).
@@ -172,6 +187,7 @@ def simulate_compare(
                 layout,
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                host_options=host_options,
                 transport=transport,
             )
             continue
@@ -190,6 +206,7 @@ def simulate_compare(
                 [flag, str(value)],
                 dispatch_overhead_s=dispatch_overhead_s,
                 barrier_overhead_s=barrier_overhead_s,
+                host_options=host_options,
                 calibration=calibration,
                 transport=transport,
             )

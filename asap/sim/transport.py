@@ -176,6 +176,9 @@ class DirectPlane:
     hops are gone. One chunk per dispatch, as the ``grpc`` plane sends shape-only rows."""
 
     name = "direct"
+    charge_empty = False
+    """Charge ``link_s(0)`` for a dispatch of no rows too (``asap.sim.hostcost``: a rank that sends empty
+    dispatches still runs the layer's host control path; off, an empty dispatch leaves at once)."""
 
     def __init__(self, spec: LinkSpec, session: ExchangeSession) -> None:
         self.spec = spec
@@ -194,10 +197,10 @@ class DirectPlane:
             dispatch = request.dispatch
             rows = request.rows
             link_s = self.spec.link_s
-            if link_s is not None and rows:
+            if link_s is not None and (rows or self.charge_empty):
                 top_k = int(dispatch.expert_ids.shape[1])
                 nbytes = dispatch_bytes(rows, self.spec.hidden_size, top_k, self.spec.dtype.itemsize)
-                await charge(link_s(nbytes))
+                await charge(link_s(nbytes if rows else 0))
             chunk = Dispatch(
                 micro_batch=request.micro_batch,
                 layer=request.layer,

@@ -18,8 +18,15 @@ def test_all_reduce_is_a_ring() -> None:
     profile = load_profile("h200")
     assert costs.all_reduce_s(1 << 20, 1, profile) == 0.0
     four = costs.all_reduce_s(1 << 20, 4, profile)
-    expected = costs.transfer_s(round((1 << 20) * 6 / 4), profile) + 6 * profile.launch_us * 1e-6
+    # 2 (n - 1) = 6 ring steps: 6/4 of the buffer over the link, one launch for the one collective
+    # kernel, and the per-step latency six times (NCCL's ring cost model)
+    expected = (
+        costs.transfer_s(round((1 << 20) * 6 / 4), profile)
+        + profile.launch_us * 1e-6
+        + 6 * profile.collective_step_us * 1e-6
+    )
     assert four == pytest.approx(expected)
+    assert profile.collective_step_us == pytest.approx(3.4)
     with pytest.raises(InvalidArgument):
         costs.all_reduce_s(10, 0, profile)
 

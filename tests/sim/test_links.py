@@ -50,3 +50,40 @@ def test_every_profile_has_a_port_slower_than_its_dilated_self() -> None:
         slowed = profile.slowed(50)
         assert slowed.port_gbps == pytest.approx(profile.port_gbps / 50)
         assert slowed.link_latency_us == pytest.approx(profile.link_latency_us * 50)
+
+
+COLOCATED_32 = ["--compute", "emulated:h200", "--layout", "colocated", "--attention", "8", "--experts", "32"]
+COLOCATED_32 += ["--attention-tp", "4"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "links"),
+    [
+        # the paper's two 32-device systems on a real device profile: across servers, ports
+        (
+            ["--compute", "emulated:ascend910", "--attention", "4", "--attention-tp", "4", "--experts", "16"],
+            "ports",
+        ),
+        (
+            COLOCATED_32,
+            "ports",
+        ),
+        # the emulated cluster's validation setting (time-dilated), and one server: pair
+        (["--compute", "emulated:h200/50", "--attention", "8", "--experts", "4"], "pair"),
+        (["--compute", "emulated:h200", "--attention", "4", "--experts", "4"], "pair"),
+        (
+            ["--compute", "emulated:ascend910", "--attention", "4", "--experts", "16", "--links", "pair"],
+            "pair",
+        ),
+        (["--compute", "emulated:h200", "--links", "ports"], "ports"),
+    ],
+)
+def test_links_auto_is_ports_beyond_one_server_on_a_real_profile(argv: list[str], links: str) -> None:
+    import argparse
+
+    from asap.commands import simulate
+
+    parser = argparse.ArgumentParser()
+    simulate.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["simulate", *argv])
+    assert simulate.resolve_links(args) == links

@@ -142,3 +142,32 @@ def test_an_expert_rank_rejection_fails_that_exchange_only(
     (message, shape), _ = run(main())
     assert "failed on the expert rank" in message and str(cfg.num_experts + 3) in message
     assert shape == (rows, h)
+
+
+@pytest.mark.parametrize("charge_empty", [False, True])
+def test_an_empty_dispatch_pays_the_host_path_when_asked(qwen3_dir: Path, charge_empty: bool) -> None:
+    cfg = load_config(qwen3_dir)
+    host_s = 0.005
+
+    async def main() -> float:
+        servicer = _expert(qwen3_dir)
+        await servicer.exchange.executor.start()
+        transport = _transport("direct", servicer, cfg.hidden_size, lambda nbytes: host_s + nbytes * 1e-12)
+        for plane in transport.planes:
+            plane.charge_empty = charge_empty
+        dispatch = RankDispatch(
+            rank=0,
+            rows=torch.arange(0),
+            hidden=torch.empty((0, cfg.hidden_size), device="meta"),
+            expert_ids=torch.empty((0, cfg.top_k), dtype=torch.int32),
+            weights=torch.empty((0, cfg.top_k)),
+        )
+        try:
+            await transport.exchange(0, 1, cfg.moe_layer_ids[0], dispatch, sync=None)
+            return asyncio.get_running_loop().time()
+        finally:
+            await transport.close()
+            await servicer.exchange.executor.stop()
+
+    took = run(main())[0]
+    assert took == pytest.approx(host_s if charge_empty else 0.0)
