@@ -167,7 +167,9 @@ def client_main(target: str, rate: float) -> None:
 class _Probe:
     """What one look at the process sees: prompts served, Python heap (tracemalloc), malloc, RSS."""
 
-    def __init__(self, prompts: int, traced: bool) -> None:
+    def __init__(self, prompts: int, traced: bool, collect: bool = False) -> None:
+        if collect:  # reference cycles the cyclic collector has not reached yet are not held memory
+            gc.collect()
         self.prompts = prompts
         took = time.perf_counter()
         self.snapshot = _filtered(tracemalloc.take_snapshot()) if traced else None
@@ -230,12 +232,12 @@ async def main(args: argparse.Namespace) -> None:
         try:
             await asyncio.sleep(args.warmup_s)
             base_types = _type_counts() if traced else collections.Counter()
-            base = _Probe(executor.stats.prompts, traced)
+            base = _Probe(executor.stats.prompts, traced, args.collect)
             print(f"after warm-up: {base.line(_Probe(0, False))}", flush=True)
             last = base
             for block in range(1, args.blocks + 1):
                 await asyncio.sleep(args.block_s)
-                last = _Probe(executor.stats.prompts, traced)
+                last = _Probe(executor.stats.prompts, traced, args.collect)
                 print(f"block {block}: {last.line(base)}", flush=True)
                 if last.snapshot is None or base.snapshot is None:
                     continue
@@ -259,7 +261,14 @@ async def main(args: argparse.Namespace) -> None:
                 )
             if args.exit_abruptly:
                 # under heaptrack: what is still allocated at exit is what the process held at the end (no
-                # teardown frees it); the expert processes go first, synchronously
+                # teardown frees it). The load stops and its batches finish first, so none is in flight;
+                # then the expert processes go, synchronously
+                stop.set()
+                if load is not None:
+                    await load
+                while executor.inflight:  # noqa: ASYNC110 (a counter, not an event: polled briefly)
+                    await asyncio.sleep(0.1)
+                gc.collect()
                 for p in procs + experts:
                     p.stop(timeout_s=5)
                 sys.stdout.flush()
@@ -294,6 +303,7 @@ def cli() -> None:
         help="tracemalloc frames per allocation (0: no tracemalloc, malloc and RSS only)",
     )
     parser.add_argument("--top", type=int, default=8, help="growing sites printed per block")
+    parser.add_argument("--collect", action="store_true", help="gc.collect() before every look")
     parser.add_argument(
         "--exit-abruptly",
         action="store_true",
