@@ -224,17 +224,13 @@ class AttentionExecutor:
         trace: Context | None,
     ) -> BatchOutcome:
         """The batch on the compute thread alone (``DirectRunner``); sampling ends it there too."""
-        batch: DirectBatch
 
         def finish(logits: torch.Tensor) -> list[FirstToken | None]:
-            firsts = sample_all(logits, prompts)
-            if trace is not None:
-                attributes = {spans.MICRO_BATCH: micro_batch}
-                batch.records.append(
-                    (spans.ATTENTION_SAMPLE, batch.last_start_ns, time.time_ns(), attributes)
-                )
-            return firsts
+            return sample_all(logits, prompts)
 
+        # ``finish`` must not refer to the batch: a batch reachable from itself is a reference cycle, which
+        # keeps its tensors until a full garbage collection (rare in a long-lived process: RSS grew ~400 B
+        # per prompt in a soak). The runner records the sampling span.
         batch = DirectBatch(micro_batch, gen, links, finish, trace)
         self.direct_batches += 1
         firsts = await self._runner.run(batch)

@@ -71,7 +71,8 @@ class DirectBatch:
     links: Sequence[DirectLink]
     """One per expert rank, in rank order."""
     finish: Callable[[torch.Tensor], Any]
-    """On the compute thread, with the logits: sampling; its result is the batch's result."""
+    """On the compute thread, with the logits: sampling; its result is the batch's result. It must not refer
+    to the batch (a batch reachable from itself lives until a full garbage collection)."""
     trace: Context | None = None
     expert_wait_ns: int = 0
     future: asyncio.Future[Any] | None = None
@@ -277,6 +278,11 @@ class DirectRunner:
                     return False
             if isinstance(step, torch.Tensor):
                 result = batch.finish(step)
+                if batch.trace is not None:
+                    attributes = {spans.MICRO_BATCH: batch.micro_batch}
+                    batch.records.append(
+                        (spans.ATTENTION_SAMPLE, batch.last_start_ns, time.time_ns(), attributes)
+                    )
                 batch.gen.close()
                 self._end(batch, result)
                 return True

@@ -7,6 +7,7 @@ batches served again; abandoned slots are counted as quarantined."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from pathlib import Path
@@ -20,6 +21,7 @@ from asap.dataplane.fast_attention import ATTACH_S
 from asap.errors import Unavailable
 from asap.syncstep import SyncStep
 from attention_svc.core import AttentionExecutor
+from attention_svc.direct_runner import DirectBatch
 from tests.dataplane.test_fast_failures import _HANG_GUARD_S, _prompt, _with_expert_processes
 from tests.dataplane.test_services_fast import ARCHS, cluster
 
@@ -67,6 +69,26 @@ async def test_hot_path_matches_grpc_bytes_alone_and_interleaved(arch: Path) -> 
         assert executor._runner.most_active == 2  # the two micro-batches were served together
     assert alone == expected and first == expected and second == expected[::-1]
     assert sync.results[0].first is not None
+
+
+async def test_a_finished_batch_is_freed_without_the_garbage_collector(qwen3_dir: Path) -> None:
+    """A hot-path batch must not be reachable from itself: a reference cycle keeps its tensors until a full
+    collection, which a long-lived rank rarely runs (the soak's attention RSS grew with every prompt)."""
+    async with cluster(str(qwen3_dir), "fast", experts=2) as attention:
+        executor = attention.executor
+        assert executor is not None
+        await _run(executor, "w", _prompts())
+        gc.collect()
+        gc.disable()
+        try:
+            before = executor.direct_batches
+            for i in range(3):
+                await _run(executor, f"r{i}", _prompts())
+            assert executor.direct_batches == before + 3
+            left = [o for o in gc.get_objects() if type(o) is DirectBatch]
+        finally:
+            gc.enable()
+    assert left == []
 
 
 async def test_full_slots_hold_hot_path_senders_back_and_lose_nothing(qwen3_dir: Path) -> None:
