@@ -29,14 +29,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asap.dataplane.direct import SHORT_PARK_S, DirectLink, Ticket, Wake, wakes_deferred
+from asap.dataplane.direct import SHORT_PARK_S, Ticket, Wake, wakes_deferred
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.dataplane.spin import SpinBudget
 from asap.emulation.clock import reduce_timer_slack
@@ -44,70 +43,21 @@ from asap.errors import AsapError, InternalError, Unavailable
 from asap.model.attention_part import MoERequest
 from asap.model.placement import RankDispatch
 from asap.telemetry import setup, spans
+from attention_svc.direct_batch import DirectBatch, confirmed, waiting_links
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
-    from opentelemetry.trace import Span
+    pass
 
-__all__ = ["DirectBatch", "DirectRunner"]
+__all__ = ["DirectBatch", "DirectRunner"]  # DirectBatch is re-exported from attention_svc.direct_batch
 
 logger = logging.getLogger(__name__)
 
 _PARK_S = 1.0
 """Longest sleep of an idle scheduler between checks (wake-ups normally end it much sooner)."""
 
-Step = tuple[MoERequest, list[RankDispatch]]
 Advance = Callable[..., Any]
 """``advance(gen, previous)`` on the compute thread: combine ``previous`` (request, dispatches, partials;
 None at the start), run to the next MoE layer and split it (a ``Step``), or the logits at the end."""
-
-
-@dataclass(slots=True, eq=False)
-class DirectBatch:
-    """One batch on the hot path: its generator, its links and what it has posted."""
-
-    micro_batch: int
-    gen: Generator[MoERequest, torch.Tensor, torch.Tensor]
-    links: Sequence[DirectLink]
-    """One per expert rank, in rank order."""
-    finish: Callable[[torch.Tensor], Any]
-    """On the compute thread, with the logits: sampling; its result is the batch's result. It must not refer
-    to the batch (a batch reachable from itself lives until a full garbage collection)."""
-    trace: Context | None = None
-    expert_wait_ns: int = 0
-    future: asyncio.Future[Any] | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    cancelled: bool = False
-    step: Step | None = None
-    tickets: list[Ticket] = field(default_factory=list)
-    records: list[tuple[str, int, int, dict[str, Any]]] = field(default_factory=list)
-    """Spans to record after the batch: (name, start, end, attributes), ``time.time_ns``."""
-    dispatch_spans: list[tuple[Span, list[int]]] = field(default_factory=list)
-    last_start_ns: int = 0
-    posted_unix_ns: int = 0
-    unconfirmed: list[tuple[DirectLink, Ticket]] = field(default_factory=list)
-    """Tickets of the last combined layer settled early (``Ticket.settle_early``) whose verdict is still
-    to come, with their links (watched while the batch waits)."""
-    held: Any = None
-    """The next step (a ``Step``, or the logits) computed but held until every ``unconfirmed`` verdict
-    came: its dispatches are not posted, nor the batch finished, before that."""
-
-    def ready(self) -> bool:
-        """Whether the scheduler can move this batch on: nothing posted yet, every result in (and every
-        early result's verdict, for a held step), or a failure among them."""
-        if any(t.failure is not None for _, t in self.unconfirmed):
-            return True
-        if self.held is not None:
-            return all(t.confirmed for _, t in self.unconfirmed)
-        tickets = self.tickets
-        if any(t.done and isinstance(t.outcome, AsapError) for t in tickets):
-            return True
-        return all(t.done for t in tickets) and self.due_in_ns() <= 0
-
-    def due_in_ns(self) -> int:
-        """How long until the last of its settled results may be used (emulated transfers)."""
-        latest = max((t.not_before_ns for t in self.tickets), default=0)
-        return latest - time.monotonic_ns() if latest else 0
 
 
 class DirectRunner:
@@ -190,7 +140,7 @@ class DirectRunner:
         """Sleep until a result of ``active`` lands (or a batch comes or goes). Links that can take
         their results on this thread (``DirectLink.poll`` / ``park``) are polled here and their doorbells
         watched, so the answer wakes this thread directly, not the plane's poll thread first."""
-        links = [link for b in active for link in _waiting_links(b)]
+        links = [link for b in active for link in waiting_links(b)]
         pollable = [link for link in links if hasattr(link, "poll")]
 
         def poll() -> bool:
@@ -262,7 +212,7 @@ class DirectRunner:
         their verdicts came (``DirectBatch.held``), then posted (or finished) by the next call."""
         try:
             if batch.held is not None:  # every verdict of its inputs is in now (``ready``)
-                _confirmed(batch)
+                confirmed(batch)
                 step, batch.held = batch.held, None
             else:
                 previous = None
@@ -273,7 +223,7 @@ class DirectRunner:
                 batch.last_start_ns = start
                 if batch.trace is not None and not isinstance(step, torch.Tensor):
                     batch.records.append(_layer_record(batch, step[0], start, time.time_ns()))
-                if batch.unconfirmed and not _confirmed(batch):
+                if batch.unconfirmed and not confirmed(batch):
                     batch.held = step  # (the attention's device work is enqueued meanwhile)
                     return False
             if isinstance(step, torch.Tensor):
@@ -382,31 +332,6 @@ class DirectRunner:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
             result = Unavailable(f"micro-batch {batch.micro_batch} stopped: {result!r}")
         loop.call_soon_threadsafe(_resolve, future, result)
-
-
-def _waiting_links(batch: DirectBatch) -> list[DirectLink]:
-    """The links of ``batch``'s unsettled dispatches and of its early results still without a verdict."""
-    verdicts = [link for link, ticket in batch.unconfirmed if ticket.verdict_pending]
-    if batch.step is None:
-        return verdicts
-    dispatches = batch.step[1]
-    return verdicts + [
-        batch.links[dispatches[i].rank]
-        for i, ticket in enumerate(batch.tickets)
-        if not ticket.done and i < len(dispatches)
-    ]
-
-
-def _confirmed(batch: DirectBatch) -> bool:
-    """Whether every early result ``batch`` combined has its verdict (then forgotten); the first failed
-    verdict is raised (the batch computed on a result that is not one)."""
-    for _, ticket in batch.unconfirmed:
-        if ticket.failure is not None:
-            raise ticket.failure
-    if not all(t.confirmed for _, t in batch.unconfirmed):
-        return False
-    batch.unconfirmed = []
-    return True
 
 
 def _layer_record(

@@ -240,12 +240,17 @@ def _hops(link: object, iters: int) -> dict[str, float]:
     return out
 
 
+def _part(model: Path, device: str) -> ExpertPart:
+    """The expert part the expert rank serves (all ``EXPERTS``), loaded in this process."""
+    config = load_config(model)
+    with CheckpointReader(model) as reader:
+        return ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
+
+
 def _refs(model: Path, tokens: list[int], device: str) -> dict[int, torch.Tensor]:
     """Each dispatch's results computed by the same part in this process (the planes are checked
     against them: a wrong or skipped expert step shows, however fast it was)."""
-    config = load_config(model)
-    with CheckpointReader(model) as reader:
-        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
+    part = _part(model, device)
     out = {}
     for n in tokens:
         d = _dispatch(n, device)
@@ -256,9 +261,7 @@ def _refs(model: Path, tokens: list[int], device: str) -> dict[int, torch.Tensor
 
 def _compute_ms(model: Path, tokens: list[int], device: str) -> dict[str, float]:
     """The expert computation alone (same part, same rows), for reference."""
-    config = load_config(model)
-    with CheckpointReader(model) as reader:
-        part = ExpertPart.from_source(reader, config, range(EXPERTS), dtype=DTYPE, device=device)
+    part = _part(model, device)
     out = {}
     for n in tokens:
         d = _dispatch(n, device)

@@ -68,23 +68,20 @@ def spin_setting(environ: Mapping[str, str] | None = None) -> tuple[float, bool]
     raw = (environ if environ is not None else os.environ).get(SPIN_ENV, "auto").strip().lower()
     if raw in ("", "auto"):
         return DEFAULT_CAP_S, True
-    return spin_cap_s(environ), False
-
-
-def spin_cap_s(environ: Mapping[str, str] | None = None) -> float:
-    """The spin cap from ``ASAP_FAST_SPIN_US`` (µs; unset or ``auto``: ``DEFAULT_CAP_S``; ``0``: off)."""
-    raw = (environ if environ is not None else os.environ).get(SPIN_ENV, "auto").strip().lower()
-    if raw in ("", "auto"):
-        return DEFAULT_CAP_S
     if raw in ("off", "no", "false"):
-        return 0.0
+        return 0.0, False
     try:
         value = float(raw)
     except ValueError:
         raise InvalidArgument(f"{SPIN_ENV} must be a number of µs, 'auto' or 'off', got {raw!r}") from None
     if value < 0:
         raise InvalidArgument(f"{SPIN_ENV} must be >= 0, got {raw!r}")
-    return value * 1e-6
+    return value * 1e-6, False
+
+
+def spin_cap_s(environ: Mapping[str, str] | None = None) -> float:
+    """The spin cap from ``ASAP_FAST_SPIN_US`` (µs; unset or ``auto``: ``DEFAULT_CAP_S``; ``0``: off)."""
+    return spin_setting(environ)[0]
 
 
 def _load() -> float:
