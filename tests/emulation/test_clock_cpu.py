@@ -20,7 +20,10 @@ def test_sleeper_compensates_without_sleeping_short() -> None:
     for _ in range(20):
         sleeper.sleep(1e-3)
     elapsed = time.perf_counter() - start
-    assert 0.02 - 20 * sleeper.bias_s <= elapsed < 0.02 + 0.03  # generous: shared CI cores
+    # Never short on the real clock. How long past the deadline a loaded host wakes it is not this
+    # test's business (no timed upper bound); the bias arithmetic is pinned with a fake clock in
+    # test_sleeper_deadline.py.
+    assert elapsed >= 0.02  # each sleep spins to its deadline
     assert sleeper.requested_s == pytest.approx(0.02)
     sleeper.sleep(0)
     sleeper.sleep(-1)
