@@ -106,7 +106,10 @@ def test_sleeps_about_the_modelled_time(config_only: ModelConfig) -> None:
     start = time.perf_counter()
     run(part, prompts)
     elapsed = time.perf_counter() - start
-    assert 0.9 * modelled <= elapsed < modelled + 0.05
+    # Charged exactly the modelled time and never returned early; how late a loaded host wakes it
+    # is not bounded here (no timed upper bound).
+    assert part.sleeper.requested_s == pytest.approx(modelled)
+    assert elapsed >= 0.9 * modelled
 
 
 def test_validation_matches_the_real_attention_part(qwen3_dir: Path, config_only: ModelConfig) -> None:
