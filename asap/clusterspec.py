@@ -51,6 +51,9 @@ class ClusterSpec:
     """``all``, ``none`` or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic."""
     min_batch_tokens: int | None = None
     """min-batch threshold; None: the expert knee, calibrated on this backend (cached per backend)."""
+    max_batch_tokens: int | None = None
+    """The scheduler's prompt tokens per batch, at most; None: the scheduler's default (8192). Attention
+    ranks warm up shapes of batches up to ``asap.warmup.WARMUP_BATCH_TOKENS`` (16384)."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
@@ -85,6 +88,8 @@ class ClusterSpec:
         self.attention_ranks += [RankSpec() for _ in range(self.attention - len(self.attention_ranks))]
         self.expert_ranks += [RankSpec() for _ in range(self.experts - len(self.expert_ranks))]
         self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise InvalidArgument(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
         if (
@@ -174,6 +179,7 @@ _TOP_LEVEL_VALUES = (
     "trace",
     "optimizations",
     "min_batch_tokens",
+    "max_batch_tokens",
     "http_port",
     "metrics_port",
     "tls",
@@ -208,7 +214,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     attention = raw.get("attention") or {}
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_VALUES if raw.get(key) is not None}
-    for key in ("min_batch_tokens", "metrics_port"):
+    for key in ("min_batch_tokens", "max_batch_tokens", "metrics_port"):
         if key in values:
             values[key] = _int(values[key], key, path)
     if raw.get("mps") is not None:  # YAML 1.1 reads a bare on/off as a boolean
@@ -300,6 +306,7 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
+            *(["--max-batch-tokens", str(spec.max_batch_tokens)] if spec.max_batch_tokens else []),
             *http, *_metrics_args(spec, "scheduler"), *tls_args(spec, "scheduler"),
             *(["--auth-token-file", os.path.abspath(spec.auth_token_file)] if spec.auth_token_file else []),
             *spec.scheduler_args,

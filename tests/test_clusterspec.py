@@ -12,7 +12,14 @@ import pytest
 from asap import clusterspec
 from asap.bench.compare import CLUSTER_FIELDS, cluster_spec
 from asap.cli import build_parser
-from asap.clusterspec import ClusterSpec, RankSpec, attention_commands, expert_commands
+from asap.clusterspec import (
+    ClusterSpec,
+    RankSpec,
+    attention_commands,
+    expert_commands,
+    scheduler_command,
+)
+from asap.commands.up import spec_from_args
 from asap.errors import InvalidArgument
 from asap.model.resolve import model_argument
 
@@ -117,6 +124,7 @@ def test_yaml_optimizations_list_and_flags_override_the_file(tmp_path: Path) -> 
     [
         ("optimizations: warp-drive\n", "warp-drive"),
         ("min_batch_tokens: many\n", "min_batch_tokens must be an integer"),
+        ("max_batch_tokens: 0\n", "max_batch_tokens must be >= 1, got 0"),
         ("optimisations: none\n", "unknown keys ['optimisations']"),
     ],
 )
@@ -125,3 +133,18 @@ def test_yaml_spec_rejects_bad_values_and_misspelt_keys(tmp_path: Path, text: st
     spec_file.write_text(text)
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         clusterspec.load_cluster_yaml(spec_file)
+
+
+def test_max_batch_tokens_reaches_the_scheduler_from_bench_up_and_yaml(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["bench", "--compare", "async", "--max-batch-tokens", "16384", "--lengths", "fixed:8"]
+    )
+    spec = cluster_spec("async", {name: getattr(args, name) for name in CLUSTER_FIELDS})
+    assert _flag(scheduler_command(spec, "m", ["a0"]).argv, "--max-batch-tokens") == "16384"
+    up = build_parser().parse_args(["up", "--max-batch-tokens", "4096"])
+    assert spec_from_args(up).max_batch_tokens == 4096
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text("max_batch_tokens: 2048\n")
+    assert clusterspec.load_cluster_yaml(spec_file).max_batch_tokens == 2048
+    # unset: the scheduler's own default, no flag at all
+    assert "--max-batch-tokens" not in scheduler_command(ClusterSpec(), "m", ["a0"]).argv

@@ -19,7 +19,9 @@ from asap.cluster import ClusterSpec, LocalCluster
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_FIELDS = ("model", "attention", "experts", "compute", "device", "dtype", "optimizations")
+CLUSTER_FIELDS = (
+    "model", "attention", "experts", "compute", "device", "dtype", "optimizations", "max_batch_tokens",
+)  # fmt: skip
 """``asap up`` flags that ``--compare`` passes to each mode's cluster."""
 
 

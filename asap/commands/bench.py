@@ -111,6 +111,12 @@ def add_parser(subparsers: Any) -> None:
     cluster.add_argument("--device", metavar="cpu|cuda")
     cluster.add_argument("--dtype", choices=DTYPES)
     cluster.add_argument("--optimizations", metavar="all|none|LIST")
+    cluster.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help="the scheduler's prompt tokens per batch (default 8192)",
+    )
     parser.set_defaults(func=run)
 
 

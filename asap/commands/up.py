@@ -45,6 +45,13 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="min-batch threshold (default: the calibrated knee)",
     )
+    up.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens per batch the scheduler forms, at most (default 8192; attention ranks warm up "
+        "batches of up to 16384)",
+    )
     up.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="scheduler port (default 50051)")
     up.add_argument(
@@ -121,6 +128,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "compute": args.compute,
         "optimizations": args.optimizations,
         "min_batch_tokens": args.min_batch_tokens,
+        "max_batch_tokens": args.max_batch_tokens,
         "host": args.host,
         "port": args.port,
         "trace": args.trace,
