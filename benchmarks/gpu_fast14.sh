@@ -8,6 +8,8 @@
 #                                   # the fast plane's round trip: eager, captured, armed steps (see graphs)
 #   VARIANTS="armed:1:1:0:0: armed-direct:1:1:1:0:--direct" bash benchmarks/gpu_fast14.sh graphs
 #                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag[:PREFETCH[:VAR=V,VAR=V]]
+#   REQUESTS=480 bash benchmarks/gpu_fast14.sh ratio   # 1+1 at saturation, then monolithic at 16384 and 8192
+#                                   # tokens per batch over the same prompts (~110 s; not yet run)
 # The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
@@ -71,6 +73,19 @@ for stage in $stages; do
             --modes async --sweep 240,240 --requests 960 --slo-ttft-ms 1200 --budget-s 290 2>&1 | grep -E "^async|GPU0" | tail -6
         kill $smi
         python3 benchmarks/gpu_util_window.py "$OUT/h11_util.csv" "$OUT/h11_sat.log" ;;
+    ratio)  # a same-call pair: the 1+1 cluster at saturation (REQUESTS per rate, default 480), then the
+            # monolithic process over its prompts with its own batches (16384 tokens) and with the
+            # scheduler's (8192 tokens, the batch-matched ratio)
+        nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/h11_ratio_util.csv" &
+        smi=$!
+        timeout -k 10 150 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_ratio --attention 1 --experts 1 \
+            --modes async --sweep 240,240 --requests "${REQUESTS:-480}" --slo-ttft-ms 1200 --budget-s 140 2>&1 | grep -E "^async " | tail -2
+        kill $smi
+        python3 benchmarks/gpu_util_window.py "$OUT/h11_ratio_util.csv" "$OUT/h11_ratio.log"
+        for tokens in 16384 8192; do
+            timeout -k 10 90 python3 benchmarks/gpu_monolithic.py --out "$OUT" --name "mono_$tokens" --bench-json "$OUT/h11_ratio.json" \
+                --max-batch-tokens $tokens --repeats 2 2>&1 | grep -E "pass [0-9]" | tail -2
+        done ;;
     headline-ipc)  # the same cluster on CUDA IPC over gRPC: cuda.bindings hidden, so auto cannot pick fast
         mkdir -p /tmp/nocuda/cuda && echo 'raise ImportError("hidden for the comparison")' > /tmp/nocuda/cuda/__init__.py
         PYTHONPATH=/tmp/nocuda:$PYTHONPATH timeout 200 python3 benchmarks/gpu_headline.py --out "$OUT" --name h11_ipc \

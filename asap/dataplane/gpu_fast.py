@@ -24,9 +24,11 @@ batched write of the step words and the flag; on the hot path the compute stream
 right after publication (early results, ``asap.dataplane.direct``): the combine waits on the device
 for the copy out that the done flag releases, and the completion, taken later, is the verdict the
 compute thread checks before the next layer's dispatches (``attention_svc.direct_runner``).
-Both are experimental and off by default: their GPU test (``tests/gpu/test_gpu_fast.py``,
-``test_hot_path_early_results_and_fills_match_grpc``) hung on an H200 on 2026-12-02 (its third cluster,
-the first with early results, never became ready) and the cause is not known yet.
+Both are experimental and off by default: no cluster-level A/B has shown them faster yet. Their GPU test
+(``tests/gpu/test_gpu_fast.py``, ``test_hot_path_early_results_and_fills_match_grpc``) hung once on an
+H200 on 2026-12-02 (its third cluster, the first with early results, never became ready); on a later
+machine it passed (both parameters) and the same cluster sequence ran three times without a hang, so the
+cause of that one hang is not known.
 
 Every wait is for a flag whose write the peer had already enqueued, so no two streams wait on each other.
 A peer that dies with work enqueued never writes its flags: the host that learns of it (stream break,

@@ -51,11 +51,6 @@ async def test_fast_plane_matches_grpc_cuda_ipc_and_reference(
     assert via_hot == via_grpc
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="hung on an H200 on 2026-12-02: the expert process of the first early-results run never became "
-    "ready (faulthandler: wait_ready); ASAP_GPU_LEAN_FILL / ASAP_GPU_HOST_FREE stay experimental, off",
-)
 @pytest.mark.parametrize("ranks", [1, 2])
 async def test_hot_path_early_results_and_fills_match_grpc(
     gpu_model_dir: Path, ranks: int, monkeypatch: pytest.MonkeyPatch
