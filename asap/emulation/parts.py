@@ -348,7 +348,7 @@ class EmulatedExpertPart(ExpertPart):
         else:
             self._check_shapes(hidden, expert_ids, weights)
             per_expert, used = counted
-            totals = (used, int(np.count_nonzero(per_expert)) if used else 0)
+            totals = (used, len(per_expert.nonzero()[0]) if used else 0)  # experts with rows
         extra = (
             0.0
             if self.layer_agnostic

@@ -84,7 +84,7 @@ class HostedIds:
             return None
         slots = np.bincount(shifted, minlength=self.high + 1)
         low = self.low
-        if low and np.count_nonzero(slots[1 : low + 1]):
+        if low and len(slots[1 : low + 1].nonzero()[0]):  # ``nonzero``: C, ``count_nonzero`` a Python call
             return None
         return slots[low + 1 :], shifted.size - int(slots[0])
 
