@@ -117,6 +117,9 @@ class ExpertExecutor:
         self._hosted[-1] = True  # index -1: a slot for another rank
         self._hosted_ids = HostedIds(part.hosted, part.config.num_experts)
         self._moe_layers = set(part.config.moe_layer_ids)
+        self._compute_counted: Callable[..., torch.Tensor] | None = getattr(part, "compute_counted", None)
+        """The part's ``compute`` of checked ids with their counts (``ExpertPart``'s; a stand-in part
+        without it, a test's, gets ``compute``)."""
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
         self._compute_lock = threading.Lock()
@@ -310,8 +313,8 @@ class ExpertExecutor:
         counted: HostedCounts | None = None,
     ) -> torch.Tensor:
         if out is None:
-            if counted is not None:
-                return self.part.compute_counted(layer, hidden, ids, weights, counted)
+            if counted is not None and self._compute_counted is not None:
+                return self._compute_counted(layer, hidden, ids, weights, counted)
             return self.part.compute(layer, hidden, ids, weights)
         return self.part.compute_into(layer, hidden, ids, weights, out)
 
