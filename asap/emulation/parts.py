@@ -347,8 +347,8 @@ class EmulatedExpertPart(ExpertPart):
             totals = self._checked_totals(hidden, expert_ids, weights)
         else:
             self._check_shapes(hidden, expert_ids, weights)
-            per_expert, used = counted
-            totals = (used, len(per_expert.nonzero()[0]) if used else 0)  # experts with rows
+            per_expert, used = counted  # nonzero exactly for the experts with rows (``HostedCounts``)
+            totals = (used, len(per_expert.nonzero()[0]) if used else 0)
         extra = (
             0.0
             if self.layer_agnostic

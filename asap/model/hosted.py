@@ -21,12 +21,19 @@ __all__ = ["HostedCounts", "HostedIds", "add_counts"]
 _ONE = np.uint32(1)
 
 HostedCounts = tuple[np.ndarray, int]  # type: ignore[type-arg]
-"""A checked table's rows per expert of the hosted block ``[low, high)`` (int64 [high - low]) and its
-slots that are not -1: all a modelled expert call's time depends on (``asap.emulation.costs``)."""
+"""What a checked table's modelled expert call depends on (``asap.emulation.costs``): per expert of the
+hosted block ``[low, high)`` a count (int [high - low]) that is nonzero exactly for the experts with
+rows (the rows of every slot, or of the first slots when those name every hosted expert already), and
+the table's slots that are not -1."""
+
+_HEAD = 2048
+"""``HostedIds.counts``: slots counted first in a table of more than ``2 * _HEAD`` (usually they name
+every hosted expert, and the rest need not be counted)."""
 
 
 def add_counts(counted: list[HostedCounts | None]) -> HostedCounts | None:
-    """The counts of the tables ``counted`` stacked (a merged call), None if any is unknown."""
+    """The counts of the tables ``counted`` stacked (a merged call), None if any is unknown: the sum of
+    counts is nonzero where any table's is."""
     first = counted[0]
     if first is None:
         return None
@@ -77,16 +84,35 @@ class HostedIds:
         ``low + 1`` bins say the rest: bin 0 the -1 slots, bins 1 to ``low`` must be empty."""
         if ids.dtype != np.int32 or not self.contiguous:
             return None
-        shifted = ids.reshape(-1).view(np.uint32) + _ONE
+        flat = ids.reshape(-1).view(np.uint32)
+        low, high = self.low, self.high
+        if flat.size > 2 * _HEAD:
+            return self._counts_large(flat)
+        shifted = flat + _ONE
         if shifted.size == 0:
-            return np.zeros(self.high - self.low, dtype=np.intp), 0
-        if int(np.maximum.reduce(shifted)) > self.high:
+            return np.zeros(high - low, dtype=np.intp), 0
+        if int(np.maximum.reduce(shifted)) > high:
             return None
-        slots = np.bincount(shifted, minlength=self.high + 1)
-        low = self.low
+        slots = np.bincount(shifted, minlength=high + 1)
         if low and len(slots[1 : low + 1].nonzero()[0]):  # ``nonzero``: C, ``count_nonzero`` a Python call
             return None
         return slots[low + 1 :], shifted.size - int(slots[0])
+
+    def _counts_large(self, flat: np.ndarray) -> HostedCounts | None:  # type: ignore[type-arg]
+        """``counts`` of a long table (``flat``: its ids read as unsigned): ``all_hosted``'s reductions
+        check it, the slots that are not -1 are counted as nonzero values of ``id + 1``, and only its
+        first ``_HEAD`` slots are counted per expert unless they miss a hosted expert (a count costs
+        several times a reduction per slot, and most slots of a rank's table are -1)."""
+        low, high = self.low, self.high
+        if int(np.minimum.reduce(flat)) < low:
+            return None
+        shifted = flat + _ONE
+        if int(np.maximum.reduce(shifted)) > high:
+            return None
+        slots = np.bincount(shifted[:_HEAD], minlength=high + 1)[low + 1 :]
+        if len(slots.nonzero()[0]) < high - low:
+            slots = np.bincount(shifted, minlength=high + 1)[low + 1 :]
+        return slots, int(np.count_nonzero(shifted))
 
     def totals(self, ids: np.ndarray) -> tuple[int, int]:  # type: ignore[type-arg]
         """(slots that are not -1, hosted experts with at least one slot) of a table that passed

@@ -131,7 +131,7 @@ def test_hosted_ids_reductions_cover_the_edges() -> None:
 @pytest.mark.parametrize("hosted", [[0, 1, 2, 3], [4, 5, 6], [1, 3, 4], [0], [127]])
 def test_the_executors_counts_are_the_parts_counts(config_only: ModelConfig, hosted: list[int]) -> None:
     """``ExpertExecutor.check`` (the one check of a dispatch's ids): passes and fails as ``validate``
-    does, and when it counts, its rows per expert of the block and used slots are the full counts'; the
+    does, and when it counts, its experts with rows and used slots are the full counts'; the
     part computing with them (``compute_counted``) charges the time ``compute`` charges."""
     from asap.sim.devices import ChargeSleeper
 
@@ -159,7 +159,7 @@ def test_the_executors_counts_are_the_parts_counts(config_only: ModelConfig, hos
         assert counted is not None
         counts = part._checked_counts(hidden, ids, weights)  # in ``hosted`` order: a sorted block here
         per_expert, used = counted
-        assert per_expert.tolist() == counts.tolist() and used == int(counts.sum())
+        assert (per_expert > 0).tolist() == (counts > 0).tolist() and used == int(counts.sum())
         part.compute(layer, hidden, narrow, weights)
         full = sleeper.take()
         part.compute_counted(layer, hidden, narrow, weights, counted)
@@ -188,3 +188,29 @@ def test_hosted_counts_cover_the_edges_and_add_up() -> None:
     assert merged is not None and merged[0].tolist() == [2, 0, 2, 1] and merged[1] == 5
     assert add_counts([first, None]) is None
     assert HostedIds([0, 1], 4).counts(np.array([[0, 1, -1]], dtype=np.int32)) is not None  # low 0
+
+
+def test_long_tables_are_checked_to_their_last_slot() -> None:
+    """A table longer than the counted head (``HostedIds._counts_large``): a bad id or an expert's only
+    rows after the head are seen; the used slots and experts with rows are those of the full count."""
+    from asap.model.hosted import _HEAD, HostedIds
+
+    block = HostedIds(list(range(32, 48)), 64)
+    gen = np.random.default_rng(3)
+    rows = 4 * _HEAD // 8 + 5
+    ids = np.full((rows, 8), -1, dtype=np.int32)
+    mask = gen.random(ids.shape) < 0.2
+    mask[-1, -1] = False
+    ids[mask] = gen.integers(32, 47, int(mask.sum()))  # expert 47 never in the head
+    full = np.bincount(ids[ids >= 0] - 32, minlength=16)
+    counted = block.counts(ids)
+    assert counted is not None and (counted[0] > 0).tolist() == (full > 0).tolist()
+    assert counted[1] == int(mask.sum()) and not counted[0][15]
+    ids[-1, -1] = 47  # the cold expert's only row, at the end
+    counted = block.counts(ids)
+    assert counted is not None and counted[0][15] == 1 and counted[1] == int(mask.sum()) + 1
+    for bad in (31, 48, -2, 0, np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+        wrong = ids.copy()
+        wrong[-1, 0] = bad
+        assert block.counts(wrong) is None, bad
+        assert not block.all_hosted(wrong)
