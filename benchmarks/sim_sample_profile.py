@@ -44,7 +44,8 @@ def _short(path: str) -> str:
     return path
 
 
-def _report(top: int = 45) -> None:
+def _report(top: int = int(os.environ.get("SIM_PROFILE_TOP", "45"))) -> None:
+    """The ``top`` functions by share (``SIM_PROFILE_TOP``, default 45) of each list."""
     n = max(samples[0], 1)
     print(f"samples {samples[0]} (every {INTERVAL_S * 1e3:g} ms of CPU)", file=sys.stderr)
     for title, counts in (("self", self_counts), ("inclusive", inclusive_counts)):

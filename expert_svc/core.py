@@ -25,7 +25,7 @@ from asap import clock
 from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
-from asap.model.hosted import HostedIds
+from asap.model.hosted import HostedCounts, HostedIds, add_counts
 from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class _Work:
     expert_ids: torch.Tensor  # [n, K]
     weights: torch.Tensor  # [n, K]
     future: asyncio.Future[ExpertResult]
+    counted: HostedCounts | None = None
+    """What ``check`` counted of ``expert_ids`` (handed to the part: it does not check them again)."""
     enqueued_ns: int = field(default_factory=clock.monotonic_ns)
 
 
@@ -115,6 +117,9 @@ class ExpertExecutor:
         self._hosted[-1] = True  # index -1: a slot for another rank
         self._hosted_ids = HostedIds(part.hosted, part.config.num_experts)
         self._moe_layers = set(part.config.moe_layer_ids)
+        self._compute_counted: Callable[..., torch.Tensor] | None = getattr(part, "compute_counted", None)
+        """The part's ``compute`` of checked ids with their counts (``ExpertPart``'s; a stand-in part
+        without it, a test's, gets ``compute``)."""
         self._taken: list[_Work] = []  # taken off the queue by the worker, not yet answered
         self._closed = False
         self._compute_lock = threading.Lock()
@@ -161,16 +166,21 @@ class ExpertExecutor:
 
     def validate(self, layer: int, expert_ids: torch.Tensor) -> None:
         """Reject work this rank cannot do, before it is queued (so one bad chunk never spoils a merge)."""
+        self.check(layer, expert_ids)
+
+    def check(self, layer: int, expert_ids: torch.Tensor) -> HostedCounts | None:
+        """``validate``, returning the ids' rows per hosted expert when the check counted them
+        (``HostedIds.counts``: CPU int32 ids of a contiguous block, what the planes deliver), else None:
+        the one check of a dispatch's ids, whose counts go with the work to the part
+        (``ExpertPart.compute_counted``), which then does not check them again."""
         if layer not in self._moe_layers:
             raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
-        # what the planes deliver (CPU int32): two reductions (``HostedIds``); anything else, or a bad
-        # id, takes the checks below, whose messages say what is wrong
-        if (
-            expert_ids.dtype is torch.int32
-            and expert_ids.device.type == "cpu"
-            and self._hosted_ids.all_hosted(expert_ids.numpy())
-        ):
-            return
+        # what the planes deliver (CPU int32): a reduction and a count (``HostedIds``); anything else,
+        # or a bad id, takes the checks below, whose messages say what is wrong
+        if expert_ids.dtype is torch.int32 and expert_ids.is_cpu:
+            counted = self._hosted_ids.counts(expert_ids.numpy())
+            if counted is not None:
+                return counted
         # numpy on the host: the routing table is small, and a torch op's dispatch costs more than its work
         ids = expert_ids.detach().to("cpu").numpy().astype(np.int64, copy=False)
         if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.part.config.num_experts):
@@ -183,16 +193,27 @@ class ExpertExecutor:
             raise InvalidArgument(
                 f"experts {bad} are not hosted by this rank (hosts {list(self.part.hosted)})"
             )
+        return None
 
     async def submit(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        counted: HostedCounts | None = None,
     ) -> asyncio.Future[ExpertResult]:
-        """Queue one chunk; waits while the queue is full (backpressure). Returns the result's future."""
+        """Queue one chunk; waits while the queue is full (backpressure). Returns the result's future.
+
+        ``counted``: what ``check`` returned for these very ids (a caller that checked them before, the
+        step barrier's sync path): not checked again; None, they are checked here."""
         if self._closed:
             raise Unavailable("expert rank is shutting down")
-        self.validate(layer, expert_ids)
+        if counted is None:
+            counted = self.check(layer, expert_ids)
         future: asyncio.Future[ExpertResult] = asyncio.get_running_loop().create_future()
-        work = _Work(layer, hidden, expert_ids, weights, future)
+        work = _Work(layer, hidden, expert_ids, weights, future, counted)
         if self._queue.full():
             await self._queue.put(work)
         else:  # what ``put`` does when there is room, without its coroutine
@@ -268,14 +289,16 @@ class ExpertExecutor:
         started = ready_event(self.part.device, timing=True)
         if len(group) == 1:
             w = group[0]
-            outs = [self._part_compute(w.layer, w.hidden, w.expert_ids, w.weights, out)]
+            counted = getattr(w, "counted", None)  # queued work (``_Work``); a fast lane's rows: none
+            outs = [self._part_compute(w.layer, w.hidden, w.expert_ids, w.weights, out, counted)]
         else:
             # Rows may lie in regions of different GPUs (CUDA IPC from several attention ranks): bring them
             # to this rank's device first.
             hidden = _merged_rows([w.hidden for w in group], self.part.device)  # [sum n, H]
             ids = torch.cat([w.expert_ids for w in group])
             weights = torch.cat([w.weights for w in group])
-            merged = self._part_compute(group[0].layer, hidden, ids, weights, out)
+            counted = add_counts([getattr(w, "counted", None) for w in group])
+            merged = self._part_compute(group[0].layer, hidden, ids, weights, out, counted)
             outs = list(torch.split(merged, [w.hidden.shape[0] for w in group]))
         # Compute time is host time: on CUDA the kernels may still run; ``ready`` marks their end.
         return outs, clock.monotonic_ns() - start, (started, ready_event(self.part.device, timing=True))
@@ -287,8 +310,11 @@ class ExpertExecutor:
         ids: torch.Tensor,
         weights: torch.Tensor,
         out: torch.Tensor | None,
+        counted: HostedCounts | None = None,
     ) -> torch.Tensor:
         if out is None:
+            if counted is not None and self._compute_counted is not None:
+                return self._compute_counted(layer, hidden, ids, weights, counted)
             return self.part.compute(layer, hidden, ids, weights)
         return self.part.compute_into(layer, hidden, ids, weights, out)
 

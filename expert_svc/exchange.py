@@ -33,6 +33,7 @@ from asap.emulation import DeviceProfile
 from asap.emulation.clock import charge
 from asap.emulation.costs import transfer_s
 from asap.errors import AsapError, InvalidArgument
+from asap.model.hosted import HostedCounts
 from asap.rpc.streams import cancel_all
 from asap.telemetry import setup
 from asap.v1 import expert_pb2
@@ -242,9 +243,10 @@ class ExchangeSession:
                 dispatch = msg if isinstance(msg, chunks.Dispatch) else shared.decode(msg, self.regions)
                 trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                 future: asyncio.Future[ExpertResult] | None
-                if dispatch.sync is not None:
-                    shared.executor.validate(dispatch.layer, dispatch.expert_ids)
-                    future = None  # queued after the step barrier
+                counted: HostedCounts | None = None
+                if dispatch.sync is not None:  # checked now, queued after the step barrier
+                    counted = shared.executor.check(dispatch.layer, dispatch.expert_ids)
+                    future = None
                 else:
                     future = await self._submit(dispatch)
             except AsapError as exc:
@@ -259,7 +261,7 @@ class ExchangeSession:
         finally:
             if serial is not None:
                 serial.release()
-        task = asyncio.get_running_loop().create_task(self._reply(dispatch, future, trace, outbound))
+        task = asyncio.get_running_loop().create_task(self._reply(dispatch, future, trace, outbound, counted))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
@@ -269,10 +271,13 @@ class ExchangeSession:
             await asyncio.gather(*self._replies)
         await outbound.put(None)
 
-    def _submit(self, dispatch: chunks.Dispatch) -> Coroutine[Any, Any, asyncio.Future[ExpertResult]]:
-        """The executor's ``submit`` of ``dispatch`` (its coroutine, awaited by the caller)."""
+    def _submit(
+        self, dispatch: chunks.Dispatch, counted: HostedCounts | None = None
+    ) -> Coroutine[Any, Any, asyncio.Future[ExpertResult]]:
+        """The executor's ``submit`` of ``dispatch`` (its coroutine, awaited by the caller); ``counted``:
+        what the executor's ``check`` returned for it earlier (not checked again)."""
         return self.shared.executor.submit(
-            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights
+            dispatch.layer, dispatch.hidden, dispatch.expert_ids, dispatch.weights, counted=counted
         )
 
     async def _reply(
@@ -281,6 +286,7 @@ class ExchangeSession:
         future: asyncio.Future[ExpertResult] | None,
         trace: ChunkTrace | None,
         outbound: Answers,
+        counted: HostedCounts | None = None,
     ) -> None:
         shared = self.shared
         loop = asyncio.get_running_loop()
@@ -306,7 +312,7 @@ class ExchangeSession:
                         future = loop.create_future()
                         future.set_result(ExpertResult(dispatch.hidden, 0, 0))
                     else:
-                        future = await self._submit(dispatch)
+                        future = await self._submit(dispatch, counted)
                 result = await future
                 if trace is not None:
                     trace.computed(result)

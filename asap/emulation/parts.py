@@ -27,7 +27,7 @@ from asap.errors import InvalidArgument
 from asap.model.attention_part import AttentionPart, MoERequest, SteppedPart
 from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
-from asap.model.hosted import HostedIds
+from asap.model.hosted import HostedCounts, HostedIds
 from asap.model.kvcache import ChunkCache, check_caches
 
 
@@ -291,7 +291,7 @@ class EmulatedExpertPart(ExpertPart):
         ``_checked_counts`` (the same ``InvalidArgument``s): all a modelled call's time depends on. CPU
         int32 ids of a contiguous block (what the planes deliver to a placement's rank) take
         ``HostedIds``' two reductions and one count of the used slots; anything else the counts."""
-        if expert_ids.dtype is torch.int32 and expert_ids.device.type == "cpu":
+        if expert_ids.dtype is torch.int32 and expert_ids.is_cpu:
             ids = expert_ids.numpy()
             if self._hosted_ids.all_hosted(ids):
                 self._check_shapes(hidden, expert_ids, weights)
@@ -317,11 +317,38 @@ class EmulatedExpertPart(ExpertPart):
         The modelled time counts from the call's start (``Sleeper.begin``): the validation and the row
         counts run inside it. One numpy pass over the ids both validates them (the real part's rules and
         messages) and counts the rows per expert."""
+        return self._modelled_compute(layer, hidden, expert_ids, weights, None)
+
+    def compute_counted(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        counted: HostedCounts,
+    ) -> torch.Tensor:
+        """``compute`` of ids the rank checked and counted (``ExpertExecutor.check``): the shapes are
+        checked, the ids not again; the modelled time is that of the same totals (so the same time)."""
+        return self._modelled_compute(layer, hidden, expert_ids, weights, counted)
+
+    def _modelled_compute(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        counted: HostedCounts | None,
+    ) -> torch.Tensor:
         at = getattr(self._ready, "at", None)
         self._ready.at = None
         _begin(self.sleeper, at=at)
         self._slot(layer)
-        totals = self._checked_totals(hidden, expert_ids, weights)
+        if counted is None:
+            totals = self._checked_totals(hidden, expert_ids, weights)
+        else:
+            self._check_shapes(hidden, expert_ids, weights)
+            per_expert, used = counted  # nonzero exactly for the experts with rows (``HostedCounts``)
+            totals = (used, len(per_expert.nonzero()[0]) if used else 0)
         extra = (
             0.0
             if self.layer_agnostic

@@ -18,6 +18,7 @@ from asap.model import names
 from asap.model.config import ModelConfig
 from asap.model.fp8 import dequantizing
 from asap.model.grouped import BUCKETS, GraphedExperts, LayerAgnosticExperts, bucket_for, grouped_mm_available
+from asap.model.hosted import HostedCounts
 from asap.model.layers import load_tensor
 from asap.model.weights import TensorSource
 
@@ -104,6 +105,20 @@ class ExpertPart:
         """
         local = self._local_ids(hidden, expert_ids, weights)  # [N, K] local index, -1 to skip
         return self.compute_local(layer, hidden, local, weights)
+
+    def compute_counted(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        counted: HostedCounts,
+    ) -> torch.Tensor:
+        """``compute`` of ids the rank already checked, with their rows per hosted expert (``counted``,
+        ``ExpertExecutor.check``). This part maps the ids to its own slots anyway and checks them on
+        the way (``compute``); the emulated part, whose modelled time needs only the counts, does not
+        check the same ids twice."""
+        return self.compute(layer, hidden, expert_ids, weights)
 
     def compute_into(
         self,
