@@ -127,6 +127,8 @@ class SimCluster:
     """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
     expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
     the ``grpc`` plane's shape-only chunks, as a real link carries them)."""
+    sync_planner: str = "lpt"
+    """Sync modes' step planner (``SchedulerConfig.sync_planner``): ``lpt`` or ``per-rank``."""
     ports: Ports | None = None
     """The devices' ports with ``Layout.links == "ports"`` (set by ``start``)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
@@ -266,6 +268,8 @@ class SimCluster:
             attention_servicers.append(AttentionServicer(attention, config))
 
         service = scheduler_config(service_args(scheduler_command(spec, model_dir, attention_targets).argv))
+        service.core.sync_planner = self.sync_planner
+        service.core.__post_init__()  # validates it
         client = AttentionClient(
             attention_targets,
             mode=service.core.mode,
