@@ -8,8 +8,8 @@ from asap.errors import InvalidArgument, Unavailable
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.placement import (
-    balance_request,
     RankView,
+    balance_request,
     least_finish_time,
     least_loaded,
     place_batch,
