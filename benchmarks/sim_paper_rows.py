@@ -49,8 +49,9 @@ def rows(path: Path) -> tuple[list[str], list[str]]:
             )
         run = document.get("simulation", {}).get("runs", {}).get(mode, {})
         for name, c in run.get("ttft_breakdown", {}).get("classes", {}).items():
+            rates = "/".join(f"{r['rate_rps']:g}" for r in entry["results"])
             breakdown.append(
-                f"| {_label(document, mode)} | {name} | {c['requests']} | {c['prompt_tokens_mean']} | "
+                f"| {_label(document, mode)} | {rates} | {name} | {c['requests']} | {c['prompt_tokens_mean']} | "
                 f"{c['ttft_ms_mean']:.0f} | {c['barrier_ms_mean']:.0f} | {c['barrier_share_mean']:.0%} | "
                 f"{c['barrier_share_of_total']:.0%} | {c['queue_ms_mean']:.0f} | {c['queue_share_of_total']:.0%} |"
             )
@@ -74,9 +75,9 @@ def main() -> None:
     if breakdowns:
         print()
         print(
-            "| run | class | requests | mean prompt | TTFT mean ms | barrier wait mean ms | barrier / TTFT (per request) | barrier / summed TTFT | queue mean ms | queue / summed TTFT |"
+            "| run | rate | class | requests | mean prompt | TTFT mean ms | barrier wait mean ms | barrier / TTFT (per request) | barrier / summed TTFT | queue mean ms | queue / summed TTFT |"
         )
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         print("\n".join(breakdowns))
 
 
