@@ -6,6 +6,9 @@ baseline as good as it honestly can be: new requests are placed longest-predicte
 the least predicted work (LPT, ``placement.place_longest_first``), which balances attention cost
 (a·n + b·n², so a long prompt counts for more than its tokens), within a per-rank token budget.
 
+``plan_step_per_rank`` is the planner vLLM / SGLang DP+EP users run instead (``--sync-planner
+per-rank``): each rank batches from its own queue, filled by a request-count balancer at arrival.
+
 ``sync-chunked`` adds chunked prefill: a rank processes at most ``chunk_tokens`` prompt tokens per step;
 a prompt longer than what is left of that budget is split, its later chunks continue on the same rank
 in the following steps (the rank keeps their K/V), ahead of new work.

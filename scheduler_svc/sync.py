@@ -1,6 +1,7 @@
 """The global-step dispatcher of the synchronous baselines (``sync`` and ``sync-chunked``).
 
-Each step: plan every healthy rank's batch (``steps.plan_step``), send them all with the same
+Each step: plan every healthy rank's batch (``steps.plan_step``, or ``steps.plan_step_per_rank`` over the
+per-rank queues a request-count balancer fills with ``SchedulerConfig.sync_planner`` ``per-rank``), send them all with the same
 ``SyncStep`` (step id and participant count; the expert ranks then hold each layer until every rank's
 dispatch is in, the barrier of DP+EP with all-to-all), wait for the slowest rank, deliver, repeat. A rank with nothing to do
 still runs an empty batch, so it takes part in every layer's exchange, exactly as an idle DP rank does.

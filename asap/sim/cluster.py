@@ -270,8 +270,7 @@ class SimCluster:
             attention_servicers.append(AttentionServicer(attention, config))
 
         service = scheduler_config(service_args(scheduler_command(spec, model_dir, attention_targets).argv))
-        service.core.sync_planner = self.sync_planner
-        service.core.__post_init__()  # validates it
+        service.core = dataclasses.replace(service.core, sync_planner=self.sync_planner)  # validated
         client = AttentionClient(
             attention_targets,
             mode=service.core.mode,
