@@ -8,6 +8,9 @@ from asap.errors import InvalidArgument
 from asap.modes import check_mode
 from scheduler_svc.costmodel import AttentionCostModel
 
+SYNC_PLANNERS = ("lpt", "per-rank")
+"""``SchedulerConfig.sync_planner``'s values."""
+
 
 @dataclass(slots=True)
 class SchedulerConfig:
@@ -38,6 +41,12 @@ class SchedulerConfig:
     (attention dominates there, and a second batch would only slow it down)."""
     chunk_tokens: int = 8192
     """``sync-chunked``: prompt tokens one rank processes per step; longer prompts are split into chunks."""
+    sync_planner: str = "lpt"
+    """Sync modes: how a step's batches are chosen. ``lpt`` (the best-placement baseline): one global
+    plan, the queue's FIFO prefix packed longest-first over every rank (``steps.plan_step``).
+    ``per-rank``: what vLLM / SGLang DP+EP run: a front-end balancer gives each new request a rank by
+    request counts (``placement.balance_request``) and every rank takes its step from its own queue
+    (``steps.plan_step_per_rank``)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -47,3 +56,7 @@ class SchedulerConfig:
             if value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")
         check_mode(self.mode)
+        if self.sync_planner not in SYNC_PLANNERS:
+            raise InvalidArgument(
+                f"sync_planner must be one of {', '.join(SYNC_PLANNERS)}, got {self.sync_planner!r}"
+            )

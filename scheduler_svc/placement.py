@@ -125,3 +125,17 @@ def place_longest_first(
         used[rank] += take
         load[rank] += cost.prompt_ms(take)
     return placed, left_out
+
+
+def balance_request(waiting: Mapping[int, int], running: Mapping[int, int]) -> int:
+    """The rank a front-end balancer sends a new request to: the least ``4 x waiting + running``, the
+    lowest rank on ties (``--sync-planner per-rank``).
+
+    This is vLLM's data-parallel load balancer (``vllm/v1/engine/core_client.py``,
+    ``DPLBAsyncMPClient.get_core_engine_for_request``: ``score = waiting * 4 + running`` over each
+    engine's request counts): it counts requests, not their lengths, so one long prompt weighs what a
+    short one does, unlike ``place_longest_first``. ``waiting`` and ``running`` hold the same ranks.
+    """
+    if not waiting:
+        raise Unavailable("no healthy attention rank to balance a request to")
+    return min(waiting, key=lambda rank: (4 * waiting[rank] + running[rank], rank))

@@ -6,6 +6,9 @@ baseline as good as it honestly can be: new requests are placed longest-predicte
 the least predicted work (LPT, ``placement.place_longest_first``), which balances attention cost
 (a·n + b·n², so a long prompt counts for more than its tokens), within a per-rank token budget.
 
+``plan_step_per_rank`` is the planner vLLM / SGLang DP+EP users run instead (``--sync-planner
+per-rank``): each rank batches from its own queue, filled by a request-count balancer at arrival.
+
 ``sync-chunked`` adds chunked prefill: a rank processes at most ``chunk_tokens`` prompt tokens per step;
 a prompt longer than what is left of that budget is split, its later chunks continue on the same rank
 in the following steps (the rank keeps their K/V), ahead of new work.
@@ -13,7 +16,7 @@ in the following steps (the rank keeps their K/V), ahead of new work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scheduler_svc.costmodel import AttentionCostModel
@@ -121,4 +124,52 @@ def plan_step(
     for placement in placed:
         plan.batches[placement.rank].append(ChunkItem(placement.request, 0, placement.tokens))
     plan.started = candidates
+    return plan
+
+
+def plan_step_per_rank(
+    queues: Mapping[int, Sequence[ScheduledRequest]],
+    in_progress: Sequence[InProgress],
+    healthy_ranks: Sequence[int],
+    *,
+    max_batch_tokens: int,
+    max_batch_prompts: int,
+    chunk_tokens: int | None = None,
+) -> StepPlan:
+    """Each rank's batch from its own FIFO queue, as every DP engine of vLLM / SGLang DP+EP schedules
+    its own waiting queue (``--sync-planner per-rank``; ``queues``: per rank, its requests in arrival
+    order, as the front-end balancer assigned them, ``placement.balance_request``).
+
+    A rank continues its in-progress chunks first, then takes whole prompts from the head of its queue
+    while they fit its ``max_batch_tokens`` (a longer one runs alone on an otherwise empty rank), and
+    stops at the first that does not (no skipping ahead). With ``chunk_tokens`` (``sync-chunked``) the
+    budget is ``chunk_tokens`` and the last prompt taken may be split (chunked prefill: its first chunk
+    takes what is left). No rank takes another rank's requests, however idle it is: what the global
+    ``plan_step`` (longest-first over every rank) does better than these systems.
+    """
+    plan = StepPlan(batches={rank: [] for rank in healthy_ranks})
+    budget = chunk_tokens if chunk_tokens is not None else max_batch_tokens
+    used = dict.fromkeys(healthy_ranks, 0)
+    for item in in_progress:
+        if item.rank not in plan.batches:
+            continue
+        take = min(item.request.prompt_tokens - item.done, budget - used[item.rank])
+        if take > 0:
+            plan.batches[item.rank].append(ChunkItem(item.request, item.done, item.done + take))
+            used[item.rank] += take
+    for rank in healthy_ranks:
+        batch = plan.batches[rank]
+        for request in queues.get(rank, ()):
+            room = budget - used[rank]
+            if len(batch) >= max_batch_prompts or room <= 0:
+                break
+            if chunk_tokens is not None:
+                take = min(request.prompt_tokens, room)
+            elif request.prompt_tokens <= room or used[rank] == 0:
+                take = request.prompt_tokens
+            else:
+                break
+            batch.append(ChunkItem(request, 0, take))
+            used[rank] += take
+            plan.started.append(request)
     return plan

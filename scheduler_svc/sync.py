@@ -1,6 +1,7 @@
 """The global-step dispatcher of the synchronous baselines (``sync`` and ``sync-chunked``).
 
-Each step: plan every healthy rank's batch (``steps.plan_step``), send them all with the same
+Each step: plan every healthy rank's batch (``steps.plan_step``, or ``steps.plan_step_per_rank`` over the
+per-rank queues a request-count balancer fills with ``SchedulerConfig.sync_planner`` ``per-rank``), send them all with the same
 ``SyncStep`` (step id and participant count; the expert ranks then hold each layer until every rank's
 dispatch is in, the barrier of DP+EP with all-to-all), wait for the slowest rank, deliver, repeat. A rank with nothing to do
 still runs an empty batch, so it takes part in every layer's exchange, exactly as an idle DP rank does.
@@ -18,9 +19,10 @@ from asap import clock
 from asap.errors import AsapError, InternalError, Unavailable
 from asap.syncstep import SyncStep
 from scheduler_svc.dispatch import CoreHandle
+from scheduler_svc.placement import balance_request
 from scheduler_svc.ranks import RankBatch
 from scheduler_svc.requests import FailedBatch, RankResultItem, RequestResult, ScheduledRequest
-from scheduler_svc.steps import ChunkItem, InProgress, plan_step
+from scheduler_svc.steps import ChunkItem, InProgress, StepPlan, plan_step, plan_step_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class SyncDispatcher:
         self._step_ids = itertools.count(1)
         self._first_sent: dict[ScheduledRequest, float] = {}
         self._drops: dict[int, list[str]] = {}
+        self._home: dict[ScheduledRequest, int] = {}
+        """``per-rank`` planner: the rank the front-end balancer gave each queued request."""
+        self._running: dict[int, int] = {}
+        """``per-rank`` planner: requests in each rank's last step (the balancer's running counts)."""
 
     @property
     def holding(self) -> bool:
@@ -66,16 +72,7 @@ class SyncDispatcher:
         while True:
             try:
                 self._forget_withdrawn()
-                config = core.config
-                plan = plan_step(
-                    core.queue.live(loop.time()),
-                    self.in_progress,
-                    core.ranks.healthy_ranks(),
-                    max_batch_tokens=config.max_batch_tokens,
-                    max_batch_prompts=config.max_batch_prompts,
-                    cost=config.cost,
-                    chunk_tokens=self.chunk_tokens,
-                )
+                plan = self._plan(core.queue.live(loop.time()), core.ranks.healthy_ranks())
             except Exception as exc:  # a planner bug must not silently wedge every queued request
                 logger.exception("sync step planning failed")
                 core.fail_pending(InternalError(f"sync step planning failed: {exc!r}"))
@@ -90,6 +87,52 @@ class SyncDispatcher:
                 request.end_queue_span()
             await self._run_step(SyncStep(next(self._step_ids), len(plan.batches)), plan.batches, sent)
             core.progress()
+
+    def _plan(self, pending: Sequence[ScheduledRequest], healthy: Sequence[int]) -> StepPlan:
+        config = self._core.config
+        if config.sync_planner == "lpt":
+            return plan_step(
+                pending,
+                self.in_progress,
+                healthy,
+                max_batch_tokens=config.max_batch_tokens,
+                max_batch_prompts=config.max_batch_prompts,
+                cost=config.cost,
+                chunk_tokens=self.chunk_tokens,
+            )
+        if not healthy:
+            return StepPlan()
+        plan = plan_step_per_rank(
+            self._queues(pending, healthy),
+            self.in_progress,
+            healthy,
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_prompts=config.max_batch_prompts,
+            chunk_tokens=self.chunk_tokens,
+        )
+        if not plan.empty:
+            self._running = {rank: len(items) for rank, items in plan.batches.items()}
+        return plan
+
+    def _queues(
+        self, pending: Sequence[ScheduledRequest], healthy: Sequence[int]
+    ) -> dict[int, list[ScheduledRequest]]:
+        """Each healthy rank's waiting queue, in arrival order. A request seen for the first time (or
+        whose rank is down) goes to the rank ``balance_request`` picks from the counts then: the requests
+        already waiting on each rank and those of its last step, as a front end that assigns at arrival
+        sees them while that step runs (vLLM's balancer reads counts published every 100 ms instead)."""
+        queues: dict[int, list[ScheduledRequest]] = {rank: [] for rank in healthy}
+        homes: dict[ScheduledRequest, int] = {}
+        for request in pending:
+            rank = self._home.get(request)
+            if rank is None or rank not in queues:
+                rank = balance_request(
+                    {r: len(q) for r, q in queues.items()}, {r: self._running.get(r, 0) for r in queues}
+                )
+            queues[rank].append(request)
+            homes[request] = rank
+        self._home = homes
+        return queues
 
     async def _run_step(self, step: SyncStep, batches: dict[int, list[ChunkItem]], sent: float) -> None:
         """Run one step on every participant. A participant that leaves the step (its call failed, its

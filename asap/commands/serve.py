@@ -148,6 +148,14 @@ def _common_scheduler(parser: argparse.ArgumentParser) -> None:
         "--chunk-tokens", type=int, default=8192, help="sync-chunked: prompt tokens per rank per step"
     )
     parser.add_argument(
+        "--sync-planner",
+        choices=("lpt", "per-rank"),
+        default="lpt",
+        help="sync modes: lpt (default; one global step packed longest-first over every rank, the best "
+        "placement) or per-rank (as vLLM / SGLang DP+EP: a request-count balancer gives each request a "
+        "rank, each rank takes its batch from its own FIFO queue)",
+    )
+    parser.add_argument(
         "--optimizations",
         default="all",
         help="all (default), none, or a comma list of min-batch, dual-batch, expert-overlap, layer-agnostic",
@@ -303,6 +311,7 @@ def scheduler_config(args: argparse.Namespace) -> Any:
         dual_batch_max_tokens=args.dual_batch_max_tokens,
         mode=args.mode,
         chunk_tokens=args.chunk_tokens,
+        sync_planner=getattr(args, "sync_planner", "lpt"),
     )
     if args.cost:
         try:

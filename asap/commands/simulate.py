@@ -157,6 +157,22 @@ def add_parser(subparsers: Any) -> None:
         "multi-process emulated cluster, its measured per-barrier excess over async (benchmarks/README.md)",
     )
     sim.add_argument(
+        "--port-gbps",
+        type=float,
+        metavar="GB/S",
+        help="with --links ports: every device's network port at this bandwidth (GB/s each way) instead "
+        "of the profile's port_gbps (a what-if: e.g. 25 for 200 GE RoCE, 50 for 400 Gb/s)",
+    )
+    sim.add_argument(
+        "--sync-planner",
+        choices=("lpt", "per-rank"),
+        default="lpt",
+        help="sync modes' step planner: lpt (default: the best-placement baseline, one global step packed "
+        "longest-first over every rank) or per-rank (what vLLM / SGLang DP+EP run: a front-end balancer "
+        "gives each request a rank by request counts, 4 x waiting + running as vLLM's; each rank takes its "
+        "batch from its own FIFO queue within its own budget; idle ranks run an empty batch)",
+    )
+    sim.add_argument(
         "--sim-transport",
         choices=("direct", "stream"),
         default="direct",
@@ -183,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="asap simulate: %(levelname)s %(message)s")
+    if args.port_gbps is not None and args.port_gbps <= 0:
+        print("asap simulate: --port-gbps must be positive", file=sys.stderr)
+        return 2
     workload, rates = workload_from_args(args)
     config = BenchConfig(
         workload=workload,
@@ -223,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
                 "host_jitter_s": args.host_jitter_us * 1e-6,
                 "host_cores": args.host_cores,
                 "host_cpu_s": args.host_cpu_us * 1e-6,
+                "sync_planner": args.sync_planner,
+                "port_gbps": args.port_gbps,
             },
         )
     finally:
@@ -246,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
         "host_cores": args.host_cores,
         "host_cpu_us": args.host_cpu_us,
         "transport": args.sim_transport,
+        "sync_planner": args.sync_planner,
+        "port_gbps": args.port_gbps,
         "runs": {mode: run_stats.to_json() for mode, run_stats in stats.items()},
     }
     print("SIMULATED (virtual clock) " + format_table(sweeps, config.slo_ttft_ms), flush=True)

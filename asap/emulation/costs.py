@@ -91,6 +91,10 @@ def causal_attention(
         # expansions of every attended position's latent (expanded again for each chunk)
         qk, v, heads = config.mla.qk_head_dim, config.mla.v_head_dim, config.num_heads
         flops = 2.0 * pairs * heads * (qk + v)
+        if config.sparse_attention is not None:
+            flops = sum(
+                _dsa_attention_flops(config, n, p) for n, p in zip(prompt_lengths, prefixes, strict=True)
+            )
         nbytes = float(tokens * heads * (2 * qk + 2 * v) + cached * heads * (qk + v)) * dtype_bytes
         return Kernel(flops, nbytes, "attention")
     flops = 4.0 * pairs * config.head_dim * config.num_heads
@@ -98,6 +102,72 @@ def causal_attention(
         float(tokens * (2 * config.q_size + 2 * config.kv_size) + cached * 2 * config.kv_size) * dtype_bytes
     )
     return Kernel(flops, nbytes, "attention")
+
+
+def _dsa_attention_flops(config: ModelConfig, tokens: int, prefix: int) -> float:
+    """Core-attention FLOPs of one prompt (or chunk) under DeepSeek Sparse Attention.
+
+    While the context fits ``index_topk`` every key is selected: dense MLA, as DeepSeek runs short
+    prefills ("masked MHA mode", the DeepSeek-V3.2-Exp report). Beyond it a query may attend to its
+    ``index_topk`` selected keys in MLA's MQA mode (the latent shared by all heads: QK^T over
+    ``kv_lora_rank + qk_rope_head_dim``, PV over ``kv_lora_rank`` per head; FlashMLA's sparse prefill
+    kernel, vLLM's ``flashmla_sparse`` backend), or densely with the non-selected keys masked (MHA
+    mode); the cheaper of the two is charged. MQA mode costs 3.4x as much per (query, key) pair for the
+    DeepSeek-V3 shape (2 x (576 + 512) vs 2 x (192 + 128) per head), so it wins only for prompts beyond
+    ~12.8k tokens: below that DSA's prefill attention costs what dense MLA does, plus the indexer."""
+    mla, sparse = config.mla, config.sparse_attention
+    if mla is None or sparse is None:
+        raise InvalidArgument(f"{config.model_type} has no sparse multi-head latent attention")
+    heads = config.num_heads
+    dense = (
+        2.0 * _keys_attended(prefix + 1, prefix + tokens, None) * heads * (mla.qk_head_dim + mla.v_head_dim)
+    )
+    if prefix + tokens <= sparse.index_topk:
+        return dense
+    selected = _keys_attended(prefix + 1, prefix + tokens, sparse.index_topk)
+    latent = 2.0 * selected * heads * (mla.kv_lora_rank + mla.qk_rope_head_dim + mla.kv_lora_rank)
+    return min(dense, latent)
+
+
+def indexer_kernels(
+    config: ModelConfig,
+    prompt_lengths: Sequence[int],
+    dtype_bytes: int,
+    prefix_lengths: Sequence[int] | None = None,
+) -> list[Kernel]:
+    """DeepSeek Sparse Attention's lightning indexer for the prompts whose context exceeds ``index_topk``
+    (below it every key is selected, so no selection is needed and none is charged); [] for dense models.
+
+    Kernels as the DeepSeek-V3.2-Exp reference runs them (``inference/model.py``, ``Indexer.forward``):
+    ``wq_b`` (query latent -> heads x head_dim), ``wk`` (hidden -> head_dim), ``weights_proj`` (hidden ->
+    heads), the key's LayerNorm, RoPE, Hadamard rotation and FP8 quantisation (one memory pass), the FP8
+    score kernel over every causal (query, key) pair (``fp8_index``: 2 x heads x head_dim FLOPs a pair,
+    fp32 scores written) and the top-k over the scores. 8-bit math runs at twice the 16-bit peak on both
+    hardware profiles' datasheets (H200 FP8 1,979 dense TFLOP/s; Ascend 910 INT8 512 TOPS), so the score
+    kernel's FLOPs are charged at half weight against ``peak_tflops``.
+    """
+    sparse = config.sparse_attention
+    if sparse is None:
+        return []
+    prefixes = list(prefix_lengths) if prefix_lengths is not None else [0] * len(prompt_lengths)
+    long = [(n, p) for n, p in zip(prompt_lengths, prefixes, strict=True) if n + p > sparse.index_topk]
+    if not long:
+        return []
+    t = sum(n for n, _ in long)
+    cached = sum(p for _, p in long)
+    pairs = sum(_keys_attended(p + 1, p + n, None) for n, p in long)
+    h, b = config.hidden_size, dtype_bytes
+    heads, dim = sparse.index_n_heads, sparse.index_head_dim
+    q_in = config.mla.q_lora_rank if config.mla is not None and config.mla.q_lora_rank else h
+    width = t * (heads + 1) * dim
+    return [
+        gemm(t, heads * dim, q_in, b),
+        gemm(t, dim, h, b),
+        gemm(t, heads, h, b),
+        elementwise(width, width, b),  # k LayerNorm, RoPE, Hadamard rotation, FP8 quantisation
+        Kernel(heads * dim * pairs, float(width + cached * dim) + pairs * 4.0, "gemm"),
+        Kernel(0.0, pairs * 4.0 + t * sparse.index_topk * 4.0, "memory"),  # top-k over the fp32 scores
+    ]
 
 
 def _keys_attended(first: int, last: int, window: int | None) -> int:
@@ -170,6 +240,7 @@ def attention_layer_kernels(
         kernels.append(elementwise(t * (q + kv), t * (q + kv), b))  # RoPE on q and k
         o_width = q
     kernels += [
+        *indexer_kernels(config, prompt_lengths, b, prefix_lengths),
         causal_attention(config, prompt_lengths, b, prefix_lengths),
         gemm(t, h, o_width, b),
         elementwise(2 * t * h, 2 * t * h, b),  # residual add + post-attention norm

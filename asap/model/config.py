@@ -21,6 +21,34 @@ QKNorm = Literal["none", "per_head", "full"]
 
 
 @dataclass(frozen=True, slots=True)
+class SparseAttention:
+    """DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): a lightning indexer scores every (query,
+    preceding key) pair with ``index_n_heads`` small heads of ``index_head_dim`` in FP8, and each query
+    attends only to the ``index_topk`` keys it scores highest (DeepSeek-V3.2-Exp ``inference/model.py``,
+    class ``Indexer``: ``wq_b`` from the query latent, ``wk`` and ``weights_proj`` from the hidden state)."""
+
+    index_topk: int
+    index_n_heads: int
+    index_head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("index_topk", "index_n_heads", "index_head_dim"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"sparse attention: {name} must be >= 1, got {getattr(self, name)}")
+
+
+def parse_sparse_attention(raw: dict[str, Any]) -> SparseAttention | None:
+    """DSA's shape from a config.json (``DeepseekV32ForCausalLM``'s keys), None when it has no indexer."""
+    if raw.get("index_topk") is None:
+        return None
+    return SparseAttention(
+        index_topk=int(raw["index_topk"]),
+        index_n_heads=int(_require(raw, "index_n_heads")),
+        index_head_dim=int(_require(raw, "index_head_dim")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Shape and behaviour of a MoE decoder, independent of where its parts run."""
 
@@ -67,6 +95,10 @@ class ModelConfig:
     """YaRN RoPE scaling (deepseek_v3); None: default RoPE."""
     group_routing: GroupLimitedRouting | None = None
     """Sigmoid group-limited routing with a correction bias (deepseek_v3); None: softmax top-k."""
+    sparse_attention: SparseAttention | None = None
+    """DeepSeek Sparse Attention (DeepSeek-V3.2's lightning indexer and top-k key selection), read from
+    ``index_topk`` / ``index_n_heads`` / ``index_head_dim``; None: dense attention. Only the emulated cost
+    model reads it (``asap.emulation.costs``); the torch model computes dense MLA."""
     weight_block_size: tuple[int, int] | None = None
     """Block shape of FP8 weights stored with ``weight_scale_inv`` (``quantization_config``); None: the
     checkpoint holds no block-quantised weights."""
@@ -234,7 +266,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         extra=raw,
     )
     if model_type == "deepseek_v3":
-        return ModelConfig(**(common | parse_deepseek_v3(raw, num_layers, num_heads)))
+        return ModelConfig(
+            **(common | parse_deepseek_v3(raw, num_layers, num_heads)),
+            sparse_attention=parse_sparse_attention(raw),
+        )
     if model_type in ("qwen3_moe", "qwen2_moe"):
         is_qwen2 = model_type == "qwen2_moe"
         return ModelConfig(

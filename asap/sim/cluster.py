@@ -127,6 +127,10 @@ class SimCluster:
     """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
     expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
     the ``grpc`` plane's shape-only chunks, as a real link carries them)."""
+    sync_planner: str = "lpt"
+    """Sync modes' step planner (``SchedulerConfig.sync_planner``): ``lpt`` or ``per-rank``."""
+    port_gbps: float | None = None
+    """``links="ports"``: every device's port bandwidth instead of the profile's (a what-if knob)."""
     ports: Ports | None = None
     """The devices' ports with ``Layout.links == "ports"`` (set by ``start``)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
@@ -266,6 +270,7 @@ class SimCluster:
             attention_servicers.append(AttentionServicer(attention, config))
 
         service = scheduler_config(service_args(scheduler_command(spec, model_dir, attention_targets).argv))
+        service.core = dataclasses.replace(service.core, sync_planner=self.sync_planner)  # validated
         client = AttentionClient(
             attention_targets,
             mode=service.core.mode,
@@ -295,7 +300,8 @@ class SimCluster:
         if self.layout.links != "ports" or profile is None:
             return None
         if self.ports is None:
-            self.ports = Ports(profile)
+            given = self.port_gbps
+            self.ports = Ports(profile if given is None else dataclasses.replace(profile, port_gbps=given))
         ports, sources = self.ports, self.expert_devices[expert_rank]
 
         def result_link_s(nbytes: int, attention_rank: int) -> float:

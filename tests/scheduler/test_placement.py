@@ -9,6 +9,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.placement import (
     RankView,
+    balance_request,
     least_finish_time,
     least_loaded,
     place_batch,
@@ -87,3 +88,12 @@ def test_longest_first_respects_the_prompt_bound() -> None:
         chunk_tokens=None, cost=COST,
     )  # fmt: skip
     assert len(placed) == 1 and len(left_out) == 1
+
+
+def test_balance_request_weighs_waiting_four_times_running_lowest_rank_on_ties() -> None:
+    # vLLM's DP balancer: score = 4 x waiting + running
+    assert balance_request({0: 1, 1: 0}, {0: 0, 1: 3}) == 1  # 4 > 3
+    assert balance_request({0: 1, 1: 0}, {0: 0, 1: 5}) == 0  # 4 < 5
+    assert balance_request({0: 0, 1: 0, 2: 0}, {0: 1, 1: 0, 2: 0}) == 1
+    with pytest.raises(Unavailable):
+        balance_request({}, {})

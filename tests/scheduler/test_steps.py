@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scheduler_svc.costmodel import AttentionCostModel
 from scheduler_svc.requests import ScheduledRequest
-from scheduler_svc.steps import ChunkItem, InProgress, StepPlan, plan_step
+from scheduler_svc.steps import ChunkItem, InProgress, StepPlan, plan_step, plan_step_per_rank
 
 COST = AttentionCostModel(a_ms=0.02, b_ms=4e-6, c_ms=2.0)
 
@@ -277,3 +277,56 @@ def test_chunked_invariants_over_whole_runs(
         n = lengths[int(request_id[1:])]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), ranges
+
+
+def per_rank(
+    queues: dict[int, Sequence[ScheduledRequest]],
+    ranks: Sequence[int] = (0, 1),
+    *,
+    in_progress: Sequence[InProgress] = (),
+    max_batch_tokens: int = 100,
+    max_batch_prompts: int = 64,
+    chunk_tokens: int | None = None,
+) -> StepPlan:
+    return plan_step_per_rank(
+        queues,
+        in_progress,
+        ranks,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_prompts=max_batch_prompts,
+        chunk_tokens=chunk_tokens,
+    )
+
+
+def test_per_rank_each_rank_takes_its_own_fifo_prefix_and_never_another_ranks_work() -> None:
+    a = reqs([60, 30, 30, 5])
+    # rank 0 has four queued, rank 1 none: rank 1 stays empty (no work stealing), rank 0 stops at the
+    # first prompt that does not fit (60 + 30 fits, the second 30 does not; the 5 behind it waits too)
+    p = per_rank({0: a, 1: []})
+    assert ids(p.batches[0]) == ["r0", "r1"] and p.batches[1] == []
+    assert [r.request_id for r in p.started] == ["r0", "r1"]
+
+
+def test_per_rank_a_prompt_over_the_budget_runs_alone_on_an_empty_rank() -> None:
+    a, b = reqs([150, 10]), [req("x", 20), req("y", 200)]
+    p = per_rank({0: a, 1: b})
+    assert ids(p.batches[0]) == ["r0"]  # alone; the 10 behind it waits for the next step
+    assert ids(p.batches[1]) == ["x"]  # 200 does not fit after 20 and is not split in sync
+    assert rank_tokens(p) == {0: 150, 1: 20}
+
+
+def test_per_rank_chunked_splits_the_last_prompt_and_continues_in_progress_first() -> None:
+    held = req("held", 50)
+    p = per_rank(
+        {0: reqs([30, 40]), 1: [req("y", 10)]},
+        in_progress=[InProgress(held, 0, 20)],
+        chunk_tokens=40,
+    )
+    assert spans(p.batches[0]) == [("held", 20, 50), ("r0", 0, 10)]
+    assert spans(p.batches[1]) == [("y", 0, 10)]
+    assert [r.request_id for r in p.started] == ["r0", "y"]
+
+
+def test_per_rank_respects_the_prompt_cap_and_healthy_ranks_only() -> None:
+    p = per_rank({0: reqs([1, 1, 1]), 2: [req("down", 5)]}, ranks=(0, 1), max_batch_prompts=2)
+    assert ids(p.batches[0]) == ["r0", "r1"] and p.batches[1] == [] and 2 not in p.batches

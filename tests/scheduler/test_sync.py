@@ -375,3 +375,30 @@ async def test_a_whole_batch_failing_on_one_rank_ends_the_step_for_the_others() 
         )
         assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
         assert all(r.healthy for r in core.state().ranks), "a failed batch does not take a rank down"
+
+
+async def test_per_rank_planner_balances_by_request_count_and_ranks_keep_their_own_queue() -> None:
+    client = FakeStepClient(hold=True)
+    async with make_core(client, 2, "sync", max_batch_tokens=100, sync_planner="per-rank") as core:
+        first = [asyncio.create_task(core.submit(req(f"a{i}", n))) for i, n in enumerate((90, 10))]
+        step1 = await client.wait_for_step(1, 2)
+        # one request each: counts, not lengths, decide (the longest-first planner would do the same here)
+        assert [c.request_ids for c in step1] == [["a0"], ["a1"]]
+        later = [asyncio.create_task(core.submit(req(f"b{i}", 60))) for i in range(3)]
+        await spin()
+        client.release(1)
+        step2 = await client.wait_for_step(2, 2)
+        # b0 -> rank 0, b1 -> rank 1, b2 -> rank 0 (ties go to the lowest rank): rank 0's two do not fit
+        # its 100-token budget together, so b2 waits for step 3 on rank 0 although rank 1 could take it
+        assert [c.request_ids for c in step2] == [["b0"], ["b1"]]
+        client.release(2)
+        step3 = await client.wait_for_step(3, 2)
+        assert [c.request_ids for c in step3] == [["b2"], []]
+        client.release(3)
+        results = await asyncio.gather(*first, *later)
+        assert [r.attention_rank for r in results] == [0, 1, 0, 1, 0]
+
+
+def test_an_unknown_sync_planner_is_rejected() -> None:
+    with pytest.raises(AsapError):
+        SchedulerConfig(sync_planner="best")

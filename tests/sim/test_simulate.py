@@ -103,3 +103,28 @@ def test_help_documents_the_link_model(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
     assert "--links" in capsys.readouterr().out
+
+
+def test_a_faster_port_and_the_per_rank_planner_run_the_same_sequence(model: Path, tmp_path: Path) -> None:
+    """``--port-gbps`` overrides the profile's port (a faster one shortens TTFT on the same sequence);
+    ``--sync-planner per-rank`` runs the same sequence and is recorded."""
+    base = _simulate(model, tmp_path / "base.json", "--compare", "sync", "--links", "ports")
+    fast = _simulate(
+        model, tmp_path / "fast.json", "--compare", "sync", "--links", "ports", "--port-gbps", "500"
+    )
+    per_rank = _simulate(
+        model,
+        tmp_path / "per_rank.json",
+        "--compare",
+        "sync",
+        "--links",
+        "ports",
+        "--sync-planner",
+        "per-rank",
+    )
+    assert fast["simulation"]["port_gbps"] == 500 and per_rank["simulation"]["sync_planner"] == "per-rank"
+    runs = (base, fast, per_rank)
+    for slow, quick, own in zip(*(run["modes"]["sync"]["results"] for run in runs), strict=True):
+        assert slow["sequence"] == quick["sequence"] == own["sequence"]
+        assert slow["failed"] == quick["failed"] == own["failed"] == 0
+        assert quick["ttft_ms"]["mean"] < slow["ttft_ms"]["mean"]
