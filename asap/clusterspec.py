@@ -21,6 +21,12 @@ from asap.mps import MODES as MPS_MODES
 from asap.openai_protocol import served_model_name
 from asap.optimizations import format_optimizations, parse_optimizations
 
+GPU_MAX_BATCH_TOKENS = 16384
+"""The scheduler's batch bound for a cluster whose attention ranks run on CUDA: on one H200, 1 attention + 1
+expert rank reached 1.04-1.05x the monolithic process's tokens/s at saturation with it against 0.74-0.81x
+with 8192, the same prompts in one call (benchmarks/README.md, "1+1 against monolithic at 16384 tokens
+per batch"). The monolithic process packs batches of 16384 tokens too; the attention ranks warm up to it."""
+
 
 @dataclass(slots=True)
 class RankSpec:
@@ -52,8 +58,9 @@ class ClusterSpec:
     min_batch_tokens: int | None = None
     """min-batch threshold; None: the expert knee, calibrated on this backend (cached per backend)."""
     max_batch_tokens: int | None = None
-    """The scheduler's prompt tokens per batch, at most; None: the scheduler's default (8192). Attention
-    ranks warm up shapes of batches up to ``asap.warmup.WARMUP_BATCH_TOKENS`` (16384)."""
+    """The scheduler's prompt tokens per batch, at most; None: ``GPU_MAX_BATCH_TOKENS`` when the attention
+    ranks run on CUDA, else the scheduler's own default (8192). Attention ranks warm up shapes of batches
+    up to ``asap.warmup.WARMUP_BATCH_TOKENS`` (16384)."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
@@ -107,6 +114,14 @@ class ClusterSpec:
             raise InvalidArgument(
                 f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
             )
+
+    def scheduler_max_batch_tokens(self) -> int | None:
+        """The ``--max-batch-tokens`` the scheduler gets: ``max_batch_tokens``, else ``GPU_MAX_BATCH_TOKENS``
+        when every attention rank runs on CUDA, else None (the scheduler's default)."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        devices = self.rank_devices(self.attention_ranks)
+        return GPU_MAX_BATCH_TOKENS if all(d.startswith("cuda") for d in devices) else None
 
     def data_plane_args(self) -> list[str]:
         """The ranks' ``--data-plane`` flag (none for ``auto``, the ranks' own default)."""
@@ -295,6 +310,10 @@ def attention_commands(
     ]  # fmt: skip
 
 
+def _max_batch_args(tokens: int | None) -> list[str]:
+    return [] if tokens is None else ["--max-batch-tokens", str(tokens)]
+
+
 def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequence[str]) -> ServiceCommand:
     http: list[str] = []
     if spec.http_port is not None:
@@ -306,7 +325,7 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
-            *(["--max-batch-tokens", str(spec.max_batch_tokens)] if spec.max_batch_tokens else []),
+            *_max_batch_args(spec.scheduler_max_batch_tokens()),
             *http, *_metrics_args(spec, "scheduler"), *tls_args(spec, "scheduler"),
             *(["--auth-token-file", os.path.abspath(spec.auth_token_file)] if spec.auth_token_file else []),
             *spec.scheduler_args,

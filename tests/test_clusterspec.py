@@ -148,3 +148,18 @@ def test_max_batch_tokens_reaches_the_scheduler_from_bench_up_and_yaml(tmp_path:
     assert clusterspec.load_cluster_yaml(spec_file).max_batch_tokens == 2048
     # unset: the scheduler's own default, no flag at all
     assert "--max-batch-tokens" not in scheduler_command(ClusterSpec(), "m", ["a0"]).argv
+
+
+def test_a_cuda_cluster_batches_up_to_the_gpu_bound_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clusterspec, "visible_gpus", lambda: 1)
+
+    def bound(spec: ClusterSpec) -> str | None:
+        argv = scheduler_command(spec, "m", ["a0", "a1"]).argv
+        return _flag(argv, "--max-batch-tokens") if "--max-batch-tokens" in argv else None
+
+    assert bound(ClusterSpec(device="cuda")) == str(clusterspec.GPU_MAX_BATCH_TOKENS) == "16384"
+    assert bound(ClusterSpec(device="cuda:0", max_batch_tokens=4096)) == "4096"
+    assert bound(ClusterSpec(device="cpu")) is None  # the scheduler's own default
+    # an attention rank on the CPU: not a GPU cluster
+    mixed = ClusterSpec(device="cuda", attention_ranks=[RankSpec(device="cpu"), RankSpec()])
+    assert bound(mixed) is None

@@ -38,6 +38,8 @@ class Process:
     device: str | None = None
     served_model: str | None = None
     """the scheduler's OpenAI HTTP model name, None without --http-port"""
+    max_batch_tokens: int | None = None
+    """the scheduler's --max-batch-tokens"""
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -84,6 +86,7 @@ def topology(services: Sequence[ServiceArgv]) -> set[Process]:
             if args.http_port is not None:
                 served = args.served_model_name or served_model_name(args.model)
             process = Process("scheduler", 0, args.model, mode=args.mode, served_model=served,
+                              max_batch_tokens=args.max_batch_tokens,
                               attention=ranks(args.attention, "attention", service.name))  # fmt: skip
         if process in processes:
             raise ValueError(f"{service.name}: a second {process.kind} rank {process.rank}")
