@@ -1,6 +1,6 @@
 """Roofline cost model: how long a named accelerator takes for each op of a MoE decoder.
 
-Every op is a ``Kernel`` (FLOPs, bytes moved, kind). One kernel takes
+Every op is a ``Kernel`` (FLOPs, bytes moved, kind; ``asap.emulation.kernels``). One kernel takes
 ``max(flops / (peak * efficiency[kind]), bytes / (hbm * memory_efficiency))`` on the device. Kernels of one
 call run as an eager framework runs them: the host issues one kernel every ``launch_us`` and the device
 executes them in order, so a call of many small kernels costs ``n * launch`` (the flat floor of the
@@ -12,59 +12,14 @@ All times are seconds; ``dtype_bytes`` is the size of one model-dtype element (2
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
 
+from asap.emulation.kernels import Kernel, elementwise, gemm, stream_s
+from asap.emulation.kernels import KernelKind as KernelKind  # re-exported
+from asap.emulation.kernels import kernel_s as kernel_s  # re-exported
 from asap.emulation.profiles import DeviceProfile
 from asap.errors import InvalidArgument
 from asap.model.config import ModelConfig
-
-KernelKind = Literal["gemm", "attention", "grouped_gemm", "memory"]
-
-
-@dataclass(frozen=True, slots=True)
-class Kernel:
-    """One device kernel: work and traffic, and which efficiency factor of the profile applies."""
-
-    flops: float
-    """Floating-point operations (a multiply-add counts 2)."""
-    nbytes: float
-    """Bytes read plus written in device memory."""
-    kind: KernelKind
-
-
-def kernel_s(kernel: Kernel, profile: DeviceProfile) -> float:
-    """Device time of one kernel (s): the roofline maximum of compute and memory time."""
-    efficiency = {
-        "gemm": profile.gemm_efficiency,
-        "attention": profile.attention_efficiency,
-        "grouped_gemm": profile.grouped_gemm_efficiency,
-        "memory": 1.0,
-    }[kernel.kind]
-    compute = kernel.flops / (profile.peak_tflops * 1e12 * efficiency)
-    memory = kernel.nbytes / (profile.hbm_gbps * 1e9 * profile.memory_efficiency)
-    return max(compute, memory)
-
-
-def stream_s(kernels: Iterable[Kernel], profile: DeviceProfile) -> float:
-    """Time of one call (s): kernels issued every ``launch_us`` by the host, run in order by the device."""
-    launch = profile.launch_us * 1e-6
-    host = device = 0.0
-    for kernel in kernels:
-        host += launch
-        device = max(device, host) + kernel_s(kernel, profile)
-    return device
-
-
-def gemm(m: int, n: int, k: int, dtype_bytes: int) -> Kernel:
-    """[m, k] @ [k, n]: activations and the weight read once, output written."""
-    return Kernel(2.0 * m * n * k, float(m * k + k * n + m * n) * dtype_bytes, "gemm")
-
-
-def elementwise(read_elems: int, write_elems: int, dtype_bytes: int) -> Kernel:
-    """A memory-bound kernel (norm, RoPE, activation, residual add, gather/scatter)."""
-    return Kernel(0.0, float(read_elems + write_elems) * dtype_bytes, "memory")
 
 
 def causal_attention(
