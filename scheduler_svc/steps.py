@@ -16,7 +16,7 @@ in the following steps (the rank keeps their K/V), ahead of new work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scheduler_svc.costmodel import AttentionCostModel
@@ -62,6 +62,22 @@ class StepPlan:
         return not any(self.batches.values())
 
 
+def _continue_chunks(
+    plan: StepPlan, in_progress: Iterable[InProgress], budget: int, used: dict[int, int]
+) -> Iterator[tuple[InProgress, int]]:
+    """Chunked prompts part-way through go first, each on the rank that holds its K/V, as far as that
+    rank's ``budget`` allows: appended to ``plan`` and counted in ``used``; yields each with the tokens
+    it takes this step."""
+    for item in in_progress:
+        if item.rank not in plan.batches:
+            continue
+        take = min(item.request.prompt_tokens - item.done, budget - used[item.rank])
+        if take > 0:
+            plan.batches[item.rank].append(ChunkItem(item.request, item.done, item.done + take))
+            used[item.rank] += take
+            yield item, take
+
+
 def plan_step(
     pending: Iterable[ScheduledRequest],
     in_progress: Sequence[InProgress],
@@ -84,14 +100,8 @@ def plan_step(
     budget = chunk_tokens if chunk_tokens is not None else max_batch_tokens
     used = dict.fromkeys(healthy_ranks, 0)
     load = dict.fromkeys(healthy_ranks, 0.0)
-    for item in in_progress:
-        if item.rank not in plan.batches:
-            continue
-        take = min(item.request.prompt_tokens - item.done, budget - used[item.rank])
-        if take > 0:
-            plan.batches[item.rank].append(ChunkItem(item.request, item.done, item.done + take))
-            used[item.rank] += take
-            load[item.rank] += cost.prompt_ms(item.done + take) - cost.prompt_ms(item.done)
+    for item, take in _continue_chunks(plan, in_progress, budget, used):
+        load[item.rank] += cost.prompt_ms(item.done + take) - cost.prompt_ms(item.done)
 
     # Candidates: a FIFO prefix that could fit in the step's total budget (no skipping ahead). A prompt
     # counts for at most one rank's budget (a longer one runs alone on its rank); with chunking, the last
@@ -150,13 +160,8 @@ def plan_step_per_rank(
     plan = StepPlan(batches={rank: [] for rank in healthy_ranks})
     budget = chunk_tokens if chunk_tokens is not None else max_batch_tokens
     used = dict.fromkeys(healthy_ranks, 0)
-    for item in in_progress:
-        if item.rank not in plan.batches:
-            continue
-        take = min(item.request.prompt_tokens - item.done, budget - used[item.rank])
-        if take > 0:
-            plan.batches[item.rank].append(ChunkItem(item.request, item.done, item.done + take))
-            used[item.rank] += take
+    for _ in _continue_chunks(plan, in_progress, budget, used):
+        pass
     for rank in healthy_ranks:
         batch = plan.batches[rank]
         for request in queues.get(rank, ()):
