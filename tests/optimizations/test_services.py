@@ -96,9 +96,9 @@ async def test_expert_overlap_receives_while_computing_only_when_on(qwen3_dir: P
 
     submits = 0
 
-    async def counting_submit(*args: Any) -> Any:
+    async def counting_submit(*args: Any, **kwargs: Any) -> Any:
         nonlocal submits
-        future = await real_submit(*args)
+        future = await real_submit(*args, **kwargs)
         submits += 1
         if submits == 2:
             second_submitted.set()
