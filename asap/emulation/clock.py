@@ -15,12 +15,15 @@ inside the modelled time instead of being added to it, as a device's kernels run
 the next launch. The full modelled time is still charged: ``sleep`` never returns before ``begin`` +
 its ``seconds``.
 
-A thread whose fast-plane wait may spin (``allow_tail_spin``, set by ``asap.dataplane.spin``'s
-``SpinBudget`` each time it decides: a free core, the host's load below its cores) also spins the last
-stretch of each sleep, yielding the core between looks: about the spread of the sleep's overshoot (a high
-quantile of it minus the bias, at most ``TAIL_CAP_S``). Why: on a VM, a sleep's wake-up on an idle vCPU
-is the hypervisor's, late by tens to hundreds of µs at random; the bias can only remove its low part,
-the rest landed on every modelled call of the emulated layer (two per layer on 1+1).
+Opt-in (``ASAP_EMULATED_TAIL_SPIN_US``, off by default): a thread whose fast-plane wait may spin
+(``allow_tail_spin``, set by ``asap.dataplane.spin``'s ``SpinBudget`` each time it decides: a free core,
+the host's load below its cores) also spins the last stretch of each sleep, yielding the core between
+looks: about the spread of the sleep's overshoot (a high quantile of it minus the bias, at most the cap).
+Why: a sleep's wake-up is late at random (on the 2-core VM, idle: p10 34, p50 42, p90 65 µs for 0.4
+ms); the bias removes only its low part, the rest lands on every modelled call of the emulated layer
+(two per layer on 1+1). Measured in a quiet window (benchmarks/README.md, "CPU per-layer cost, round
+7"): 10-18 µs off each of the two modelled hops in every pair, but the cluster's per-layer cost did not
+improve in every pair, so it stays off unless asked.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ _DOWN_S = 9e-6
 """The bias moves up by ``_UP_S`` after a sleep that overshot it and down by ``_DOWN_S`` after one that
 did not: it settles where one sleep in ten overshoots less than the bias (and spins the difference)."""
 TAIL_CAP_S = 3e-4
-"""The longest tail spin of one sleep (``allow_tail_spin``) unless ``TAIL_SPIN_ENV`` says otherwise."""
+"""The suggested cap of the tail spin (``ASAP_EMULATED_TAIL_SPIN_US=300``), the one measured."""
 TAIL_SPIN_ENV = "ASAP_EMULATED_TAIL_SPIN_US"
-"""The cap of the tail spin in µs (``0``: never spin a tail); unset: ``TAIL_CAP_S``."""
+"""The cap of the tail spin in µs; unset or ``0``: never spin a tail (the default)."""
 _HIGH_UP_S = 9e-6
 _HIGH_DOWN_S = 1e-6
 """The high quantile of the overshoot moves up by ``_HIGH_UP_S`` after a sleep that overshot it and down
@@ -53,10 +56,10 @@ _local = threading.local()
 
 
 def tail_spin_cap_s(environ: Mapping[str, str] | None = None) -> float:
-    """The tail spin's cap from ``TAIL_SPIN_ENV`` (s); a value that is not a number >= 0 is an error."""
+    """The tail spin's cap from ``TAIL_SPIN_ENV`` (s; unset: 0, off); not a number >= 0: an error."""
     raw = (environ if environ is not None else os.environ).get(TAIL_SPIN_ENV, "").strip()
     if not raw:
-        return TAIL_CAP_S
+        return 0.0
     try:
         value = float(raw)
     except ValueError:

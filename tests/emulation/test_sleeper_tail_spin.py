@@ -52,6 +52,17 @@ def _spread() -> VaryingTime:
     return VaryingTime([20e-6] * 5 + [150e-6] * 5)  # half the wake-ups late by 130 µs more
 
 
+def test_the_default_sleeper_never_spins_a_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(clock_mod.TAIL_SPIN_ENV, raising=False)
+    t = _spread()
+    sleeper = Sleeper(bias_s=0.0, clock=t.clock, sleep=t.sleep, yield_=t.yield_)  # no cap: the env's
+    allow_tail_spin(True)
+    for _ in range(100):
+        sleeper.sleep(5e-4)
+    assert t.yields == 0
+    assert sleeper.tail_s == 0.0
+
+
 def test_no_tail_spin_unless_the_thread_allows_it() -> None:
     assert not tail_spin_allowed()
     t = _spread()
@@ -110,7 +121,8 @@ def test_a_sleep_shorter_than_the_tail_is_spun_whole() -> None:
 
 
 def test_cap_from_the_environment() -> None:
-    assert tail_spin_cap_s({}) == clock_mod.TAIL_CAP_S
+    assert tail_spin_cap_s({}) == 0.0  # off unless asked
+    assert tail_spin_cap_s({clock_mod.TAIL_SPIN_ENV: "300"}) == pytest.approx(clock_mod.TAIL_CAP_S)
     assert tail_spin_cap_s({clock_mod.TAIL_SPIN_ENV: "0"}) == 0.0
     assert tail_spin_cap_s({clock_mod.TAIL_SPIN_ENV: "120"}) == pytest.approx(120e-6)
     for bad in ("soon", "-5"):
