@@ -59,6 +59,7 @@ class _Recorder:
         self.taken: dict[int, tuple[int, int, int, int]] = {}  # seq -> picked, queue, compute, taken
         self.resumed: list[tuple[list[int], int]] = []  # (seqs of the layer, resumed at)
         self.layer_posts: list[int] = []
+        self.runners: list[Any] = []  # every DirectRunner made (their spin counters are printed)
         self.on = False
 
     def install(self) -> None:
@@ -66,7 +67,11 @@ class _Recorder:
         link_end = fast_attention.AttentionLinkEnd
         publish, take = link_end.publish, link_end._take
         runner = direct_runner.DirectRunner
-        post, move = runner._post, runner._move
+        post, move, init = runner._post, runner._move, runner.__init__
+
+        def init_(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            rec.runners.append(self)
 
         def publish_(self: Any, *args: Any, **kwargs: Any) -> Any:
             start = time.time_ns()  # the descriptor goes out within this call
@@ -102,6 +107,7 @@ class _Recorder:
         link_end._take = take_  # type: ignore[method-assign]
         runner._post = post_  # type: ignore[method-assign]
         runner._move = move_  # type: ignore[method-assign]
+        runner.__init__ = init_  # type: ignore[method-assign]
 
     def hops(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {name: [] for name in HOPS}
@@ -201,7 +207,8 @@ async def main() -> None:
         total += med
         ordered = sorted(values)
         print(
-            f"  {name:24s} {med:8.1f} µs  (mean {statistics.mean(values):7.1f}, "
+            f"  {name:24s} {med:8.1f} µs  (p10 {ordered[len(values) // 10]:7.1f}, "
+            f"mean {statistics.mean(values):7.1f}, "
             f"p90 {ordered[len(values) * 9 // 10]:7.1f}, max {ordered[-1]:8.1f}, n={len(values)})"
         )
     print(f"  {'sum of medians':24s} {total:8.1f} µs")
@@ -217,6 +224,11 @@ async def main() -> None:
     )
     busiest = sorted(threads.items(), key=lambda kv: -kv[1])[:4]
     print("  attention threads, CPU per layer: " + ", ".join(f"{n} {us:.0f} µs" for n, us in busiest))
+    for runner in rec.runners:
+        spin = runner.spin
+        print(
+            f"  attention compute thread spin: {spin.hits} hits of {spin.spins} spins (cap {spin.cap_s * 1e6:.0f} µs)"
+        )
     print(f"  batch wall p50 {statistics.median(walls):.2f} ms; load average {os.getloadavg()}")
 
 

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+from asap.emulation.clock import allow_tail_spin
 from asap.errors import InvalidArgument
 
 __all__ = [
@@ -139,13 +140,19 @@ class SpinBudget:
             self._median = statistics.median(self._waits)
 
     def budget_s(self, peers: int) -> float:
-        """How long the next wait may spin (0: park at once); counts a rest wait down."""
-        if self.cap_s <= 0 or peers < 1 or peers + 1 > self.cores or len(self._waits) < _MIN_SAMPLES:
+        """How long the next wait may spin (0: park at once); counts a rest wait down. Also tells the
+        calling thread's emulated sleeps whether they may spin their tail (``allow_tail_spin``): when
+        a core is free for this caller (the cap, the cores and the load gates), whatever the waits."""
+        free = self.cap_s > 0 and peers >= 1 and peers + 1 <= self.cores
+        if free and self.load_gated:
+            free = not self._host_busy()
+        allow_tail_spin(free)
+        if not free or len(self._waits) < _MIN_SAMPLES:
             return 0.0
         if self._rest > 0:
             self._rest -= 1
             return 0.0
-        if self._median > self.cap_s or (self.load_gated and self._host_busy()):
+        if self._median > self.cap_s:
             return 0.0
         return min(self.cap_s, SPAN * self._median)
 

@@ -14,16 +14,29 @@ accumulated across calls: each call sleeps toward its own deadline, and never re
 inside the modelled time instead of being added to it, as a device's kernels run while the host prepares
 the next launch. The full modelled time is still charged: ``sleep`` never returns before ``begin`` +
 its ``seconds``.
+
+Opt-in (``ASAP_EMULATED_TAIL_SPIN_US``, off by default): a thread whose fast-plane wait may spin
+(``allow_tail_spin``, set by ``asap.dataplane.spin``'s ``SpinBudget`` each time it decides: a free core,
+the host's load below its cores) also spins the last stretch of each sleep, yielding the core between
+looks: about the spread of the sleep's overshoot (a high quantile of it minus the bias, at most the cap).
+Why: a sleep's wake-up is late at random (on the 2-core VM, idle: p10 34, p50 42, p90 65 µs for 0.4
+ms); the bias removes only its low part, the rest lands on every modelled call of the emulated layer
+(two per layer on 1+1). Measured in a quiet window (benchmarks/README.md, "CPU per-layer cost, round
+7"): 10-18 µs off each of the two modelled hops in every pair, but the cluster's per-layer cost did not
+improve in every pair, so it stays off unless asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from asap.errors import InvalidArgument
 
 _PR_SET_TIMERSLACK = 29
 _MAX_BIAS_S = 2e-4
@@ -31,7 +44,39 @@ _UP_S = 1e-6
 _DOWN_S = 9e-6
 """The bias moves up by ``_UP_S`` after a sleep that overshot it and down by ``_DOWN_S`` after one that
 did not: it settles where one sleep in ten overshoots less than the bias (and spins the difference)."""
+TAIL_CAP_S = 3e-4
+"""The suggested cap of the tail spin (``ASAP_EMULATED_TAIL_SPIN_US=300``), the one measured."""
+TAIL_SPIN_ENV = "ASAP_EMULATED_TAIL_SPIN_US"
+"""The cap of the tail spin in µs; unset or ``0``: never spin a tail (the default)."""
+_HIGH_UP_S = 9e-6
+_HIGH_DOWN_S = 1e-6
+"""The high quantile of the overshoot moves up by ``_HIGH_UP_S`` after a sleep that overshot it and down
+by ``_HIGH_DOWN_S`` after one that did not: it settles where one sleep in ten overshoots it."""
 _local = threading.local()
+
+
+def tail_spin_cap_s(environ: Mapping[str, str] | None = None) -> float:
+    """The tail spin's cap from ``TAIL_SPIN_ENV`` (s; unset: 0, off); not a number >= 0: an error."""
+    raw = (environ if environ is not None else os.environ).get(TAIL_SPIN_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise InvalidArgument(f"{TAIL_SPIN_ENV} must be a number of µs >= 0, got {raw!r}")
+    return value * 1e-6
+
+
+def allow_tail_spin(allowed: bool) -> None:
+    """Whether the calling thread's next ``Sleeper`` sleeps may spin their last stretch (module doc)."""
+    _local.tail_spin = allowed
+
+
+def tail_spin_allowed() -> bool:
+    """``allow_tail_spin``'s last word on the calling thread (False until it was called)."""
+    return bool(getattr(_local, "tail_spin", False))
 
 
 def reduce_timer_slack() -> bool:
@@ -67,8 +112,10 @@ class Sleeper:
 
     ``bias_s``: seconds subtracted from every sleep; ``None`` measures it now (~5 ms), clamped to
     [0, 200 µs]; each sleep then moves it toward a low quantile of the overshoots it observed. A sleep that woke before its
-    deadline spins the rest (at most about the bias), so it never returns early. ``clock`` and
-    ``sleep`` are injectable for tests.
+    deadline spins the rest (at most about the bias), so it never returns early. Where the thread's
+    tail spin is allowed (``allow_tail_spin``) it also wakes ``tail_s`` earlier and spins that, yielding
+    the core between looks, at most ``tail_cap_s`` (None: from ``TAIL_SPIN_ENV``). ``clock``, ``sleep``
+    and ``yield_`` are injectable for tests.
     """
 
     def __init__(
@@ -77,10 +124,16 @@ class Sleeper:
         *,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        yield_: Callable[[], None] = os.sched_yield,
+        tail_cap_s: float | None = None,
     ) -> None:
         self.bias_s = min(max(measure_overshoot() if bias_s is None else bias_s, 0.0), _MAX_BIAS_S)
+        self.high_s = self.bias_s
+        """A high quantile (~0.9) of the overshoot, learned like the bias."""
         self._clock = clock
         self._sleep = sleep
+        self._yield = yield_
+        self.tail_cap_s = tail_spin_cap_s() if tail_cap_s is None else tail_cap_s
         self.requested_s = 0.0
         """Total seconds requested so far (for reports)."""
         self._began = threading.local()
@@ -107,18 +160,31 @@ class Sleeper:
         reduce_timer_slack()
         now = self._clock()
         deadline = (now if began is None else min(began, now)) + seconds
-        remaining = deadline - now - self.bias_s
+        tail = self.tail_s if tail_spin_allowed() else 0.0
+        remaining = deadline - now - self.bias_s - tail
         if remaining > 0:
             self._sleep(remaining)
             woke = self._clock()
             # Track a low quantile of the overshoot as the host's load changes (the start-up figure
             # drifts by tens of µs): a bias at the mean would wake early half the time and spin.
-            step = _UP_S if woke - (now + remaining) > self.bias_s else -_DOWN_S
+            over = woke - (now + remaining)
+            step = _UP_S if over > self.bias_s else -_DOWN_S
             self.bias_s = min(max(self.bias_s + step, 0.0), _MAX_BIAS_S)
+            high = _HIGH_UP_S if over > self.high_s else -_HIGH_DOWN_S
+            self.high_s = min(max(self.high_s + high, self.bias_s), _MAX_BIAS_S + TAIL_CAP_S)
+        if tail > 0:  # the tail: looks that give the core (and the GIL) away between them
+            while self._clock() < deadline:
+                self._yield()
+            return
         # Woken before the deadline (the bias was too large, or a signal): spin the rest, at most about
         # the bias, so the full modelled time is always charged.
         while self._clock() < deadline:
             pass
+
+    @property
+    def tail_s(self) -> float:
+        """How long before a deadline a sleep with its tail spin allowed wakes to spin (module doc)."""
+        return min(max(self.high_s - self.bias_s, 0.0), self.tail_cap_s)
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -7,6 +7,7 @@ import pytest
 from asap.dataplane import spin as spin_mod
 from asap.dataplane.ring import Backoff, Ring
 from asap.dataplane.spin import MISS_LIMIT, REST_WAITS, SPAN, SpinBudget, spin_cap_s, spin_setting
+from asap.emulation.clock import allow_tail_spin, tail_spin_allowed
 from asap.errors import InvalidArgument
 
 
@@ -188,3 +189,21 @@ def test_the_load_gate_stops_the_spin_on_a_busy_host_and_reads_the_load_once_a_s
     assert len(reads) == 2
     ungated = _learned(SpinBudget(1e-3, cores=2, clock=clock, yield_=clock.yield_, load=load), 300e-6)
     assert ungated.budget_s(peers=1) > 0  # an explicit cap is not load-gated
+
+
+def test_the_budget_tells_the_threads_sleeps_whether_a_core_is_free() -> None:
+    try:
+        budget, _ = _budget(cores=2)
+        budget.budget_s(peers=1)  # no waits seen yet, but a core is free: the tail may spin
+        assert tail_spin_allowed()
+        budget.budget_s(peers=4)  # 4 + 1 do not fit two cores
+        assert not tail_spin_allowed()
+        off, _ = _budget(cap_s=0.0)
+        off.budget_s(peers=1)
+        assert not tail_spin_allowed()
+        clock = _Clock()
+        busy = SpinBudget(1e-3, cores=2, load_gated=True, clock=clock, yield_=clock.yield_, load=lambda: 3.0)
+        busy.budget_s(peers=1)
+        assert not tail_spin_allowed()
+    finally:
+        allow_tail_spin(False)
