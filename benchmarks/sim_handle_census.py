@@ -1,0 +1,74 @@
+"""``asap simulate ARGS`` with every loop handle counted by what it runs: per expert dispatch, how many
+``call_soon`` and ``call_at`` handles each kind of step makes (a task's steps are named by its coroutine,
+a future's done callbacks by the callback), to stderr. Where the loop iterations per dispatch go, so
+that a change to the services' steps can be aimed at the largest; the counts are exact, not sampled.
+    python benchmarks/sim_handle_census.py --compare async --model ... [simulate flags]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import runpy
+import sys
+from typing import Any
+
+from asap.sim.loop import VirtualLoop
+from expert_svc.core import ExpertExecutor
+
+counts: collections.Counter[tuple[str, str]] = collections.Counter()
+dispatches = [0]
+
+
+def _name(callback: Any) -> str:
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task step: {getattr(coro, '__qualname__', type(coro).__name__)}"
+    return getattr(callback, "__qualname__", type(callback).__name__)
+
+
+def _wrap(kind: str, original: Any) -> Any:
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        callback = args[0] if kind == "call_soon" else args[1]
+        counts[(kind, _name(callback))] += 1
+        return original(self, *args, **kwargs)
+
+    return counted
+
+
+def _report(top: int = int(os.environ.get("SIM_CENSUS_TOP", "30"))) -> None:
+    n = max(dispatches[0], 1)
+    total = sum(counts.values())
+    print(
+        f"expert dispatches {dispatches[0]}, handles {total} ({total / n:.2f} per dispatch)", file=sys.stderr
+    )
+    for (kind, name), count in counts.most_common(top):
+        print(
+            f"{count / n:6.2f} per dispatch  {100 * count / max(total, 1):5.1f}%  {kind:9s} {name}",
+            file=sys.stderr,
+        )
+
+
+def main() -> None:
+    VirtualLoop.call_soon = _wrap("call_soon", VirtualLoop.call_soon)  # type: ignore[method-assign]
+    VirtualLoop.call_at = _wrap("call_at", VirtualLoop.call_at)  # type: ignore[method-assign]
+    check = ExpertExecutor.check
+
+    def counting_check(self: ExpertExecutor, *args: Any, **kwargs: Any) -> Any:
+        dispatches[0] += 1
+        return check(self, *args, **kwargs)
+
+    ExpertExecutor.check = counting_check  # type: ignore[method-assign]
+    sys.argv = ["asap", "simulate", *sys.argv[1:]]
+    try:
+        runpy.run_module("asap", run_name="__main__")
+    except SystemExit:
+        pass
+    finally:
+        _report()
+
+
+if __name__ == "__main__":
+    main()
