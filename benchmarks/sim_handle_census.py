@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import runpy
 import sys
 from typing import Any
+
+from _simulate import run_simulate  # a sibling: these scripts run as `python benchmarks/NAME.py`
 
 from asap.sim.loop import VirtualLoop
 from expert_svc.core import ExpertExecutor
@@ -51,7 +52,7 @@ def _report(top: int = int(os.environ.get("SIM_CENSUS_TOP", "30"))) -> None:
         )
 
 
-def main() -> None:
+def main() -> int:
     VirtualLoop.call_soon = _wrap("call_soon", VirtualLoop.call_soon)  # type: ignore[method-assign]
     VirtualLoop.call_at = _wrap("call_at", VirtualLoop.call_at)  # type: ignore[method-assign]
     check = ExpertExecutor.check
@@ -61,14 +62,8 @@ def main() -> None:
         return check(self, *args, **kwargs)
 
     ExpertExecutor.check = counting_check  # type: ignore[method-assign]
-    sys.argv = ["asap", "simulate", *sys.argv[1:]]
-    try:
-        runpy.run_module("asap", run_name="__main__")
-    except SystemExit:
-        pass
-    finally:
-        _report()
+    return run_simulate(sys.argv[1:], _report)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import collections
 import os
-import runpy
 import signal
 import sys
 from types import FrameType
+
+from _simulate import run_simulate  # a sibling: these scripts run as `python benchmarks/NAME.py`
 
 INTERVAL_S = 0.001
 
@@ -54,18 +55,16 @@ def _report(top: int = int(os.environ.get("SIM_PROFILE_TOP", "45"))) -> None:
             print(f"{100 * count / n:5.1f}% {_short(path)}:{name}", file=sys.stderr)
 
 
-def main() -> None:
+def main() -> int:
     signal.signal(signal.SIGPROF, _sample)
     signal.setitimer(signal.ITIMER_PROF, INTERVAL_S, INTERVAL_S)
-    sys.argv = ["asap", "simulate", *sys.argv[1:]]
-    try:
-        runpy.run_module("asap", run_name="__main__")
-    except SystemExit:
-        pass
-    finally:
+
+    def stop_and_report() -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
         _report()
 
+    return run_simulate(sys.argv[1:], stop_and_report)
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
