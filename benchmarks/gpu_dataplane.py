@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -276,7 +277,8 @@ def _gated_direct(
     stream.wait_stream(torch.cuda.default_stream())  # the dispatch's tensors were made there
     gate_end, usable = _gate(gate_us)
     start = time.perf_counter()
-    hidden = _direct_once(link, wake, mb, dispatch)
+    # the rows are "produced" at the gate's end: as an attention rank's dispatch, they carry its event
+    hidden = _direct_once(link, wake, mb, dataclasses.replace(dispatch, ready=gate_end))
     returned = time.perf_counter() - start
     _AHEAD.append(not gate_end.query())  # type: ignore[no-untyped-call]
     event = attached_ready(hidden)
