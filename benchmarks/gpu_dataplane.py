@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
+import io
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -250,7 +253,11 @@ def _timed_direct(
         with torch.cuda.stream(_posting_stream()):
             return _gated_direct(link, wake, mb, dispatch, gate_us)
     start = time.perf_counter()
+    if _PROFILE:  # --profile-post: the post and its wait under cProfile (slower: not a timing run)
+        _PROFILE[0].enable()
     hidden = _direct_once(link, wake, mb, dispatch)
+    if _PROFILE:
+        _PROFILE[0].disable()
     returned = time.perf_counter() - start
     event = attached_ready(hidden)
     if event is not None:
@@ -260,6 +267,8 @@ def _timed_direct(
     return hidden, returned, elapsed
 
 
+_PROFILE: list[cProfile.Profile] = []
+"""``--profile-post``: the profiler of the hot path's host-timed round trips."""
 _POSTING: list[torch.cuda.Stream] = []
 
 
@@ -413,7 +422,17 @@ async def run() -> dict[str, object]:
         "and report the device-side round trip (the gate's end until the results are usable) beside "
         "the host-timed one",
     )
+    parser.add_argument(
+        "--profile-post",
+        metavar="FILE",
+        help="with --direct: run the host-timed round trips under cProfile (their times are then not "
+        "timings) and write the functions by own time to FILE",
+    )
     args = parser.parse_args()
+    if args.profile_post and not args.direct:
+        parser.error("--profile-post needs --direct")
+    if args.profile_post:
+        _PROFILE.append(cProfile.Profile())
     if args.host_ahead_us and (args.cpu or not args.direct):
         parser.error("--host-ahead-us needs --direct on a GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -485,12 +504,20 @@ async def run() -> dict[str, object]:
                 print(f"  grpc / {plane} time: {ratios}", flush=True)
             results[where] = entry
     results["json"] = args.json
+    results["profile_post"] = args.profile_post
     return results
 
 
 def main() -> None:
     configure_cuda_connections()  # as rank processes do: the attention end runs in this process
     results = asyncio.run(run())
+    profile_out = results.pop("profile_post")
+    if _PROFILE and isinstance(profile_out, str):
+        text = io.StringIO()
+        stats = pstats.Stats(_PROFILE[0], stream=text).sort_stats("tottime")
+        stats.print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        Path(profile_out).write_text(text.getvalue())
     out = results.pop("json")
     print(json.dumps(results, indent=1))
     if isinstance(out, str):
