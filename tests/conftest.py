@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if not os.path.exists("/dev/nvidiactl"):
+    # No NVIDIA device here: Triton's kernels can only run through its interpreter, and the mode must be
+    # set before Triton is first imported (its own library functions are decorated in that mode too;
+    # torch may import Triton early). The Triton tests' ``triton_device`` fixture relies on it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from asap.model.tiny import make_tiny
 
