@@ -195,6 +195,17 @@ class ExpertExecutor:
             )
         return None
 
+    def counted(self, layer: int, counted: HostedCounts) -> HostedCounts | None:
+        """``check``'s answer for ids an in-process sender counted itself (``chunks.Dispatch.counted``,
+        from ``split_by_rank(count=True)``): the layer is checked, the ids are trusted. None when the
+        counts do not fit this rank's block (not a contiguous one, or not of its length): ``check``."""
+        if layer not in self._moe_layers:
+            raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
+        hosted = self._hosted_ids
+        if not hosted.contiguous or len(counted[0]) != hosted.high - hosted.low:
+            return None
+        return counted
+
     async def submit(
         self,
         layer: int,

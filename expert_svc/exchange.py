@@ -244,11 +244,14 @@ class ExchangeSession:
                 trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                 future: asyncio.Future[ExpertResult] | None
                 counted: HostedCounts | None = None
+                if dispatch.counted is not None:  # an in-process sender's own counts (``asap.sim``)
+                    counted = shared.executor.counted(dispatch.layer, dispatch.counted)
                 if dispatch.sync is not None:  # checked now, queued after the step barrier
-                    counted = shared.executor.check(dispatch.layer, dispatch.expert_ids)
+                    if counted is None:
+                        counted = shared.executor.check(dispatch.layer, dispatch.expert_ids)
                     future = None
                 else:
-                    future = await self._submit(dispatch)
+                    future = await self._submit(dispatch, counted)
             except AsapError as exc:
                 logger.warning("rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message)
                 await outbound.put(

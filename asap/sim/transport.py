@@ -214,6 +214,7 @@ class DirectPlane:
                 tracestate=request.tracestate,
                 sent_unix_nanos=time.time_ns(),
                 sync=request.sync,
+                counted=dispatch.counted,
             )
             await self.session.accept(chunk, self)
             request.sent()
@@ -251,6 +252,11 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class DirectExpertTransport(_PerRankPlanes):
     """An attention rank's ``ExpertTransport`` to in-process expert ranks over ``DirectPlane`` links:
     per expert rank one ``ExchangeSession`` of its ``ExpertExchange`` (as one stream would have)."""
+
+    counts_routes = True
+    """The attention rank's split counts each dispatch's ids per expert once for all ranks
+    (``split_by_rank(count=True)``), and the expert ranks take those counts instead of counting the
+    same ids again (``chunks.Dispatch.counted``): the same counts, so the same modelled times."""
 
     def __init__(
         self,
