@@ -129,6 +129,11 @@ class ExpertExecutor:
         """Chunks waiting in the queue for the compute thread (the fast plane's wait in ``FastLane``)."""
         return self._queue.qsize()
 
+    @property
+    def has_room(self) -> bool:
+        """Whether ``submit`` queues at once (the queue is not full: it would not wait for room)."""
+        return not self._queue.full()
+
     async def start(self) -> None:
         if self._worker is not None:
             raise InternalError("ExpertExecutor started twice")
