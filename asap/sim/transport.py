@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
@@ -22,7 +22,6 @@ import torch
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, StreamPlane
 from asap.emulation.clock import charge
-from asap.errors import InternalError
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
 from asap.rpc.status import error_from_wire
@@ -30,6 +29,7 @@ from asap.sim.devices import Inline
 from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
 from asap.wire.chunks import Dispatch, dispatch_bytes
+from expert_svc.exchange import run_now
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -184,6 +184,8 @@ class DirectPlane:
     where ``accept`` waits for the serial lock and computes inline, takes the task."""
 
     name = "direct"
+    put_never_waits = True
+    """``put`` returns without waiting (``expert_svc.exchange.Answers``)."""
     charge_empty = False
     """Charge ``link_s(0)`` for a dispatch of no rows too (``asap.sim.hostcost``: a rank that sends empty
     dispatches still runs the layer's host control path; off, an empty dispatch leaves at once)."""
@@ -263,7 +265,7 @@ class DirectPlane:
                 return
             self._accepting = True
             try:
-                _run_now(self.session.accept(chunk, self))
+                run_now(self.session.accept(chunk, self))
             finally:
                 self._accepting = False
             request.sent()
@@ -381,16 +383,6 @@ def _resolve(
     else:
         assert result is not None
         future.set_result(result)
-
-
-def _run_now(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` to its end now; it must not wait (``DirectPlane._arrive``'s ``accept``)."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise InternalError("the expert rank's accept waited where it cannot (direct plane, expert-overlap on)")
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""The direct plane's exchange as loop callbacks (``DirectPlane.exchange``): the same result, virtual
-time and loop iterations as the same steps run by a task (``DirectPlane._exchange``); cancellation, a
-key twice, and the paths that keep the task (expert-overlap off, the expert rank's queue full)."""
+"""The direct plane's exchange and the expert session's async replies as loop callbacks
+(``DirectPlane.exchange``, ``expert_svc.exchange._Reply``): the same result, virtual time and loop
+iterations as the same steps run by tasks (``DirectPlane._exchange``, ``ExchangeSession._reply``);
+cancellation, abandonment, a key twice, and the paths that keep the task (expert-overlap off, the
+expert rank's queue full)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
 from asap.sim.loop import VirtualLoop, run
 from asap.sim.transport import DirectExpertTransport, DirectPlane
 from asap.syncstep import SyncStep
+from asap.wire.chunks import dispatch_bytes
+from expert_svc import exchange as exchange_module
 from expert_svc.build import build_executor
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
@@ -74,12 +78,18 @@ async def _session(transport: DirectExpertTransport, body: Any) -> Any:
 
 
 @pytest.mark.parametrize("sync", [None, SyncStep(step=1, participants=1)])
-def test_callbacks_take_the_tasks_iterations(qwen3_dir: Path, sync: SyncStep | None) -> None:
-    """Three exchanges at once, as a layer sends them: by callbacks and by the task, the same results,
-    the same virtual time and the same loop iterations until each one's result is in."""
+def test_callbacks_take_the_tasks_iterations(
+    qwen3_dir: Path, sync: SyncStep | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three exchanges at once, as a layer sends them: by callbacks (the plane's, and the expert
+    session's ``_Reply``) and by tasks (``_exchange``, ``_reply``), the same results, the same virtual
+    time and the same loop iterations until each one's result is in."""
     cfg = load_config(qwen3_dir)
+    never_waits = exchange_module._never_waits
 
     def measure(by_task: bool) -> list[tuple[tuple[int, ...], float, int]]:
+        monkeypatch.setattr(exchange_module, "_never_waits", (lambda _: False) if by_task else never_waits)
+
         async def body(plane: DirectPlane) -> list[tuple[tuple[int, ...], float, int]]:
             loop = asyncio.get_running_loop()
             assert isinstance(loop, VirtualLoop)
@@ -166,3 +176,24 @@ def test_a_full_queue_is_waited_for_by_a_task(qwen3_dir: Path, monkeypatch: pyte
         return tuple(result.hidden.shape)
 
     assert run(_session(_transport(qwen3_dir), body))[0] == (50, cfg.hidden_size)
+
+
+def test_an_abandoned_session_cancels_a_callback_reply(qwen3_dir: Path) -> None:
+    """The stream goes away while an async chunk computes: its reply (``_Reply``) ends cancelled, its
+    computation is cancelled, and no answer comes."""
+    cfg = load_config(qwen3_dir)
+
+    async def body(plane: DirectPlane) -> None:
+        call = plane.exchange(_request(cfg, 1, rows=500))
+        session = plane.session
+        link = transfer_s(dispatch_bytes(500, cfg.hidden_size, cfg.top_k, 4), H200)
+        await asyncio.sleep(link + 1e-9)  # arrived and queued, not computed yet
+        (done,) = session._replies
+        assert not isinstance(done, asyncio.Task)
+        await session.abandon()
+        assert done.cancelled() and not session._replies
+        await asyncio.sleep(1.0)
+        assert not call.done()
+        call.cancel()
+
+    run(_session(_transport(qwen3_dir), body))
