@@ -26,6 +26,7 @@ from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
 from asap.model.hosted import HostedCounts, HostedIds, add_counts
+from asap.model.meta import meta_empty
 from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
@@ -385,7 +386,5 @@ def _merged_rows(rows: Sequence[torch.Tensor], device: torch.device) -> torch.Te
     if device.type == "meta" and all(
         r.device.type == "meta" and r.dtype == first.dtype and r.shape[1:] == first.shape[1:] for r in rows
     ):
-        return torch.empty(
-            (sum(int(r.shape[0]) for r in rows), *first.shape[1:]), dtype=first.dtype, device="meta"
-        )
+        return meta_empty((sum(int(r.shape[0]) for r in rows), *first.shape[1:]), first.dtype)
     return torch.cat([r.to(device) for r in rows])

@@ -22,6 +22,7 @@ from asap.errors import InvalidArgument
 from asap.model.attention_part import MoERequest
 from asap.model.expert_part import ExpertPart
 from asap.model.hosted import HostedCounts
+from asap.model.meta import meta_empty
 
 
 class ExpertPlacement:
@@ -86,6 +87,7 @@ class ExpertPlacement:
         self._starts: np.ndarray | None = (  # type: ignore[type-arg]
             np.asarray([b[0] for b in blocks], dtype=np.intp) if ordered and blocks[0][0] == 0 else None
         )
+        self._bounds = [(b[0], b[0] + len(b)) for b in blocks]
 
     def rank_of(self, expert_id: int, layer: int | None = None) -> int:
         """The rank hosting ``expert_id`` (at ``layer``; placement is currently layer-independent)."""
@@ -176,11 +178,10 @@ def _add_counts(placement: ExpertPlacement, request: MoERequest, dispatches: lis
     if per_expert.size != placement.num_experts:  # an id beyond the model's experts
         return
     used = np.add.reduceat(per_expert, starts).tolist()
-    ends = [*starts[1:].tolist(), placement.num_experts]
-    begins = starts.tolist()
+    bounds = placement._bounds
     for dispatch in dispatches:
-        rank = dispatch.rank
-        dispatch.counted = per_expert[begins[rank] : ends[rank]], int(used[rank])
+        begin, end = bounds[dispatch.rank]
+        dispatch.counted = per_expert[begin:end], used[dispatch.rank]
 
 
 def _split_on_device(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
@@ -224,20 +225,24 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
     cell += np.arange(tokens, dtype=np.intp)[:, None]
     present = np.zeros(num_ranks * tokens, dtype=np.bool_)  # [R * T] rank r needs token t
     present[cell] = True
-    where = np.flatnonzero(present)  # [N] the rows' cells, by rank then token
-    ends = np.cumsum(present)  # [R * T] rows up to each cell
+    # ndarray methods, not the numpy functions: the same values without a Python wrapper's dispatch
+    where = present.nonzero()[0]  # [N] the rows' cells, by rank then token
+    ends = present.cumsum()  # [R * T] rows up to each cell
     flat = ends[cell]  # [T, K] 1 + the slot's row
     flat -= 1
     flat *= k
     flat += np.arange(k, dtype=np.intp)  # [T, K] the slot's place in the [N, K] tables
-    expert_ids = np.full(where.size * k, -1, dtype=np.int32)  # [N * K]
+    expert_ids = np.empty(where.size * k, dtype=np.int32)  # [N * K]
+    expert_ids.fill(-1)
     expert_ids[flat] = ids.astype(np.int32, copy=False)
     row_weights = np.zeros(where.size * k, dtype=np.float32)  # [N * K]
     row_weights[flat] = weights
-    per_rank = np.diff(ends[tokens - 1 :: tokens], prepend=0)  # [R] rows of each rank
-    needed = np.flatnonzero(per_rank)
+    upto = ends[tokens - 1 :: tokens]  # [R] rows of ranks up to each
+    per_rank = upto.copy()  # [R] rows of each rank
+    per_rank[1:] -= upto[:-1]
+    needed = per_rank.nonzero()[0]
     sizes = per_rank[needed].tolist()
-    rows = where - np.repeat(needed * tokens, sizes)  # [N] token of each row
+    rows = where - (needed * tokens).repeat(sizes)  # [N] token of each row
     rank_rows = torch.from_numpy(rows).split_with_sizes(sizes)
     rank_ids = torch.from_numpy(expert_ids.reshape(-1, k)).split_with_sizes(sizes)
     rank_weights = torch.from_numpy(row_weights.reshape(-1, k)).split_with_sizes(sizes)
@@ -255,11 +260,12 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
 
 
 def _meta_rows(hidden: torch.Tensor) -> Callable[[int], torch.Tensor]:
-    """New meta tensors shaped like ``hidden``'s rows (``_take_rows`` of shape-only states)."""
+    """Meta tensors shaped like ``hidden``'s rows (``_take_rows`` of shape-only states), shared per
+    shape (``asap.model.meta``)."""
     tail, dtype = tuple(hidden.shape[1:]), hidden.dtype
 
     def take(n: int) -> torch.Tensor:
-        return torch.empty((n, *tail), dtype=dtype, device="meta")
+        return meta_empty((n, *tail), dtype)
 
     return take
 
@@ -284,11 +290,7 @@ def combine(
     shape, dtype, device = (num_tokens, request_hidden.shape[-1]), request_hidden.dtype, request_hidden.device
     # shape-only (emulated): no values to zero; ``zeros`` on meta costs ~3x ``empty`` of host time per layer
     meta = device.type == "meta"
-    out = (
-        torch.empty(shape, dtype=dtype, device=device)
-        if meta
-        else torch.zeros(shape, dtype=dtype, device=device)
-    )
+    out = meta_empty(shape, dtype) if meta else torch.zeros(shape, dtype=dtype, device=device)
     for dispatch, partial in zip(dispatches, partials, strict=True):
         if partial.is_cuda:
             wait_attached(partial)  # results a GPU plane handed back before they were written
