@@ -17,6 +17,12 @@ doorbell; GPU links offer it with ``ASAP_GPU_HOT_PATH=1``), instead of ``exchang
 With ``ASAP_GPU_DEVICE_TIMING=1`` the hops also hold the device side, from timing events on the attention
 rank's tx and rx streams: ``gpu_fill``, ``gpu_flag_to_done`` (request flag written -> the expert's done
 flag seen: the expert's start latency plus its computation) and ``gpu_copy_out``.
+``--host-ahead-us N`` (with ``--direct``) puts the host ahead of the device, as in serving, where a
+layer's dispatch is posted right after the kernels that produce it are enqueued: after the host-timed
+round trips of each size, as many again in which each post follows an N µs device sleep on the posting
+stream, and the device-side round trip is reported beside the host-timed one, from the sleep's end (the rows "produced") until the results are usable on the posting
+stream (``device_ms``), with the share of posts that returned before the sleep ended (``host_ahead``: a
+share under 1 means the host, not the device, was on the path).
 
     python3 benchmarks/gpu_dataplane.py --json $OUT/gpu_dataplane.json
 """
@@ -25,7 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import dataclasses
+import io
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -119,6 +129,7 @@ async def _time_plane(
     device: str,
     direct: bool = False,
     refs: dict[int, torch.Tensor] | None = None,
+    gate_us: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     transport = GrpcExpertTransport(
         [target],
@@ -165,13 +176,21 @@ async def _time_plane(
                     times.append(elapsed)
                     returns.append(returned)
             assert result.hidden.shape == (n, HIDDEN)
-            wrong = -1.0
-            if refs is not None and n in refs:  # the last round trip's results against the part's own
-                ref = refs[n].float()
-                wrong = float((result.hidden.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            wrong = _rel_err(result.hidden, refs, n)  # the last round trip's against the part's own
             hops = _hops(link, iters)
             verdicts = _VERDICTS[-iters:]
             _VERDICTS.clear()
+            if hot is not None and gate_us > 0:  # the same again with the host ahead: device-side times
+                for _ in range(iters + 1):
+                    mb += 1
+                    hidden, _, _ = await loop.run_in_executor(
+                        None, _timed_direct, hot, wake, mb, dispatch, gate_us
+                    )
+                wrong = max(wrong, _rel_err(hidden, refs, n))
+                _VERDICTS.clear()
+            device_ms, ahead = sorted(_DEVICE[-iters:]), _AHEAD[-iters:]
+            _DEVICE.clear()
+            _AHEAD.clear()
             if verdicts:
                 hops = {**hops, "post_to_verdict": statistics.median(verdicts) * 1e6}
             payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
@@ -184,6 +203,14 @@ async def _time_plane(
                 "rel_err": wrong,
                 **({"hops_us": hops} if hops else {}),
             }
+            if device_ms:  # host ahead: the device-side round trip
+                out[str(n)]["device_ms"] = statistics.median(device_ms)
+                out[str(n)]["device_p10_ms"] = device_ms[len(device_ms) // 10]
+                out[str(n)]["host_ahead"] = sum(ahead) / len(ahead)
+                print(f"  {plane:9s} {n:6d} tokens: host ahead by a {gate_us:.0f} µs gate: "
+                      f"{out[str(n)]['device_ms']:.3f} ms median on the device "
+                      f"(p10 {out[str(n)]['device_p10_ms']:.3f}; post returned before the gate ended "
+                      f"in {out[str(n)]['host_ahead']:.0%})", flush=True)  # fmt: skip
             if hops:
                 print(f"  {plane:9s} {n:6d} tokens: hops (µs, median) {hops}", flush=True)
             print(f"  {plane:9s} {n:6d} tokens: {ms:8.3f} ms median "
@@ -194,24 +221,99 @@ async def _time_plane(
         await transport.close()
 
 
+def _rel_err(hidden: torch.Tensor, refs: dict[int, torch.Tensor] | None, n: int) -> float:
+    """The relative error of a round trip's results against the part's own (-1: no reference)."""
+    if refs is None or n not in refs:
+        return -1.0
+    ref = refs[n].float()
+    return float((hidden.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _gate(us: float) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    """Hold the current stream busy for ``us`` µs (a device sleep), then record a timing event: the
+    host's post that follows is enqueued while the device is still busy, as in serving, where the
+    attention rank posts a layer's dispatch right after enqueueing the kernels that produce it. Returns
+    (the gate's end, an event for the caller to record once the results are usable on the stream)."""
+    stream = torch.cuda.current_stream()
+    khz = getattr(torch.cuda.get_device_properties(stream.device), "clock_rate", 0) or 1_980_000
+    torch.cuda._sleep(int(us * khz / 1e3))
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    start.record(stream)
+    return start, torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
+
 def _timed_direct(
-    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch
+    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch, gate_us: float = 0.0
 ) -> tuple[torch.Tensor, float, float]:
-    """``_direct_once`` timed on its thread: (result, until settled, until its copy out ran) in s."""
+    """``_direct_once`` timed on its thread: (result, until settled, until its copy out ran) in s. With
+    ``gate_us``, on a stream of its own behind a device sleep (``_gate``): the device-side round trip
+    (the gate's end until the results are usable on the posting stream) goes to ``_DEVICE``, and whether
+    the host's post had returned before the gate ended to ``_AHEAD``."""
+    if gate_us > 0:
+        with torch.cuda.stream(_posting_stream()):
+            return _gated_direct(link, wake, mb, dispatch, gate_us)
     start = time.perf_counter()
+    if _PROFILE:  # --profile-post: the post and its wait under cProfile (slower: not a timing run)
+        _PROFILE[0].enable()
     hidden = _direct_once(link, wake, mb, dispatch)
+    if _PROFILE:
+        _PROFILE[0].disable()
     returned = time.perf_counter() - start
     event = attached_ready(hidden)
     if event is not None:
         event.synchronize()
     elapsed = time.perf_counter() - start
+    _await_verdict(link, wake, start)
+    return hidden, returned, elapsed
+
+
+_PROFILE: list[cProfile.Profile] = []
+"""``--profile-post``: the profiler of the hot path's host-timed round trips."""
+_POSTING: list[torch.cuda.Stream] = []
+
+
+def _posting_stream() -> torch.cuda.Stream:
+    """The host-ahead round trips' stream (a non-blocking one, as a compute thread's is)."""
+    if not _POSTING:
+        _POSTING.append(torch.cuda.Stream())  # type: ignore[no-untyped-call]
+    return _POSTING[0]
+
+
+def _gated_direct(
+    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch, gate_us: float
+) -> tuple[torch.Tensor, float, float]:
+    stream = torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.default_stream())  # the dispatch's tensors were made there
+    gate_end, usable = _gate(gate_us)
+    start = time.perf_counter()
+    # the rows are "produced" at the gate's end: as an attention rank's dispatch, they carry its event
+    hidden = _direct_once(link, wake, mb, dataclasses.replace(dispatch, ready=gate_end))
+    returned = time.perf_counter() - start
+    _AHEAD.append(not gate_end.query())  # type: ignore[no-untyped-call]
+    event = attached_ready(hidden)
+    if event is not None:
+        stream.wait_event(event)
+    usable.record(stream)
+    usable.synchronize()  # type: ignore[no-untyped-call]
+    elapsed = time.perf_counter() - start
+    _DEVICE.append(gate_end.elapsed_time(usable))  # type: ignore[no-untyped-call]
+    _await_verdict(link, wake, start)
+    return hidden, returned, elapsed
+
+
+_DEVICE: list[float] = []
+"""Host-ahead round trips: ms on the device from the gate's end until the results were usable."""
+_AHEAD: list[bool] = []
+"""Host-ahead round trips: whether the post had returned before the gate ended (the host was ahead)."""
+
+
+def _await_verdict(link: DirectLink, wake: Wake, start: float) -> None:
     ticket = _TICKETS.pop()
     if ticket.provisional:  # settled early: the round trip is over, its verdict is still to come
         _wait_for(link, wake, lambda: ticket.confirmed)
         _VERDICTS.append(time.perf_counter() - start)
         if ticket.failure is not None:
             raise ticket.failure
-    return hidden, returned, elapsed
 
 
 _VERDICTS: list[float] = []
@@ -312,7 +414,27 @@ async def run() -> dict[str, object]:
     parser.add_argument(
         "--direct", action="store_true", help="the fast plane through the hot path (a posting thread)"
     )
+    parser.add_argument(
+        "--host-ahead-us",
+        type=float,
+        default=0.0,
+        help="with --direct on a GPU: hold the posting stream this long on the device before each post, "
+        "and report the device-side round trip (the gate's end until the results are usable) beside "
+        "the host-timed one",
+    )
+    parser.add_argument(
+        "--profile-post",
+        metavar="FILE",
+        help="with --direct: run the host-timed round trips under cProfile (their times are then not "
+        "timings) and write the functions by own time to FILE",
+    )
     args = parser.parse_args()
+    if args.profile_post and not args.direct:
+        parser.error("--profile-post needs --direct")
+    if args.profile_post:
+        _PROFILE.append(cProfile.Profile())
+    if args.host_ahead_us and (args.cpu or not args.direct):
+        parser.error("--host-ahead-us needs --direct on a GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
     global DTYPE
     if args.cpu:
@@ -369,6 +491,7 @@ async def run() -> dict[str, object]:
                         local,
                         direct=args.direct and plane == "fast",
                         refs=refs,
+                        gate_us=args.host_ahead_us,
                     )
                     for plane in compared
                 }
@@ -381,12 +504,20 @@ async def run() -> dict[str, object]:
                 print(f"  grpc / {plane} time: {ratios}", flush=True)
             results[where] = entry
     results["json"] = args.json
+    results["profile_post"] = args.profile_post
     return results
 
 
 def main() -> None:
     configure_cuda_connections()  # as rank processes do: the attention end runs in this process
     results = asyncio.run(run())
+    profile_out = results.pop("profile_post")
+    if _PROFILE and isinstance(profile_out, str):
+        text = io.StringIO()
+        stats = pstats.Stats(_PROFILE[0], stream=text).sort_stats("tottime")
+        stats.print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        Path(profile_out).write_text(text.getvalue())
     out = results.pop("json")
     print(json.dumps(results, indent=1))
     if isinstance(out, str):

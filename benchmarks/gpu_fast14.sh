@@ -8,6 +8,7 @@
 #                                   # the fast plane's round trip: eager, captured, armed steps (see graphs)
 #   VARIANTS="armed:1:1:0:0: armed-direct:1:1:1:0:--direct" bash benchmarks/gpu_fast14.sh graphs
 #                                   # chosen variants, name:STEP_GRAPHS:ARMED_STEPS:HOT_PATH:DEVICE_TIMING:flag[:PREFETCH[:VAR=V,VAR=V]]
+#                                   # (DATAPLANE_ARGS="--host-ahead-us 2000": more gpu_dataplane.py flags for every variant)
 #   REQUESTS=480 bash benchmarks/gpu_fast14.sh ratio   # 1+1 at saturation, then monolithic at 16384 and 8192
 #                                   # tokens per batch over the same prompts (~110 s; not yet run)
 # The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
@@ -56,7 +57,7 @@ for stage in $stages; do
             env ASAP_GPU_STEP_GRAPHS=$graphs ASAP_GPU_ARMED_STEPS=$armed ASAP_GPU_HOT_PATH=$hot ASAP_GPU_DEVICE_TIMING=$timed \
                 ASAP_GPU_PREFETCH=$prefetch $extra \
                 timeout "${GRAPHS_TIMEOUT:-120}" \
-                python3 benchmarks/gpu_dataplane.py --planes fast $flag --iters "${ITERS:-30}" \
+                python3 benchmarks/gpu_dataplane.py --planes fast $flag ${DATAPLANE_ARGS:-} --iters "${ITERS:-30}" \
                 --json "$OUT/gpu_dataplane_$name.json" > "$OUT/gpu_dataplane_$name.log" 2>&1
             grep -v '^ *[]}"{]' "$OUT/gpu_dataplane_$name.log" | tail -6
         done

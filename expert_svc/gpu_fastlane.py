@@ -10,7 +10,7 @@ every answered request of a valid slot, errors too, after any GPU work of it: th
 stream waits for it before it reuses the slot.
 
 Ids in the slot are only known on the device. An id that is neither -1 nor hosted here is skipped (its
-slot contributes nothing) instead of failing the dispatch, and counted on the device (``bad_id_calls``,
+slot contributes nothing) instead of failing the dispatch, and counted on the device (``bad_ids``,
 read through a pinned copy at most every 0.1 s without blocking, and logged): failing the dispatch would need the host to wait
 for the device on every layer, which is what this plane removes.
 
@@ -72,13 +72,13 @@ class GpuFastLane(FastLane):
         """The compute thread's stream (set by ``warm``, which runs there)."""
         self.poison_stream = writer(torch.device(self.device))
         """Poisons: the process's stream that never waits (``asap.dataplane.gpu_streams``, rule 3)."""
-        self._bad_calls = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self._pinned = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         self._reading: torch.cuda.Event | None = None
         self._read_at = 0.0
         self._checks_lock = threading.Lock()
-        self.bad_id_calls = 0
-        """Computations in which some id was neither -1 nor hosted here (those slots were skipped)."""
+        self.bad_ids = 0
+        """Expert ids seen on the device that were neither -1 nor hosted here (those slots were skipped)."""
         self.steps: StepGraphs | None = None
         """The captured step (set by ``warm`` when on and supported; None: every step eager)."""
         self.graph_steps = 0
@@ -123,7 +123,7 @@ class GpuFastLane(FastLane):
         self._collect()  # the pinned copy and the event, once
         self.stream.synchronize()
         if step_graphs_enabled() and StepGraphs.supported(part):
-            steps = StepGraphs(part, self._bad_calls, largest=step_graph_rows())
+            steps = StepGraphs(part, self._bad_ids, largest=step_graph_rows())
             steps.warm([b for b in BUCKETS if b <= steps.largest])
             self.steps = steps
 
@@ -198,11 +198,11 @@ class GpuFastLane(FastLane):
                 self._retired.append((event, graphs))
 
     def _watch(self, bad: torch.Tensor) -> None:
-        """Count on the device whether ``bad`` [N, K] has any id set (read later by ``_collect``)."""
-        self._bad_calls.add_(bad.any())
+        """Count on the device the ids set in ``bad`` [N, K] (read later by ``_collect``)."""
+        self._bad_ids.add_(bad.sum())
 
     def _collect(self) -> None:
-        """Read the device count of computations with ids not hosted here, at most every 0.1 s, through a
+        """Read the device count of expert ids not hosted here, at most every 0.1 s, through a
         pinned copy whose event is only queried (never waits)."""
         now = time.monotonic()
         with self._checks_lock:
@@ -211,16 +211,16 @@ class GpuFastLane(FastLane):
                     return
                 self._reading = None
                 seen = int(self._pinned[0])
-                if seen > self.bad_id_calls:
+                if seen > self.bad_ids:
                     logger.warning(
-                        "%d GPU fast computations carried expert ids not hosted here (skipped)",
-                        seen - self.bad_id_calls,
+                        "%d expert ids in GPU fast dispatches are not hosted here (their slots skipped)",
+                        seen - self.bad_ids,
                     )
-                    self.bad_id_calls = seen
+                    self.bad_ids = seen
             if now - self._read_at < 0.1:
                 return
             self._read_at = now
-            self._pinned.copy_(self._bad_calls.view(1), non_blocking=True)
+            self._pinned.copy_(self._bad_ids.view(1), non_blocking=True)
             self._reading = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._reading.record(torch.cuda.current_stream(self.device))
 

@@ -24,6 +24,11 @@ dispatch the attention rank already wrote is never touched. Shapes outside the b
 the largest captured bucket, a bucket that does not fit the slot) take the eager path. Graphs of one
 slot share a memory pool; with ``pool_per_slot`` each slot has its own (their streams run concurrently).
 
+With the routine's Triton kernels (the default on CUDA with Triton), the checks, masks and id
+translation are one kernel and the results are written straight over the slot's valid rows
+(``expert_svc.gpu_step_triton``): ~20 small launches fewer per step. ``ASAP_GPU_FUSED_STEP=0`` keeps the
+torch-op step (the comparison of ``benchmarks/gpu_fast14.sh``).
+
 ``ASAP_GPU_STEP_GRAPHS=0`` turns the captured step off (the eager path for every dispatch);
 ``ASAP_GPU_STEP_GRAPH_ROWS`` bounds the largest bucket captured (memory and capture time per link).
 """
@@ -41,6 +46,7 @@ from asap.model.expert_part import ExpertPart
 from asap.model.grouped import BUCKETS, LayerAgnosticExperts, bucket_for, grouped_mm_available
 
 __all__ = [
+    "FUSED_STEP_ENV",
     "STEP_GRAPHS_ENV",
     "STEP_GRAPH_ROWS_ENV",
     "StepGraphs",
@@ -54,6 +60,8 @@ __all__ = [
 
 STEP_GRAPHS_ENV = "ASAP_GPU_STEP_GRAPHS"
 """``0`` (or ``off``): the GPU fast lane enqueues every step eagerly; default on."""
+FUSED_STEP_ENV = "ASAP_GPU_FUSED_STEP"
+"""``0`` (or ``off``): the step's checks and masks as torch ops even where the Triton kernels run."""
 STEP_GRAPH_ROWS_ENV = "ASAP_GPU_STEP_GRAPH_ROWS"
 """The largest token bucket captured per slot (default 16384)."""
 _DEFAULT_ROWS = 16384
@@ -63,7 +71,11 @@ StepKey = tuple[int, int, int]
 
 
 def step_graphs_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(STEP_GRAPHS_ENV, "1").strip().lower()
+    return _switch_on(STEP_GRAPHS_ENV, environ)
+
+
+def _switch_on(name: str, environ: dict[str, str] | None) -> bool:
+    value = (environ if environ is not None else os.environ).get(name, "1").strip().lower()
     return value not in ("0", "off", "false", "no")
 
 
@@ -126,12 +138,14 @@ class StepGraphs:
         """The grouped-GEMM routine (CUDA sm90+, bf16, layer-agnostic): what ``ExpertPart`` graphs too."""
         return part.layer_agnostic and part.dtype == torch.bfloat16 and grouped_mm_available(part.device)
 
-    def __init__(self, part: ExpertPart, bad_calls: torch.Tensor, *, largest: int) -> None:
+    def __init__(self, part: ExpertPart, bad_ids: torch.Tensor, *, largest: int) -> None:
         self.part = part
         self.device = part.device
         self.largest = bucket_for(max(1, largest))
-        self.bad_calls = bad_calls
+        self.bad_ids = bad_ids
         self.routine = LayerAgnosticExperts(part.gate_up, part.down)
+        self.fused = self.routine.kernels == "triton" and _switch_on(FUSED_STEP_ENV, None)
+        """The checks in one Triton kernel, the results written in place (``gpu_step_triton``)."""
         self.windows = len(self.routine.windows)
         self._window_of = {
             layer: self.routine.locate(stacked) for stacked, layer in enumerate(part.config.moe_layer_ids)
@@ -168,6 +182,24 @@ class StepGraphs:
         the results written over ``hidden``, then (``done`` given) the slot's done flag set to the seq.
         Only stream-ordered device work: capturable."""
         bucket = hidden.shape[0]
+        if self.fused:
+            from expert_svc import gpu_step_triton as kernels  # lazy: Triton is optional
+
+            local, kept, inner, count = kernels.prologue(
+                words,
+                flag,
+                self._table,
+                self.part.device_lut(),
+                ids,
+                weights,
+                below=self._below[bucket],
+                window=window,
+                bad_ids=self.bad_ids,
+            )
+            self.routine.run_window(window, inner, hidden, local, kept, out=hidden, count=count)
+            if done is not None:  # after the results (stream order, same GPU): the peer may copy them out
+                kernels.publish_done(count, flag, done)
+            return
         rows, layer = words[0].to(torch.int64), words[1].to(torch.int64)
         top = self._table.shape[0] - 1
         at = torch.where((layer >= 0) & (layer < top), layer, top).view(1)
@@ -177,7 +209,7 @@ class StepGraphs:
         inner = torch.where(match, entry[1], 0)
         valid = self._row_index[:bucket] < count
         local, bad = self.part.device_local_ids(torch.where(valid, ids, -1))
-        self.bad_calls.add_(bad.any())
+        self.bad_ids.add_(bad.sum())
         kept = torch.where(valid, weights, 0.0)
         out = self.routine.run_window(window, inner, hidden, local, kept)
         torch.where(valid, out, hidden, out=hidden)  # (rows left as they were where not valid)

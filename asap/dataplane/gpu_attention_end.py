@@ -199,7 +199,8 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         self, slot: int, header: SlotHeader, dispatch: RankDispatch, stream: torch.cuda.Stream | None
     ) -> None:
         """``enqueue_fill`` with the fewest host calls: the slot's views for the rows' layout cached,
-        three copies, then the step words and the request flag in one ``write_words`` (the flag's write
+        three copies (on the hot path, ``stream`` given: the current stream of the end's device, with no
+        stream switch), then the step words and the request flag in one ``write_words`` (the flag's write
         carries the barrier that makes the rows and the words visible first)."""
         g = self.geometry
         header.write(self._buf, g.slot_at(slot))
@@ -223,10 +224,15 @@ class GpuAttentionLinkEnd(AttentionLinkEnd):
         if free is not None:
             target.wait_event(free)
         events = self._timing_event(target, None)
-        with torch.cuda.stream(target):
-            for dst, src in zip(views, (dispatch.hidden, dispatch.expert_ids, dispatch.weights), strict=True):
-                if own and src.is_cuda:
-                    src.record_stream(target)
+        sources = (dispatch.hidden, dispatch.expert_ids, dispatch.weights)
+        if own:
+            with torch.cuda.stream(target):
+                for dst, src in zip(views, sources, strict=True):
+                    if src.is_cuda:
+                        src.record_stream(target)
+                    (dst if rows == layout else dst[:rows]).copy_(src, non_blocking=True)
+        else:  # ``stream`` is the current stream of the end's device, where a copy into it runs
+            for dst, src in zip(views, sources, strict=True):
                 (dst if rows == layout else dst[:rows]).copy_(src, non_blocking=True)
         words = self._flag(slot, STEP_WORDS_AT)
         write_words(

@@ -40,6 +40,8 @@ __all__ = [
 POISON_STEP = 1 << 30
 """How far ahead of the last sequence number a poison value lies (any wait of the link then passes)."""
 _MASK = 0xFFFFFFFF
+_PARAMS_KEPT = 1024
+"""Address lists whose batch parameters a thread keeps (a link's slots: a few per link)."""
 logger = logging.getLogger(__name__)
 
 
@@ -135,16 +137,9 @@ class DriverFlags:
         handle = self._on_this_thread(stream)
         if self._batch_ok:
             try:
-                op = d.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
-                params = []
-                for address, value in writes:
-                    p = d.CUstreamBatchMemOpParams()
-                    p.operation = op
-                    p.writeValue.operation = op
-                    p.writeValue.address = d.CUdeviceptr(address)
+                params = self._batch_params(tuple(address for address, _ in writes))
+                for p, (_, value) in zip(params, writes, strict=True):
                     p.writeValue.value = value & _MASK
-                    p.writeValue.flags = self._default
-                    params.append(p)
                 result = d.cuStreamBatchMemOp(handle, len(params), params, 0)
                 err = result[0] if isinstance(result, tuple) else result
                 if err == self._success:
@@ -163,6 +158,30 @@ class DriverFlags:
                 ),
                 "cuStreamWriteValue32",
             )
+
+    def _batch_params(self, addresses: tuple[int, ...]) -> list[Any]:
+        """The calling thread's ``cuStreamBatchMemOp`` parameters for writes to ``addresses`` (built once
+        per address list and kept, at most ``_PARAMS_KEPT`` lists per thread: a slot's step words and
+        flag are the same addresses on every layer; only the values change). The driver reads them
+        during the call, so reusing them on the same thread is safe."""
+        kept: dict[tuple[int, ...], list[Any]] | None = getattr(self._threads, "batch_params", None)
+        if kept is None:
+            kept = self._threads.batch_params = {}
+        params = kept.get(addresses)
+        if params is None:
+            d = self._d
+            op = d.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
+            params = []
+            for address in addresses:
+                p = d.CUstreamBatchMemOpParams()
+                p.operation = op
+                p.writeValue.operation = op
+                p.writeValue.address = d.CUdeviceptr(address)
+                p.writeValue.flags = self._default
+                params.append(p)
+            if len(kept) < _PARAMS_KEPT:
+                kept[addresses] = params
+        return params
 
     def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
         d = self._d

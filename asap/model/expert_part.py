@@ -216,16 +216,21 @@ class ExpertPart:
         -1 nor hosted here, which are skipped too), without a host synchronisation. The host-side check of
         ``compute`` raises for such ids instead; here the caller reads the mask when it can afford to."""
         e = self.config.num_experts
+        local = self.device_lut()[(expert_ids.to(torch.int64) + 1).clamp_(-1, e + 1)]
+        bad = local == -2
+        return local.masked_fill_(bad, -1), bad
+
+    def device_lut(self) -> torch.Tensor:
+        """The id lookup of ``device_local_ids`` (int64 [E + 3], on the device): index 0 for id -1 (another
+        rank's slot), 1 + e for expert e, E + 1 for an id >= E, E + 2 (reached as index -1, which wraps)
+        for an id < -1; the local index, -1 for id -1, -2 for the ids not hosted here."""
         if self._device_lut is None:
-            # index 0: id -1 (another rank's slot); 1 + e: expert e; E + 1: an id >= E; E + 2 (reached as
-            # index -1, which wraps): an id < -1. -2 marks the bad ones.
+            e = self.config.num_experts
             lut = torch.full((e + 3,), -2, dtype=torch.int64)
             lut[0] = -1
             lut[1 : e + 1] = torch.where(self._local_of_expert >= 0, self._local_of_expert, -2)
             self._device_lut = lut.to(self.device)
-        local = self._device_lut[(expert_ids.to(torch.int64) + 1).clamp_(-1, e + 1)]
-        bad = local == -2
-        return local.masked_fill_(bad, -1), bad
+        return self._device_lut
 
     def _check_shapes(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         """The shape and dtype rules of ``compute``'s inputs (the emulated part checks by them too)."""

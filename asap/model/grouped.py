@@ -164,11 +164,18 @@ class LayerAgnosticExperts:
         hidden: torch.Tensor,
         local_ids: torch.Tensor,
         weights: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The routine on one window; ``inner`` is the 0-d device tensor of the layer within it (data)."""
+        """The routine on one window; ``inner`` is the 0-d device tensor of the layer within it (data).
+        With the Triton kernels only: ``out`` receives the results (returned), and with ``count`` (a
+        1-element device tensor) only its rows below the count, the others left as they were."""
         w = self.windows[window]
         if self.kernels == "triton":
-            return self._run_triton(w, inner, hidden, local_ids, weights)
+            return self._run_triton(w, inner, hidden, local_ids, weights, out, count)
+        if out is not None or count is not None:
+            raise ValueError("run_window: out and count need the Triton kernels")
         n, k = local_ids.shape
         groups = w.count * self.experts
         flat = local_ids.reshape(-1)  # [N*K]
@@ -201,6 +208,8 @@ class LayerAgnosticExperts:
         hidden: torch.Tensor,
         local_ids: torch.Tensor,
         weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The routine with the Triton kernels. Rows past the valid count (the last offset, read on the
         device) are neither gathered, computed nor read; the routing weight is applied in float32 to each
@@ -222,7 +231,7 @@ class LayerAgnosticExperts:
         h1 = _grouped_linear(x, w.w1, offs, self.fused)  # [rows, 2I], valid rows only
         act = kernels.silu_mul(h1, count, n * k)  # [rows, I]
         y = _grouped_linear(act, w.w2, offs, self.fused)  # [rows, H]
-        return kernels.combine(y, local_ids.contiguous(), weights.contiguous(), inverse)
+        return kernels.combine(y, local_ids.contiguous(), weights.contiguous(), inverse, out, count)
 
     def _group_ids(self, groups: int) -> torch.Tensor:
         ids = self._group_ids_cache.get(groups)

@@ -9,7 +9,9 @@ needs costs nothing for rows routed to other ranks or padding:
   ``inverse[order[j]] = j`` on the way (one read of each token row per slot, one write);
 * ``silu_mul``: ``act = silu(gate) * up`` in float32 from the first grouped GEMM's output, one pass;
 * ``combine``: per token, the float32 sum of ``weight * y[inverse[slot]]`` over its valid slots, each ``y``
-  row read once and each output row written once (no atomics, no float32 intermediate in memory).
+  row read once and each output row written once (no atomics, no float32 intermediate in memory); given
+  a device count, only the tokens below it are written, into a caller's tensor (the GPU fast lane's step
+  writes its results over the slot's rows that way, leaving the rest as they were).
 """
 
 # Triton is untyped (and absent where mypy runs in CI); its kernels are typed by Triton itself.
@@ -69,11 +71,32 @@ def _combine_kernel(
     weights_ptr,
     inverse_ptr,
     out_ptr,
+    count_ptr,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    if HAS_COUNT:
+        if token < tl.load(count_ptr):
+            _combine_token(y_ptr, ids_ptr, weights_ptr, inverse_ptr, out_ptr, token, H, K, BLOCK_H)
+    else:
+        _combine_token(y_ptr, ids_ptr, weights_ptr, inverse_ptr, out_ptr, token, H, K, BLOCK_H)
+
+
+@triton.jit
+def _combine_token(
+    y_ptr,
+    ids_ptr,
+    weights_ptr,
+    inverse_ptr,
+    out_ptr,
+    token,
     H: tl.constexpr,
     K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
     for start in tl.static_range(0, H, BLOCK_H):
         cols = start + tl.arange(0, BLOCK_H)
         mask = cols < H
@@ -125,12 +148,34 @@ def silu_mul(h1: torch.Tensor, count: torch.Tensor, max_count: int | None = None
     return act
 
 
-def combine(y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def combine(
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    inverse: torch.Tensor,
+    out: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y [N*K, H] sorted expert outputs; ids [N, K] (-1 = skip); weights [N, K]; inverse [N*K]
-    -> [N, H]: per token, sum over valid slots of weight * y row, accumulated in float32."""
+    -> [N, H]: per token, sum over valid slots of weight * y row, accumulated in float32. ``out``: write
+    there ([N, H] contiguous, y's dtype) instead of a new tensor; ``count`` (1-element device tensor):
+    write only tokens below it, the other rows of ``out`` left as they were."""
     n, k = ids.shape
     h = y.shape[1]
-    out = torch.empty(n, h, dtype=y.dtype, device=y.device)
+    if out is None:
+        out = torch.empty(n, h, dtype=y.dtype, device=y.device)
     block = _block(h, 2048)
-    _combine_kernel[(n,)](y, ids, weights, inverse, out, H=h, K=k, BLOCK_H=block, num_warps=_warps(block))
+    _combine_kernel[(n,)](
+        y,
+        ids,
+        weights,
+        inverse,
+        out,
+        out if count is None else count,  # (not read without a count)
+        H=h,
+        K=k,
+        BLOCK_H=block,
+        HAS_COUNT=count is not None,
+        num_warps=_warps(block),
+    )
     return out

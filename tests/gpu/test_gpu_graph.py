@@ -3,7 +3,8 @@ holding garbage past the dispatch's rows, it writes over the rows exactly what t
 (``device_local_ids`` + ``compute_local``), for every bucket, slot and layer, and counts ids not hosted
 here; replayed for another bucket or window than the slot's words name, or with the request flag not
 holding their seq (poisoned), it changes nothing, its done flag included; when it computes, it writes the
-slot's done flag itself."""
+slot's done flag itself. Both forms of the step: the fused one (Triton: checks in one kernel, results
+written in place) and the torch-op one (``ASAP_GPU_FUSED_STEP=0``)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.grouped import bucket_for
-from expert_svc.gpu_graph import StepGraphs, graph_buckets, slot_words
+from expert_svc.gpu_graph import FUSED_STEP_ENV, StepGraphs, graph_buckets, slot_words
 
 pytestmark = pytest.mark.skipif(
     not flags_available(), reason="needs a CUDA GPU and cuda.bindings (stream flags)"
 )
 
 
-def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-ops"])
+def test_captured_step_equals_the_eager_step(
+    gpu_model_dir: Path, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FUSED_STEP_ENV, "1" if fused else "0")
     dev = torch.device("cuda:0")
     config = load_config(gpu_model_dir)
     hosted = range(0, config.num_experts, 2)  # the odd ids are another rank's
@@ -37,9 +42,12 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
     h, k = config.hidden_size, config.top_k
     g = LinkGeometry(slots=2, slot_bytes=4 << 20, hidden_size=h, top_k=k, itemsize=2, device_slots=True)
     buf = torch.randint(0, 256, (g.device_nbytes,), dtype=torch.uint8, device=dev)  # garbage, NaNs too
-    bad_calls = torch.zeros((), dtype=torch.int64, device=dev)
+    bad_ids = torch.zeros((), dtype=torch.int64, device=dev)
     part.device_local_ids(torch.full((1, k), -1, dtype=torch.int32, device=dev))  # its table, once
-    steps = StepGraphs(part, bad_calls, largest=256)
+    steps = StepGraphs(part, bad_ids, largest=256)
+    if fused and not steps.fused:
+        pytest.skip("the fused step needs the routine's Triton kernels (Triton installed)")
+    assert steps.fused == fused
     buckets = graph_buckets(g, 256)
     assert buckets == (16, 32, 64, 128, 256)
     steps.warm(buckets)
@@ -68,7 +76,7 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
         buf[base + ids_at : base + ids_at + rows * k * 4].copy_(ids.view(-1).view(torch.uint8))
         buf[base + weights_at : base + weights_at + rows * k * 4].copy_(weights.view(-1).view(torch.uint8))
         window, _ = steps.locate(layer)
-        before = int(bad_calls)
+        before = int(bad_ids)
         words, flag = slot_words(buf, g, slot)
         for at, value in ((0, rows), (4, layer), (8, seq)):  # as the attention's tx stream writes them
             flags.write(stream, int(words.data_ptr()) + at, value)
@@ -83,11 +91,13 @@ def test_captured_step_equals_the_eager_step(gpu_model_dir: Path) -> None:
         torch.cuda.synchronize()
         assert torch.equal(rows_view, untouched), (rows, slot, layer)
         assert torch.equal(done, done_before)  # no done flag from a step that did not compute
-        assert int(bad_calls) == before
+        assert int(bad_ids) == before
         flags.write(stream, int(flag.data_ptr()), seq)
         graphs[(slot, layout, window)].replay()
         torch.cuda.synchronize()
         got = rows_view.view(torch.bfloat16).view(rows, h)
         assert torch.equal(got, expected), (rows, slot, layer)
         assert int(done) == seq  # written by the step itself, after the results
-        assert int(bad_calls) == before + int(foreign)  # odd ids: counted once, skipped
+        odd = int(((ids >= 0) & (ids % 2 == 1)).sum())  # another rank's ids: counted, skipped
+        assert (odd > 0) == foreign
+        assert int(bad_ids) == before + odd

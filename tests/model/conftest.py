@@ -180,3 +180,23 @@ def random_prompt(length: int, vocab: int, seed: int) -> torch.Tensor:
     """A reproducible random prompt [length] int64."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (length,), generator=generator)
+
+
+@pytest.fixture
+def triton_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """CUDA where there is one, else CPU tensors through Triton's interpreter (skipped without Triton);
+    the kernel modules are reloaded so their kernels are decorated in the mode picked."""
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        return torch.device("cuda")
+    # Set before Triton is first imported: its own library functions are decorated in this mode too.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import importlib
+
+    from asap.model import grouped_triton
+    from expert_svc import gpu_step_triton
+
+    importlib.reload(grouped_triton)  # kernels pick interpreted mode when decorated
+    importlib.reload(gpu_step_triton)
+    return torch.device("cpu")

@@ -83,22 +83,7 @@ def test_gemm_rows_pad_for_the_large_tile_only_when_fused_and_many_rows() -> Non
 
 
 # ---- Triton kernels: on CUDA where there is one, else on CPU tensors through Triton's interpreter ----
-
-
-@pytest.fixture
-def triton_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    if torch.cuda.is_available():
-        pytest.importorskip("triton")
-        return torch.device("cuda")
-    # Set before Triton is first imported: its own library functions are decorated in this mode too.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    import importlib
-
-    from asap.model import grouped_triton
-
-    importlib.reload(grouped_triton)  # kernels pick interpreted mode when decorated
-    return torch.device("cpu")
+# (the ``triton_device`` fixture of tests/model/conftest.py)
 
 
 def test_triton_kernels_each_match_torch(triton_device: torch.device) -> None:
