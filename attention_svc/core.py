@@ -91,6 +91,9 @@ class AttentionExecutor:
         self.hot_path = True
         """Whether async batches may take the hot path where the planes offer it (benchmarks compare)."""
         self.stats = AttentionStats()
+        self._count_routes = bool(getattr(transport, "counts_routes", False))
+        """The transport hands each dispatch's counts per expert to in-process expert ranks, which then
+        do not count its ids again (``split_by_rank(count=True)``; ``asap.sim``'s direct plane)."""
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -271,7 +274,7 @@ class AttentionExecutor:
         except StopIteration as stop:
             logits: torch.Tensor = stop.value
             return logits
-        dispatches = split_by_rank(self.placement, request)
+        dispatches = split_by_rank(self.placement, request, count=self._count_routes)
         if all_ranks:
             dispatches = self._with_empty_dispatches(dispatches)
         ready = ready_event(self.part.device)

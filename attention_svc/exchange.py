@@ -32,7 +32,7 @@ class ExpertTransport(Protocol):
     """How an attention rank reaches expert ranks (one link per expert rank, each over its data plane,
     ``asap.dataplane.plane.DataPlane``)."""
 
-    async def exchange(
+    def exchange(
         self,
         rank: int,
         micro_batch: int,
@@ -41,8 +41,9 @@ class ExpertTransport(Protocol):
         *,
         sync: SyncStep | None = None,
         trace: Context | None = None,
-    ) -> ExchangeResult:
-        """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H].
+    ) -> Awaitable[ExchangeResult]:
+        """Send one dispatch to expert rank ``rank``; return its combined partial result [n, H] (a
+        coroutine, or a future: the simulator's in-process planes run an exchange as loop callbacks).
 
         ``sync`` marks a step of the sync modes: the expert rank waits for the dispatches of its
         ``participants`` attention ranks for (step, ``layer``) before computing, and ``dispatch`` may have

@@ -2,6 +2,9 @@
 ``call_soon`` and ``call_at`` handles each kind of step makes (a task's steps are named by its coroutine,
 a future's done callbacks by the callback), to stderr. Where the loop iterations per dispatch go, so
 that a change to the services' steps can be aimed at the largest; the counts are exact, not sampled.
+Dispatches are counted as the expert ranks' sessions receive them (``ExchangeSession.accept``); a timer
+that runs ``loop.call_soon`` (a wait's wake-up kept one iteration after its timer) is named by what it
+schedules.
     python benchmarks/sim_handle_census.py --compare async --model ... [simulate flags]
 """
 
@@ -16,24 +19,26 @@ from typing import Any
 from _simulate import run_simulate  # a sibling: these scripts run as `python benchmarks/NAME.py`
 
 from asap.sim.loop import VirtualLoop
-from expert_svc.core import ExpertExecutor
+from expert_svc.exchange import ExchangeSession
 
 counts: collections.Counter[tuple[str, str]] = collections.Counter()
 dispatches = [0]
 
 
-def _name(callback: Any) -> str:
+def _name(callback: Any, args: tuple[Any, ...] = ()) -> str:
     owner = getattr(callback, "__self__", None)
     if isinstance(owner, asyncio.Task):
         coro = owner.get_coro()
         return f"task step: {getattr(coro, '__qualname__', type(coro).__name__)}"
+    if isinstance(owner, VirtualLoop) and args:  # a timer whose callback is ``loop.call_soon``
+        return f"call_soon of {_name(args[0], args[1:])}"
     return getattr(callback, "__qualname__", type(callback).__name__)
 
 
 def _wrap(kind: str, original: Any) -> Any:
     def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        callback = args[0] if kind == "call_soon" else args[1]
-        counts[(kind, _name(callback))] += 1
+        at = 0 if kind == "call_soon" else 1
+        counts[(kind, _name(args[at], args[at + 1 :]))] += 1
         return original(self, *args, **kwargs)
 
     return counted
@@ -55,13 +60,13 @@ def _report(top: int = int(os.environ.get("SIM_CENSUS_TOP", "30"))) -> None:
 def main() -> int:
     VirtualLoop.call_soon = _wrap("call_soon", VirtualLoop.call_soon)  # type: ignore[method-assign]
     VirtualLoop.call_at = _wrap("call_at", VirtualLoop.call_at)  # type: ignore[method-assign]
-    check = ExpertExecutor.check
+    accept = ExchangeSession.accept
 
-    def counting_check(self: ExpertExecutor, *args: Any, **kwargs: Any) -> Any:
+    def counting_accept(self: ExchangeSession, *args: Any, **kwargs: Any) -> Any:
         dispatches[0] += 1
-        return check(self, *args, **kwargs)
+        return accept(self, *args, **kwargs)
 
-    ExpertExecutor.check = counting_check  # type: ignore[method-assign]
+    ExchangeSession.accept = counting_accept  # type: ignore[method-assign]
     return run_simulate(sys.argv[1:], _report)
 
 

@@ -26,6 +26,7 @@ from asap.devices import ready_event, use_own_stream
 from asap.errors import InternalError, InvalidArgument, Unavailable
 from asap.model.expert_part import ExpertPart
 from asap.model.hosted import HostedCounts, HostedIds, add_counts
+from asap.model.meta import meta_empty
 from asap.warmup import plan_expert_warmup, warm_expert_part
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,11 @@ class ExpertExecutor:
         """Chunks waiting in the queue for the compute thread (the fast plane's wait in ``FastLane``)."""
         return self._queue.qsize()
 
+    @property
+    def has_room(self) -> bool:
+        """Whether ``submit`` queues at once (the queue is not full: it would not wait for room)."""
+        return not self._queue.full()
+
     async def start(self) -> None:
         if self._worker is not None:
             raise InternalError("ExpertExecutor started twice")
@@ -194,6 +200,17 @@ class ExpertExecutor:
                 f"experts {bad} are not hosted by this rank (hosts {list(self.part.hosted)})"
             )
         return None
+
+    def counted(self, layer: int, counted: HostedCounts) -> HostedCounts | None:
+        """``check``'s answer for ids an in-process sender counted itself (``chunks.Dispatch.counted``,
+        from ``split_by_rank(count=True)``): the layer is checked, the ids are trusted. None when the
+        counts do not fit this rank's block (not a contiguous one, or not of its length): ``check``."""
+        if layer not in self._moe_layers:
+            raise InvalidArgument(f"layer {layer} is not an MoE layer of this model")
+        hosted = self._hosted_ids
+        if not hosted.contiguous or len(counted[0]) != hosted.high - hosted.low:
+            return None
+        return counted
 
     async def submit(
         self,
@@ -369,7 +386,5 @@ def _merged_rows(rows: Sequence[torch.Tensor], device: torch.device) -> torch.Te
     if device.type == "meta" and all(
         r.device.type == "meta" and r.dtype == first.dtype and r.shape[1:] == first.shape[1:] for r in rows
     ):
-        return torch.empty(
-            (sum(int(r.shape[0]) for r in rows), *first.shape[1:]), dtype=first.dtype, device="meta"
-        )
+        return meta_empty((sum(int(r.shape[0]) for r in rows), *first.shape[1:]), first.dtype)
     return torch.cat([r.to(device) for r in rows])

@@ -32,7 +32,7 @@ from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile
 from asap.emulation.clock import charge
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError, InvalidArgument
+from asap.errors import AsapError, InternalError, InvalidArgument
 from asap.model.hosted import HostedCounts
 from asap.rpc.streams import cancel_all
 from asap.telemetry import setup
@@ -45,7 +45,7 @@ from expert_svc.nixl_lane import NixlExpertEnd, NixlLane
 from expert_svc.regions import StreamRegions
 from expert_svc.tracing import ChunkTrace
 
-__all__ = ["Answers", "ExchangeSession", "ExpertExchange", "Outbound"]
+__all__ = ["Answers", "ExchangeSession", "ExpertExchange", "Outbound", "run_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ Outbound = asyncio.Queue[expert_pb2.CombineChunk | None]
 
 class Answers(Protocol):
     """Where ``ExchangeSession.accept`` puts a chunk's answer: the stream's ``Outbound`` queue, or an
-    in-process caller's sink (``asap.sim``), which may also take what its ``answer`` hook made."""
+    in-process caller's sink (``asap.sim``), which may also take what its ``answer`` hook made. A sink
+    whose ``put`` never waits says so (``put_never_waits = True``), as an unbounded queue's does: its
+    async chunks are then answered by ``_Reply``'s callbacks instead of a task each."""
 
     async def put(self, item: Any) -> None: ...
 
@@ -164,7 +166,8 @@ class ExchangeSession:
         self.answer = answer if answer is not None else regions.answer
         """On the codec thread: a computed chunk's answer (by default its ``CombineChunk``; an
         in-process caller may take the result as it is)."""
-        self._replies: set[asyncio.Task[None]] = set()
+        self._replies: set[asyncio.Future[None]] = set()
+        """The answers being made: ``_reply`` tasks, and the ``done`` futures of ``_Reply`` answers."""
         self._fast_ends: list[ExpertLinkEnd] = []
         self._nixl_ends: list[NixlExpertEnd] = []
 
@@ -244,11 +247,14 @@ class ExchangeSession:
                 trace = ChunkTrace.start(dispatch) if setup.TRACING_ENABLED else None
                 future: asyncio.Future[ExpertResult] | None
                 counted: HostedCounts | None = None
+                if dispatch.counted is not None:  # an in-process sender's own counts (``asap.sim``)
+                    counted = shared.executor.counted(dispatch.layer, dispatch.counted)
                 if dispatch.sync is not None:  # checked now, queued after the step barrier
-                    counted = shared.executor.check(dispatch.layer, dispatch.expert_ids)
+                    if counted is None:
+                        counted = shared.executor.check(dispatch.layer, dispatch.expert_ids)
                     future = None
                 else:
-                    future = await self._submit(dispatch)
+                    future = await self._submit(dispatch, counted)
             except AsapError as exc:
                 logger.warning("rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message)
                 await outbound.put(
@@ -261,7 +267,14 @@ class ExchangeSession:
         finally:
             if serial is not None:
                 serial.release()
-        task = asyncio.get_running_loop().create_task(self._reply(dispatch, future, trace, outbound, counted))
+        loop = asyncio.get_running_loop()
+        if future is not None and _never_waits(outbound):
+            reply = _Reply(self, dispatch, future, trace, outbound, loop)
+            self._replies.add(reply.done)
+            reply.done.add_done_callback(reply.finished)
+            loop.call_soon(reply.start)  # the first step of the task it stands for
+            return
+        task = loop.create_task(self._reply(dispatch, future, trace, outbound, counted))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
@@ -330,3 +343,148 @@ class ExchangeSession:
                 shared.serial.release()
         if trace is not None:
             trace.sent()
+
+
+def _never_waits(outbound: Answers) -> bool:
+    """Whether ``outbound.put`` always returns without waiting (an unbounded queue; a sink that says so)."""
+    if isinstance(outbound, asyncio.Queue):
+        return outbound.maxsize <= 0
+    return bool(getattr(outbound, "put_never_waits", False))
+
+
+class _Reply:
+    """An async chunk's answer (expert-overlap on, computed by the queue), made by loop callbacks: what
+    ``ExchangeSession._reply`` does for it — wait for the result, encode it on the codec thread, charge
+    the emulated result transfer, put the answer — in the loop iterations and order in which its task
+    takes those steps, without the task. ``done`` stands for the task in the session's ``_replies``: it
+    ends when the answer is put (or the reply failed), and cancelling it (``abandon``) cancels the
+    computation, as cancelling the task would."""
+
+    __slots__ = ("dispatch", "done", "loop", "outbound", "session", "timer", "trace", "work")
+
+    def __init__(
+        self,
+        session: ExchangeSession,
+        dispatch: chunks.Dispatch,
+        work: asyncio.Future[ExpertResult],
+        trace: ChunkTrace | None,
+        outbound: Answers,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.session = session
+        self.dispatch = dispatch
+        self.work = work
+        self.trace = trace
+        self.outbound = outbound
+        self.loop = loop
+        self.timer: asyncio.Handle | None = None
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def start(self) -> None:
+        """The task's first step: wait for the result (or go on now, if it is in)."""
+        if self.done.done():
+            return
+        if self.work.done():
+            self.computed(self.work)
+        else:
+            self.work.add_done_callback(self.computed)
+
+    def computed(self, work: asyncio.Future[ExpertResult]) -> None:
+        if self.done.done():
+            return
+        session = self.session
+        try:
+            result = work.result()
+            if self.trace is not None:
+                self.trace.computed(result)
+            encoded = self.loop.run_in_executor(
+                session.shared.codec, session.answer, self.dispatch, result, 0
+            )
+        except AsapError as exc:
+            self.charge(self.error(exc))
+            return
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        if encoded.done():  # an inline codec: the task's ``await`` goes on in this step
+            self.encoded(encoded)
+        else:
+            encoded.add_done_callback(self.encoded)
+
+    def encoded(self, encoded: asyncio.Future[Any]) -> None:
+        if self.done.done():
+            return
+        try:
+            msg = encoded.result()
+        except AsapError as exc:
+            msg = self.error(exc)
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        self.charge(msg)
+
+    def error(self, exc: AsapError) -> expert_pb2.CombineChunk:
+        self.trace = None
+        d = self.dispatch
+        return _error_reply(d.micro_batch, d.layer, d.row_offset, d.total_rows, exc)
+
+    def charge(self, msg: Any) -> None:
+        """Emulated compute: the result's link time (``charge``: a timer, then the step after it)."""
+        shared = self.session.shared
+        if shared.profile is None or not self.dispatch.rows:
+            self.send(msg)
+            return
+        try:
+            seconds = shared.transfer_s(self.dispatch.rows, self.dispatch.attention_rank)
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        loop = self.loop
+        if seconds > 0:
+            self.timer = loop.call_at(loop.time() + seconds, loop.call_soon, self.send, msg)
+        else:  # ``asyncio.sleep(0)``: one iteration
+            loop.call_soon(self.send, msg)
+
+    def send(self, msg: Any) -> None:
+        if self.done.done():
+            return
+        try:
+            if isinstance(self.outbound, asyncio.Queue):
+                self.outbound.put_nowait(msg)
+            else:
+                run_now(self.outbound.put(msg))
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        if self.trace is not None:
+            self.trace.sent()
+        self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """What the task would end with: cancelled, or failed with ``exc`` (``finish`` raises it)."""
+        if self.done.done():
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.done.cancel()
+        else:
+            self.done.set_exception(exc)
+
+    def finished(self, done: asyncio.Future[None]) -> None:
+        """``done``'s callback: out of the session's answers; cancelled, its computation and timer too."""
+        self.session._replies.discard(done)
+        if done.cancelled():
+            if not self.work.done():
+                self.work.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+
+
+def run_now(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end now, in this step: a coroutine that does not wait (a ``put`` that never
+    waits, ``_never_waits``; the direct plane's ``accept``). ``InternalError`` if it waited after all."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise InternalError(f"{coro!r} waited where it must run to its end at once")

@@ -29,6 +29,7 @@ from asap.model.config import ModelConfig
 from asap.model.expert_part import ExpertPart
 from asap.model.hosted import HostedCounts, HostedIds
 from asap.model.kvcache import ChunkCache, check_caches
+from asap.model.meta import meta_empty
 
 
 class RandomRouter:
@@ -171,7 +172,7 @@ class EmulatedAttentionPart(SteppedPart[ChunkCache]):
                     cache.stage(layer, k, v)
             if is_moe:
                 ids, weights = self.router.route(layer, tokens, g)  # [T, K] each
-                hidden = torch.empty((tokens, cfg.hidden_size), dtype=self.dtype, device="meta")  # [T, H]
+                hidden = meta_empty((tokens, cfg.hidden_size), self.dtype)  # [T, H]
             self.sleeper.sleep(cost[is_moe])
             if not is_moe:
                 continue
@@ -355,7 +356,7 @@ class EmulatedExpertPart(ExpertPart):
             else PER_LAYER_CALL_OVERHEAD_S * self.profile.launch_us / H200_LAUNCH_US
         )
         self.sleeper.sleep(self._modelled_call_s(totals) + extra)
-        return torch.empty((hidden.shape[0], self.config.hidden_size), dtype=self.dtype, device="meta")
+        return meta_empty((int(hidden.shape[0]), self.config.hidden_size), self.dtype)
 
     def _reject(self, ids: np.ndarray) -> None:  # type: ignore[type-arg]
         """The real part's error for ids that are out of range or hosted elsewhere."""

@@ -9,6 +9,7 @@ process.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from asap.devices import wait_attached
 from asap.errors import InvalidArgument
 from asap.model.attention_part import MoERequest
 from asap.model.expert_part import ExpertPart
+from asap.model.hosted import HostedCounts
+from asap.model.meta import meta_empty
 
 
 class ExpertPlacement:
@@ -76,6 +79,15 @@ class ExpertPlacement:
         self._table = table  # [E] expert -> rank
         # the same, for the host-side split (``split_by_rank``); int16 so that its stable sort is a radix sort
         self._table_np = table.numpy().astype(np.int16 if self.num_ranks < 2**15 else np.int64)
+        # where each rank's block starts, when every rank holds a contiguous run of experts in rank
+        # order (what the constructor makes): the routing's counts per expert are then cut per rank
+        # (``split_by_rank(count=True)``)
+        runs = all(b == tuple(range(b[0], b[0] + len(b))) for b in blocks)
+        ordered = runs and all(a[-1] + 1 == b[0] for a, b in itertools.pairwise(blocks))
+        self._starts: np.ndarray | None = (  # type: ignore[type-arg]
+            np.asarray([b[0] for b in blocks], dtype=np.intp) if ordered and blocks[0][0] == 0 else None
+        )
+        self._bounds = [(b[0], b[0] + len(b)) for b in blocks]
 
     def rank_of(self, expert_id: int, layer: int | None = None) -> int:
         """The rank hosting ``expert_id`` (at ``layer``; placement is currently layer-independent)."""
@@ -112,15 +124,26 @@ class RankDispatch:
     """[n, K] float32 routing weights, 0 where masked."""
     ready: torch.cuda.Event | None = None
     """CUDA: recorded on the producing stream once the tensors above are computed (see asap.devices)."""
+    counted: HostedCounts | None = None
+    """``split_by_rank(count=True)``: the rows of ``expert_ids`` per expert of this rank's block and the
+    slots that are not -1 (``asap.model.hosted.HostedCounts``), as the expert rank's own check counts
+    them; an in-process sender hands them over with the ids (``chunks.Dispatch.counted``). None: not
+    counted."""
 
 
-def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
+def split_by_rank(
+    placement: ExpertPlacement, request: MoERequest, *, count: bool = False
+) -> list[RankDispatch]:
     """Split ``request`` by expert rank: one ``RankDispatch`` per needed rank, in rank order.
 
     With one expert rank every row goes there (every valid id is that rank's), so the split needs no
     count from the device: no host synchronisation per layer on GPUs. Several ranks need the row counts
     (``nonzero``), which waits for the router. Routing tables in host memory (CPU and emulated compute)
-    are split with numpy (``_split_on_host``), the same dispatches at a fraction of the cost."""
+    are split with numpy (``_split_on_host``), the same dispatches at a fraction of the cost.
+
+    ``count`` (host tables of a placement of contiguous blocks in rank order): each dispatch also gets
+    its ``counted``, from one count of the whole table (not one per rank, as each expert rank's check
+    would make); otherwise they are left None."""
     if placement.num_ranks == 1 and request.hidden.shape[0] > 0:
         tokens = request.hidden.shape[0]
         return [
@@ -133,8 +156,32 @@ def split_by_rank(placement: ExpertPlacement, request: MoERequest) -> list[RankD
             )
         ]
     if request.topk_ids.device.type == "cpu" and request.topk_weights.device.type == "cpu":
-        return _split_on_host(placement, request)
+        dispatches = _split_on_host(placement, request)
+        if count and dispatches:
+            _add_counts(placement, request, dispatches)
+        return dispatches
     return _split_on_device(placement, request)
+
+
+def _add_counts(placement: ExpertPlacement, request: MoERequest, dispatches: list[RankDispatch]) -> None:
+    """Each dispatch's ``counted``, cut from one count of the table's ids per expert: its rank's block of
+    the counts, and their sum (the slots of its ids that are not -1). Left None unless the blocks are
+    contiguous runs in rank order and every id is an expert's (so each slot is counted once, at its
+    rank)."""
+    starts = placement._starts
+    if starts is None:
+        return
+    ids = request.topk_ids.detach().numpy().reshape(-1)
+    if ids.size == 0 or int(np.minimum.reduce(ids)) < 0:
+        return
+    per_expert = np.bincount(ids, minlength=placement.num_experts)
+    if per_expert.size != placement.num_experts:  # an id beyond the model's experts
+        return
+    used = np.add.reduceat(per_expert, starts).tolist()
+    bounds = placement._bounds
+    for dispatch in dispatches:
+        begin, end = bounds[dispatch.rank]
+        dispatch.counted = per_expert[begin:end], used[dispatch.rank]
 
 
 def _split_on_device(placement: ExpertPlacement, request: MoERequest) -> list[RankDispatch]:
@@ -178,20 +225,24 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
     cell += np.arange(tokens, dtype=np.intp)[:, None]
     present = np.zeros(num_ranks * tokens, dtype=np.bool_)  # [R * T] rank r needs token t
     present[cell] = True
-    where = np.flatnonzero(present)  # [N] the rows' cells, by rank then token
-    ends = np.cumsum(present)  # [R * T] rows up to each cell
+    # ndarray methods, not the numpy functions: the same values without a Python wrapper's dispatch
+    where = present.nonzero()[0]  # [N] the rows' cells, by rank then token
+    ends = present.cumsum()  # [R * T] rows up to each cell
     flat = ends[cell]  # [T, K] 1 + the slot's row
     flat -= 1
     flat *= k
     flat += np.arange(k, dtype=np.intp)  # [T, K] the slot's place in the [N, K] tables
-    expert_ids = np.full(where.size * k, -1, dtype=np.int32)  # [N * K]
+    expert_ids = np.empty(where.size * k, dtype=np.int32)  # [N * K]
+    expert_ids.fill(-1)
     expert_ids[flat] = ids.astype(np.int32, copy=False)
     row_weights = np.zeros(where.size * k, dtype=np.float32)  # [N * K]
     row_weights[flat] = weights
-    per_rank = np.diff(ends[tokens - 1 :: tokens], prepend=0)  # [R] rows of each rank
-    needed = np.flatnonzero(per_rank)
+    upto = ends[tokens - 1 :: tokens]  # [R] rows of ranks up to each
+    per_rank = upto.copy()  # [R] rows of each rank
+    per_rank[1:] -= upto[:-1]
+    needed = per_rank.nonzero()[0]
     sizes = per_rank[needed].tolist()
-    rows = where - np.repeat(needed * tokens, sizes)  # [N] token of each row
+    rows = where - (needed * tokens).repeat(sizes)  # [N] token of each row
     rank_rows = torch.from_numpy(rows).split_with_sizes(sizes)
     rank_ids = torch.from_numpy(expert_ids.reshape(-1, k)).split_with_sizes(sizes)
     rank_weights = torch.from_numpy(row_weights.reshape(-1, k)).split_with_sizes(sizes)
@@ -209,11 +260,12 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
 
 
 def _meta_rows(hidden: torch.Tensor) -> Callable[[int], torch.Tensor]:
-    """New meta tensors shaped like ``hidden``'s rows (``_take_rows`` of shape-only states)."""
+    """Meta tensors shaped like ``hidden``'s rows (``_take_rows`` of shape-only states), shared per
+    shape (``asap.model.meta``)."""
     tail, dtype = tuple(hidden.shape[1:]), hidden.dtype
 
     def take(n: int) -> torch.Tensor:
-        return torch.empty((n, *tail), dtype=dtype, device="meta")
+        return meta_empty((n, *tail), dtype)
 
     return take
 
@@ -238,11 +290,7 @@ def combine(
     shape, dtype, device = (num_tokens, request_hidden.shape[-1]), request_hidden.dtype, request_hidden.device
     # shape-only (emulated): no values to zero; ``zeros`` on meta costs ~3x ``empty`` of host time per layer
     meta = device.type == "meta"
-    out = (
-        torch.empty(shape, dtype=dtype, device=device)
-        if meta
-        else torch.zeros(shape, dtype=dtype, device=device)
-    )
+    out = meta_empty(shape, dtype) if meta else torch.zeros(shape, dtype=dtype, device=device)
     for dispatch, partial in zip(dispatches, partials, strict=True):
         if partial.is_cuda:
             wait_attached(partial)  # results a GPU plane handed back before they were written

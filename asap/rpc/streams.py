@@ -10,7 +10,7 @@ client goes away. ``answer_each`` is the producer of the handlers that answer ev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -45,8 +45,9 @@ async def relay(
         producer.cancel()
 
 
-async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait until they are done (used by producers when they are cancelled)."""
+async def cancel_all(tasks: Collection[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` (tasks, or futures that stand for work) and wait until they are done (used by
+    producers when they are cancelled)."""
     for task in list(tasks):
         task.cancel()
     if tasks:

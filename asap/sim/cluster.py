@@ -303,10 +303,10 @@ class SimCluster:
             given = self.port_gbps
             self.ports = Ports(profile if given is None else dataclasses.replace(profile, port_gbps=given))
         ports, sources = self.ports, self.expert_devices[expert_rank]
+        senders = [ports.sender(sources, targets) for targets in self.attention_devices]
 
         def result_link_s(nbytes: int, attention_rank: int) -> float:
-            now = asyncio.get_running_loop().time()
-            return ports.delay(now, sources, self.attention_devices[attention_rank], nbytes)
+            return senders[attention_rank](asyncio.get_running_loop().time(), nbytes)
 
         return result_link_s
 

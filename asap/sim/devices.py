@@ -37,6 +37,10 @@ class ChargeSleeper(Sleeper):
         super().__init__(bias_s=0.0)
         self.pending = 0.0
 
+    def begin(self, *, keep_pending: bool = False, at: float | None = None) -> None:
+        """Nothing to note: a charge is its duration, whenever the work started (``Sleeper.begin``
+        moves a real sleep's deadline; this sleeper never waits)."""
+
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             self.requested_s += seconds

@@ -56,21 +56,39 @@ class Ports:
     def delay(self, now: float, sources: Sequence[Device], targets: Sequence[Device], nbytes: int) -> float:
         """Seconds from ``now`` until ``nbytes`` sent from ``sources`` (split evenly) reach ``targets``;
         reserves the sending ports. 0 when a target is one of the sources (the data stays on it)."""
-        if nbytes < 0:
-            raise InvalidArgument(f"nbytes must be >= 0, got {nbytes}")
         if not sources:
             raise InvalidArgument("a transfer needs at least one sending device")
-        if nbytes == 0 or any(t is s for t in targets for s in sources):
+        local = any(t is s for t in targets for s in sources)
+        return self._delay(now, [self._port(d) for d in sources], local, nbytes)
+
+    def _delay(self, now: float, ports: Sequence[_Port], local: bool, nbytes: int) -> float:
+        """``delay`` from the sending devices' ports and whether a target is one of them."""
+        if nbytes < 0:
+            raise InvalidArgument(f"nbytes must be >= 0, got {nbytes}")
+        if nbytes == 0 or local:
             return 0.0
-        share = nbytes / len(sources) / self.bytes_per_s
+        share = nbytes / len(ports) / self.bytes_per_s
         end = now
-        for device in sources:
-            port = self._port(device)
+        for port in ports:
             start = max(now, port.free_at)
             port.free_at = start + share
             port.busy_s += share
             end = max(end, port.free_at)
         return end - now + self.latency_s
+
+    def sender(self, sources: Sequence[Device], targets: Sequence[Device]) -> Callable[[float, int], float]:
+        """``delay`` for transfers from ``sources`` to ``targets``, as a function of (now, nbytes): their
+        ports and whether the data stays on a device found once, not per transfer."""
+        if not sources:
+            raise InvalidArgument("a transfer needs at least one sending device")
+        ports = [self._port(d) for d in sources]
+        local = any(t is s for t in targets for s in sources)
+        delay = self._delay
+
+        def send(now: float, nbytes: int) -> float:
+            return delay(now, ports, local, nbytes)
+
+        return send
 
     def link(
         self,
@@ -81,11 +99,11 @@ class Ports:
         """A plane's ``link_s`` for transfers from ``sources`` to ``targets`` (on the running loop's clock),
         plus a host ``overhead_s`` per transfer (a constant, or a function of the virtual time: a
         ``asap.sim.hostcost.HostDelay``)."""
-        sources, targets = list(sources), list(targets)
+        send = self.sender(list(sources), list(targets))
         host = overhead_s if callable(overhead_s) else (lambda _now, fixed=overhead_s: fixed)
 
         def link_s(nbytes: int) -> float:
             now = asyncio.get_running_loop().time()
-            return self.delay(now, sources, targets, nbytes) + host(now)
+            return send(now, nbytes) + host(now)
 
         return link_s

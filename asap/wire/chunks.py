@@ -18,6 +18,7 @@ import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from asap.rpc.status import error_from_wire, wire_error
 from asap.syncstep import SyncStep
 from asap.v1 import common_pb2, expert_pb2
 from asap.wire.codec import RefDecoder, decode_tensor, encode_tensor
+
+if TYPE_CHECKING:
+    from asap.model.hosted import HostedCounts
 
 __all__ = [
     "HEADER_ALLOWANCE",
@@ -73,6 +77,10 @@ class Dispatch:
     together. None = async."""
     hidden_ref: common_pb2.Tensor | None = None
     """Same-host data planes: the region reference the rows came by; results are written back there."""
+    counted: HostedCounts | None = None
+    """An in-process sender only (``asap.sim``; never decoded from a message): what its split counted of
+    ``expert_ids`` for the receiving rank (``RankDispatch.counted``), taken in place of the rank's own
+    count of the ids (``ExpertExecutor.counted``)."""
 
     @property
     def rows(self) -> int:

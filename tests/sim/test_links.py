@@ -35,6 +35,20 @@ def test_a_group_sends_from_all_its_devices_and_local_data_is_free() -> None:
     assert ports.delay(0.0, [other], group, 0) == 0.0
 
 
+def test_a_sender_charges_what_delay_charges() -> None:
+    """``Ports.sender`` (ports and locality found once) reserves and returns what ``delay`` does."""
+    group, other = [Device(f"d{i}") for i in range(2)], Device("x")
+    by_delay, by_sender = Ports(PROFILE), Ports(PROFILE)
+    send, local = by_sender.sender(group, [other]), by_sender.sender(group, [group[1]])
+    for now, nbytes in [(0.0, GB), (0.0, 3 * GB), (0.05, GB // 2), (1.0, 0), (1.0, 7)]:
+        assert send(now, nbytes) == by_delay.delay(now, group, [other], nbytes)
+        assert local(now, nbytes) == by_delay.delay(now, group, [group[1]], nbytes) == 0.0
+    with pytest.raises(InvalidArgument):
+        by_sender.sender([], [other])
+    with pytest.raises(InvalidArgument):
+        send(0.0, -1)
+
+
 def test_ports_need_a_port_figure_and_valid_sizes() -> None:
     with pytest.raises(InvalidArgument):
         Ports(dataclasses.replace(PROFILE, port_gbps=None))
