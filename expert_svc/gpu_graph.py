@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry
-from asap.dataplane.gpu_layout import STEP_WORDS_AT, gpu_layout_rows
+from asap.dataplane.gpu_layout import STEP_WORDS_AT, env_switch, gpu_layout_rows
 from asap.model.expert_part import ExpertPart
 from asap.model.grouped import BUCKETS, LayerAgnosticExperts, bucket_for, grouped_mm_available
 
@@ -71,12 +71,7 @@ StepKey = tuple[int, int, int]
 
 
 def step_graphs_enabled(environ: dict[str, str] | None = None) -> bool:
-    return _switch_on(STEP_GRAPHS_ENV, environ)
-
-
-def _switch_on(name: str, environ: dict[str, str] | None) -> bool:
-    value = (environ if environ is not None else os.environ).get(name, "1").strip().lower()
-    return value not in ("0", "off", "false", "no")
+    return env_switch(STEP_GRAPHS_ENV, True, environ)
 
 
 def step_graph_rows(environ: dict[str, str] | None = None) -> int:
@@ -144,7 +139,7 @@ class StepGraphs:
         self.largest = bucket_for(max(1, largest))
         self.bad_ids = bad_ids
         self.routine = LayerAgnosticExperts(part.gate_up, part.down)
-        self.fused = self.routine.kernels == "triton" and _switch_on(FUSED_STEP_ENV, None)
+        self.fused = self.routine.kernels == "triton" and env_switch(FUSED_STEP_ENV, True)
         """The checks in one Triton kernel, the results written in place (``gpu_step_triton``)."""
         self.windows = len(self.routine.windows)
         self._window_of = {

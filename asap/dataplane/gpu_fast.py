@@ -42,7 +42,6 @@ the stream copies out unwritten (the poison releases the copy); only dispatches 
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 from concurrent.futures import Executor
 from typing import Any
@@ -58,6 +57,7 @@ from asap.dataplane.gpu_flags import StreamFlags, driver_flags
 from asap.dataplane.gpu_layout import (
     DEFAULT_GPU_SLOT_BYTES,
     GPU_POLL_SPIN_S,
+    env_switch,
     gpu_layout_rows,
     gpu_slot_bytes_for,
     host_free_enabled,
@@ -88,8 +88,7 @@ batches on GPU links take ``exchange`` through the event loop."""
 
 
 def gpu_hot_path_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(GPU_HOT_PATH_ENV, "0").strip().lower()
-    return value in ("1", "on", "true", "yes")
+    return env_switch(GPU_HOT_PATH_ENV, False, environ)
 
 
 _POLLER = OnePerProcess(

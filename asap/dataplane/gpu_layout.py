@@ -26,6 +26,7 @@ __all__ = [
     "STEP_WORDS_AT",
     "armed_steps_enabled",
     "device_done_enabled",
+    "env_switch",
     "gpu_layout_rows",
     "gpu_slot_bytes_for",
     "host_free_enabled",
@@ -51,9 +52,18 @@ for the done flag and the copy out are enqueued at publication on the slot's own
 (``asap.dataplane.gpu_attention_end``, once the expert attached, while wait streams are left)."""
 
 
+def env_switch(name: str, default: bool, environ: dict[str, str] | None = None) -> bool:
+    """A GPU fast-path switch from the environment: unset or empty gives ``default``; a switch on by
+    default is off only for ``0`` / ``off`` / ``false`` / ``no``, one off by default is on only for ``1`` /
+    ``on`` / ``true`` / ``yes`` (case and spaces ignored)."""
+    value = (environ if environ is not None else os.environ).get(name, "").strip().lower()
+    if not value:
+        return default
+    return value not in ("0", "off", "false", "no") if default else value in ("1", "on", "true", "yes")
+
+
 def prefetch_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(PREFETCH_ENV, "1").strip().lower()
-    return value not in ("0", "off", "false", "no")
+    return env_switch(PREFETCH_ENV, True, environ)
 
 
 LEAN_FILL_ENV = "ASAP_GPU_LEAN_FILL"
@@ -72,13 +82,11 @@ is the verdict the compute thread checks before the next layer's dispatches
 
 
 def lean_fill_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(LEAN_FILL_ENV, "0").strip().lower()
-    return value in ("1", "on", "true", "yes")
+    return env_switch(LEAN_FILL_ENV, False, environ)
 
 
 def host_free_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(HOST_FREE_ENV, "0").strip().lower()
-    return value in ("1", "on", "true", "yes")
+    return env_switch(HOST_FREE_ENV, False, environ)
 
 
 DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"
@@ -90,13 +98,11 @@ host's write came as early as the step's end), and the GPU test that checks it h
 
 
 def device_done_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(DEVICE_DONE_ENV, "0").strip().lower()
-    return value in ("1", "on", "true", "yes")
+    return env_switch(DEVICE_DONE_ENV, False, environ)
 
 
 def armed_steps_enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (environ if environ is not None else os.environ).get(ARMED_STEPS_ENV, "1").strip().lower()
-    return value not in ("0", "off", "false", "no")
+    return env_switch(ARMED_STEPS_ENV, True, environ)
 
 
 DEFAULT_GPU_SLOT_BYTES = 72 * 1024 * 1024

@@ -13,7 +13,7 @@ import torch
 
 from asap.dataplane.fastlink import DONE_FLAG_AT, REQUEST_FLAG_AT, LinkGeometry, Request
 from asap.dataplane.gpu_fast import gpu_hot_path_enabled, gpu_layout_rows
-from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, prefetch_enabled
+from asap.dataplane.gpu_layout import armed_steps_enabled, device_done_enabled, env_switch, prefetch_enabled
 from asap.errors import AsapError, Unavailable
 from expert_svc.core import ExpertStats
 from expert_svc.fastlane import LaneItem
@@ -253,3 +253,13 @@ def test_armed_steps_and_prefetch_default_on_the_device_done_flag_off() -> None:
     assert not armed_steps_enabled({"ASAP_GPU_ARMED_STEPS": "0"})
     assert prefetch_enabled({}) and not prefetch_enabled({"ASAP_GPU_PREFETCH": "0"})
     assert not device_done_enabled({}) and device_done_enabled({"ASAP_GPU_DEVICE_DONE": "1"})
+
+
+def test_env_switch_reads_on_and_off_words_against_its_default() -> None:
+    for word in ("0", "off", " OFF ", "false", "no"):
+        assert not env_switch("X", True, {"X": word})
+    for word in ("1", "on", "True", " yes "):
+        assert env_switch("X", False, {"X": word})
+    assert env_switch("X", True, {}) and env_switch("X", True, {"X": " "})
+    assert not env_switch("X", False, {}) and not env_switch("X", False, {"X": ""})
+    assert env_switch("X", True, {"X": "maybe"}) and not env_switch("X", False, {"X": "maybe"})
