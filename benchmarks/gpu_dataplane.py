@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import dataclasses
 import io
 import json
 import pstats
@@ -40,24 +39,22 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from asap.dataplane.direct import DirectLink, Ticket, Wake
+from asap.dataplane.direct import DirectLink, Wake
 from asap.dataplane.gpu_streams import configure_cuda_connections
-from asap.dataplane.plane import ExchangeResult, PlaneRequest
-from asap.devices import attached_ready
-from asap.errors import AsapError
+from asap.dataplane.plane import ExchangeResult
 from asap.model.checkpoint import CheckpointReader
 from asap.model.config import load_config
 from asap.model.expert_part import ExpertPart
 from asap.model.placement import RankDispatch
 from asap.model.tiny import make_tiny
 from attention_svc.transport import GrpcExpertTransport
+from benchmarks._direct_timing import AHEAD, DEVICE, PROFILE, VERDICTS, timed_direct
 from tests.procs import ServiceProcess
 
 HIDDEN, EXPERTS, TOP_K = 2048, 8, 8
@@ -79,46 +76,6 @@ def _dispatch(rows: int, device: str) -> RankDispatch:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-_TICKETS: list[Ticket] = []
-"""The last hot-path ticket (``ASAP_GPU_HOST_FREE=1``: its verdict is waited for after its event)."""
-
-
-def _wait_for(link: DirectLink, wake: Wake, until: Callable[[], bool]) -> None:
-    """Poll and park on the link's completion doorbell (as ``attention_svc.direct_runner`` does) until
-    ``until()``."""
-    poll, park = getattr(link, "poll", None), getattr(link, "park", None)
-    while not until():
-        wake.clear()
-        if poll is not None:
-            poll()
-        if until():
-            break
-        fds = list(park(True)) if park is not None else []
-        try:
-            if poll is not None:
-                poll()
-            if not until():
-                wake.wait(0.05 if fds else 200e-6, fds)
-        finally:
-            if park is not None:
-                park(False)
-
-
-def _direct_once(link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch) -> torch.Tensor:
-    """One dispatch on the hot path, on the calling thread (as ``attention_svc.direct_runner`` does):
-    post, then poll and park on the completion doorbell until its ticket settles."""
-    ticket = Ticket(wake)
-    ticket.posted_ns = time.monotonic_ns()
-    link.post(PlaneRequest(mb, 0, dispatch), ticket)
-    _wait_for(link, wake, lambda: ticket.done)
-    _TICKETS.append(ticket)
-    outcome = ticket.outcome
-    if isinstance(outcome, AsapError):
-        raise outcome
-    assert isinstance(outcome, ExchangeResult)
-    return outcome.hidden
 
 
 async def _time_plane(
@@ -162,7 +119,7 @@ async def _time_plane(
                 mb += 1
                 if hot is not None:  # timed on the posting thread
                     hidden, returned, elapsed = await loop.run_in_executor(
-                        None, _timed_direct, hot, wake, mb, dispatch
+                        None, timed_direct, hot, wake, mb, dispatch
                     )
                     result = ExchangeResult(hidden)
                 else:
@@ -178,19 +135,19 @@ async def _time_plane(
             assert result.hidden.shape == (n, HIDDEN)
             wrong = _rel_err(result.hidden, refs, n)  # the last round trip's against the part's own
             hops = _hops(link, iters)
-            verdicts = _VERDICTS[-iters:]
-            _VERDICTS.clear()
+            verdicts = VERDICTS[-iters:]
+            VERDICTS.clear()
             if hot is not None and gate_us > 0:  # the same again with the host ahead: device-side times
                 for _ in range(iters + 1):
                     mb += 1
                     hidden, _, _ = await loop.run_in_executor(
-                        None, _timed_direct, hot, wake, mb, dispatch, gate_us
+                        None, timed_direct, hot, wake, mb, dispatch, gate_us
                     )
                 wrong = max(wrong, _rel_err(hidden, refs, n))
-                _VERDICTS.clear()
-            device_ms, ahead = sorted(_DEVICE[-iters:]), _AHEAD[-iters:]
-            _DEVICE.clear()
-            _AHEAD.clear()
+                VERDICTS.clear()
+            device_ms, ahead = sorted(DEVICE[-iters:]), AHEAD[-iters:]
+            DEVICE.clear()
+            AHEAD.clear()
             if verdicts:
                 hops = {**hops, "post_to_verdict": statistics.median(verdicts) * 1e6}
             payload = 2 * n * HIDDEN * DTYPE.itemsize  # hidden rows out and results back
@@ -227,97 +184,6 @@ def _rel_err(hidden: torch.Tensor, refs: dict[int, torch.Tensor] | None, n: int)
         return -1.0
     ref = refs[n].float()
     return float((hidden.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _gate(us: float) -> tuple[torch.cuda.Event, torch.cuda.Event]:
-    """Hold the current stream busy for ``us`` µs (a device sleep), then record a timing event: the
-    host's post that follows is enqueued while the device is still busy, as in serving, where the
-    attention rank posts a layer's dispatch right after enqueueing the kernels that produce it. Returns
-    (the gate's end, an event for the caller to record once the results are usable on the stream)."""
-    stream = torch.cuda.current_stream()
-    khz = getattr(torch.cuda.get_device_properties(stream.device), "clock_rate", 0) or 1_980_000
-    torch.cuda._sleep(int(us * khz / 1e3))
-    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    start.record(stream)
-    return start, torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-
-
-def _timed_direct(
-    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch, gate_us: float = 0.0
-) -> tuple[torch.Tensor, float, float]:
-    """``_direct_once`` timed on its thread: (result, until settled, until its copy out ran) in s. With
-    ``gate_us``, on a stream of its own behind a device sleep (``_gate``): the device-side round trip
-    (the gate's end until the results are usable on the posting stream) goes to ``_DEVICE``, and whether
-    the host's post had returned before the gate ended to ``_AHEAD``."""
-    if gate_us > 0:
-        with torch.cuda.stream(_posting_stream()):
-            return _gated_direct(link, wake, mb, dispatch, gate_us)
-    start = time.perf_counter()
-    if _PROFILE:  # --profile-post: the post and its wait under cProfile (slower: not a timing run)
-        _PROFILE[0].enable()
-    hidden = _direct_once(link, wake, mb, dispatch)
-    if _PROFILE:
-        _PROFILE[0].disable()
-    returned = time.perf_counter() - start
-    event = attached_ready(hidden)
-    if event is not None:
-        event.synchronize()
-    elapsed = time.perf_counter() - start
-    _await_verdict(link, wake, start)
-    return hidden, returned, elapsed
-
-
-_PROFILE: list[cProfile.Profile] = []
-"""``--profile-post``: the profiler of the hot path's host-timed round trips."""
-_POSTING: list[torch.cuda.Stream] = []
-
-
-def _posting_stream() -> torch.cuda.Stream:
-    """The host-ahead round trips' stream (a non-blocking one, as a compute thread's is)."""
-    if not _POSTING:
-        _POSTING.append(torch.cuda.Stream())  # type: ignore[no-untyped-call]
-    return _POSTING[0]
-
-
-def _gated_direct(
-    link: DirectLink, wake: Wake, mb: int, dispatch: RankDispatch, gate_us: float
-) -> tuple[torch.Tensor, float, float]:
-    stream = torch.cuda.current_stream()
-    stream.wait_stream(torch.cuda.default_stream())  # the dispatch's tensors were made there
-    gate_end, usable = _gate(gate_us)
-    start = time.perf_counter()
-    # the rows are "produced" at the gate's end: as an attention rank's dispatch, they carry its event
-    hidden = _direct_once(link, wake, mb, dataclasses.replace(dispatch, ready=gate_end))
-    returned = time.perf_counter() - start
-    _AHEAD.append(not gate_end.query())  # type: ignore[no-untyped-call]
-    event = attached_ready(hidden)
-    if event is not None:
-        stream.wait_event(event)
-    usable.record(stream)
-    usable.synchronize()  # type: ignore[no-untyped-call]
-    elapsed = time.perf_counter() - start
-    _DEVICE.append(gate_end.elapsed_time(usable))  # type: ignore[no-untyped-call]
-    _await_verdict(link, wake, start)
-    return hidden, returned, elapsed
-
-
-_DEVICE: list[float] = []
-"""Host-ahead round trips: ms on the device from the gate's end until the results were usable."""
-_AHEAD: list[bool] = []
-"""Host-ahead round trips: whether the post had returned before the gate ended (the host was ahead)."""
-
-
-def _await_verdict(link: DirectLink, wake: Wake, start: float) -> None:
-    ticket = _TICKETS.pop()
-    if ticket.provisional:  # settled early: the round trip is over, its verdict is still to come
-        _wait_for(link, wake, lambda: ticket.confirmed)
-        _VERDICTS.append(time.perf_counter() - start)
-        if ticket.failure is not None:
-            raise ticket.failure
-
-
-_VERDICTS: list[float] = []
-"""Early-settled round trips: seconds from the post until the verdict came (for the report)."""
 
 
 def _hops(link: object, iters: int) -> dict[str, float]:
@@ -432,7 +298,7 @@ async def run() -> dict[str, object]:
     if args.profile_post and not args.direct:
         parser.error("--profile-post needs --direct")
     if args.profile_post:
-        _PROFILE.append(cProfile.Profile())
+        PROFILE.append(cProfile.Profile())
     if args.host_ahead_us and (args.cpu or not args.direct):
         parser.error("--host-ahead-us needs --direct on a GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -512,9 +378,9 @@ def main() -> None:
     configure_cuda_connections()  # as rank processes do: the attention end runs in this process
     results = asyncio.run(run())
     profile_out = results.pop("profile_post")
-    if _PROFILE and isinstance(profile_out, str):
+    if PROFILE and isinstance(profile_out, str):
         text = io.StringIO()
-        stats = pstats.Stats(_PROFILE[0], stream=text).sort_stats("tottime")
+        stats = pstats.Stats(PROFILE[0], stream=text).sort_stats("tottime")
         stats.print_stats(40)
         stats.sort_stats("cumulative").print_stats(40)
         Path(profile_out).write_text(text.getvalue())
