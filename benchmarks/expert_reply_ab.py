@@ -1,5 +1,5 @@
 """An expert rank's async chunks answered on a real asyncio loop with real compute and codec threads
-(emulated part, charges not slept): the session's callback reply (``expert_svc.exchange._Reply``)
+(emulated part, charges not slept): the session's callback reply (``expert_svc.reply.Reply``)
 against its task reply (``_reply``), alternating in one process; process CPU per chunk, to stdout.
     python benchmarks/expert_reply_ab.py MODEL_DIR [ROUNDS] [CHUNKS]
 """
@@ -28,9 +28,9 @@ ROWS = 64
 
 
 async def _run(cfg: ModelConfig, by_task: bool, chunks: int) -> float:
-    never_waits = exchange._never_waits
+    never_waits = exchange.never_waits
     if by_task:
-        exchange._never_waits = lambda _outbound: False  # type: ignore[assignment]
+        exchange.never_waits = lambda _outbound: False  # type: ignore[assignment]
     part = EmulatedExpertPart(cfg, range(cfg.num_experts), load_profile("h200"), sleeper=ChargeSleeper())
     executor = ExpertExecutor(part)
     await executor.start()
@@ -61,7 +61,7 @@ async def _run(cfg: ModelConfig, by_task: bool, chunks: int) -> float:
                 await outbound.get()
         return (time.process_time() - start) / chunks * 1e6
     finally:
-        exchange._never_waits = never_waits  # type: ignore[assignment]
+        exchange.never_waits = never_waits  # type: ignore[assignment]
         await executor.stop()
         codec.shutdown()
 

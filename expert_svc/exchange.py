@@ -32,7 +32,7 @@ from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile
 from asap.emulation.clock import charge
 from asap.emulation.costs import transfer_s
-from asap.errors import AsapError, InternalError, InvalidArgument
+from asap.errors import AsapError, InvalidArgument
 from asap.model.hosted import HostedCounts
 from asap.rpc.streams import cancel_all
 from asap.telemetry import setup
@@ -43,9 +43,10 @@ from expert_svc.core import ExpertExecutor, ExpertResult
 from expert_svc.fastlane import ExpertLinkEnd, FastLane
 from expert_svc.nixl_lane import NixlExpertEnd, NixlLane
 from expert_svc.regions import StreamRegions
+from expert_svc.reply import Reply, error_reply, never_waits
 from expert_svc.tracing import ChunkTrace
 
-__all__ = ["Answers", "ExchangeSession", "ExpertExchange", "Outbound", "run_now"]
+__all__ = ["Answers", "ExchangeSession", "ExpertExchange", "Outbound"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Answers(Protocol):
     """Where ``ExchangeSession.accept`` puts a chunk's answer: the stream's ``Outbound`` queue, or an
     in-process caller's sink (``asap.sim``), which may also take what its ``answer`` hook made. A sink
     whose ``put`` never waits says so (``put_never_waits = True``), as an unbounded queue's does: its
-    async chunks are then answered by ``_Reply``'s callbacks instead of a task each."""
+    async chunks are then answered by ``Reply`` (``expert_svc.reply``)'s callbacks instead of a task each."""
 
     async def put(self, item: Any) -> None: ...
 
@@ -146,12 +147,6 @@ class ExpertExchange:
         )
 
 
-def _error_reply(
-    micro_batch: int, layer: int, row_offset: int, total_rows: int, exc: AsapError
-) -> expert_pb2.CombineChunk:
-    return chunks.error_combine(micro_batch, layer, row_offset, total_rows, exc.code, exc.message)
-
-
 class ExchangeSession:
     """One ``Exchange`` stream: ``run`` reads its chunks and queues their answers; ``close`` at the end."""
 
@@ -167,7 +162,7 @@ class ExchangeSession:
         """On the codec thread: a computed chunk's answer (by default its ``CombineChunk``; an
         in-process caller may take the result as it is)."""
         self._replies: set[asyncio.Future[None]] = set()
-        """The answers being made: ``_reply`` tasks, and the ``done`` futures of ``_Reply`` answers."""
+        """The answers being made: ``_reply`` tasks, and the ``done`` futures of ``Reply`` (``expert_svc.reply``) answers."""
         self._fast_ends: list[ExpertLinkEnd] = []
         self._nixl_ends: list[NixlExpertEnd] = []
 
@@ -206,7 +201,7 @@ class ExchangeSession:
             end, answer = await loop.run_in_executor(self.shared.codec, nixl.connect, msg.nixl_link)
         except AsapError as exc:
             logger.warning("rejected NIXL link %s: %s", msg.nixl_link.agent[:80], exc.message)
-            return _error_reply(msg.micro_batch, msg.layer, 0, 0, exc)
+            return error_reply(msg.micro_batch, msg.layer, 0, 0, exc)
         self._nixl_ends.append(end)
         return expert_pb2.CombineChunk(micro_batch=msg.micro_batch, layer=msg.layer, nixl_link=answer)
 
@@ -258,7 +253,7 @@ class ExchangeSession:
             except AsapError as exc:
                 logger.warning("rejected chunk mb=%d layer=%d: %s", msg.micro_batch, msg.layer, exc.message)
                 await outbound.put(
-                    _error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
+                    error_reply(msg.micro_batch, msg.layer, msg.row_offset, msg.total_rows, exc)
                 )
                 return
             if serial is not None and future is not None:
@@ -268,8 +263,8 @@ class ExchangeSession:
             if serial is not None:
                 serial.release()
         loop = asyncio.get_running_loop()
-        if future is not None and _never_waits(outbound):
-            reply = _Reply(self, dispatch, future, trace, outbound, loop)
+        if future is not None and never_waits(outbound):
+            reply = Reply(self, dispatch, future, trace, outbound, loop)
             self._replies.add(reply.done)
             reply.done.add_done_callback(reply.finished)
             loop.call_soon(reply.start)  # the first step of the task it stands for
@@ -331,7 +326,7 @@ class ExchangeSession:
                     trace.computed(result)
                 msg = await loop.run_in_executor(shared.codec, self.answer, dispatch, result, barrier_ns)
             except AsapError as exc:
-                msg = _error_reply(
+                msg = error_reply(
                     dispatch.micro_batch, dispatch.layer, dispatch.row_offset, dispatch.total_rows, exc
                 )
                 trace = None
@@ -343,148 +338,3 @@ class ExchangeSession:
                 shared.serial.release()
         if trace is not None:
             trace.sent()
-
-
-def _never_waits(outbound: Answers) -> bool:
-    """Whether ``outbound.put`` always returns without waiting (an unbounded queue; a sink that says so)."""
-    if isinstance(outbound, asyncio.Queue):
-        return outbound.maxsize <= 0
-    return bool(getattr(outbound, "put_never_waits", False))
-
-
-class _Reply:
-    """An async chunk's answer (expert-overlap on, computed by the queue), made by loop callbacks: what
-    ``ExchangeSession._reply`` does for it — wait for the result, encode it on the codec thread, charge
-    the emulated result transfer, put the answer — in the loop iterations and order in which its task
-    takes those steps, without the task. ``done`` stands for the task in the session's ``_replies``: it
-    ends when the answer is put (or the reply failed), and cancelling it (``abandon``) cancels the
-    computation, as cancelling the task would."""
-
-    __slots__ = ("dispatch", "done", "loop", "outbound", "session", "timer", "trace", "work")
-
-    def __init__(
-        self,
-        session: ExchangeSession,
-        dispatch: chunks.Dispatch,
-        work: asyncio.Future[ExpertResult],
-        trace: ChunkTrace | None,
-        outbound: Answers,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.session = session
-        self.dispatch = dispatch
-        self.work = work
-        self.trace = trace
-        self.outbound = outbound
-        self.loop = loop
-        self.timer: asyncio.Handle | None = None
-        self.done: asyncio.Future[None] = loop.create_future()
-
-    def start(self) -> None:
-        """The task's first step: wait for the result (or go on now, if it is in)."""
-        if self.done.done():
-            return
-        if self.work.done():
-            self.computed(self.work)
-        else:
-            self.work.add_done_callback(self.computed)
-
-    def computed(self, work: asyncio.Future[ExpertResult]) -> None:
-        if self.done.done():
-            return
-        session = self.session
-        try:
-            result = work.result()
-            if self.trace is not None:
-                self.trace.computed(result)
-            encoded = self.loop.run_in_executor(
-                session.shared.codec, session.answer, self.dispatch, result, 0
-            )
-        except AsapError as exc:
-            self.charge(self.error(exc))
-            return
-        except BaseException as exc:
-            self.fail(exc)
-            return
-        if encoded.done():  # an inline codec: the task's ``await`` goes on in this step
-            self.encoded(encoded)
-        else:
-            encoded.add_done_callback(self.encoded)
-
-    def encoded(self, encoded: asyncio.Future[Any]) -> None:
-        if self.done.done():
-            return
-        try:
-            msg = encoded.result()
-        except AsapError as exc:
-            msg = self.error(exc)
-        except BaseException as exc:
-            self.fail(exc)
-            return
-        self.charge(msg)
-
-    def error(self, exc: AsapError) -> expert_pb2.CombineChunk:
-        self.trace = None
-        d = self.dispatch
-        return _error_reply(d.micro_batch, d.layer, d.row_offset, d.total_rows, exc)
-
-    def charge(self, msg: Any) -> None:
-        """Emulated compute: the result's link time (``charge``: a timer, then the step after it)."""
-        shared = self.session.shared
-        if shared.profile is None or not self.dispatch.rows:
-            self.send(msg)
-            return
-        try:
-            seconds = shared.transfer_s(self.dispatch.rows, self.dispatch.attention_rank)
-        except BaseException as exc:
-            self.fail(exc)
-            return
-        loop = self.loop
-        if seconds > 0:
-            self.timer = loop.call_at(loop.time() + seconds, loop.call_soon, self.send, msg)
-        else:  # ``asyncio.sleep(0)``: one iteration
-            loop.call_soon(self.send, msg)
-
-    def send(self, msg: Any) -> None:
-        if self.done.done():
-            return
-        try:
-            if isinstance(self.outbound, asyncio.Queue):
-                self.outbound.put_nowait(msg)
-            else:
-                run_now(self.outbound.put(msg))
-        except BaseException as exc:
-            self.fail(exc)
-            return
-        if self.trace is not None:
-            self.trace.sent()
-        self.done.set_result(None)
-
-    def fail(self, exc: BaseException) -> None:
-        """What the task would end with: cancelled, or failed with ``exc`` (``finish`` raises it)."""
-        if self.done.done():
-            return
-        if isinstance(exc, asyncio.CancelledError):
-            self.done.cancel()
-        else:
-            self.done.set_exception(exc)
-
-    def finished(self, done: asyncio.Future[None]) -> None:
-        """``done``'s callback: out of the session's answers; cancelled, its computation and timer too."""
-        self.session._replies.discard(done)
-        if done.cancelled():
-            if not self.work.done():
-                self.work.cancel()
-            if self.timer is not None:
-                self.timer.cancel()
-
-
-def run_now(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` to its end now, in this step: a coroutine that does not wait (a ``put`` that never
-    waits, ``_never_waits``; the direct plane's ``accept``). ``InternalError`` if it waited after all."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise InternalError(f"{coro!r} waited where it must run to its end at once")

@@ -29,7 +29,7 @@ from asap.sim.devices import Inline
 from asap.syncstep import SyncStep
 from asap.v1 import expert_pb2
 from asap.wire.chunks import Dispatch, dispatch_bytes
-from expert_svc.exchange import run_now
+from expert_svc.reply import run_now
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

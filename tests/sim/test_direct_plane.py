@@ -1,5 +1,5 @@
 """The direct plane's exchange and the expert session's async replies as loop callbacks
-(``DirectPlane.exchange``, ``expert_svc.exchange._Reply``): the same result, virtual time and loop
+(``DirectPlane.exchange``, ``expert_svc.reply.Reply``): the same result, virtual time and loop
 iterations as the same steps run by tasks (``DirectPlane._exchange``, ``ExchangeSession._reply``);
 cancellation, abandonment, a key twice, and the paths that keep the task (expert-overlap off, the
 expert rank's queue full)."""
@@ -82,13 +82,13 @@ def test_callbacks_take_the_tasks_iterations(
     qwen3_dir: Path, sync: SyncStep | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three exchanges at once, as a layer sends them: by callbacks (the plane's, and the expert
-    session's ``_Reply``) and by tasks (``_exchange``, ``_reply``), the same results, the same virtual
+    session's ``Reply``) and by tasks (``_exchange``, ``_reply``), the same results, the same virtual
     time and the same loop iterations until each one's result is in."""
     cfg = load_config(qwen3_dir)
-    never_waits = exchange_module._never_waits
+    never_waits = exchange_module.never_waits
 
     def measure(by_task: bool) -> list[tuple[tuple[int, ...], float, int]]:
-        monkeypatch.setattr(exchange_module, "_never_waits", (lambda _: False) if by_task else never_waits)
+        monkeypatch.setattr(exchange_module, "never_waits", (lambda _: False) if by_task else never_waits)
 
         async def body(plane: DirectPlane) -> list[tuple[tuple[int, ...], float, int]]:
             loop = asyncio.get_running_loop()
@@ -179,7 +179,7 @@ def test_a_full_queue_is_waited_for_by_a_task(qwen3_dir: Path, monkeypatch: pyte
 
 
 def test_an_abandoned_session_cancels_a_callback_reply(qwen3_dir: Path) -> None:
-    """The stream goes away while an async chunk computes: its reply (``_Reply``) ends cancelled, its
+    """The stream goes away while an async chunk computes: its reply (``Reply``) ends cancelled, its
     computation is cancelled, and no answer comes."""
     cfg = load_config(qwen3_dir)
 
