@@ -131,6 +131,10 @@ class Reply:
             loop.call_soon(self.send, msg)
 
     def send(self, msg: Any) -> None:
+        # The timer has fired (cancelling it now would do nothing); it holds this bound method in its
+        # arguments, so keeping it would make every charged reply a reference cycle, left for the
+        # cyclic garbage collector (~1.7M objects in a 10 s window of the simulator's issue run).
+        self.timer = None
         if self.done.done():
             return
         try:
