@@ -7,6 +7,7 @@ expert rank's queue full)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from expert_svc.build import build_executor
 from expert_svc.config import ExpertServiceConfig
 from expert_svc.core import ExpertExecutor
 from expert_svc.exchange import ExpertExchange
+from expert_svc.reply import Reply
 
 H200 = load_profile("h200")
 
@@ -197,3 +199,29 @@ def test_an_abandoned_session_cancels_a_callback_reply(qwen3_dir: Path) -> None:
         call.cancel()
 
     run(_session(_transport(qwen3_dir), body))
+
+
+def test_a_charged_callback_reply_is_no_reference_cycle(qwen3_dir: Path) -> None:
+    """An async chunk's answer with its result transfer charged (a timer): once sent, its ``Reply`` is
+    freed by reference counting, not left in a cycle for the collector (the fired timer held
+    ``Reply.send``)."""
+    cfg = load_config(qwen3_dir)
+
+    async def body(plane: DirectPlane) -> tuple[int, ...]:
+        result = await plane.exchange(_request(cfg, 1, rows=500))
+        await asyncio.sleep(0)  # the reply's ``done`` callbacks have run
+        assert not plane.session._replies
+        return tuple(result.hidden.shape)
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert run(_session(_transport(qwen3_dir), body))[0] == (500, cfg.hidden_size)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cyclic = [obj for obj in gc.garbage if isinstance(obj, Reply)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
