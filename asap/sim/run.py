@@ -112,16 +112,16 @@ def simulate_one(
         if calibration is not None:
             cluster.cost_model = calibration.get(mode)
         await cluster.start()
-        # The started cluster (its modules, parts, tables and routers) lives until the run ends: out of
-        # the collector's generations, each full collection of the run no longer walks all of it (4 of
-        # them in the 10 s window took ~75 ms each). Unfrozen at the end, so a next run's
-        # collections see this one's leftovers again.
-        gc.freeze()
         if calibration is not None and cluster.cost_model is not None:
             calibration.setdefault(mode, cluster.cost_model)
         started = cluster_time = 0.0
         before: list[float] = []
         try:
+            # The started cluster (its modules, parts, tables and routers) lives until the run ends: out of
+            # the collector's generations, each full collection of the run no longer walks all of it (4 of
+            # them in the 10 s window took ~75 ms each). Unfrozen at the end, so a next run's
+            # collections see this one's leftovers again.
+            gc.freeze()
             import asyncio
 
             started = asyncio.get_running_loop().time()
