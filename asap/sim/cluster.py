@@ -37,9 +37,10 @@ from asap.errors import InvalidArgument
 from asap.optimizations import parse_optimizations
 from asap.sim.breakdown import BatchTap
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
+from asap.sim.direct import DirectExpertTransport
 from asap.sim.hostcost import HostCores, HostCostBarrier, HostDelay
 from asap.sim.links import LINK_MODELS, Ports
-from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
+from asap.sim.transport import InProcessExpertTransport, servicer_opener
 from asap.v1 import expert_pb2
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class SimCluster:
     """Standard deviation of the per-layer host delay whose mean is ``dispatch_overhead_s``: one draw per
     attention rank and layer (``asap.sim.hostcost.HostDelay``; 0 = the mean every time)."""
     transport: str = "direct"
-    """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.transport.DirectPlane``: the
+    """How attention ranks reach the expert ranks: ``direct`` (``asap.sim.direct.DirectPlane``: the
     expert sessions' own handling, no messages) or ``stream`` (the servicers' ``Exchange`` streams with
     the ``grpc`` plane's shape-only chunks, as a real link carries them)."""
     sync_planner: str = "lpt"

@@ -21,8 +21,8 @@ from asap.model.config import ModelConfig, load_config
 from asap.model.placement import RankDispatch
 from asap.optimizations import OPTIMIZATIONS
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
+from asap.sim.direct import DirectExpertTransport, DirectPlane
 from asap.sim.loop import VirtualLoop, run
-from asap.sim.transport import DirectExpertTransport, DirectPlane
 from asap.syncstep import SyncStep
 from asap.wire.chunks import dispatch_bytes
 from expert_svc import exchange as exchange_module

@@ -19,8 +19,9 @@ from asap.model.placement import RankDispatch
 from asap.optimizations import OPTIMIZATIONS
 from asap.rpc.duplex import DuplexStream
 from asap.sim.devices import ChargeSleeper, Device, DeviceQueue, Inline
+from asap.sim.direct import DirectExpertTransport
 from asap.sim.loop import run
-from asap.sim.transport import DirectExpertTransport, InProcessExpertTransport, servicer_opener
+from asap.sim.transport import InProcessExpertTransport, servicer_opener
 from asap.syncstep import SyncStep
 from asap.wire.chunks import dispatch_bytes
 from expert_svc.build import build_executor
