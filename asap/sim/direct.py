@@ -7,7 +7,6 @@ a ``CombineChunk``. The transports that carry the services' messages are in ``as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ import torch
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.emulation.clock import charge
 from asap.rpc.status import error_from_wire
-from asap.sim.transport import PerRankPlanes
+from asap.sim.transport import PerRankPlanes, close_each, in_process_links
 from asap.v1 import expert_pb2
 from asap.wire.chunks import Dispatch, dispatch_bytes
 from expert_svc.reply import run_now
@@ -286,23 +285,18 @@ class DirectExpertTransport(PerRankPlanes):
         max_chunk_bytes: int,
         link_s: Callable[[int], float],
     ) -> None:
+        links = in_process_links(
+            len(exchanges),
+            attention_rank=attention_rank,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            max_chunk_bytes=max_chunk_bytes,
+            link_s=link_s,
+        )
         self.planes: list[DirectPlane] = [
-            DirectPlane(
-                LinkSpec(
-                    attention_rank=attention_rank,
-                    expert_rank=rank,
-                    hidden_size=hidden_size,
-                    dtype=dtype,
-                    device=torch.device("cpu"),
-                    max_chunk_bytes=max_chunk_bytes,
-                    link_s=link_s,
-                ),
-                exchange.session(answer=_answer),
-            )
-            for rank, exchange in enumerate(exchanges)
+            DirectPlane(link, exchange.session(answer=_answer))
+            for link, exchange in zip(links, exchanges, strict=True)
         ]
 
     async def close(self) -> None:
-        for plane in self.planes:
-            with contextlib.suppress(Exception):
-                await plane.close()
+        await close_each(self.planes)

@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 
     from expert_svc.server import ExpertServicer
 
-__all__ = ["InProcessExpertTransport", "PerRankPlanes", "ServicerCall", "servicer_opener"]
+__all__ = [
+    "InProcessExpertTransport",
+    "PerRankPlanes",
+    "ServicerCall",
+    "close_each",
+    "in_process_links",
+    "servicer_opener",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -95,6 +102,41 @@ class PerRankPlanes:
         return self.planes[rank].exchange(PlaneRequest(micro_batch, layer, dispatch, sync))
 
 
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+async def close_each(parts: Sequence[_Closable]) -> None:
+    """Close every one of ``parts``, going on past a failing one (a transport's close never fails)."""
+    for part in parts:
+        with contextlib.suppress(Exception):
+            await part.close()
+
+
+def in_process_links(
+    count: int,
+    *,
+    attention_rank: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    max_chunk_bytes: int,
+    link_s: Callable[[int], float],
+) -> list[LinkSpec]:
+    """An attention rank's links to ``count`` in-process expert ranks: host memory, modelled link time."""
+    return [
+        LinkSpec(
+            attention_rank=attention_rank,
+            expert_rank=rank,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            device=torch.device("cpu"),
+            max_chunk_bytes=max_chunk_bytes,
+            link_s=link_s,
+        )
+        for rank in range(count)
+    ]
+
+
 class InProcessExpertTransport(PerRankPlanes):
     """An attention rank's ``ExpertTransport`` to in-process expert servicers: per expert rank one
     ``DuplexStream`` into its ``Exchange`` handler, carrying the ``grpc`` plane's shape-only chunks."""
@@ -112,6 +154,14 @@ class InProcessExpertTransport(PerRankPlanes):
         self._codec = Inline()
         self.streams: list[ExchangeStream] = []
         self.planes: list[StreamPlane] = []
+        links = in_process_links(
+            len(servicers),
+            attention_rank=attention_rank,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            max_chunk_bytes=max_chunk_bytes,
+            link_s=link_s,
+        )
         for rank, servicer in enumerate(servicers):
             stream: ExchangeStream = DuplexStream(
                 cast(Any, servicer_opener(servicer.Exchange)),
@@ -119,22 +169,11 @@ class InProcessExpertTransport(PerRankPlanes):
                 peer=f"expert rank {rank} (in process)",
                 name=f"combine-rx-{attention_rank}-{rank}",
             )
-            spec = LinkSpec(
-                attention_rank=attention_rank,
-                expert_rank=rank,
-                hidden_size=hidden_size,
-                dtype=dtype,
-                device=torch.device("cpu"),
-                max_chunk_bytes=max_chunk_bytes,
-                link_s=link_s,
-            )
             self.streams.append(stream)
-            self.planes.append(StreamPlane(spec, stream, self._codec))
+            self.planes.append(StreamPlane(links[rank], stream, self._codec))
 
     async def close(self) -> None:
-        for stream in self.streams:
-            with contextlib.suppress(Exception):
-                await stream.close()
+        await close_each(self.streams)
 
 
 def _key_of(message: expert_pb2.CombineChunk) -> ExchangeKey:
