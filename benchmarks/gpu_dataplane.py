@@ -183,7 +183,7 @@ def _rel_err(hidden: torch.Tensor, refs: dict[int, torch.Tensor] | None, n: int)
     if refs is None or n not in refs:
         return -1.0
     ref = refs[n].float()
-    return float((hidden.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    return float((hidden.float().to(ref.device) - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _hops(link: object, iters: int) -> dict[str, float]:
