@@ -34,6 +34,7 @@ import torch
 from asap.dataplane.direct import Ticket
 from asap.dataplane.fast_attention import ATTACH_S, AttentionLinkEnd, shared_poller
 from asap.dataplane.fastlink import LinkGeometry
+from asap.dataplane.offloop import on_thread
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.ring import WAIT_BELL, WAIT_FUTEX, full_fence
 from asap.dataplane.slot_direct import SlotDirect
@@ -157,9 +158,8 @@ class FastPlane(SlotPlane[AttentionLinkEnd]):
             nbytes = request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             fill_on_codec = not self.spec.shape_only and nbytes > CODEC_FILL_BYTES
             header = self._header(end, slot, request)
-            if fill_on_codec:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._codec, self._fill, end, slot, header, request)
+            if fill_on_codec:  # the slot is given back only once the fill has ended
+                await on_thread(self._codec, self._fill, end, slot, header, request)
             else:
                 self._fill(end, slot, header, request)
             seq, future = self._publish(end, slot, request)

@@ -36,6 +36,7 @@ from asap.dataplane.nixl_attention import NixlAttentionEnd
 from asap.dataplane.nixl_direct import NixlDirect
 from asap.dataplane.nixl_dispatch import fill_slot, write_dispatch
 from asap.dataplane.nixl_link import HANDSHAKE_MICRO_BATCH, NixlEnd, nixl_poller
+from asap.dataplane.offloop import on_thread
 from asap.dataplane.plane import ExchangeKey, ExchangeResult, PlaneRequest
 from asap.dataplane.slot_plane import SlotPlane
 from asap.errors import InvalidArgument, Unavailable
@@ -126,22 +127,26 @@ class NixlPlane(SlotPlane[NixlAttentionEnd]):
             return await self.inner.exchange(request)
         end = await self._end_for(geometry)
         slot = await end.take_slot()
-        seq = 0
+        posted: list[int] = []  # the sequence number, once posted (a cancelled copy may still post it)
+
+        def send() -> asyncio.Future[torch.Tensor] | None:
+            seq, future = self.send(end, slot, request, None)
+            posted.append(seq)
+            return future
+
         try:
             nbytes = request.rows * self.spec.hidden_size * self.spec.dtype.itemsize
             if self.spec.device.type == "cuda" and nbytes:  # the copy into GPU slots off the loop
-                seq, future = await asyncio.get_running_loop().run_in_executor(
-                    self._codec, self.send, end, slot, request, None
-                )
+                future = await on_thread(self._codec, send)
             else:  # host memory: nothing is copied but the routing (64 bytes a row)
-                seq, future = self.send(end, slot, request, None)
+                future = send()
             assert future is not None
             return ExchangeResult(await future)
         finally:
-            if seq == 0:
-                end.give_back(slot)
+            if posted:
+                end.abandon(posted[0])  # no-op once answered
             else:
-                end.abandon(seq)
+                end.give_back(slot)
 
     def send(
         self, end: NixlAttentionEnd, slot: int, request: PlaneRequest, ticket: Ticket | None

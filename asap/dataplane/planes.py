@@ -28,6 +28,7 @@ from asap.dataplane.cuda_ipc import DEFAULT_CUDA_REGION_BYTES, CudaRegion
 from asap.dataplane.fast import FastOptions, FastPlane
 from asap.dataplane.gpu_fast import GpuFastPlane
 from asap.dataplane.link import LinkRegions, Slots
+from asap.dataplane.offloop import on_thread
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest, PlaneStats
 from asap.dataplane.shm import DEFAULT_REGION_BYTES
 from asap.errors import InvalidArgument
@@ -179,7 +180,6 @@ class StreamPlane:
     async def exchange(self, request: PlaneRequest) -> ExchangeResult:
         key = request.key
         session = self.stream.open()
-        loop = asyncio.get_running_loop()
         answers = _Answers(self._assembler(request.rows), self._rx)
         slots: Slots | None = None
         sent = 0
@@ -188,7 +188,7 @@ class StreamPlane:
             slots = self._take()
             future = self.stream.expect(key, answers)
             place = slots.placer() if slots is not None else None
-            chunks = await loop.run_in_executor(self._codec, self._encode, request, place)
+            chunks = await on_thread(self._codec, self._encode, request, place)  # slots free only after it
             self._account(chunks)
             link_s = self.spec.link_s
             if link_s is not None and request.rows:

@@ -4,15 +4,17 @@ the round trip, counters, errors, a broken stream, and slots kept for late answe
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from asap.dataplane.link import Slots
 from asap.dataplane.plane import LinkSpec, PlaneRequest
 from asap.dataplane.planes import ExchangeStream, ShmPlane, StreamPlane, make_plane
-from asap.dataplane.shm import ShmAttachments
+from asap.dataplane.shm import ShmAttachments, SlotAllocator
 from asap.errors import InvalidArgument, ResourceExhausted, Unavailable
 from asap.model.placement import RankDispatch
 from asap.rpc.duplex import DuplexStream
@@ -209,6 +211,57 @@ async def test_an_abandoned_dispatch_keeps_its_slots_until_the_late_answer(codec
         await asyncio.wait_for(link.dropped.wait(), 30)
         assert plane.regions.in_quarantine == 0 and plane.regions.bytes_in_use == 0
     finally:
+        await link.close()
+
+
+async def test_a_dispatch_cancelled_while_its_rows_are_placed_frees_every_slot(
+    codec: ThreadPoolExecutor,
+) -> None:
+    """The codec thread cannot be stopped: a dispatch cancelled while it places rows releases its slots only
+    once the placing has ended, so a slot taken after the cancellation is not left taken for good."""
+    link = Link("shm", codec)
+    try:
+        plane = link.plane
+        assert isinstance(plane, ShmPlane) and plane.regions is not None
+        entered, release = threading.Event(), threading.Event()
+        take = plane._take
+
+        class SlowAllocator:
+            """Takes slots of the link's allocator, only once released."""
+
+            def __init__(self, inner: SlotAllocator) -> None:
+                self.inner = inner
+
+            def alloc(self, nbytes: int) -> int | None:
+                entered.set()
+                release.wait(30)
+                return self.inner.alloc(nbytes)
+
+            def free(self, offset: int) -> None:
+                self.inner.free(offset)
+
+        def slow_take() -> Slots | None:
+            slots = take()
+            assert slots is not None
+            slots.allocator = SlowAllocator(slots.allocator)  # type: ignore[assignment]
+            return slots
+
+        plane._take = slow_take  # type: ignore[method-assign]
+        task = asyncio.create_task(plane.exchange(PlaneRequest(1, 0, _dispatch(4))))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waits for the codec thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert plane.regions.in_quarantine == 0 and plane.regions.bytes_in_use == 0
+        assert not link.experts or not link.experts[0].seen  # nothing was sent
+        plane._take = take  # type: ignore[method-assign]
+        again = await plane.exchange(PlaneRequest(2, 0, _dispatch(4, seed=1)))
+        assert again.hidden.shape == (4, H) and plane.regions.bytes_in_use == 0
+    finally:
+        release.set()
         await link.close()
 
 
