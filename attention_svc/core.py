@@ -256,13 +256,17 @@ class AttentionExecutor:
         gen: Generator[MoERequest, torch.Tensor, torch.Tensor],
         previous: tuple[MoERequest, list[RankDispatch], list[torch.Tensor]] | None,
         all_ranks: bool = False,
+        hold: bool = False,
     ) -> _Step | torch.Tensor:
-        """On the compute thread: combine the last layer's partials, run to the next MoE layer, split it."""
+        """On the compute thread: combine the last layer's partials, run to the next MoE layer, split it.
+        The layer's work is finished (``MoERequest.finish``) after the split, or left to the caller with
+        ``hold``, who then finishes it before the dispatches go out (and may fill them first)."""
         try:
             if previous is None:
                 request = next(gen)
             else:
                 last, dispatches, partials = previous
+                last.finish()  # (done by now, unless its caller skipped it)
                 inputs_ready = getattr(self.part, "inputs_ready", None)  # emulated: the layer's clock
                 if inputs_ready is not None:
                     inputs_ready()
@@ -280,6 +284,8 @@ class AttentionExecutor:
         ready = ready_event(self.part.device)
         for dispatch in dispatches:
             dispatch.ready = ready
+        if not hold:
+            request.finish()
         return request, dispatches
 
 

@@ -14,6 +14,12 @@ two Python threads would contend for the GIL at every layer. The scheduler runs 
 thread's executor and returns when no batch is left, so other compute-thread work queues behind it only
 while batches run.
 
+Arming: the model's step may leave part of the layer's work to come (``MoERequest.rest``: an emulated
+device's modelled time, which the host would spend launching and waiting on a real one). The runner fills
+the layer's slots first on links that can (``DirectLink.arm``), then finishes the layer, then sends every
+dispatch at once; so the split and the fills run inside the layer's time instead of after it. Links
+without ``arm`` are posted after the finish; slots filled but never sent (a failure, a cancel) go back.
+
 Cancellation (a deadline, a scheduler that went away): ``run``'s caller is cancelled at once; the
 scheduler then abandons the batch's dispatches (their slots wait for the late answers: quarantine) and
 closes its generator. Failures are the planes' (a broken stream, a peer whose heartbeat stopped: the
@@ -219,7 +225,7 @@ class DirectRunner:
                 if batch.step is not None:
                     previous = self._results(batch)
                 start = time.time_ns() if batch.trace is not None else 0
-                step = self._advance(batch.gen, previous)
+                step = self._advance(batch.gen, previous, hold=True)  # finished in ``_post``
                 batch.last_start_ns = start
                 if batch.trace is not None and not isinstance(step, torch.Tensor):
                     batch.records.append(_layer_record(batch, step[0], start, time.time_ns()))
@@ -238,7 +244,7 @@ class DirectRunner:
                 return True
             request, dispatches = step
             batch.step = step
-            self._post(batch, request.layer, dispatches)
+            self._post(batch, request, dispatches)
             return False
         except BaseException as exc:
             self._drop(batch)
@@ -272,22 +278,37 @@ class DirectRunner:
             partials.append(r.hidden)
         return request, dispatches, partials
 
-    def _post(self, batch: DirectBatch, layer: int, dispatches: list[RankDispatch]) -> None:
-        batch.posted_unix_ns = time.time_ns() if batch.trace is not None else 0
-        with wakes_deferred():  # every dispatch of the layer published before any expert rank is woken
-            self._post_each(batch, layer, dispatches)
-
-    def _post_each(self, batch: DirectBatch, layer: int, dispatches: list[RankDispatch]) -> None:
-        for dispatch in dispatches:
-            request = PlaneRequest(batch.micro_batch, layer, dispatch)
-            if batch.trace is not None:
-                self._open_dispatch_span(batch, request)
-            ticket = Ticket(self._wake)
-            ticket.posted_ns = time.monotonic_ns()
-            batch.tickets.append(ticket)  # before posting: a cancel must reach a blocked post
-            if batch.cancelled:
-                ticket.cancelled = True
-            batch.links[dispatch.rank].post(request, ticket)
+    def _post(self, batch: DirectBatch, layer: MoERequest, dispatches: list[RankDispatch]) -> None:
+        """Send the layer's dispatches. Links that can (``DirectLink.arm``) fill their slots first, while
+        the layer's work still runs (``MoERequest.finish``); every dispatch goes out once it is over."""
+        armed: list[tuple[Any, PlaneRequest, Ticket, Any]] = []
+        try:
+            for dispatch in dispatches:
+                request = PlaneRequest(batch.micro_batch, layer.layer, dispatch)
+                if batch.trace is not None:
+                    self._open_dispatch_span(batch, request)
+                ticket = Ticket(self._wake)
+                batch.tickets.append(ticket)  # before posting: a cancel must reach a blocked post
+                if batch.cancelled:
+                    ticket.cancelled = True
+                link = batch.links[dispatch.rank]
+                arm = getattr(link, "arm", None)
+                armed.append((link, request, ticket, arm(request, ticket) if arm is not None else None))
+            layer.finish()
+            batch.posted_unix_ns = time.time_ns() if batch.trace is not None else 0
+            with wakes_deferred():  # every dispatch of the layer published before any expert rank is woken
+                while armed:
+                    link, request, ticket, slot = armed[0]
+                    ticket.posted_ns = time.monotonic_ns()
+                    if slot is None:
+                        link.post(request, ticket)
+                    else:
+                        slot.publish()
+                    armed.pop(0)
+        finally:
+            for _, _, _, slot in armed:  # filled but not sent (a failure, or a cancel): slots back
+                if slot is not None:
+                    slot.release()
 
     def _open_dispatch_span(self, batch: DirectBatch, request: PlaneRequest) -> None:
         """The ``attention.dispatch`` span, opened now (its context rides with the rows) and ended with

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from asap.dataplane.cuda_ipc import gpu_uuid
-from asap.dataplane.direct import DirectLink, Ticket
+from asap.dataplane.direct import Armed, DirectLink, Ticket
 from asap.dataplane.fast import FastOptions
 from asap.dataplane.nixl_select import confirm_nixl, nixl_candidate
 from asap.dataplane.plane import DataPlane, ExchangeKey, ExchangeResult, LinkSpec, PlaneRequest
@@ -292,6 +292,14 @@ class _MeteredLink(Generic[L]):
     def post(self, request: PlaneRequest, ticket: Ticket) -> None:
         ticket.observe = self._observe
         self._inner.post(request, ticket)
+
+    def arm(self, request: PlaneRequest, ticket: Ticket) -> Armed | None:
+        """The plane's ``arm`` (``DirectLink.arm``), metered as ``post``; None when it has none."""
+        arm = getattr(self._inner, "arm", None)
+        if arm is None:
+            return None
+        ticket.observe = self._observe
+        return cast("Armed | None", arm(request, ticket))
 
     def abandon(self, ticket: Ticket) -> None:
         self._inner.abandon(ticket)

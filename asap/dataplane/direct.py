@@ -33,6 +33,16 @@ The interface (what a plane implements to take part):
     failed). Memory the expert may still write stays reserved until its answer comes or the path ends
     (counted in ``stats.quarantined``); the ticket may still be settled later, and that is ignored.
 
+Optional, for planes that fill a slot and publish it in two steps:
+
+``DirectLink.arm(request, ticket) -> Armed | None``
+    On the compute thread: take a slot and fill it with ``request`` as ``post`` would (blocking for a
+    credit alike), without sending it; None when the link cannot (the caller then ``post``s). The
+    caller sends it later with ``Armed.publish()`` (``post``'s errors, ``request.sent()`` called) or
+    gives the slot back unsent with ``Armed.release()``. Why: the attention rank fills the layer's slots
+    while the layer's own work still runs (``MoERequest.rest``: the emulated device's modelled time) and
+    sends them the moment it ends, so that host work is off the layer's critical path.
+
 Optional, for planes whose completions the waiting thread can take itself (sparing the hop through the
 plane's poll thread, one thread wake per layer):
 
@@ -249,6 +259,14 @@ class Ticket:
         if self.observe is not None and not self.provisional:
             self.observe(self)
         self.wake.set()
+
+
+class Armed(Protocol):
+    """A dispatch in a slot, filled and not yet sent (``DirectLink.arm``)."""
+
+    def publish(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class DirectLink(Protocol):

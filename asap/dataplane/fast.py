@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -229,16 +229,28 @@ class _Direct(SlotDirect[FastPlane, AttentionLinkEnd]):
     """The waiting compute thread may spin briefly before it parks (``asap.dataplane.spin``): a CPU
     link, whose answers the compute thread takes itself (``poll``)."""
 
-    def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
+    armable = True
+
+    def _fill(self, slot: int, request: PlaneRequest) -> None:
         plane, end = self.plane, self.end
         try:
             plane._fill(end, slot, plane._header(end, slot, request), request)
-            seq, _ = plane._publish(end, slot, request, ticket)
         except (ValueError, IndexError, TypeError, struct.error) as exc:  # the region retired under the fill
-            if end.broken is not None:
-                raise end.broken from None
-            raise InternalError(f"{end.peer}: filling a fast link slot failed: {exc}") from exc
+            self._raise_typed(exc)
+
+    def _publish(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
+        try:
+            seq, _ = self.plane._publish(self.end, slot, request, ticket)
+        except (ValueError, IndexError, TypeError, struct.error) as exc:  # retired since the fill
+            self._raise_typed(exc)
         return seq
+
+    def _raise_typed(self, exc: Exception) -> NoReturn:
+        """A fill or publish that failed on a region retired under it: the link's failure."""
+        end = self.end
+        if end.broken is not None:
+            raise end.broken from None
+        raise InternalError(f"{end.peer}: filling a fast link slot failed: {exc}") from exc
 
     def poll(self) -> None:
         """Take the link end's arrived completions on this thread (``DirectLink.poll``)."""

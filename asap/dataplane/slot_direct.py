@@ -16,7 +16,7 @@ from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.dataplane.slot_plane import SlotPlane
 from asap.errors import AsapError, InternalError, Unavailable
 
-__all__ = ["SlotDirect"]
+__all__ = ["ArmedSlot", "SlotDirect"]
 
 
 class _End(Protocol):
@@ -42,8 +42,21 @@ class SlotDirect(Generic[P, E]):
         self.end = end
         self.loop = loop
 
+    armable = False
+    """Whether the plane fills a slot and publishes it in two calls (``_fill``, ``_publish``), so that
+    ``arm`` can take and fill a slot now and send it later."""
+
     def _send(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
         """Fill ``slot`` with ``request`` and publish it (settling ``ticket``); its sequence number."""
+        self._fill(slot, request)
+        return self._publish(slot, request, ticket)
+
+    def _fill(self, slot: int, request: PlaneRequest) -> None:
+        """Write ``request`` into ``slot``, unpublished (planes that are ``armable``)."""
+        raise NotImplementedError
+
+    def _publish(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
+        """Publish the filled ``slot`` (settling ``ticket``); its sequence number (``armable`` planes)."""
         raise NotImplementedError
 
     def _to_inner(self, request: PlaneRequest) -> bool:
@@ -63,6 +76,20 @@ class SlotDirect(Generic[P, E]):
             if seq == 0:
                 end.give_back(slot)
         ticket.plane_data = seq
+
+    def arm(self, request: PlaneRequest, ticket: Ticket) -> ArmedSlot | None:
+        """``DirectLink.arm``: take a slot and fill it with ``request`` now (blocking as ``post`` does);
+        None when this link cannot (not ``armable``, or the rows go through the inner plane)."""
+        if not self.armable or self._to_inner(request):
+            return None
+        end = self.end
+        slot = end.take_slot_blocking(ticket)
+        try:
+            self._fill(slot, request)
+        except BaseException:
+            end.give_back(slot)
+            raise
+        return ArmedSlot(self, slot, request, ticket)
 
     def _post_inner(self, request: PlaneRequest, ticket: Ticket) -> None:
         future = asyncio.run_coroutine_threadsafe(self.plane.inner.exchange(request), self.loop)
@@ -86,3 +113,35 @@ class SlotDirect(Generic[P, E]):
             data.cancel()
         elif isinstance(data, int) and data:
             self.end.abandon(data)
+
+
+class ArmedSlot:
+    """A slot taken and filled by ``SlotDirect.arm``, not yet published: ``publish`` sends it, ``release``
+    gives it back unsent; once either ran, both are no-ops."""
+
+    __slots__ = ("_link", "_request", "_slot", "_ticket")
+
+    def __init__(self, link: SlotDirect[Any, Any], slot: int, request: PlaneRequest, ticket: Ticket) -> None:
+        self._link: SlotDirect[Any, Any] | None = link
+        self._slot = slot
+        self._request = request
+        self._ticket = ticket
+
+    def publish(self) -> None:
+        """Send the filled slot (``post``'s second half; its errors); a failed publish gives it back."""
+        link, self._link = self._link, None
+        if link is None:
+            return
+        seq = 0
+        try:
+            seq = link._publish(self._slot, self._request, self._ticket)
+        finally:
+            if seq == 0:
+                link.end.give_back(self._slot)
+        self._ticket.plane_data = seq
+
+    def release(self) -> None:
+        """Give the slot back unsent."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.end.give_back(self._slot)

@@ -11,6 +11,7 @@ labelled by ``emulated = True`` on both parts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections.abc import Generator, Sequence
@@ -173,10 +174,20 @@ class EmulatedAttentionPart(SteppedPart[ChunkCache]):
             if is_moe:
                 ids, weights = self.router.route(layer, tokens, g)  # [T, K] each
                 hidden = meta_empty((tokens, cfg.hidden_size), self.dtype)  # [T, H]
-            self.sleeper.sleep(cost[is_moe])
             if not is_moe:
+                self.sleeper.sleep(cost[is_moe])
                 continue
-            routed = yield MoERequest(layer=layer, hidden=hidden, topk_ids=ids, topk_weights=weights)
+            # The MoE layer's modelled time ends in ``finish``: the caller splits and fills the dispatches
+            # inside it and sends them once it is over (``MoERequest.rest``).
+            request = MoERequest(
+                layer=layer,
+                hidden=hidden,
+                topk_ids=ids,
+                topk_weights=weights,
+                rest=functools.partial(self.sleeper.sleep, cost[is_moe]),
+            )
+            routed = yield request
+            request.finish()  # (a caller that sent the dispatches without it: the time is charged still)
             if not isinstance(routed, torch.Tensor) or routed.shape != hidden.shape:
                 shape = tuple(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
                 raise InvalidArgument(

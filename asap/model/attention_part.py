@@ -49,6 +49,16 @@ class MoERequest:
     """[T, K] int64 global expert ids chosen per token."""
     topk_weights: torch.Tensor
     """[T, K] float32 routing weights, normalised exactly as the architecture does."""
+    rest: Callable[[], None] | None = None
+    """What of the layer's work is still to come before its dispatches may go out (the emulated part's
+    modelled device time: the host splits and fills the dispatches inside it, as beside a device that
+    is still computing), or None. Whoever sends the dispatches calls ``finish`` first."""
+
+    def finish(self) -> None:
+        """Run ``rest`` once (blocking until the layer's work is done); a no-op afterwards."""
+        rest, self.rest = self.rest, None
+        if rest is not None:
+            rest()
 
 
 ExpertCompute = Callable[[MoERequest], torch.Tensor]
@@ -310,6 +320,7 @@ def drive_steps(
     try:
         request = next(steps)
         while True:
+            request.finish()
             request = steps.send(dispatch(request))
     except StopIteration as stop:
         logits: torch.Tensor = stop.value

@@ -78,3 +78,57 @@ async def test_a_dispatch_larger_than_a_slot_goes_through_the_inner_plane() -> N
     await asyncio.wait_for(asyncio.wrap_future(posted), 5)  # its callbacks ran in order: settled first
     assert ticket.done
     assert len(inner_calls) == 1 and sorted(end._free) == [0, 1]
+
+
+class _ArmingDirect(SlotDirect[Any, _End]):
+    """Fills and publishes in two calls (``armable``), recording them; may fail either."""
+
+    armable = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.calls: list[tuple[str, int]] = []
+        self.fail: str | None = None
+
+    def _fill(self, slot: int, request: PlaneRequest) -> None:
+        self.calls.append(("fill", slot))
+        if self.fail == "fill":
+            raise InternalError("expert-0: filling a slot failed")
+
+    def _publish(self, slot: int, request: PlaneRequest, ticket: Ticket) -> int:
+        self.calls.append(("publish", slot))
+        if self.fail == "publish":
+            raise InternalError("expert-0: the link broke")
+        return 9
+
+
+async def test_an_armed_slot_is_filled_at_once_and_sent_or_given_back_once() -> None:
+    _, end, _ = await _link()
+    plain, _, _ = await _link()
+    assert plain.arm(_request(2), Ticket(Wake())) is None  # not armable: the caller posts
+    direct = _ArmingDirect(plain.plane, end, plain.loop)
+    assert direct.arm(_request(5), Ticket(Wake())) is None  # larger than a slot: the inner plane's
+    ticket = Ticket(Wake())
+    armed = direct.arm(_request(2), ticket)
+    assert armed is not None and direct.calls == [("fill", 0)] and end._free == [1]
+    assert ticket.plane_data is None  # nothing sent yet
+    armed.publish()
+    armed.publish()
+    armed.release()  # both no-ops once published
+    assert direct.calls == [("fill", 0), ("publish", 0)] and ticket.plane_data == 9 and end._free == [1]
+    unsent = direct.arm(_request(2), Ticket(Wake()))
+    assert unsent is not None and end._free == []
+    unsent.release()
+    unsent.release()
+    assert end._free == [1]  # given back once, unsent
+    direct.fail = "fill"
+    with pytest.raises(InternalError, match="filling"):
+        direct.arm(_request(2), Ticket(Wake()))
+    assert end._free == [1]  # a failed fill gives its slot back
+    direct.fail = "publish"
+    failing = direct.arm(_request(2), Ticket(Wake()))
+    assert failing is not None and end._free == []
+    with pytest.raises(InternalError, match="broke"):
+        failing.publish()
+    failing.release()  # a no-op: the failed publish gave the slot back
+    assert end._free == [1]

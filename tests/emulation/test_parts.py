@@ -238,10 +238,15 @@ def test_inputs_ready_starts_the_next_layers_modelled_time(config_only: ModelCon
     gen = part.forward_steps([[1, 2, 3]])
     request = next(gen)
     assert sleeper.begins == [(False, False)]  # the first layer starts its own clock
+    assert sleeper.calls == []  # the MoE layer's modelled time ends in ``finish``, not before the yield
+    request.finish()
+    request.finish()  # once
+    assert len(sleeper.calls) == 1
     part.inputs_ready()  # the caller took the results and combines them
-    gen.send(torch.empty_like(request.hidden))
+    request = gen.send(torch.empty_like(request.hidden))
     # the next layer keeps the caller's begin: its modelled time counts from the results' take
     assert sleeper.begins == [(False, False), (False, False), (True, True)]
+    request.finish()
     assert len(sleeper.calls) == 2  # the full modelled time of both layers is charged
 
 

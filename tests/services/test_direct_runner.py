@@ -63,8 +63,9 @@ def _gen(log: list[torch.Tensor]) -> Generator[MoERequest, torch.Tensor, torch.T
     return hidden
 
 
-def _advance(gen: Any, previous: Any) -> Any:
-    """Two expert ranks each get every row; the layer's output is the sum of their partials."""
+def _advance(gen: Any, previous: Any, hold: bool = False) -> Any:
+    """Two expert ranks each get every row; the layer's output is the sum of their partials. The
+    layer's ``rest`` (none here) is the runner's to finish: ``hold`` changes nothing."""
     try:
         request = next(gen) if previous is None else gen.send(sum(previous[2]))
     except StopIteration as stop:
