@@ -92,9 +92,9 @@ def install() -> None:
     _wrap(core, "sample_all", "a.sample0", "a.sample1")
     advance = core.AttentionExecutor._advance
 
-    def timed_advance(self: Any, gen: Any, previous: Any, all_ranks: bool = False) -> Any:
+    def timed_advance(self: Any, gen: Any, previous: Any, all_ranks: bool = False, hold: bool = False) -> Any:
         stamp("a.first" if previous is None else "a.take")
-        out = advance(self, gen, previous, all_ranks)
+        out = advance(self, gen, previous, all_ranks, hold)
         if not isinstance(out, tuple):
             stamp("a.logits")
         return out
