@@ -7,13 +7,17 @@ host's clock for both processes) are taken from what the link already carries (t
 time, the completion's pick time, queue and compute times) plus two wrapped calls on the attention side
 (the post's start, the completion's take) and the compute thread's resume, and printed as medians (µs):
 
-    post -> published        attention compute thread: slot, header, ids, weights, descriptor, bell
+    post -> published        attention compute thread: slot, header, ids, weights, descriptor, bell; on
+                             a link that arms (``DirectLink.arm``), the fill runs inside the attention
+                             layer's modelled time, which then ends here ("of which layer end ->
+                             published", printed below: the part of the post after that time)
     published -> picked      until the expert's poll thread took the descriptor
     picked -> compute start  the expert-side hand-off to the compute thread
     compute                  the expert call (the modelled time plus what the emulation adds)
     compute end -> taken     answer written, completion published, seen by the attention side
     taken -> resumed         the attention compute thread woken and moving the batch on
-    resumed -> next post     the attention layer (modelled sleep), combine and split
+    resumed -> next post     the attention layer (modelled sleep, or its part before the post when the
+                             link arms), combine and split
 
     python benchmarks/layer_hops.py --experts 1 --requests 20
 """
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asap.bench.modeled import slowest_expert_call_s
 from asap.dataplane import fast_attention
 from asap.emulation import EmulatedAttentionPart, parse_compute
+from asap.model.attention_part import MoERequest
 from asap.model.config import load_config
 from attention_svc import direct_runner
 from benchmarks._fast_experts import MODEL, fast_experts
@@ -55,7 +60,9 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.post_start = 0
+        self.layer_end = 0
         self.published: dict[int, tuple[int, int]] = {}  # seq -> (post start, published)
+        self.layer_end_to_published: list[float] = []  # µs, per dispatch, where the layer ended in the post
         self.taken: dict[int, tuple[int, int, int, int]] = {}  # seq -> picked, queue, compute, taken
         self.resumed: list[tuple[list[int], int]] = []  # (seqs of the layer, resumed at)
         self.layer_posts: list[int] = []
@@ -68,6 +75,11 @@ class _Recorder:
         publish, take = link_end.publish, link_end._take
         runner = direct_runner.DirectRunner
         post, move, init = runner._post, runner._move, runner.__init__
+        finish = MoERequest.finish
+
+        def finish_(self: Any) -> None:
+            finish(self)
+            rec.layer_end = time.time_ns()
 
         def init_(self: Any, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
@@ -78,6 +90,8 @@ class _Recorder:
             seq, future = publish(self, *args, **kwargs)
             if rec.on:
                 rec.published[seq] = (rec.post_start, start)
+                if rec.layer_end > rec.post_start:
+                    rec.layer_end_to_published.append((start - rec.layer_end) / 1e3)
             return seq, future
 
         def take_(self: Any, completion: Any, now_ns: int) -> None:
@@ -90,7 +104,7 @@ class _Recorder:
                 )
             take(self, completion, now_ns)
 
-        def post_(self: Any, batch: Any, layer: int, dispatches: Any) -> None:
+        def post_(self: Any, batch: Any, layer: Any, dispatches: Any) -> None:
             rec.post_start = now = time.time_ns()
             if rec.on:
                 rec.layer_posts.append(now)
@@ -108,6 +122,7 @@ class _Recorder:
         runner._post = post_  # type: ignore[method-assign]
         runner._move = move_  # type: ignore[method-assign]
         runner.__init__ = init_  # type: ignore[method-assign]
+        MoERequest.finish = finish_  # type: ignore[method-assign]
 
     def hops(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {name: [] for name in HOPS}
@@ -212,6 +227,12 @@ async def main() -> None:
             f"p90 {ordered[len(values) * 9 // 10]:7.1f}, max {ordered[-1]:8.1f}, n={len(values)})"
         )
     print(f"  {'sum of medians':24s} {total:8.1f} µs")
+    if rec.layer_end_to_published:
+        ends = rec.layer_end_to_published
+        print(
+            f"  of post -> published, layer end -> published {statistics.median(ends):.1f} µs "
+            f"(median over {len(ends)} dispatches; the fill ran inside the layer's modelled time)"
+        )
     print(f"  modelled: attention layer {attention_us:.1f} µs, expert call {expert_us:.1f} µs")
     print(
         f"  per batch: start -> first post {statistics.median(heads):.2f} ms, last results -> batch "

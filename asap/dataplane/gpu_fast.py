@@ -232,6 +232,9 @@ class _GpuDirect(_Direct):
 
     end: GpuAttentionLinkEnd
     plane: GpuFastPlane
+    armable = False
+    """Not the CPU link's two-step fill: a GPU slot is filled on the tx stream by ``_send`` (and the real
+    attention part leaves no layer work to overlap: ``MoERequest.rest`` is None)."""
     host_free = False
     """``ASAP_GPU_HOST_FREE``: tickets settled early with their prefetched results (``_settle_early``)."""
 

@@ -132,3 +132,14 @@ async def test_an_armed_slot_is_filled_at_once_and_sent_or_given_back_once() -> 
         failing.publish()
     failing.release()  # a no-op: the failed publish gave the slot back
     assert end._free == [1]
+
+
+def test_only_the_cpu_fast_link_arms() -> None:
+    """The GPU fast link fills its slots on a stream (``_send``) and inherits the CPU link's class: it
+    must not take the CPU link's two-step host fill (through it, a GPU dispatch's fill hung)."""
+    from asap.dataplane.fast import _Direct
+    from asap.dataplane.gpu_fast import _GpuDirect
+    from asap.dataplane.nixl_direct import NixlDirect
+
+    assert _Direct.armable
+    assert not _GpuDirect.armable and not NixlDirect.armable
