@@ -294,7 +294,10 @@ class DirectRunner:
                 link = batch.links[dispatch.rank]
                 arm = getattr(link, "arm", None)
                 armed.append((link, request, ticket, arm(request, ticket) if arm is not None else None))
+            working = layer.rest is not None
             layer.finish()
+            if working and batch.trace is not None:
+                _layer_ends(batch, layer.layer, time.time_ns())
             batch.posted_unix_ns = time.time_ns() if batch.trace is not None else 0
             with wakes_deferred():  # every dispatch of the layer published before any expert rank is woken
                 while armed:
@@ -364,6 +367,16 @@ def _layer_record(
         spans.TOKENS: int(request.hidden.shape[0]),
     }
     return (spans.ATTENTION_LAYER, start, end, attributes)
+
+
+def _layer_ends(batch: DirectBatch, layer: int, end: int) -> None:
+    """The ``attention.layer`` record of ``layer`` ends at ``end``: its work ran on past the step, while
+    the dispatches were filled (``MoERequest.rest``), and is attention compute, not the dispatch's."""
+    for i in range(len(batch.records) - 1, -1, -1):
+        name, start, _, attributes = batch.records[i]
+        if name == spans.ATTENTION_LAYER and attributes.get(spans.LAYER) == layer:
+            batch.records[i] = (name, start, end, attributes)
+            return
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -119,3 +120,49 @@ async def test_a_failed_publish_fails_the_batch_and_gives_back_the_unsent_slots(
     ]
     assert not [event for event in log if event[1] == 2]  # the batch ended at layer 1
     assert batch.gen.gi_frame is None
+
+
+async def test_traced_layers_end_when_their_work_does(
+    thread: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tracing, a layer's ``attention.layer`` span runs to the end of its ``rest`` (attention
+    compute, not the dispatch's time: ``asap trace summarize`` tells them apart by it)."""
+    from opentelemetry.context import Context
+
+    from asap.telemetry import spans
+    from attention_svc import direct_runner
+
+    recorded: list[tuple[str, int, int, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        direct_runner.spans,
+        "record",
+        lambda name, _ctx, start, end, attrs: recorded.append((name, start, end, attrs)),
+    )
+    ends: dict[int, int] = {}
+
+    def gen() -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        hidden = torch.zeros(2, 4)
+        for layer in range(LAYERS):
+
+            def rest(layer: int = layer) -> None:
+                time.sleep(0.01)
+                ends[layer] = time.time_ns()
+
+            request = MoERequest(
+                layer, hidden, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), rest=rest
+            )
+            hidden = yield request
+        return hidden
+
+    log: Log = []
+    runner = DirectRunner(thread, _advance)
+    batch = DirectBatch(2, gen(), [ArmingLink(0, log), ArmingLink(1, log)], lambda x: x, Context())
+    await asyncio.wait_for(runner.run(batch), 30)
+    layers = {
+        attrs[spans.LAYER]: (start, end)
+        for name, start, end, attrs in recorded
+        if name == spans.ATTENTION_LAYER
+    }
+    assert sorted(layers) == list(range(LAYERS))
+    for layer, (start, end) in layers.items():
+        assert end >= ends[layer] and end - start >= 10_000_000  # the rest's 10 ms inside the span
