@@ -28,6 +28,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from asap.dataplane.cuda_ipc import CudaAttachments
+from asap.dataplane.offloop import on_thread
 from asap.dataplane.shm import ShmAttachments
 from asap.emulation import DeviceProfile
 from asap.emulation.clock import charge
@@ -194,14 +195,26 @@ class ExchangeSession:
         """A NIXL link announced on this stream: this rank's end as the answer (served until the stream
         ends), or the error that refuses it."""
         nixl = self.shared.nixl
+        made: list[NixlExpertEnd] = []  # the end, once connected (a cancelled wait may still make it)
+
+        def connect() -> tuple[NixlExpertEnd, expert_pb2.NixlLink]:
+            assert nixl is not None
+            end, answer = nixl.connect(msg.nixl_link)
+            made.append(end)
+            return end, answer
+
         try:
             if nixl is None:
                 raise InvalidArgument("this expert rank has no NIXL data plane (--data-plane nixl or auto)")
-            loop = asyncio.get_running_loop()
-            end, answer = await loop.run_in_executor(self.shared.codec, nixl.connect, msg.nixl_link)
+            end, answer = await on_thread(self.shared.codec, connect)
         except AsapError as exc:
             logger.warning("rejected NIXL link %s: %s", msg.nixl_link.agent[:80], exc.message)
             return error_reply(msg.micro_batch, msg.layer, 0, 0, exc)
+        except asyncio.CancelledError:  # the stream went away while connecting: nobody will use the end
+            if nixl is not None:
+                for made_end in made:
+                    nixl.detach(made_end)
+            raise
         self._nixl_ends.append(end)
         return expert_pb2.CombineChunk(micro_batch=msg.micro_batch, layer=msg.layer, nixl_link=answer)
 
