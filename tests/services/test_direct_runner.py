@@ -79,13 +79,6 @@ def _advance(gen: Any, previous: Any, hold: bool = False) -> Any:
     return request, dispatches
 
 
-@pytest.fixture
-def thread() -> Generator[ThreadPoolExecutor, None, None]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    yield pool
-    pool.shutdown(wait=True)
-
-
 async def test_batches_interleave_and_results_come_in_order(thread: ThreadPoolExecutor) -> None:
     runner = DirectRunner(thread, _advance)
     logs: list[list[torch.Tensor]] = [[], []]

@@ -80,13 +80,6 @@ def _gen(log: Log) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
     return hidden
 
 
-@pytest.fixture
-def thread() -> Generator[ThreadPoolExecutor, None, None]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    yield pool
-    pool.shutdown(wait=True)
-
-
 async def test_slots_are_filled_inside_the_layer_and_sent_after_it(thread: ThreadPoolExecutor) -> None:
     log: Log = []
     runner = DirectRunner(thread, _advance)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -56,13 +55,6 @@ class EarlyLink:
 
     def abandon(self, ticket: Ticket) -> None:
         self.abandoned.append(ticket)
-
-
-@pytest.fixture
-def thread() -> Generator[ThreadPoolExecutor, None, None]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    yield pool
-    pool.shutdown(wait=True)
 
 
 async def test_next_layer_waits_for_the_verdicts_and_results_are_the_early_ones(

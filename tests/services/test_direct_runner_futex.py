@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -67,13 +66,6 @@ class WordLink:
             self.word.value = 1
             return self.word.address, 1
         return None
-
-
-@pytest.fixture
-def thread() -> Generator[ThreadPoolExecutor, None, None]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    yield pool
-    pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("words", [True, False], ids=["futex-words", "doorbells"])
