@@ -266,7 +266,6 @@ class AttentionExecutor:
                 request = next(gen)
             else:
                 last, dispatches, partials = previous
-                last.finish()  # (done by now, unless its caller skipped it)
                 inputs_ready = getattr(self.part, "inputs_ready", None)  # emulated: the layer's clock
                 if inputs_ready is not None:
                     inputs_ready()

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asap.dataplane.direct import SHORT_PARK_S, Ticket, Wake, wakes_deferred
+from asap.dataplane.direct import SHORT_PARK_S, Armed, DirectLink, Ticket, Wake, wakes_deferred
 from asap.dataplane.plane import ExchangeResult, PlaneRequest
 from asap.dataplane.spin import SpinBudget
 from asap.emulation.clock import reduce_timer_slack
@@ -281,7 +281,8 @@ class DirectRunner:
     def _post(self, batch: DirectBatch, layer: MoERequest, dispatches: list[RankDispatch]) -> None:
         """Send the layer's dispatches. Links that can (``DirectLink.arm``) fill their slots first, while
         the layer's work still runs (``MoERequest.finish``); every dispatch goes out once it is over."""
-        armed: list[tuple[Any, PlaneRequest, Ticket, Any]] = []
+        armed: list[tuple[DirectLink, PlaneRequest, Ticket, Armed | None]] = []
+        sent = 0
         try:
             for dispatch in dispatches:
                 request = PlaneRequest(batch.micro_batch, layer.layer, dispatch)
@@ -300,16 +301,15 @@ class DirectRunner:
                 _layer_ends(batch, layer.layer, time.time_ns())
             batch.posted_unix_ns = time.time_ns() if batch.trace is not None else 0
             with wakes_deferred():  # every dispatch of the layer published before any expert rank is woken
-                while armed:
-                    link, request, ticket, slot = armed[0]
+                for link, request, ticket, slot in armed:
                     ticket.posted_ns = time.monotonic_ns()
                     if slot is None:
                         link.post(request, ticket)
                     else:
-                        slot.publish()
-                    armed.pop(0)
+                        slot.publish()  # (a failed publish gives its own slot back)
+                    sent += 1
         finally:
-            for _, _, _, slot in armed:  # filled but not sent (a failure, or a cancel): slots back
+            for _, _, _, slot in armed[sent:]:  # filled but not sent (a failure, or a cancel): slots back
                 if slot is not None:
                     slot.release()
 
