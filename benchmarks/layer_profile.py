@@ -8,7 +8,7 @@ calls (its own cost per call is ~1 µs), so read the shares and the call counts 
 absolute times. The expert processes are started through a boot line that runs their poll threads (and
 compute threads) under the profiler and write the stats once the harness touches a file.
 
-    python benchmarks/layer_profile.py --experts 1 --requests 20 --top 25
+    python benchmarks/layer_profile.py --experts 1 --requests 20 --top 25 [--save DIR]
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ async def main() -> None:
     parser.add_argument("--compute", default="emulated:h200")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--side", choices=("attention", "expert", "both"), default="both")
+    parser.add_argument("--save", help="copy the profiles (pstats files) into this folder")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="layer_profile_")
     flag, out = os.path.join(tmp, "done"), os.path.join(tmp, "expert.prof")
@@ -131,6 +132,12 @@ async def main() -> None:
                     )
                 )
     print(f"load average {os.getloadavg()}")
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        prof.dump_stats(os.path.join(args.save, "attention.prof"))
+        for name in os.listdir(tmp):
+            if name.startswith("expert.prof."):
+                shutil.copy(os.path.join(tmp, name), args.save)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
