@@ -49,6 +49,11 @@ DEFAULT_CHUNKS = "2048,4096,8192,16384"
 SERVER_DEVICES = 8
 """Accelerators of one server (DGX H200, Atlas 800 with Ascend 910): beyond it, an all-to-all crosses
 every device's network port (``--links auto``)."""
+PROFILE_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--profile-clock``: the clock cProfile reads at every call and return. ``perf_counter`` is read without
+entering the kernel; ``process_time`` enters it each time: on the 2-core VM the paper-scale 10 s window
+took 15 s unprofiled, 37 s profiled on ``wall`` and 114 s on ``cpu`` (half of it system time, and calls
+such as ``len`` at 4% of the profile; benchmarks/README.md, "The profiler's clock")."""
 
 
 def _sizes(value: str) -> list[int]:
@@ -187,6 +192,14 @@ def add_parser(subparsers: Any) -> None:
     out.add_argument(
         "--profile", metavar="OUT.prof", help="profile the simulator (cProfile): top entries to stderr"
     )
+    out.add_argument(
+        "--profile-clock",
+        choices=sorted(PROFILE_CLOCKS),
+        default="wall",
+        help="the profiler's clock: wall (default; cheap to read: the run takes ~2.5x its unprofiled time) "
+        "or cpu (the process's CPU time, which leaves out other processes' time on a busy host but is a "
+        "system call per profiled call: ~7.5x, and small calls look larger)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -226,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         import cProfile
 
-        profiler = cProfile.Profile(time.process_time)  # CPU time: meaningful on a shared host
+        profiler = cProfile.Profile(PROFILE_CLOCKS[args.profile_clock])
         profiler.enable()
     try:
         sweeps, stats = simulate_compare(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pstats
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from asap.bench.workload import LengthSpec, WorkloadSpec, build_requests, sequence_digest
 from asap.cli import main
+from asap.commands import simulate
 
 WORKLOAD = ["--lengths", "uniform:16,200", "--sweep", "20,80", "--requests", "12", "--warmup", "2"]
 
@@ -82,6 +84,39 @@ def test_help_documents_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for flag in ("--layout", "--attention-tp", "--tune-chunk-tokens", "--compare", "--trace", "--profile"):
         assert flag in text
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_profile_writes_the_simulators_profile_with_either_clock(
+    model: Path,
+    tmp_path: Path,
+    clock: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = [0]
+    real = simulate.PROFILE_CLOCKS[clock]
+
+    def counted() -> float:
+        reads[0] += 1
+        return real()
+
+    monkeypatch.setitem(simulate.PROFILE_CLOCKS, clock, counted)
+    out = tmp_path / "sim.prof"
+    _simulate(
+        model, tmp_path / "p.json", "--compare", "async", "--profile", str(out), "--profile-clock", clock
+    )
+    functions = {name for _file, _line, name in pstats.Stats(str(out)).stats}  # type: ignore[attr-defined]
+    assert {"_run_once", "run_batch"} <= functions  # the virtual loop, and the services' code it drives
+    assert reads[0] > 1000  # the chosen clock timed it
+    assert "Ordered by: internal time" in capsys.readouterr().err  # the top entries, printed
+
+
+def test_an_unknown_profile_clock_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--profile", "x.prof", "--profile-clock", "gpu"])
+    assert exit_info.value.code == 2
+    assert "--profile-clock" in capsys.readouterr().err
 
 
 def test_ports_charge_a_rank_its_total_bytes(model: Path, tmp_path: Path) -> None:
