@@ -11,3 +11,14 @@ fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export OUT="${OUT:-/tmp/asap-out}"
 mkdir -p "$OUT"
+# A private MPS daemon for the calling script's GPU work (asap.mps starts its own for an `asap up` cluster)
+start_mps() {
+    mps_dir=${mps_dir:-$(mktemp -d /tmp/asap-mps.XXXX)}
+    export CUDA_MPS_PIPE_DIRECTORY=$mps_dir/pipe CUDA_MPS_LOG_DIRECTORY=$mps_dir/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started in $mps_dir"
+}
+stop_mps() {  # bounded: a quit waits for the daemon's clients, and a cut test run can leave some behind
+    echo quit | timeout 20 nvidia-cuda-mps-control 2>/dev/null || echo "MPS quit did not return in 20 s"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}

@@ -21,16 +21,6 @@ source benchmarks/gpu_env.sh
 stages="${*:-tests dataplane headline}"
 nvidia-smi --query-gpu=name,driver_version,memory.used,utilization.gpu --format=csv
 python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda.bindings', cuda.bindings.__version__)"
-mps_dir=$(mktemp -d /tmp/asap-mps.XXXX)
-start_mps() {
-    export CUDA_MPS_PIPE_DIRECTORY=$mps_dir/pipe CUDA_MPS_LOG_DIRECTORY=$mps_dir/log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && echo "MPS daemon started in $mps_dir"
-}
-stop_mps() {  # bounded: a quit waits for the daemon's clients, and a cut test run can leave some behind
-    echo quit | timeout 20 nvidia-cuda-mps-control 2>/dev/null || echo "MPS quit did not return in 20 s"
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-}
 export CUDA_MODULE_LOADING=EAGER
 for stage in $stages; do
     echo "=== $stage $(date -u +%T)"

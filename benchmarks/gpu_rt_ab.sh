@@ -8,10 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 before=${1:?usage: gpu_rt_ab.sh BEFORE_DIR}
 source benchmarks/gpu_env.sh
-mps=$(mktemp -d /tmp/asap-mps.XXXX)
-export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log CUDA_MODULE_LOADING=EAGER
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d
+export CUDA_MODULE_LOADING=EAGER
+start_mps
 root=$PWD
 for run in "before 1 $before" "after 1 ." "after 2 ." "before 2 $before"; do
     read -r tree n dir <<< "$run"
@@ -21,4 +19,4 @@ for run in "before 1 $before" "after 1 ." "after 2 ." "before 2 $before"; do
      echo "rc $?")
     grep -v '^ *[]}"{]' "$OUT/${tree}_$n.log" | tail -8
 done
-echo quit | timeout 20 nvidia-cuda-mps-control || echo "MPS quit did not return in 20 s"
+stop_mps
