@@ -79,6 +79,10 @@ class ClusterSpec:
     """Bearer tokens the scheduler accepts (one per line, re-read on SIGHUP); None: no token needed."""
     data_plane: str = "auto"
     """``--data-plane`` of every attention and expert rank (``asap.dataplane.select.DATA_PLANES``)."""
+    route_skew: float = 0.0
+    """Emulated compute only: the popularity skew of the attention ranks' random top-k routing
+    (``asap.emulation.parts.RandomRouter``: expert of popularity rank r drawn with weight (r + 1) ** -skew,
+    a different hot set per layer); 0 = uniform. Real compute routes with the model's own gate."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)
@@ -106,6 +110,13 @@ class ClusterSpec:
             raise InvalidArgument(
                 f"metrics_port must leave room for every service's port, got {self.metrics_port}"
             )
+        if not 0 <= self.route_skew < float("inf"):
+            raise InvalidArgument(f"route_skew must be a finite number >= 0, got {self.route_skew}")
+        if self.route_skew and not self.compute.startswith("emulated:"):
+            raise InvalidArgument(
+                f"route_skew applies to emulated compute (compute emulated:DEVICE), not {self.compute!r}: "
+                "real compute routes with the model's own gate"
+            )
         if self.mps not in MPS_MODES:
             raise InvalidArgument(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
         from asap.dataplane.select import DATA_PLANES  # here: the spec's readers need no torch otherwise
@@ -122,6 +133,10 @@ class ClusterSpec:
             return self.max_batch_tokens
         devices = self.rank_devices(self.attention_ranks)
         return GPU_MAX_BATCH_TOKENS if all(d.startswith("cuda") for d in devices) else None
+
+    def route_skew_args(self) -> list[str]:
+        """The attention ranks' ``--route-skew`` flag (none for uniform routing, their default)."""
+        return ["--route-skew", repr(self.route_skew)] if self.route_skew else []
 
     def data_plane_args(self) -> list[str]:
         """The ranks' ``--data-plane`` flag (none for ``auto``, the ranks' own default)."""
@@ -200,6 +215,7 @@ _TOP_LEVEL_VALUES = (
     "tls",
     "auth_token_file",
     "data_plane",
+    "route_skew",
 )
 """Top-level YAML keys that map one-to-one onto a ``ClusterSpec`` field: the one list both the key check
 and the reading use, so a field that is read cannot be rejected as unknown."""
@@ -211,6 +227,12 @@ def _int(value: Any, key: str, path: str | Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"cluster spec {path}: {key} must be an integer, got {value!r}")
     return value
+
+
+def _number(value: Any, key: str, path: str | Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"cluster spec {path}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterSpec:
@@ -232,6 +254,8 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     for key in ("min_batch_tokens", "max_batch_tokens", "metrics_port"):
         if key in values:
             values[key] = _int(values[key], key, path)
+    if "route_skew" in values:
+        values["route_skew"] = _number(values["route_skew"], "route_skew", path)
     if raw.get("mps") is not None:  # YAML 1.1 reads a bare on/off as a boolean
         mps = raw["mps"]
         values["mps"] = ("on" if mps else "off") if isinstance(mps, bool) else str(mps)
@@ -303,7 +327,8 @@ def attention_commands(
                 "--dtype", rank.dtype or spec.dtype, "--device", devices[r],
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"attention-{r}"),
-                *tls_args(spec, "attention"), *spec.data_plane_args(), *rank.extra_args,
+                *tls_args(spec, "attention"), *spec.data_plane_args(), *spec.route_skew_args(),
+                *rank.extra_args,
             ],
         )
         for r, rank in enumerate(spec.attention_ranks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,51 @@ def test_a_cuda_cluster_batches_up_to_the_gpu_bound_unless_told(monkeypatch: pyt
     # an attention rank on the CPU: not a GPU cluster
     mixed = ClusterSpec(device="cuda", attention_ranks=[RankSpec(device="cpu"), RankSpec()])
     assert bound(mixed) is None
+
+
+def test_route_skew_reaches_the_attention_ranks_from_up_bench_and_yaml(tmp_path: Path) -> None:
+    def skews(spec: ClusterSpec) -> list[str | None]:
+        argv = [c.argv for c in attention_commands(spec, "m", ["e0"])]
+        return [_flag(a, "--route-skew") if "--route-skew" in a else None for a in argv]
+
+    emulated = ["--compute", "emulated:h200"]
+    up = build_parser().parse_args(["up", *emulated, "--route-skew", "0.3"])
+    assert skews(spec_from_args(up)) == ["0.3", "0.3"]
+    bench = build_parser().parse_args(
+        ["bench", "--compare", "async", *emulated, "--route-skew", "0.5", "--lengths", "fixed:8"]
+    )
+    assert (
+        skews(cluster_spec("async", {name: getattr(bench, name) for name in CLUSTER_FIELDS})) == ["0.5"] * 2
+    )
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text("compute: emulated:h200\nroute_skew: 1\n")
+    assert skews(clusterspec.load_cluster_yaml(spec_file)) == ["1.0", "1.0"]
+    # uniform (the default): no flag; the experts never get one
+    assert skews(ClusterSpec(compute="emulated:h200")) == [None, None]
+    assert all("--route-skew" not in c.argv for c in expert_commands(spec_from_args(up), "m"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"route_skew": 0.3}, "route_skew applies to emulated compute"),
+        ({"compute": "emulated:h200", "route_skew": -0.1}, "route_skew must be a finite number >= 0"),
+        ({"compute": "emulated:h200", "route_skew": float("nan")}, "route_skew must be a finite number >= 0"),
+    ],
+)
+def test_a_bad_route_skew_is_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        ClusterSpec(**fields)
+
+
+def test_route_skew_flags_and_yaml_refuse_what_is_not_a_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["up", "--route-skew", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected a finite number >= 0, got '-1'" in capsys.readouterr().err
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text("compute: emulated:h200\nroute_skew: high\n")
+    with pytest.raises(InvalidArgument, match="route_skew must be a number, got 'high'"):
+        clusterspec.load_cluster_yaml(spec_file)

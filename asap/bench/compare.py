@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_FIELDS = (
     "model", "attention", "experts", "compute", "device", "dtype", "optimizations", "max_batch_tokens",
+    "route_skew",
 )  # fmt: skip
 """``asap up`` flags that ``--compare`` passes to each mode's cluster."""
 

@@ -58,6 +58,31 @@ def comma_separated(value: str, convert: Callable[[str], _T], what: str) -> list
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None
 
 
+def route_skew(value: str) -> float:
+    """``--route-skew``: a finite number >= 0."""
+    try:
+        skew = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not 0 <= skew < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return skew
+
+
+def add_route_skew_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The cluster flag ``--route-skew`` (``asap up``, ``asap bench --compare``, ``asap simulate``)."""
+    parser.add_argument(
+        "--route-skew",
+        type=route_skew,
+        default=None,
+        metavar="S",
+        help="emulated compute: popularity skew of the random top-k routing, expert of popularity rank r "
+        "drawn with weight (r + 1) ** -S, each layer's hot set shared by every attention rank (default 0: "
+        "uniform); benchmarks/route_balance.py prints the expert ranks' imbalance a value gives, and 0.3 "
+        "reproduces the throughput cost of DeepSeek-V3's real routing at EP32",
+    )
+
+
 def add_client_security_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--tls DIR`` and ``--token-file F``, for the commands that call a cluster's scheduler."""
     parser.add_argument(

@@ -24,6 +24,7 @@ from asap.commands import (
     TARGET_ENV,
     add_client_security_flags,
     add_documented_parser,
+    add_route_skew_flag,
     client_security,
     cluster_target,
     comma_separated,
@@ -117,6 +118,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="N",
         help="the scheduler's prompt tokens per batch (default 8192)",
     )
+    add_route_skew_flag(cluster)
     parser.set_defaults(func=run)
 
 

@@ -22,6 +22,10 @@ devices: ``--layout disaggregated --attention 4 --attention-tp 4 --experts 16`` 
 Fair baselines: ``sync-chunked`` runs once per --tune-chunk-tokens value and reports the best;
 ``sync`` likewise over --tune-sync-batch-tokens (its per-rank step budget) when given.
 
+Routing: uniform by default; ``--route-skew S`` draws hot experts (per layer, the same for every attention
+rank), so a DP+EP step waits for the expert ranks that host them. 0.3 reproduces the cost SGLang measured
+for DeepSeek-V3's real routing at EP32 (benchmarks/README.md, "Routing skew").
+
 Host costs (default 0: devices and links only; ``asap.sim.hostcost``): ``--dispatch-overhead-us`` is the
 mean host delay of a rank's layer (charged on its dispatches, empty ones included), ``--host-jitter-us``
 its spread (one draw per rank and layer: the sync barrier then waits for the slowest participant's),
@@ -41,7 +45,7 @@ import sys
 import time
 from typing import Any
 
-from asap.commands import add_documented_parser, comma_separated
+from asap.commands import add_documented_parser, add_route_skew_flag, comma_separated
 from asap.commands.bench import _modes, add_load_arguments, workload_from_args
 from asap.dtypes import DTYPES
 
@@ -85,6 +89,7 @@ def add_parser(subparsers: Any) -> None:
     )
     cluster.add_argument("--dtype", choices=DTYPES, help="element size of the cost model (default float32)")
     cluster.add_argument("--optimizations", metavar="all|none|LIST")
+    add_route_skew_flag(cluster)
     sim = parser.add_argument_group("simulation")
     sim.add_argument(
         "--layout",
@@ -231,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         "compute": args.compute,
         "dtype": args.dtype,
         "optimizations": args.optimizations,
+        "route_skew": args.route_skew,
     }
     links = resolve_links(args)
     layout = Layout(args.layout, args.attention_tp, links)

@@ -5,7 +5,7 @@
 is enough): every op sleeps for the time ``costs`` gives for the device profile, hidden states are
 ``meta`` tensors (shape and dtype, no storage), and routing is real but random: top-k expert ids drawn
 without replacement from a Zipf-like popularity over experts (``skew`` = 0: uniform), with a different
-hot set per layer. Logits are zeros, so the first token of every emulated prompt is 0. Results are
+hot set per layer, the same for every attention rank. Logits are zeros, so the first token of every emulated prompt is 0. Results are
 labelled by ``emulated = True`` on both parts.
 """
 
@@ -32,6 +32,16 @@ from asap.model.hosted import HostedCounts, HostedIds
 from asap.model.kvcache import ChunkCache, check_caches
 from asap.model.meta import meta_empty
 
+HOT_SET_SEED = 0x5EED
+"""Seeds the per-layer hot sets of skewed routing (``hot_sets``): one draw for the model, every rank."""
+
+
+def hot_sets(config: ModelConfig) -> dict[int, torch.Tensor]:
+    """Each MoE layer's experts in popularity order ([E] global ids, the most popular first): the same
+    for every router of ``config``'s model, a different order per layer."""
+    g = torch.Generator().manual_seed(HOT_SET_SEED)
+    return {layer: torch.randperm(config.num_experts, generator=g) for layer in config.moe_layer_ids}
+
 
 class RandomRouter:
     """Random top-k routing, deterministic per (seed, call, layer).
@@ -39,7 +49,8 @@ class RandomRouter:
     Drawing K of E experts without replacement for every token is slow on a CPU (~50 ms per layer at 16k
     tokens), so a pool of ``pool_rows`` routed rows (ids in popularity-rank space, weights normalised to
     one) is drawn once; each token of a call takes a random pool row, mapped through the layer's own
-    permutation of expert ids. Popularity of rank r is proportional to (r + 1) ** -skew.
+    permutation of expert ids. Popularity of rank r is proportional to (r + 1) ** -skew; with skew > 0
+    that permutation (the layer's hot set) is the model's (``hot_sets``), shared by every router.
     """
 
     def __init__(self, config: ModelConfig, *, seed: int, skew: float, pool_rows: int = 4096) -> None:
@@ -56,9 +67,13 @@ class RandomRouter:
         self._pool_ids = keys.topk(k, dim=1, largest=False).indices  # [P, K] ranks
         w = torch.rand((pool_rows, k), generator=g, dtype=torch.float32) + 1e-3
         self._pool_weights = w / w.sum(dim=1, keepdim=True)  # [P, K]
-        self._expert_of_rank = {
-            layer: torch.randperm(e, generator=g) for layer in config.moe_layer_ids
-        }  # layer -> [E] global id of each popularity rank
+        own = {layer: torch.randperm(e, generator=g) for layer in config.moe_layer_ids}
+        # layer -> [E] global id of each popularity rank. With skew, the hot experts of a layer are the
+        # model's, the same for every router (attention rank): a real gate's popular experts come from
+        # its weights and the data, and an expert rank's load sums every attention rank's tokens, so
+        # hot sets drawn per rank would average out over the ranks. Without skew the permutation only
+        # relabels a uniform draw; each router keeps its own (the draws of earlier trees, unchanged).
+        self._expert_of_rank = own if skew == 0 else hot_sets(config)
         # The pool mapped through each layer's permutation once (P * K int64 per MoE layer, 256 KiB at
         # 4096 x 8), in numpy: a call then takes its rows with one ``take`` per tensor. Two torch gathers
         # per layer cost ~100-180 µs of the attention compute thread's CPU on a loaded host, against

@@ -339,3 +339,32 @@ def test_expert_inputs_ready_starts_the_next_calls_modelled_time_once(config_onl
     t[0] += modelled / 4
     part.compute(0, hidden, ids, weights)
     assert slept[2] == pytest.approx(modelled)
+
+
+def test_skewed_routers_share_the_models_hot_experts_and_uniform_ones_keep_their_own(
+    config_only: ModelConfig,
+) -> None:
+    """With skew the layer's hot set is the model's: every attention rank's router prefers the same
+    experts, so the load an expert rank sums over attention ranks stays unbalanced; uniform routers keep
+    their own per-rank relabelling (the draws of earlier trees)."""
+    from asap.emulation.parts import RandomRouter, hot_sets
+
+    layers = config_only.moe_layer_ids
+    skewed = [RandomRouter(config_only, seed=s, skew=1.0) for s in range(4)]
+    for layer in layers:
+        assert all(torch.equal(r._expert_of_rank[layer], hot_sets(config_only)[layer]) for r in skewed)
+    assert not torch.equal(hot_sets(config_only)[layers[0]], hot_sets(config_only)[layers[1]])
+    uniform = [RandomRouter(config_only, seed=s, skew=0.0) for s in range(2)]
+    assert not torch.equal(uniform[0]._expert_of_rank[layers[0]], uniform[1]._expert_of_rank[layers[0]])
+    again = RandomRouter(config_only, seed=0, skew=0.0)  # its own stream, reproducible
+    assert all(torch.equal(uniform[0]._expert_of_rank[x], again._expert_of_rank[x]) for x in layers)
+
+    def summed_top_share(routers: list[RandomRouter]) -> float:
+        counts = torch.zeros(config_only.num_experts, dtype=torch.int64)
+        for i, router in enumerate(routers):
+            ids, _ = router.route(layers[0], 512, torch.Generator().manual_seed(i))
+            counts += torch.bincount(ids.flatten(), minlength=config_only.num_experts)
+        return float(counts.max()) / float(counts.sum())
+
+    uniform4 = [RandomRouter(config_only, seed=s, skew=0.0) for s in range(4)]
+    assert summed_top_share(skewed) > 2 * summed_top_share(uniform4)

@@ -163,3 +163,22 @@ def test_a_faster_port_and_the_per_rank_planner_run_the_same_sequence(model: Pat
         assert slow["sequence"] == quick["sequence"] == own["sequence"]
         assert slow["failed"] == quick["failed"] == own["failed"] == 0
         assert quick["ttft_ms"]["mean"] < slow["ttft_ms"]["mean"]
+
+
+def test_route_skew_reaches_the_simulated_ranks(model: Path, tmp_path: Path) -> None:
+    """Skewed routing loads some expert ranks more than others: a sync step waits for the busiest, so
+    the same sequence takes longer than with uniform routing; the document records the skew."""
+    uniform = _simulate(model, tmp_path / "u.json", "--compare", "sync")
+    skewed = _simulate(model, tmp_path / "s.json", "--compare", "sync", "--route-skew", "1.5")
+    assert skewed["config"]["cluster"]["route_skew"] == 1.5
+    assert "route_skew" not in uniform["config"]["cluster"]
+    for a, b in zip(uniform["modes"]["sync"]["results"], skewed["modes"]["sync"]["results"], strict=True):
+        assert a["sequence"] == b["sequence"]
+        assert b["ttft_ms"]["mean"] > a["ttft_ms"]["mean"]
+
+
+def test_a_negative_route_skew_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--route-skew", "-0.5"])
+    assert exit_info.value.code == 2
+    assert "--route-skew" in capsys.readouterr().err
