@@ -24,6 +24,7 @@ counted in ``quarantined``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -52,6 +53,7 @@ from asap.dataplane.pending import (
 )
 from asap.dataplane.plane import ExchangeResult
 from asap.dataplane.poller import HeldUntil, OnePerProcess, PollThread, doorbell_backoff, drain
+from asap.dataplane.ring import WAIT_BELL, full_fence
 from asap.dataplane.slot_credits import SlotCredits
 from asap.errors import AsapError, InvalidArgument, Unavailable
 
@@ -122,6 +124,17 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         """Whether a dispatch was ever published with a future to settle (``exchange``, the event-loop
         path); until then every sender is a hot-path compute thread, which takes its own answers."""
         self._delayed: HeldUntil[_Delayed] = HeldUntil(lambda d: d.due_ns)
+        self.loop_bell = False
+        """The event loop waits on the completion doorbell itself (``_watch``, from the first
+        event-loop dispatch on): a completion wakes the loop, which takes it and settles its future in
+        that callback, instead of waking the poll thread, which would hand it to the loop through
+        ``call_soon_threadsafe`` (a second wake-up, and the loop waiting for the GIL until the poll thread
+        parks again). The poll thread then never parks on this end (it still sweeps and ticks it at its
+        park timeout), so the ring's waiting flag is the loop's alone. Off by default; ends whose
+        event-loop path has no held results and no hot-path sleepers turn it on (GPU ends:
+        ``ASAP_GPU_LOOP_BELL``)."""
+        self._loop_thread: int | None = None
+        """The event loop's thread while ``loop_bell`` watches (``_deliver`` settles directly on it)."""
         self._seq = 0
         self.announced_ns = time.monotonic_ns()
         self.attached = False
@@ -134,17 +147,62 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         if not self._consume.acquire(blocking=False):
             return False  # the other thread is taking them
         try:
-            if self.broken is not None and not self._buf:
-                return False
-            worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
-            with self._lock:
-                due = self._delayed.release(now_ns)
-            for d in due:
-                self._deliver(d.pending, d.outcome)
-            # results still held for their modelled transfer: keep sweeping closely (no doorbell comes)
-            return worked or bool(due) or bool(self._delayed)
+            return self._take_arrived(now_ns)
         finally:
             self._consume.release()
+
+    def _take_arrived(self, now_ns: int) -> bool:
+        """``poll``'s work, under ``_consume``."""
+        if self.broken is not None and not self._buf:
+            return False
+        worked = drain(self.completions, lambda raw: self._take(Completion.unpack(raw), now_ns))
+        with self._lock:
+            due = self._delayed.release(now_ns)
+        for d in due:
+            self._deliver(d.pending, d.outcome)
+        # results still held for their modelled transfer: keep sweeping closely (no doorbell comes)
+        return worked or bool(due) or bool(self._delayed)
+
+    def _watch(self) -> None:
+        """On the event loop, at an event-loop dispatch of a ``loop_bell`` end: from now on the expert rings
+        the completion doorbell after every completion (the ring's waiting flag stays set) and the loop
+        reads it (``_on_bell``). Set before the dispatch is published, so its completion rings."""
+        if self._loop_thread is not None:
+            return
+        self._loop_thread = threading.get_ident()
+        self.completions.set_waiting(True, WAIT_BELL)
+        full_fence()  # the flag's store before the expert's look at it (after our publish)
+        self._loop.add_reader(self.completion_bell.fileno(), self._on_bell)
+
+    def _on_bell(self) -> None:
+        """The completion doorbell rang (the event loop's reader): take what arrived. Waits for the poll
+        thread if it is sweeping this end meanwhile (it holds ``_consume`` for a few µs), so a completion
+        that lands after its look is not left for its next sweep."""
+        self.completion_bell.drain()  # first: a completion after it rings again
+        with self._consume:
+            self._take_arrived(time.monotonic_ns())
+
+    def _unwatch(self) -> None:
+        """Stop the loop's reader (``close``): on the loop's thread now, from another one at its next
+        iteration (the doorbell's descriptor may be closed by then; the selector forgets it either way)."""
+        if self._loop_thread is None:
+            return
+        fd, self._loop_thread = self.completion_bell.fileno(), None
+
+        def remove() -> None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._loop.remove_reader(fd)
+
+        if self._on_loop():
+            remove()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(remove)
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     @property
     def park_here(self) -> bool:
@@ -155,7 +213,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         begun before the compute thread's) cost CPU and bought nothing: 0.16 ms CPU per layer with
         one expert rank, 0.7 ms with four (``benchmarks/layer_hops.py``, thread ``fast-completions``).
         It still sweeps and ticks the end at its park timeout (heartbeats, abandoned slots)."""
-        return self.parked_elsewhere == 0 and self.loop_senders
+        return self.parked_elsewhere == 0 and self.loop_senders and not self.loop_bell
 
     def held(self) -> int:
         """Results held back for their modelled transfer time (the poller must look again soon)."""
@@ -199,6 +257,9 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             if not pending.abandoned:
                 result = outcome if isinstance(outcome, AsapError) else ExchangeResult(outcome)
                 sink.settle(result, not_before_ns=not_before_ns)
+            return
+        if self._loop_thread is not None and threading.get_ident() == self._loop_thread:
+            self._settle(pending, outcome)  # taken in the loop's own reader (``_on_bell``)
             return
         self._loop.call_soon_threadsafe(self._settle, pending, outcome)
 
@@ -248,6 +309,8 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
         future, sink = sink_for(self._loop, ticket)
         if ticket is None:
             self.loop_senders = True  # the poll thread settles these: it parks on the doorbell now
+            if self.loop_bell:  # unless the loop itself waits on it
+                self._watch()
         with self._lock:
             if self.broken is not None:
                 raise self.broken
@@ -331,6 +394,7 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
             self.fail(Unavailable(f"{self.peer}: fast link closed"))
             return
         self._poller.remove(self)
+        self._unwatch()
         self._unlink_names()
         with self._consume:  # a compute thread taking its results is done with the mapping first
             self._unmap()

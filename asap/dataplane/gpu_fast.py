@@ -61,6 +61,7 @@ from asap.dataplane.gpu_layout import (
     gpu_layout_rows,
     gpu_slot_bytes_for,
     host_free_enabled,
+    loop_bell_enabled,
 )
 from asap.dataplane.plane import DataPlane, ExchangeResult, LinkSpec, PlaneRequest
 from asap.dataplane.poller import OnePerProcess, PollThread
@@ -149,6 +150,8 @@ class GpuFastPlane(FastPlane):
             loop=asyncio.get_running_loop(),
             poller=gpu_poller(),
         )
+        # The loop takes its own completions where no compute thread sleeps on the end (hot path off)
+        end.loop_bell = loop_bell_enabled() and not gpu_hot_path_enabled()
         session.send(end.announcement())  # type: ignore[attr-defined]
         self._end, self._session = end, session
         return end

@@ -22,6 +22,7 @@ __all__ = [
     "GPU_POLL_SPIN_S",
     "HOST_FREE_ENV",
     "LEAN_FILL_ENV",
+    "LOOP_BELL_ENV",
     "PREFETCH_ENV",
     "STEP_WORDS_AT",
     "armed_steps_enabled",
@@ -31,6 +32,7 @@ __all__ = [
     "gpu_slot_bytes_for",
     "host_free_enabled",
     "lean_fill_enabled",
+    "loop_bell_enabled",
     "prefetch_enabled",
 ]
 
@@ -87,6 +89,17 @@ def lean_fill_enabled(environ: dict[str, str] | None = None) -> bool:
 
 def host_free_enabled(environ: dict[str, str] | None = None) -> bool:
     return env_switch(HOST_FREE_ENV, False, environ)
+
+
+LOOP_BELL_ENV = "ASAP_GPU_LOOP_BELL"
+"""Default on (``0`` turns it off): with the hot path off (``ASAP_GPU_HOT_PATH``), the attention rank's
+event loop waits on a GPU link's completion doorbell itself (``AttentionLinkEnd.loop_bell``): one
+wake-up per completion instead of two (the poll thread's, then the loop's through
+``call_soon_threadsafe``)."""
+
+
+def loop_bell_enabled(environ: dict[str, str] | None = None) -> bool:
+    return env_switch(LOOP_BELL_ENV, True, environ)
 
 
 DEVICE_DONE_ENV = "ASAP_GPU_DEVICE_DONE"
