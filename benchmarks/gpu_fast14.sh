@@ -11,7 +11,7 @@
 #                                   # (DATAPLANE_ARGS="--host-ahead-us 2000": more gpu_dataplane.py flags for every variant)
 #   REQUESTS=480 bash benchmarks/gpu_fast14.sh ratio   # 1+1 at saturation, then monolithic at 16384 and 8192
 #                                   # tokens per batch over the same prompts (~110 s; not yet run)
-# The full tests/gpu needs about 300 s (TESTS_TIMEOUT=300): run it before long benchmark stages.
+# The full tests/gpu needs about 350 s (TESTS_TIMEOUT, default 420): run it before long benchmark stages.
 #
 # The tests and the round trip run under a private MPS daemon started here (the cluster of the headline
 # starts its own through asap.mps). Everything lands in $OUT.
@@ -27,7 +27,7 @@ for stage in $stages; do
     case $stage in
     tests)
         start_mps
-        timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
+        timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_fast.py tests/gpu/test_cuda_dataplane.py} \
             -s 2>&1 | tee "$OUT/${TESTS_LOG:-gpu_tests}.log" | tail -40
         stop_mps ;;
     dataplane)
