@@ -81,8 +81,9 @@ class ClusterSpec:
     """``--data-plane`` of every attention and expert rank (``asap.dataplane.select.DATA_PLANES``)."""
     route_skew: float = 0.0
     """Emulated compute only: the popularity skew of the attention ranks' random top-k routing
-    (``asap.emulation.parts.RandomRouter``: expert of popularity rank r drawn with weight (r + 1) ** -skew,
-    a different hot set per layer); 0 = uniform. Real compute routes with the model's own gate."""
+    (``asap.emulation.routing.RandomRouter``: expert of popularity rank r drawn with weight
+    (r + 1) ** -skew, a different hot set per layer, shared by every rank); 0 = uniform. Real compute routes
+    with the model's own gate."""
     scheduler_args: list[str] = field(default_factory=list)
     attention_ranks: list[RankSpec] = field(default_factory=list)
     expert_ranks: list[RankSpec] = field(default_factory=list)

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from asap.emulation.clock import Sleeper
-from asap.emulation.parts import EmulatedExpertPart, RandomRouter
+from asap.emulation.parts import EmulatedExpertPart
 from asap.emulation.profiles import load_profile
+from asap.emulation.routing import RandomRouter
 from asap.model.config import load_config
 
 MODEL = Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b-16l"

@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 import torch
 
-from asap.emulation.parts import RandomRouter
+from asap.emulation.routing import RandomRouter
 from asap.model.config import load_config
 from asap.model.placement import ExpertPlacement
 

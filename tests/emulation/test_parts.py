@@ -255,7 +255,7 @@ def test_router_takes_the_same_rows_as_gathering_through_the_layer_permutation(
 ) -> None:
     """The per-layer pools computed once give what the two gathers per call gave: the same ids and
     weights, dtypes and shapes, for every MoE layer and the same generator state."""
-    from asap.emulation.parts import RandomRouter
+    from asap.emulation.routing import RandomRouter
 
     router = RandomRouter(config_only, seed=3, skew=0.5, pool_rows=64)
     for layer in config_only.moe_layer_ids:
@@ -347,7 +347,7 @@ def test_skewed_routers_share_the_models_hot_experts_and_uniform_ones_keep_their
     """With skew the layer's hot set is the model's: every attention rank's router prefers the same
     experts, so the load an expert rank sums over attention ranks stays unbalanced; uniform routers keep
     their own per-rank relabelling (the draws of earlier trees)."""
-    from asap.emulation.parts import RandomRouter, hot_sets
+    from asap.emulation.routing import RandomRouter, hot_sets
 
     layers = config_only.moe_layer_ids
     skewed = [RandomRouter(config_only, seed=s, skew=1.0) for s in range(4)]
