@@ -185,24 +185,19 @@ class AttentionLinkEnd(SlotCredits, AttentionRegion):
     def _unwatch(self) -> None:
         """Stop the loop's reader (``close``): on the loop's thread now, from another one at its next
         iteration (the doorbell's descriptor may be closed by then; the selector forgets it either way)."""
-        if self._loop_thread is None:
+        loop_thread, self._loop_thread = self._loop_thread, None
+        if loop_thread is None:
             return
-        fd, self._loop_thread = self.completion_bell.fileno(), None
+        fd = self.completion_bell.fileno()
 
         def remove() -> None:
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 self._loop.remove_reader(fd)
 
-        if self._on_loop():
+        if threading.get_ident() == loop_thread:
             remove()
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(remove)
-
-    def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
 
     @property
     def park_here(self) -> bool:

@@ -9,20 +9,10 @@ import time
 
 import torch
 
-from asap.dataplane.fast_attention import AttentionLinkEnd
 from asap.dataplane.fastlink import FLAG_SHAPE_ONLY, Completion, LinkGeometry, Request
 from asap.dataplane.poller import DOORBELL_FIRST_SLEEP_S, doorbell_backoff
 from asap.dataplane.ring import Ring
-
-
-class _NoPoller:
-    """Stands in for the process's poll thread: the test sweeps the end itself."""
-
-    def add(self, endpoint: object) -> None:
-        pass
-
-    def remove(self, endpoint: object) -> None:
-        pass
+from tests.dataplane.link_ends import attention_end
 
 
 def test_doorbell_backoff_parks_without_spinning() -> None:
@@ -33,16 +23,11 @@ def test_doorbell_backoff_parks_without_spinning() -> None:
 
 async def test_a_held_result_keeps_the_sweeps_going_until_it_is_delivered() -> None:
     geometry = LinkGeometry(slots=2, slot_bytes=64 * 1024, hidden_size=8, top_k=2, itemsize=2)
-    end = AttentionLinkEnd(
+    end = attention_end(
+        asyncio.get_running_loop(),
         geometry,
-        attention_rank=0,
-        expert_rank=0,
-        dtype=torch.bfloat16,
         peer="expert rank 0 at test",
-        peer_timeout_s=5.0,
         result_link_s=20e-3 / (4 * 8 * 2),  # 20 ms for the 4 rows' results
-        loop=asyncio.get_running_loop(),
-        poller=_NoPoller(),  # type: ignore[arg-type]
     )
     try:
         slot = await end.take_slot()

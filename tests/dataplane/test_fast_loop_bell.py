@@ -15,30 +15,14 @@ import pytest_asyncio
 import torch
 
 from asap.dataplane.fast_attention import AttentionLinkEnd
-from asap.dataplane.fastlink import Completion, LinkGeometry
+from asap.dataplane.fastlink import Completion
 from asap.errors import Unavailable
-
-
-class _NoPoller:
-    def add(self, endpoint: object) -> None:
-        pass
-
-    def remove(self, endpoint: object) -> None:
-        pass
+from tests.dataplane.link_ends import attention_end
 
 
 @pytest_asyncio.fixture
 async def end() -> AsyncIterator[AttentionLinkEnd]:
-    end = AttentionLinkEnd(
-        LinkGeometry(2, 1 << 16, 8, 2, 2),
-        attention_rank=0,
-        expert_rank=0,
-        dtype=torch.float32,
-        peer="expert",
-        peer_timeout_s=5.0,
-        loop=asyncio.get_running_loop(),
-        poller=_NoPoller(),  # type: ignore[arg-type]
-    )
+    end = attention_end(asyncio.get_running_loop(), dtype=torch.float32)
     end.loop_bell = True
     yield end
     end.close()

@@ -9,36 +9,18 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from asap.dataplane.direct import Ticket, Wake
 from asap.dataplane.fast_attention import AttentionLinkEnd
-from asap.dataplane.fastlink import LinkGeometry
 from asap.dataplane.poller import PollThread
 from asap.dataplane.ring import Backoff, Doorbell, Ring
-
-
-class _NoPoller:
-    def add(self, endpoint: object) -> None:
-        pass
-
-    def remove(self, endpoint: object) -> None:
-        pass
+from tests.dataplane.link_ends import attention_end
 
 
 @pytest.fixture
 def end() -> Iterator[AttentionLinkEnd]:
     loop = asyncio.new_event_loop()
-    end = AttentionLinkEnd(
-        LinkGeometry(2, 1 << 16, 8, 2, 2),
-        attention_rank=0,
-        expert_rank=0,
-        dtype=torch.bfloat16,
-        peer="expert",
-        peer_timeout_s=5.0,
-        loop=loop,
-        poller=_NoPoller(),  # type: ignore[arg-type]
-    )
+    end = attention_end(loop)
     yield end
     end._poller.remove(end)
     end._unlink_names()
