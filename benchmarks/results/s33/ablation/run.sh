@@ -5,7 +5,7 @@
 # usage: bash benchmarks/results/s33/ablation/run.sh [VARIANT ...]
 cd "$(dirname "$0")/../../../.."
 dir=benchmarks/results/s33/ablation
-all="min-batch dual-batch expert-overlap layer-agnostic"
+all=$(/work/main/.venv/bin/python -c "from asap.optimizations import OPTIMIZATIONS; print(*OPTIMIZATIONS)")
 keeps_up() { python3 -c "
 import json, sys; r = json.load(open(sys.argv[1]))['modes']['async']['results'][0]
 sys.exit(0 if r['throughput_rps'] / r['rate_rps'] >= 0.9 and r['slo_attainment'] >= 0.9 else 1)" "$1"; }
