@@ -212,8 +212,9 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
     dominates emulated and simulated runs where these tables are the only real data).
 
     No sort: a [ranks, tokens] presence table, set from every slot's rank, lists the (rank, token) rows
-    in rank-then-token order (its set positions) and, counted up, gives each slot its row; the ids and
-    weights are then scattered there, one flat write per table. Per rank the tensors are views."""
+    in rank-then-token order (its set positions); each row's place in the [N, K] tables, written at its
+    cell, is then read back at every slot's cell, and the ids and weights are scattered there, one flat
+    write per table. Per rank the tensors are views."""
     k = request.topk_ids.shape[1] if request.topk_ids.ndim == 2 else 1
     ids = request.topk_ids.detach().numpy().reshape(-1, k)  # [T, K]
     if ids.size == 0:
@@ -227,19 +228,19 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
     present[cell] = True
     # ndarray methods, not the numpy functions: the same values without a Python wrapper's dispatch
     where = present.nonzero()[0]  # [N] the rows' cells, by rank then token
-    ends = present.cumsum()  # [R * T] rows up to each cell
-    flat = ends[cell]  # [T, K] 1 + the slot's row
-    flat -= 1
-    flat *= k
+    place = np.empty(
+        num_ranks * tokens, dtype=np.intp
+    )  # [R * T] row * K at each row's cell; unread elsewhere
+    place[where] = np.arange(0, where.size * k, k, dtype=np.intp)
+    flat = place[cell]  # [T, K] the slot's row * K
     flat += np.arange(k, dtype=np.intp)  # [T, K] the slot's place in the [N, K] tables
-    expert_ids = np.empty(where.size * k, dtype=np.int32)  # [N * K]
-    expert_ids.fill(-1)
+    expert_ids = np.full(where.size * k, -1, dtype=np.int32)  # [N * K]
     expert_ids[flat] = ids.astype(np.int32, copy=False)
     row_weights = np.zeros(where.size * k, dtype=np.float32)  # [N * K]
     row_weights[flat] = weights
-    upto = ends[tokens - 1 :: tokens]  # [R] rows of ranks up to each
-    per_rank = upto.copy()  # [R] rows of each rank
-    per_rank[1:] -= upto[:-1]
+    # [R + 1] rows of the ranks before each: where each rank's cells start among the rows
+    upto = where.searchsorted(np.arange(0, (num_ranks + 1) * tokens, tokens, dtype=np.intp))
+    per_rank = upto[1:] - upto[:-1]  # [R] rows of each rank
     needed = per_rank.nonzero()[0]
     sizes = per_rank[needed].tolist()
     rows = where - (needed * tokens).repeat(sizes)  # [N] token of each row
