@@ -89,6 +89,13 @@ def add_parser(subparsers: Any) -> None:
     )
     cluster.add_argument("--dtype", choices=DTYPES, help="element size of the cost model (default float32)")
     cluster.add_argument("--optimizations", metavar="all|none|LIST")
+    cluster.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help="the scheduler's prompt tokens per batch (default 8192; sync's --tune-sync-batch-tokens "
+        "overrides it for sync)",
+    )
     add_route_skew_flag(cluster)
     sim = parser.add_argument_group("simulation")
     sim.add_argument(
@@ -236,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "compute": args.compute,
         "dtype": args.dtype,
         "optimizations": args.optimizations,
+        "max_batch_tokens": args.max_batch_tokens,
         "route_skew": args.route_skew,
     }
     links = resolve_links(args)
@@ -296,6 +304,16 @@ def run(args: argparse.Namespace) -> int:
             f"{mode}: {run_stats.virtual_s:.1f} s simulated in {run_stats.wall_s:.1f} s wall "
             f"({run_stats.cpu_s:.1f} s CPU), {run_stats.events} events ({run_stats.events_per_s:.0f}/s), devices "
             f"{run_stats.device_busy:.0%} busy"
+            + (
+                " ("
+                + ", ".join(
+                    f"{role} {busy:.0%}, busiest rank {run_stats.rank_busy_max.get(role, busy):.0%}"
+                    for role, busy in run_stats.role_busy.items()
+                )
+                + ")"
+                if run_stats.role_busy
+                else ""
+            )
             + (f", host cores {run_stats.host_busy:.0%} busy" if run_stats.host_busy is not None else ""),
             file=sys.stderr,
         )

@@ -136,6 +136,8 @@ class SimCluster:
     """The devices' ports with ``Layout.links == "ports"`` (set by ``start``)."""
     attention_devices: list[list[Device]] = field(default_factory=list)
     expert_devices: list[list[Device]] = field(default_factory=list)
+    queues: dict[str, list[DeviceQueue]] = field(default_factory=lambda: {"attention": [], "experts": []})
+    """Each role's compute queues (its ranks'), for the devices' busy time by role (``role_load``)."""
     cost_model: Any = None
     """The scheduler's calibrated ``AttentionCostModel``: set after ``start``; given before it, the
     scheduler takes it instead of calibrating (``asap.sim.run`` reuses a mode's calibration for its
@@ -190,6 +192,7 @@ class SimCluster:
             config = expert_config(service_args(command.argv))
             sleeper = ChargeSleeper()
             queue = DeviceQueue(self.expert_devices[config.rank], sleeper)
+            self.queues["experts"].append(queue)
             executor = build_executor(config, sleeper=sleeper, compute=queue)
             if not getattr(executor.part, "emulated", False):
                 raise InvalidArgument("asap simulate needs --compute emulated:DEVICE")
@@ -260,12 +263,14 @@ class SimCluster:
                     )
             self._closers.append(transport.close)
             infos = [await s.Info(expert_pb2.ExpertInfoRequest(), None) for s in expert_servicers]  # type: ignore[arg-type]
+            compute = DeviceQueue(self.attention_devices[config.rank], sleeper)
+            self.queues["attention"].append(compute)
             attention = AttentionExecutor(
                 part,
                 transport,
                 placement_from_infos(source.config, infos),
                 max_inflight=config.max_inflight_batches,
-                compute=DeviceQueue(self.attention_devices[config.rank], sleeper),
+                compute=compute,
             )
             await attention.run_batch([attention.make_prompt("warm-up", [0, 1, 2, 3])])
             attention_servicers.append(AttentionServicer(attention, config))
@@ -311,13 +316,36 @@ class SimCluster:
 
         return result_link_s
 
-    def devices(self) -> list[Device]:
-        """Every device, each once."""
+    def devices(self, role: str | None = None) -> list[Device]:
+        """Every device, each once; with ``role`` (``attention`` or ``experts``), that role's."""
+        groups = {"attention": self.attention_devices, "experts": self.expert_devices}
+        chosen = [groups[role]] if role is not None else list(groups.values())
         seen: dict[int, Device] = {}
-        for group in (*self.attention_devices, *self.expert_devices):
+        for group in (g for role_groups in chosen for g in role_groups):
             for device in group:
                 seen.setdefault(id(device), device)
         return list(seen.values())
+
+    def busy_marks(self) -> dict[str, list[float]]:
+        """Every role's queues' ``busy_s`` now: the start of a span for ``role_load``."""
+        return {role: [queue.busy_s for queue in queues] for role, queues in self.queues.items()}
+
+    def role_load(
+        self, marks: dict[str, list[float]], span_s: float
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Since ``marks`` (``busy_marks``), over ``span_s`` virtual seconds, per role (``attention``,
+        ``experts``): the fraction of the role's devices' time its work held them, and the busiest rank's
+        fraction of its own devices' time. Where the roles share devices (colocated), each role's figure
+        is its part of those devices' time."""
+        mean: dict[str, float] = {}
+        busiest: dict[str, float] = {}
+        for role, queues in self.queues.items():
+            if not queues or span_s <= 0:
+                continue
+            spent = [queue.busy_s - mark for queue, mark in zip(queues, marks[role], strict=True)]
+            mean[role] = sum(spent) / (len(self.devices(role)) * span_s)
+            busiest[role] = max(s / (len(q.devices) * span_s) for s, q in zip(spent, queues, strict=True))
+        return mean, busiest
 
 
 def _link(profile: DeviceProfile, host: HostDelay) -> Any:

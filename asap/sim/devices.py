@@ -81,6 +81,9 @@ class DeviceQueue(concurrent.futures.Executor):
         self.devices = list(devices)
         self.sleeper = sleeper
         self.scale = scale
+        self.busy_s = 0.0
+        """Device-seconds this queue's work has held its devices (its cost times the devices it spans):
+        its share of their ``busy_s`` when another queue runs on them too (the colocated layout)."""
 
     def schedule(
         self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
@@ -101,6 +104,7 @@ class DeviceQueue(concurrent.futures.Executor):
             if device.free_at > start:
                 start = device.free_at
         end = start + cost
+        self.busy_s += cost * len(self.devices)
         for device in self.devices:
             device.free_at = end
             device.busy_s += cost

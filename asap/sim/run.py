@@ -56,6 +56,11 @@ class RunStats:
     """The barrier share of TTFT by prompt-length class (``asap.sim.breakdown``); sync modes only."""
     host_busy: float | None = None
     """With shared host cores (``--host-cores``): their mean busy fraction over the run's virtual time."""
+    role_busy: dict[str, float] = field(default_factory=dict)
+    """Per role (``attention``, ``experts``): the fraction of that role's devices' time its work held
+    them. Where the roles share devices (colocated), the two shares of those devices' time."""
+    rank_busy_max: dict[str, float] = field(default_factory=dict)
+    """Per role: the busiest rank's fraction of its devices' time (the role's hot spot)."""
 
     @property
     def events_per_s(self) -> float:
@@ -70,6 +75,16 @@ class RunStats:
             "cpu_s": round(self.cpu_s, 3),
             "events_per_cpu_s": round(self.events / self.cpu_s) if self.cpu_s > 0 else 0,
             "device_busy": round(self.device_busy, 4),
+            **(
+                {"device_busy_by_role": {r: round(b, 4) for r, b in self.role_busy.items()}}
+                if self.role_busy
+                else {}
+            ),
+            **(
+                {"rank_busy_max_by_role": {r: round(b, 4) for r, b in self.rank_busy_max.items()}}
+                if self.rank_busy_max
+                else {}
+            ),
             **({"host_busy": round(self.host_busy, 4)} if self.host_busy is not None else {}),
             **({"ttft_breakdown": self.breakdown} if self.breakdown else {}),
         }
@@ -126,11 +141,13 @@ def simulate_one(
 
             started = asyncio.get_running_loop().time()
             before = [d.busy_s for d in cluster.devices()]  # start-up (calibration) is not the run's
+            marks = cluster.busy_marks()
             host_before = cluster.cores.busy_s if cluster.cores is not None else 0.0
             client = SimClient(cluster)
             sweep = await bench_client(client, config, label or mode, compute=compute, host_checks=False)
             cluster_time = asyncio.get_running_loop().time() - started
             busy = [d.busy_s - b for d, b in zip(cluster.devices(), before, strict=True)]
+            waits["role_busy"], waits["rank_busy_max"] = cluster.role_load(marks, cluster_time)
             if cluster.cores is not None and cluster_time > 0:
                 waits["host_busy"] = (cluster.cores.busy_s - host_before) / (
                     cluster.cores.cores * cluster_time
@@ -152,6 +169,8 @@ def simulate_one(
     device_busy = sum(busy) / (len(busy) * span) if busy and span > 0 else 0.0
     stats = RunStats(wall, loop.now, loop.iterations, device_busy, cpu, waits.get("breakdown", {}))
     stats.host_busy = waits.get("host_busy")
+    stats.role_busy = waits.get("role_busy", {})
+    stats.rank_busy_max = waits.get("rank_busy_max", {})
     return sweep, stats
 
 
@@ -227,6 +246,9 @@ def simulate_compare(
         assert best is not None
         sweep, run_stats, value = best
         sweep.cluster["tuned"] = {"flag": flag, "best": value, "max_slo_rps_by_value": headlines}
-        total.device_busy = run_stats.device_busy
+        # the run's load figures are the reported variant's
+        total.device_busy, total.role_busy = run_stats.device_busy, run_stats.role_busy
+        total.rank_busy_max, total.host_busy = run_stats.rank_busy_max, run_stats.host_busy
+        total.breakdown = run_stats.breakdown
         sweeps[mode], stats[mode] = sweep, total
     return sweeps, stats

@@ -33,6 +33,7 @@ def test_one_device_runs_its_queues_in_order() -> None:
     done, _ = run(main())
     assert done == [("first", 1.0), ("second", 3.0), ("third", 3.5)]
     assert device.busy_s == 3.5 and device.jobs == 3
+    assert (qa.busy_s, qb.busy_s) == (1.5, 2.0)  # each queue's share of the device it shares
 
 
 def test_separate_devices_overlap_and_a_multi_device_job_waits_for_all() -> None:
@@ -53,6 +54,7 @@ def test_separate_devices_overlap_and_a_multi_device_job_waits_for_all() -> None
     times, _ = run(main())
     assert times == [1.0, 2.0, 3.0]
     assert d0.free_at == d1.free_at == 3.0
+    assert d0.busy_s == 2.0 and d1.busy_s == 3.0  # the two-device job held both for its second
 
 
 def test_scale_and_errors() -> None:

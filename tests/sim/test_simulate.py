@@ -55,6 +55,12 @@ def test_compare_writes_the_bench_document(model: Path, tmp_path: Path) -> None:
             assert result["sequence"] == sequence_digest(requests, 5), mode  # bench's own sequence
         stats = document["simulation"]["runs"][mode]
         assert stats["events"] > 0 and stats["virtual_s"] > 0
+        roles, hottest = stats["device_busy_by_role"], stats["rank_busy_max_by_role"]
+        assert set(roles) == set(hottest) == {"attention", "experts"}
+        for role, busy in roles.items():
+            assert 0 < busy <= hottest[role] <= 1, (mode, role)
+        # disaggregated, 2 + 2 devices: the roles' means average to the devices' mean
+        assert (roles["attention"] + roles["experts"]) / 2 == pytest.approx(stats["device_busy"], abs=1e-3)
     tuned = document["modes"]["sync-chunked"]["cluster"]["tuned"]
     assert tuned["flag"] == "--chunk-tokens" and tuned["best"] in (64, 128)
     assert set(tuned["max_slo_rps_by_value"]) == {"64", "128"}
@@ -72,6 +78,13 @@ def test_colocated_with_attention_tp_shares_devices(model: Path, tmp_path: Path)
         4,  # 2 attention ranks x 2 devices; the 2 expert ranks on those devices
     )
     assert all(result["failed"] == 0 for result in run["results"])
+    stats = document["simulation"]["runs"]["sync"]
+    # colocated: the 2 expert ranks sit on 2 of the attention ranks' 4 devices; the roles' device-time
+    # adds up to the devices' busy time
+    shares = stats["device_busy_by_role"]
+    assert shares["attention"] > 0 and shares["experts"] > 0
+    held = 4 * shares["attention"] + 2 * shares["experts"]
+    assert held == pytest.approx(4 * stats["device_busy"], abs=4e-3)
     breakdown = document["simulation"]["runs"]["sync"]["ttft_breakdown"]
     assert breakdown["classes"]["all"]["requests"] == 28  # (12 + 2 warm-up) x 2 rates, with their waits
     assert all(0 <= r["barrier_ms"] <= r["expert_wait_ms"] for r in breakdown["requests"])
@@ -182,3 +195,18 @@ def test_a_negative_route_skew_is_refused(capsys: pytest.CaptureFixture[str]) ->
         main(["simulate", "--route-skew", "-0.5"])
     assert exit_info.value.code == 2
     assert "--route-skew" in capsys.readouterr().err
+
+
+def test_max_batch_tokens_reaches_the_scheduler(model: Path, tmp_path: Path) -> None:
+    """``--max-batch-tokens`` (as ``asap bench --compare`` takes it) bounds the scheduler's batches: with a
+    bound below most prompts, each runs alone, so the same sequence takes more batches (more events). At a
+    rate where prompts queue, so that batches would merge them."""
+    load = ("--compare", "async", "--sweep", "400")
+    default = _simulate(model, tmp_path / "d.json", *load)
+    small = _simulate(model, tmp_path / "s.json", *load, "--max-batch-tokens", "32")
+    assert small["config"]["cluster"]["max_batch_tokens"] == 32
+    assert "max_batch_tokens" not in default["config"]["cluster"]
+    for a, b in zip(default["modes"]["async"]["results"], small["modes"]["async"]["results"], strict=True):
+        assert a["sequence"] == b["sequence"] and a["failed"] == b["failed"] == 0
+    runs = default["simulation"]["runs"]["async"], small["simulation"]["runs"]["async"]
+    assert runs[1]["events"] > runs[0]["events"]
