@@ -228,9 +228,8 @@ def _split_on_host(placement: ExpertPlacement, request: MoERequest) -> list[Rank
     present[cell] = True
     # ndarray methods, not the numpy functions: the same values without a Python wrapper's dispatch
     where = present.nonzero()[0]  # [N] the rows' cells, by rank then token
-    place = np.empty(
-        num_ranks * tokens, dtype=np.intp
-    )  # [R * T] row * K at each row's cell; unread elsewhere
+    # [R * T] row * K at each row's cell (the other cells are never read)
+    place = np.empty(num_ranks * tokens, dtype=np.intp)
     place[where] = np.arange(0, where.size * k, k, dtype=np.intp)
     flat = place[cell]  # [T, K] the slot's row * K
     flat += np.arange(k, dtype=np.intp)  # [T, K] the slot's place in the [N, K] tables
