@@ -61,6 +61,9 @@ class ClusterSpec:
     """The scheduler's prompt tokens per batch, at most; None: ``GPU_MAX_BATCH_TOKENS`` when the attention
     ranks run on CUDA, else the scheduler's own default (8192). Attention ranks warm up shapes of batches
     up to ``asap.warmup.WARMUP_BATCH_TOKENS`` (16384)."""
+    max_inflight: int | None = None
+    """Micro-batches in flight per attention rank (the scheduler's and the attention ranks'
+    ``--max-inflight``) with dual-batch interleaving on; None: their default (2)."""
     threads: int | None = None
     """torch threads per rank; default: this machine's cores split evenly over the ranks (CPU only)."""
     trace: str | None = None
@@ -102,6 +105,8 @@ class ClusterSpec:
         self.optimizations = format_optimizations(parse_optimizations(self.optimizations))
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise InvalidArgument(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise InvalidArgument(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
         if (
@@ -134,6 +139,10 @@ class ClusterSpec:
             return self.max_batch_tokens
         devices = self.rank_devices(self.attention_ranks)
         return GPU_MAX_BATCH_TOKENS if all(d.startswith("cuda") for d in devices) else None
+
+    def max_inflight_args(self) -> list[str]:
+        """The scheduler's and attention ranks' ``--max-inflight`` flag (none: their default)."""
+        return [] if self.max_inflight is None else ["--max-inflight", str(self.max_inflight)]
 
     def route_skew_args(self) -> list[str]:
         """The attention ranks' ``--route-skew`` flag (none for uniform routing, their default)."""
@@ -211,6 +220,7 @@ _TOP_LEVEL_VALUES = (
     "optimizations",
     "min_batch_tokens",
     "max_batch_tokens",
+    "max_inflight",
     "http_port",
     "metrics_port",
     "tls",
@@ -252,7 +262,7 @@ def load_cluster_yaml(path: str | Path, overrides: dict[str, Any] | None = None)
     attention = raw.get("attention") or {}
     experts = raw.get("experts") or {}
     values: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_VALUES if raw.get(key) is not None}
-    for key in ("min_batch_tokens", "max_batch_tokens", "metrics_port"):
+    for key in ("min_batch_tokens", "max_batch_tokens", "max_inflight", "metrics_port"):
         if key in values:
             values[key] = _int(values[key], key, path)
     if "route_skew" in values:
@@ -329,6 +339,7 @@ def attention_commands(
                 "--threads", str(spec.rank_threads()), "--compute", spec.compute,
                 "--optimizations", spec.optimizations, *_metrics_args(spec, f"attention-{r}"),
                 *tls_args(spec, "attention"), *spec.data_plane_args(), *spec.route_skew_args(),
+                *spec.max_inflight_args(),
                 *rank.extra_args,
             ],
         )
@@ -351,7 +362,7 @@ def scheduler_command(spec: ClusterSpec, model_dir: str, attention_targets: Sequ
             "serve", "scheduler", "--model", model_dir, "--host", spec.host, "--port", str(spec.port),
             "--attention", ",".join(attention_targets), "--mode", spec.mode,
             "--optimizations", spec.optimizations, "--min-batch-tokens", str(spec.min_batch_tokens or 0),
-            *_max_batch_args(spec.scheduler_max_batch_tokens()),
+            *_max_batch_args(spec.scheduler_max_batch_tokens()), *spec.max_inflight_args(),
             *http, *_metrics_args(spec, "scheduler"), *tls_args(spec, "scheduler"),
             *(["--auth-token-file", os.path.abspath(spec.auth_token_file)] if spec.auth_token_file else []),
             *spec.scheduler_args,

@@ -151,6 +151,31 @@ def test_max_batch_tokens_reaches_the_scheduler_from_bench_up_and_yaml(tmp_path:
     assert "--max-batch-tokens" not in scheduler_command(ClusterSpec(), "m", ["a0"]).argv
 
 
+def test_max_inflight_reaches_the_scheduler_and_attention_ranks_from_bench_up_and_yaml(
+    tmp_path: Path,
+) -> None:
+    def bounds(spec: ClusterSpec) -> list[str | None]:
+        argvs = [scheduler_command(spec, "m", ["a0"]).argv] + [
+            c.argv for c in attention_commands(spec, "m", ["e0"])
+        ]
+        return [_flag(a, "--max-inflight") if "--max-inflight" in a else None for a in argvs]
+
+    args = build_parser().parse_args(
+        ["bench", "--compare", "async", "--max-inflight", "3", "--lengths", "fixed:8"]
+    )
+    spec = cluster_spec("async", {name: getattr(args, name) for name in CLUSTER_FIELDS})
+    assert bounds(spec) == ["3", "3", "3"]  # the scheduler and both attention ranks
+    assert spec_from_args(build_parser().parse_args(["up", "--max-inflight", "4"])).max_inflight == 4
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text("max_inflight: 1\n")
+    assert clusterspec.load_cluster_yaml(spec_file).max_inflight == 1
+    assert bounds(ClusterSpec()) == [None, None, None]  # unset: the services' own default
+    with pytest.raises(InvalidArgument, match="max_inflight must be >= 1, got 0"):
+        ClusterSpec(max_inflight=0)
+    with pytest.raises(SystemExit):  # a usage error, before any cluster starts
+        build_parser().parse_args(["up", "--max-inflight", "0"])
+
+
 def test_a_cuda_cluster_batches_up_to_the_gpu_bound_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clusterspec, "visible_gpus", lambda: 1)
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_FIELDS = (
     "model", "attention", "experts", "compute", "device", "dtype", "optimizations", "max_batch_tokens",
-    "route_skew",
+    "route_skew", "max_inflight",
 )  # fmt: skip
 """``asap up`` flags that ``--compare`` passes to each mode's cluster."""
 

@@ -83,6 +83,29 @@ def add_route_skew_flag(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     )
 
 
+def max_inflight(value: str) -> int:
+    """``--max-inflight``: an integer >= 1."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return count
+
+
+def add_max_inflight_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The cluster flag ``--max-inflight`` (``asap up``, ``asap bench --compare``, ``asap simulate``)."""
+    parser.add_argument(
+        "--max-inflight",
+        type=max_inflight,
+        default=None,
+        metavar="N",
+        help="micro-batches in flight per attention rank with dual-batch interleaving on: the scheduler's "
+        "and the attention ranks' --max-inflight (default 2)",
+    )
+
+
 def add_client_security_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--tls DIR`` and ``--token-file F``, for the commands that call a cluster's scheduler."""
     parser.add_argument(

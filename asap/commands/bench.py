@@ -24,6 +24,7 @@ from asap.commands import (
     TARGET_ENV,
     add_client_security_flags,
     add_documented_parser,
+    add_max_inflight_flag,
     add_route_skew_flag,
     client_security,
     cluster_target,
@@ -119,6 +120,7 @@ def add_parser(subparsers: Any) -> None:
         help="the scheduler's prompt tokens per batch (default 8192)",
     )
     add_route_skew_flag(cluster)
+    add_max_inflight_flag(cluster)
     parser.set_defaults(func=run)
 
 

@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Any
 
-from asap.commands import add_documented_parser, add_route_skew_flag, comma_separated
+from asap.commands import add_documented_parser, add_max_inflight_flag, add_route_skew_flag, comma_separated
 from asap.commands.bench import _modes, add_load_arguments, workload_from_args
 from asap.dtypes import DTYPES
 
@@ -97,6 +97,7 @@ def add_parser(subparsers: Any) -> None:
         "overrides it for sync)",
     )
     add_route_skew_flag(cluster)
+    add_max_inflight_flag(cluster)
     sim = parser.add_argument_group("simulation")
     sim.add_argument(
         "--layout",
@@ -245,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         "optimizations": args.optimizations,
         "max_batch_tokens": args.max_batch_tokens,
         "route_skew": args.route_skew,
+        "max_inflight": args.max_inflight,
     }
     links = resolve_links(args)
     layout = Layout(args.layout, args.attention_tp, links)

@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from asap.cluster import ClusterSpec, LocalCluster, load_cluster_yaml
-from asap.commands import SUMMARIES, add_route_skew_flag
+from asap.commands import SUMMARIES, add_max_inflight_flag, add_route_skew_flag
 from asap.commands.serve import metrics_port
 from asap.dataplane.select import DATA_PLANES
 from asap.dtypes import DTYPES
@@ -114,6 +114,7 @@ def add_parser(subparsers: Any) -> None:
         "extra; see docs/deploy.md for ranks on different hosts)",
     )
     add_route_skew_flag(up)
+    add_max_inflight_flag(up)
     up.add_argument("--config", default=None, help="YAML cluster spec; flags given here override it")
     up.set_defaults(func=run)
 
@@ -140,6 +141,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         "auth_token_file": getattr(args, "auth_token_file", None),
         "data_plane": args.data_plane,
         "route_skew": args.route_skew,
+        "max_inflight": args.max_inflight,
     }
     if args.config:
         return load_cluster_yaml(args.config, overrides)
